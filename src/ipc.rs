@@ -1,0 +1,539 @@
+//! The Pilot daemon's local IPC protocol (see `shared/PROTOCOL.md`).
+//!
+//! ```text
+//! frame   = length:u32be  message[length]          length ≤ 1 MiB; 0 is ignored
+//! message = command:u8    payload
+//! address = network:u16be node:u32be               (6 bytes)
+//!
+//! 0x03 Dial        → address, port:u16be
+//! 0x04 DialOK      ← conn:u32be
+//! 0x06 Send        → conn:u32be, data             (no reply, even on failure)
+//! 0x07 Recv        ← conn:u32be, data             (≤ 4096 data bytes each)
+//! 0x08 Close       → conn:u32be
+//! 0x09 CloseOK     ← conn:u32be                   (also unsolicited: the peer closed)
+//! 0x0A Error       ← code:u16be, UTF-8 text        (no conn id)
+//! 0x0D Info        → (empty)            0x0E InfoOK      ← JSON
+//! 0x0F Handshake   → sub:u8, payload    0x10 HandshakeOK ← JSON
+//! 0x11 Resolve     → hostname bytes     0x12 ResolveOK   ← JSON
+//! 0x21 Health      → (empty)            0x22 HealthOK    ← JSON   (newer daemons)
+//! 0x2B Cancel      → (empty)            abandons this session's pending dials
+//! ```
+//!
+//! Replies carry no request id, so a session has at most one request in
+//! flight. The data path uses one session per bridged connection (a pending
+//! Dial blocks a whole session on older daemons).
+
+use std::io::{self, Read, Write};
+use std::ops::Range;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::address::PilotAddr;
+use crate::json;
+
+/// Largest message (command byte + payload) either side accepts.
+pub const MAX_MESSAGE: usize = 1 << 20;
+/// Largest data chunk we put in one Send: upstream's driver cuts at
+/// 1 MiB − 64, which leaves room for the header.
+pub const MAX_SEND_DATA: usize = MAX_MESSAGE - 64;
+/// Length prefix + command byte + connection id: the header of Send and Recv.
+pub const DATA_HEADER: usize = 9;
+
+pub mod cmd {
+    pub const BIND: u8 = 0x01;
+    pub const DIAL: u8 = 0x03;
+    pub const DIAL_OK: u8 = 0x04;
+    pub const SEND: u8 = 0x06;
+    pub const RECV: u8 = 0x07;
+    pub const CLOSE: u8 = 0x08;
+    pub const CLOSE_OK: u8 = 0x09;
+    pub const ERROR: u8 = 0x0A;
+    pub const INFO: u8 = 0x0D;
+    pub const INFO_OK: u8 = 0x0E;
+    pub const HANDSHAKE: u8 = 0x0F;
+    pub const HANDSHAKE_OK: u8 = 0x10;
+    pub const RESOLVE: u8 = 0x11;
+    pub const RESOLVE_OK: u8 = 0x12;
+    pub const HEALTH: u8 = 0x21;
+    pub const HEALTH_OK: u8 = 0x22;
+    pub const CANCEL: u8 = 0x2B;
+
+    /// Handshake sub-command: list trusted peers.
+    pub const HS_TRUSTED: u8 = 0x05;
+}
+
+/// Everything that can go wrong on a session.
+#[derive(Debug)]
+pub enum IpcError {
+    /// The socket failed; `TimedOut`/`WouldBlock` mean a read timeout passed.
+    Io(io::Error),
+    /// The daemon closed the session at a frame boundary.
+    Closed,
+    /// The daemon closed the session in the middle of a frame.
+    Truncated,
+    /// A length prefix above [`MAX_MESSAGE`].
+    TooLong(usize),
+    /// A message too short for its command's fixed fields.
+    Short { cmd: u8, len: usize },
+    /// A command we did not expect at this point.
+    Unexpected { cmd: u8, wanted: &'static str },
+    /// A reply whose JSON or address could not be read.
+    BadReply(String),
+    /// The daemon's Error frame text.
+    Daemon(String),
+}
+
+impl IpcError {
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, IpcError::Io(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock))
+    }
+}
+
+impl std::fmt::Display for IpcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IpcError::Io(e) => write!(f, "{e}"),
+            IpcError::Closed => f.write_str("the daemon closed the IPC session"),
+            IpcError::Truncated => f.write_str("the daemon closed the IPC session in the middle of a frame"),
+            IpcError::TooLong(n) => write!(f, "frame of {n} bytes exceeds the 1 MiB limit"),
+            IpcError::Short { cmd, len } => write!(f, "message 0x{cmd:02X} too short ({len} bytes)"),
+            IpcError::Unexpected { cmd, wanted } => {
+                write!(f, "unexpected message 0x{cmd:02X} while waiting for {wanted}")
+            }
+            IpcError::BadReply(s) => write!(f, "malformed reply: {s}"),
+            IpcError::Daemon(s) => f.write_str(s),
+        }
+    }
+}
+
+impl std::error::Error for IpcError {}
+
+impl From<io::Error> for IpcError {
+    fn from(e: io::Error) -> IpcError {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            IpcError::Truncated
+        } else {
+            IpcError::Io(e)
+        }
+    }
+}
+
+/// Builds one whole frame (length, command, payload parts) in one buffer,
+/// so it goes out with a single write.
+pub fn encode(command: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let len = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    out.push(command);
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+/// Writes the 9-byte Send header for `data_len` bytes of data into
+/// `buf[..9]`; the data itself must already sit at `buf[9..9 + data_len]`.
+/// The caller then writes `buf[..9 + data_len]` in one call.
+pub fn put_send_header(buf: &mut [u8], conn: u32, data_len: usize) {
+    debug_assert!(data_len <= MAX_SEND_DATA);
+    buf[..4].copy_from_slice(&((data_len + 5) as u32).to_be_bytes());
+    buf[4] = cmd::SEND;
+    buf[5..9].copy_from_slice(&conn.to_be_bytes());
+}
+
+/// Reads the big-endian u32 at the start of `b` (a connection id).
+pub fn be_u32(b: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?))
+}
+
+/// Splits one frame off the front of `buf`.
+///
+/// Returns `Ok(None)` when `buf` does not yet hold a whole frame, or
+/// `Ok(Some((cmd, payload_range, consumed)))`. Empty frames (length 0) are
+/// skipped, as the daemon skips them. Pure and allocation-free: the same
+/// function serves the data path, the control client, `pilot-devd` and the
+/// fuzz target.
+pub fn split_frame(buf: &[u8]) -> Result<Option<(u8, Range<usize>, usize)>, IpcError> {
+    let mut at = 0;
+    loop {
+        let Some(len) = buf.get(at..at + 4) else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        if len > MAX_MESSAGE {
+            return Err(IpcError::TooLong(len));
+        }
+        if len == 0 {
+            at += 4;
+            continue;
+        }
+        if buf.len() < at + 4 + len {
+            return Ok(None);
+        }
+        let command = buf[at + 4];
+        return Ok(Some((command, at + 5..at + 4 + len, at + 4 + len)));
+    }
+}
+
+/// Buffered reader of frames. It hands out frames as ranges of its own
+/// buffer, so a Recv payload is written to the client straight from where
+/// the socket read put it — no copy, no allocation per frame.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    base_cap: usize,
+}
+
+impl<R: Read> FrameReader<R> {
+    pub fn new(inner: R, capacity: usize) -> FrameReader<R> {
+        FrameReader {
+            inner,
+            buf: vec![0; capacity],
+            start: 0,
+            end: 0,
+            base_cap: capacity,
+        }
+    }
+
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
+    /// The buffer that ranges returned by [`next_buffered`] index into.
+    /// Valid until the next [`fill`].
+    ///
+    /// [`next_buffered`]: FrameReader::next_buffered
+    /// [`fill`]: FrameReader::fill
+    pub fn buffer(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// The next frame already in the buffer, without reading the socket.
+    pub fn next_buffered(&mut self) -> Result<Option<(u8, Range<usize>)>, IpcError> {
+        // Consume empty frames now, so a partial frame always starts at
+        // `start` with its real length (`fill` sizes the buffer from it).
+        while self.buf.get(self.start..self.start + 4) == Some(&[0; 4]) && self.start + 4 <= self.end {
+            self.start += 4;
+        }
+        let Some((command, range, used)) = split_frame(&self.buf[self.start..self.end])? else {
+            return Ok(None);
+        };
+        let base = self.start;
+        self.start += used;
+        Ok(Some((command, range.start + base..range.end + base)))
+    }
+
+    /// Reads more bytes from the socket. Invalidates earlier ranges: it
+    /// moves a partial frame to the front, and grows the buffer only when
+    /// one frame is larger than it (then shrinks back once that is done).
+    pub fn fill(&mut self) -> Result<(), IpcError> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            if self.buf.len() > self.base_cap {
+                self.buf.truncate(self.base_cap);
+                self.buf.shrink_to_fit();
+            }
+        } else if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            // Still full: the pending frame is bigger than the buffer.
+            if self.end == self.buf.len() {
+                let want = match self.buf.get(..4) {
+                    Some(h) => 4 + u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize,
+                    None => self.buf.len() * 2,
+                };
+                self.buf.resize(want.min(4 + MAX_MESSAGE), 0);
+            }
+        }
+        loop {
+            match self.inner.read(&mut self.buf[self.end..]) {
+                Ok(0) if self.start == self.end => return Err(IpcError::Closed),
+                Ok(0) => return Err(IpcError::Truncated),
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(IpcError::Io(e)),
+            }
+        }
+    }
+
+    /// The next frame, reading as needed.
+    pub fn read_frame(&mut self) -> Result<(u8, Range<usize>), IpcError> {
+        loop {
+            if let Some(frame) = self.next_buffered()? {
+                return Ok(frame);
+            }
+            self.fill()?;
+        }
+    }
+}
+
+/// Turns an Error frame's payload into its text (the 2-byte code carries
+/// no meaning yet).
+pub fn error_text(payload: &[u8]) -> String {
+    let text = String::from_utf8_lossy(payload.get(2..).unwrap_or_default());
+    let text = text.trim();
+    if text.is_empty() {
+        "the daemon reported an error without a message".to_string()
+    } else {
+        text.to_string()
+    }
+}
+
+/// One client session with the daemon, for requests and replies.
+pub struct Session {
+    reader: FrameReader<UnixStream>,
+    writer: UnixStream,
+}
+
+/// Read buffer of a session: large enough for many 4 KiB Recv frames per
+/// read, small enough for thousands of idle connections.
+pub const READ_BUFFER: usize = 32 * 1024;
+
+impl Session {
+    pub fn connect(path: &Path) -> io::Result<Session> {
+        let stream = UnixStream::connect(path)?;
+        Session::from_stream(stream)
+    }
+
+    pub fn from_stream(stream: UnixStream) -> io::Result<Session> {
+        let writer = stream.try_clone()?;
+        Ok(Session {
+            reader: FrameReader::new(stream, READ_BUFFER),
+            writer,
+        })
+    }
+
+    /// Bounds how long any later read waits (`None`: forever).
+    pub fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.writer.set_read_timeout(t)?;
+        self.writer.set_write_timeout(t)
+    }
+
+    pub fn send(&mut self, command: u8, parts: &[&[u8]]) -> Result<(), IpcError> {
+        self.writer.write_all(&encode(command, parts))?;
+        Ok(())
+    }
+
+    /// Sends a request and waits for its reply `want`; an Error frame
+    /// becomes [`IpcError::Daemon`]. Returns the reply's payload.
+    fn request(
+        &mut self,
+        command: u8,
+        parts: &[&[u8]],
+        want: u8,
+        name: &'static str,
+    ) -> Result<Vec<u8>, IpcError> {
+        self.send(command, parts)?;
+        let (got, range) = self.reader.read_frame()?;
+        let payload = &self.reader.buffer()[range];
+        match got {
+            c if c == want => Ok(payload.to_vec()),
+            cmd::ERROR => Err(IpcError::Daemon(error_text(payload))),
+            c => Err(IpcError::Unexpected { cmd: c, wanted: name }),
+        }
+    }
+
+    fn request_json(
+        &mut self,
+        command: u8,
+        parts: &[&[u8]],
+        want: u8,
+        name: &'static str,
+    ) -> Result<json::Value, IpcError> {
+        let reply = self.request(command, parts, want, name)?;
+        json::parse_bytes(&reply).map_err(|e| IpcError::BadReply(format!("{name}: {e}")))
+    }
+
+    /// Opens a stream to `port` of `addr`; returns the connection id.
+    pub fn dial(&mut self, addr: PilotAddr, port: u16) -> Result<u32, IpcError> {
+        let reply = self.request(
+            cmd::DIAL,
+            &[&addr.to_wire(), &port.to_be_bytes()],
+            cmd::DIAL_OK,
+            "DialOK",
+        )?;
+        be_u32(&reply).ok_or(IpcError::Short {
+            cmd: cmd::DIAL_OK,
+            len: reply.len(),
+        })
+    }
+
+    /// Abandons this session's pending dials (newer daemons; older ones
+    /// answer with an Error frame nobody reads, since we close right after).
+    pub fn cancel(&mut self) -> Result<(), IpcError> {
+        self.send(cmd::CANCEL, &[])
+    }
+
+    pub fn info(&mut self) -> Result<json::Value, IpcError> {
+        self.request_json(cmd::INFO, &[], cmd::INFO_OK, "InfoOK")
+    }
+
+    pub fn health(&mut self) -> Result<json::Value, IpcError> {
+        self.request_json(cmd::HEALTH, &[], cmd::HEALTH_OK, "HealthOK")
+    }
+
+    /// The daemon's trusted peers.
+    pub fn trusted_peers(&mut self) -> Result<Vec<PilotAddr>, IpcError> {
+        let v = self.request_json(
+            cmd::HANDSHAKE,
+            &[&[cmd::HS_TRUSTED]],
+            cmd::HANDSHAKE_OK,
+            "HandshakeOK",
+        )?;
+        parse_trusted(&v)
+    }
+
+    /// Resolves a hostname to an address through the daemon's registry.
+    pub fn resolve(&mut self, hostname: &str) -> Result<PilotAddr, IpcError> {
+        let v = self.request_json(
+            cmd::RESOLVE,
+            &[hostname.as_bytes()],
+            cmd::RESOLVE_OK,
+            "ResolveHostnameOK",
+        )?;
+        let text = v
+            .get("address")
+            .and_then(json::Value::as_str)
+            .ok_or_else(|| IpcError::BadReply("ResolveHostnameOK has no \"address\"".into()))?;
+        text.parse().map_err(|e| IpcError::BadReply(format!("{e}")))
+    }
+
+    /// Hands the session over to the data path: the buffered reader (with
+    /// anything it already read) and a write handle.
+    pub fn into_parts(self) -> (FrameReader<UnixStream>, UnixStream) {
+        (self.reader, self.writer)
+    }
+}
+
+/// Reads the trusted-peer list out of a HandshakeOK reply.
+pub fn parse_trusted(v: &json::Value) -> Result<Vec<PilotAddr>, IpcError> {
+    let list = match v.get("trusted") {
+        Some(json::Value::Arr(a)) => a.as_slice(),
+        // Go encodes an empty slice as null.
+        Some(json::Value::Null) | None => &[],
+        Some(other) => return Err(IpcError::BadReply(format!("\"trusted\" is {}", other.kind()))),
+    };
+    list.iter()
+        .map(|peer| {
+            let node = peer.get("node_id").and_then(json::Value::as_u64);
+            let network = peer.get("network").and_then(json::Value::as_u64).unwrap_or(0);
+            match (node.and_then(|n| u32::try_from(n).ok()), u16::try_from(network)) {
+                (Some(node), Ok(network)) => Ok(PilotAddr::new(network, node)),
+                _ => Err(IpcError::BadReply(format!(
+                    "trusted peer without a valid node_id: {peer}"
+                ))),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_dial() {
+        let f = encode(
+            cmd::DIAL,
+            &[&PilotAddr::new(0, 4).to_wire(), &80u16.to_be_bytes()],
+        );
+        assert_eq!(f, [0, 0, 0, 9, 0x03, 0, 0, 0, 0, 0, 4, 0, 80]);
+    }
+
+    #[test]
+    fn send_header_in_place() {
+        let mut buf = [0u8; 12];
+        buf[9..].copy_from_slice(b"abc");
+        put_send_header(&mut buf, 7, 3);
+        assert_eq!(buf, [0, 0, 0, 8, 0x06, 0, 0, 0, 7, b'a', b'b', b'c']);
+    }
+
+    #[test]
+    fn splits_frames() {
+        assert!(split_frame(&[]).unwrap().is_none());
+        assert!(split_frame(&[0, 0, 0]).unwrap().is_none());
+        assert!(split_frame(&[0, 0, 0, 5, 4, 0]).unwrap().is_none());
+        let buf = [0, 0, 0, 0, 0, 0, 0, 5, 4, 0, 0, 0, 9, 0xFF];
+        let (c, r, used) = split_frame(&buf).unwrap().unwrap();
+        assert_eq!((c, r, used), (cmd::DIAL_OK, 9..13, 13));
+        let exact = (MAX_MESSAGE as u32).to_be_bytes();
+        assert!(split_frame(&exact).unwrap().is_none());
+        let over = (MAX_MESSAGE as u32 + 1).to_be_bytes();
+        assert!(matches!(split_frame(&over), Err(IpcError::TooLong(n)) if n == MAX_MESSAGE + 1));
+    }
+
+    fn frames(parts: &[Vec<u8>]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    #[test]
+    fn reader_handles_split_and_large_frames() {
+        let big = vec![7u8; 200_000];
+        let input = frames(&[
+            encode(cmd::RECV, &[&1u32.to_be_bytes(), b"hello"]),
+            vec![0, 0, 0, 0],
+            encode(cmd::RECV, &[&1u32.to_be_bytes(), &big]),
+            encode(cmd::CLOSE_OK, &[&1u32.to_be_bytes()]),
+        ]);
+        // A reader that returns at most 3 bytes per read exercises every split point.
+        struct Trickle(Vec<u8>, usize);
+        impl Read for Trickle {
+            fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+                let n = b
+                    .len()
+                    .min(3 + self.1 % 5000)
+                    .min(self.0.len() - self.1.min(self.0.len()));
+                let n = n.min(self.0.len() - self.1);
+                b[..n].copy_from_slice(&self.0[self.1..self.1 + n]);
+                self.1 += n;
+                Ok(n)
+            }
+        }
+        let mut r = FrameReader::new(Trickle(input, 0), 64);
+        let (c, range) = r.read_frame().unwrap();
+        assert_eq!((c, &r.buffer()[range]), (cmd::RECV, &b"\0\0\0\x01hello"[..]));
+        let (c, range) = r.read_frame().unwrap();
+        assert_eq!(c, cmd::RECV);
+        assert_eq!(&r.buffer()[range.start + 4..range.end], &big[..]);
+        let (c, _) = r.read_frame().unwrap();
+        assert_eq!(c, cmd::CLOSE_OK);
+        assert!(matches!(r.read_frame(), Err(IpcError::Closed)));
+        assert!(r.buffer().len() <= 64, "buffer shrinks back");
+    }
+
+    #[test]
+    fn reader_reports_truncation_and_oversize() {
+        let mut f = encode(cmd::RECV, &[&1u32.to_be_bytes(), b"hello"]);
+        f.truncate(f.len() - 1);
+        let mut r = FrameReader::new(&f[..], 64);
+        assert!(matches!(r.read_frame(), Err(IpcError::Truncated)));
+        let over = ((MAX_MESSAGE + 1) as u32).to_be_bytes();
+        let mut r = FrameReader::new(&over[..], 64);
+        assert!(matches!(r.read_frame(), Err(IpcError::TooLong(_))));
+    }
+
+    #[test]
+    fn reads_error_text_and_trusted() {
+        assert_eq!(error_text(b"\0\x01dial timeout"), "dial timeout");
+        assert!(error_text(b"").contains("without a message"));
+        let v = json::parse(r#"{"trusted":[{"network":0,"node_id":2},{"node_id":3}]}"#).unwrap();
+        assert_eq!(
+            parse_trusted(&v).unwrap(),
+            [PilotAddr::new(0, 2), PilotAddr::new(0, 3)]
+        );
+        let v = json::parse(r#"{"trusted":null}"#).unwrap();
+        assert!(parse_trusted(&v).unwrap().is_empty());
+        let v = json::parse(r#"{"trusted":[{"node_id":-1}]}"#).unwrap();
+        assert!(parse_trusted(&v).is_err());
+        let v = json::parse(r#"{"trusted":5}"#).unwrap();
+        assert!(parse_trusted(&v).is_err());
+    }
+}
