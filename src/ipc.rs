@@ -85,6 +85,19 @@ pub enum IpcError {
 }
 
 impl IpcError {
+    /// Whether the daemon ended the session (EOF, reset, broken pipe):
+    /// what newer daemons do to a client of another UID or beyond their cap.
+    pub fn is_closed(&self) -> bool {
+        match self {
+            IpcError::Closed | IpcError::Truncated => true,
+            IpcError::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+            ),
+            _ => false,
+        }
+    }
+
     pub fn is_timeout(&self) -> bool {
         matches!(self, IpcError::Io(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock))
     }

@@ -5,7 +5,20 @@
 //! and `pilot-devd` (a stand-in daemon for trying and testing it). See
 //! `docs/ARCHITECTURE.md` for how the modules fit together.
 
+pub mod access;
 pub mod address;
+pub mod alias;
+pub mod bridge;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod devd;
 pub mod error;
+pub mod gateway;
 pub mod ipc;
 pub mod json;
+pub mod log;
+pub mod privilege;
+pub mod state;
+pub mod subnet;
+pub mod sys;

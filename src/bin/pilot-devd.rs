@@ -1,1 +1,115 @@
-fn main() {}
+//! `pilot-devd`: a stand-in Pilot daemon for development and tests. See
+//! `pilot-devd --help` and `src/devd.rs`.
+
+use std::time::Duration;
+
+use lexopt::prelude::*;
+use pilot_gateway::address::PilotAddr;
+use pilot_gateway::devd::{self, Config, Misbehave};
+
+const HELP: &str = "\
+pilot-devd — a stand-in for the Pilot daemon's IPC socket (development and tests only)
+
+It is not the overlay: a dial to a pilot address connects to a local TCP endpoint.
+
+Usage: pilot-devd [flags]
+  --socket PATH            socket to serve (default /tmp/pilot.sock)
+  --route ADDR=HOST        dials to port P of ADDR go to HOST:P
+  --route ADDR:PORT=HOST:PORT   one port of ADDR goes to HOST:PORT
+  --untrusted ADDR         refuse dials to ADDR as untrusted (and leave it out of the trusted list)
+  --dial-delay MS          delay every dial by MS milliseconds
+  --dial-delay ADDR=MS     delay dials to ADDR by MS milliseconds
+  --host NAME=ADDR         answer hostname lookups of NAME with ADDR
+  --max-clients N          serve at most N clients at once (default 1024)
+  --any-uid                accept clients of any uid (default: only our own)
+  --node-id N              our node id in Info (default 1)
+  --hostname NAME          our hostname in Info (default devd)
+  --misbehave MODE         break the protocol after each successful dial: oversize,
+                           truncated, unknown-cmd, recv-unknown-id, short-dialok, flood
+  --verbose                log every client and dial
+";
+
+fn fail(msg: String) -> ! {
+    eprintln!("pilot-devd: {msg}");
+    std::process::exit(2);
+}
+
+fn parse() -> Result<Config, lexopt::Error> {
+    let mut cfg = Config::default();
+    let mut p = lexopt::Parser::from_env();
+    let addr = |s: &str, flag: &str| {
+        s.parse::<PilotAddr>()
+            .unwrap_or_else(|e| fail(format!("{flag}: {e}")))
+    };
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("socket") => cfg.socket = p.value()?.into(),
+            Long("route") => {
+                let v = p.value()?.string()?;
+                cfg.routes
+                    .push(Config::parse_route(&v).unwrap_or_else(|e| fail(e)));
+            }
+            Long("untrusted") => {
+                let v = p.value()?.string()?;
+                cfg.untrusted.insert(addr(&v, "--untrusted"));
+            }
+            Long("dial-delay") => {
+                let v = p.value()?.string()?;
+                let ms = |t: &str| {
+                    t.parse::<u64>()
+                        .map(Duration::from_millis)
+                        .unwrap_or_else(|_| fail(format!("--dial-delay {v:?}: not milliseconds")))
+                };
+                match v.split_once('=') {
+                    Some((a, t)) => {
+                        cfg.dial_delay_for.insert(addr(a, "--dial-delay"), ms(t));
+                    }
+                    None => cfg.dial_delay = ms(&v),
+                }
+            }
+            Long("host") => {
+                let v = p.value()?.string()?;
+                let (name, a) = v
+                    .split_once('=')
+                    .unwrap_or_else(|| fail(format!("--host {v:?}: expected NAME=ADDR")));
+                cfg.hosts.insert(name.to_string(), addr(a, "--host"));
+            }
+            Long("max-clients") => {
+                cfg.max_clients = p.value()?.parse()?;
+            }
+            Long("any-uid") => cfg.any_uid = true,
+            Long("node-id") => cfg.node_id = p.value()?.parse()?,
+            Long("hostname") => cfg.hostname = p.value()?.string()?,
+            Long("misbehave") => {
+                let v = p.value()?.string()?;
+                cfg.misbehave = Some(
+                    Misbehave::parse(&v).unwrap_or_else(|| fail(format!("--misbehave {v:?}: unknown mode"))),
+                );
+            }
+            Long("verbose") => cfg.verbose = true,
+            Short('h') | Long("help") => {
+                print!("{HELP}");
+                std::process::exit(0);
+            }
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    Ok(cfg)
+}
+
+fn main() {
+    let cfg = parse().unwrap_or_else(|e| fail(format!("{e} (see --help)")));
+    let socket = cfg.socket.clone();
+    // Remove the socket on SIGTERM/SIGINT.
+    let signals = pilot_gateway::sys::Signals::install(&[libc::SIGTERM, libc::SIGINT])
+        .unwrap_or_else(|e| fail(format!("signals: {e}")));
+    std::thread::spawn(move || loop {
+        if !signals.wait(Duration::from_secs(3600)).is_empty() {
+            let _ = std::fs::remove_file(&socket);
+            std::process::exit(0);
+        }
+    });
+    if let Err(e) = devd::serve(cfg) {
+        fail(format!("{e}"));
+    }
+}

@@ -1,0 +1,189 @@
+//! The access log: one line per finished connection (`--access-log`).
+//!
+//! Connection threads never wait for it: they format the line and hand it
+//! to a writer thread through a bounded queue with `try_send`. If the disk
+//! or pipe is slower than the traffic, lines are dropped and counted (the
+//! count is logged), never buffered without bound and never blocking.
+//! SIGUSR1 makes the writer reopen the file, for log rotation.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::address::PilotAddr;
+use crate::bridge::{Conn, Outcome};
+use crate::json::Value;
+use crate::log::{rfc3339, Format};
+
+/// Lines queued for the writer at most.
+const QUEUE: usize = 4096;
+
+pub struct AccessLog {
+    tx: SyncSender<String>,
+    format: Format,
+    pub dropped: Arc<AtomicU64>,
+    reopen: Arc<AtomicBool>,
+}
+
+impl AccessLog {
+    /// Opens `path` (`-` for stderr) for appending and starts the writer.
+    pub fn open(path: &str, format: Format) -> std::io::Result<AccessLog> {
+        let target = if path == "-" {
+            None
+        } else {
+            Some(PathBuf::from(path))
+        };
+        let file = target.as_ref().map(open_append).transpose()?;
+        let (tx, rx) = sync_channel(QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let reopen = Arc::new(AtomicBool::new(false));
+        let r2 = reopen.clone();
+        std::thread::Builder::new()
+            .name("access log".into())
+            .stack_size(crate::bridge::THREAD_STACK)
+            .spawn(move || writer(rx, target, file, &r2))?;
+        Ok(AccessLog {
+            tx,
+            format,
+            dropped,
+            reopen,
+        })
+    }
+
+    /// Asks the writer to reopen the file before its next line (SIGUSR1).
+    pub fn reopen(&self) {
+        self.reopen.store(true, Relaxed);
+        // Wake the writer even when no traffic flows.
+        let _ = self.tx.try_send(String::new());
+    }
+
+    fn send(&self, line: String) {
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(line) {
+            self.dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn line(
+        &self,
+        client: SocketAddr,
+        local: Option<SocketAddr>,
+        pilot: PilotAddr,
+        up: u64,
+        down: u64,
+        duration: Duration,
+        outcome: &str,
+        reason: &str,
+    ) {
+        let time = rfc3339(SystemTime::now());
+        let local_ip = local.map_or_else(|| "-".to_string(), |a| a.ip().to_string());
+        let port = local.map_or(0, |a| a.port());
+        let ms = duration.as_secs_f64() * 1000.0;
+        let line = match self.format {
+            Format::Text => {
+                let reason = if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" reason={reason:?}")
+                };
+                format!(
+                    "{time} client={client} local={local_ip}:{port} pilot={pilot}:{port} up={up} down={down} duration_ms={ms:.1} outcome={outcome}{reason}\n"
+                )
+            }
+            Format::Json => {
+                let mut v = vec![
+                    ("time", Value::from(time)),
+                    ("client", client.to_string().into()),
+                    ("local_ip", local_ip.into()),
+                    ("port", port.into()),
+                    ("pilot_addr", pilot.to_string().into()),
+                    ("bytes_up", up.into()),
+                    ("bytes_down", down.into()),
+                    ("duration_ms", ((ms * 10.0).round() / 10.0).into()),
+                    ("outcome", outcome.into()),
+                ];
+                if !reason.is_empty() {
+                    v.push(("reason", reason.into()));
+                }
+                format!("{}\n", Value::obj(v))
+            }
+        };
+        self.send(line);
+    }
+
+    pub fn record(&self, c: &Conn, outcome: &Outcome, duration: Duration) {
+        self.line(
+            c.client,
+            Some(c.local),
+            c.pilot,
+            c.up.load(Relaxed),
+            c.down.load(Relaxed),
+            duration,
+            outcome.label(),
+            outcome.reason(),
+        );
+    }
+
+    pub fn refused(&self, client: SocketAddr, local: Option<SocketAddr>, pilot: PilotAddr) {
+        self.line(
+            client,
+            local,
+            pilot,
+            0,
+            0,
+            Duration::ZERO,
+            "refused",
+            "--max-conns reached",
+        );
+    }
+
+    pub fn dial_failed(&self, client: SocketAddr, local: SocketAddr, pilot: PilotAddr, why: &str) {
+        self.line(
+            client,
+            Some(local),
+            pilot,
+            0,
+            0,
+            Duration::ZERO,
+            "dial_failed",
+            why,
+        );
+    }
+}
+
+fn open_append(path: &PathBuf) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+}
+
+fn writer(rx: Receiver<String>, target: Option<PathBuf>, mut file: Option<File>, reopen: &AtomicBool) {
+    for line in rx {
+        if reopen.swap(false, Relaxed) {
+            if let Some(path) = &target {
+                match open_append(path) {
+                    Ok(f) => file = Some(f),
+                    Err(e) => crate::warn!("cannot reopen access log {}: {e}", path.display()),
+                }
+            }
+        }
+        if line.is_empty() {
+            continue;
+        }
+        let result = match &mut file {
+            Some(f) => f.write_all(line.as_bytes()),
+            None => std::io::stderr().lock().write_all(line.as_bytes()),
+        };
+        if let Err(e) = result {
+            crate::warn!("cannot write the access log: {e}");
+        }
+    }
+}

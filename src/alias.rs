@@ -1,0 +1,257 @@
+//! Loopback aliases: giving `lo` the mapped IPs so that listeners can bind
+//! them and local clients can reach them.
+//!
+//! We run the platform's own tool (`ip` on Linux, `ifconfig` on macOS)
+//! with an argument vector — never a shell — rather than speaking netlink,
+//! so an auditor sees exactly the command an operator would type. The tool
+//! is found on `PATH`, then in the usual sbin directories (root's `PATH`
+//! under systemd or sudo does not always contain them).
+//!
+//! An alias that already existed before we looked is used but never
+//! removed: it was not ours.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::error::{Code, Error, Result};
+
+/// Which command set to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Platform {
+    Linux,
+    MacOs,
+}
+
+impl Platform {
+    pub fn current() -> Platform {
+        if cfg!(target_os = "macos") {
+            Platform::MacOs
+        } else {
+            Platform::Linux
+        }
+    }
+
+    /// The program and arguments that add (`add = true`) or remove an alias.
+    pub fn command(self, ip: Ipv4Addr, add: bool) -> (&'static str, Vec<String>) {
+        match self {
+            Platform::Linux => {
+                let verb = if add { "add" } else { "del" };
+                (
+                    "ip",
+                    vec![
+                        "addr".into(),
+                        verb.into(),
+                        format!("{ip}/32"),
+                        "dev".into(),
+                        "lo".into(),
+                    ],
+                )
+            }
+            Platform::MacOs => {
+                let verb = if add { "alias" } else { "-alias" };
+                ("ifconfig", vec!["lo0".into(), verb.into(), ip.to_string()])
+            }
+        }
+    }
+}
+
+/// The outcome of one command: success, or the tool's own words.
+pub type RunResult = std::result::Result<(), String>;
+
+/// Runs a program with arguments. Substitutable so that the command lines
+/// can be tested without privilege.
+pub trait Runner: Send + Sync {
+    fn run(&self, program: &str, args: &[String]) -> RunResult;
+}
+
+/// Runs the real tool.
+pub struct System;
+
+impl Runner for System {
+    fn run(&self, program: &str, args: &[String]) -> RunResult {
+        let path = find_program(program);
+        let out = Command::new(&path)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", path.display()))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let stderr = stderr.trim();
+            Err(if stderr.is_empty() {
+                format!("exited with {}", out.status)
+            } else {
+                stderr.to_string()
+            })
+        }
+    }
+}
+
+fn find_program(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Adds and removes loopback aliases.
+pub struct Aliases {
+    pub platform: Platform,
+    pub runner: Box<dyn Runner>,
+}
+
+impl Default for Aliases {
+    fn default() -> Aliases {
+        Aliases {
+            platform: Platform::current(),
+            runner: Box::new(System),
+        }
+    }
+}
+
+impl Aliases {
+    /// Adds `ip` to loopback. Returns `true` if we added it, `false` if it
+    /// was already configured (then it is not ours to remove). `exists` is
+    /// whether the caller saw it on an interface before asking.
+    pub fn add(&self, ip: Ipv4Addr, exists: bool) -> Result<bool> {
+        if exists {
+            return Ok(false);
+        }
+        let (program, args) = self.platform.command(ip, true);
+        match self.runner.run(program, &args) {
+            Ok(()) => Ok(true),
+            // Someone added it between our look and our add: not ours.
+            Err(e) if e.contains("File exists") || e.contains("already assigned") => Ok(false),
+            Err(e) => Err(classify(
+                &format!("cannot add loopback alias {ip} ({program} {})", args.join(" ")),
+                &e,
+            )),
+        }
+    }
+
+    /// Removes an alias we added. A missing alias is not an error (someone
+    /// removed it already).
+    pub fn remove(&self, ip: Ipv4Addr) -> Result<()> {
+        let (program, args) = self.platform.command(ip, false);
+        match self.runner.run(program, &args) {
+            Ok(()) => Ok(()),
+            Err(e) if e.contains("Cannot assign requested address") || e.contains("Can't assign") => Ok(()),
+            Err(e) => Err(classify(
+                &format!("cannot remove loopback alias {ip} ({program} {})", args.join(" ")),
+                &e,
+            )),
+        }
+    }
+}
+
+fn classify(what: &str, tool_said: &str) -> Error {
+    let lower = tool_said.to_lowercase();
+    if lower.contains("not permitted") || lower.contains("permission denied") {
+        Error::new(Code::PermissionDenied, format!("{what}: {tool_said}")).hint(
+            "adding loopback aliases needs root (CAP_NET_ADMIN): run as root, or use a subnet inside 127.0.0.0/8, which needs no alias on Linux",
+        )
+    } else if lower.contains("cannot run") {
+        Error::new(Code::Internal, format!("{what}: {tool_said}"))
+            .hint("install iproute2 (Linux) so that the `ip` command is available")
+    } else {
+        Error::new(Code::Internal, format!("{what}: {tool_said}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Records every command and answers from a script.
+    struct Fake {
+        calls: Arc<Mutex<Vec<String>>>,
+        answer: fn(&str) -> RunResult,
+    }
+
+    impl Runner for Fake {
+        fn run(&self, program: &str, args: &[String]) -> RunResult {
+            let line = format!("{program} {}", args.join(" "));
+            self.calls.lock().unwrap().push(line.clone());
+            (self.answer)(&line)
+        }
+    }
+
+    fn aliases(platform: Platform, answer: fn(&str) -> RunResult) -> (Aliases, Arc<Mutex<Vec<String>>>) {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let runner = Box::new(Fake {
+            calls: calls.clone(),
+            answer,
+        });
+        (Aliases { platform, runner }, calls)
+    }
+
+    const IP: Ipv4Addr = Ipv4Addr::new(10, 4, 0, 1);
+
+    #[test]
+    fn linux_commands() {
+        let (a, calls) = aliases(Platform::Linux, |_| Ok(()));
+        assert!(a.add(IP, false).unwrap());
+        a.remove(IP).unwrap();
+        assert_eq!(
+            *calls.lock().unwrap(),
+            ["ip addr add 10.4.0.1/32 dev lo", "ip addr del 10.4.0.1/32 dev lo"]
+        );
+    }
+
+    #[test]
+    fn macos_commands() {
+        let (a, calls) = aliases(Platform::MacOs, |_| Ok(()));
+        assert!(a.add(IP, false).unwrap());
+        a.remove(IP).unwrap();
+        assert_eq!(
+            *calls.lock().unwrap(),
+            ["ifconfig lo0 alias 10.4.0.1", "ifconfig lo0 -alias 10.4.0.1"]
+        );
+    }
+
+    #[test]
+    fn existing_alias_is_not_ours() {
+        let (a, calls) = aliases(Platform::Linux, |_| Ok(()));
+        assert!(!a.add(IP, true).unwrap());
+        assert!(
+            calls.lock().unwrap().is_empty(),
+            "nothing runs for an alias that exists"
+        );
+        let (raced, _) = aliases(Platform::Linux, |_| Err("RTNETLINK answers: File exists".into()));
+        assert!(!raced.add(IP, false).unwrap());
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        let (a, _) = aliases(Platform::Linux, |_| {
+            Err("RTNETLINK answers: Operation not permitted".into())
+        });
+        let e = a.add(IP, false).unwrap_err();
+        assert_eq!(e.code, Code::PermissionDenied);
+        assert!(
+            e.message.contains("ip addr add 10.4.0.1/32 dev lo"),
+            "{}",
+            e.message
+        );
+        assert!(e.hint.unwrap().contains("127.0.0.0/8"));
+        let (gone, _) = aliases(Platform::Linux, |_| {
+            Err("RTNETLINK answers: Cannot assign requested address".into())
+        });
+        assert!(gone.remove(IP).is_ok());
+        let (missing, _) = aliases(Platform::Linux, |_| {
+            Err("cannot run ip: No such file or directory".into())
+        });
+        assert!(missing
+            .add(IP, false)
+            .unwrap_err()
+            .hint
+            .unwrap()
+            .contains("iproute2"));
+    }
+}

@@ -1,0 +1,577 @@
+//! The command line: parsing (three spellings of it) and help.
+//!
+//! The same program answers to
+//! - `pilot-gateway [FLAGS] COMMAND …` — flags before or after the command;
+//! - `pilotctl [--json] gateway COMMAND …` and `pilotctl extras gateway …`
+//!   when invoked through a link named `pilotctl`;
+//! - upstream's standalone form, `pilot-gateway -socket S -subnet C run ADDR…`,
+//!   with one dash as Go's flag package writes it.
+//!
+//! Single-dash long flags are rewritten to double-dash before `lexopt`
+//! sees them, so one parser serves all forms.
+
+use std::ffi::OsString;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use lexopt::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::gateway::Target;
+
+/// Every long flag; Go-style `-flag` forms of these are accepted too.
+const LONG_FLAGS: &[&str] = &[
+    "json",
+    "socket",
+    "state-dir",
+    "config",
+    "log-level",
+    "log-format",
+    "subnet",
+    "ports",
+    "foreground",
+    "max-conns",
+    "dial-timeout",
+    "idle-timeout",
+    "access-log",
+    "access-log-format",
+    "user",
+    "no-user-switch",
+    "allow-any-subnet",
+    "help",
+    "version",
+];
+
+/// Flags that only `start` (and `run`) take.
+const START_FLAGS: &[&str] = &[
+    "foreground",
+    "max-conns",
+    "dial-timeout",
+    "idle-timeout",
+    "access-log",
+    "access-log-format",
+    "user",
+    "no-user-switch",
+    "allow-any-subnet",
+];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// `start`, or upstream's `run` (`legacy`: foreground, upstream output).
+    Start {
+        targets: Vec<Target>,
+        legacy: bool,
+    },
+    Map {
+        target: String,
+        ip: Option<String>,
+    },
+    Unmap {
+        ip: String,
+    },
+    List,
+    Status,
+    Stop,
+    Help(Option<String>),
+    Version,
+}
+
+/// The parsed command line. Values stay as text here; each command checks
+/// the ones it uses, so errors name the flag.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Args {
+    pub json: bool,
+    pub socket: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub log_level: Option<String>,
+    pub log_format: Option<String>,
+    pub subnet: Option<String>,
+    pub ports: Option<String>,
+    pub foreground: bool,
+    pub max_conns: Option<String>,
+    pub dial_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub access_log: Option<String>,
+    pub access_log_format: Option<String>,
+    pub user: Option<String>,
+    pub no_user_switch: bool,
+    pub allow_any_subnet: bool,
+    pub command: Option<Command>,
+    /// Invoked as `pilotctl` (affects help text only).
+    pub pilotctl: bool,
+    /// Start flags that were given, to refuse them on other commands.
+    given_start_flags: Vec<String>,
+}
+
+/// Rewrites Go-style `-flag` / `-flag=value` to `--flag…` for known flags.
+fn normalize(args: Vec<OsString>) -> Vec<OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut done = false;
+    for a in args {
+        let rewrite = !done
+            && a.to_str().is_some_and(|s| {
+                s.starts_with('-')
+                    && !s.starts_with("--")
+                    && LONG_FLAGS.contains(&s[1..].split('=').next().unwrap_or_default())
+            });
+        if a == "--" {
+            done = true;
+        }
+        if rewrite {
+            let mut s = OsString::from("-");
+            s.push(&a);
+            out.push(s);
+        } else {
+            out.push(a);
+        }
+    }
+    out
+}
+
+fn usage_err(e: lexopt::Error) -> Error {
+    let msg = match e {
+        lexopt::Error::UnexpectedOption(o) => format!("unknown flag {o}"),
+        lexopt::Error::MissingValue { option: Some(o) } => format!("flag {o} needs a value"),
+        other => other.to_string(),
+    };
+    Error::usage(msg).hint("see: pilot-gateway --help")
+}
+
+/// A boolean flag: `--json`, or Go's `-json=true` / `-json=false`.
+fn flag_bool(p: &mut lexopt::Parser, name: &str) -> Result<bool> {
+    match p.optional_value() {
+        None => Ok(true),
+        Some(v) => match v.to_str() {
+            Some("true" | "1" | "t" | "T" | "TRUE" | "True") => Ok(true),
+            Some("false" | "0" | "f" | "F" | "FALSE" | "False") => Ok(false),
+            _ => Err(Error::usage(format!(
+                "--{name} takes no value (or =true / =false), got {v:?}"
+            ))),
+        },
+    }
+}
+
+fn text(p: &mut lexopt::Parser) -> Result<String> {
+    p.value()
+        .map_err(usage_err)?
+        .into_string()
+        .map_err(|v| Error::usage(format!("value {v:?} is not valid UTF-8")))
+}
+
+/// Parses `argv[1..]`; `argv0` decides whether we are `pilotctl`.
+pub fn parse(argv0: &str, args: Vec<OsString>) -> Result<Args> {
+    let mut a = Args {
+        pilotctl: std::path::Path::new(argv0)
+            .file_name()
+            .is_some_and(|n| n == "pilotctl"),
+        ..Args::default()
+    };
+    let mut words: Vec<String> = Vec::new();
+    let mut help = false;
+    let mut p = lexopt::Parser::from_args(normalize(args));
+    while let Some(arg) = p.next().map_err(usage_err)? {
+        let name = match &arg {
+            Long(l) => l.to_string(),
+            _ => String::new(),
+        };
+        if START_FLAGS.contains(&name.as_str()) {
+            a.given_start_flags.push(format!("--{name}"));
+        }
+        match arg {
+            Long("json") => a.json = flag_bool(&mut p, "json")?,
+            Short('h') | Long("help") => help = true,
+            Short('V') | Long("version") => a.command = Some(Command::Version),
+            Long("socket") => a.socket = Some(text(&mut p)?.into()),
+            Long("state-dir") => a.state_dir = Some(text(&mut p)?.into()),
+            Long("config") => a.config = Some(text(&mut p)?.into()),
+            Long("log-level") => a.log_level = Some(text(&mut p)?),
+            Long("log-format") => a.log_format = Some(text(&mut p)?),
+            Long("subnet") => a.subnet = Some(text(&mut p)?),
+            Long("ports") => a.ports = Some(text(&mut p)?),
+            Long("foreground") => a.foreground = flag_bool(&mut p, "foreground")?,
+            Long("max-conns") => a.max_conns = Some(text(&mut p)?),
+            Long("dial-timeout") => a.dial_timeout = Some(text(&mut p)?),
+            Long("idle-timeout") => a.idle_timeout = Some(text(&mut p)?),
+            Long("access-log") => a.access_log = Some(text(&mut p)?),
+            Long("access-log-format") => a.access_log_format = Some(text(&mut p)?),
+            Long("user") => a.user = Some(text(&mut p)?),
+            Long("no-user-switch") => a.no_user_switch = flag_bool(&mut p, "no-user-switch")?,
+            Long("allow-any-subnet") => a.allow_any_subnet = flag_bool(&mut p, "allow-any-subnet")?,
+            Value(v) => words.push(
+                v.into_string()
+                    .map_err(|v| Error::usage(format!("argument {v:?} is not valid UTF-8")))?,
+            ),
+            other => return Err(usage_err(other.unexpected())),
+        }
+    }
+    if a.pilotctl {
+        // pilotctl gateway …  |  pilotctl extras gateway …
+        let skip = match words.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+            ["gateway", ..] => 1,
+            ["extras", "gateway", ..] => 2,
+            [] if help || a.command == Some(Command::Version) => 0,
+            _ => {
+                return Err(Error::usage("this pilotctl provides only the gateway commands")
+                    .hint("usage: pilotctl [--json] gateway start|stop|map|unmap|list|status …"))
+            }
+        };
+        words.drain(..skip);
+    }
+    if a.command == Some(Command::Version) {
+        return Ok(a);
+    }
+    let mut words = words.into_iter();
+    let cmd = words.next();
+    let rest: Vec<String> = words.collect();
+    if help || cmd.as_deref() == Some("help") {
+        let topic = if cmd.as_deref() == Some("help") {
+            rest.first().cloned()
+        } else {
+            cmd
+        };
+        a.command = Some(Command::Help(topic));
+        return Ok(a);
+    }
+    let Some(cmd) = cmd else {
+        return Err(Error::usage("no command given")
+            .hint("usage: pilot-gateway start|stop|map|unmap|list|status (see --help)"));
+    };
+    let n = rest.len();
+    let arity = |min: usize, max: usize, form: &str| -> Result<()> {
+        if n < min || n > max {
+            Err(Error::usage(format!(
+                "{cmd} takes {form}, got {n} argument{}",
+                if n == 1 { "" } else { "s" }
+            ))
+            .hint(format!("usage: pilot-gateway {cmd} {form}")))
+        } else {
+            Ok(())
+        }
+    };
+    let command = match cmd.as_str() {
+        "start" | "run" => Command::Start {
+            targets: parse_targets(&rest)?,
+            legacy: cmd == "run",
+        },
+        "map" => {
+            arity(1, 2, "PILOT_ADDR [LOCAL_IP]")?;
+            Command::Map {
+                target: rest[0].clone(),
+                ip: rest.get(1).cloned(),
+            }
+        }
+        "unmap" => {
+            arity(1, 1, "LOCAL_IP")?;
+            Command::Unmap { ip: rest[0].clone() }
+        }
+        "list" => {
+            arity(0, 0, "no arguments")?;
+            Command::List
+        }
+        "status" => {
+            arity(0, 0, "no arguments")?;
+            Command::Status
+        }
+        "stop" => {
+            arity(0, 0, "no arguments")?;
+            Command::Stop
+        }
+        "version" => Command::Version,
+        other => {
+            return Err(Error::usage(format!("unknown command {other:?}"))
+                .hint("commands: start, stop, map, unmap, list, status (see --help)"))
+        }
+    };
+    if !matches!(command, Command::Start { .. }) {
+        if let Some(flag) = a.given_start_flags.first() {
+            return Err(
+                Error::usage(format!("{flag} is an option of start, not of {cmd}"))
+                    .hint(format!("see: pilot-gateway {cmd} --help")),
+            );
+        }
+    }
+    a.command = Some(command);
+    Ok(a)
+}
+
+/// `ADDR [IP] ADDR [IP] …`: an IPv4 address right after a target is the
+/// local IP that target should get.
+fn parse_targets(words: &[String]) -> Result<Vec<Target>> {
+    let mut targets: Vec<Target> = Vec::new();
+    for w in words {
+        if let Ok(ip) = w.parse::<Ipv4Addr>() {
+            match targets.last_mut() {
+                Some(t) if t.ip.is_none() => t.ip = Some(ip),
+                _ => {
+                    return Err(
+                        Error::usage(format!("local IP {ip} does not follow a pilot address"))
+                            .hint("write the address first: ADDR [LOCAL_IP] …"),
+                    )
+                }
+            }
+        } else {
+            targets.push(Target {
+                name: w.clone(),
+                ip: None,
+            });
+        }
+    }
+    Ok(targets)
+}
+
+pub const USAGE: &str = "\
+pilot-gateway — reach Pilot Protocol agents from ordinary TCP clients
+
+Usage:
+  pilot-gateway [--json] [--socket PATH] [--state-dir DIR] COMMAND …
+  pilotctl [--json] gateway COMMAND …          (through a link named pilotctl)
+  pilot-gateway [-socket PATH] [-subnet CIDR] [-ports LIST] [-config FILE] run [ADDR [IP]]…
+
+Commands:
+  start [ADDR [IP]]…   start the gateway (in the background unless --foreground)
+  map ADDR [IP]        map an agent (address or hostname) to a local IP
+  unmap IP             remove a mapping, closing its connections
+  list                 show mappings with live counters
+  status               show the gateway, the daemon and totals
+  stop                 stop the gateway and remove its aliases
+  run [ADDR [IP]]…     upstream's form: start in the foreground
+
+Global flags:
+  --json               machine-readable output ({\"status\":\"ok\",\"data\":…})
+  --socket PATH        daemon socket (default: $PILOT_SOCKET, ~/.pilot/config.json,
+                       $XDG_RUNTIME_DIR/pilot.sock, /tmp/pilot.sock)
+  --state-dir DIR      state directory (default: $PILOT_GATEWAY_STATE_DIR,
+                       /run/pilot-gateway as root, $XDG_RUNTIME_DIR/pilot-gateway)
+  --config FILE        JSON object of flag values; command-line flags win
+  --log-level LEVEL    error, warn, info (default) or debug
+  --log-format FORMAT  text (default) or json
+  -h, --help           help (also: pilot-gateway help COMMAND)
+  -V, --version        version
+
+Run `pilot-gateway help COMMAND` for a command's flags. Manual: pilot-gateway(8).
+";
+
+pub fn command_help(topic: &str) -> Option<&'static str> {
+    Some(match topic {
+        "start" | "run" => {
+            "\
+Usage: pilot-gateway start [flags] [ADDR [LOCAL_IP]]…
+       pilot-gateway [flags] run [ADDR [LOCAL_IP]]…     (foreground, upstream's form)
+
+Maps each ADDR (a pilot address such as 0:0000.0000.0004, or a hostname the
+daemon resolves) to the next free IP of the subnet, or to LOCAL_IP, adds the
+loopback aliases, listens on every port of every mapped IP, and relays each
+connection to the same port of the agent through the daemon. Returns once
+everything is up, printing pid, subnet, ports and mappings.
+
+Flags:
+  --subnet CIDR          IPv4 subnet to hand out (default 10.4.0.0/16)
+  --ports LIST           comma-separated ports (default 80,443,1000,1001,1002,7,8080,8443)
+  --foreground           stay attached (for systemd); stop with SIGTERM/SIGINT
+  --max-conns N          concurrent bridged connections (default 1000)
+  --dial-timeout SECS    give up on a dial after SECS (default 10)
+  --idle-timeout SECS    close a connection idle for SECS (default 300)
+  --access-log PATH      one line per finished connection (- for stderr)
+  --access-log-format F  text (default) or json
+  --user NAME            run as NAME, keeping only CAP_NET_ADMIN and CAP_NET_BIND_SERVICE
+  --no-user-switch       as root, do not switch to the daemon socket's owner
+  --allow-any-subnet     allow a subnet outside private, shared and loopback ranges
+"
+        }
+        "map" => {
+            "\
+Usage: pilot-gateway map ADDR [LOCAL_IP]
+
+Adds a mapping to the running gateway. ADDR is a pilot address or a
+hostname (resolved through the daemon). LOCAL_IP must lie in the gateway's
+subnet and be free; without it the next free IP is used. Mapping an address
+that is already mapped returns its existing IP.
+"
+        }
+        "unmap" => {
+            "\
+Usage: pilot-gateway unmap LOCAL_IP
+
+Removes a mapping from the running gateway: its listeners close, its live
+connections are closed and its loopback alias is removed (if the gateway added it).
+"
+        }
+        "list" => {
+            "\
+Usage: pilot-gateway list
+
+Shows the mappings of the running gateway with live counters: active and
+total connections, bytes each way (up: client to agent, down: agent to client).
+"
+        }
+        "status" => {
+            "\
+Usage: pilot-gateway status
+
+Shows pid, uptime, socket, whether the daemon answers, subnet, ports, and
+totals (connections, bytes, refused connections, failed dials).
+"
+        }
+        "stop" => {
+            "\
+Usage: pilot-gateway stop
+
+Stops the running gateway and waits until it has exited and removed its aliases.
+"
+        }
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(argv: &[&str]) -> Result<Args> {
+        parse(argv[0], argv[1..].iter().map(OsString::from).collect())
+    }
+
+    fn t(name: &str, ip: Option<[u8; 4]>) -> Target {
+        Target {
+            name: name.into(),
+            ip: ip.map(Ipv4Addr::from),
+        }
+    }
+
+    #[test]
+    fn modern_form() {
+        let a = p(&[
+            "pilot-gateway",
+            "--socket",
+            "/s",
+            "start",
+            "--foreground",
+            "--ports",
+            "80",
+            "0:0000.0000.0004",
+        ])
+        .unwrap();
+        assert_eq!(a.socket, Some("/s".into()));
+        assert!(a.foreground);
+        assert_eq!(a.ports.as_deref(), Some("80"));
+        assert_eq!(
+            a.command,
+            Some(Command::Start {
+                targets: vec![t("0:0000.0000.0004", None)],
+                legacy: false
+            })
+        );
+        let a = p(&["pilot-gateway", "list", "--json"]).unwrap();
+        assert!(a.json);
+        assert_eq!(a.command, Some(Command::List));
+    }
+
+    #[test]
+    fn go_form() {
+        let a = p(&[
+            "pilot-gateway",
+            "-socket",
+            "/s",
+            "-subnet=10.9.0.0/16",
+            "--ports",
+            "80",
+            "run",
+            "0:0000.0000.0004",
+            "10.9.0.7",
+            "lab-b",
+        ])
+        .unwrap();
+        assert_eq!(a.socket, Some("/s".into()));
+        assert_eq!(a.subnet.as_deref(), Some("10.9.0.0/16"));
+        assert_eq!(
+            a.command,
+            Some(Command::Start {
+                targets: vec![t("0:0000.0000.0004", Some([10, 9, 0, 7])), t("lab-b", None)],
+                legacy: true
+            })
+        );
+        let a = p(&[
+            "pilot-gateway",
+            "-json=false",
+            "-config",
+            "c.json",
+            "map",
+            "0:0000.0000.0004",
+        ])
+        .unwrap();
+        assert!(!a.json);
+        assert_eq!(a.config, Some("c.json".into()));
+    }
+
+    #[test]
+    fn pilotctl_forms() {
+        for argv in [
+            &["/usr/bin/pilotctl", "--json", "gateway", "list"][..],
+            &["pilotctl", "gateway", "list", "--json"],
+            &["pilotctl", "--json", "extras", "gateway", "list"],
+        ] {
+            let a = p(argv).unwrap();
+            assert!(a.json && a.pilotctl, "{argv:?}");
+            assert_eq!(a.command, Some(Command::List));
+        }
+        assert!(p(&["pilotctl", "info"])
+            .unwrap_err()
+            .message
+            .contains("only the gateway"));
+    }
+
+    #[test]
+    fn usage_errors() {
+        for (argv, want) in [
+            (&["pilot-gateway"][..], "no command"),
+            (&["pilot-gateway", "frobnicate"], "unknown command"),
+            (&["pilot-gateway", "--bogus", "list"], "unknown flag --bogus"),
+            (
+                &["pilot-gateway", "map"],
+                "map takes PILOT_ADDR [LOCAL_IP], got 0",
+            ),
+            (
+                &["pilot-gateway", "unmap", "1", "2"],
+                "unmap takes LOCAL_IP, got 2",
+            ),
+            (
+                &["pilot-gateway", "list", "--foreground"],
+                "--foreground is an option of start",
+            ),
+            (
+                &["pilot-gateway", "start", "10.4.0.1"],
+                "does not follow a pilot address",
+            ),
+            (&["pilot-gateway", "start", "--ports"], "needs a value"),
+            (&["pilot-gateway", "--json=maybe", "list"], "takes no value"),
+        ] {
+            let e = p(argv).unwrap_err();
+            assert_eq!(e.code, crate::error::Code::Usage, "{argv:?}");
+            assert!(e.message.contains(want), "{argv:?}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert_eq!(
+            p(&["pilot-gateway", "--help"]).unwrap().command,
+            Some(Command::Help(None))
+        );
+        assert_eq!(
+            p(&["pilot-gateway", "map", "--help"]).unwrap().command,
+            Some(Command::Help(Some("map".into())))
+        );
+        assert_eq!(
+            p(&["pilot-gateway", "help", "stop"]).unwrap().command,
+            Some(Command::Help(Some("stop".into())))
+        );
+        assert_eq!(
+            p(&["pilot-gateway", "--version"]).unwrap().command,
+            Some(Command::Version)
+        );
+        for c in ["start", "run", "map", "unmap", "list", "status", "stop"] {
+            assert!(command_help(c).is_some());
+        }
+    }
+}

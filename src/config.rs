@@ -1,0 +1,188 @@
+//! Where settings come from when the command line does not say: the daemon
+//! socket (as upstream tools find it) and `-config FILE`.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::json::{self, Value};
+
+/// The daemon socket and a phrase saying where it came from, found as
+/// upstream tools find it: `--socket` (or `-config`'s `socket`), then
+/// `$PILOT_SOCKET`, then `socket` in `$PILOT_HOME/config.json` (default
+/// `~/.pilot/config.json`), then `$XDG_RUNTIME_DIR/pilot.sock` on Linux
+/// when it exists, then `/tmp/pilot.sock`.
+pub fn resolve_socket(flag: Option<(&Path, &str)>) -> (PathBuf, String) {
+    resolve_socket_with(flag, &|k| {
+        std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from)
+    })
+}
+
+pub fn resolve_socket_with(
+    flag: Option<(&Path, &str)>,
+    env: &dyn Fn(&str) -> Option<PathBuf>,
+) -> (PathBuf, String) {
+    if let Some((p, source)) = flag {
+        return (p.to_path_buf(), source.to_string());
+    }
+    if let Some(p) = env("PILOT_SOCKET") {
+        return (p, "from $PILOT_SOCKET".into());
+    }
+    let home = env("PILOT_HOME").or_else(|| env("HOME").map(|h| h.join(".pilot")));
+    if let Some(file) = home.map(|h| h.join("config.json")) {
+        let socket = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|t| json::parse(&t).ok())
+            .and_then(|v| v.get("socket").and_then(Value::as_str).map(PathBuf::from))
+            .filter(|p| !p.as_os_str().is_empty());
+        if let Some(p) = socket {
+            return (p, format!("from \"socket\" in {}", file.display()));
+        }
+    }
+    if cfg!(target_os = "linux") {
+        if let Some(p) = env("XDG_RUNTIME_DIR")
+            .map(|d| d.join("pilot.sock"))
+            .filter(|p| p.exists())
+        {
+            return (p, "from $XDG_RUNTIME_DIR".into());
+        }
+    }
+    (PathBuf::from("/tmp/pilot.sock"), "the default".into())
+}
+
+/// Settings read from `-config FILE`: a flat JSON object of flag names.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileConfig {
+    pub socket: Option<String>,
+    pub subnet: Option<String>,
+    pub ports: Option<String>,
+    pub log_level: Option<String>,
+    pub log_format: Option<String>,
+}
+
+/// Reads `-config FILE`. Keys may use `-` or `_`; every value is a string
+/// (`ports` as a comma-separated list). Unknown keys and wrong types are
+/// errors naming the file and the key.
+pub fn read_config(path: &Path) -> Result<FileConfig> {
+    let hint = "the config file is a JSON object such as {\"socket\": \"/tmp/pilot.sock\", \"subnet\": \"10.4.0.0/16\", \"ports\": \"80,443\", \"log-level\": \"info\", \"log-format\": \"text\"}";
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("cannot read config file {}", path.display()), &e))?;
+    let v = json::parse(&text).map_err(|e| {
+        Error::invalid(format!("config file {} is not valid JSON: {e}", path.display())).hint(hint)
+    })?;
+    let Value::Obj(pairs) = v else {
+        return Err(Error::invalid(format!(
+            "config file {} must hold a JSON object, not {}",
+            path.display(),
+            v.kind()
+        ))
+        .hint(hint));
+    };
+    let mut cfg = FileConfig::default();
+    for (key, value) in pairs {
+        let slot = match key.replace('_', "-").as_str() {
+            "socket" => &mut cfg.socket,
+            "subnet" => &mut cfg.subnet,
+            "ports" => &mut cfg.ports,
+            "log-level" => &mut cfg.log_level,
+            "log-format" => &mut cfg.log_format,
+            _ => {
+                return Err(Error::invalid(format!(
+                "config file {}: unknown key {key:?} (known: socket, subnet, ports, log-level, log-format)",
+                path.display()
+            ))
+                .hint(hint))
+            }
+        };
+        match value {
+            Value::Str(s) => *slot = Some(s),
+            other => {
+                return Err(Error::invalid(format!(
+                    "config file {}: {key:?} must be a string, not {}",
+                    path.display(),
+                    other.kind()
+                ))
+                .hint(hint))
+            }
+        }
+    }
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<PathBuf> {
+        let m: HashMap<String, PathBuf> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), PathBuf::from(v)))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn socket_order() {
+        let dir = std::env::temp_dir().join(format!("pgw-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), r#"{"socket":"/from/config.sock"}"#).unwrap();
+        std::fs::write(dir.join("pilot.sock"), "").unwrap();
+        let d = dir.to_str().unwrap();
+        let flag = (Path::new("/flag.sock"), "from --socket");
+        let all = env(&[
+            ("PILOT_SOCKET", "/env.sock"),
+            ("PILOT_HOME", d),
+            ("XDG_RUNTIME_DIR", d),
+        ]);
+        assert_eq!(
+            resolve_socket_with(Some(flag), &all).0,
+            PathBuf::from("/flag.sock")
+        );
+        let (p, src) = resolve_socket_with(None, &all);
+        assert_eq!(
+            (p.to_str().unwrap(), src.as_str()),
+            ("/env.sock", "from $PILOT_SOCKET")
+        );
+        let no_env = env(&[("PILOT_HOME", d), ("XDG_RUNTIME_DIR", d)]);
+        let (p, src) = resolve_socket_with(None, &no_env);
+        assert_eq!(p, PathBuf::from("/from/config.sock"));
+        assert!(src.contains("config.json"), "{src}");
+        let xdg = env(&[("HOME", "/nonexistent"), ("XDG_RUNTIME_DIR", d)]);
+        assert_eq!(resolve_socket_with(None, &xdg).0, dir.join("pilot.sock"));
+        let none = env(&[("HOME", "/nonexistent"), ("XDG_RUNTIME_DIR", "/nonexistent")]);
+        assert_eq!(
+            resolve_socket_with(None, &none),
+            (PathBuf::from("/tmp/pilot.sock"), "the default".into())
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn config_files() {
+        let dir = std::env::temp_dir().join(format!("pgw-cfgfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.json");
+        std::fs::write(&f, r#"{"socket":"/s","subnet":"10.9.0.0/16","ports":"80,81","log_level":"debug","log-format":"json"}"#)
+            .unwrap();
+        let c = read_config(&f).unwrap();
+        assert_eq!(c.socket.as_deref(), Some("/s"));
+        assert_eq!(c.log_level.as_deref(), Some("debug"));
+        assert_eq!(c.log_format.as_deref(), Some("json"));
+        for (text, want) in [
+            (r#"{"sockets":"/s"}"#, "unknown key \"sockets\""),
+            (r#"{"ports":[80]}"#, "\"ports\" must be a string, not an array"),
+            (r#"{"subnet":1}"#, "\"subnet\" must be a string, not a number"),
+            ("[1]", "must hold a JSON object"),
+            ("{", "not valid JSON"),
+        ] {
+            std::fs::write(&f, text).unwrap();
+            let e = read_config(&f).unwrap_err().message;
+            assert!(e.contains(want) && e.contains("c.json"), "{text}: {e}");
+        }
+        assert!(read_config(&dir.join("missing.json"))
+            .unwrap_err()
+            .message
+            .contains("cannot read config file"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,674 @@
+//! `pilot-devd`: a stand-in for the Pilot daemon, for trying and testing
+//! the gateway on one machine. It is not the overlay: a dial to a pilot
+//! address connects to a local TCP endpoint chosen by `--route`.
+//!
+//! It speaks the daemon's IPC protocol as PROTOCOL.md describes the newer
+//! (v1.9+) daemons, so that a test passing against it passes against the
+//! real one:
+//!
+//! - many clients, each in its own thread; requests of one client are
+//!   dispatched concurrently (a pending Dial does not block Sends);
+//! - Recv frames carry at most 4096 data bytes; a service that closes
+//!   yields its remaining data, then an unsolicited CloseOK;
+//! - Close is idempotent and always answered with CloseOK;
+//! - Send never answers; an unknown command gets an Error frame;
+//! - a frame over 1 MiB drops the client, as does a client that has not
+//!   drained its socket within 10 s;
+//! - at most `--max-clients` clients (accept, then close at once beyond);
+//!   clients of another UID are closed without a reply (SO_PEERCRED);
+//! - Cancel (0x2B) abandons the client's pending dials; Health answers.
+//!
+//! `--misbehave MODE` breaks the protocol on purpose, for fault tests.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::address::PilotAddr;
+use crate::ipc::{self, cmd, FrameReader, IpcError};
+use crate::json::Value;
+
+/// Largest data chunk per Recv frame, as the real daemon sends.
+pub const RECV_CHUNK: usize = 4096;
+/// The real daemon's per-write deadline towards a client.
+const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+/// Pilot connections one client may hold (upstream's limit).
+const MAX_CONNS_PER_CLIENT: usize = 4096;
+const STACK: usize = 128 * 1024;
+
+/// A route: dials to `addr` (on `port`, or any port) go to `host` (on
+/// `host_port`, or the same port).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub addr: PilotAddr,
+    pub port: Option<u16>,
+    pub host: IpAddr,
+    pub host_port: Option<u16>,
+}
+
+/// Ways to break the protocol on purpose (see `--help`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Misbehave {
+    Oversize,
+    Truncated,
+    UnknownCmd,
+    RecvUnknownId,
+    ShortDialOk,
+    Flood,
+}
+
+impl Misbehave {
+    pub fn parse(s: &str) -> Option<Misbehave> {
+        Some(match s {
+            "oversize" => Misbehave::Oversize,
+            "truncated" => Misbehave::Truncated,
+            "unknown-cmd" => Misbehave::UnknownCmd,
+            "recv-unknown-id" => Misbehave::RecvUnknownId,
+            "short-dialok" => Misbehave::ShortDialOk,
+            "flood" => Misbehave::Flood,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub routes: Vec<Route>,
+    pub untrusted: HashSet<PilotAddr>,
+    pub dial_delay: Duration,
+    pub dial_delay_for: HashMap<PilotAddr, Duration>,
+    pub hosts: HashMap<String, PilotAddr>,
+    pub max_clients: usize,
+    pub any_uid: bool,
+    pub node_id: u32,
+    pub hostname: String,
+    pub misbehave: Option<Misbehave>,
+    /// Log every connection and dial, not only refusals and cancels.
+    pub verbose: bool,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            socket: PathBuf::from("/tmp/pilot.sock"),
+            routes: Vec::new(),
+            untrusted: HashSet::new(),
+            dial_delay: Duration::ZERO,
+            dial_delay_for: HashMap::new(),
+            hosts: HashMap::new(),
+            max_clients: 1024,
+            any_uid: false,
+            node_id: 1,
+            hostname: "devd".into(),
+            misbehave: None,
+            verbose: false,
+        }
+    }
+}
+
+impl Config {
+    /// Parses `ADDR=HOST` or `ADDR:PORT=HOST:PORT`.
+    pub fn parse_route(text: &str) -> Result<Route, String> {
+        let bad = |why: &str| format!("--route {text:?}: {why} (expected ADDR=HOST or ADDR:PORT=HOST:PORT)");
+        let (left, right) = text.split_once('=').ok_or_else(|| bad("missing '='"))?;
+        // ADDR itself contains one ':'; a second one introduces the port.
+        let (addr, port) = match left.rsplit_once(':') {
+            Some((a, p)) if a.contains(':') => (a, Some(p.parse::<u16>().map_err(|_| bad("bad port"))?)),
+            _ => (left, None),
+        };
+        let addr: PilotAddr = addr.parse().map_err(|e| bad(&format!("{e}")))?;
+        let (host, host_port) = if let Ok(ip) = right.parse::<IpAddr>() {
+            (ip, None)
+        } else {
+            let sa: SocketAddr = right.parse().map_err(|_| bad("bad HOST or HOST:PORT"))?;
+            (sa.ip(), Some(sa.port()))
+        };
+        if port.is_some() != host_port.is_some() {
+            return Err(bad("give a port on both sides, or on neither"));
+        }
+        Ok(Route {
+            addr,
+            port,
+            host,
+            host_port,
+        })
+    }
+
+    /// Where a dial to `addr:port` goes: a per-port route first.
+    pub fn target(&self, addr: PilotAddr, port: u16) -> Option<SocketAddr> {
+        let exact = self
+            .routes
+            .iter()
+            .find(|r| r.addr == addr && r.port == Some(port));
+        let any = self.routes.iter().find(|r| r.addr == addr && r.port.is_none());
+        exact
+            .or(any)
+            .map(|r| SocketAddr::new(r.host, r.host_port.unwrap_or(port)))
+    }
+
+    fn known(&self, addr: PilotAddr) -> bool {
+        self.routes.iter().any(|r| r.addr == addr)
+    }
+
+    fn trusted(&self) -> Vec<PilotAddr> {
+        let mut v: Vec<PilotAddr> = self
+            .routes
+            .iter()
+            .map(|r| r.addr)
+            .filter(|a| !self.untrusted.contains(a))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+fn log(msg: std::fmt::Arguments<'_>) {
+    let line = format!("pilot-devd: {msg}\n");
+    let _ = io::stderr().lock().write_all(line.as_bytes());
+}
+
+macro_rules! say { ($($t:tt)*) => { log(format_args!($($t)*)) } }
+
+struct Daemon {
+    cfg: Config,
+    clients: AtomicUsize,
+    next_conn: AtomicU32,
+    started: Instant,
+    euid: u32,
+}
+
+/// Binds the socket (removing a stale one) and serves until the process ends.
+pub fn serve(cfg: Config) -> io::Result<()> {
+    if let Ok(meta) = std::fs::symlink_metadata(&cfg.socket) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(&cfg.socket)?;
+        }
+    }
+    let listener = UnixListener::bind(&cfg.socket)?;
+    std::fs::set_permissions(&cfg.socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    say!(
+        "listening on {} ({} routes)",
+        cfg.socket.display(),
+        cfg.routes.len()
+    );
+    let d = Arc::new(Daemon {
+        cfg,
+        clients: AtomicUsize::new(0),
+        next_conn: AtomicU32::new(1),
+        started: Instant::now(),
+        // SAFETY: geteuid cannot fail.
+        euid: unsafe { libc::geteuid() },
+    });
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                say!("accept: {e}");
+                thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        if !d.cfg.any_uid {
+            match peer_uid(&stream) {
+                Some(uid) if uid == d.euid => {}
+                uid => {
+                    say!(
+                        "refused client of uid {uid:?}: this daemon accepts only its own uid {}",
+                        d.euid
+                    );
+                    continue; // dropped: closed without a reply
+                }
+            }
+        }
+        let n = d.clients.fetch_add(1, Relaxed) + 1;
+        if n > d.cfg.max_clients {
+            d.clients.fetch_sub(1, Relaxed);
+            say!(
+                "client limit reached ({} clients): closing the new one",
+                d.cfg.max_clients
+            );
+            continue;
+        }
+        let d2 = d.clone();
+        let spawned = thread::Builder::new().stack_size(STACK).spawn(move || {
+            client(&d2, stream);
+            d2.clients.fetch_sub(1, Relaxed);
+        });
+        if spawned.is_err() {
+            d.clients.fetch_sub(1, Relaxed);
+        }
+    }
+    Ok(())
+}
+
+fn peer_uid(s: &UnixStream) -> Option<u32> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: getsockopt into a correctly sized ucred.
+        let r = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        (r == 0).then_some(cred.uid)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let (mut uid, mut gid) = (0, 0);
+        // SAFETY: getpeereid fills two ids.
+        (unsafe { libc::getpeereid(s.as_raw_fd(), &mut uid, &mut gid) } == 0).then_some(uid)
+    }
+}
+
+/// One client session.
+struct Client {
+    writer: Mutex<UnixStream>,
+    conns: Mutex<HashMap<u32, Arc<TcpStream>>>,
+    /// Dials in flight; Cancel or the session's end sets their flag.
+    pending: Mutex<Vec<Arc<AtomicBool>>>,
+    closed: AtomicBool,
+    stream: UnixStream,
+}
+
+impl Client {
+    /// Writes one whole frame; a client that cannot take it is dropped.
+    fn send(&self, frame: &[u8]) -> bool {
+        if self.closed.load(Relaxed) {
+            return false;
+        }
+        let ok = match self.writer.lock() {
+            Ok(mut w) => w.write_all(frame).is_ok(),
+            Err(_) => false,
+        };
+        if !ok && !self.closed.swap(true, Relaxed) {
+            say!("dropping a client that did not read for {WRITE_DEADLINE:?} (or went away)");
+            let _ = self.stream.shutdown(Shutdown::Both);
+        }
+        ok
+    }
+
+    fn error(&self, msg: &str) {
+        self.send(&ipc::encode(cmd::ERROR, &[&1u16.to_be_bytes(), msg.as_bytes()]));
+    }
+
+    fn reply_json(&self, command: u8, v: &Value) {
+        self.send(&ipc::encode(command, &[v.to_string().as_bytes()]));
+    }
+}
+
+fn client(d: &Arc<Daemon>, stream: UnixStream) {
+    let Ok(writer) = stream.try_clone() else { return };
+    let _ = writer.set_write_timeout(Some(WRITE_DEADLINE));
+    let Ok(read_half) = stream.try_clone() else { return };
+    let c = Arc::new(Client {
+        writer: Mutex::new(writer),
+        conns: Mutex::new(HashMap::new()),
+        pending: Mutex::new(Vec::new()),
+        closed: AtomicBool::new(false),
+        stream,
+    });
+    if d.cfg.verbose {
+        say!("client connected");
+    }
+    let mut reader = FrameReader::new(read_half, 64 * 1024);
+    loop {
+        let (command, range) = match reader.read_frame() {
+            Ok(f) => f,
+            Err(IpcError::TooLong(n)) => {
+                say!("frame of {n} bytes exceeds 1 MiB: dropping the client");
+                break;
+            }
+            Err(_) => break,
+        };
+        let payload = &reader.buffer()[range];
+        match command {
+            cmd::DIAL => dial(d, &c, payload),
+            cmd::SEND => {
+                let Some(id) = ipc::be_u32(payload) else { continue };
+                let tcp = c.conns.lock().ok().and_then(|m| m.get(&id).cloned());
+                match tcp {
+                    Some(t) => {
+                        // Inline and in order; a failed send is only logged.
+                        if let Err(e) = (&*t).write_all(&payload[4..]) {
+                            if d.cfg.verbose {
+                                say!("send on connection {id}: {e}");
+                            }
+                        }
+                    }
+                    None if d.cfg.verbose => say!("send: connection {id} not found"),
+                    None => {}
+                }
+            }
+            cmd::CLOSE => {
+                let Some(id) = ipc::be_u32(payload) else {
+                    c.error("close: short payload");
+                    continue;
+                };
+                let tcp = c.conns.lock().ok().and_then(|mut m| m.remove(&id));
+                if let Some(t) = tcp {
+                    let _ = t.shutdown(Shutdown::Both);
+                }
+                c.send(&ipc::encode(cmd::CLOSE_OK, &[&id.to_be_bytes()]));
+            }
+            cmd::INFO => c.reply_json(cmd::INFO_OK, &info(d, &c)),
+            cmd::HEALTH => c.reply_json(
+                cmd::HEALTH_OK,
+                &Value::obj([
+                    ("status", Value::from("ok")),
+                    ("uptime_secs", d.started.elapsed().as_secs().into()),
+                    ("clients", d.clients.load(Relaxed).into()),
+                ]),
+            ),
+            cmd::HANDSHAKE => match payload.first() {
+                Some(&cmd::HS_TRUSTED) => c.reply_json(cmd::HANDSHAKE_OK, &trusted(d)),
+                Some(&sub) => c.error(&format!(
+                    "handshake: sub-command 0x{sub:02X} not supported by pilot-devd"
+                )),
+                None => c.error("handshake: missing sub-command"),
+            },
+            cmd::RESOLVE => {
+                let name = String::from_utf8_lossy(payload).into_owned();
+                match d.cfg.hosts.get(&name) {
+                    Some(a) => c.reply_json(
+                        cmd::RESOLVE_OK,
+                        &Value::obj([
+                            ("address", Value::from(a.to_string())),
+                            ("hostname", name.into()),
+                            ("node_id", a.node.into()),
+                            ("public", true.into()),
+                            ("type", "resolve_hostname_ok".into()),
+                        ]),
+                    ),
+                    None => c.error(&format!("resolve hostname {name:?}: not found")),
+                }
+            }
+            cmd::CANCEL => {
+                let pending = c
+                    .pending
+                    .lock()
+                    .map(|mut p| std::mem::take(&mut *p))
+                    .unwrap_or_default();
+                for flag in &pending {
+                    flag.store(true, Relaxed);
+                }
+                say!("cancel received ({} pending dials abandoned)", pending.len());
+            }
+            other => c.error(&format!("unknown command: 0x{other:02X}")),
+        }
+    }
+    // The session ended: abandon its dials, close its connections.
+    c.closed.store(true, Relaxed);
+    if let Ok(p) = c.pending.lock() {
+        for flag in p.iter() {
+            flag.store(true, Relaxed);
+        }
+    }
+    if let Ok(mut m) = c.conns.lock() {
+        for (_, t) in m.drain() {
+            let _ = t.shutdown(Shutdown::Both);
+        }
+    }
+    let _ = c.stream.shutdown(Shutdown::Both);
+    if d.cfg.verbose {
+        say!("client disconnected");
+    }
+}
+
+fn info(d: &Daemon, c: &Client) -> Value {
+    let addr = PilotAddr::new(0, d.cfg.node_id);
+    Value::obj([
+        ("node_id", Value::from(d.cfg.node_id)),
+        ("address", addr.to_string().into()),
+        ("hostname", d.cfg.hostname.clone().into()),
+        ("uptime_secs", d.started.elapsed().as_secs().into()),
+        ("connections", c.conns.lock().map_or(0, |m| m.len()).into()),
+        ("ports", 0u32.into()),
+        ("peers", d.cfg.trusted().len().into()),
+        ("encrypt", true.into()),
+        (
+            "version",
+            format!("pilot-devd {}", env!("CARGO_PKG_VERSION")).into(),
+        ),
+        ("transport", "devd".into()),
+        ("endpoint", d.cfg.socket.display().to_string().into()),
+        ("features", Value::Arr(vec!["dgram_confirm".into()])),
+    ])
+}
+
+fn trusted(d: &Daemon) -> Value {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |t| t.as_secs());
+    let peers = d
+        .cfg
+        .trusted()
+        .into_iter()
+        .map(|a| {
+            Value::obj([
+                ("approved_at", Value::from(now)),
+                ("mutual", true.into()),
+                ("network", a.network.into()),
+                ("node_id", a.node.into()),
+                (
+                    "public_key",
+                    "cGlsb3QtZGV2ZCBzdGFuZC1pbiBrZXkgLS0tLS0tLS0=".into(),
+                ),
+            ])
+        })
+        .collect();
+    Value::obj([("trusted", Value::Arr(peers))])
+}
+
+/// Handles a Dial in its own thread (newer daemons dispatch concurrently).
+fn dial(d: &Arc<Daemon>, c: &Arc<Client>, payload: &[u8]) {
+    let (Some(addr), Some(port)) = (
+        PilotAddr::from_wire(payload),
+        payload.get(6..8).map(|p| u16::from_be_bytes([p[0], p[1]])),
+    ) else {
+        c.error("dial: short payload");
+        return;
+    };
+    let cancelled = Arc::new(AtomicBool::new(false));
+    if let Ok(mut p) = c.pending.lock() {
+        p.push(cancelled.clone());
+    }
+    let (d2, c2) = (d.clone(), c.clone());
+    let spawned = thread::Builder::new().stack_size(STACK).spawn(move || {
+        let (d, c) = (d2, c2);
+        let result = dial_blocking(&d, &c, addr, port, &cancelled);
+        if let Ok(mut p) = c.pending.lock() {
+            p.retain(|f| !Arc::ptr_eq(f, &cancelled));
+        }
+        if cancelled.load(Relaxed) {
+            return; // abandoned: nothing is sent
+        }
+        match result {
+            Ok(tcp) => established(&d, &c, addr, port, tcp),
+            Err(msg) => {
+                if d.cfg.verbose {
+                    say!("dial {addr}:{port} failed: {msg}");
+                }
+                c.error(&msg);
+            }
+        }
+    });
+    if spawned.is_err() {
+        c.error("dial: out of threads");
+    }
+}
+
+fn dial_blocking(
+    d: &Daemon,
+    c: &Client,
+    addr: PilotAddr,
+    port: u16,
+    cancelled: &AtomicBool,
+) -> Result<TcpStream, String> {
+    let delay = d
+        .cfg
+        .dial_delay_for
+        .get(&addr)
+        .copied()
+        .unwrap_or(d.cfg.dial_delay);
+    let until = Instant::now() + delay;
+    // Bounded by `delay`; wakes every 10 ms to honour Cancel.
+    while Instant::now() < until {
+        if cancelled.load(Relaxed) || c.closed.load(Relaxed) {
+            return Err("dial cancelled".into());
+        }
+        thread::sleep((until - Instant::now()).min(Duration::from_millis(10)));
+    }
+    if c.conns.lock().map_or(0, |m| m.len()) >= MAX_CONNS_PER_CLIENT {
+        return Err(format!(
+            "dial: too many connections (limit {MAX_CONNS_PER_CLIENT} per client)"
+        ));
+    }
+    if d.cfg.untrusted.contains(&addr) {
+        return Err(format!(
+            "dial {addr}: node has not established trust with us (run: pilotctl handshake {addr})"
+        ));
+    }
+    let Some(target) = d.cfg.target(addr, port) else {
+        return Err(if d.cfg.known(addr) {
+            "dial: connection refused".into()
+        } else {
+            format!("resolve node {}: registry: request failed", addr.node)
+        });
+    };
+    if d.cfg.misbehave == Some(Misbehave::Flood) {
+        // Flooding ignores the service; any local socket will do as a handle.
+        return TcpStream::connect_timeout(&target, Duration::from_secs(5)).map_err(|e| format!("dial: {e}"));
+    }
+    match TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Err("dial: connection refused".into()),
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => Err("dial timeout".into()),
+        Err(e) => Err(format!("dial: {e}")),
+    }
+}
+
+/// The dial succeeded: answer DialOK and relay service → client.
+fn established(d: &Daemon, c: &Arc<Client>, addr: PilotAddr, port: u16, tcp: TcpStream) {
+    let id = d.next_conn.fetch_add(1, Relaxed);
+    let _ = tcp.set_nodelay(true);
+    let tcp = Arc::new(tcp);
+    if let Ok(mut m) = c.conns.lock() {
+        m.insert(id, tcp.clone());
+    }
+    if d.cfg.verbose {
+        say!("dial {addr}:{port} ok: connection {id}");
+    }
+    let mut frame = vec![0u8; ipc::DATA_HEADER + RECV_CHUNK];
+    match d.cfg.misbehave {
+        Some(Misbehave::ShortDialOk) => {
+            c.send(&ipc::encode(cmd::DIAL_OK, &[&id.to_be_bytes()[..2]]));
+            return;
+        }
+        Some(m) => {
+            c.send(&ipc::encode(cmd::DIAL_OK, &[&id.to_be_bytes()]));
+            misbehave(c, m, id, &mut frame);
+            return;
+        }
+        None => {
+            c.send(&ipc::encode(cmd::DIAL_OK, &[&id.to_be_bytes()]));
+        }
+    }
+    // Service → client, at most 4096 bytes a frame, one write per frame.
+    loop {
+        let n = match (&*tcp).read(&mut frame[ipc::DATA_HEADER..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        frame[..4].copy_from_slice(&((n + 5) as u32).to_be_bytes());
+        frame[4] = cmd::RECV;
+        frame[5..9].copy_from_slice(&id.to_be_bytes());
+        if !c.send(&frame[..ipc::DATA_HEADER + n]) {
+            break;
+        }
+    }
+    // Still registered: the remote side closed, so tell the client.
+    let ours = c.conns.lock().ok().and_then(|mut m| m.remove(&id)).is_some();
+    if ours {
+        let _ = tcp.shutdown(Shutdown::Both);
+        c.send(&ipc::encode(cmd::CLOSE_OK, &[&id.to_be_bytes()]));
+    }
+}
+
+fn misbehave(c: &Client, m: Misbehave, id: u32, frame: &mut [u8]) {
+    match m {
+        Misbehave::Oversize => {
+            c.send(&(2u32 << 20).to_be_bytes());
+            let _ = c.stream.shutdown(Shutdown::Both);
+        }
+        Misbehave::Truncated => {
+            let f = ipc::encode(cmd::RECV, &[&id.to_be_bytes(), b"this frame is cut short"]);
+            c.send(&f[..f.len() / 2]);
+            let _ = c.stream.shutdown(Shutdown::Both);
+        }
+        Misbehave::UnknownCmd => {
+            c.send(&ipc::encode(0x7F, &[b"?"]));
+        }
+        Misbehave::RecvUnknownId => {
+            c.send(&ipc::encode(
+                cmd::RECV,
+                &[&(id.wrapping_add(1_000_000)).to_be_bytes(), b"stray"],
+            ));
+        }
+        Misbehave::Flood => {
+            let n = RECV_CHUNK;
+            frame[..4].copy_from_slice(&((n + 5) as u32).to_be_bytes());
+            frame[4] = cmd::RECV;
+            frame[5..9].copy_from_slice(&id.to_be_bytes());
+            // Ends when the client stops reading for 10 s or goes away.
+            while c.send(&frame[..ipc::DATA_HEADER + n]) {}
+        }
+        Misbehave::ShortDialOk => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        let r = Config::parse_route("0:0000.0000.0004=127.0.0.1").unwrap();
+        assert_eq!((r.port, r.host_port), (None, None));
+        let r = Config::parse_route("0:0000.0000.0004:80=127.0.0.1:8080").unwrap();
+        assert_eq!((r.port, r.host_port), (Some(80), Some(8080)));
+        assert!(Config::parse_route("0:0000.0000.0004:80=127.0.0.1").is_err());
+        assert!(Config::parse_route("0:0000.0000.0004").is_err());
+        assert!(Config::parse_route("0:0000.0000.04=127.0.0.1").is_err());
+        let cfg = Config {
+            routes: vec![
+                Config::parse_route("0:0000.0000.0004=127.0.0.1").unwrap(),
+                Config::parse_route("0:0000.0000.0004:80=127.0.0.2:8080").unwrap(),
+            ],
+            ..Config::default()
+        };
+        let a = PilotAddr::new(0, 4);
+        assert_eq!(cfg.target(a, 80), Some("127.0.0.2:8080".parse().unwrap()));
+        assert_eq!(cfg.target(a, 81), Some("127.0.0.1:81".parse().unwrap()));
+        assert_eq!(cfg.target(PilotAddr::new(0, 5), 80), None);
+    }
+}

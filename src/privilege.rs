@@ -1,0 +1,174 @@
+//! Least privilege: a gateway started as root runs as the daemon's user
+//! (or `--user`), keeping only the two capabilities it needs.
+//!
+//! Why: newer daemons accept IPC only from their own UID (root included),
+//! so a root gateway cannot talk to a daemon run by an ordinary user. And a
+//! network-facing process should not keep root anyway.
+//!
+//! What it keeps: CAP_NET_ADMIN (loopback aliases) and CAP_NET_BIND_SERVICE
+//! (ports below 1024), as *ambient* capabilities, so the `ip` command we run
+//! for aliases inherits them across exec. Everything else is dropped,
+//! including from the bounding set, and supplementary groups are cleared.
+//!
+//! The order matters: drop the bounding set (needs CAP_SETPCAP, which root
+//! still has), set KEEPCAPS so setuid keeps the permitted set, change
+//! groups, gid, uid, then capset the two and raise them as ambient.
+
+use std::path::Path;
+
+use crate::error::{Code, Error, Result};
+use crate::sys::{self, User};
+
+/// The capabilities a switched gateway keeps, by name.
+pub const KEPT: [&str; 2] = ["cap_net_admin", "cap_net_bind_service"];
+#[cfg(target_os = "linux")]
+const CAP_NET_BIND_SERVICE: u32 = 10;
+#[cfg(target_os = "linux")]
+const CAP_NET_ADMIN: u32 = 12;
+
+/// The result of a switch, for the start report.
+#[derive(Clone, Debug)]
+pub struct Switched {
+    pub user: String,
+    pub capabilities: Vec<String>,
+}
+
+/// Decides whether to switch, and to whom: `--user NAME`; else, when root,
+/// the owner of the daemon socket if that is not root.
+pub fn target_user(flag: Option<&str>, no_switch: bool, socket: &Path) -> Result<Option<User>> {
+    let root = sys::euid() == 0;
+    if let Some(name) = flag {
+        let user = sys::user_by_name(name)
+            .or_else(|| name.parse().ok().and_then(sys::user_by_uid))
+            .ok_or_else(|| Error::invalid(format!("--user {name}: no such user")))?;
+        if user.uid == sys::euid() {
+            return Ok(None);
+        }
+        if !root {
+            return Err(Error::new(
+                Code::PermissionDenied,
+                format!("--user {name} needs root: only root can switch to another user"),
+            )
+            .hint("run the command as root, or leave out --user"));
+        }
+        return Ok((user.uid != 0).then_some(user));
+    }
+    if !root || no_switch {
+        return Ok(None);
+    }
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(socket) else {
+        return Ok(None);
+    };
+    if meta.uid() == 0 {
+        return Ok(None);
+    }
+    Ok(Some(sys::user_by_uid(meta.uid()).unwrap_or(User {
+        name: meta.uid().to_string(),
+        uid: meta.uid(),
+        gid: meta.gid(),
+    })))
+}
+
+/// Becomes `user`, keeping only [`KEPT`] (see the module docs).
+#[cfg(target_os = "linux")]
+pub fn switch_to(user: &User) -> Result<Switched> {
+    let fail = |what: &str| {
+        Error::new(
+            Code::PermissionDenied,
+            format!(
+                "cannot switch to user {}: {what}: {}",
+                user.name,
+                std::io::Error::last_os_error()
+            ),
+        )
+        .hint("run as root, or start the gateway as the daemon's user with --no-user-switch")
+    };
+    let keep = (1u64 << CAP_NET_ADMIN) | (1u64 << CAP_NET_BIND_SERVICE);
+    // SAFETY: plain prctl/set*id/syscall calls with valid arguments; each
+    // result is checked.
+    unsafe {
+        for cap in 0..64u64 {
+            if keep & (1 << cap) == 0 && libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                // EINVAL: past the kernel's last capability.
+                if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+                    return Err(fail("dropping the capability bounding set"));
+                }
+            }
+        }
+        if libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0 {
+            return Err(fail("prctl(PR_SET_KEEPCAPS)"));
+        }
+        if libc::setgroups(0, std::ptr::null()) != 0 {
+            return Err(fail("setgroups"));
+        }
+        if libc::setresgid(user.gid, user.gid, user.gid) != 0 {
+            return Err(fail("setresgid"));
+        }
+        if libc::setresuid(user.uid, user.uid, user.uid) != 0 {
+            return Err(fail("setresuid"));
+        }
+        // capset(2) with the v3 layout: two 32-bit words per set.
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let mut header = Header {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let lo = keep as u32;
+        let data = [
+            Data {
+                effective: lo,
+                permitted: lo,
+                inheritable: lo,
+            },
+            Data {
+                effective: 0,
+                permitted: 0,
+                inheritable: 0,
+            },
+        ];
+        if libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) != 0 {
+            return Err(fail("capset"));
+        }
+        for cap in [CAP_NET_ADMIN, CAP_NET_BIND_SERVICE] {
+            if libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_RAISE as u64,
+                u64::from(cap),
+                0,
+                0,
+            ) != 0
+            {
+                return Err(fail("raising ambient capabilities"));
+            }
+        }
+        libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0);
+    }
+    Ok(Switched {
+        user: user.name.clone(),
+        capabilities: KEPT.iter().map(|s| s.to_string()).collect(),
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn switch_to(user: &User) -> Result<Switched> {
+    Err(Error::new(
+        Code::NotSupported,
+        format!(
+            "switching to user {} with kept capabilities is supported on Linux only",
+            user.name
+        ),
+    )
+    .hint("start the gateway as the daemon's user"))
+}

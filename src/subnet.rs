@@ -1,0 +1,322 @@
+//! The local side of the mapping table: which subnet the gateway hands IPs
+//! out of, and which TCP ports it listens on.
+//!
+//! Every check here runs before the gateway touches the system, so a typo
+//! never leaves half a configuration behind.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnetwork::{IpNetwork, Ipv4Network};
+
+use crate::error::{Code, Error, Result};
+
+/// The upstream gateway's default subnet and port list.
+pub const DEFAULT_SUBNET: &str = "10.4.0.0/16";
+pub const DEFAULT_PORTS: &str = "80,443,1000,1001,1002,7,8080,8443";
+
+/// Ranges where a gateway subnet is expected: RFC 1918 private space,
+/// RFC 6598 shared (CGNAT) space and loopback. Anything else could shadow
+/// real hosts on the internet, so it needs `--allow-any-subnet`.
+const EXPECTED_RANGES: [(Ipv4Addr, u8); 5] = [
+    (Ipv4Addr::new(10, 0, 0, 0), 8),
+    (Ipv4Addr::new(172, 16, 0, 0), 12),
+    (Ipv4Addr::new(192, 168, 0, 0), 16),
+    (Ipv4Addr::new(100, 64, 0, 0), 10),
+    (Ipv4Addr::new(127, 0, 0, 0), 8),
+];
+
+/// Parses and checks a subnet: IPv4, canonical (no host bits), with room
+/// for at least two hosts, inside the expected ranges unless `allow_any`.
+pub fn parse_subnet(text: &str, allow_any: bool) -> Result<Ipv4Network> {
+    let net: IpNetwork = text.parse().map_err(|e| {
+        Error::invalid(format!("invalid subnet {text:?}: {e}"))
+            .hint("write it as an IPv4 CIDR block, e.g. --subnet 10.4.0.0/16")
+    })?;
+    let net = match net {
+        IpNetwork::V4(n) => n,
+        IpNetwork::V6(_) => {
+            return Err(Error::new(
+                Code::NotSupported,
+                format!("IPv6 subnet {text:?} is not supported yet"),
+            )
+            .hint("use an IPv4 subnet, e.g. --subnet 10.4.0.0/16"))
+        }
+    };
+    if !text.contains('/') {
+        return Err(Error::invalid(format!("subnet {text:?} has no prefix length"))
+            .hint("write it as a CIDR block, e.g. --subnet 10.4.0.0/16"));
+    }
+    if net.prefix() > 30 {
+        return Err(Error::invalid(format!(
+            "subnet {text} has no usable host addresses (a /{} leaves none once the network and broadcast addresses are excluded)",
+            net.prefix()
+        ))
+        .hint("use a prefix of /30 or shorter, e.g. --subnet 10.4.0.0/16"));
+    }
+    if net.ip() != net.network() {
+        return Err(Error::invalid(format!(
+            "subnet {text} has host bits set; its canonical form is {}/{}",
+            net.network(),
+            net.prefix()
+        ))
+        .hint(format!("pass --subnet {}/{}", net.network(), net.prefix())));
+    }
+    let expected = EXPECTED_RANGES.iter().any(|&(ip, prefix)| {
+        Ipv4Network::new(ip, prefix).is_ok_and(|r| net.prefix() >= prefix && r.contains(net.network()))
+    });
+    if !expected && !allow_any {
+        return Err(Error::invalid(format!(
+            "subnet {text} is outside the private (10/8, 172.16/12, 192.168/16), shared (100.64/10) and loopback (127/8) ranges; its addresses could belong to real hosts"
+        ))
+        .hint("choose a private subnet, or pass --allow-any-subnet if you mean it"));
+    }
+    Ok(net)
+}
+
+/// Whether addresses in `net` need a loopback alias: on Linux all of
+/// 127.0.0.0/8 already routes to `lo`, so no alias (and no root) is needed.
+pub fn needs_alias(net: Ipv4Network) -> bool {
+    !(cfg!(target_os = "linux") && net.network().is_loopback())
+}
+
+/// Whether `ip` may be handed out from `net`: inside it, and neither its
+/// network nor its broadcast address.
+pub fn is_assignable(net: Ipv4Network, ip: Ipv4Addr) -> bool {
+    net.contains(ip) && ip != net.network() && ip != net.broadcast()
+}
+
+/// The lowest assignable address of `net` not in `used`, from `.1` up.
+pub fn next_free(net: Ipv4Network, used: &BTreeSet<Ipv4Addr>) -> Result<Ipv4Addr> {
+    let first = u32::from(net.network()) + 1;
+    let last = u32::from(net.broadcast()) - 1;
+    // Bounded by the subnet size; `used` holds at most that many entries,
+    // so the scan ends within `used.len() + 1` steps.
+    (first..=last)
+        .map(Ipv4Addr::from)
+        .find(|ip| !used.contains(ip))
+        .ok_or_else(|| {
+            Error::new(
+                Code::SubnetExhausted,
+                format!(
+                    "subnet {net} is full: all {} addresses are mapped",
+                    last - first + 1
+                ),
+            )
+            .hint("unmap an address, or start the gateway with a larger --subnet")
+        })
+}
+
+/// Parses a local IP for `map ADDR IP`, checked against the subnet.
+pub fn parse_local_ip(text: &str, net: Ipv4Network) -> Result<Ipv4Addr> {
+    let ip: IpAddr = text.parse().map_err(|_| {
+        Error::invalid(format!(
+            "invalid local IP {text:?}: expected an IPv4 address such as 10.4.0.7"
+        ))
+        .hint(format!(
+            "give an address inside {net}, or leave it out to get the next free one"
+        ))
+    })?;
+    let IpAddr::V4(ip) = ip else {
+        return Err(Error::new(
+            Code::NotSupported,
+            format!("IPv6 local IP {text} is not supported yet"),
+        ));
+    };
+    if !net.contains(ip) {
+        return Err(
+            Error::invalid(format!("local IP {ip} is outside the gateway's subnet {net}")).hint(format!(
+                "choose an address inside {net}, or leave it out to get the next free one"
+            )),
+        );
+    }
+    if ip == net.network() || ip == net.broadcast() {
+        let which = if ip == net.network() {
+            "network"
+        } else {
+            "broadcast"
+        };
+        return Err(
+            Error::invalid(format!("local IP {ip} is the {which} address of {net}"))
+                .hint("choose a host address of the subnet"),
+        );
+    }
+    Ok(ip)
+}
+
+/// Parses a comma-separated port list (`80,443,8080`). Duplicates are
+/// dropped, keeping the first; order is kept.
+pub fn parse_ports(text: &str) -> Result<Vec<u16>> {
+    let hint = "give a comma-separated list of ports from 1 to 65535, e.g. --ports 80,443,8080";
+    if text.trim().is_empty() {
+        return Err(Error::invalid("the port list is empty").hint(hint));
+    }
+    let mut seen = BTreeSet::new();
+    let mut ports = Vec::new();
+    for item in text.split(',') {
+        let item = item.trim();
+        let port = match item.parse::<u32>() {
+            Ok(0) => return Err(Error::invalid("port 0 is not a valid port").hint(hint)),
+            Ok(p) if p > 65535 => return Err(Error::invalid(format!("port {p} is above 65535")).hint(hint)),
+            Ok(p) => p as u16,
+            Err(_) if item.is_empty() => {
+                return Err(Error::invalid(format!("the port list {text:?} has an empty entry")).hint(hint))
+            }
+            Err(_) => return Err(Error::invalid(format!("port {item:?} is not a number")).hint(hint)),
+        };
+        if seen.insert(port) {
+            ports.push(port);
+        }
+    }
+    Ok(ports)
+}
+
+/// Formats a port list back to its comma form.
+pub fn format_ports(ports: &[u16]) -> String {
+    ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// IPv4 addresses configured on interfaces other than loopback, with the
+/// interface name (from `getifaddrs`).
+pub fn non_loopback_addresses() -> std::io::Result<Vec<(String, Ipv4Network)>> {
+    let mut out = Vec::new();
+    for (name, ip, prefix, loopback) in interface_addresses()? {
+        if !loopback {
+            if let Ok(net) = Ipv4Network::new(ip, prefix) {
+                out.push((name, net));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether `ip` is configured on any interface.
+pub fn is_local_address(ip: Ipv4Addr) -> std::io::Result<bool> {
+    Ok(interface_addresses()?.iter().any(|(_, a, _, _)| *a == ip))
+}
+
+/// Refuses a subnet that overlaps an address of a non-loopback interface:
+/// aliasing it on `lo` would capture that network's real traffic.
+pub fn check_no_overlap(net: Ipv4Network) -> Result<()> {
+    let addrs = non_loopback_addresses()
+        .map_err(|e| Error::internal(format!("cannot list interface addresses: {e}")))?;
+    for (name, iface) in addrs {
+        if net.overlaps(iface) {
+            return Err(Error::new(
+                Code::AddressInUse,
+                format!("subnet {net} overlaps {iface} on interface {name}; aliasing it on loopback would capture that network's traffic"),
+            )
+            .hint("choose a subnet no interface uses, e.g. --subnet 10.4.0.0/16 or a 127.x.0.0/16 block"));
+        }
+    }
+    Ok(())
+}
+
+/// (interface, address, prefix length, is loopback) for every IPv4 address.
+fn interface_addresses() -> std::io::Result<Vec<(String, Ipv4Addr, u8, bool)>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr is non-null and points to a sockaddr.
+        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: the family is AF_INET, so these are sockaddr_in.
+        let (addr, mask) = unsafe {
+            let a = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+            let m = if ifa.ifa_netmask.is_null() {
+                u32::MAX
+            } else {
+                u32::from_be((*(ifa.ifa_netmask as *const libc::sockaddr_in)).sin_addr.s_addr)
+            };
+            (Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)), m)
+        };
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
+        let loopback = ifa.ifa_flags & (libc::IFF_LOOPBACK as libc::c_uint) != 0;
+        out.push((name, addr, mask.count_ones() as u8, loopback));
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(r: Result<impl std::fmt::Debug>) -> String {
+        r.unwrap_err().message
+    }
+
+    #[test]
+    fn subnets() {
+        let n = parse_subnet("10.4.0.0/16", false).unwrap();
+        assert_eq!((n.network(), n.prefix()), (Ipv4Addr::new(10, 4, 0, 0), 16));
+        assert!(parse_subnet("127.77.0.0/16", false).is_ok());
+        assert!(parse_subnet("100.64.1.0/24", false).is_ok());
+        assert!(msg(parse_subnet("10.4.0.1/16", false)).contains("canonical form is 10.4.0.0/16"));
+        assert!(msg(parse_subnet("10.4.0.0/31", false)).contains("no usable host"));
+        assert!(msg(parse_subnet("10.4.0.0/32", false)).contains("no usable host"));
+        assert!(msg(parse_subnet("10.4.0.0", false)).contains("no prefix"));
+        assert!(msg(parse_subnet("10.4.0.0/33", false)).contains("invalid subnet"));
+        assert!(msg(parse_subnet("banana", false)).contains("invalid subnet"));
+        let v6 = parse_subnet("fd00::/64", false).unwrap_err();
+        assert_eq!(v6.code, Code::NotSupported);
+        assert!(msg(parse_subnet("8.8.8.0/24", false)).contains("outside the private"));
+        assert!(parse_subnet("8.8.8.0/24", true).is_ok());
+        // A block bigger than 10/8 is not inside the expected range.
+        assert!(parse_subnet("8.0.0.0/6", false).is_err());
+    }
+
+    #[test]
+    fn allocation_skips_network_broadcast_and_used() {
+        let n = parse_subnet("10.4.0.0/30", false).unwrap();
+        let mut used = BTreeSet::new();
+        assert_eq!(next_free(n, &used).unwrap(), Ipv4Addr::new(10, 4, 0, 1));
+        used.insert(Ipv4Addr::new(10, 4, 0, 1));
+        assert_eq!(next_free(n, &used).unwrap(), Ipv4Addr::new(10, 4, 0, 2));
+        used.insert(Ipv4Addr::new(10, 4, 0, 2));
+        let e = next_free(n, &used).unwrap_err();
+        assert_eq!(e.code, Code::SubnetExhausted);
+    }
+
+    #[test]
+    fn local_ips() {
+        let n = parse_subnet("10.4.0.0/16", false).unwrap();
+        assert_eq!(parse_local_ip("10.4.3.4", n).unwrap(), Ipv4Addr::new(10, 4, 3, 4));
+        assert!(msg(parse_local_ip("10.5.0.1", n)).contains("outside"));
+        assert!(msg(parse_local_ip("10.4.0.0", n)).contains("network address"));
+        assert!(msg(parse_local_ip("10.4.255.255", n)).contains("broadcast address"));
+        assert!(msg(parse_local_ip("10.4.0", n)).contains("invalid local IP"));
+        assert_eq!(parse_local_ip("::1", n).unwrap_err().code, Code::NotSupported);
+    }
+
+    #[test]
+    fn ports() {
+        assert_eq!(parse_ports("80,443,80, 8080").unwrap(), [80, 443, 8080]);
+        assert_eq!(
+            parse_ports(DEFAULT_PORTS).unwrap(),
+            [80, 443, 1000, 1001, 1002, 7, 8080, 8443]
+        );
+        assert!(msg(parse_ports("")).contains("empty"));
+        assert!(msg(parse_ports("80,,81")).contains("empty entry"));
+        assert!(msg(parse_ports("0")).contains("port 0"));
+        assert!(msg(parse_ports("65536")).contains("above 65535"));
+        assert!(msg(parse_ports("http")).contains("not a number"));
+        assert_eq!(format_ports(&[80, 443]), "80,443");
+    }
+}

@@ -1,0 +1,490 @@
+//! Shared test support: private network namespaces, child processes that
+//! are always reaped, the stand-in daemon, and small local services.
+//!
+//! Each test calls [`netns`] first. Network namespaces belong to a thread
+//! on Linux, so the calling test thread (and every thread and process it
+//! starts afterwards) gets its own loopback: tests never touch the host's
+//! network or each other, and may use fixed ports.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub const GATEWAY: &str = env!("CARGO_BIN_EXE_pilot-gateway");
+pub const DEVD: &str = env!("CARGO_BIN_EXE_pilot-devd");
+pub const A4: &str = "0:0000.0000.0004";
+pub const A5: &str = "0:0000.0000.0005";
+pub const A6: &str = "0:0000.0000.0006";
+
+/// Moves this thread into a fresh network namespace with loopback up.
+pub fn netns() {
+    // SAFETY: unshare affects only the calling thread's namespaces.
+    let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        r,
+        0,
+        "unshare(CLONE_NEWNET) failed ({}): these tests need root (CI runs them as root)",
+        std::io::Error::last_os_error()
+    );
+    run_ok("ip", &["link", "set", "lo", "up"]);
+}
+
+pub fn run_ok(prog: &str, args: &[&str]) -> String {
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"));
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Addresses on `lo`, as `ip -4 addr show dev lo` lists them.
+pub fn lo_addrs() -> String {
+    run_ok("ip", &["-4", "addr", "show", "dev", "lo"])
+}
+
+pub fn has_alias(ip: &str) -> bool {
+    lo_addrs().contains(&format!("inet {ip}/32"))
+}
+
+/// A fresh private directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "pgw-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process that is killed and reaped when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub stderr_path: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command, stderr_path: PathBuf) -> Proc {
+        let err = std::fs::File::create(&stderr_path).unwrap();
+        let child = cmd.stdin(Stdio::null()).stderr(err).spawn().unwrap();
+        Proc { child, stderr_path }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` every 10 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The stand-in daemon on a socket in `dir`.
+pub struct Devd {
+    pub socket: PathBuf,
+    pub proc: Proc,
+}
+
+impl Devd {
+    pub fn start(dir: &TempDir, args: &[&str]) -> Devd {
+        let socket = dir.path("devd.sock");
+        let mut cmd = Command::new(DEVD);
+        cmd.arg("--socket").arg(&socket).args(args).stdout(Stdio::null());
+        let proc = Proc::spawn(&mut cmd, dir.path("devd.log"));
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                std::os::unix::net::UnixStream::connect(&socket).is_ok()
+            }),
+            "pilot-devd did not come up: {}",
+            proc.stderr()
+        );
+        Devd { socket, proc }
+    }
+
+    pub fn log(&self) -> String {
+        self.proc.stderr()
+    }
+}
+
+/// Runs `pilot-gateway` with this test's state directory and socket.
+pub struct Gw {
+    pub state: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Gw {
+    pub fn new(dir: &TempDir, socket: &Path) -> Gw {
+        Gw {
+            state: dir.path("state"),
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(GATEWAY);
+        c.arg("--state-dir")
+            .arg(&self.state)
+            .arg("--socket")
+            .arg(&self.socket);
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// Runs a command to completion (bounded by the commands' own waits).
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().unwrap()
+    }
+
+    /// Runs a command that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "pilot-gateway {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts a foreground gateway as a child; waits for its report.
+    pub fn foreground(&self, dir: &TempDir, args: &[&str]) -> Proc {
+        let mut c = self.cmd();
+        c.args(["start", "--foreground"])
+            .args(args)
+            .stdout(Stdio::piped());
+        let mut p = Proc::spawn(&mut c, dir.path("gateway.log"));
+        let mut stdout = p.child.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !String::from_utf8_lossy(&seen).contains("gateway running") {
+            assert!(Instant::now() < deadline, "gateway not ready: {}", p.stderr());
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => panic!("gateway exited: {}{}", String::from_utf8_lossy(&seen), p.stderr()),
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        // Keep draining stdout so the gateway never blocks on it.
+        thread::spawn(move || {
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        p
+    }
+
+    /// Stops a background gateway if one runs (for cleanup).
+    pub fn stop_quietly(&self) {
+        let _ = self.run(&["stop"]);
+    }
+}
+
+/// A service thread pool on 127.0.0.1: `handler` runs per connection.
+pub struct Service {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Service {
+    pub fn start(port: u16, handler: fn(TcpStream)) -> Service {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s2.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok(c) = conn {
+                    thread::spawn(move || handler(c));
+                }
+            }
+        });
+        Service { addr, stop }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+/// Echoes until EOF, then closes.
+pub fn echo(mut c: TcpStream) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if c.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A minimal HTTP server: reads the request head, answers, closes.
+pub fn http(mut c: TcpStream) {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&req)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let body = format!("hello from the agent: {line}\n");
+    let _ = write!(
+        c,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so both ends agree.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// FNV-1a over a stream, for byte-exact comparisons.
+#[derive(Clone, Copy)]
+pub struct Fnv(pub u64);
+
+impl Fnv {
+    pub fn new() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    pub fn update(&mut self, b: &[u8]) {
+        for &x in b {
+            self.0 = (self.0 ^ u64::from(x)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
+
+/// Service: reads an 8-byte length N, then sends N pattern bytes and closes.
+pub fn source(mut c: TcpStream) {
+    let mut n = [0u8; 8];
+    if c.read_exact(&mut n).is_err() {
+        return;
+    }
+    let total = u64::from_be_bytes(n) as usize;
+    let chunk = pattern(7, 1 << 20);
+    let mut sent = 0;
+    while sent < total {
+        let k = (total - sent).min(chunk.len());
+        if c.write_all(&chunk[..k]).is_err() {
+            return;
+        }
+        sent += k;
+    }
+}
+
+/// Service: reads an 8-byte length N, then N bytes, then replies with the
+/// byte count and FNV hash. (It cannot wait for EOF: pilot streams have no
+/// half-close, so the agent never sees the client's shutdown.)
+pub fn sink(mut c: TcpStream) {
+    let mut n = [0u8; 8];
+    if c.read_exact(&mut n).is_err() {
+        return;
+    }
+    let want = u64::from_be_bytes(n);
+    let mut h = Fnv::new();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 65536];
+    while total < want {
+        let k = buf.len().min((want - total) as usize);
+        match c.read(&mut buf[..k]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                h.update(&buf[..n]);
+                total += n as u64;
+            }
+        }
+    }
+    let _ = c.write_all(&total.to_be_bytes());
+    let _ = c.write_all(&h.0.to_be_bytes());
+}
+
+/// Connects with a timeout and bounded reads/writes.
+pub fn connect(addr: &str) -> TcpStream {
+    let a: SocketAddr = addr.parse().unwrap();
+    let s = TcpStream::connect_timeout(&a, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    s
+}
+
+/// Sends an HTTP GET and returns the whole response.
+pub fn http_get(addr: &str, path: &str) -> String {
+    let mut s = connect(addr);
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp
+}
+
+/// Downloads `len` bytes from a `source` service; returns their hash.
+pub fn download(addr: &str, len: usize) -> (usize, u64) {
+    let mut s = connect(addr);
+    s.write_all(&(len as u64).to_be_bytes()).unwrap();
+    let mut h = Fnv::new();
+    let mut got = 0;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                h.update(&buf[..n]);
+                got += n;
+            }
+            Err(e) => panic!("download from {addr} after {got} bytes: {e}"),
+        }
+    }
+    (got, h.0)
+}
+
+/// The hash `download` should see for `len` bytes.
+pub fn expected_download(len: usize) -> u64 {
+    let chunk = pattern(7, 1 << 20);
+    let mut h = Fnv::new();
+    let mut left = len;
+    while left > 0 {
+        let k = left.min(chunk.len());
+        h.update(&chunk[..k]);
+        left -= k;
+    }
+    h.0
+}
+
+/// Uploads `len` pattern bytes to a `sink`, half-closes, and returns the
+/// sink's (count, hash) plus the hash we sent.
+pub fn upload(addr: &str, len: usize, seed: u64) -> ((u64, u64), u64) {
+    let mut s = connect(addr);
+    s.write_all(&(len as u64).to_be_bytes()).unwrap();
+    let chunk = pattern(seed, 1 << 20);
+    let mut h = Fnv::new();
+    let mut sent = 0;
+    while sent < len {
+        let k = (len - sent).min(chunk.len());
+        s.write_all(&chunk[..k]).unwrap();
+        h.update(&chunk[..k]);
+        sent += k;
+    }
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply)
+        .unwrap_or_else(|e| panic!("upload reply from {addr}: {e}"));
+    let count = u64::from_be_bytes(reply[..8].try_into().unwrap());
+    let hash = u64::from_be_bytes(reply[8..].try_into().unwrap());
+    ((count, hash), h.0)
+}
+
+/// Whether the peer reset the connection (vs. a clean EOF) within `limit`.
+pub fn sees_reset(s: &mut TcpStream, limit: Duration) -> bool {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = Vec::new();
+    match s.read_to_end(&mut buf) {
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    }
+}
+
+/// Connects and expects a reset within `limit` (the reset may already
+/// arrive during the connect itself).
+pub fn reset_soon(addr: &str, limit: Duration) -> bool {
+    let a: SocketAddr = addr.parse().unwrap();
+    match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(mut s) => sees_reset(&mut s, limit),
+    }
+}

@@ -1,0 +1,220 @@
+//! Current upstream daemons: same-UID only, a client cap, Cancel. The
+//! gateway started as root runs as the daemon's user with two capabilities.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use pilot_gateway::json::{self, Value};
+
+const NOBODY: u32 = 65534;
+
+/// pilot-devd running as nobody, its socket in a directory nobody owns.
+fn devd_as_nobody(dir: &TempDir, extra: &[&str]) -> (PathBuf, Proc) {
+    let sockdir = dir.path("nobody");
+    std::fs::create_dir_all(&sockdir).unwrap();
+    std::os::unix::fs::chown(&sockdir, Some(NOBODY), Some(NOBODY)).unwrap();
+    let socket = sockdir.join("devd.sock");
+    // The temp dir itself must be traversable by nobody.
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        DEVD,
+        "--socket",
+    ])
+    .arg(&socket)
+    .args(["--route", "0:0000.0000.0004=127.0.0.1"])
+    .args(extra);
+    let log = dir.path("devd.log");
+    let p = Proc::spawn(&mut c, log);
+    assert!(
+        wait_until(Duration::from_secs(10), || socket.exists()),
+        "devd: {}",
+        p.stderr()
+    );
+    (socket, p)
+}
+
+fn proc_status(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap()
+}
+
+fn field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(str::trim)
+        .unwrap_or("")
+}
+
+fn state_pid(gw: &Gw) -> u32 {
+    let text = std::fs::read_to_string(gw.state.join("state.json")).unwrap();
+    json::parse(&text)
+        .unwrap()
+        .get("pid")
+        .and_then(Value::as_u64)
+        .unwrap() as u32
+}
+
+fn check_switched(dir: &TempDir, socket: &std::path::Path, start_extra: &[&str]) {
+    let _svc = Service::start(8080, http);
+    let gw = Gw::new(dir, socket);
+    let mut args = vec!["--json", "start", "--ports", "80,8080"];
+    args.extend_from_slice(start_extra);
+    args.push(A4);
+    let out = gw.ok(&args);
+    let v = json::parse(out.trim()).unwrap();
+    let data = v.get("data").unwrap();
+    assert_eq!(data.get("user").and_then(Value::as_str), Some("nobody"), "{out}");
+    assert_eq!(
+        data.get("capabilities").unwrap().to_string(),
+        r#"["cap_net_admin","cap_net_bind_service"]"#
+    );
+    let pid = state_pid(&gw);
+    let st = proc_status(pid);
+    assert!(field(&st, "Uid:").starts_with("65534"), "{st}");
+    assert_eq!(field(&st, "Groups:"), "", "supplementary groups dropped");
+    for f in ["CapEff:", "CapPrm:", "CapAmb:"] {
+        assert_eq!(field(&st, f), "0000000000001400", "{f} in {st}");
+    }
+    assert!(has_alias("10.4.0.1"));
+    assert!(http_get("10.4.0.1:8080", "/priv").contains("GET /priv"));
+    // Port 80 was bound with CAP_NET_BIND_SERVICE; the service is not there.
+    let _ = connect("10.4.0.1:80");
+    // Root may steer it, and so may its user.
+    assert!(gw.ok(&["map", A5]).contains("10.4.0.2"));
+    let as_nobody = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            GATEWAY,
+            "--state-dir",
+        ])
+        .arg(&gw.state)
+        .args(["list"])
+        .output()
+        .unwrap();
+    assert!(
+        as_nobody.status.success(),
+        "{}",
+        String::from_utf8_lossy(&as_nobody.stderr)
+    );
+    assert!(String::from_utf8_lossy(&as_nobody.stdout).contains("total: 2"));
+    assert!(gw.ok(&["stop"]).contains("stopped"));
+    assert!(!has_alias("10.4.0.1") && !has_alias("10.4.0.2"));
+}
+
+#[test]
+fn root_gateway_runs_as_the_daemon_user_with_two_capabilities() {
+    netns();
+    let dir = TempDir::new("switch");
+    let (socket, _devd) = devd_as_nobody(&dir, &[]);
+    check_switched(&dir, &socket, &[]);
+}
+
+#[test]
+fn explicit_user_flag() {
+    netns();
+    let dir = TempDir::new("userflag");
+    let (socket, _devd) = devd_as_nobody(&dir, &[]);
+    check_switched(&dir, &socket, &["--user", "nobody"]);
+}
+
+#[test]
+fn a_root_gateway_refused_by_the_daemon_says_so_at_start() {
+    netns();
+    let dir = TempDir::new("refused");
+    let (socket, _devd) = devd_as_nobody(&dir, &[]);
+    let gw = Gw::new(&dir, &socket);
+    let out = gw.run(&["--json", "start", "--no-user-switch", "--ports", "8080", A4]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = json::parse(String::from_utf8_lossy(&out.stderr).trim()).unwrap();
+    assert_eq!(
+        err.get("code").and_then(Value::as_str),
+        Some("permission_denied"),
+        "{err}"
+    );
+    let msg = err.get("message").and_then(Value::as_str).unwrap();
+    assert!(msg.contains("own user") && msg.contains("nobody"), "{msg}");
+    assert!(!has_alias("10.4.0.1"), "nothing left behind");
+}
+
+#[test]
+fn daemon_client_cap_resets_extra_clients_and_recovers() {
+    netns();
+    let dir = TempDir::new("clientcap");
+    let _svc = Service::start(8080, echo);
+    let devd = Devd::start(
+        &dir,
+        &["--route", "0:0000.0000.0004=127.0.0.1", "--max-clients", "5"],
+    );
+    let gw = Gw::new(&dir, &devd.socket);
+    // The held clients close their sockets; the agent (an echo server) never
+    // closes, so their sessions end at the idle limit.
+    let _p = gw.foreground(&dir, &["--ports", "8080", "--idle-timeout", "1", A4]);
+    let mut held = Vec::new();
+    for i in 0..5 {
+        let mut s = connect("10.4.0.1:8080");
+        s.write_all(b"ping").unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).unwrap_or_else(|e| panic!("client {i}: {e}"));
+        held.push(s);
+    }
+    for _ in 0..5 {
+        assert!(
+            reset_soon("10.4.0.1:8080", Duration::from_secs(2)),
+            "over the daemon's cap: a prompt reset"
+        );
+    }
+    let log = std::fs::read_to_string(dir.path("gateway.log")).unwrap();
+    assert!(log.contains("limit"), "the logged reason names the limit: {log}");
+    drop(held);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let Ok(mut s) = std::net::TcpStream::connect("10.4.0.1:8080") else {
+                return false;
+            };
+            s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let mut b = [0u8; 4];
+            s.write_all(b"pong").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"pong"
+        }),
+        "served again once the load drops"
+    );
+}
+
+#[test]
+fn dial_timeout_resets_the_client_and_sends_cancel() {
+    netns();
+    let dir = TempDir::new("cancel");
+    let devd = Devd::start(
+        &dir,
+        &[
+            "--route",
+            "0:0000.0000.0004=127.0.0.1",
+            "--dial-delay",
+            "0:0000.0000.0004=20000",
+        ],
+    );
+    let gw = Gw::new(&dir, &devd.socket);
+    let _p = gw.foreground(&dir, &["--ports", "8080", "--dial-timeout", "1", A4]);
+    let t = Instant::now();
+    assert!(reset_soon("10.4.0.1:8080", Duration::from_secs(5)));
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "reset at the timeout, not before: {took:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || devd.log().contains("cancel received")),
+        "{}",
+        devd.log()
+    );
+}
