@@ -108,6 +108,7 @@ pub struct Table {
     live: Mutex<HashMap<u64, Arc<Conn>>>,
     pub total: AtomicU64,
     pub dial_failures: AtomicU64,
+    pub idle_timeouts: AtomicU64,
     done_up: AtomicU64,
     done_down: AtomicU64,
 }
@@ -120,6 +121,7 @@ pub struct Counters {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub dial_failures: u64,
+    pub idle_timeouts: u64,
 }
 
 impl Table {
@@ -136,6 +138,7 @@ impl Table {
             bytes_up: up,
             bytes_down: down,
             dial_failures: self.dial_failures.load(Relaxed),
+            idle_timeouts: self.idle_timeouts.load(Relaxed),
         }
     }
 
@@ -292,6 +295,9 @@ impl Drop for Finish {
         }
         self.hub.active.fetch_sub(1, Relaxed);
         let outcome = c.outcome.get().cloned().unwrap_or(Outcome::Ok);
+        if outcome == Outcome::IdleTimeout {
+            self.table.idle_timeouts.fetch_add(1, Relaxed);
+        }
         debug!(
             "connection {} from {} to {} port {} ended: {} {} (up {} B, down {} B, {:?})",
             c.id,

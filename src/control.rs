@@ -772,6 +772,7 @@ fn status(args: &Args, out: &Out) -> Result<()> {
         ("bytes_up", n("bytes_up").into()),
         ("bytes_down", n("bytes_down").into()),
         ("dial_failures", n("dial_failures").into()),
+        ("idle_timeouts", n("idle_timeouts").into()),
         ("refused", n("refused").into()),
     ]);
     let daemon_text = if reachable {
@@ -783,7 +784,7 @@ fn status(args: &Args, out: &Out) -> Result<()> {
         )
     };
     let text = format!(
-        "gateway running (pid {}, up {}s)\n  socket: {} (daemon {daemon_text})\n  subnet: {}\n  ports: {}\n  mappings: {}\n  connections: active {} (max {}), total {}, refused {}, failed dials {}\n  bytes: up {}, down {}\n",
+        "gateway running (pid {}, up {}s)\n  socket: {} (daemon {daemon_text})\n  subnet: {}\n  ports: {}\n  mappings: {}\n  connections: active {} (max {}), total {}, refused {}, failed dials {}, idle timeouts {}\n  bytes: up {}, down {}\n",
         st.gateway.pid,
         n("uptime_secs"),
         st.socket.display(),
@@ -795,6 +796,7 @@ fn status(args: &Args, out: &Out) -> Result<()> {
         n("total"),
         n("refused"),
         n("dial_failures"),
+        n("idle_timeouts"),
         n("bytes_up"),
         n("bytes_down"),
     );

@@ -91,6 +91,8 @@ pub struct Config {
     pub node_id: u32,
     pub hostname: String,
     pub misbehave: Option<Misbehave>,
+    /// `--misbehave ADDR=MODE`: only dials to ADDR misbehave.
+    pub misbehave_for: HashMap<PilotAddr, Misbehave>,
     /// Log every connection and dial, not only refusals and cancels.
     pub verbose: bool,
 }
@@ -109,6 +111,7 @@ impl Default for Config {
             node_id: 1,
             hostname: "devd".into(),
             misbehave: None,
+            misbehave_for: HashMap::new(),
             verbose: false,
         }
     }
@@ -152,6 +155,10 @@ impl Config {
         exact
             .or(any)
             .map(|r| SocketAddr::new(r.host, r.host_port.unwrap_or(port)))
+    }
+
+    fn misbehaviour(&self, addr: PilotAddr) -> Option<Misbehave> {
+        self.misbehave_for.get(&addr).copied().or(self.misbehave)
     }
 
     fn known(&self, addr: PilotAddr) -> bool {
@@ -555,10 +562,6 @@ fn dial_blocking(
             format!("resolve node {}: registry: request failed", addr.node)
         });
     };
-    if d.cfg.misbehave == Some(Misbehave::Flood) {
-        // Flooding ignores the service; any local socket will do as a handle.
-        return TcpStream::connect_timeout(&target, Duration::from_secs(5)).map_err(|e| format!("dial: {e}"));
-    }
     match TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
         Ok(t) => Ok(t),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Err("dial: connection refused".into()),
@@ -579,7 +582,7 @@ fn established(d: &Daemon, c: &Arc<Client>, addr: PilotAddr, port: u16, tcp: Tcp
         say!("dial {addr}:{port} ok: connection {id}");
     }
     let mut frame = vec![0u8; ipc::DATA_HEADER + RECV_CHUNK];
-    match d.cfg.misbehave {
+    match d.cfg.misbehaviour(addr) {
         Some(Misbehave::ShortDialOk) => {
             c.send(&ipc::encode(cmd::DIAL_OK, &[&id.to_be_bytes()[..2]]));
             return;

@@ -650,6 +650,7 @@ impl Gateway {
                 totals.bytes_up += c.bytes_up;
                 totals.bytes_down += c.bytes_down;
                 totals.dial_failures += c.dial_failures;
+                totals.idle_timeouts += c.idle_timeouts;
                 Value::obj([
                     ("local_ip", Value::from(ip.to_string())),
                     ("pilot_addr", l.addr.to_string().into()),
@@ -658,6 +659,7 @@ impl Gateway {
                     ("bytes_up", c.bytes_up.into()),
                     ("bytes_down", c.bytes_down.into()),
                     ("dial_failures", c.dial_failures.into()),
+                    ("idle_timeouts", c.idle_timeouts.into()),
                 ])
             })
             .collect();
@@ -674,6 +676,7 @@ impl Gateway {
             ("bytes_up", totals.bytes_up.into()),
             ("bytes_down", totals.bytes_down.into()),
             ("dial_failures", totals.dial_failures.into()),
+            ("idle_timeouts", totals.idle_timeouts.into()),
             ("refused", self.hub.refused.load(Relaxed).into()),
             ("max_conns", self.hub.limits.max_conns.into()),
             (

@@ -5,6 +5,10 @@
 //! and `pilot-devd` (a stand-in daemon for trying and testing it). See
 //! `docs/ARCHITECTURE.md` for how the modules fit together.
 
+// Data from outside (daemon, files, command line, network) is never
+// unwrapped: every failure becomes an error that says what happened.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod access;
 pub mod address;
 pub mod alias;

@@ -1,5 +1,6 @@
 //! `pilot-devd`: a stand-in Pilot daemon for development and tests. See
 //! `pilot-devd --help` and `src/devd.rs`.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ Usage: pilot-devd [flags]
   --hostname NAME          our hostname in Info (default devd)
   --misbehave MODE         break the protocol after each successful dial: oversize,
                            truncated, unknown-cmd, recv-unknown-id, short-dialok, flood
+  --misbehave ADDR=MODE    the same for dials to ADDR only
   --verbose                log every client and dial
 ";
 

@@ -1,0 +1,290 @@
+//! pilot-devd speaks the daemon's IPC protocol as PROTOCOL.md describes
+//! it: checked here frame by frame with the crate's own client.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use pilot_gateway::address::PilotAddr;
+use pilot_gateway::ipc::{self, cmd, FrameReader, IpcError, Session};
+use pilot_gateway::json::Value;
+
+fn a4() -> PilotAddr {
+    A4.parse().unwrap()
+}
+
+fn session(d: &Devd) -> Session {
+    let s = Session::connect(&d.socket).unwrap();
+    s.set_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn routes(extra: &[&'static str]) -> Vec<&'static str> {
+    let mut v = vec![
+        "--route",
+        "0:0000.0000.0004=127.0.0.1",
+        "--host",
+        "lab-b=0:0000.0000.0005",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+/// Reads frames until `want`, collecting Recv data; returns (data, frames).
+fn read_until(r: &mut FrameReader<UnixStream>, want: u8) -> (Vec<u8>, usize) {
+    let mut data = Vec::new();
+    for n in 0..100_000 {
+        let (c, range) = r.read_frame().unwrap();
+        let p = &r.buffer()[range];
+        if c == want {
+            return (data, n);
+        }
+        assert_eq!(c, cmd::RECV, "unexpected 0x{c:02X}");
+        assert!(p.len() - 4 <= 4096, "Recv frames carry at most 4096 data bytes");
+        data.extend_from_slice(&p[4..]);
+    }
+    panic!("no 0x{want:02X}");
+}
+
+#[test]
+fn dial_send_recv_and_unsolicited_close() {
+    netns();
+    let dir = TempDir::new("devd-echo");
+    let _svc = Service::start(7000, source);
+    let d = Devd::start(&dir, &routes(&[]));
+    let mut s = session(&d);
+    let id = s.dial(a4(), 7000).unwrap();
+    let (mut r, mut w) = s.into_parts();
+    let mut frame = vec![0u8; 9 + 8];
+    frame[9..].copy_from_slice(&(100_000u64).to_be_bytes());
+    ipc::put_send_header(&mut frame, id, 8);
+    w.write_all(&frame).unwrap();
+    // The service sends 100,000 bytes and closes: data, then CloseOK.
+    let (data, frames) = read_until(&mut r, cmd::CLOSE_OK);
+    assert_eq!(data, pattern(7, 1 << 20)[..100_000]);
+    assert!(frames >= 25, "4 KiB frames");
+    // Close after the remote closed, and on an unknown id: CloseOK too.
+    for cid in [id, 999_999] {
+        w.write_all(&ipc::encode(cmd::CLOSE, &[&cid.to_be_bytes()]))
+            .unwrap();
+        let (c, range) = r.read_frame().unwrap();
+        assert_eq!((c, &r.buffer()[range]), (cmd::CLOSE_OK, &cid.to_be_bytes()[..]));
+    }
+}
+
+#[test]
+fn close_of_a_live_connection_is_answered() {
+    netns();
+    let dir = TempDir::new("devd-close");
+    let _svc = Service::start(7001, echo);
+    let d = Devd::start(&dir, &routes(&[]));
+    let mut s = session(&d);
+    let id = s.dial(a4(), 7001).unwrap();
+    s.send(cmd::CLOSE, &[&id.to_be_bytes()]).unwrap();
+    let (mut r, _w) = s.into_parts();
+    let (c, _) = r.read_frame().unwrap();
+    assert_eq!(c, cmd::CLOSE_OK);
+}
+
+#[test]
+fn errors_read_like_the_real_daemon() {
+    netns();
+    let dir = TempDir::new("devd-errors");
+    let d = Devd::start(
+        &dir,
+        &routes(&[
+            "--untrusted",
+            "0:0000.0000.0006",
+            "--route",
+            "0:0000.0000.0006=127.0.0.1",
+        ]),
+    );
+    let mut s = session(&d);
+    let err = |r: Result<u32, IpcError>| match r {
+        Err(IpcError::Daemon(m)) => m,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        err(s.dial("0:0000.0000.0077".parse().unwrap(), 80)),
+        "resolve node 119: registry: request failed"
+    );
+    assert!(err(s.dial("0:0000.0000.0006".parse().unwrap(), 80)).contains("trust"));
+    assert_eq!(err(s.dial(a4(), 1)), "dial: connection refused");
+    assert_eq!(s.resolve("lab-b").unwrap(), "0:0000.0000.0005".parse().unwrap());
+    assert!(matches!(s.resolve("nope"), Err(IpcError::Daemon(m)) if m.contains("not found")));
+    s.send(0x7F, &[]).unwrap();
+    let (mut r, _w) = s.into_parts();
+    let (c, range) = r.read_frame().unwrap();
+    assert_eq!(c, cmd::ERROR);
+    assert_eq!(ipc::error_text(&r.buffer()[range]), "unknown command: 0x7F");
+}
+
+#[test]
+fn json_replies_have_the_real_shapes() {
+    netns();
+    let dir = TempDir::new("devd-json");
+    let d = Devd::start(&dir, &routes(&["--untrusted", "0:0000.0000.0004"]));
+    let mut s = session(&d);
+    let info = s.info().unwrap();
+    for k in [
+        "node_id",
+        "address",
+        "hostname",
+        "uptime_secs",
+        "connections",
+        "ports",
+        "peers",
+        "encrypt",
+        "version",
+        "features",
+    ] {
+        assert!(info.get(k).is_some(), "info lacks {k}: {info}");
+    }
+    let health = s.health().unwrap();
+    assert_eq!(health.get("status").and_then(Value::as_str), Some("ok"));
+    assert!(
+        s.trusted_peers().unwrap().is_empty(),
+        "A4 is untrusted, so nobody is"
+    );
+    let dir2 = TempDir::new("devd-json2");
+    let d2 = Devd::start(&dir2, &routes(&[]));
+    let mut s2 = session(&d2);
+    assert_eq!(s2.trusted_peers().unwrap(), vec![a4()]);
+}
+
+#[test]
+fn oversize_frames_drop_the_session() {
+    netns();
+    let dir = TempDir::new("devd-oversize");
+    let d = Devd::start(&dir, &routes(&[]));
+    let mut u = UnixStream::connect(&d.socket).unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    u.write_all(&((1u32 << 20) + 1).to_be_bytes()).unwrap();
+    let mut b = [0u8; 8];
+    assert!(matches!(u.read(&mut b), Ok(0) | Err(_)), "dropped");
+    // Exactly 1 MiB is still accepted (an unknown command gets an Error).
+    let mut u = UnixStream::connect(&d.socket).unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut big = vec![0u8; 4 + (1 << 20)];
+    big[..4].copy_from_slice(&(1u32 << 20).to_be_bytes());
+    big[4] = 0x7E;
+    u.write_all(&big).unwrap();
+    let mut r = FrameReader::new(u, 4096);
+    assert_eq!(r.read_frame().unwrap().0, cmd::ERROR);
+}
+
+#[test]
+fn client_cap_closes_extra_clients() {
+    netns();
+    let dir = TempDir::new("devd-cap");
+    let d = Devd::start(&dir, &routes(&["--max-clients", "2"]));
+    // Hold two answered sessions (the start-up probe may still count briefly).
+    let mut held = Vec::new();
+    assert!(wait_until(Duration::from_secs(5), || {
+        let mut s = session(&d);
+        if s.info().is_ok() {
+            held.push(s);
+        }
+        held.len() == 2
+    }));
+    let mut c = session(&d);
+    assert!(c.info().unwrap_err().is_closed(), "the third client reads EOF");
+    held.pop();
+    assert!(wait_until(Duration::from_secs(5), || session(&d).info().is_ok()));
+    assert!(d.log().contains("client limit"));
+}
+
+#[test]
+fn cancel_abandons_pending_dials_and_dials_run_concurrently() {
+    netns();
+    let dir = TempDir::new("devd-cancel");
+    let _svc = Service::start(7002, echo);
+    let d = Devd::start(
+        &dir,
+        &routes(&[
+            "--route",
+            "0:0000.0000.0005=127.0.0.1",
+            "--dial-delay",
+            "0:0000.0000.0005=3000",
+        ]),
+    );
+    // A slow dial on one session does not hold up another session's dial.
+    let socket = d.socket.clone();
+    let slow = thread::spawn(move || {
+        let mut s = Session::connect(&socket).unwrap();
+        s.dial("0:0000.0000.0005".parse().unwrap(), 7002)
+    });
+    thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    session(&d).dial(a4(), 7002).unwrap();
+    assert!(
+        !slow.is_finished(),
+        "the fast dial finished first ({:?})",
+        t.elapsed()
+    );
+    assert!(slow.join().unwrap().is_ok());
+    // Cancel: the pending dial is abandoned and logged, nothing is sent.
+    let mut s = session(&d);
+    s.send(
+        cmd::DIAL,
+        &[
+            &"0:0000.0000.0005".parse::<PilotAddr>().unwrap().to_wire(),
+            &7002u16.to_be_bytes(),
+        ],
+    )
+    .unwrap();
+    thread::sleep(Duration::from_millis(100));
+    s.cancel().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || d
+            .log()
+            .contains("cancel received (1 pending dials abandoned)")),
+        "{}",
+        d.log()
+    );
+    s.set_timeout(Some(Duration::from_millis(3500))).unwrap();
+    assert_eq!(
+        s.health().unwrap().get("status").and_then(Value::as_str),
+        Some("ok"),
+        "no DialOK arrived first"
+    );
+}
+
+#[test]
+fn other_uids_are_refused_unless_any_uid() {
+    netns();
+    let dir = TempDir::new("devd-uid");
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let run_as_nobody = |extra: &[&str]| {
+        let sock = dir.path(&format!("n{}.sock", extra.len()));
+        let mut c = std::process::Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            DEVD,
+            "--socket",
+        ])
+        .arg(&sock)
+        .args(extra);
+        let p = Proc::spawn(&mut c, dir.path(&format!("n{}.log", extra.len())));
+        assert!(wait_until(Duration::from_secs(10), || sock.exists()));
+        (sock, p)
+    };
+    let (sock, p) = run_as_nobody(&[]);
+    let mut s = Session::connect(&sock).unwrap();
+    s.set_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(
+        s.info().unwrap_err().is_closed(),
+        "root is another uid: closed without a reply"
+    );
+    assert!(wait_until(Duration::from_secs(5), || p.stderr().contains("uid")));
+    let (sock, _p2) = run_as_nobody(&["--any-uid"]);
+    let mut s = Session::connect(&sock).unwrap();
+    s.set_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(s.info().is_ok());
+}
