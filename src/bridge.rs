@@ -41,7 +41,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::address::PilotAddr;
-use crate::ipc::{self, cmd, Session};
+use crate::ipc::{self, cmd, IpcError, Session};
 use crate::{debug, warn};
 
 /// Stack of each connection thread. The threads keep their buffers on the
@@ -298,17 +298,26 @@ impl Drop for Finish {
         if outcome == Outcome::IdleTimeout {
             self.table.idle_timeouts.fetch_add(1, Relaxed);
         }
-        debug!(
-            "connection {} from {} to {} port {} ended: {} {} (up {} B, down {} B, {:?})",
-            c.id,
-            c.client,
-            c.pilot,
-            c.local.port(),
-            outcome.label(),
-            outcome.reason(),
-            c.up.load(Relaxed),
-            c.down.load(Relaxed),
-            c.started.elapsed()
+        // Normal ends are debug detail; a cut stream is worth a warning.
+        let level = match outcome {
+            Outcome::Ok | Outcome::DialFailed(_) => crate::log::Level::Debug,
+            Outcome::IdleTimeout => crate::log::Level::Info,
+            Outcome::Reset(_) => crate::log::Level::Warn,
+        };
+        crate::log::log(
+            level,
+            format_args!(
+                "connection {} from {} to {} port {} ended: {} {} (up {} B, down {} B, {:?})",
+                c.id,
+                c.client,
+                c.pilot,
+                c.local.port(),
+                outcome.label(),
+                outcome.reason(),
+                c.up.load(Relaxed),
+                c.down.load(Relaxed),
+                c.started.elapsed()
+            ),
         );
         if let Some(log) = &self.hub.access {
             log.record(c, &outcome, c.started.elapsed());
@@ -720,6 +729,7 @@ fn agent_to_client(c: &Conn, mut reader: ipc::FrameReader<UnixStream>, idle: Dur
             Err(e) => {
                 if c.outcome.get().is_none() {
                     let why = match e {
+                        IpcError::Truncated => "the daemon closed the session in the middle of a frame".to_string(),
                         e if e.is_closed() => "the daemon closed the session (daemon restarted, or it dropped us: newer daemons drop a client that has not read for 10 s, which happens when the TCP client reads slowly)".to_string(),
                         e => format!("daemon: {e}"),
                     };

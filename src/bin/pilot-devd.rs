@@ -84,9 +84,15 @@ fn parse() -> Result<Config, lexopt::Error> {
             Long("hostname") => cfg.hostname = p.value()?.string()?,
             Long("misbehave") => {
                 let v = p.value()?.string()?;
-                cfg.misbehave = Some(
-                    Misbehave::parse(&v).unwrap_or_else(|| fail(format!("--misbehave {v:?}: unknown mode"))),
-                );
+                let mode = |m: &str| {
+                    Misbehave::parse(m).unwrap_or_else(|| fail(format!("--misbehave {v:?}: unknown mode")))
+                };
+                match v.split_once('=') {
+                    Some((a, m)) => {
+                        cfg.misbehave_for.insert(addr(a, "--misbehave"), mode(m));
+                    }
+                    None => cfg.misbehave = Some(mode(&v)),
+                }
             }
             Long("verbose") => cfg.verbose = true,
             Short('h') | Long("help") => {

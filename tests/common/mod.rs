@@ -488,3 +488,43 @@ pub fn reset_soon(addr: &str, limit: Duration) -> bool {
         Ok(mut s) => sees_reset(&mut s, limit),
     }
 }
+
+/// A field of `/proc/PID/status` as a number (VmRSS in KiB, Threads).
+pub fn proc_field(pid: u32, name: &str) -> u64 {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    st.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn proc_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Service: echoes one read (up to 64 bytes) and closes.
+pub fn echo_once(mut c: TcpStream) {
+    let mut b = [0u8; 64];
+    if let Ok(n) = c.read(&mut b) {
+        let _ = c.write_all(&b[..n]);
+    }
+}
+
+/// Service: accepts and never reads (holds the socket for a minute).
+pub fn never_reads(c: TcpStream) {
+    thread::sleep(Duration::from_secs(60));
+    drop(c);
+}
+
+/// One short exchange through `addr`; true if the echo came back.
+pub fn short_exchange(addr: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut b = [0u8; 5];
+    s.write_all(b"hello").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"hello"
+}
