@@ -204,7 +204,12 @@ pub fn check_no_overlap(net: Ipv4Network) -> Result<()> {
         if net.overlaps(iface) {
             return Err(Error::new(
                 Code::AddressInUse,
-                format!("subnet {net} overlaps {iface} on interface {name}; aliasing it on loopback would capture that network's traffic"),
+                format!(
+                    "subnet {net} overlaps {}/{} (address {} on interface {name}); aliasing it on loopback would capture that network's traffic",
+                    iface.network(),
+                    iface.prefix(),
+                    iface.ip()
+                ),
             )
             .hint("choose a subnet no interface uses, e.g. --subnet 10.4.0.0/16 or a 127.x.0.0/16 block"));
         }

@@ -1,0 +1,234 @@
+//! Nothing exposed: listeners bind only mapped IPs, subnets that could
+//! capture real traffic are refused, and the state directory cannot be
+//! subverted. Each test in its own namespace.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use pilot_gateway::json::{self, Value};
+
+/// Local addresses of the TCP sockets that process `pid` listens on.
+fn listening_addrs(pid: u32) -> Vec<String> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            l.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')
+                .map(str::to_string)
+        })
+        .collect();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(3) == Some(&"0A") && inodes.iter().any(|i| Some(&i.as_str()) == f.get(9))).then(|| {
+                let (ip, port) = f[1].split_once(':').unwrap();
+                let ip = u32::from_str_radix(ip, 16).unwrap();
+                format!(
+                    "{}:{}",
+                    std::net::Ipv4Addr::from(u32::from_be(ip)),
+                    u16::from_str_radix(port, 16).unwrap()
+                )
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn listeners_bind_only_mapped_ips() {
+    netns();
+    let dir = TempDir::new("sec-bind");
+    let devd = Devd::start(&dir, &[]);
+    let gw = Gw::new(&dir, &devd.socket);
+    let p = gw.foreground(&dir, &["--ports", "8080,8443", A4, A5]);
+    let mut addrs = listening_addrs(p.pid());
+    addrs.sort();
+    assert_eq!(
+        addrs,
+        ["10.4.0.1:8080", "10.4.0.1:8443", "10.4.0.2:8080", "10.4.0.2:8443"]
+    );
+    // And nothing answers on the wildcard or the loopback address.
+    assert!(std::net::TcpStream::connect("127.0.0.1:8080").is_err());
+}
+
+#[test]
+fn subnets_that_could_capture_real_traffic_are_refused() {
+    netns();
+    let dir = TempDir::new("sec-subnet");
+    let devd = Devd::start(&dir, &[]);
+    let gw = Gw::new(&dir, &devd.socket);
+    run_ok("ip", &["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+    run_ok("ip", &["addr", "add", "10.4.5.1/24", "dev", "v0"]);
+    let err = |args: &[&str]| {
+        let out = gw
+            .cmd()
+            .args(["--json", "start", "--foreground"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        json::parse(String::from_utf8_lossy(&out.stderr).trim()).unwrap()
+    };
+    let v = err(&["--ports", "8080", A4]);
+    assert_eq!(
+        v.get("code").and_then(Value::as_str),
+        Some("address_in_use"),
+        "{v}"
+    );
+    let msg = v.get("message").and_then(Value::as_str).unwrap();
+    assert!(msg.contains("v0") && msg.contains("10.4.5.0/24"), "{msg}");
+    assert!(!lo_addrs().contains("10.4."), "nothing aliased");
+    let v = err(&["--subnet", "198.18.0.0/24", "--ports", "8080", A4]);
+    assert!(
+        v.get("message")
+            .and_then(Value::as_str)
+            .unwrap()
+            .contains("outside the private"),
+        "{v}"
+    );
+    assert!(v
+        .get("hint")
+        .and_then(Value::as_str)
+        .unwrap()
+        .contains("--allow-any-subnet"));
+    // With the explicit flag it is the user's choice.
+    let p = gw.foreground(
+        &dir,
+        &[
+            "--subnet",
+            "198.18.0.0/24",
+            "--allow-any-subnet",
+            "--ports",
+            "8080",
+            A4,
+        ],
+    );
+    assert!(has_alias("198.18.0.1"));
+    drop(p);
+}
+
+#[test]
+fn the_state_directory_cannot_be_subverted() {
+    netns();
+    let dir = TempDir::new("sec-state");
+    let devd = Devd::start(&dir, &[]);
+    let start = |state: &std::path::Path| {
+        let out = Command::new(GATEWAY)
+            .arg("--socket")
+            .arg(&devd.socket)
+            .arg("--state-dir")
+            .arg(state)
+            .args(["start", "--foreground", "--ports", "8080", A4])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // A symlink instead of the directory.
+    let real = dir.path("real");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let link = dir.path("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    assert!(start(&link).contains("symbolic link"));
+    // Loose permissions.
+    let loose = dir.path("loose");
+    std::fs::create_dir(&loose).unwrap();
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    assert!(start(&loose).contains("loose permissions"));
+    // A state file planted as a symlink is not followed.
+    let victim = dir.path("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    std::os::unix::fs::symlink(&victim, real.join("state.json")).unwrap();
+    let e = start(&real);
+    assert!(e.contains("state.json"), "{e}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    // A directory owned by someone else (checked as an unprivileged user).
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let theirs = dir.path("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::set_permissions(&theirs, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65533), Some(65533)).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            GATEWAY,
+            "--state-dir",
+        ])
+        .arg(&theirs)
+        .arg("list")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("owned by uid 65533") && e.contains("refusing"), "{e}");
+    // Files it creates are 0600 in a 0700 directory.
+    let ok = dir.path("ok");
+    let p = Gw::new(&dir, &devd.socket);
+    let gw = Gw {
+        state: ok.clone(),
+        ..p
+    };
+    let _g = gw.foreground(&dir, &["--ports", "8080", A4]);
+    for f in ["state.json", "lock"] {
+        let mode = std::fs::metadata(ok.join(f)).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600,
+            "{f}"
+        );
+    }
+}
+
+#[test]
+fn a_corrupt_state_file_is_kept_named_and_never_dropped() {
+    netns();
+    let dir = TempDir::new("sec-corrupt");
+    let devd = Devd::start(&dir, &[]);
+    let gw = Gw::new(&dir, &devd.socket);
+    std::fs::create_dir(&gw.state).unwrap();
+    std::fs::set_permissions(&gw.state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    for content in [
+        "",
+        "{\"version\":1,\"mappings\":[",
+        "{\"version\":9}",
+        &"x".repeat(17 << 20),
+    ] {
+        std::fs::write(gw.state.join("state.json"), content).unwrap();
+        for args in [&["list"][..], &["start", "--foreground", "--ports", "8080", A4]] {
+            let out = gw.run(args);
+            assert_eq!(out.status.code(), Some(1));
+            let e = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                e.contains("state.json") && e.contains("a copy is kept at") && e.contains("hint:"),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            std::fs::read(gw.state.join("state.json")).unwrap().len(),
+            content.len(),
+            "left as it was"
+        );
+    }
+}
+
+#[test]
+fn no_shell_anywhere() {
+    // Every process we start is named explicitly with an argument vector.
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/src")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "rs") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            for bad in ["\"sh\"", "\"/bin/sh\"", "\"bash\"", "\"-c\""] {
+                assert!(!text.contains(bad), "{}: {bad}", path.display());
+            }
+        }
+    }
+}
