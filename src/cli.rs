@@ -553,6 +553,79 @@ mod tests {
     }
 
     #[test]
+    fn every_flag_in_both_spellings() {
+        // (flag, a value or None for booleans, what it sets)
+        let value_flags = [
+            "socket",
+            "state-dir",
+            "config",
+            "log-level",
+            "log-format",
+            "subnet",
+            "ports",
+            "max-conns",
+            "dial-timeout",
+            "idle-timeout",
+            "access-log",
+            "access-log-format",
+            "user",
+        ];
+        for name in value_flags {
+            for form in [format!("-{name}"), format!("--{name}")] {
+                for joined in [false, true] {
+                    let mut argv = vec!["pilot-gateway".to_string()];
+                    if joined {
+                        argv.push(format!("{form}=V"));
+                    } else {
+                        argv.extend([form.clone(), "V".into()]);
+                    }
+                    argv.push("start".into());
+                    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+                    let a = p(&argv).unwrap_or_else(|e| panic!("{argv:?}: {}", e.message));
+                    let got = match name {
+                        "socket" => a.socket.map(|p| p.display().to_string()),
+                        "state-dir" => a.state_dir.map(|p| p.display().to_string()),
+                        "config" => a.config.map(|p| p.display().to_string()),
+                        "log-level" => a.log_level,
+                        "log-format" => a.log_format,
+                        "subnet" => a.subnet,
+                        "ports" => a.ports,
+                        "max-conns" => a.max_conns,
+                        "dial-timeout" => a.dial_timeout,
+                        "idle-timeout" => a.idle_timeout,
+                        "access-log" => a.access_log,
+                        "access-log-format" => a.access_log_format,
+                        _ => a.user,
+                    };
+                    assert_eq!(got.as_deref(), Some("V"), "{argv:?}");
+                }
+            }
+        }
+        for name in ["json", "foreground", "no-user-switch", "allow-any-subnet"] {
+            for form in [
+                format!("-{name}"),
+                format!("--{name}"),
+                format!("-{name}=true"),
+                format!("--{name}=1"),
+            ] {
+                let a = p(&["pilot-gateway", &form, "start"]).unwrap();
+                let got = match name {
+                    "json" => a.json,
+                    "foreground" => a.foreground,
+                    "no-user-switch" => a.no_user_switch,
+                    _ => a.allow_any_subnet,
+                };
+                assert!(got, "{form}");
+            }
+            let a = p(&["pilot-gateway", &format!("-{name}=false"), "start"]).unwrap();
+            assert!(
+                !(a.json || a.foreground || a.no_user_switch || a.allow_any_subnet),
+                "{name}=false"
+            );
+        }
+    }
+
+    #[test]
     fn help_and_version() {
         assert_eq!(
             p(&["pilot-gateway", "--help"]).unwrap().command,
