@@ -41,15 +41,16 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::address::PilotAddr;
-use crate::ipc::{self, cmd, IpcError, Session};
+use crate::ipc::{self, cmd, FrameReader, IpcError};
 use crate::{debug, warn};
 
 /// Stack of each connection thread. The threads keep their buffers on the
 /// heap and never recurse, so a small stack is plenty; it keeps thousands
 /// of connections cheap in address space.
 pub const THREAD_STACK: usize = 128 * 1024;
-/// client→agent read size (plus the 9-byte Send header in front).
-pub const UP_BUFFER: usize = 64 * 1024;
+/// client→agent read size. With the 9-byte Send header in front, a full
+/// frame is exactly 64 KiB, which fits a reader's buffer of that size whole.
+pub const UP_BUFFER: usize = 256 * 1024 - ipc::DATA_HEADER;
 /// agent→client session read buffer: many 4 KiB Recv frames per read.
 pub const DOWN_BUFFER: usize = 64 * 1024;
 /// Most Recv payloads gathered into one `writev`.
@@ -246,6 +247,19 @@ impl Conn {
     }
 }
 
+/// Hands freed heap memory back to the system once the last connection
+/// has ended. glibc keeps what thousands of connection threads freed in
+/// its per-thread arenas; without this, RSS after a burst stays near its
+/// peak. Rare (only when idle) and cheap then. Other C libraries return
+/// memory on their own or offer no such call.
+fn release_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// SO_LINGER with a zero timeout: `close` then sends RST instead of FIN,
 /// telling the client the stream did not end normally.
 fn set_linger_zero(tcp: &TcpStream) {
@@ -293,7 +307,9 @@ impl Drop for Finish {
             self.table.done_down.fetch_add(c.down.load(Relaxed), Relaxed);
             live.remove(&c.id);
         }
-        self.hub.active.fetch_sub(1, Relaxed);
+        if self.hub.active.fetch_sub(1, Relaxed) == 1 {
+            release_memory();
+        }
         let outcome = c.outcome.get().cloned().unwrap_or(Outcome::Ok);
         if outcome == Outcome::IdleTimeout {
             self.table.idle_timeouts.fetch_add(1, Relaxed);
@@ -509,8 +525,8 @@ fn dial_then_relay(finish: Arc<Finish>) {
     let limits = &finish.hub.limits;
     let _ = c.tcp.set_nodelay(true);
     let port = c.local.port();
-    let session = match dial(&c, port, limits.dial_timeout) {
-        Ok(s) => s,
+    let reader = match dial(&c, port, limits.dial_timeout) {
+        Ok(r) => r,
         Err(_) if c.outcome.get().is_some() => return, // torn down by unmap or stop
         Err(why) => {
             finish.table.dial_failures.fetch_add(1, Relaxed);
@@ -524,13 +540,14 @@ fn dial_then_relay(finish: Arc<Finish>) {
         c.id, c.client, c.pilot
     );
     c.touch();
-    let (reader, writer) = session.into_parts();
     let _ = c.tcp.set_read_timeout(Some(limits.idle_timeout));
     let _ = c.tcp.set_write_timeout(Some(limits.idle_timeout));
     // The agent→client thread wakes at least this often to apply the
     // shorter half-closed limit once the client has stopped sending.
-    let _ = writer.set_read_timeout(Some(limits.idle_timeout.min(HALF_CLOSED_IDLE)));
-    let _ = writer.set_write_timeout(Some(limits.idle_timeout));
+    let _ = c
+        .ipc
+        .set_read_timeout(Some(limits.idle_timeout.min(HALF_CLOSED_IDLE)));
+    let _ = c.ipc.set_write_timeout(Some(limits.idle_timeout));
     let down = {
         let (c2, idle) = (c.clone(), limits.idle_timeout);
         let finish2 = finish.clone();
@@ -549,26 +566,47 @@ fn dial_then_relay(finish: Arc<Finish>) {
             return;
         }
     };
-    client_to_agent(&c, writer, limits.idle_timeout);
+    client_to_agent(&c, limits.idle_timeout);
     c.client_done.store(true, Relaxed);
     down.thread().unpark();
     drop(finish);
 }
 
-/// Opens the pilot stream, with the dial bounded by `timeout`.
-fn dial(c: &Conn, port: u16, timeout: Duration) -> Result<Session, String> {
-    let mut s =
-        Session::from_stream(c.ipc.try_clone().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-    let _ = s.set_timeout(Some(timeout));
-    match s.dial(c.pilot, port) {
+/// Reads a connection's IPC session through the connection's own handle,
+/// so one descriptor serves the dial, both threads and the final Close
+/// (three would be needed with separate reader and writer clones, and the
+/// descriptor limit caps concurrent connections).
+pub struct IpcRead(Arc<Conn>);
+
+impl Read for IpcRead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&self.0.ipc).read(buf)
+    }
+}
+
+/// Opens the pilot stream, with the dial bounded by `timeout`. Returns the
+/// session's reader, which the agent→client thread takes over (with any
+/// Recv frames that arrived right behind the DialOK).
+fn dial(c: &Arc<Conn>, port: u16, timeout: Duration) -> Result<FrameReader<IpcRead>, String> {
+    let _ = c.ipc.set_read_timeout(Some(timeout));
+    let _ = c.ipc.set_write_timeout(Some(timeout));
+    let mut reader = FrameReader::new(IpcRead(c.clone()), DOWN_BUFFER);
+    let reply = (&c.ipc)
+        .write_all(&ipc::encode(
+            cmd::DIAL,
+            &[&c.pilot.to_wire(), &port.to_be_bytes()],
+        ))
+        .map_err(IpcError::from)
+        .and_then(|()| reader.read_frame())
+        .and_then(|(command, range)| ipc::dial_reply(command, &reader.buffer()[range]));
+    match reply {
         Ok(id) => {
             let _ = c.pilot_conn.set(id);
-            let _ = s.set_timeout(None);
-            Ok(s)
+            Ok(reader)
         }
         Err(e) if e.is_timeout() => {
             // Tell newer daemons to stop retrying now rather than in ~30 s.
-            let _ = s.cancel();
+            let _ = (&c.ipc).write_all(&ipc::encode(cmd::CANCEL, &[]));
             Err(format!("no answer within --dial-timeout {}s (sent Cancel)", timeout.as_secs_f64()))
         }
         Err(e) if e.is_closed() => Err("the daemon closed the session without answering: newer daemons refuse \
@@ -580,7 +618,7 @@ fn dial(c: &Conn, port: u16, timeout: Duration) -> Result<Session, String> {
 }
 
 /// Copies client→agent until the client stops sending or something fails.
-fn client_to_agent(c: &Conn, mut ipc: UnixStream, idle: Duration) {
+fn client_to_agent(c: &Conn, idle: Duration) {
     let Some(&id) = c.pilot_conn.get() else { return };
     let mut buf = vec![0u8; ipc::DATA_HEADER + UP_BUFFER];
     let mut tcp = &c.tcp;
@@ -596,7 +634,7 @@ fn client_to_agent(c: &Conn, mut ipc: UnixStream, idle: Duration) {
                     return;
                 }
                 ipc::put_send_header(&mut buf, id, n);
-                if let Err(e) = ipc.write_all(&buf[..ipc::DATA_HEADER + n]) {
+                if let Err(e) = (&c.ipc).write_all(&buf[..ipc::DATA_HEADER + n]) {
                     c.fail(Outcome::Reset(format!("writing to the daemon: {e}")));
                     return;
                 }
@@ -634,7 +672,7 @@ fn is_timeout(e: &io::Error) -> bool {
 }
 
 /// Copies agent→client until the agent closes or something fails.
-fn agent_to_client(c: &Conn, mut reader: ipc::FrameReader<UnixStream>, idle: Duration) {
+fn agent_to_client(c: &Conn, mut reader: FrameReader<IpcRead>, idle: Duration) {
     let Some(&id) = c.pilot_conn.get() else { return };
     let mut ranges: [std::ops::Range<usize>; MAX_IOVECS] = std::array::from_fn(|_| 0..0);
     loop {
@@ -718,7 +756,7 @@ fn agent_to_client(c: &Conn, mut reader: ipc::FrameReader<UnixStream>, idle: Dur
                 match c.idle_left(limit) {
                     Some(left) => {
                         let next = left.min(HALF_CLOSED_IDLE).max(Duration::from_millis(10));
-                        let _ = reader.get_ref().set_read_timeout(Some(next));
+                        let _ = c.ipc.set_read_timeout(Some(next));
                     }
                     None => {
                         c.fail(Outcome::IdleTimeout);

@@ -367,16 +367,9 @@ impl Session {
 
     /// Opens a stream to `port` of `addr`; returns the connection id.
     pub fn dial(&mut self, addr: PilotAddr, port: u16) -> Result<u32, IpcError> {
-        let reply = self.request(
-            cmd::DIAL,
-            &[&addr.to_wire(), &port.to_be_bytes()],
-            cmd::DIAL_OK,
-            "DialOK",
-        )?;
-        be_u32(&reply).ok_or(IpcError::Short {
-            cmd: cmd::DIAL_OK,
-            len: reply.len(),
-        })
+        self.send(cmd::DIAL, &[&addr.to_wire(), &port.to_be_bytes()])?;
+        let (command, range) = self.reader.read_frame()?;
+        dial_reply(command, &self.reader.buffer()[range])
     }
 
     /// Abandons this session's pending dials (newer daemons; older ones
@@ -423,6 +416,22 @@ impl Session {
     /// anything it already read) and a write handle.
     pub fn into_parts(self) -> (FrameReader<UnixStream>, UnixStream) {
         (self.reader, self.writer)
+    }
+}
+
+/// Reads the daemon's answer to a Dial: DialOK's connection id, or the
+/// Error frame's text.
+pub fn dial_reply(command: u8, payload: &[u8]) -> Result<u32, IpcError> {
+    match command {
+        cmd::DIAL_OK => be_u32(payload).ok_or(IpcError::Short {
+            cmd: cmd::DIAL_OK,
+            len: payload.len(),
+        }),
+        cmd::ERROR => Err(IpcError::Daemon(error_text(payload))),
+        c => Err(IpcError::Unexpected {
+            cmd: c,
+            wanted: "DialOK",
+        }),
     }
 }
 

@@ -166,7 +166,7 @@ fn fifty_parallel_maps() {
         .map(|i| {
             let (socket, state) = (socket.clone(), state.clone());
             thread::spawn(move || {
-                let gw = Gw { state, socket };
+                let gw = Gw::handle(state, socket);
                 let addr = format!("0:0000.0001.{:04X}", i);
                 data(&gw.ok(&["--json", "map", &addr]))
                     .get("local_ip")

@@ -311,7 +311,7 @@ fn control_storms_lose_nothing_and_spare_live_traffic() {
         .map(|w| {
             let (state, socket) = (gw.state.clone(), gw.socket.clone());
             thread::spawn(move || {
-                let gw = Gw { state, socket };
+                let gw = Gw::handle(state, socket);
                 let mut mine = Vec::new();
                 for i in 0..6u32 {
                     let addr = format!("0:0000.00{:02X}.{i:04X}", w + 1);

@@ -171,11 +171,7 @@ fn the_state_directory_cannot_be_subverted() {
     assert!(e.contains("owned by uid 65533") && e.contains("refusing"), "{e}");
     // Files it creates are 0600 in a 0700 directory.
     let ok = dir.path("ok");
-    let p = Gw::new(&dir, &devd.socket);
-    let gw = Gw {
-        state: ok.clone(),
-        ..p
-    };
+    let gw = Gw::handle(ok.clone(), devd.socket.clone());
     let _g = gw.foreground(&dir, &["--ports", "8080", A4]);
     for f in ["state.json", "lock"] {
         let mode = std::fs::metadata(ok.join(f)).unwrap().permissions();

@@ -171,10 +171,13 @@ impl Devd {
     }
 }
 
-/// Runs `pilot-gateway` with this test's state directory and socket.
+/// Runs `pilot-gateway` with this test's state directory and socket. The
+/// owner (made by `new`) stops any background gateway it left running
+/// when dropped, so a failing test leaves no process behind.
 pub struct Gw {
     pub state: PathBuf,
     pub socket: PathBuf,
+    owner: bool,
 }
 
 impl Gw {
@@ -182,6 +185,17 @@ impl Gw {
         Gw {
             state: dir.path("state"),
             socket: socket.to_path_buf(),
+            owner: true,
+        }
+    }
+
+    /// Another handle on the same gateway (for worker threads); it does
+    /// not stop the gateway when dropped.
+    pub fn handle(state: PathBuf, socket: PathBuf) -> Gw {
+        Gw {
+            state,
+            socket,
+            owner: false,
         }
     }
 
@@ -244,6 +258,14 @@ impl Gw {
     /// Stops a background gateway if one runs (for cleanup).
     pub fn stop_quietly(&self) {
         let _ = self.run(&["stop"]);
+    }
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        if self.owner && self.state.join("state.json").exists() {
+            let _ = self.cmd().arg("stop").output();
+        }
     }
 }
 

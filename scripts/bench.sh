@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# make bench: measure pilot-gateway against direct, pilot-devd and socat
+# paths in one run, inside a private network namespace. Needs root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${PGW_BENCH_INSIDE:-}" ]; then
+    if ! command -v socat >/dev/null; then
+        apt-get install -y -qq socat >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq socat >/dev/null; }
+    fi
+    cargo build --release --quiet --bins --example bench
+    exec env PGW_BENCH_INSIDE=1 unshare --net bash "$0"
+fi
+ip link set lo up
+ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+exec target/release/examples/bench
