@@ -4,7 +4,7 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 TARGET ?= $(shell rustc -vV | sed -n 's/^host: //p')
 
-.PHONY: build test lint unit demo static bench fuzz clean install uninstall install-pilotctl-link
+.PHONY: build test lint demo static bench fuzz clean install uninstall install-pilotctl-link
 
 build:
 	$(CARGO) build --release
@@ -41,6 +41,30 @@ fuzz:
 # Side-by-side measurements (network namespace; installs socat). See README.
 bench:
 	bash scripts/bench.sh
+
+# Installation, honouring PREFIX and DESTDIR. `uninstall` removes exactly
+# what `install` (and `install-pilotctl-link`) put there.
+BINDIR := $(PREFIX)/bin
+MANDIR := $(PREFIX)/share/man/man8
+UNITDIR := $(PREFIX)/lib/systemd/system
+GATEWAY_BIN ?= target/release/pilot-gateway
+
+install: build
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR) $(DESTDIR)$(UNITDIR)
+	install -m 0755 $(GATEWAY_BIN) $(DESTDIR)$(BINDIR)/pilot-gateway
+	install -m 0644 doc/pilot-gateway.8 $(DESTDIR)$(MANDIR)/pilot-gateway.8
+	sed 's|@BINDIR@|$(BINDIR)|g' dist/pilot-gateway.service > $(DESTDIR)$(UNITDIR)/pilot-gateway.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/pilot-gateway.service
+
+# A `pilotctl` link for scripts that call `pilotctl gateway …` (only on request:
+# it would shadow a real pilotctl).
+install-pilotctl-link:
+	install -d $(DESTDIR)$(BINDIR)
+	ln -s pilot-gateway $(DESTDIR)$(BINDIR)/pilotctl
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/pilot-gateway $(DESTDIR)$(MANDIR)/pilot-gateway.8 $(DESTDIR)$(UNITDIR)/pilot-gateway.service
+	if [ "$$(readlink $(DESTDIR)$(BINDIR)/pilotctl 2>/dev/null)" = pilot-gateway ]; then rm -f $(DESTDIR)$(BINDIR)/pilotctl; fi
 
 clean:
 	$(CARGO) clean

@@ -626,6 +626,33 @@ mod tests {
     }
 
     #[test]
+    fn manual_and_help_cover_every_flag_and_command() {
+        let manual = include_str!("../doc/pilot-gateway.8");
+        let help = format!("{USAGE}{}", command_help("start").unwrap_or_default());
+        for flag in LONG_FLAGS {
+            let roff = format!("\\-\\-{}", flag.replace('-', "\\-"));
+            assert!(manual.contains(&roff), "manual lacks --{flag}");
+            assert!(help.contains(&format!("--{flag}")), "help lacks --{flag}");
+        }
+        for cmd in ["start", "run", "map", "unmap", "list", "status", "stop"] {
+            assert!(
+                manual.contains(&format!(".BR {cmd}")) || manual.contains(&format!(".B {cmd}")),
+                "manual lacks {cmd}"
+            );
+            assert!(command_help(cmd).is_some(), "no help for {cmd}");
+        }
+        for code in [
+            "invalid_argument",
+            "not_running",
+            "daemon_unreachable",
+            "subnet_exhausted",
+            "address_in_use",
+        ] {
+            assert!(manual.contains(code), "manual lacks {code}");
+        }
+    }
+
+    #[test]
     fn help_and_version() {
         assert_eq!(
             p(&["pilot-gateway", "--help"]).unwrap().command,
