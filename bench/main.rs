@@ -398,6 +398,11 @@ fn concurrency(env: &Env, gw_pid: u32, levels: &[u64]) -> (Level, Vec<Level>, Le
     while Instant::now() < deadline && proc_status(gw_pid, "Threads:") > base.threads {
         thread::sleep(Duration::from_millis(100));
     }
+    // The gateway returns freed memory every few seconds after a burst.
+    let deadline = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < deadline && proc_status(gw_pid, "VmRSS:") > base.rss_kib + 16 * 1024 {
+        thread::sleep(Duration::from_millis(200));
+    }
     let after = snap(0, errors);
     let fds_left = proc_fds(gw_pid).saturating_sub(fds_before);
     (base, out, after, fds_left)

@@ -48,11 +48,16 @@ use crate::{debug, warn};
 /// heap and never recurse, so a small stack is plenty; it keeps thousands
 /// of connections cheap in address space.
 pub const THREAD_STACK: usize = 128 * 1024;
-/// client→agent read size. With the 9-byte Send header in front, a full
-/// frame is exactly 64 KiB, which fits a reader's buffer of that size whole.
+/// Buffers start small, so thousands of idle connections stay cheap, and
+/// double (up to the limit) whenever one read fills them, so a busy
+/// connection soon moves data in large gulps with few syscalls. Sizes
+/// chosen with `make bench` (see README).
+pub const BUFFER_START: usize = 16 * 1024;
+/// client→agent limit: one read, plus the 9-byte Send header in front, is
+/// one Send frame of at most 256 KiB (the daemon accepts up to 1 MiB).
 pub const UP_BUFFER: usize = 256 * 1024 - ipc::DATA_HEADER;
-/// agent→client session read buffer: many 4 KiB Recv frames per read.
-pub const DOWN_BUFFER: usize = 64 * 1024;
+/// agent→client limit: dozens of 4 KiB Recv frames per read.
+pub const DOWN_BUFFER: usize = 256 * 1024;
 /// Most Recv payloads gathered into one `writev`.
 const MAX_IOVECS: usize = 64;
 /// How long a client may keep its side open after the agent has closed.
@@ -80,6 +85,8 @@ pub struct Hub {
     pub active: AtomicUsize,
     /// Connections refused because of `--max-conns`.
     pub refused: AtomicU64,
+    /// Connections that have ended (for deciding when to return memory).
+    pub finished: AtomicU64,
     next_id: AtomicU64,
     pub access: Option<crate::access::AccessLog>,
 }
@@ -90,6 +97,7 @@ impl Hub {
             limits,
             active: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             access,
         })
@@ -247,12 +255,12 @@ impl Conn {
     }
 }
 
-/// Hands freed heap memory back to the system once the last connection
-/// has ended. glibc keeps what thousands of connection threads freed in
-/// its per-thread arenas; without this, RSS after a burst stays near its
-/// peak. Rare (only when idle) and cheap then. Other C libraries return
-/// memory on their own or offer no such call.
-fn release_memory() {
+/// Hands freed heap memory back to the system. glibc keeps what thousands
+/// of connection threads freed in its per-thread arenas; without this, RSS
+/// after a burst stays near its peak. The gateway's main thread calls it
+/// now and then after many connections have ended. Other C libraries
+/// return memory on their own or offer no such call.
+pub fn release_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {
@@ -307,9 +315,8 @@ impl Drop for Finish {
             self.table.done_down.fetch_add(c.down.load(Relaxed), Relaxed);
             live.remove(&c.id);
         }
-        if self.hub.active.fetch_sub(1, Relaxed) == 1 {
-            release_memory();
-        }
+        self.hub.active.fetch_sub(1, Relaxed);
+        self.hub.finished.fetch_add(1, Relaxed);
         let outcome = c.outcome.get().cloned().unwrap_or(Outcome::Ok);
         if outcome == Outcome::IdleTimeout {
             self.table.idle_timeouts.fetch_add(1, Relaxed);
@@ -404,6 +411,8 @@ fn accept_loop(
     hub: &Arc<Hub>,
     table: &Arc<Table>,
 ) {
+    // Every connection arrives at the address we bound.
+    let Ok(local) = socket.local_addr() else { return };
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = socket.accept();
@@ -440,13 +449,6 @@ fn accept_loop(
             reset(tcp);
             continue;
         }
-        let local = match tcp.local_addr() {
-            Ok(a) => a,
-            Err(_) => {
-                hub.active.fetch_sub(1, Relaxed);
-                continue;
-            }
-        };
         start_conn(tcp, client, local, pilot, hub, table);
     }
 }
@@ -508,7 +510,6 @@ fn start_conn(
         table: table.clone(),
     });
     let spawned = thread::Builder::new()
-        .name(format!("conn {}", conn.id))
         .stack_size(THREAD_STACK)
         .spawn(move || dial_then_relay(finish));
     if let Err(e) = spawned {
@@ -551,13 +552,10 @@ fn dial_then_relay(finish: Arc<Finish>) {
     let down = {
         let (c2, idle) = (c.clone(), limits.idle_timeout);
         let finish2 = finish.clone();
-        thread::Builder::new()
-            .name(format!("conn {} down", c.id))
-            .stack_size(THREAD_STACK)
-            .spawn(move || {
-                agent_to_client(&c2, reader, idle);
-                drop(finish2);
-            })
+        thread::Builder::new().stack_size(THREAD_STACK).spawn(move || {
+            agent_to_client(&c2, reader, idle);
+            drop(finish2);
+        })
     };
     let down = match down {
         Ok(t) => t,
@@ -590,7 +588,7 @@ impl Read for IpcRead {
 fn dial(c: &Arc<Conn>, port: u16, timeout: Duration) -> Result<FrameReader<IpcRead>, String> {
     let _ = c.ipc.set_read_timeout(Some(timeout));
     let _ = c.ipc.set_write_timeout(Some(timeout));
-    let mut reader = FrameReader::new(IpcRead(c.clone()), DOWN_BUFFER);
+    let mut reader = FrameReader::growing(IpcRead(c.clone()), BUFFER_START, DOWN_BUFFER);
     let reply = (&c.ipc)
         .write_all(&ipc::encode(
             cmd::DIAL,
@@ -620,7 +618,7 @@ fn dial(c: &Arc<Conn>, port: u16, timeout: Duration) -> Result<FrameReader<IpcRe
 /// Copies client→agent until the client stops sending or something fails.
 fn client_to_agent(c: &Conn, idle: Duration) {
     let Some(&id) = c.pilot_conn.get() else { return };
-    let mut buf = vec![0u8; ipc::DATA_HEADER + UP_BUFFER];
+    let mut buf = vec![0u8; ipc::DATA_HEADER + BUFFER_START];
     let mut tcp = &c.tcp;
     loop {
         match tcp.read(&mut buf[ipc::DATA_HEADER..]) {
@@ -640,6 +638,9 @@ fn client_to_agent(c: &Conn, idle: Duration) {
                 }
                 c.up.fetch_add(n as u64, Relaxed);
                 c.touch();
+                if ipc::DATA_HEADER + n == buf.len() && n < UP_BUFFER {
+                    buf.resize((buf.len() * 2).min(ipc::DATA_HEADER + UP_BUFFER), 0);
+                }
             }
             Err(e) if is_timeout(&e) => {
                 if c.agent_closed.load(Relaxed) || c.outcome.get().is_some() {

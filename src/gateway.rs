@@ -457,8 +457,17 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         socket: cfg.socket,
     });
 
+    let (mut trimmed_at, mut last_seen) = (0, 0);
     loop {
-        for sig in signals.wait(Duration::from_secs(60)) {
+        // Once a burst of connections is over (no connection ended for a
+        // whole wait), give the memory they freed back to the system.
+        let finished = gw.hub.finished.load(Relaxed);
+        if finished == last_seen && finished - trimmed_at >= 256 {
+            crate::bridge::release_memory();
+            trimmed_at = finished;
+        }
+        last_seen = finished;
+        for sig in signals.wait(Duration::from_secs(5)) {
             match sig {
                 libc::SIGHUP => gw.apply(),
                 libc::SIGUSR2 => gw.write_stats(),

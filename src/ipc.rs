@@ -197,17 +197,27 @@ pub struct FrameReader<R> {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    base_cap: usize,
+    /// The size the buffer may grow to for throughput; beyond it only to
+    /// hold one large frame, and back down once that frame is consumed.
+    limit: usize,
 }
 
 impl<R: Read> FrameReader<R> {
+    /// A reader with a fixed buffer of `capacity` bytes.
     pub fn new(inner: R, capacity: usize) -> FrameReader<R> {
+        FrameReader::growing(inner, capacity, capacity)
+    }
+
+    /// A reader that starts with `initial` bytes and doubles its buffer,
+    /// up to `limit`, whenever one read fills it: an idle connection stays
+    /// small, a busy one soon reads in large gulps.
+    pub fn growing(inner: R, initial: usize, limit: usize) -> FrameReader<R> {
         FrameReader {
             inner,
-            buf: vec![0; capacity],
+            buf: vec![0; initial.max(8)],
             start: 0,
             end: 0,
-            base_cap: capacity,
+            limit: limit.max(initial.max(8)),
         }
     }
 
@@ -240,14 +250,15 @@ impl<R: Read> FrameReader<R> {
     }
 
     /// Reads more bytes from the socket. Invalidates earlier ranges: it
-    /// moves a partial frame to the front, and grows the buffer only when
-    /// one frame is larger than it (then shrinks back once that is done).
+    /// moves a partial frame to the front, grows the buffer when one frame
+    /// is larger than it (and shrinks back to the limit once that frame is
+    /// done), and doubles it up to the limit after a read that filled it.
     pub fn fill(&mut self) -> Result<(), IpcError> {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
-            if self.buf.len() > self.base_cap {
-                self.buf.truncate(self.base_cap);
+            if self.buf.len() > self.limit {
+                self.buf.truncate(self.limit);
                 self.buf.shrink_to_fit();
             }
         } else if self.end == self.buf.len() {
@@ -269,6 +280,10 @@ impl<R: Read> FrameReader<R> {
                 Ok(0) => return Err(IpcError::Truncated),
                 Ok(n) => {
                     self.end += n;
+                    if self.end == self.buf.len() && self.buf.len() < self.limit {
+                        let grown = (self.buf.len() * 2).min(self.limit);
+                        self.buf.resize(grown, 0);
+                    }
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -529,6 +544,24 @@ mod tests {
         assert_eq!(c, cmd::CLOSE_OK);
         assert!(matches!(r.read_frame(), Err(IpcError::Closed)));
         assert!(r.buffer().len() <= 64, "buffer shrinks back");
+    }
+
+    #[test]
+    fn reader_grows_when_busy_up_to_its_limit() {
+        let frames: Vec<u8> = (0..64)
+            .flat_map(|_| encode(cmd::RECV, &[&1u32.to_be_bytes(), &[9u8; 4096]]))
+            .collect();
+        let mut r = FrameReader::growing(&frames[..], 1024, 16 * 1024);
+        assert_eq!(r.buffer().len(), 1024);
+        for _ in 0..64 {
+            let (c, range) = r.read_frame().unwrap();
+            assert_eq!((c, range.len()), (cmd::RECV, 4100));
+        }
+        assert_eq!(r.buffer().len(), 16 * 1024, "grew to the limit, no further");
+        let close = encode(cmd::CLOSE_OK, &[&1u32.to_be_bytes()]);
+        let mut idle = FrameReader::growing(&close[..], 1024, 16 * 1024);
+        idle.read_frame().unwrap();
+        assert_eq!(idle.buffer().len(), 1024, "a reader that never fills stays small");
     }
 
     #[test]
