@@ -12,9 +12,7 @@ use common::*;
 use pilot_gateway::json::{self, Value};
 
 fn data(stdout: &str) -> Value {
-    let v = json::parse(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
-    assert_eq!(v.get("status").and_then(Value::as_str), Some("ok"), "{stdout}");
-    v.get("data").cloned().unwrap()
+    ok_data(stdout)
 }
 
 /// Runs a command that must fail; returns (exit status, stderr JSON).
@@ -41,15 +39,6 @@ fn code(v: &Value) -> &str {
 
 fn msg(v: &Value) -> &str {
     v.get("message").and_then(Value::as_str).unwrap_or("")
-}
-
-fn state_pid(gw: &Gw) -> u32 {
-    let text = std::fs::read_to_string(gw.state.join("state.json")).unwrap();
-    json::parse(&text)
-        .unwrap()
-        .get("pid")
-        .and_then(Value::as_u64)
-        .unwrap() as u32
 }
 
 fn alive(pid: u32) -> bool {
@@ -84,7 +73,7 @@ fn full_lifecycle() {
     netns();
     let dir = TempDir::new("lifecycle");
     let (_devd, gw, _svc) = background(&dir, &["--json", A4]);
-    let pid = state_pid(&gw);
+    let pid = gw.pid();
     assert!(alive(pid));
     assert!(has_alias("10.4.0.1"));
 
@@ -197,7 +186,7 @@ fn a_killed_gateway_is_noticed_and_cleaned_up() {
     netns();
     let dir = TempDir::new("killed");
     let (_devd, gw, _svc) = background(&dir, &[A4, A5]);
-    let pid = state_pid(&gw);
+    let pid = gw.pid();
     // SAFETY: killing the gateway we started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     assert!(wait_until(Duration::from_secs(5), || !alive(pid)));

@@ -22,8 +22,7 @@ fn routes() -> Vec<&'static str> {
 }
 
 fn status(gw: &Gw) -> Value {
-    let out = gw.ok(&["--json", "status"]);
-    json::parse(out.trim()).unwrap().get("data").cloned().unwrap()
+    gw.data(&["status"])
 }
 
 fn n(v: &Value, k: &str) -> u64 {
@@ -251,11 +250,7 @@ fn sigkill_under_load_then_start_cleans_up_and_serves() {
     let devd = Devd::start(&dir, &routes());
     let gw = Gw::new(&dir, &devd.socket);
     gw.ok(&["start", "--ports", "9000", A4, A5]);
-    let pid = json::parse(&std::fs::read_to_string(gw.state.join("state.json")).unwrap())
-        .unwrap()
-        .get("pid")
-        .and_then(Value::as_u64)
-        .unwrap() as i32;
+    let pid = gw.pid() as i32;
     let load: Vec<_> = (0..4)
         .map(|_| {
             thread::spawn(|| {
@@ -280,8 +275,7 @@ fn sigkill_under_load_then_start_cleans_up_and_serves() {
         l.join().unwrap();
     }
     assert!(has_alias("10.4.0.2"), "left behind by SIGKILL");
-    let out = gw.ok(&["--json", "start", "--ports", "9000", A5]);
-    let data = json::parse(out.trim()).unwrap().get("data").cloned().unwrap();
+    let data = gw.data(&["start", "--ports", "9000", A5]);
     assert_eq!(
         data.get("cleaned").and_then(Value::as_array).map(<[Value]>::len),
         Some(2),

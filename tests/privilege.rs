@@ -54,15 +54,6 @@ fn field<'a>(status: &'a str, name: &str) -> &'a str {
         .unwrap_or("")
 }
 
-fn state_pid(gw: &Gw) -> u32 {
-    let text = std::fs::read_to_string(gw.state.join("state.json")).unwrap();
-    json::parse(&text)
-        .unwrap()
-        .get("pid")
-        .and_then(Value::as_u64)
-        .unwrap() as u32
-}
-
 fn check_switched(dir: &TempDir, socket: &std::path::Path, start_extra: &[&str]) {
     let _svc = Service::start(8080, http);
     let gw = Gw::new(dir, socket);
@@ -77,7 +68,7 @@ fn check_switched(dir: &TempDir, socket: &std::path::Path, start_extra: &[&str])
         data.get("capabilities").unwrap().to_string(),
         r#"["cap_net_admin","cap_net_bind_service"]"#
     );
-    let pid = state_pid(&gw);
+    let pid = gw.pid();
     let st = proc_status(pid);
     assert!(field(&st, "Uid:").starts_with("65534"), "{st}");
     assert_eq!(field(&st, "Groups:"), "", "supplementary groups dropped");

@@ -255,6 +255,20 @@ impl Gw {
         p
     }
 
+    /// Runs `--json ARGS`, which must succeed; returns the `data` object.
+    pub fn data(&self, args: &[&str]) -> pilot_gateway::json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        ok_data(&self.ok(&a))
+    }
+
+    /// The pid the state file records for the running gateway.
+    pub fn pid(&self) -> u32 {
+        let text = std::fs::read_to_string(self.state.join("state.json")).unwrap();
+        let v = pilot_gateway::json::parse(&text).unwrap();
+        v.get("pid").and_then(pilot_gateway::json::Value::as_u64).unwrap() as u32
+    }
+
     /// Stops a background gateway if one runs (for cleanup).
     pub fn stop_quietly(&self) {
         let _ = self.run(&["stop"]);
@@ -267,6 +281,14 @@ impl Drop for Gw {
             let _ = self.cmd().arg("stop").output();
         }
     }
+}
+
+/// The `data` of a `{"status":"ok","data":…}` reply.
+pub fn ok_data(stdout: &str) -> pilot_gateway::json::Value {
+    use pilot_gateway::json::{self, Value};
+    let v = json::parse(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
+    assert_eq!(v.get("status").and_then(Value::as_str), Some("ok"), "{stdout}");
+    v.get("data").cloned().unwrap()
 }
 
 /// A service thread pool on 127.0.0.1: `handler` runs per connection.
