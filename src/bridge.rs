@@ -11,7 +11,8 @@
 //!    fails or `--dial-timeout` passes (then Cancel is sent), the client is
 //!    reset and the daemon's reason logged.
 //! 3. That thread spawns the agent→client thread and itself copies
-//!    client→agent: two threads per connection, fixed buffers, no queue.
+//!    client→agent: two threads per connection, bounded buffers (16 KiB,
+//!    doubling up to 256 KiB while busy), no queue.
 //!    - client→agent: `read` into `buf[9..]`, write the Send header into
 //!      `buf[..9]`, one `write` of the whole frame.
 //!    - agent→client: Recv frames are parsed in the session's read buffer
