@@ -590,7 +590,6 @@ fn established(d: &Daemon, c: &Arc<Client>, addr: PilotAddr, port: u16, tcp: Tcp
     if d.cfg.verbose {
         say!("dial {addr}:{port} ok: connection {id}");
     }
-    let mut frame = vec![0u8; ipc::DATA_HEADER + RECV_CHUNK];
     match d.cfg.misbehaviour(addr) {
         Some(Misbehave::ShortDialOk) => {
             c.send(&ipc::encode(cmd::DIAL_OK, &[&id.to_be_bytes()[..2]]));
@@ -598,7 +597,7 @@ fn established(d: &Daemon, c: &Arc<Client>, addr: PilotAddr, port: u16, tcp: Tcp
         }
         Some(m) => {
             c.send(&ipc::encode(cmd::DIAL_OK, &[&id.to_be_bytes()]));
-            misbehave(c, m, id, &mut frame);
+            misbehave(c, m, id);
             return;
         }
         None => {
@@ -635,7 +634,7 @@ fn established(d: &Daemon, c: &Arc<Client>, addr: PilotAddr, port: u16, tcp: Tcp
     }
 }
 
-fn misbehave(c: &Client, m: Misbehave, id: u32, frame: &mut [u8]) {
+fn misbehave(c: &Client, m: Misbehave, id: u32) {
     match m {
         Misbehave::Oversize => {
             c.send(&(2u32 << 20).to_be_bytes());
@@ -656,12 +655,9 @@ fn misbehave(c: &Client, m: Misbehave, id: u32, frame: &mut [u8]) {
             ));
         }
         Misbehave::Flood => {
-            let n = RECV_CHUNK;
-            frame[..4].copy_from_slice(&((n + 5) as u32).to_be_bytes());
-            frame[4] = cmd::RECV;
-            frame[5..9].copy_from_slice(&id.to_be_bytes());
+            let frame = ipc::encode(cmd::RECV, &[&id.to_be_bytes(), &[0u8; RECV_CHUNK]]);
             // Ends when the client stops reading for 10 s or goes away.
-            while c.send(&frame[..ipc::DATA_HEADER + n]) {}
+            while c.send(&frame) {}
         }
         Misbehave::ShortDialOk => {}
     }
