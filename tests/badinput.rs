@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 use pilot_gateway::json::{self, Value};
 
@@ -133,28 +131,14 @@ fn unprivileged_users_get_permission_errors_with_hints() {
     std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     // Daemon and gateway both run as nobody: talking works, privilege does not.
     let sock = dir.path("devd.sock");
-    let mut c = Command::new("setpriv");
-    c.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        DEVD,
-        "--socket",
-    ])
-    .arg(&sock);
+    let mut c = as_nobody(DEVD);
+    c.args(["--socket"]).arg(&sock);
     c.args(["--route", "0:0000.0000.0004=127.0.0.1"]);
     let _devd = Proc::spawn(&mut c, dir.path("devd.log"));
     assert!(wait_until(std::time::Duration::from_secs(10), || sock.exists()));
-    let as_nobody = |args: &[&str]| {
-        let out = Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                GATEWAY,
-                "--json",
-                "--socket",
-            ])
+    let start_as_nobody = |args: &[&str]| {
+        let out = as_nobody(GATEWAY)
+            .args(["--json", "--socket"])
             .arg(&sock)
             .arg("--state-dir")
             .arg(dir.path("nobody-state"))
@@ -165,7 +149,7 @@ fn unprivileged_users_get_permission_errors_with_hints() {
         let v = json::parse(String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")).unwrap();
         (out.status.code(), v)
     };
-    let (status, v) = as_nobody(&["--ports", "8080", A4]);
+    let (status, v) = start_as_nobody(&["--ports", "8080", A4]);
     assert_eq!(status, Some(1));
     assert_eq!(
         v.get("code").and_then(Value::as_str),
@@ -180,7 +164,7 @@ fn unprivileged_users_get_permission_errors_with_hints() {
         "{v}"
     );
     // Inside 127/8 no alias is needed, but port 80 still needs privilege.
-    let (status, v) = as_nobody(&["--subnet", "127.77.0.0/16", "--ports", "80", A4]);
+    let (status, v) = start_as_nobody(&["--subnet", "127.77.0.0/16", "--ports", "80", A4]);
     assert_eq!(status, Some(1));
     assert_eq!(
         v.get("code").and_then(Value::as_str),

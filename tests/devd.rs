@@ -261,16 +261,8 @@ fn other_uids_are_refused_unless_any_uid() {
     std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let run_as_nobody = |extra: &[&str]| {
         let sock = dir.path(&format!("n{}.sock", extra.len()));
-        let mut c = std::process::Command::new("setpriv");
-        c.args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            DEVD,
-            "--socket",
-        ])
-        .arg(&sock)
-        .args(extra);
+        let mut c = as_nobody(DEVD);
+        c.args(["--socket"]).arg(&sock).args(extra);
         let p = Proc::spawn(&mut c, dir.path(&format!("n{}.log", extra.len())));
         assert!(wait_until(Duration::from_secs(10), || sock.exists()));
         (sock, p)

@@ -5,7 +5,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -21,17 +20,11 @@ fn devd_as_nobody(dir: &TempDir, extra: &[&str]) -> (PathBuf, Proc) {
     let socket = sockdir.join("devd.sock");
     // The temp dir itself must be traversable by nobody.
     std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let mut c = Command::new("setpriv");
-    c.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        DEVD,
-        "--socket",
-    ])
-    .arg(&socket)
-    .args(["--route", "0:0000.0000.0004=127.0.0.1"])
-    .args(extra);
+    let mut c = as_nobody(DEVD);
+    c.args(["--socket"])
+        .arg(&socket)
+        .args(["--route", "0:0000.0000.0004=127.0.0.1"])
+        .args(extra);
     let log = dir.path("devd.log");
     let p = Proc::spawn(&mut c, log);
     assert!(
@@ -81,14 +74,8 @@ fn check_switched(dir: &TempDir, socket: &std::path::Path, start_extra: &[&str])
     let _ = connect("10.4.0.1:80");
     // Root may steer it, and so may its user.
     assert!(gw.ok(&["map", A5]).contains("10.4.0.2"));
-    let as_nobody = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            GATEWAY,
-            "--state-dir",
-        ])
+    let as_nobody = as_nobody(GATEWAY)
+        .args(["--state-dir"])
         .arg(&gw.state)
         .args(["list"])
         .output()

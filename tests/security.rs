@@ -155,14 +155,8 @@ fn the_state_directory_cannot_be_subverted() {
     std::fs::create_dir(&theirs).unwrap();
     std::fs::set_permissions(&theirs, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     std::os::unix::fs::chown(&theirs, Some(65533), Some(65533)).unwrap();
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            GATEWAY,
-            "--state-dir",
-        ])
+    let out = as_nobody(GATEWAY)
+        .args(["--state-dir"])
         .arg(&theirs)
         .arg("list")
         .output()

@@ -48,6 +48,13 @@ pub fn run_ok(prog: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A command that runs `program` as nobody (uid and gid 65534, no groups).
+pub fn as_nobody(program: &str) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", program]);
+    c
+}
+
 /// Addresses on `lo`, as `ip -4 addr show dev lo` lists them.
 pub fn lo_addrs() -> String {
     run_ok("ip", &["-4", "addr", "show", "dev", "lo"])
