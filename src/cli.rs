@@ -19,8 +19,10 @@ use lexopt::prelude::*;
 use crate::error::{Error, Result};
 use crate::gateway::Target;
 
-/// Every long flag; Go-style `-flag` forms of these are accepted too.
-const LONG_FLAGS: &[&str] = &[
+/// Flags every command accepts (`--subnet` and `--ports` too: upstream's
+/// `map` is called with them). Go-style `-flag` forms of these and of
+/// [`START_FLAGS`] are accepted as well.
+const GLOBAL_FLAGS: &[&str] = &[
     "json",
     "socket",
     "state-dir",
@@ -29,15 +31,6 @@ const LONG_FLAGS: &[&str] = &[
     "log-format",
     "subnet",
     "ports",
-    "foreground",
-    "max-conns",
-    "dial-timeout",
-    "idle-timeout",
-    "access-log",
-    "access-log-format",
-    "user",
-    "no-user-switch",
-    "allow-any-subnet",
     "help",
     "version",
 ];
@@ -104,6 +97,10 @@ pub struct Args {
     given_start_flags: Vec<String>,
 }
 
+fn is_flag(name: &str) -> bool {
+    GLOBAL_FLAGS.contains(&name) || START_FLAGS.contains(&name)
+}
+
 /// Rewrites Go-style `-flag` / `-flag=value` to `--flag…` for known flags.
 fn normalize(args: Vec<OsString>) -> Vec<OsString> {
     let mut out = Vec::with_capacity(args.len());
@@ -113,7 +110,7 @@ fn normalize(args: Vec<OsString>) -> Vec<OsString> {
             && a.to_str().is_some_and(|s| {
                 s.starts_with('-')
                     && !s.starts_with("--")
-                    && LONG_FLAGS.contains(&s[1..].split('=').next().unwrap_or_default())
+                    && is_flag(s[1..].split('=').next().unwrap_or_default())
             });
         if a == "--" {
             done = true;
@@ -629,7 +626,7 @@ mod tests {
     fn manual_and_help_cover_every_flag_and_command() {
         let manual = include_str!("../doc/pilot-gateway.8");
         let help = format!("{USAGE}{}", command_help("start").unwrap_or_default());
-        for flag in LONG_FLAGS {
+        for flag in GLOBAL_FLAGS.iter().chain(START_FLAGS) {
             let roff = format!("\\-\\-{}", flag.replace('-', "\\-"));
             assert!(manual.contains(&roff), "manual lacks --{flag}");
             assert!(help.contains(&format!("--{flag}")), "help lacks --{flag}");
