@@ -16,7 +16,6 @@ pub mod bridge;
 pub mod cli;
 pub mod config;
 pub mod control;
-pub mod devd;
 pub mod error;
 pub mod gateway;
 pub mod ipc;

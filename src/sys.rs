@@ -171,6 +171,37 @@ pub fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// The uid of the process at the other end of a Unix stream socket
+/// (SO_PEERCRED on Linux, getpeereid elsewhere).
+pub fn peer_uid(s: &std::os::unix::net::UnixStream) -> Option<u32> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into a ucred of that size.
+        let r = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        (r == 0).then_some(cred.uid)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let (mut uid, mut gid) = (0, 0);
+        // SAFETY: getpeereid fills two ids.
+        (unsafe { libc::getpeereid(s.as_raw_fd(), &mut uid, &mut gid) } == 0).then_some(uid)
+    }
+}
+
 /// A user account from the password database.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct User {

@@ -1,12 +1,14 @@
 //! `pilot-devd`: a stand-in Pilot daemon for development and tests. See
-//! `pilot-devd --help` and `src/devd.rs`.
-#![deny(clippy::unwrap_used, clippy::expect_used)]
+//! `pilot-devd --help` and `daemon.rs` beside this file.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use std::time::Duration;
 
 use lexopt::prelude::*;
 use pilot_gateway::address::PilotAddr;
-use pilot_gateway::devd::{self, Config, Misbehave};
+mod daemon;
+
+use daemon::{Config, Misbehave};
 
 const HELP: &str = "\
 pilot-devd — a stand-in for the Pilot daemon's IPC socket (development and tests only)
@@ -117,7 +119,7 @@ fn main() {
             std::process::exit(0);
         }
     });
-    if let Err(e) = devd::serve(cfg) {
+    if let Err(e) = daemon::serve(cfg) {
         fail(format!("{e}"));
     }
 }

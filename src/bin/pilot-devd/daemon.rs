@@ -23,7 +23,6 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::Relaxed};
@@ -31,9 +30,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::address::PilotAddr;
-use crate::ipc::{self, cmd, FrameReader, IpcError};
-use crate::json::Value;
+use pilot_gateway::address::PilotAddr;
+use pilot_gateway::ipc::{self, cmd, FrameReader, IpcError};
+use pilot_gateway::json::Value;
+use pilot_gateway::sys;
 
 /// Largest data chunk per Recv frame, as the real daemon sends.
 pub const RECV_CHUNK: usize = 4096;
@@ -214,7 +214,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         next_conn: AtomicU32::new(1),
         started: Instant::now(),
         // SAFETY: geteuid cannot fail.
-        euid: unsafe { libc::geteuid() },
+        euid: sys::euid(),
     });
     for stream in listener.incoming() {
         let stream = match stream {
@@ -226,7 +226,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
             }
         };
         if !d.cfg.any_uid {
-            match peer_uid(&stream) {
+            match sys::peer_uid(&stream) {
                 Some(uid) if uid == d.euid => {}
                 uid => {
                     say!(
@@ -256,35 +256,6 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-fn peer_uid(s: &UnixStream) -> Option<u32> {
-    #[cfg(target_os = "linux")]
-    {
-        let mut cred = libc::ucred {
-            pid: 0,
-            uid: 0,
-            gid: 0,
-        };
-        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-        // SAFETY: getsockopt into a correctly sized ucred.
-        let r = unsafe {
-            libc::getsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                (&mut cred as *mut libc::ucred).cast(),
-                &mut len,
-            )
-        };
-        (r == 0).then_some(cred.uid)
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let (mut uid, mut gid) = (0, 0);
-        // SAFETY: getpeereid fills two ids.
-        (unsafe { libc::getpeereid(s.as_raw_fd(), &mut uid, &mut gid) } == 0).then_some(uid)
-    }
 }
 
 /// One client session. One descriptor serves reading and writing; the
