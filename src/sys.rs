@@ -1,6 +1,8 @@
 //! Thin, checked wrappers over the few POSIX calls the gateway needs
 //! beyond std: process identity, signals, file locks, users.
 
+pub mod sock_diag;
+
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
