@@ -4,7 +4,8 @@
 //! to a writer thread through a bounded queue with `try_send`. If the disk
 //! or pipe is slower than the traffic, lines are dropped and counted (the
 //! count is logged), never buffered without bound and never blocking.
-//! SIGUSR1 makes the writer reopen the file, for log rotation.
+//! SIGUSR1 makes the writer reopen the file, for log rotation. Callers
+//! hand it a plain [`Record`]; it knows nothing of the data path.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -16,13 +17,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::address::PilotAddr;
-use crate::bridge::{Conn, Outcome};
 use crate::json::Value;
 use crate::log::{rfc3339, Format};
 
 /// Lines queued for the writer at most.
 const QUEUE: usize = 4096;
+/// Stack of the writer thread: it only writes lines and never recurses.
+const WRITER_STACK: usize = 128 * 1024;
 
+/// The access log's handle: queue lines with [`AccessLog::write`].
 pub struct AccessLog {
     tx: SyncSender<String>,
     format: Format,
@@ -45,7 +48,7 @@ impl AccessLog {
         let r2 = reopen.clone();
         std::thread::Builder::new()
             .name("access log".into())
-            .stack_size(crate::bridge::THREAD_STACK)
+            .stack_size(WRITER_STACK)
             .spawn(move || writer(rx, target, file, &r2))?;
         Ok(AccessLog {
             tx,
@@ -68,28 +71,19 @@ impl AccessLog {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn line(
-        &self,
-        client: SocketAddr,
-        local: Option<SocketAddr>,
-        pilot: PilotAddr,
-        up: u64,
-        down: u64,
-        duration: Duration,
-        outcome: &str,
-        reason: &str,
-    ) {
+    /// Formats `r` and queues it for the writer; never blocks.
+    pub fn write(&self, r: &Record<'_>) {
         let time = rfc3339(SystemTime::now());
-        let local_ip = local.map_or_else(|| "-".to_string(), |a| a.ip().to_string());
-        let port = local.map_or(0, |a| a.port());
-        let ms = duration.as_secs_f64() * 1000.0;
+        let local_ip = r.local.map_or_else(|| "-".to_string(), |a| a.ip().to_string());
+        let port = r.local.map_or(0, |a| a.port());
+        let ms = r.duration.as_secs_f64() * 1000.0;
+        let (client, pilot, up, down, outcome) = (r.client, r.pilot, r.up, r.down, r.outcome);
         let line = match self.format {
             Format::Text => {
-                let reason = if reason.is_empty() {
+                let reason = if r.reason.is_empty() {
                     String::new()
                 } else {
-                    format!(" reason={reason:?}")
+                    format!(" reason={:?}", r.reason)
                 };
                 format!(
                     "{time} client={client} local={local_ip}:{port} pilot={pilot}:{port} up={up} down={down} duration_ms={ms:.1} outcome={outcome}{reason}\n"
@@ -107,52 +101,51 @@ impl AccessLog {
                     ("duration_ms", ((ms * 10.0).round() / 10.0).into()),
                     ("outcome", outcome.into()),
                 ];
-                if !reason.is_empty() {
-                    v.push(("reason", reason.into()));
+                if !r.reason.is_empty() {
+                    v.push(("reason", r.reason.into()));
                 }
                 format!("{}\n", Value::obj(v))
             }
         };
         self.send(line);
     }
+}
 
-    pub fn record(&self, c: &Conn, outcome: &Outcome, duration: Duration) {
-        self.line(
-            c.client,
-            Some(c.local),
-            c.pilot,
-            c.up.load(Relaxed),
-            c.down.load(Relaxed),
-            duration,
-            outcome.label(),
-            outcome.reason(),
-        );
-    }
+/// One access-log line: a connection that ended, or one that never
+/// carried data (refused, failed dial).
+#[derive(Clone, Debug)]
+pub struct Record<'a> {
+    pub client: SocketAddr,
+    /// The mapped address and port it arrived at, if known.
+    pub local: Option<SocketAddr>,
+    pub pilot: PilotAddr,
+    pub up: u64,
+    pub down: u64,
+    pub duration: Duration,
+    /// `ok`, `reset`, `idle_timeout`, `dial_failed`, `refused`.
+    pub outcome: &'a str,
+    pub reason: &'a str,
+}
 
-    pub fn refused(&self, client: SocketAddr, local: Option<SocketAddr>, pilot: PilotAddr) {
-        self.line(
+impl<'a> Record<'a> {
+    /// A connection that ended before any data moved.
+    pub fn without_data(
+        client: SocketAddr,
+        local: Option<SocketAddr>,
+        pilot: PilotAddr,
+        outcome: &'a str,
+        reason: &'a str,
+    ) -> Record<'a> {
+        Record {
             client,
             local,
             pilot,
-            0,
-            0,
-            Duration::ZERO,
-            "refused",
-            "--max-conns reached",
-        );
-    }
-
-    pub fn dial_failed(&self, client: SocketAddr, local: SocketAddr, pilot: PilotAddr, why: &str) {
-        self.line(
-            client,
-            Some(local),
-            pilot,
-            0,
-            0,
-            Duration::ZERO,
-            "dial_failed",
-            why,
-        );
+            up: 0,
+            down: 0,
+            duration: Duration::ZERO,
+            outcome,
+            reason,
+        }
     }
 }
 

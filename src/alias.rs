@@ -71,8 +71,10 @@ pub struct System;
 impl Runner for System {
     fn run(&self, program: &str, args: &[String]) -> RunResult {
         let path = find_program(program);
+        // `classify` reads the tool's English messages: keep them English.
         let out = Command::new(&path)
             .args(args)
+            .env("LC_ALL", "C")
             .stdin(std::process::Stdio::null())
             .output()
             .map_err(|e| format!("cannot run {}: {e}", path.display()))?;

@@ -17,7 +17,14 @@ use std::path::PathBuf;
 use lexopt::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::gateway::Target;
+
+/// A mapping the user asked for on `start`: an address or a hostname, and
+/// perhaps a chosen local IP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub name: String,
+    pub ip: Option<Ipv4Addr>,
+}
 
 /// Flags every command accepts (`--subnet` and `--ports` too: upstream's
 /// `map` is called with them). Go-style `-flag` forms of these and of
@@ -164,16 +171,53 @@ pub fn parse(argv0: &str, args: Vec<OsString>) -> Result<Args> {
             .is_some_and(|n| n == "pilotctl"),
         ..Args::default()
     };
+    let (mut words, help) = read_flags(&mut a, args)?;
+    if a.pilotctl {
+        strip_pilotctl_prefix(&mut words, help || a.command == Some(Command::Version))?;
+    }
+    if a.command == Some(Command::Version) {
+        return Ok(a);
+    }
+    let mut words = words.into_iter();
+    let cmd = words.next();
+    let rest: Vec<String> = words.collect();
+    if help || cmd.as_deref() == Some("help") {
+        let topic = if cmd.as_deref() == Some("help") {
+            rest.first().cloned()
+        } else {
+            cmd
+        };
+        a.command = Some(Command::Help(topic));
+        return Ok(a);
+    }
+    let Some(cmd) = cmd else {
+        return Err(Error::usage("no command given")
+            .hint("usage: pilot-gateway start|stop|map|unmap|list|status (see --help)"));
+    };
+    let command = parse_command(&cmd, &rest)?;
+    if !matches!(command, Command::Start { .. }) {
+        if let Some(flag) = a.given_start_flags.first() {
+            return Err(
+                Error::usage(format!("{flag} is an option of start, not of {cmd}"))
+                    .hint(format!("see: pilot-gateway {cmd} --help")),
+            );
+        }
+    }
+    a.command = Some(command);
+    Ok(a)
+}
+
+/// Reads every flag into `a`; returns the other words and whether help
+/// was asked for.
+fn read_flags(a: &mut Args, args: Vec<OsString>) -> Result<(Vec<String>, bool)> {
     let mut words: Vec<String> = Vec::new();
     let mut help = false;
     let mut p = lexopt::Parser::from_args(normalize(args));
     while let Some(arg) = p.next().map_err(usage_err)? {
-        let name = match &arg {
-            Long(l) => l.to_string(),
-            _ => String::new(),
-        };
-        if START_FLAGS.contains(&name.as_str()) {
-            a.given_start_flags.push(format!("--{name}"));
+        if let Long(name) = &arg {
+            if START_FLAGS.contains(name) {
+                a.given_start_flags.push(format!("--{name}"));
+            }
         }
         match arg {
             Long("json") => a.json = flag_bool(&mut p, "json")?,
@@ -202,38 +246,27 @@ pub fn parse(argv0: &str, args: Vec<OsString>) -> Result<Args> {
             other => return Err(usage_err(other.unexpected())),
         }
     }
-    if a.pilotctl {
-        // pilotctl gateway …  |  pilotctl extras gateway …
-        let skip = match words.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-            ["gateway", ..] => 1,
-            ["extras", "gateway", ..] => 2,
-            [] if help || a.command == Some(Command::Version) => 0,
-            _ => {
-                return Err(Error::usage("this pilotctl provides only the gateway commands")
-                    .hint("usage: pilotctl [--json] gateway start|stop|map|unmap|list|status …"))
-            }
-        };
-        words.drain(..skip);
-    }
-    if a.command == Some(Command::Version) {
-        return Ok(a);
-    }
-    let mut words = words.into_iter();
-    let cmd = words.next();
-    let rest: Vec<String> = words.collect();
-    if help || cmd.as_deref() == Some("help") {
-        let topic = if cmd.as_deref() == Some("help") {
-            rest.first().cloned()
-        } else {
-            cmd
-        };
-        a.command = Some(Command::Help(topic));
-        return Ok(a);
-    }
-    let Some(cmd) = cmd else {
-        return Err(Error::usage("no command given")
-            .hint("usage: pilot-gateway start|stop|map|unmap|list|status (see --help)"));
+    Ok((words, help))
+}
+
+/// `pilotctl gateway …` | `pilotctl extras gateway …`: drops the prefix.
+/// Bare `pilotctl --help` / `--version` need none.
+fn strip_pilotctl_prefix(words: &mut Vec<String>, bare_ok: bool) -> Result<()> {
+    let skip = match words.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["gateway", ..] => 1,
+        ["extras", "gateway", ..] => 2,
+        [] if bare_ok => 0,
+        _ => {
+            return Err(Error::usage("this pilotctl provides only the gateway commands")
+                .hint("usage: pilotctl [--json] gateway start|stop|map|unmap|list|status …"))
+        }
     };
+    words.drain(..skip);
+    Ok(())
+}
+
+/// The command word and its arguments.
+fn parse_command(cmd: &str, rest: &[String]) -> Result<Command> {
     let n = rest.len();
     let arity = |min: usize, max: usize, form: &str| -> Result<()> {
         if n < min || n > max {
@@ -246,9 +279,9 @@ pub fn parse(argv0: &str, args: Vec<OsString>) -> Result<Args> {
             Ok(())
         }
     };
-    let command = match cmd.as_str() {
+    Ok(match cmd {
         "start" | "run" => Command::Start {
-            targets: parse_targets(&rest)?,
+            targets: parse_targets(rest)?,
             legacy: cmd == "run",
         },
         "map" => {
@@ -279,17 +312,7 @@ pub fn parse(argv0: &str, args: Vec<OsString>) -> Result<Args> {
             return Err(Error::usage(format!("unknown command {other:?}"))
                 .hint("commands: start, stop, map, unmap, list, status (see --help)"))
         }
-    };
-    if !matches!(command, Command::Start { .. }) {
-        if let Some(flag) = a.given_start_flags.first() {
-            return Err(
-                Error::usage(format!("{flag} is an option of start, not of {cmd}"))
-                    .hint(format!("see: pilot-gateway {cmd} --help")),
-            );
-        }
-    }
-    a.command = Some(command);
-    Ok(a)
+    })
 }
 
 /// `ADDR [IP] ADDR [IP] …`: an IPv4 address right after a target is the

@@ -1,10 +1,78 @@
-//! Where settings come from when the command line does not say: the daemon
-//! socket (as upstream tools find it) and `-config FILE`.
+//! The settings every command shares, merged: flags over `-config FILE`
+//! over defaults, and the daemon socket found as upstream tools find it.
 
 use std::path::{Path, PathBuf};
 
+use crate::cli::Args;
 use crate::error::{Error, Result};
 use crate::json::{self, Value};
+use crate::log::{Format, Level};
+use crate::{state, subnet};
+
+/// Settings merged from flags, `-config FILE` and defaults. Values each
+/// command checks itself (subnet, ports) stay text here.
+pub struct Settings {
+    pub socket: PathBuf,
+    /// Where the socket path came from (for error messages).
+    pub socket_source: String,
+    pub subnet: String,
+    pub ports: String,
+    pub state_dir: PathBuf,
+    pub log_level: Level,
+    pub log_format: Format,
+}
+
+impl Settings {
+    pub fn from_args(args: &Args) -> Result<Settings> {
+        let file = match &args.config {
+            Some(path) => read_config(path)?,
+            None => FileConfig::default(),
+        };
+        let (log_level, log_format) = log_settings(args, &file)?;
+        let config_source = args
+            .config
+            .as_ref()
+            .map(|p| format!("from \"socket\" in -config {}", p.display()));
+        let flag = match (&args.socket, &file.socket, &config_source) {
+            (Some(p), _, _) => Some((p.clone(), "from --socket".to_string())),
+            (None, Some(p), Some(src)) => Some((PathBuf::from(p), src.clone())),
+            _ => None,
+        };
+        let (socket, socket_source) = resolve_socket(flag.as_ref().map(|(p, s)| (p.as_path(), s.as_str())));
+        Ok(Settings {
+            socket,
+            socket_source,
+            subnet: args
+                .subnet
+                .clone()
+                .or(file.subnet)
+                .unwrap_or_else(|| subnet::DEFAULT_SUBNET.into()),
+            ports: args
+                .ports
+                .clone()
+                .or(file.ports)
+                .unwrap_or_else(|| subnet::DEFAULT_PORTS.into()),
+            state_dir: state::resolve_dir(args.state_dir.as_deref()),
+            log_level,
+            log_format,
+        })
+    }
+}
+
+fn log_settings(args: &Args, file: &FileConfig) -> Result<(Level, Format)> {
+    let level = match args.log_level.as_ref().or(file.log_level.as_ref()) {
+        Some(l) => Level::parse(l).ok_or_else(|| {
+            Error::invalid(format!("invalid log level {l:?}")).hint("use one of: error, warn, info, debug")
+        })?,
+        None => Level::Info,
+    };
+    let format = match args.log_format.as_ref().or(file.log_format.as_ref()) {
+        Some(f) => Format::parse(f)
+            .ok_or_else(|| Error::invalid(format!("invalid log format {f:?}")).hint("use text or json"))?,
+        None => Format::Text,
+    };
+    Ok((level, format))
+}
 
 /// The daemon socket and a phrase saying where it came from, found as
 /// upstream tools find it: `--socket` (or `-config`'s `socket`), then

@@ -1,27 +1,42 @@
 //! pilot-gateway: bridges ordinary TCP clients to agents on the Pilot
 //! Protocol overlay through the local daemon's IPC socket.
 //!
-//! The crate is a library with two binaries: `pilot-gateway` (the product)
-//! and `pilot-devd` (a stand-in daemon for trying and testing it). See
-//! `docs/ARCHITECTURE.md` for how the modules fit together.
+//! The library holds the product; the crate's binaries are `pilot-gateway`
+//! (the product) and `pilot-devd` (a stand-in daemon for trying and testing
+//! it, in `src/bin/pilot-devd/`). See `docs/ARCHITECTURE.md` for how the
+//! modules fit together.
 
 // Data from outside (daemon, files, command line, network) is never
 // unwrapped: every failure becomes an error that says what happened.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+// System calls live in `sys` and `privilege` only, each with a SAFETY note.
+#![deny(unsafe_code)]
 
+// Entry and commands.
+pub mod background;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod output;
+
+// The running gateway and its data path.
 pub mod access;
+pub mod daemon;
+pub mod gateway;
+pub mod listener;
+pub mod relay;
+pub mod stats;
+
+// Leaves: formats, state, the local system.
 pub mod address;
 pub mod alias;
-pub mod bridge;
-pub mod cli;
-pub mod config;
-pub mod control;
 pub mod error;
-pub mod gateway;
 pub mod ipc;
 pub mod json;
 pub mod log;
+#[allow(unsafe_code)]
 pub mod privilege;
 pub mod state;
 pub mod subnet;
+#[allow(unsafe_code)]
 pub mod sys;

@@ -71,6 +71,12 @@ pub fn target_user(flag: Option<&str>, no_switch: bool, socket: &Path) -> Result
 }
 
 /// Becomes `user`, keeping only [`KEPT`] (see the module docs).
+///
+/// Must run before the process has a second thread: the capability calls
+/// (prctl, capset) act on the calling thread only, so a thread that
+/// existed before would keep root's capabilities. (glibc's set*id apply
+/// to every thread; capabilities do not.) The gateway calls this right
+/// after installing its signal pipe, which starts no thread, and checks.
 #[cfg(target_os = "linux")]
 pub fn switch_to(user: &User) -> Result<Switched> {
     let fail = |what: &str| {
@@ -84,81 +90,116 @@ pub fn switch_to(user: &User) -> Result<Switched> {
         )
         .hint("run as root, or start the gateway as the daemon's user with --no-user-switch")
     };
-    let keep = (1u64 << CAP_NET_ADMIN) | (1u64 << CAP_NET_BIND_SERVICE);
-    // SAFETY: plain prctl/set*id/syscall calls with valid arguments; each
-    // result is checked.
-    unsafe {
-        for cap in 0..64u64 {
-            if keep & (1 << cap) == 0 && libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
-                // EINVAL: past the kernel's last capability.
-                if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
-                    return Err(fail("dropping the capability bounding set"));
-                }
-            }
-        }
-        if libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0 {
-            return Err(fail("prctl(PR_SET_KEEPCAPS)"));
-        }
-        if libc::setgroups(0, std::ptr::null()) != 0 {
-            return Err(fail("setgroups"));
-        }
-        if libc::setresgid(user.gid, user.gid, user.gid) != 0 {
-            return Err(fail("setresgid"));
-        }
-        if libc::setresuid(user.uid, user.uid, user.uid) != 0 {
-            return Err(fail("setresuid"));
-        }
-        // capset(2) with the v3 layout: two 32-bit words per set.
-        #[repr(C)]
-        struct Header {
-            version: u32,
-            pid: i32,
-        }
-        #[repr(C)]
-        #[derive(Clone, Copy)]
-        struct Data {
-            effective: u32,
-            permitted: u32,
-            inheritable: u32,
-        }
-        let mut header = Header {
-            version: 0x2008_0522,
-            pid: 0,
-        };
-        let lo = keep as u32;
-        let data = [
-            Data {
-                effective: lo,
-                permitted: lo,
-                inheritable: lo,
-            },
-            Data {
-                effective: 0,
-                permitted: 0,
-                inheritable: 0,
-            },
-        ];
-        if libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) != 0 {
-            return Err(fail("capset"));
-        }
-        for cap in [CAP_NET_ADMIN, CAP_NET_BIND_SERVICE] {
-            if libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_RAISE as u64,
-                u64::from(cap),
-                0,
-                0,
-            ) != 0
-            {
-                return Err(fail("raising ambient capabilities"));
-            }
-        }
-        libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0);
+    if let Some(n @ 2..) = sys::thread_count() {
+        return Err(Error::internal(format!(
+            "cannot switch to user {} with {n} threads running: capabilities are per thread",
+            user.name
+        )));
     }
+    let keep = (1u64 << CAP_NET_ADMIN) | (1u64 << CAP_NET_BIND_SERVICE);
+    drop_bounding_set(keep).map_err(|()| fail("dropping the capability bounding set"))?;
+    change_ids(user).map_err(&fail)?;
+    keep_capabilities(keep).map_err(&fail)?;
     Ok(Switched {
         user: user.name.clone(),
         capabilities: KEPT.iter().map(|s| s.to_string()).collect(),
     })
+}
+
+/// Drops every capability but `keep` from the bounding set (needs
+/// CAP_SETPCAP, which root still has).
+#[cfg(target_os = "linux")]
+fn drop_bounding_set(keep: u64) -> std::result::Result<(), ()> {
+    for cap in 0..64u64 {
+        if keep & (1 << cap) != 0 {
+            continue;
+        }
+        // SAFETY: prctl(PR_CAPBSET_DROP, cap) takes integers only; the
+        // result is checked.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0
+            // EINVAL: past the kernel's last capability.
+            && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+        {
+            return Err(());
+        }
+    }
+    Ok(())
+}
+
+/// Sets KEEPCAPS (so setuid keeps the permitted set), clears the
+/// supplementary groups, then sets gid and uid (real, effective, saved).
+#[cfg(target_os = "linux")]
+fn change_ids(user: &User) -> std::result::Result<(), &'static str> {
+    // SAFETY: each call takes integers (or a NULL list of length 0) and
+    // its result is checked; they change only this process's credentials.
+    unsafe {
+        if libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0 {
+            return Err("prctl(PR_SET_KEEPCAPS)");
+        }
+        if libc::setgroups(0, std::ptr::null()) != 0 {
+            return Err("setgroups");
+        }
+        if libc::setresgid(user.gid, user.gid, user.gid) != 0 {
+            return Err("setresgid");
+        }
+        if libc::setresuid(user.uid, user.uid, user.uid) != 0 {
+            return Err("setresuid");
+        }
+    }
+    Ok(())
+}
+
+/// capset(2) to exactly `keep` (effective, permitted, inheritable), then
+/// raises the kept ones as ambient so the `ip` we exec inherits them.
+#[cfg(target_os = "linux")]
+fn keep_capabilities(keep: u64) -> std::result::Result<(), &'static str> {
+    // capset(2) with the v3 layout: a header, then two 32-bit words per set.
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let lo = keep as u32;
+    let empty = Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    };
+    let data = [
+        Data {
+            effective: lo,
+            permitted: lo,
+            inheritable: lo,
+        },
+        empty,
+    ];
+    // SAFETY: the header and the two data words have the v3 layout capset
+    // reads; both outlive the call. The result is checked.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) } != 0 {
+        return Err("capset");
+    }
+    for cap in [CAP_NET_ADMIN, CAP_NET_BIND_SERVICE] {
+        let raise = libc::PR_CAP_AMBIENT_RAISE as u64;
+        // SAFETY: prctl with integer arguments; the result is checked.
+        if unsafe { libc::prctl(libc::PR_CAP_AMBIENT, raise, u64::from(cap), 0, 0) } != 0 {
+            return Err("raising ambient capabilities");
+        }
+    }
+    // SAFETY: prctl with integer arguments; clearing KEEPCAPS cannot fail
+    // in a way that matters (the switch is done).
+    unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
+    Ok(())
 }
 
 #[cfg(not(target_os = "linux"))]

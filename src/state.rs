@@ -1,4 +1,5 @@
-//! Shared state between the running gateway and the commands that steer it.
+//! The state directory: the shared state between the running gateway and
+//! the commands that steer it.
 //!
 //! ```text
 //! STATE_DIR/            mode 0700, owned by the gateway's user
@@ -27,6 +28,7 @@ use ipnetwork::Ipv4Network;
 use crate::address::PilotAddr;
 use crate::error::{Code, Error, Result};
 use crate::json::{self, Value};
+use crate::stats::Stats;
 use crate::sys::{self, FileLock, ProcId};
 
 /// Version of the state file format; a file of another version is refused.
@@ -49,9 +51,9 @@ pub struct Mapping {
     pub generation: u64,
 }
 
-/// The gateway's answer to a generation it could not apply.
+/// The gateway's answer to a generation it could not apply: why.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Outcome {
+pub struct ApplyFailure {
     pub generation: u64,
     pub error: Error,
 }
@@ -70,7 +72,7 @@ pub struct State {
     pub generation: u64,
     pub applied: u64,
     pub mappings: Vec<Mapping>,
-    pub failures: Vec<Outcome>,
+    pub failures: Vec<ApplyFailure>,
 }
 
 impl State {
@@ -88,7 +90,7 @@ impl State {
 
     /// Records that `generation` failed, keeping the list bounded.
     pub fn record_failure(&mut self, generation: u64, error: Error) {
-        self.failures.push(Outcome { generation, error });
+        self.failures.push(ApplyFailure { generation, error });
         let excess = self.failures.len().saturating_sub(MAX_RESULTS);
         self.failures.drain(..excess);
     }
@@ -173,7 +175,7 @@ impl State {
         for f in arr(v, "failures")? {
             let mut error = Error::new(Code::from_name(text(f, "code")?), text(f, "message")?);
             error.hint = f.get("hint").and_then(Value::as_str).map(str::to_string);
-            failures.push(Outcome {
+            failures.push(ApplyFailure {
                 generation: num(f, "generation")?,
                 error,
             });
@@ -233,11 +235,7 @@ pub fn resolve_dir(flag: Option<&Path>) -> PathBuf {
         return PathBuf::from(p);
     }
     let run = Path::new("/run");
-    let writable = std::ffi::CString::new("/run")
-        // SAFETY: access(2) on a NUL-terminated path.
-        .map(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0)
-        .unwrap_or(false);
-    if run.is_dir() && writable {
+    if run.is_dir() && sys::can_write(run) {
         return run.join("pilot-gateway");
     }
     if let Some(p) = std::env::var_os("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
@@ -248,18 +246,18 @@ pub fn resolve_dir(flag: Option<&Path>) -> PathBuf {
 
 /// An opened, checked state directory.
 #[derive(Debug)]
-pub struct Dir {
+pub struct StateDir {
     pub path: PathBuf,
     /// Owner of the directory; files we create are given to this user, so
     /// root and the gateway's own user can both work in it.
     owner: (u32, u32),
 }
 
-impl Dir {
+impl StateDir {
     /// Opens the directory, creating it (0700) if `create`. Refuses a
     /// symlink, a non-directory, loose permissions, or — unless we are
     /// root — a directory owned by someone else.
-    pub fn open(path: &Path, create: bool) -> Result<Dir> {
+    pub fn open(path: &Path, create: bool) -> Result<StateDir> {
         let hint = "use a private directory: --state-dir DIR (mode 0700, owned by you)";
         let meta = match fs::symlink_metadata(path) {
             Ok(m) => m,
@@ -322,7 +320,7 @@ impl Dir {
             )
             .hint(format!("chmod 700 {}", path.display())));
         }
-        Ok(Dir {
+        Ok(StateDir {
             path: path.to_path_buf(),
             owner: (meta.uid(), meta.gid()),
         })
@@ -379,8 +377,10 @@ impl Dir {
     }
 
     /// Reads the state file; `None` if there is none. A corrupt file is an
-    /// error that names it, and a copy is kept beside it, so no mapping is
-    /// ever dropped silently.
+    /// error that names it and says what to do; the file is left exactly as
+    /// it is (no copy is written: a root command copying files inside a
+    /// directory is one planted symlink away from writing elsewhere), so no
+    /// mapping is ever dropped silently.
     pub fn read(&self) -> Result<Option<State>> {
         let path = self.state_file();
         let mut file = match self.open_file("state.json", OpenOptions::new().read(true)) {
@@ -404,12 +404,12 @@ impl Dir {
                 },
             },
         };
-        let copy = self.path.join(format!("state.json.bad-{}", now_unix()));
-        let kept = fs::copy(&path, &copy)
-            .map(|_| format!("; a copy is kept at {}", copy.display()))
-            .unwrap_or_default();
-        Err(Error::internal(format!("state file {} {problem}{kept}", path.display())).hint(format!(
-            "if a gateway still runs, stop it with `kill <pid>` and remove its aliases by hand; then remove {} and start again",
+        Err(Error::internal(format!(
+            "state file {} {problem}; it is left as it is",
+            path.display()
+        ))
+        .hint(format!(
+            "if a gateway still runs, stop it with `kill <pid>` and remove its aliases by hand; then move {} aside (it lists the mappings) and start again",
             path.display()
         )))
     }
@@ -446,10 +446,25 @@ impl Dir {
         let _ = fs::remove_file(self.path.join(name));
     }
 
-    /// Reads stats.json if present and valid.
-    pub fn read_stats(&self) -> Option<Value> {
-        let text = fs::read_to_string(self.stats_file()).ok()?;
-        json::parse(&text).ok()
+    /// Reads stats.json: `None` if there is none yet; an error that names
+    /// the file if it does not hold what the gateway writes.
+    pub fn read_stats(&self) -> Result<Option<Stats>> {
+        let path = self.stats_file();
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), &e)),
+        };
+        json::parse(&text)
+            .map_err(|e| e.to_string())
+            .and_then(|v| Stats::from_json(&v))
+            .map(Some)
+            .map_err(|why| Error::internal(format!("counters file {} is unreadable: {why}", path.display())))
+    }
+
+    /// Writes stats.json atomically.
+    pub fn write_stats(&self, stats: &Stats) -> Result<()> {
+        self.write_atomic("stats.json", &format!("{}\n", stats.to_json()))
     }
 }
 
@@ -484,7 +499,7 @@ mod tests {
                 alias_added: true,
                 generation: 1,
             }],
-            failures: vec![Outcome {
+            failures: vec![ApplyFailure {
                 generation: 3,
                 error: Error::new(Code::AddressInUse, "port busy").hint("free it"),
             }],
@@ -509,7 +524,7 @@ mod tests {
     #[test]
     fn directory_checks_and_atomic_files() {
         let p = tempdir("dir");
-        let d = Dir::open(&p, true).unwrap();
+        let d = StateDir::open(&p, true).unwrap();
         assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o700);
         assert!(d.read().unwrap().is_none());
         d.write(&sample()).unwrap();
@@ -519,14 +534,14 @@ mod tests {
             let _l = d.lock().unwrap();
         }
         fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
-        assert!(Dir::open(&p, false)
+        assert!(StateDir::open(&p, false)
             .unwrap_err()
             .message
             .contains("loose permissions"));
         fs::set_permissions(&p, fs::Permissions::from_mode(0o700)).unwrap();
         let link = tempdir("link");
         std::os::unix::fs::symlink(&p, &link).unwrap();
-        assert!(Dir::open(&link, true)
+        assert!(StateDir::open(&link, true)
             .unwrap_err()
             .message
             .contains("symbolic link"));
@@ -535,9 +550,9 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_files_are_kept_and_named() {
+    fn corrupt_files_are_named_and_left_alone() {
         let p = tempdir("bad");
-        let d = Dir::open(&p, true).unwrap();
+        let d = StateDir::open(&p, true).unwrap();
         for (content, want) in [
             ("", "is empty"),
             ("{", "not valid JSON"),
@@ -547,14 +562,16 @@ mod tests {
             fs::write(d.state_file(), content).unwrap();
             let e = d.read().unwrap_err();
             assert!(e.message.contains(want), "{content:?}: {}", e.message);
-            assert!(e.message.contains("a copy is kept at"), "{}", e.message);
+            assert!(e.message.contains("left as it is"), "{}", e.message);
             assert!(e.message.contains("state.json"));
+            assert!(e.hint.as_deref().unwrap_or("").contains("move"), "{e:?}");
+            assert_eq!(fs::read_to_string(d.state_file()).unwrap(), content);
         }
-        assert!(fs::read_dir(&p).unwrap().any(|e| e
+        let names: Vec<String> = fs::read_dir(&p)
             .unwrap()
-            .file_name()
-            .to_string_lossy()
-            .contains(".bad-")));
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n.contains("bad")), "no copies: {names:?}");
         fs::remove_dir_all(&p).unwrap();
     }
 }

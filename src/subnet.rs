@@ -180,10 +180,10 @@ pub fn format_ports(ports: &[u16]) -> String {
 /// interface name (from `getifaddrs`).
 pub fn non_loopback_addresses() -> std::io::Result<Vec<(String, Ipv4Network)>> {
     let mut out = Vec::new();
-    for (name, ip, prefix, loopback) in interface_addresses()? {
-        if !loopback {
-            if let Ok(net) = Ipv4Network::new(ip, prefix) {
-                out.push((name, net));
+    for a in crate::sys::interface_addresses()? {
+        if !a.loopback {
+            if let Ok(net) = Ipv4Network::new(a.addr, a.prefix) {
+                out.push((a.interface, net));
             }
         }
     }
@@ -192,7 +192,7 @@ pub fn non_loopback_addresses() -> std::io::Result<Vec<(String, Ipv4Network)>> {
 
 /// Whether `ip` is configured on any interface.
 pub fn is_local_address(ip: Ipv4Addr) -> std::io::Result<bool> {
-    Ok(interface_addresses()?.iter().any(|(_, a, _, _)| *a == ip))
+    Ok(crate::sys::interface_addresses()?.iter().any(|a| a.addr == ip))
 }
 
 /// Refuses a subnet that overlaps an address of a non-loopback interface:
@@ -215,48 +215,6 @@ pub fn check_no_overlap(net: Ipv4Network) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// (interface, address, prefix length, is loopback) for every IPv4 address.
-fn interface_addresses() -> std::io::Result<Vec<(String, Ipv4Addr, u8, bool)>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut out = Vec::new();
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: ifa_addr is non-null and points to a sockaddr.
-        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
-            continue;
-        }
-        // SAFETY: the family is AF_INET, so these are sockaddr_in.
-        let (addr, mask) = unsafe {
-            let a = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-            let m = if ifa.ifa_netmask.is_null() {
-                u32::MAX
-            } else {
-                u32::from_be((*(ifa.ifa_netmask as *const libc::sockaddr_in)).sin_addr.s_addr)
-            };
-            (Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)), m)
-        };
-        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
-            .to_string_lossy()
-            .into_owned();
-        let loopback = ifa.ifa_flags & (libc::IFF_LOOPBACK as libc::c_uint) != 0;
-        out.push((name, addr, mask.count_ones() as u8, loopback));
-    }
-    // SAFETY: `head` came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -1,5 +1,8 @@
 //! Thin, checked wrappers over the few POSIX calls the gateway needs
-//! beyond std: process identity, signals, file locks, users.
+//! beyond std: process identity, signals, file locks, users, socket
+//! options, interface addresses, detaching. Every `unsafe` block of the
+//! product outside `privilege.rs` is here (the rest of the crate denies
+//! `unsafe_code`), each with a SAFETY note that says why it holds.
 
 pub mod sock_diag;
 
@@ -84,8 +87,27 @@ static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
 extern "C" fn on_signal(sig: libc::c_int) {
     let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
     let b = sig as u8;
-    // SAFETY: write(2) is async-signal-safe; a full pipe just drops it.
-    unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
+    // SAFETY: errno_location returns this thread's errno slot; write(2) is
+    // async-signal-safe and a full pipe just drops the byte. errno is saved
+    // and restored, so the interrupted code never sees write's EAGAIN.
+    unsafe {
+        let errno = errno_location();
+        let saved = *errno;
+        libc::write(fd, (&b as *const u8).cast(), 1);
+        *errno = saved;
+    }
+}
+
+/// The calling thread's `errno`.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+unsafe fn errno_location() -> *mut libc::c_int {
+    libc::__errno_location()
+}
+
+/// The calling thread's `errno`.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+unsafe fn errno_location() -> *mut libc::c_int {
+    libc::__error()
 }
 
 impl Signals {
@@ -103,7 +125,9 @@ impl Signals {
         SIGNAL_PIPE.store(write.as_raw_fd(), Ordering::Relaxed);
         std::mem::forget(write); // lives as long as the process
         for &sig in signals {
-            // SAFETY: installing a handler that only calls write(2).
+            // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the
+            // handler only saves errno, calls write(2) and restores errno, all
+            // async-signal-safe, on a pipe stored before it is installed.
             unsafe {
                 let mut sa: libc::sigaction = std::mem::zeroed();
                 sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
@@ -212,33 +236,190 @@ pub struct User {
     pub gid: u32,
 }
 
+/// Looks a user up by name (getpwnam_r: safe in a threaded process).
 pub fn user_by_name(name: &str) -> Option<User> {
     let c = CString::new(name).ok()?;
-    // SAFETY: getpwnam returns a pointer into static storage or NULL; we
-    // copy out what we need at once. Called before other threads use it.
-    unsafe {
-        let pw = libc::getpwnam(c.as_ptr());
-        user_from(pw)
-    }
+    // SAFETY: getpwnam_r writes into `pw` and `buf`, both ours and sized
+    // as passed; `found` points to `pw` or is NULL.
+    lookup_user(|pw, buf, len, found| unsafe { libc::getpwnam_r(c.as_ptr(), pw, buf, len, found) })
 }
 
+/// Looks a user up by uid (getpwuid_r: safe in a threaded process; the
+/// running gateway calls it from its main thread while connection threads
+/// run).
 pub fn user_by_uid(uid: u32) -> Option<User> {
     // SAFETY: as in `user_by_name`.
-    unsafe { user_from(libc::getpwuid(uid)) }
+    lookup_user(|pw, buf, len, found| unsafe { libc::getpwuid_r(uid, pw, buf, len, found) })
 }
 
-unsafe fn user_from(pw: *const libc::passwd) -> Option<User> {
-    if pw.is_null() {
-        return None;
+/// Runs a reentrant password-database lookup with a caller-owned buffer,
+/// growing it on ERANGE (bounded), and copies the answer out.
+fn lookup_user(
+    call: impl Fn(*mut libc::passwd, *mut libc::c_char, usize, *mut *mut libc::passwd) -> libc::c_int,
+) -> Option<User> {
+    let mut len = 1024;
+    while len <= 1 << 20 {
+        let mut buf = vec![0 as libc::c_char; len];
+        // SAFETY: all-zero is a valid `passwd` (null pointers, zero ids);
+        // it is only read after getpw*_r filled it.
+        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        let r = call(&mut pw, buf.as_mut_ptr(), buf.len(), &mut found);
+        if r == libc::ERANGE {
+            len *= 4;
+            continue;
+        }
+        if r != 0 || found.is_null() || pw.pw_name.is_null() {
+            return None;
+        }
+        // SAFETY: on success pw_name points to a NUL-terminated string in
+        // `buf`, which is still alive here.
+        let name = unsafe { std::ffi::CStr::from_ptr(pw.pw_name) };
+        return Some(User {
+            name: name.to_string_lossy().into_owned(),
+            uid: pw.pw_uid,
+            gid: pw.pw_gid,
+        });
     }
-    let pw = &*pw;
-    Some(User {
-        name: std::ffi::CStr::from_ptr(pw.pw_name)
-            .to_string_lossy()
-            .into_owned(),
-        uid: pw.pw_uid,
-        gid: pw.pw_gid,
-    })
+    None
+}
+
+/// Whether we may write `path` (access(2) with W_OK, real ids).
+pub fn can_write(path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: access(2) on a NUL-terminated path that outlives the call.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+}
+
+/// SO_LINGER with a zero timeout: `close` then sends RST instead of FIN,
+/// telling the peer the stream did not end normally.
+pub fn set_linger_zero(tcp: &std::net::TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid fd (borrowed for the call) and a linger struct of
+    // exactly the size passed.
+    unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Shuts a listening socket down, which wakes a thread blocked in
+/// `accept` on it (EINVAL on Linux). std has no shutdown for listeners.
+pub fn shutdown_listener(socket: &std::net::TcpListener) {
+    // SAFETY: the fd is valid while `socket` is borrowed; shutdown(2)
+    // does not close it, so it cannot be reused under another thread.
+    unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
+}
+
+/// Hands freed heap memory back to the system. glibc keeps what thousands
+/// of connection threads freed in its per-thread arenas; without this, RSS
+/// after a burst stays near its peak. Other C libraries return memory on
+/// their own or offer no such call.
+pub fn release_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists, under
+    // the allocator's locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Makes `cmd`'s child a session leader (setsid), detaching it from our
+/// terminal and process group.
+pub fn new_session_on_spawn(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only setsid(2), which is async-signal-safe and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+}
+
+/// Points our stdout (fd 1) at `file`, e.g. /dev/null once nobody reads
+/// the pipe it was.
+pub fn redirect_stdout(file: &std::fs::File) -> io::Result<()> {
+    // SAFETY: dup2 onto fd 1 from a file that stays open for the call;
+    // std's stdout handle keeps using fd 1, which now names `file`.
+    if unsafe { libc::dup2(file.as_raw_fd(), 1) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// One IPv4 address of a network interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceAddr {
+    pub interface: String,
+    pub addr: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub loopback: bool,
+}
+
+/// Every IPv4 address on every interface (getifaddrs).
+pub fn interface_addresses() -> io::Result<Vec<InterfaceAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, which
+        // lives until freeifaddrs below.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr is non-null and points to a sockaddr.
+        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: the family is AF_INET, so address and (non-null) netmask
+        // are sockaddr_in.
+        let (addr, mask) = unsafe {
+            let a = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+            let m = if ifa.ifa_netmask.is_null() {
+                u32::MAX
+            } else {
+                u32::from_be((*(ifa.ifa_netmask as *const libc::sockaddr_in)).sin_addr.s_addr)
+            };
+            (std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)), m)
+        };
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        out.push(InterfaceAddr {
+            interface: name.to_string_lossy().into_owned(),
+            addr,
+            prefix: mask.count_ones() as u8,
+            loopback: ifa.ifa_flags & (libc::IFF_LOOPBACK as libc::c_uint) != 0,
+        });
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once; nothing
+    // borrowed from it is used after this.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+/// How many threads this process has (Linux: /proc/self/task); `None`
+/// where that cannot be seen.
+pub fn thread_count() -> Option<usize> {
+    std::fs::read_dir("/proc/self/task").ok().map(Iterator::count)
 }
 
 #[cfg(test)]
@@ -253,6 +434,14 @@ mod tests {
         assert_eq!(parse_stat_start_time(zombie), None);
         assert_eq!(parse_stat_start_time("garbage"), None);
         assert_eq!(parse_stat_start_time("1 (x) S 1"), None);
+    }
+
+    #[test]
+    fn users_are_found_by_name_and_uid() {
+        let root = user_by_uid(0).unwrap();
+        assert_eq!(root.uid, 0);
+        assert_eq!(user_by_name(&root.name), Some(root));
+        assert_eq!(user_by_name("no-such-user-pgw"), None);
     }
 
     #[test]

@@ -197,7 +197,7 @@ fn a_corrupt_state_file_is_kept_named_and_never_dropped() {
             assert_eq!(out.status.code(), Some(1));
             let e = String::from_utf8_lossy(&out.stderr);
             assert!(
-                e.contains("state.json") && e.contains("a copy is kept at") && e.contains("hint:"),
+                e.contains("state.json") && e.contains("left as it is") && e.contains("hint:"),
                 "{e}"
             );
         }
@@ -206,6 +206,12 @@ fn a_corrupt_state_file_is_kept_named_and_never_dropped() {
             content.len(),
             "left as it was"
         );
+        // Nothing is written beside it: no copies for an attacker to aim.
+        let names: Vec<String> = std::fs::read_dir(&gw.state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n.contains("bad")), "{names:?}");
     }
 }
 

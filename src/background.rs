@@ -1,0 +1,136 @@
+//! Starting the gateway in the background: `start` re-runs its own
+//! command line as a detached child (new session, stderr to
+//! `gateway.log`) and waits for one JSON line on a pipe: the start report,
+//! or the error. The child runs the gateway and, once ready, points its
+//! stdout at /dev/null, since nobody reads the pipe after that line.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::cli::Target;
+use crate::error::{Code, Error, Result};
+use crate::gateway::{self, Config};
+use crate::json::{self, Value};
+use crate::output::{error_from_json, error_json, report_json};
+use crate::state::StateDir;
+use crate::sys;
+
+/// How long a background `start` waits for the gateway to be ready.
+const READY_WAIT: Duration = Duration::from_secs(60);
+/// Set in the environment of the background gateway that `start` spawns.
+const DETACHED_ENV: &str = "PILOT_GATEWAY_DETACHED";
+
+/// Whether we are the background gateway that a `start` spawned.
+pub fn is_detached() -> bool {
+    std::env::var_os(DETACHED_ENV).is_some()
+}
+
+/// The background gateway: runs, and reports readiness (or the error) as
+/// one JSON line on stdout, which is a pipe to the `start` that spawned it.
+pub fn run_detached(cfg: Config, targets: Vec<Target>) -> Result<()> {
+    let result = gateway::run(cfg, targets, &mut |report| {
+        let line = Value::obj([("status", Value::from("ok")), ("data", report_json(report))]);
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{line}");
+        let _ = stdout.flush();
+        // Detach: nobody reads our stdout after this line.
+        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            let _ = sys::redirect_stdout(&null);
+        }
+    });
+    if let Err(e) = &result {
+        // Tell the waiting `start` why; it prints the error in its own form.
+        println!("{}", error_json(e));
+        crate::error!("{e}");
+    }
+    result
+}
+
+/// Starts the gateway as a detached child and waits for its readiness
+/// line; returns the start report's data.
+pub fn spawn(cfg: &Config, argv0: &str, raw: &[OsString]) -> Result<Value> {
+    let dir = StateDir::open(&cfg.state_dir, true)?;
+    if let Some(st) = dir.read()? {
+        if st.gateway.is_alive() {
+            return Err(Error::new(
+                Code::AlreadyExists,
+                format!("a gateway is already running (pid {})", st.gateway.pid),
+            )
+            .hint("stop it first: pilot-gateway stop"));
+        }
+    }
+    let log_path = dir.log_file();
+    let log = dir.open_file(
+        "gateway.log",
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true),
+    )?;
+    let mut child = spawn_child(argv0, raw, log)?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| Error::internal("no pipe to the gateway process"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let see_log = format!("see {}", log_path.display());
+    let Ok(line) = rx.recv_timeout(READY_WAIT) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(Error::new(
+            Code::Timeout,
+            format!("the gateway did not become ready within {READY_WAIT:?}"),
+        )
+        .hint(see_log));
+    };
+    readiness(&line, &mut child, &log_path)
+}
+
+/// Runs our own executable again, as `argv0 raw…`, detached.
+fn spawn_child(argv0: &str, raw: &[OsString], log: File) -> Result<Child> {
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::internal(format!("cannot find our own executable: {e}")))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg0(argv0)
+        .args(raw)
+        .env(DETACHED_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log));
+    sys::new_session_on_spawn(&mut cmd);
+    cmd.spawn()
+        .map_err(|e| Error::internal(format!("cannot start the gateway process: {e}")))
+}
+
+/// Reads the child's one line: its start report, its error, or nothing
+/// (it died; the last line of its log says why).
+fn readiness(line: &str, child: &mut Child, log_path: &Path) -> Result<Value> {
+    match json::parse(line.trim()).ok() {
+        Some(v) if v.get("status").and_then(Value::as_str) == Some("ok") => {
+            Ok(v.get("data").cloned().unwrap_or(Value::Null))
+        }
+        Some(v) => {
+            let _ = child.wait();
+            Err(error_from_json(&v))
+        }
+        None => {
+            let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+            let tail = std::fs::read_to_string(log_path).unwrap_or_default();
+            let last = tail.lines().last().unwrap_or("").to_string();
+            Err(Error::internal(format!(
+                "the gateway exited before it was ready ({status}): {last}"
+            ))
+            .hint(format!("see {}", log_path.display())))
+        }
+    }
+}

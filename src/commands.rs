@@ -1,0 +1,492 @@
+//! The commands (`start`, `map`, `unmap`, `list`, `status`, `stop`, help,
+//! version): what each does with the state, the running gateway and the
+//! daemon. Rendering is `output.rs`; the background start `background.rs`.
+//!
+//! The control plane is a protocol over the state directory (see
+//! `state.rs`): change `state.json` under the lock, signal the gateway,
+//! wait until it reports the change applied (or why not).
+
+use std::ffi::OsString;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use crate::address::PilotAddr;
+use crate::background;
+use crate::cli::{self, Args, Command, Target};
+use crate::config::Settings;
+use crate::daemon;
+use crate::error::{Code, Error, Result};
+use crate::gateway;
+use crate::json::Value;
+use crate::log::{self, Format};
+use crate::output::{self, Output};
+use crate::state::{Mapping, State, StateDir};
+use crate::stats::Stats;
+use crate::subnet;
+use crate::sys::ProcId;
+
+/// How long a command waits for the gateway to apply a change.
+const APPLY_WAIT: Duration = Duration::from_secs(10);
+/// How long `stop` waits for the gateway to exit.
+const STOP_WAIT: Duration = Duration::from_secs(30);
+
+/// Entry point of the `pilot-gateway` binary; returns the exit status.
+pub fn main(argv: Vec<OsString>) -> i32 {
+    let argv0 = argv
+        .first()
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let rest: Vec<OsString> = argv.iter().skip(1).cloned().collect();
+    // Even a malformed command line gets its error in the requested form.
+    let wants_json = rest
+        .iter()
+        .any(|a| a == "--json" || a == "-json" || a == "--json=true" || a == "-json=true");
+    let args = match cli::parse(&argv0, rest.clone()) {
+        Ok(a) => a,
+        Err(e) => {
+            Output { json: wants_json }.error(&e);
+            return e.code.exit_status();
+        }
+    };
+    let out = Output { json: args.json };
+    match run(&args, &out, &argv0, &rest) {
+        Ok(()) => 0,
+        Err(e) => {
+            out.error(&e);
+            e.code.exit_status()
+        }
+    }
+}
+
+/// The merged settings, with the logger started as they say.
+fn settings(args: &Args) -> Result<Settings> {
+    let s = Settings::from_args(args)?;
+    log::init(s.log_level, s.log_format);
+    Ok(s)
+}
+
+fn run(args: &Args, out: &Output, argv0: &str, raw: &[OsString]) -> Result<()> {
+    let command = args.command.clone().unwrap_or(Command::Help(None));
+    match command {
+        Command::Help(topic) => {
+            let text = match topic.as_deref() {
+                None => cli::USAGE,
+                Some(t) => cli::command_help(t).ok_or_else(|| {
+                    Error::usage(format!("no help for unknown command {t:?}"))
+                        .hint("see: pilot-gateway --help")
+                })?,
+            };
+            print!("{text}");
+            Ok(())
+        }
+        Command::Version => {
+            let v = env!("CARGO_PKG_VERSION");
+            out.ok(
+                Value::obj([("version", Value::from(v))]),
+                &format!("pilot-gateway {v}\n"),
+            );
+            Ok(())
+        }
+        Command::Start { targets, legacy } => start(args, out, targets, legacy, argv0, raw),
+        Command::Map { target, ip } => map(args, out, &target, ip.as_deref()),
+        Command::Unmap { ip } => unmap(args, out, &ip),
+        Command::List => list(args, out),
+        Command::Status => status(args, out),
+        Command::Stop => stop(args, out),
+    }
+}
+
+fn parse_secs(flag: &str, text: Option<&str>, default: f64) -> Result<Duration> {
+    let Some(text) = text else {
+        return Ok(Duration::from_secs_f64(default));
+    };
+    match text.trim_end_matches('s').parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
+        _ => Err(Error::invalid(format!(
+            "{flag} {text:?} is not a number of seconds between 0 and 86400"
+        ))
+        .hint(format!("for example: {flag} 10"))),
+    }
+}
+
+fn start(
+    args: &Args,
+    out: &Output,
+    targets: Vec<Target>,
+    legacy: bool,
+    argv0: &str,
+    raw: &[OsString],
+) -> Result<()> {
+    let cfg = start_config(args, &targets)?;
+    if background::is_detached() {
+        return background::run_detached(cfg, targets);
+    }
+    if args.foreground || legacy {
+        return gateway::run(cfg, targets, &mut |report| {
+            let data = output::report_json(report);
+            out.warnings(&report.warnings);
+            out.ok(data.clone(), &output::start_text(&data));
+        });
+    }
+    let data = background::spawn(&cfg, argv0, raw)?;
+    let warnings: Vec<String> = data
+        .get("warnings")
+        .and_then(Value::as_array)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|w| w.as_str().map(str::to_string))
+        .collect();
+    out.warnings(&warnings);
+    out.ok(data.clone(), &output::start_text(&data));
+    Ok(())
+}
+
+/// Checks every argument of `start` before anything is touched.
+fn start_config(args: &Args, targets: &[Target]) -> Result<gateway::Config> {
+    let s = settings(args)?;
+    let subnet = subnet::parse_subnet(&s.subnet, args.allow_any_subnet)?;
+    let ports = subnet::parse_ports(&s.ports)?;
+    let max_conns = match &args.max_conns {
+        None => 1000,
+        Some(t) => t
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| (1..=1_000_000).contains(&n))
+            .ok_or_else(|| {
+                Error::invalid(format!("--max-conns {t:?} is not a number from 1 to 1000000"))
+                    .hint("for example: --max-conns 1000")
+            })?,
+    };
+    let dial_timeout = parse_secs("--dial-timeout", args.dial_timeout.as_deref(), 10.0)?;
+    let idle_timeout = parse_secs("--idle-timeout", args.idle_timeout.as_deref(), 300.0)?;
+    let access_format = match &args.access_log_format {
+        None => Format::Text,
+        Some(f) => Format::parse(f).ok_or_else(|| {
+            Error::invalid(format!("invalid --access-log-format {f:?}")).hint("use text or json")
+        })?,
+    };
+    for t in targets {
+        if PilotAddr::looks_like_address(&t.name) {
+            daemon::resolve_target(None, &t.name)?;
+        }
+        if let Some(ip) = t.ip {
+            subnet::parse_local_ip(&ip.to_string(), subnet)?;
+        }
+    }
+    Ok(gateway::Config {
+        socket: s.socket,
+        socket_source: s.socket_source,
+        state_dir: s.state_dir,
+        subnet,
+        ports,
+        max_conns,
+        dial_timeout,
+        idle_timeout,
+        access_log: args.access_log.clone().map(|p| (p, access_format)),
+        user: args.user.clone(),
+        no_user_switch: args.no_user_switch,
+    })
+}
+
+/// Opens the state directory and returns the running gateway's state, or
+/// `not_running` (saying so when a dead gateway left state behind).
+fn running(args: &Args) -> Result<(StateDir, State)> {
+    let s = settings(args)?;
+    let dir = StateDir::open(&s.state_dir, false)?;
+    let st = dir.read()?.ok_or_else(|| {
+        Error::new(
+            Code::NotRunning,
+            format!("no gateway is running (state directory {})", dir.path.display()),
+        )
+        .hint("start one with: pilot-gateway start")
+    })?;
+    check_alive(&st)?;
+    Ok((dir, st))
+}
+
+fn check_alive(st: &State) -> Result<()> {
+    if st.gateway.is_alive() {
+        return Ok(());
+    }
+    let leftovers: Vec<String> = st
+        .mappings
+        .iter()
+        .filter(|m| m.alias_added)
+        .map(|m| m.local_ip.to_string())
+        .collect();
+    let note = if leftovers.is_empty() {
+        String::new()
+    } else {
+        format!("; it left aliases behind ({})", leftovers.join(", "))
+    };
+    Err(Error::new(
+        Code::NotRunning,
+        format!(
+            "the gateway (pid {}) is not running: it exited without cleaning up{note}",
+            st.gateway.pid
+        ),
+    )
+    .hint("`pilot-gateway start` cleans up what it left and starts fresh"))
+}
+
+/// Signals the gateway, explaining a refusal.
+fn signal(st: &State, sig: i32) -> Result<()> {
+    st.gateway.signal(sig).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EPERM) {
+            let who = st.user.clone().unwrap_or_else(|| "another user".into());
+            Error::new(
+                Code::PermissionDenied,
+                format!(
+                    "not allowed to signal the gateway (pid {}, running as {who})",
+                    st.gateway.pid
+                ),
+            )
+            .hint("run the command as root or as the gateway's user")
+        } else {
+            Error::new(
+                Code::NotRunning,
+                format!("the gateway (pid {}) is gone: {e}", st.gateway.pid),
+            )
+            .hint("start one with: pilot-gateway start")
+        }
+    })
+}
+
+/// Waits until the gateway has applied `generation`; returns its state.
+fn wait_applied(dir: &StateDir, gw: ProcId, generation: u64) -> Result<State> {
+    let deadline = Instant::now() + APPLY_WAIT;
+    loop {
+        let st = dir.read()?;
+        match st {
+            Some(st) if st.gateway == gw && st.applied >= generation => return Ok(st),
+            Some(st) if st.gateway == gw && gw.is_alive() => {}
+            _ => {
+                return Err(Error::new(
+                    Code::NotRunning,
+                    format!("the gateway (pid {}) exited before applying the change", gw.pid),
+                )
+                .hint(format!("see {}", dir.log_file().display())))
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::new(
+                Code::Timeout,
+                format!(
+                    "the gateway (pid {}) did not apply the change within {APPLY_WAIT:?}; it stays requested",
+                    gw.pid
+                ),
+            )
+            .hint(format!("see {}", dir.log_file().display())));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn map(args: &Args, out: &Output, target: &str, ip: Option<&str>) -> Result<()> {
+    let (dir, st) = running(args)?;
+    let mut warnings = Vec::new();
+    if let Some(sub) = &args.subnet {
+        if subnet::parse_subnet(sub, true).ok() != Some(st.subnet) {
+            warnings.push(format!(
+                "--subnet {sub} ignored: the running gateway uses {}",
+                st.subnet
+            ));
+        }
+    }
+    let (addr, hostname) = ask_daemon(&st, target, &mut warnings)?;
+    let wanted_ip = ip.map(|t| subnet::parse_local_ip(t, st.subnet)).transpose()?;
+
+    let lock = dir.lock()?;
+    let mut st = dir
+        .read()?
+        .ok_or_else(|| Error::new(Code::NotRunning, "the gateway stopped meanwhile"))?;
+    check_alive(&st)?;
+    if let Some(m) = st.find_addr(addr).cloned() {
+        drop(lock);
+        if wanted_ip.is_some_and(|ip| ip != m.local_ip) {
+            return Err(Error::new(
+                Code::AlreadyExists,
+                format!("{addr} is already mapped to {}", m.local_ip),
+            )
+            .hint(format!("unmap it first: pilot-gateway unmap {}", m.local_ip)));
+        }
+        // Already mapped (perhaps by a command still waiting): same answer.
+        let st = wait_applied(&dir, st.gateway, m.generation)?;
+        if let Some(e) = st.failure(m.generation) {
+            return Err(e.clone());
+        }
+        return report_map(out, &m, warnings, true);
+    }
+    let local_ip = match wanted_ip {
+        Some(ip) => {
+            if let Some(other) = st.find_ip(ip) {
+                return Err(Error::new(
+                    Code::AlreadyExists,
+                    format!("local IP {ip} is already mapped to {}", other.pilot_addr),
+                )
+                .hint("choose another IP, or leave it out to get the next free one"));
+            }
+            ip
+        }
+        None => subnet::next_free(st.subnet, &st.used_ips())?,
+    };
+    st.generation += 1;
+    let m = Mapping {
+        local_ip,
+        pilot_addr: addr,
+        hostname,
+        alias_added: false,
+        generation: st.generation,
+    };
+    st.mappings.push(m.clone());
+    dir.write(&st)?;
+    drop(lock);
+    signal(&st, libc::SIGHUP)?;
+    let st = wait_applied(&dir, st.gateway, m.generation)?;
+    if let Some(e) = st.failure(m.generation) {
+        return Err(e.clone());
+    }
+    report_map(out, &m, warnings, false)
+}
+
+/// Resolves `target` and checks trust, before the lock is taken: these
+/// ask the daemon. A pilot address needs no daemon to resolve, so an
+/// unreachable daemon only costs the trust check then.
+fn ask_daemon(st: &State, target: &str, warnings: &mut Vec<String>) -> Result<(PilotAddr, Option<String>)> {
+    let mut session =
+        daemon::probe(&st.socket, "from the state file", Duration::from_secs(5)).map(|(s, _)| s);
+    let (addr, hostname) = match &mut session {
+        Ok(s) => daemon::resolve_target(Some(s), target)?,
+        Err(e) if !PilotAddr::looks_like_address(target) => return Err(e.clone()),
+        Err(_) => daemon::resolve_target(None, target)?,
+    };
+    match &mut session {
+        Ok(s) => warnings.extend(daemon::trust_warnings(s, &[addr])),
+        Err(e) => warnings.push(format!("could not check trust: {}", e.message)),
+    }
+    Ok((addr, hostname))
+}
+
+fn report_map(out: &Output, m: &Mapping, warnings: Vec<String>, existing: bool) -> Result<()> {
+    let mut data = output::mapping_json(m);
+    if let Value::Obj(pairs) = &mut data {
+        pairs.push(("already_mapped".into(), existing.into()));
+        pairs.push(("warnings".into(), warnings.clone().into()));
+    }
+    out.warnings(&warnings);
+    let note = if existing { " (already mapped)" } else { "" };
+    out.ok(data.clone(), &format!("{}{note}\n", output::mapping_line(&data)));
+    Ok(())
+}
+
+fn unmap(args: &Args, out: &Output, ip_text: &str) -> Result<()> {
+    let ip: Ipv4Addr = ip_text.parse().map_err(|_| {
+        Error::invalid(format!(
+            "invalid local IP {ip_text:?}: expected an IPv4 address such as 10.4.0.1"
+        ))
+        .hint("see the mapped IPs with: pilot-gateway list")
+    })?;
+    let (dir, _) = running(args)?;
+    let lock = dir.lock()?;
+    let mut st = dir
+        .read()?
+        .ok_or_else(|| Error::new(Code::NotRunning, "the gateway stopped meanwhile"))?;
+    check_alive(&st)?;
+    let Some(m) = st.find_ip(ip).cloned() else {
+        return Err(Error::new(Code::NotFound, format!("no mapping for {ip}"))
+            .hint("see the mapped IPs with: pilot-gateway list"));
+    };
+    st.mappings.retain(|x| x.local_ip != ip);
+    st.generation += 1;
+    let generation = st.generation;
+    dir.write(&st)?;
+    drop(lock);
+    signal(&st, libc::SIGHUP)?;
+    wait_applied(&dir, st.gateway, generation)?;
+    let data = output::mapping_json(&m);
+    out.ok(data, &format!("unmapped {} → {}\n", m.local_ip, m.pilot_addr));
+    Ok(())
+}
+
+/// Asks the gateway for fresh counters (SIGUSR2) and reads them.
+fn fetch_stats(dir: &StateDir, st: &State) -> Result<Stats> {
+    let before = dir.read_stats().ok().flatten().map(|s| s.seq);
+    signal(st, libc::SIGUSR2)?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut unreadable = None;
+    loop {
+        match dir.read_stats() {
+            Ok(Some(s)) if Some(s.seq) != before && s.pid == st.gateway.pid => return Ok(s),
+            Ok(_) => {}
+            Err(e) => unreadable = Some(e),
+        }
+        if Instant::now() >= deadline || !st.gateway.is_alive() {
+            return Err(unreadable.unwrap_or_else(|| {
+                Error::new(
+                    Code::Timeout,
+                    format!("the gateway (pid {}) did not report its counters", st.gateway.pid),
+                )
+                .hint(format!("see {}", dir.log_file().display()))
+            }));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn list(args: &Args, out: &Output) -> Result<()> {
+    let (dir, st) = running(args)?;
+    let stats = fetch_stats(&dir, &st)?;
+    let (data, text) = output::list(&st, &stats);
+    out.ok(data, &text);
+    Ok(())
+}
+
+fn status(args: &Args, out: &Output) -> Result<()> {
+    let (dir, st) = running(args)?;
+    let stats = fetch_stats(&dir, &st)?;
+    let (data, text) = output::status(&st, &stats);
+    out.ok(data, &text);
+    Ok(())
+}
+
+fn stop(args: &Args, out: &Output) -> Result<()> {
+    let (dir, st) = running(args)?;
+    signal(&st, libc::SIGTERM)?;
+    let deadline = Instant::now() + STOP_WAIT;
+    while st.gateway.is_alive() {
+        if Instant::now() >= deadline {
+            return Err(Error::new(
+                Code::Timeout,
+                format!(
+                    "the gateway (pid {}) did not exit within {STOP_WAIT:?}",
+                    st.gateway.pid
+                ),
+            )
+            .hint(format!(
+                "see {}; `kill -9 {}` forces it, and the next start cleans up",
+                dir.log_file().display(),
+                st.gateway.pid
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let left: Vec<String> = st
+        .mappings
+        .iter()
+        .filter(|m| m.alias_added && subnet::is_local_address(m.local_ip).unwrap_or(false))
+        .map(|m| m.local_ip.to_string())
+        .collect();
+    if !left.is_empty() {
+        return Err(Error::internal(format!(
+            "the gateway (pid {}) exited but its aliases are still there: {}",
+            st.gateway.pid,
+            left.join(", ")
+        ))
+        .hint("`pilot-gateway start` removes them, or `ip addr del IP/32 dev lo`"));
+    }
+    out.ok(
+        Value::obj([("pid", Value::from(st.gateway.pid)), ("stopped", true.into())]),
+        &format!("gateway stopped (pid {})\n", st.gateway.pid),
+    );
+    Ok(())
+}

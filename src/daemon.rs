@@ -1,0 +1,134 @@
+//! Questions the gateway and its commands ask the daemon: is it there
+//! (Health, or Info on older daemons), what does a hostname resolve to,
+//! which peers does it trust. Each opens or borrows one IPC session and
+//! turns the daemon's answers into the crate's errors.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::address::PilotAddr;
+use crate::error::{Code, Error, Result};
+use crate::ipc::{IpcError, Session};
+use crate::json::Value;
+
+/// Connects to the daemon and checks that it answers: Health on newer
+/// daemons, Info on older ones (which answer Health with an Error frame).
+pub fn probe(socket: &Path, source: &str, timeout: Duration) -> Result<(Session, Value)> {
+    let unreachable = |e: &dyn std::fmt::Display| {
+        Error::new(
+            Code::DaemonUnreachable,
+            format!(
+                "cannot reach the Pilot daemon at {} ({source}): {e}",
+                socket.display()
+            ),
+        )
+        .hint("start the Pilot daemon, or point to its socket with --socket PATH (or PILOT_SOCKET)")
+    };
+    let mut s = Session::connect(socket).map_err(|e| unreachable(&e))?;
+    s.set_timeout(Some(timeout)).map_err(|e| unreachable(&e))?;
+    let answer = match s.health() {
+        Ok(v) => Ok(v),
+        Err(IpcError::Daemon(_)) | Err(IpcError::Unexpected { .. }) => s.info(),
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok(v) => Ok((s, v)),
+        Err(e) if e.is_closed() => Err(Error::new(
+            Code::PermissionDenied,
+            format!(
+                "the Pilot daemon at {} ({source}) closed the session without answering: newer daemons accept only clients running as their own user{}",
+                socket.display(),
+                socket_owner_note(socket)
+            ),
+        )
+        .hint("run the gateway as the daemon's user (as root it switches automatically unless --no-user-switch; or pass --user NAME)")),
+        Err(e) if e.is_timeout() => Err(Error::new(
+            Code::Timeout,
+            format!("the Pilot daemon at {} ({source}) did not answer within {timeout:?}", socket.display()),
+        )
+        .hint("check that the daemon is healthy")),
+        Err(e) => Err(unreachable(&e)),
+    }
+}
+
+fn socket_owner_note(socket: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(socket) {
+        Ok(m) => {
+            let owner = crate::sys::user_by_uid(m.uid()).map_or(format!("uid {}", m.uid()), |u| u.name);
+            format!(
+                " (the socket belongs to {owner}; we run as uid {})",
+                crate::sys::euid()
+            )
+        }
+        Err(_) => String::new(),
+    }
+}
+
+/// Checks `addrs` against the daemon's trusted peers; one warning per
+/// untrusted address, or one saying the list could not be read.
+pub fn trust_warnings(session: &mut Session, addrs: &[PilotAddr]) -> Vec<String> {
+    match session.trusted_peers() {
+        Ok(trusted) => addrs
+            .iter()
+            .filter(|a| !trusted.contains(a))
+            .map(|a| {
+                format!(
+                    "{a} is not a trusted peer of this node; connections to it will fail until trust is established (pilotctl handshake {a})"
+                )
+            })
+            .collect(),
+        Err(e) => vec![format!("could not check trust with the daemon: {e}")],
+    }
+}
+
+/// Resolves a target name: a strict pilot address, or a hostname looked up
+/// through the daemon.
+pub fn resolve_target(session: Option<&mut Session>, name: &str) -> Result<(PilotAddr, Option<String>)> {
+    let addr = if PilotAddr::looks_like_address(name) {
+        name.parse::<PilotAddr>().map_err(|e| {
+            Error::invalid(e.to_string())
+                .hint("pilot addresses look like 0:0000.0000.0004 (see: pilotctl info)")
+        })?
+    } else {
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.' || c == b'_');
+        if !valid {
+            return Err(
+                Error::invalid(format!("{name:?} is neither a pilot address nor a hostname"))
+                    .hint("pilot addresses look like 0:0000.0000.0004; hostnames like lab-b"),
+            );
+        }
+        let session = session.ok_or_else(|| Error::internal("no daemon session to resolve hostnames"))?;
+        let addr = session.resolve(name).map_err(|e| match e {
+            IpcError::Daemon(msg) => {
+                Error::new(Code::NotFound, format!("cannot resolve hostname {name:?}: {msg}"))
+                    .hint("check the name with: pilotctl find NAME")
+            }
+            e => Error::new(
+                Code::DaemonUnreachable,
+                format!("cannot resolve hostname {name:?}: {e}"),
+            ),
+        })?;
+        return check_mappable(addr).map(|a| (a, Some(name.to_string())));
+    };
+    check_mappable(addr).map(|a| (a, None))
+}
+
+fn check_mappable(addr: PilotAddr) -> Result<PilotAddr> {
+    if addr.is_broadcast() {
+        return Err(
+            Error::invalid(format!("{addr} is a broadcast address; map a single node"))
+                .hint("broadcast addresses carry no TCP streams"),
+        );
+    }
+    if addr.is_zero() {
+        return Err(Error::invalid(format!(
+            "{addr} is the zero address, which names no node"
+        )));
+    }
+    Ok(addr)
+}

@@ -1,0 +1,243 @@
+//! How results are shown: the JSON envelopes (`{"status":"ok","data":…}`
+//! and the error form with code, message and hint) and the text for
+//! people, for every command's result.
+
+use std::io::Write;
+
+use crate::error::{Code, Error};
+use crate::gateway::Report;
+use crate::json::Value;
+use crate::state::{Mapping, State};
+use crate::stats::Stats;
+use crate::subnet;
+
+/// Prints results and errors in the chosen form.
+pub struct Output {
+    pub json: bool,
+}
+
+impl Output {
+    /// `{"status":"ok","data":…}` on stdout, or the text for people.
+    pub fn ok(&self, data: Value, text: &str) {
+        let mut stdout = std::io::stdout().lock();
+        let _ = if self.json {
+            writeln!(
+                stdout,
+                "{}",
+                Value::obj([("status", Value::from("ok")), ("data", data)])
+            )
+        } else {
+            write!(stdout, "{text}")
+        };
+        let _ = stdout.flush();
+    }
+
+    pub fn error(&self, e: &Error) {
+        let mut stderr = std::io::stderr().lock();
+        let _ = if self.json {
+            writeln!(stderr, "{}", error_json(e))
+        } else {
+            let hint = e
+                .hint
+                .as_ref()
+                .map(|h| format!("hint: {h}\n"))
+                .unwrap_or_default();
+            write!(stderr, "error: {}\n{hint}", e.message)
+        };
+    }
+
+    /// Warnings go to stderr in text mode; in JSON they are in `data`.
+    pub fn warnings(&self, warnings: &[String]) {
+        if !self.json {
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+        }
+    }
+}
+
+/// The JSON error envelope; `error` repeats the message, as upstream does.
+pub fn error_json(e: &Error) -> Value {
+    let mut v = vec![
+        ("status", Value::from("error")),
+        ("code", e.code.as_str().into()),
+        ("message", e.message.clone().into()),
+        ("error", e.message.clone().into()),
+    ];
+    if let Some(h) = &e.hint {
+        v.push(("hint", h.clone().into()));
+    }
+    Value::obj(v)
+}
+
+/// Reads an error envelope back (from the background gateway).
+pub fn error_from_json(v: &Value) -> Error {
+    let text = |k| v.get(k).and_then(Value::as_str).map(str::to_string);
+    let mut e = Error::new(
+        Code::from_name(&text("code").unwrap_or_default()),
+        text("message").unwrap_or_else(|| "the gateway failed to start".into()),
+    );
+    e.hint = text("hint");
+    e
+}
+
+/// The text form of a start report (rendered from its JSON, so that the
+/// foreground and background paths print the same).
+pub fn start_text(data: &Value) -> String {
+    let get = |k| {
+        data.get(k)
+            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+            .unwrap_or_default()
+    };
+    let mut text = String::new();
+    for c in data.get("cleaned").and_then(Value::as_array).unwrap_or_default() {
+        text += &format!(
+            "removed leftover alias {} of a gateway that exited without cleanup\n",
+            c.as_str().unwrap_or("?")
+        );
+    }
+    for m in data.get("mappings").and_then(Value::as_array).unwrap_or_default() {
+        text += &mapping_line(m);
+        text.push('\n');
+    }
+    let ports: Vec<String> = data
+        .get("ports")
+        .and_then(Value::as_array)
+        .unwrap_or_default()
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    text += &format!("gateway running (pid {})\n", get("pid"));
+    text += &format!("  subnet: {}\n  ports: {}\n", get("subnet"), ports.join(","));
+    if let Some(user) = data.get("user").and_then(Value::as_str) {
+        let caps: Vec<&str> = data
+            .get("capabilities")
+            .and_then(Value::as_array)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        text += &format!("  running as user {user} with capabilities {}\n", caps.join(", "));
+    }
+    text
+}
+
+pub fn mapping_line(m: &Value) -> String {
+    let s = |k| m.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+    let host = m
+        .get("hostname")
+        .and_then(Value::as_str)
+        .map(|h| format!(" ({h})"))
+        .unwrap_or_default();
+    format!("mapped {} → {}{host}", s("local_ip"), s("pilot_addr"))
+}
+
+/// The JSON form of a start report.
+pub fn report_json(r: &Report) -> Value {
+    Value::obj([
+        ("pid", r.pid.into()),
+        ("subnet", r.subnet.to_string().into()),
+        ("ports", Value::Arr(r.ports.iter().map(|&p| p.into()).collect())),
+        (
+            "mappings",
+            Value::Arr(r.mappings.iter().map(mapping_json).collect()),
+        ),
+        ("socket", r.socket.display().to_string().into()),
+        ("user", r.user.clone().into()),
+        ("capabilities", r.capabilities.clone().into()),
+        ("warnings", r.warnings.clone().into()),
+        ("cleaned", r.cleaned.clone().into()),
+    ])
+}
+
+/// A mapping as commands report it.
+pub fn mapping_json(m: &Mapping) -> Value {
+    let mut v = vec![
+        ("local_ip", Value::from(m.local_ip.to_string())),
+        ("pilot_addr", m.pilot_addr.to_string().into()),
+    ];
+    if let Some(h) = &m.hostname {
+        v.push(("hostname", h.clone().into()));
+    }
+    Value::obj(v)
+}
+
+/// `list`: every mapping with its counters, as JSON data and as text.
+pub fn list(st: &State, stats: &Stats) -> (Value, String) {
+    let mut text = String::new();
+    let mut rows = Vec::new();
+    for m in &st.mappings {
+        let c = stats.mapping(m.local_ip);
+        let mut row = mapping_json(m);
+        if let Value::Obj(pairs) = &mut row {
+            for (k, n) in c.fields().into_iter().filter(|(k, _)| *k != "idle_timeouts") {
+                pairs.push((k.into(), n.into()));
+            }
+        }
+        let host = m.hostname.as_ref().map(|h| format!(" ({h})")).unwrap_or_default();
+        text += &format!(
+            "{} → {}{host}  active {} total {} up {} B down {} B\n",
+            m.local_ip, m.pilot_addr, c.active, c.total, c.bytes_up, c.bytes_down
+        );
+        rows.push(row);
+    }
+    if rows.is_empty() {
+        text = "no mappings\n".into();
+    } else {
+        text += &format!("total: {}\n", rows.len());
+    }
+    let n = rows.len();
+    (
+        Value::obj([("mappings", Value::Arr(rows)), ("total", n.into())]),
+        text,
+    )
+}
+
+/// `status`: the gateway, its daemon and its totals, as JSON data and text.
+pub fn status(st: &State, stats: &Stats) -> (Value, String) {
+    let t = &stats.totals;
+    let reachable = stats
+        .daemon
+        .get("reachable")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let mut data = vec![
+        ("running", Value::from(true)),
+        ("pid", st.gateway.pid.into()),
+        ("uptime_secs", stats.uptime_secs.into()),
+        ("socket", st.socket.display().to_string().into()),
+        ("daemon_reachable", reachable.into()),
+        ("daemon", stats.daemon.clone()),
+        ("subnet", st.subnet.to_string().into()),
+        ("ports", Value::Arr(st.ports.iter().map(|&p| p.into()).collect())),
+        ("user", st.user.clone().into()),
+        ("mappings", st.mappings.len().into()),
+        ("max_conns", st.max_conns.into()),
+    ];
+    data.extend(t.json_pairs());
+    data.push(("refused", stats.refused.into()));
+    let daemon_text = if reachable {
+        "reachable".to_string()
+    } else {
+        let why = stats.daemon.get("error").and_then(Value::as_str).unwrap_or("?");
+        format!("unreachable: {why}")
+    };
+    let text = format!(
+        "gateway running (pid {}, up {}s)\n  socket: {} (daemon {daemon_text})\n  subnet: {}\n  ports: {}\n  mappings: {}\n  connections: active {} (max {}), total {}, refused {}, failed dials {}, idle timeouts {}\n  bytes: up {}, down {}\n",
+        st.gateway.pid,
+        stats.uptime_secs,
+        st.socket.display(),
+        st.subnet,
+        subnet::format_ports(&st.ports),
+        st.mappings.len(),
+        t.active,
+        st.max_conns,
+        t.total,
+        stats.refused,
+        t.dial_failures,
+        t.idle_timeouts,
+        t.bytes_up,
+        t.bytes_down,
+    );
+    (Value::obj(data), text)
+}

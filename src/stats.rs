@@ -1,0 +1,242 @@
+//! The live counters: `Counters` for one group of connections (a mapping
+//! today; an exposure can keep its own), and `Stats`, the snapshot the
+//! gateway writes to `stats.json` on SIGUSR2 and the commands read back.
+//!
+//! Writer and reader share these types and so the key names: a field the
+//! reader cannot find is an error that names it, never a silent 0.
+//!
+//! `stats.json` (one object):
+//!
+//! | key                  | what                                              |
+//! |----------------------|---------------------------------------------------|
+//! | `seq`                | bumped on every write, so a reader sees a new one |
+//! | `pid`                | the gateway that wrote it                         |
+//! | `uptime_secs`        | since the gateway started                         |
+//! | the `Counters` keys  | totals over every mapping                         |
+//! | `refused`            | connections refused at `--max-conns`              |
+//! | `max_conns`          | the limit                                         |
+//! | `access_log_dropped` | access-log lines dropped because the writer lagged |
+//! | `daemon`             | `{reachable, reply}` or `{reachable:false, error}` |
+//! | `mappings`           | `[{local_ip, pilot_addr, …Counters keys}]`        |
+
+use std::net::Ipv4Addr;
+use std::ops::AddAssign;
+
+use crate::address::PilotAddr;
+use crate::json::Value;
+
+/// Counters of one group of connections: live ones plus what finished ones
+/// moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Connections open now.
+    pub active: u64,
+    /// Connections accepted (and not refused) so far.
+    pub total: u64,
+    /// Bytes client→agent.
+    pub bytes_up: u64,
+    /// Bytes agent→client.
+    pub bytes_down: u64,
+    pub dial_failures: u64,
+    pub idle_timeouts: u64,
+}
+
+impl AddAssign for Counters {
+    fn add_assign(&mut self, o: Counters) {
+        self.active += o.active;
+        self.total += o.total;
+        self.bytes_up += o.bytes_up;
+        self.bytes_down += o.bytes_down;
+        self.dial_failures += o.dial_failures;
+        self.idle_timeouts += o.idle_timeouts;
+    }
+}
+
+impl Counters {
+    /// The counters under their JSON keys, in output order.
+    pub fn fields(&self) -> [(&'static str, u64); 6] {
+        [
+            ("active", self.active),
+            ("total", self.total),
+            ("bytes_up", self.bytes_up),
+            ("bytes_down", self.bytes_down),
+            ("dial_failures", self.dial_failures),
+            ("idle_timeouts", self.idle_timeouts),
+        ]
+    }
+
+    /// The JSON pairs, to put into an object beside other keys.
+    pub fn json_pairs(&self) -> Vec<(&'static str, Value)> {
+        self.fields().iter().map(|&(k, n)| (k, n.into())).collect()
+    }
+
+    /// Reads the counters from an object that holds their keys.
+    pub fn from_json(v: &Value) -> Result<Counters, String> {
+        Ok(Counters {
+            active: num(v, "active")?,
+            total: num(v, "total")?,
+            bytes_up: num(v, "bytes_up")?,
+            bytes_down: num(v, "bytes_down")?,
+            dial_failures: num(v, "dial_failures")?,
+            idle_timeouts: num(v, "idle_timeouts")?,
+        })
+    }
+}
+
+/// The counters of one mapping, as `stats.json` lists them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MappingStats {
+    pub local_ip: Ipv4Addr,
+    pub pilot_addr: PilotAddr,
+    pub counters: Counters,
+}
+
+/// One `stats.json` snapshot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stats {
+    pub seq: u64,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    /// The sum over `mappings`.
+    pub totals: Counters,
+    pub refused: u64,
+    pub max_conns: u64,
+    pub access_log_dropped: u64,
+    /// The daemon's health as the gateway saw it when writing.
+    pub daemon: Value,
+    pub mappings: Vec<MappingStats>,
+}
+
+impl Stats {
+    /// The counters of the mapping on `ip` (zero for one that is not up).
+    pub fn mapping(&self, ip: Ipv4Addr) -> Counters {
+        self.mappings
+            .iter()
+            .find(|m| m.local_ip == ip)
+            .map(|m| m.counters)
+            .unwrap_or_default()
+    }
+
+    pub fn to_json(&self) -> Value {
+        let mappings = self
+            .mappings
+            .iter()
+            .map(|m| {
+                let mut v = vec![
+                    ("local_ip", Value::from(m.local_ip.to_string())),
+                    ("pilot_addr", m.pilot_addr.to_string().into()),
+                ];
+                v.extend(m.counters.json_pairs());
+                Value::obj(v)
+            })
+            .collect();
+        let mut v = vec![
+            ("seq", Value::from(self.seq)),
+            ("pid", self.pid.into()),
+            ("uptime_secs", self.uptime_secs.into()),
+        ];
+        v.extend(self.totals.json_pairs());
+        v.extend([
+            ("refused", self.refused.into()),
+            ("max_conns", self.max_conns.into()),
+            ("access_log_dropped", self.access_log_dropped.into()),
+            ("daemon", self.daemon.clone()),
+            ("mappings", Value::Arr(mappings)),
+        ]);
+        Value::obj(v)
+    }
+
+    /// Reads a snapshot; the error names the field that is wrong.
+    pub fn from_json(v: &Value) -> Result<Stats, String> {
+        let mut mappings = Vec::new();
+        for m in v
+            .get("mappings")
+            .and_then(Value::as_array)
+            .ok_or("\"mappings\" is missing or not a list")?
+        {
+            let text = |k: &str| {
+                m.get(k)
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| format!("a mapping lacks \"{k}\""))
+            };
+            mappings.push(MappingStats {
+                local_ip: text("local_ip")?
+                    .parse()
+                    .map_err(|_| "a mapping has a bad \"local_ip\"".to_string())?,
+                pilot_addr: text("pilot_addr")?.parse().map_err(|e| format!("{e}"))?,
+                counters: Counters::from_json(m)?,
+            });
+        }
+        Ok(Stats {
+            seq: num(v, "seq")?,
+            pid: u32::try_from(num(v, "pid")?).map_err(|_| "\"pid\" is out of range")?,
+            uptime_secs: num(v, "uptime_secs")?,
+            totals: Counters::from_json(v)?,
+            refused: num(v, "refused")?,
+            max_conns: num(v, "max_conns")?,
+            access_log_dropped: num(v, "access_log_dropped")?,
+            daemon: v.get("daemon").cloned().ok_or("\"daemon\" is missing")?,
+            mappings,
+        })
+    }
+}
+
+fn num(v: &Value, key: &str) -> Result<u64, String> {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| format!("\"{key}\" is missing or not a whole number"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Stats {
+        let c = Counters {
+            active: 1,
+            total: 2,
+            bytes_up: 3,
+            bytes_down: 4,
+            dial_failures: 5,
+            idle_timeouts: 6,
+        };
+        let mut totals = Counters::default();
+        totals += c;
+        totals += c;
+        Stats {
+            seq: 9,
+            pid: 42,
+            uptime_secs: 7,
+            totals,
+            refused: 8,
+            max_conns: 1000,
+            access_log_dropped: 0,
+            daemon: Value::obj([("reachable", Value::from(true))]),
+            mappings: vec![MappingStats {
+                local_ip: Ipv4Addr::new(10, 4, 0, 1),
+                pilot_addr: PilotAddr::new(0, 4),
+                counters: c,
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trip_and_sums() {
+        let s = sample();
+        assert_eq!(s.totals.bytes_down, 8);
+        let text = s.to_json().to_string();
+        assert_eq!(Stats::from_json(&crate::json::parse(&text).unwrap()).unwrap(), s);
+        assert_eq!(s.mapping(Ipv4Addr::new(10, 4, 0, 1)).total, 2);
+        assert_eq!(s.mapping(Ipv4Addr::new(10, 4, 0, 2)), Counters::default());
+    }
+
+    #[test]
+    fn a_missing_counter_is_named_not_zero() {
+        let text = sample()
+            .to_json()
+            .to_string()
+            .replace("\"bytes_up\"", "\"bytes_upp\"");
+        let e = Stats::from_json(&crate::json::parse(&text).unwrap()).unwrap_err();
+        assert!(e.contains("bytes_up"), "{e}");
+    }
+}
