@@ -4,9 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PGW_BENCH_INSIDE:-}" ]; then
-    if ! command -v socat >/dev/null; then
-        apt-get install -y -qq socat >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq socat >/dev/null; }
-    fi
+    bash scripts/deps.sh bench
     cargo build --release --quiet --bins --example bench
     exec env PGW_BENCH_INSIDE=1 unshare --net bash "$0"
 fi
