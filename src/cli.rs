@@ -48,6 +48,7 @@ const START_FLAGS: &[&str] = &[
     "max-conns",
     "dial-timeout",
     "idle-timeout",
+    "half-closed-timeout",
     "access-log",
     "access-log-format",
     "user",
@@ -92,6 +93,7 @@ pub struct Args {
     pub max_conns: Option<String>,
     pub dial_timeout: Option<String>,
     pub idle_timeout: Option<String>,
+    pub half_closed_timeout: Option<String>,
     pub access_log: Option<String>,
     pub access_log_format: Option<String>,
     pub user: Option<String>,
@@ -234,6 +236,7 @@ fn read_flags(a: &mut Args, args: Vec<OsString>) -> Result<(Vec<String>, bool)> 
             Long("max-conns") => a.max_conns = Some(text(&mut p)?),
             Long("dial-timeout") => a.dial_timeout = Some(text(&mut p)?),
             Long("idle-timeout") => a.idle_timeout = Some(text(&mut p)?),
+            Long("half-closed-timeout") => a.half_closed_timeout = Some(text(&mut p)?),
             Long("access-log") => a.access_log = Some(text(&mut p)?),
             Long("access-log-format") => a.access_log_format = Some(text(&mut p)?),
             Long("user") => a.user = Some(text(&mut p)?),
@@ -392,6 +395,9 @@ Flags:
   --max-conns N          concurrent bridged connections (default 1000)
   --dial-timeout SECS    give up on a dial after SECS (default 10)
   --idle-timeout SECS    close a connection idle for SECS (default 300)
+  --half-closed-timeout SECS
+                         close a client that shut down its sending side (but
+                         did not close) after SECS without data (default 10)
   --access-log PATH      one line per finished connection (- for stderr)
   --access-log-format F  text (default) or json
   --user NAME            run as NAME, keeping only CAP_NET_ADMIN and CAP_NET_BIND_SERVICE
@@ -586,6 +592,7 @@ mod tests {
             "max-conns",
             "dial-timeout",
             "idle-timeout",
+            "half-closed-timeout",
             "access-log",
             "access-log-format",
             "user",
@@ -613,6 +620,7 @@ mod tests {
                         "max-conns" => a.max_conns,
                         "dial-timeout" => a.dial_timeout,
                         "idle-timeout" => a.idle_timeout,
+                        "half-closed-timeout" => a.half_closed_timeout,
                         "access-log" => a.access_log,
                         "access-log-format" => a.access_log_format,
                         _ => a.user,

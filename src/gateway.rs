@@ -54,6 +54,7 @@ pub struct Config {
     pub max_conns: usize,
     pub dial_timeout: Duration,
     pub idle_timeout: Duration,
+    pub half_closed_timeout: Duration,
     /// `--access-log PATH` (`-` for stderr) and its format; opened after
     /// any user switch, so rotation reopens work as the same user.
     pub access_log: Option<(String, crate::log::Format)>,
@@ -293,6 +294,7 @@ fn conn_settings(cfg: &Config) -> ConnSettings {
         max_conns: cfg.max_conns,
         dial_timeout: cfg.dial_timeout,
         idle_timeout: cfg.idle_timeout,
+        half_closed_timeout: cfg.half_closed_timeout,
     }
 }
 
@@ -312,6 +314,7 @@ impl Gateway {
             subnet: cfg.subnet,
             ports: cfg.ports.clone(),
             max_conns: cfg.max_conns,
+            half_closed_timeout: Some(cfg.half_closed_timeout),
             user: switched.map(|s| s.user.clone()),
             generation: 0,
             applied: 0,

@@ -200,6 +200,10 @@ pub struct FrameReader<R> {
     /// The size the buffer may grow to for throughput; beyond it only to
     /// hold one large frame, and back down once that frame is consumed.
     limit: usize,
+    /// The size it starts with, and never goes below when allocated again.
+    initial: usize,
+    /// The size to allocate again after [`release`](FrameReader::release).
+    regrow: usize,
 }
 
 impl<R: Read> FrameReader<R> {
@@ -218,6 +222,21 @@ impl<R: Read> FrameReader<R> {
             start: 0,
             end: 0,
             limit: limit.max(initial.max(8)),
+            initial: initial.max(8),
+            regrow: initial.max(8),
+        }
+    }
+
+    /// Gives the buffer back when no partial frame is pending in it, so an
+    /// idle session holds no memory; the next [`fill`](FrameReader::fill)
+    /// allocates half the size it had grown to (at least the initial
+    /// size): a busy stream grows it again within a few reads.
+    pub fn release(&mut self) {
+        if self.start == self.end && !self.buf.is_empty() {
+            self.regrow = (self.buf.len().min(self.limit) / 2).max(self.initial);
+            self.buf = Vec::new();
+            self.start = 0;
+            self.end = 0;
         }
     }
 
@@ -254,7 +273,9 @@ impl<R: Read> FrameReader<R> {
     /// is larger than it (and shrinks back to the limit once that frame is
     /// done), and doubles it up to the limit after a read that filled it.
     pub fn fill(&mut self) -> Result<(), IpcError> {
-        if self.start == self.end {
+        if self.buf.is_empty() {
+            self.buf = vec![0; self.regrow];
+        } else if self.start == self.end {
             self.start = 0;
             self.end = 0;
             if self.buf.len() > self.limit {
@@ -562,6 +583,34 @@ mod tests {
         let mut idle = FrameReader::growing(&close[..], 1024, 16 * 1024);
         idle.read_frame().unwrap();
         assert_eq!(idle.buffer().len(), 1024, "a reader that never fills stays small");
+    }
+
+    #[test]
+    fn reader_gives_its_buffer_back_only_between_frames() {
+        let two: Vec<u8> = (0..2)
+            .flat_map(|_| encode(cmd::RECV, &[&1u32.to_be_bytes(), &[7u8; 3000]]))
+            .collect();
+        // Byte by byte at first: a partial frame must survive a release.
+        let mut r = FrameReader::growing(&two[..], 1024, 16 * 1024);
+        r.fill().unwrap();
+        r.release();
+        assert!(!r.buffer().is_empty(), "a partial frame keeps the buffer");
+        let (_, range) = r.read_frame().unwrap();
+        assert_eq!(range.len(), 3004);
+        assert!(r.buffer()[range.start + 4..range.end].iter().all(|&b| b == 7));
+        let grown = r.buffer().len();
+        assert!(grown > 1024, "grew to hold the frame: {grown}");
+        r.release();
+        let (_, range) = r.read_frame().unwrap();
+        assert_eq!(range.len(), 3004, "read into a freshly allocated buffer");
+        r.release();
+        assert!(r.buffer().is_empty(), "nothing pending: buffer given back");
+        assert!(matches!(r.read_frame(), Err(IpcError::Closed)));
+        let again = r.buffer().len();
+        assert!(
+            (1024..=grown).contains(&again),
+            "allocated again, not larger: {again}"
+        );
     }
 
     #[test]

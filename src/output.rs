@@ -213,6 +213,10 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
         ("user", st.user.clone().into()),
         ("mappings", st.mappings.len().into()),
         ("max_conns", st.max_conns.into()),
+        (
+            "half_closed_timeout_secs",
+            st.half_closed_timeout.map(|d| d.as_secs_f64()).into(),
+        ),
     ];
     data.extend(t.json_pairs());
     data.push(("refused", stats.refused.into()));
@@ -223,7 +227,7 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
         format!("unreachable: {why}")
     };
     let text = format!(
-        "gateway running (pid {}, up {}s)\n  socket: {} (daemon {daemon_text})\n  subnet: {}\n  ports: {}\n  mappings: {}\n  connections: active {} (max {}), total {}, refused {}, failed dials {}, idle timeouts {}\n  bytes: up {}, down {}\n",
+        "gateway running (pid {}, up {}s)\n  socket: {} (daemon {daemon_text})\n  subnet: {}\n  ports: {}\n  mappings: {}\n  connections: active {} (max {}), total {}, refused {}, failed dials {}, idle timeouts {}\n  bytes: up {}, down {}\n{}",
         st.gateway.pid,
         stats.uptime_secs,
         st.socket.display(),
@@ -238,6 +242,10 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
         t.idle_timeouts,
         t.bytes_up,
         t.bytes_down,
+        st.half_closed_timeout.map_or(String::new(), |d| format!(
+            "  half-closed clients: closed at once when they close, else after {}s without data\n",
+            d.as_secs_f64()
+        )),
     );
     (Value::obj(data), text)
 }

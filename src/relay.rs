@@ -11,17 +11,20 @@
 //!    fails or `--dial-timeout` passes (then Cancel is sent), the client is
 //!    reset and the daemon's reason logged.
 //! 2. That thread spawns the agent→client thread and itself copies
-//!    client→agent: two threads per connection, bounded buffers (16 KiB,
-//!    doubling up to 256 KiB while busy), no queue.
+//!    client→agent: two threads per connection, no queue, buffers only
+//!    while data moves (16 KiB, doubling up to 256 KiB while busy; an idle
+//!    thread waits in poll(2) without one).
 //!    - client→agent: `read` into `buf[9..]`, write the Send header into
 //!      `buf[..9]`, one `write` of the whole frame.
 //!    - agent→client: Recv frames are parsed in the session's read buffer
 //!      and their payloads written to the client with one `writev`, straight
 //!      from where the socket read put them.
 //! 3. Endings. Pilot streams have no half-close:
-//!    - client shuts its sending side (`client_eof`): we stop sending and
-//!      keep delivering the agent's reply until the agent closes or the
-//!      idle limit passes;
+//!    - client's EOF ([`client_eof`]): if the kernel says the client closed
+//!      its socket, the stream ends at once (`client_closed`); if it only
+//!      shut its sending side, we stop sending and keep delivering the
+//!      agent's reply until the agent closes, the client closes (looked at
+//!      again every ≤ 500 ms) or `--half-closed-timeout` passes;
 //!    - agent closes (CloseOK): the client's side is shut for writing; the
 //!      client then has a short linger to close its side too;
 //!    - anything else (daemon gone, protocol error, client reset, idle):
@@ -34,8 +37,9 @@
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -47,16 +51,21 @@ use crate::access::{AccessLog, Record};
 use crate::address::PilotAddr;
 use crate::ipc::{self, cmd, FrameReader, IpcError};
 use crate::stats::Counters;
+use crate::sys::sock_diag::{self, PeerState};
 use crate::{debug, sys, warn};
 
 /// Stack of each connection thread. The threads keep their buffers on the
 /// heap and never recurse, so a small stack is plenty; it keeps thousands
-/// of connections cheap in address space.
-pub const THREAD_STACK: usize = 128 * 1024;
-/// Buffers start small, so thousands of idle connections stay cheap, and
-/// double (up to the limit) whenever one read fills them, so a busy
-/// connection soon moves data in large gulps with few syscalls. Sizes
-/// chosen with `make bench` (see README).
+/// of connections cheap in address space. Measured: the whole test suite
+/// (debug builds, which use far more stack than release) and `make bench`
+/// run with 32 KiB; twice that leaves margin.
+pub const THREAD_STACK: usize = 64 * 1024;
+/// Buffers exist only while data moves: a thread waits for its socket in
+/// poll(2) without one, allocates it when the socket is readable, and
+/// gives it back once a read has drained the socket, so an idle connection
+/// holds none. They start small and double (up to the limit) whenever one
+/// read fills them, so a busy connection soon moves data in large gulps
+/// with few syscalls. Sizes chosen with `make bench` (see README).
 pub const BUFFER_START: usize = 16 * 1024;
 /// client→agent limit: one read, plus the 9-byte Send header in front, is
 /// one Send frame of at most 256 KiB (the daemon accepts up to 1 MiB).
@@ -67,12 +76,12 @@ pub const DOWN_BUFFER: usize = 256 * 1024;
 const MAX_IOVECS: usize = 64;
 /// How long a client may keep its side open after the agent has closed.
 const LINGER: Duration = Duration::from_secs(2);
-/// Idle limit once the client has shut its sending side. Pilot streams
-/// cannot pass the half-close on, and a client that closed its socket looks
-/// the same as one that only shut down writing, so an agent that has nothing
-/// more to say would otherwise hold its pilot connection (and a daemon
-/// client slot) for the whole `--idle-timeout`.
-pub const HALF_CLOSED_IDLE: Duration = Duration::from_secs(30);
+/// After the client's EOF, how soon its socket is first looked at again
+/// (the client's `close` may still be orphaning it as we read its FIN);
+/// the pause doubles up to [`RECHECK_MAX`]. A lookup costs ~10 µs (see
+/// `sys::sock_diag`), so 5,000 half-closed clients cost ~1% of a core.
+const RECHECK_FIRST: Duration = Duration::from_millis(10);
+const RECHECK_MAX: Duration = Duration::from_millis(500);
 
 /// Settings that every connection shares.
 #[derive(Clone, Debug)]
@@ -82,6 +91,9 @@ pub struct ConnSettings {
     pub max_conns: usize,
     pub dial_timeout: Duration,
     pub idle_timeout: Duration,
+    /// `--half-closed-timeout`: idle limit once the client has shut its
+    /// sending side but still holds its socket.
+    pub half_closed_timeout: Duration,
 }
 
 /// Gateway-wide state of the data path, shared by every listener and
@@ -175,6 +187,9 @@ impl Connections {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ending {
     Ok,
+    /// The client closed its socket (not just its sending side): nobody
+    /// can read a reply, so the stream is closed at once. A normal end.
+    ClientClosed,
     DialFailed(String),
     Reset(String),
     IdleTimeout,
@@ -184,6 +199,7 @@ impl Ending {
     pub fn label(&self) -> &'static str {
         match self {
             Ending::Ok => "ok",
+            Ending::ClientClosed => "client_closed",
             Ending::DialFailed(_) => "dial_failed",
             Ending::Reset(_) => "reset",
             Ending::IdleTimeout => "idle_timeout",
@@ -193,7 +209,7 @@ impl Ending {
     pub fn reason(&self) -> &str {
         match self {
             Ending::DialFailed(r) | Ending::Reset(r) => r,
-            Ending::Ok | Ending::IdleTimeout => "",
+            Ending::Ok | Ending::ClientClosed | Ending::IdleTimeout => "",
         }
     }
 }
@@ -216,7 +232,10 @@ pub struct Conn {
     pilot_conn: OnceLock<u32>,
     agent_closed: AtomicBool,
     client_done: AtomicBool,
-    /// The first abnormal ending; none means it ended normally.
+    /// The client→agent thread, woken from its half-closed wait when the
+    /// agent closes or the connection is torn down.
+    client_thread: OnceLock<thread::Thread>,
+    /// The first ending other than a plain `Ok`; none means it ended normally.
     ending: OnceLock<Ending>,
 }
 
@@ -244,6 +263,13 @@ impl Conn {
         sys::set_linger_zero(&self.tcp);
         let _ = self.tcp.shutdown(Shutdown::Read);
         let _ = self.ipc.shutdown(Shutdown::Both);
+        self.wake_client_thread();
+    }
+
+    fn wake_client_thread(&self) {
+        if let Some(t) = self.client_thread.get() {
+            t.unpark();
+        }
     }
 
     /// Tears the connection down from outside (unmap, stop). This also
@@ -300,7 +326,7 @@ impl ConnCleanup {
         let (up, down, duration) = (c.up.load(Relaxed), c.down.load(Relaxed), c.started.elapsed());
         // Normal ends are debug detail; a cut stream is worth a warning.
         let level = match ending {
-            Ending::Ok | Ending::DialFailed(_) => crate::log::Level::Debug,
+            Ending::Ok | Ending::ClientClosed | Ending::DialFailed(_) => crate::log::Level::Debug,
             Ending::IdleTimeout => crate::log::Level::Info,
             Ending::Reset(_) => crate::log::Level::Warn,
         };
@@ -379,6 +405,7 @@ pub fn serve(
         pilot_conn: OnceLock::new(),
         agent_closed: AtomicBool::new(false),
         client_done: AtomicBool::new(false),
+        client_thread: OnceLock::new(),
         ending: OnceLock::new(),
     });
     group.total.fetch_add(1, Relaxed);
@@ -426,11 +453,7 @@ fn dial_then_relay(cleanup: Arc<ConnCleanup>) {
     c.touch();
     let _ = c.tcp.set_read_timeout(Some(limits.idle_timeout));
     let _ = c.tcp.set_write_timeout(Some(limits.idle_timeout));
-    // The agent→client thread wakes at least this often to apply the
-    // shorter half-closed limit once the client has stopped sending.
-    let _ = c
-        .ipc
-        .set_read_timeout(Some(limits.idle_timeout.min(HALF_CLOSED_IDLE)));
+    let _ = c.ipc.set_read_timeout(Some(limits.idle_timeout));
     let _ = c.ipc.set_write_timeout(Some(limits.idle_timeout));
     let down = {
         let (c2, idle) = (c.clone(), limits.idle_timeout);
@@ -447,7 +470,7 @@ fn dial_then_relay(cleanup: Arc<ConnCleanup>) {
             return;
         }
     };
-    client_to_agent(&c, limits.idle_timeout);
+    client_to_agent(&c, limits);
     c.client_done.store(true, Relaxed);
     down.thread().unpark();
     drop(cleanup);
@@ -499,13 +522,23 @@ fn dial(c: &Arc<Conn>, port: u16, timeout: Duration) -> Result<FrameReader<IpcRe
 }
 
 /// Copies client→agent until the client stops sending or something fails.
-fn client_to_agent(c: &Conn, idle: Duration) {
+/// While the client is quiet the thread waits in poll(2) and holds no
+/// buffer (see [`BUFFER_START`]).
+fn client_to_agent(c: &Conn, limits: &ConnSettings) {
     let Some(&id) = c.pilot_conn.get() else { return };
-    let mut buf = vec![0u8; ipc::DATA_HEADER + BUFFER_START];
+    let _ = c.client_thread.set(thread::current());
+    let mut buf = Vec::new();
+    let mut size = BUFFER_START;
     let mut tcp = &c.tcp;
     loop {
+        if buf.is_empty() {
+            if !wait_readable(c, &c.tcp, limits.idle_timeout) {
+                return;
+            }
+            buf = vec![0u8; ipc::DATA_HEADER + size];
+        }
         match tcp.read(&mut buf[ipc::DATA_HEADER..]) {
-            Ok(0) => return client_eof(c),
+            Ok(0) => return client_eof(c, limits.half_closed_timeout.min(limits.idle_timeout)),
             Ok(n) => {
                 if c.agent_closed.load(Relaxed) {
                     // The agent is gone; these bytes can never be delivered.
@@ -520,24 +553,17 @@ fn client_to_agent(c: &Conn, idle: Duration) {
                 c.up.fetch_add(n as u64, Relaxed);
                 c.touch();
                 if ipc::DATA_HEADER + n == buf.len() && n < UP_BUFFER {
-                    buf.resize((buf.len() * 2).min(ipc::DATA_HEADER + UP_BUFFER), 0);
+                    size = (size * 2).min(UP_BUFFER);
+                    buf.resize(ipc::DATA_HEADER + size, 0);
+                } else if !sys::readable_now(&c.tcp) {
+                    // Drained: give the buffer back; a busy stream grows
+                    // it again within a few reads.
+                    size = (size / 2).max(BUFFER_START);
+                    buf = Vec::new();
                 }
             }
-            Err(e) if is_timeout(&e) => {
-                if c.agent_closed.load(Relaxed) || c.ending.get().is_some() {
-                    return;
-                }
-                match c.idle_left(idle) {
-                    Some(left) => {
-                        let _ = c.tcp.set_read_timeout(Some(left.max(Duration::from_millis(10))));
-                    }
-                    None => {
-                        c.fail(Ending::IdleTimeout);
-                        return;
-                    }
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // poll said readable, so a timeout is a spurious wake-up.
+            Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 // Shut down by the other thread or by unmap, or a client reset.
                 if c.ending.get().is_none() && !c.agent_closed.load(Relaxed) {
@@ -549,13 +575,92 @@ fn client_to_agent(c: &Conn, idle: Duration) {
     }
 }
 
+/// Waits, without a buffer, until `fd` has something to read. `false` once
+/// the connection is over: torn down elsewhere, or idle past `idle`.
+fn wait_readable(c: &Conn, fd: &impl AsRawFd, idle: Duration) -> bool {
+    loop {
+        if c.ending.get().is_some() {
+            return false;
+        }
+        let Some(left) = c.idle_left(idle) else {
+            c.fail(Ending::IdleTimeout);
+            return false;
+        };
+        match sys::wait_readable(fd, left.max(Duration::from_millis(10))) {
+            Ok(true) => return true,
+            Ok(false) => {} // timed out or interrupted: check the limits again
+            Err(e) => {
+                c.fail(Ending::Reset(format!("poll: {e}")));
+                return false;
+            }
+        }
+    }
+}
+
 /// The client shut its sending side, or closed its socket: from a read
-/// the two look the same, and a check that tells them apart (the socket's
-/// state from sock_diag) belongs here. For now: stop sending and keep the
-/// agent→client direction going, since pilot streams cannot pass a
-/// half-close on; the shorter [`HALF_CLOSED_IDLE`] limit then ends an agent
-/// that has nothing more to say.
-fn client_eof(_c: &Conn) {}
+/// the two look the same, so ask the kernel about the client's own socket
+/// (`sys::sock_diag`). Closed: nobody can read a reply, so end now (the
+/// cleanup sends Close) instead of holding the agent's stream, a daemon
+/// client slot and a `--max-conns` slot. Only half-closed: keep relaying
+/// the agent's reply (pilot streams cannot pass a half-close on), looking
+/// again now and then, so a client that closes later is freed then too,
+/// until the agent closes or `half_closed` passes without a byte. Where
+/// the kernel cannot be asked, only that timer ends it.
+fn client_eof(c: &Conn, half_closed: Duration) {
+    let mut ask = true;
+    let mut pause = RECHECK_FIRST;
+    loop {
+        if c.agent_closed.load(Relaxed) || c.ending.get().is_some() {
+            return;
+        }
+        if ask {
+            match client_closed(c) {
+                Some(true) => {
+                    let _ = c.ending.set(Ending::ClientClosed);
+                    // Wakes the agent→client thread; our write side stays
+                    // open for the cleanup's Close.
+                    let _ = c.ipc.shutdown(Shutdown::Read);
+                    return;
+                }
+                Some(false) => {}
+                None => ask = false,
+            }
+        }
+        let Some(left) = c.idle_left(half_closed) else {
+            c.fail(Ending::IdleTimeout);
+            return;
+        };
+        thread::park_timeout(if ask { left.min(pause) } else { left });
+        pause = (pause * 2).min(RECHECK_MAX);
+    }
+}
+
+/// Whether the client has closed its socket; `None` when the kernel
+/// cannot tell (then only the half-closed timer applies).
+fn client_closed(c: &Conn) -> Option<bool> {
+    let (SocketAddr::V4(peer), SocketAddr::V4(local)) = (c.client, c.local) else {
+        return None;
+    };
+    match sock_diag::peer_state(peer, local) {
+        Ok(PeerState::Unknown) => None,
+        Ok(state) => Some(state.client_closed(is_local(c.client.ip(), c.local.ip()))),
+        Err(e) => {
+            debug!(
+                "connection {}: cannot ask the kernel about {}: {e}",
+                c.id, c.client
+            );
+            None
+        }
+    }
+}
+
+/// Whether `ip` is one of this host's addresses, so its socket is in our
+/// kernel. (The listener serves only such clients unless --allow-remote.)
+fn is_local(ip: IpAddr, ours: IpAddr) -> bool {
+    ip.is_loopback()
+        || ip == ours
+        || sys::interface_addresses().is_ok_and(|a| a.iter().any(|i| IpAddr::V4(i.addr) == ip))
+}
 
 fn is_timeout(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
@@ -656,32 +761,20 @@ fn agent_to_client(c: &Conn, mut reader: FrameReader<IpcRead>, idle: Duration) {
     }
 }
 
-/// Waits for more from the daemon. `false` once the connection is over:
-/// torn down elsewhere, idle past its limit, or the session broke.
+/// Waits for more from the daemon, giving the read buffer back first if
+/// the session is drained. `false` once the connection is over: torn down
+/// elsewhere, idle past its limit, or the session broke.
 fn fill_or_end(c: &Conn, reader: &mut FrameReader<IpcRead>, idle: Duration) -> bool {
+    if !sys::readable_now(&c.ipc) {
+        reader.release();
+    }
+    if !wait_readable(c, &c.ipc, idle) {
+        return false;
+    }
     match reader.fill() {
         Ok(()) => true,
-        Err(e) if e.is_timeout() => {
-            if c.ending.get().is_some() {
-                return false;
-            }
-            let limit = if c.client_done.load(Relaxed) {
-                idle.min(HALF_CLOSED_IDLE)
-            } else {
-                idle
-            };
-            match c.idle_left(limit) {
-                Some(left) => {
-                    let next = left.min(HALF_CLOSED_IDLE).max(Duration::from_millis(10));
-                    let _ = c.ipc.set_read_timeout(Some(next));
-                    true
-                }
-                None => {
-                    c.fail(Ending::IdleTimeout);
-                    false
-                }
-            }
-        }
+        // poll said readable, so a timeout is a spurious wake-up.
+        Err(e) if e.is_timeout() => true,
         Err(e) => {
             if c.ending.get().is_none() {
                 let why = match e {
@@ -725,6 +818,7 @@ fn write_ranges(tcp: &TcpStream, buf: &[u8], ranges: &[Range<usize>], c: &Conn) 
 fn agent_closed(c: &Conn) {
     c.agent_closed.store(true, Relaxed);
     let _ = c.tcp.shutdown(Shutdown::Write);
+    c.wake_client_thread(); // it may be waiting half-closed
     let deadline = Instant::now() + LINGER;
     while !c.client_done.load(Relaxed) {
         let now = Instant::now();

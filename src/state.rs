@@ -22,6 +22,7 @@ use std::io::{Read, Write};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
 
@@ -67,6 +68,8 @@ pub struct State {
     pub subnet: Ipv4Network,
     pub ports: Vec<u16>,
     pub max_conns: usize,
+    /// `--half-closed-timeout`; `None` in state written before it existed.
+    pub half_closed_timeout: Option<Duration>,
     /// The user the gateway runs as, when it switched from root.
     pub user: Option<String>,
     pub generation: u64,
@@ -140,6 +143,10 @@ impl State {
                 Value::Arr(self.ports.iter().map(|&p| p.into()).collect()),
             ),
             ("max_conns", self.max_conns.into()),
+            (
+                "half_closed_timeout_secs",
+                self.half_closed_timeout.map(|d| d.as_secs_f64()).into(),
+            ),
             ("user", self.user.clone().into()),
             ("generation", self.generation.into()),
             ("applied", self.applied.into()),
@@ -197,6 +204,15 @@ impl State {
                 .map_err(|_| "\"subnet\" is not a CIDR block".to_string())?,
             ports,
             max_conns: num(v, "max_conns")? as usize,
+            half_closed_timeout: match v.get("half_closed_timeout_secs") {
+                None | Some(Value::Null) => None,
+                Some(t) => Some(
+                    t.as_f64()
+                        .filter(|s| s.is_finite() && *s > 0.0)
+                        .map(Duration::from_secs_f64)
+                        .ok_or("\"half_closed_timeout_secs\" is not a positive number")?,
+                ),
+            },
             user: v.get("user").and_then(Value::as_str).map(str::to_string),
             generation: num(v, "generation")?,
             applied: num(v, "applied")?,
@@ -489,6 +505,7 @@ mod tests {
             subnet: "10.4.0.0/16".parse().unwrap(),
             ports: vec![80, 443],
             max_conns: 1000,
+            half_closed_timeout: Some(Duration::from_millis(2500)),
             user: None,
             generation: 3,
             applied: 2,

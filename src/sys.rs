@@ -335,6 +335,40 @@ pub fn release_memory() {
     }
 }
 
+/// Waits until `fd` has something to read, or has hung up or failed
+/// (`true`; the next read says which), or `timeout` passes (`false`). A
+/// signal also returns `false`: callers re-check their limits and wait
+/// again. This lets a connection thread block on its socket without
+/// holding a read buffer.
+pub fn wait_readable(fd: &impl AsRawFd, timeout: Duration) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // Rounded up, so a short wait never becomes a busy loop of zeros.
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: one live pollfd, and we pass a count of exactly one.
+    match unsafe { libc::poll(&mut p, 1, ms) } {
+        n if n > 0 => Ok(true),
+        0 => Ok(false),
+        _ => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Whether a read on `fd` would return at once (data, EOF or an error);
+/// when it cannot tell, it says yes, so a caller keeps its buffer.
+pub fn readable_now(fd: &impl AsRawFd) -> bool {
+    wait_readable(fd, Duration::ZERO).unwrap_or(true)
+}
+
 /// Makes `cmd`'s child a session leader (setsid), detaching it from our
 /// terminal and process group.
 pub fn new_session_on_spawn(cmd: &mut std::process::Command) {
