@@ -56,9 +56,12 @@ use crate::{debug, sys, warn};
 
 /// Stack of each connection thread. The threads keep their buffers on the
 /// heap and never recurse, so a small stack is plenty; it keeps thousands
-/// of connections cheap in address space. Measured: the whole test suite
+/// of connections cheap in address space. Measured: the integration tests
 /// (debug builds, which use far more stack than release) and `make bench`
-/// run with 32 KiB; twice that leaves margin.
+/// run with 16 KiB; four times that leaves margin. (A smaller size would
+/// not lower RSS: an idle thread touches two pages of it either way, and
+/// glibc's cache of exited threads' stacks, 40 MiB, would hold more of
+/// them.)
 pub const THREAD_STACK: usize = 64 * 1024;
 /// Buffers exist only while data moves: a thread waits for its socket in
 /// poll(2) without one, allocates it when the socket is readable, and
