@@ -565,8 +565,9 @@ fn client_to_agent(c: &Conn, limits: &ConnSettings) {
                     buf = Vec::new();
                 }
             }
-            // poll said readable, so a timeout is a spurious wake-up.
-            Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
+            // poll said readable, so a timeout is a spurious wake-up: wait
+            // again (and check the idle limit) without the buffer.
+            Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => buf = Vec::new(),
             Err(e) => {
                 // Shut down by the other thread or by unmap, or a client reset.
                 if c.ending.get().is_none() && !c.agent_closed.load(Relaxed) {

@@ -93,7 +93,12 @@ fn access_log_records_every_outcome_and_reopens_on_sigusr1() {
     }
     let ok = entries
         .iter()
-        .find(|e| matches!(e.get("outcome").and_then(Value::as_str), Some("ok" | "client_closed")))
+        .find(|e| {
+            matches!(
+                e.get("outcome").and_then(Value::as_str),
+                Some("ok" | "client_closed")
+            )
+        })
         .unwrap();
     for k in [
         "time",
