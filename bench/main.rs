@@ -404,7 +404,10 @@ fn concurrency(env: &Env, pids: (u32, u32), levels: &[u64]) -> (Level, Vec<Level
         while (held.len() as u64) < level {
             match hold_one(env, Route::Gateway) {
                 Ok(c) => held.push(c),
-                Err(_) => {
+                Err(e) => {
+                    if errors == 0 {
+                        eprintln!("concurrency: first error after {} connections: {e}", held.len());
+                    }
                     errors += 1;
                     if errors > level {
                         break;
