@@ -2,33 +2,39 @@
 CARGO ?= cargo
 PREFIX ?= /usr/local
 DESTDIR ?=
-TARGET ?= $(shell rustc -vV | sed -n 's/^host: //p')
 
-.PHONY: build test lint demo static bench fuzz clean install uninstall install-pilotctl-link
+.PHONY: build test deps lint demo static bench fuzz clean install uninstall install-pilotctl-link
 
 build:
 	$(CARGO) build --release
 
 # Every test: formatting, lints, unit and integration tests (the integration
-# tests need root: each runs in its own network namespace).
-test: lint
-	$(CARGO) test --release -- --test-threads=2
+# tests need root: each runs in its own network namespace). scripts/deps.sh
+# first installs what is missing (see README). Tests build with the
+# test-opt profile (optimised, no LTO: a cold build takes a fraction of the
+# release profile's time); the shipped binary keeps LTO. --no-fail-fast: one
+# failing test binary must not hide the results of the others. deps runs
+# first even under make -j (lint needs the rustfmt and clippy it adds).
+test: deps
+	$(MAKE) --no-print-directory lint
+	$(CARGO) test --profile test-opt --no-fail-fast -- --test-threads=2
+
+deps:
+	bash scripts/deps.sh test
 
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
 demo:
+	bash scripts/deps.sh demo
 	bash scripts/demo.sh
 
-# A statically linked, stripped binary: musl when its target is installed
-# (`rustup target add x86_64-unknown-linux-musl`), else static glibc.
-MUSL := $(shell rustup target list --installed 2>/dev/null | grep -q '^x86_64-unknown-linux-musl$$' && echo x86_64-unknown-linux-musl)
-STATIC_TARGET ?= $(if $(MUSL),$(MUSL),$(TARGET))
+# A statically linked, stripped binary: musl (scripts/static.sh adds the
+# x86_64-unknown-linux-musl target with rustup when it is missing), else,
+# with a loud warning, static glibc. STATIC_TARGET=TRIPLE picks one.
 static:
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --profile static --target $(STATIC_TARGET) --bin pilot-gateway
-	@ls -l target/$(STATIC_TARGET)/static/pilot-gateway
-	@file target/$(STATIC_TARGET)/static/pilot-gateway 2>/dev/null || true
+	STATIC_TARGET="$(STATIC_TARGET)" CARGO="$(CARGO)" bash scripts/static.sh
 
 # Fuzz each target for FUZZ_SECONDS (cargo-fuzz and the nightly toolchain).
 FUZZ_SECONDS ?= 60

@@ -33,7 +33,12 @@ const ONCE: u16 = 9003; // 1 KiB in, 1 KiB out, close
 const STREAM: u16 = 9004; // 1 KiB in, 1 KiB out, repeated
 const HOLD: u16 = 9005; // 1 byte in, 1 byte out, then hold until a second byte
 const TICK: u16 = 9006; // 1 byte in, 1 byte out, close
-const PORTS: [u16; 6] = [SOURCE, SINK, ONCE, STREAM, HOLD, TICK];
+const CHURN: u16 = 9007; // 16 bytes in, 16 bytes out, then silent until the peer closes
+const PORTS: [u16; 7] = [SOURCE, SINK, ONCE, STREAM, HOLD, TICK, CHURN];
+/// A thread's kernel stack on x86-64 (THREAD_SIZE), not counted in RSS.
+const KERNEL_STACK_KIB: u64 = 16;
+/// The connection cap of the client-churn row (gateway, devd, socat).
+const CHURN_CAP: u64 = 100;
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -116,6 +121,17 @@ fn tick(mut c: TcpStream) -> io::Result<()> {
     c.write_all(&b)
 }
 
+/// An agent that answers once and then stays silent: only the peer's close
+/// (or two minutes) ends its side, as with a server holding keep-alive.
+fn churn(mut c: TcpStream) -> io::Result<()> {
+    let mut b = [0u8; 16];
+    c.read_exact(&mut b)?;
+    c.write_all(&b)?;
+    c.set_read_timeout(Some(Duration::from_secs(120)))?;
+    while c.read(&mut b)? > 0 {}
+    Ok(())
+}
+
 // ------------------------------------------------------------------- paths
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,8 +207,11 @@ impl Write for DevdConn {
     }
 }
 
+/// Where each route's connections go.
 struct Env {
     socket: PathBuf,
+    gateway_ip: &'static str,
+    socat_ip: &'static str,
 }
 
 fn open(env: &Env, route: Route, port: u16) -> io::Result<Box<dyn Duplex>> {
@@ -204,8 +223,8 @@ fn open(env: &Env, route: Route, port: u16) -> io::Result<Box<dyn Duplex>> {
     };
     match route {
         Route::Direct => tcp("127.0.0.1"),
-        Route::Gateway => tcp("10.4.0.1"),
-        Route::Socat => tcp("127.0.0.2"),
+        Route::Gateway => tcp(env.gateway_ip),
+        Route::Socat => tcp(env.socat_ip),
         Route::Devd => {
             let mut s = Session::connect(&env.socket)?;
             s.set_timeout(Some(Duration::from_secs(30)))?;
@@ -355,16 +374,26 @@ struct Level {
     errors: u64,
     rss_kib: u64,
     threads: u64,
+    /// pilot-devd's RSS and threads at the same moment: the daemon's share
+    /// of the same connections, which an overlay-native client costs too.
+    devd_rss_kib: u64,
+    devd_threads: u64,
 }
 
 /// Holds `levels` of bridged connections open at once through the gateway;
 /// returns the gateway's footprint at baseline, each level, and after.
-fn concurrency(env: &Env, gw_pid: u32, levels: &[u64]) -> (Level, Vec<Level>, Level, u64) {
-    let snap = |conns, errors| Level {
-        conns,
-        errors,
-        rss_kib: proc_status(gw_pid, "VmRSS:"),
-        threads: proc_status(gw_pid, "Threads:"),
+fn concurrency(env: &Env, pids: (u32, u32), levels: &[u64]) -> (Level, Vec<Level>, Level, u64) {
+    let (gw_pid, devd_pid) = pids;
+    let snap = |conns, errors| {
+        let ((rss_kib, threads), (devd_rss_kib, devd_threads)) = (footprint(gw_pid), footprint(devd_pid));
+        Level {
+            conns,
+            errors,
+            rss_kib,
+            threads,
+            devd_rss_kib,
+            devd_threads,
+        }
     };
     let base = snap(0, 0);
     let fds_before = proc_fds(gw_pid);
@@ -373,14 +402,12 @@ fn concurrency(env: &Env, gw_pid: u32, levels: &[u64]) -> (Level, Vec<Level>, Le
     let mut out = Vec::new();
     for &level in levels {
         while (held.len() as u64) < level {
-            match open(env, Route::Gateway, HOLD).and_then(|mut c| {
-                c.write_all(&[1])?;
-                let mut b = [0u8; 1];
-                c.read_exact(&mut b)?;
-                Ok(c)
-            }) {
+            match hold_one(env, Route::Gateway) {
                 Ok(c) => held.push(c),
-                Err(_) => {
+                Err(e) => {
+                    if errors == 0 {
+                        eprintln!("concurrency: first error after {} connections: {e}", held.len());
+                    }
                     errors += 1;
                     if errors > level {
                         break;
@@ -406,6 +433,102 @@ fn concurrency(env: &Env, gw_pid: u32, levels: &[u64]) -> (Level, Vec<Level>, Le
     let after = snap(0, errors);
     let fds_left = proc_fds(gw_pid).saturating_sub(fds_before);
     (base, out, after, fds_left)
+}
+
+/// Sequential short connections that the client closes first while the
+/// agent stays silent: (replies per second, refusals, attempts). A refusal
+/// is a connection that ended (reset or EOF) or failed before the reply.
+fn client_churn(env: &Env, route: Route, secs: f64) -> (f64, u64, u64) {
+    let msg = [3u8; 16];
+    let t = Instant::now();
+    let (mut ok, mut refused) = (0u64, 0u64);
+    // Bounded by time and by attempts (refusals can be very fast).
+    while t.elapsed().as_secs_f64() < secs && ok + refused < 50_000 {
+        let reply = open(env, route, CHURN).and_then(|mut c| {
+            c.write_all(&msg)?;
+            let mut b = [0u8; 16];
+            c.read_exact(&mut b)
+        });
+        match reply {
+            Ok(()) => ok += 1,
+            Err(_) => refused += 1,
+        }
+    }
+    (ok as f64 / t.elapsed().as_secs_f64(), refused, ok + refused)
+}
+
+/// RSS (KiB) and threads of one process.
+fn footprint(pid: u32) -> (u64, u64) {
+    (proc_status(pid, "VmRSS:"), proc_status(pid, "Threads:"))
+}
+
+/// The children of `parent` (socat's forked relays).
+fn children(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            // /proc/PID/stat: "pid (comm) state ppid …"; comm may hold spaces.
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+                st.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(parent)
+            })
+        })
+        .collect()
+}
+
+/// socat's cost for its open connections: the summed PSS (KiB; RSS would
+/// count the shared libraries once per process) and thread count of its
+/// forked children.
+fn socat_footprint(listener: u32) -> (u64, u64) {
+    children(listener).iter().fold((0, 0), |(kib, threads), &pid| {
+        let pss = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("Pss:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        (kib + pss, threads + proc_status(pid, "Threads:"))
+    })
+}
+
+/// Opens one held connection on `route` (1 byte there and back).
+fn hold_one(env: &Env, route: Route) -> io::Result<Box<dyn Duplex>> {
+    let mut c = open(env, route, HOLD)?;
+    c.write_all(&[1])?;
+    let mut b = [0u8; 1];
+    c.read_exact(&mut b)?;
+    Ok(c)
+}
+
+/// Idle connections held through socat at each level: per level, socat's
+/// (connections, PSS KiB, threads) for those connections.
+fn socat_idle(env: &Env, listener: u32, levels: &[u64]) -> Vec<(u64, u64, u64)> {
+    let mut held = Vec::new();
+    let mut out = Vec::new();
+    let mut errors = 0;
+    for &level in levels {
+        while (held.len() as u64) < level && errors <= level {
+            match hold_one(env, Route::Socat) {
+                Ok(c) => held.push(c),
+                Err(_) => errors += 1,
+            }
+        }
+        // Every forked relay has started once they are all counted.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && (children(listener).len() as u64) < held.len() as u64 {
+            thread::sleep(Duration::from_millis(50));
+        }
+        let (kib, threads) = socat_footprint(listener);
+        out.push((held.len() as u64, kib, threads));
+    }
+    for mut c in held.drain(..) {
+        let _ = c.write_all(&[2]);
+    }
+    out
 }
 
 // ------------------------------------------------------------------ set-up
@@ -446,97 +569,26 @@ fn raise_fd_limit() {
 }
 
 fn fmt(v: f64) -> String {
-    if v >= 100.0 {
+    if !v.is_finite() {
+        "-".into() // not applicable to this route
+    } else if v >= 100.0 {
         format!("{v:.0}")
     } else {
         format!("{v:.1}")
     }
 }
 
-fn main() {
-    raise_fd_limit();
-    let bin = PathBuf::from(std::env::var("BENCH_BIN").unwrap_or_else(|_| "target/release".into()));
-    let work = std::env::temp_dir().join(format!("pilot-gateway-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).expect("work dir");
-    let bulk = env_num("BENCH_BULK_MB", 1024) << 20;
-    let conns = env_num("BENCH_CONNS", 5000);
-    let levels = [env_num("BENCH_LEVEL1", 1000), env_num("BENCH_LEVEL2", 5000)];
-    let secs = 3.0;
+/// The side-by-side rows: printed as a table, kept for the JSON.
+#[derive(Default)]
+struct Table {
+    rows: Vec<(String, [String; 4], String)>,
+    results: Vec<(String, Value)>,
+}
 
-    for (port, h) in PORTS
-        .iter()
-        .zip([source, sink, once, stream, hold, tick] as [fn(TcpStream) -> io::Result<()>; 6])
-    {
-        serve(*port, h);
-    }
-    let socket = work.join("devd.sock");
-    let mut procs = Procs(Vec::new());
-    procs.0.push(
-        Command::new(bin.join("pilot-devd"))
-            .arg("--socket")
-            .arg(&socket)
-            .args([
-                "--route",
-                &format!("{AGENT}=127.0.0.1"),
-                "--max-clients",
-                "100000",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("pilot-devd"),
-    );
-    wait_for("pilot-devd", || UnixStream::connect(&socket).is_ok());
-    for p in PORTS {
-        let listen = format!("TCP-LISTEN:{p},bind=127.0.0.2,fork,reuseaddr,backlog=4096");
-        match Command::new("socat")
-            .args([&listen, &format!("TCP:127.0.0.1:{p}")])
-            .stderr(Stdio::null())
-            .spawn()
-        {
-            Ok(c) => procs.0.push(c),
-            Err(e) => panic!("socat: {e} (scripts/bench.sh installs it)"),
-        }
-    }
-    let state = work.join("state");
-    let gw = |args: &[&str]| {
-        Command::new(bin.join("pilot-gateway"))
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .output()
-            .expect("pilot-gateway")
-    };
-    let ports: Vec<String> = PORTS.iter().map(u16::to_string).collect();
-    let out = gw(&[
-        "--json",
-        "start",
-        "--ports",
-        &ports.join(","),
-        "--max-conns",
-        "20000",
-        AGENT,
-    ]);
-    assert!(
-        out.status.success(),
-        "gateway: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let gw_pid = pilot_gateway::json::parse(String::from_utf8_lossy(&out.stdout).trim())
-        .ok()
-        .and_then(|v| v.get("data")?.get("pid")?.as_u64())
-        .expect("gateway pid") as u32;
-    wait_for("socat", || TcpStream::connect(("127.0.0.2", TICK)).is_ok());
-    let env = Arc::new(Env {
-        socket: socket.clone(),
-    });
-    let started = Instant::now();
-
-    let mut results: Vec<(String, Value)> = Vec::new();
-    let mut table: Vec<(String, [String; 4], String)> = Vec::new();
-    let mut row = |name: &str, unit: &str, vals: [f64; 4], higher_better: bool| {
+impl Table {
+    /// `vals` per route (direct, devd, gateway, socat); NaN where the
+    /// figure does not apply. Ratios are the gateway's over each other.
+    fn row(&mut self, name: &str, unit: &str, vals: [f64; 4], higher_better: bool) {
         let g = vals[2];
         let ratio = |r: f64| {
             if r > 0.0 {
@@ -546,8 +598,9 @@ fn main() {
             }
         };
         let ratios = format!("{} / {} / {}", ratio(vals[1]), ratio(vals[0]), ratio(vals[3]));
-        table.push((format!("{name} ({unit})"), vals.map(fmt), ratios));
-        results.push((
+        self.rows
+            .push((format!("{name} ({unit})"), vals.map(fmt), ratios));
+        self.results.push((
             name.to_string(),
             Value::obj([
                 ("unit", Value::from(unit)),
@@ -558,101 +611,379 @@ fn main() {
                 ("socat", vals[3].into()),
             ]),
         ));
-    };
+    }
 
-    // BENCH_ONLY=bulk,latency,rate,accept,concurrency runs a subset (for
-    // quick comparisons while optimising); skipped figures read 0.
-    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
-    let on = |s: &str| only.is_empty() || only.split(',').any(|o| o == s);
+    fn print(&self) {
+        println!(
+            "{:<34} {:>10} {:>10} {:>10} {:>10}   gateway ÷ devd / direct / socat",
+            "", "direct", "devd", "gateway", "socat"
+        );
+        for (name, v, ratios) in &self.rows {
+            println!(
+                "{name:<34} {:>10} {:>10} {:>10} {:>10}   {ratios}",
+                v[0], v[1], v[2], v[3]
+            );
+        }
+    }
+}
+
+/// What to measure, from the environment.
+struct Config {
+    bin: PathBuf,
+    bulk: u64,
+    conns: u64,
+    levels: [u64; 2],
+    secs: f64,
+    churn_secs: f64,
+    /// BENCH_ONLY=bulk,latency,rate,accept,churn,concurrency runs a subset
+    /// (for quick comparisons while optimising); skipped figures read 0.
+    only: String,
+}
+
+impl Config {
+    fn from_env() -> Config {
+        Config {
+            bin: PathBuf::from(std::env::var("BENCH_BIN").unwrap_or_else(|_| "target/release".into())),
+            bulk: env_num("BENCH_BULK_MB", 1024) << 20,
+            conns: env_num("BENCH_CONNS", 5000),
+            levels: [env_num("BENCH_LEVEL1", 1000), env_num("BENCH_LEVEL2", 5000)],
+            secs: 3.0,
+            churn_secs: 2.0,
+            only: std::env::var("BENCH_ONLY").unwrap_or_default(),
+        }
+    }
+
+    fn on(&self, s: &str) -> bool {
+        self.only.is_empty() || self.only.split(',').any(|o| o == s)
+    }
+}
+
+/// The processes of one run; `Procs` reaps them when dropped.
+struct Rig {
+    work: PathBuf,
+    procs: Procs,
+    env: Arc<Env>,
+    /// The client-churn row's paths, each capped at CHURN_CAP connections.
+    churn_env: Env,
+    gw_pid: u32,
+    devd_pid: u32,
+    /// socat's listener for HOLD, whose children are the idle relays.
+    socat_hold_pid: u32,
+}
+
+fn start_devd(cfg: &Config, socket: &Path, max_clients: u64) -> Child {
+    let child = Command::new(cfg.bin.join("pilot-devd"))
+        .arg("--socket")
+        .arg(socket)
+        .args(["--route", &format!("{AGENT}=127.0.0.1")])
+        .args(["--max-clients", &max_clients.to_string()])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pilot-devd");
+    wait_for("pilot-devd", || UnixStream::connect(socket).is_ok());
+    child
+}
+
+fn start_socat(ip: &str, port: u16, options: &str) -> Child {
+    let listen = format!("TCP-LISTEN:{port},bind={ip},fork,reuseaddr,backlog=4096{options}");
+    Command::new("socat")
+        .args([&listen, &format!("TCP:127.0.0.1:{port}")])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("socat: {e} (scripts/bench.sh installs it)"))
+}
+
+/// Runs pilot-gateway with a state directory under `work`.
+fn gateway(cfg: &Config, work: &Path, state: &str, args: &[&str]) -> std::process::Output {
+    Command::new(cfg.bin.join("pilot-gateway"))
+        .arg("--state-dir")
+        .arg(work.join(state))
+        .arg("--socket")
+        .arg(work.join("devd.sock"))
+        .args(args)
+        .output()
+        .expect("pilot-gateway")
+}
+
+/// Starts a background gateway; returns its pid.
+fn start_gateway(cfg: &Config, work: &Path, state: &str, args: &[&str]) -> u32 {
+    let mut all = vec!["--json", "start"];
+    all.extend_from_slice(args);
+    let out = gateway(cfg, work, state, &all);
+    assert!(
+        out.status.success(),
+        "gateway: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    pilot_gateway::json::parse(String::from_utf8_lossy(&out.stdout).trim())
+        .ok()
+        .and_then(|v| v.get("data")?.get("pid")?.as_u64())
+        .expect("gateway pid") as u32
+}
+
+fn set_up(cfg: &Config) -> Rig {
+    let work = std::env::temp_dir().join(format!("pilot-gateway-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).expect("work dir");
+    let handlers: [fn(TcpStream) -> io::Result<()>; 7] = [source, sink, once, stream, hold, tick, churn];
+    for (port, h) in PORTS.iter().zip(handlers) {
+        serve(*port, h);
+    }
+    let mut procs = Procs(Vec::new());
+    let socket = work.join("devd.sock");
+    procs.0.push(start_devd(cfg, &socket, 100_000));
+    let devd_pid = procs.0[0].id();
+    let churn_socket = work.join("devd-churn.sock");
+    procs.0.push(start_devd(cfg, &churn_socket, CHURN_CAP));
+    let mut socat_hold_pid = 0;
+    for p in PORTS {
+        let c = start_socat("127.0.0.2", p, "");
+        if p == HOLD {
+            socat_hold_pid = c.id();
+        }
+        procs.0.push(c);
+    }
+    procs.0.push(start_socat(
+        "127.0.0.3",
+        CHURN,
+        &format!(",max-children={CHURN_CAP}"),
+    ));
+    let ports: Vec<String> = PORTS.iter().map(u16::to_string).collect();
+    let gw_pid = start_gateway(
+        cfg,
+        &work,
+        "state",
+        &["--ports", &ports.join(","), "--max-conns", "20000", AGENT],
+    );
+    let cap = CHURN_CAP.to_string();
+    let churn_ports = CHURN.to_string();
+    let churn_args = [
+        "--subnet",
+        "10.5.0.0/16",
+        "--ports",
+        &churn_ports,
+        "--max-conns",
+        &cap,
+        AGENT,
+    ];
+    start_gateway(cfg, &work, "state-churn", &churn_args);
+    wait_for("socat", || TcpStream::connect(("127.0.0.2", TICK)).is_ok());
+    wait_for("socat", || TcpStream::connect(("127.0.0.3", CHURN)).is_ok());
+    let env = Arc::new(Env {
+        socket,
+        gateway_ip: "10.4.0.1",
+        socat_ip: "127.0.0.2",
+    });
+    let churn_env = Env {
+        socket: churn_socket,
+        gateway_ip: "10.5.0.1",
+        socat_ip: "127.0.0.3",
+    };
+    Rig {
+        work,
+        procs,
+        env,
+        churn_env,
+        gw_pid,
+        devd_pid,
+        socat_hold_pid,
+    }
+}
+
+/// Everything one run measures; skipped parts read 0 (or stay empty).
+struct Figures {
+    down: [f64; 4],
+    up: [f64; 4],
+    lat: Vec<(f64, f64, f64)>,
+    rps: [f64; 4],
+    acc: Vec<(f64, u64)>,
+    /// Per route: (replies per second, refusals, attempts).
+    churn: Vec<(f64, u64, u64)>,
+    base: Level,
+    levels: Vec<Level>,
+    after: Level,
+    fds_left: u64,
+    /// Per level: socat's (connections, PSS KiB, threads).
+    socat_idle: Vec<(u64, u64, u64)>,
+}
+
+fn measure(cfg: &Config, rig: &Rig) -> Figures {
+    let env = &rig.env;
     let per = |f: &dyn Fn(Route) -> io::Result<f64>| {
         ROUTES.map(|r| f(r).unwrap_or_else(|e| panic!("{}: {e}", r.name())))
     };
     let zero = [0.0; 4];
-    let down = if on("bulk") {
-        per(&|r| download(&env, r, bulk))
+    let bulk = cfg.on("bulk");
+    let down = if bulk {
+        per(&|r| download(env, r, cfg.bulk))
     } else {
         zero
     };
-    let up = if on("bulk") {
-        per(&|r| upload(&env, r, bulk))
+    let up = if bulk {
+        per(&|r| upload(env, r, cfg.bulk))
     } else {
         zero
     };
-    let lat: Vec<(f64, f64, f64)> = if on("latency") {
+    let lat = if cfg.on("latency") {
         ROUTES
             .iter()
-            .map(|&r| latency(&env, r, conns).unwrap_or_else(|e| panic!("{}: {e}", r.name())))
+            .map(|&r| latency(env, r, cfg.conns).unwrap_or_else(|e| panic!("{}: {e}", r.name())))
             .collect()
     } else {
         vec![(0.0, 0.0, 0.0); 4]
     };
-    let rps = if on("rate") {
-        per(&|r| request_rate(&env, r, secs))
+    let rps = if cfg.on("rate") {
+        per(&|r| request_rate(env, r, cfg.secs))
     } else {
         zero
     };
-    let acc: Vec<(f64, u64)> = if on("accept") {
-        ROUTES.iter().map(|&r| accept_rate(&env, r, 32, secs)).collect()
+    let acc = if cfg.on("accept") {
+        ROUTES
+            .iter()
+            .map(|&r| accept_rate(env, r, 32, cfg.secs))
+            .collect()
     } else {
         vec![(0.0, 0); 4]
     };
-    let (base, lv, after, fds_left) =
-        concurrency(&env, gw_pid, if on("concurrency") { &levels } else { &[] });
+    let churn = if cfg.on("churn") {
+        ROUTES
+            .iter()
+            .map(|&r| client_churn(&rig.churn_env, r, cfg.churn_secs))
+            .collect()
+    } else {
+        vec![(0.0, 0, 0); 4]
+    };
+    // The churn gateway's held connections must not weigh on what follows.
+    let _ = gateway(cfg, &rig.work, "state-churn", &["stop"]);
+    let levels: &[u64] = if cfg.on("concurrency") { &cfg.levels } else { &[] };
+    if !levels.is_empty() {
+        wait_idle(cfg, &rig.work);
+    }
+    let (base, levels_out, after, fds_left) = concurrency(env, (rig.gw_pid, rig.devd_pid), levels);
+    let socat_idle = socat_idle(env, rig.socat_hold_pid, levels);
+    Figures {
+        down,
+        up,
+        lat,
+        rps,
+        acc,
+        churn,
+        base,
+        levels: levels_out,
+        after,
+        fds_left,
+        socat_idle,
+    }
+}
 
-    row("download 1 conn", "MB/s", down, true);
-    row("upload 1 conn", "MB/s", up, true);
-    row(
+/// Waits (at most 40 s) until the gateway holds no connection: one whose
+/// client closed first stays until the agent closes or the half-closed
+/// limit (30 s) passes, and would count in the idle baseline.
+fn wait_idle(cfg: &Config, work: &Path) {
+    let active = || {
+        let out = gateway(cfg, work, "state", &["--json", "status"]);
+        pilot_gateway::json::parse(String::from_utf8_lossy(&out.stdout).trim())
+            .ok()
+            .and_then(|v| v.get("data")?.get("active")?.as_u64())
+    };
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while active() != Some(0) {
+        if Instant::now() >= deadline {
+            eprintln!("note: the gateway still holds connections: the idle baseline includes them");
+            return;
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn speed_rows(t: &mut Table, f: &Figures) {
+    let lat = &f.lat;
+    let acc = &f.acc;
+    t.row("download 1 conn", "MB/s", f.down, true);
+    t.row("upload 1 conn", "MB/s", f.up, true);
+    t.row(
         "new conn p50",
         "µs",
         [lat[0].0, lat[1].0, lat[2].0, lat[3].0],
         false,
     );
-    row(
+    t.row(
         "new conn p99",
         "µs",
         [lat[0].1, lat[1].1, lat[2].1, lat[3].1],
         false,
     );
-    row(
+    t.row(
         "new conn max",
         "µs",
         [lat[0].2, lat[1].2, lat[2].2, lat[3].2],
         false,
     );
-    row("round trips, kept conn", "/s", rps, true);
-    row(
+    t.row("round trips, kept conn", "/s", f.rps, true);
+    t.row(
         "accept rate, 32 clients",
         "conn/s",
         [acc[0].0, acc[1].0, acc[2].0, acc[3].0],
         true,
     );
+}
 
-    println!(
-        "\npilot-gateway benchmark — {} cores, {}",
-        thread::available_parallelism().map_or(0, |n| n.get()),
-        machine()
+/// Client churn (replies per second, refused share) and the cost of an
+/// idle connection (RSS, and RSS plus kernel stacks, per connection).
+fn churn_and_idle_rows(t: &mut Table, f: &Figures) {
+    let c = &f.churn;
+    let refused = |i: usize| 100.0 * c[i].1 as f64 / c[i].2.max(1) as f64;
+    t.row(
+        &format!("client churn, cap {CHURN_CAP}"),
+        "conn/s",
+        [c[0].0, c[1].0, c[2].0, c[3].0],
+        true,
     );
-    println!(
-        "bulk {} MiB each way, {conns} sequential connections, {secs} s rate runs\n",
-        bulk >> 20
-    );
-    println!(
-        "{:<34} {:>10} {:>10} {:>10} {:>10}   gateway ÷ devd / direct / socat",
-        "", "direct", "devd", "gateway", "socat"
-    );
-    for (name, v, ratios) in &table {
-        println!(
-            "{name:<34} {:>10} {:>10} {:>10} {:>10}   {ratios}",
-            v[0], v[1], v[2], v[3]
+    t.row("client churn refused", "%", [0, 1, 2, 3].map(refused), false);
+    let per_conn = |kib: u64, base_kib: u64, threads: u64, base_threads: u64, n: u64| {
+        let rss = kib.saturating_sub(base_kib) as f64 / n.max(1) as f64;
+        let stacks = (threads.saturating_sub(base_threads) * KERNEL_STACK_KIB) as f64 / n.max(1) as f64;
+        (rss, rss + stacks)
+    };
+    let b = &f.base;
+    for (i, l) in f.levels.iter().enumerate() {
+        let gw = per_conn(l.rss_kib, b.rss_kib, l.threads, b.threads, l.conns);
+        let devd = per_conn(
+            l.devd_rss_kib,
+            b.devd_rss_kib,
+            l.devd_threads,
+            b.devd_threads,
+            l.conns,
+        );
+        let socat = f
+            .socat_idle
+            .get(i)
+            .map_or((0.0, 0.0), |&(n, kib, threads)| per_conn(kib, 0, threads, 0, n));
+        let n = l.conns;
+        t.row(
+            &format!("idle RSS, {n} conns"),
+            "KiB/conn",
+            [f64::NAN, devd.0, gw.0, socat.0],
+            false,
+        );
+        t.row(
+            &format!("idle RSS+kstacks, {n}"),
+            "KiB/conn",
+            [f64::NAN, devd.1, gw.1, socat.1],
+            false,
         );
     }
-    let acc_errors: u64 = acc.iter().map(|a| a.1).sum();
+}
+
+/// Prints the gateway's footprint at each level; returns it as JSON.
+fn print_concurrency(f: &Figures) -> Vec<Value> {
+    let base = &f.base;
     println!(
         "\nconcurrency through the gateway (baseline RSS {} KiB, {} threads):",
         base.rss_kib, base.threads
     );
     let mut levels_json = Vec::new();
-    for l in &lv {
+    for l in &f.levels {
         let per_conn = (l.rss_kib.saturating_sub(base.rss_kib)) as f64 / l.conns.max(1) as f64;
         let extra_threads = l.threads as i64 - base.threads as i64 - 2 * l.conns as i64;
         println!(
@@ -665,20 +996,27 @@ fn main() {
             ("rss_kib", l.rss_kib.into()),
             ("rss_per_conn_kib", per_conn.into()),
             ("threads", l.threads.into()),
+            ("devd_rss_kib", l.devd_rss_kib.into()),
+            ("devd_threads", l.devd_threads.into()),
         ]));
     }
     println!(
         "  after closing: RSS {} KiB, {} threads (baseline {}), {} descriptors left over",
-        after.rss_kib, after.threads, base.threads, fds_left
+        f.after.rss_kib, f.after.threads, base.threads, f.fds_left
     );
+    levels_json
+}
 
-    // The targets of issue 4, informational.
+/// The targets of issue 4, informational.
+fn checks(f: &Figures) -> Vec<(&'static str, bool)> {
+    let (base, lv, after, lat) = (&f.base, &f.levels, &f.after, &f.lat);
+    let acc_errors: u64 = f.acc.iter().map(|a| a.1).sum();
     let last = lv.last().map_or(0.0, |l| {
         (l.rss_kib.saturating_sub(base.rss_kib)) as f64 / l.conns.max(1) as f64
     });
-    let checks = [
-        ("download ≥ 0.8 × devd", down[2] >= 0.8 * down[1]),
-        ("upload ≥ 0.8 × devd", up[2] >= 0.8 * up[1]),
+    vec![
+        ("download ≥ 0.8 × devd", f.down[2] >= 0.8 * f.down[1]),
+        ("upload ≥ 0.8 × devd", f.up[2] >= 0.8 * f.up[1]),
         ("p50 ≤ devd p50 + 150 µs", lat[2].0 <= lat[1].0 + 150.0),
         ("p99 ≤ 2 × devd p99", lat[2].1 <= 2.0 * lat[1].1),
         ("≤ 64 KiB RSS per idle connection", last <= 64.0),
@@ -693,39 +1031,40 @@ fn main() {
         ),
         (
             "threads and fds back to baseline",
-            after.threads == base.threads && fds_left == 0,
+            after.threads == base.threads && f.fds_left == 0,
         ),
         (
             "RSS back within 16 MiB of baseline",
             after.rss_kib <= base.rss_kib + 16 * 1024,
         ),
-    ];
-    println!("\ntargets:");
-    for (name, ok) in &checks {
-        println!("  [{}] {name}", if *ok { "ok" } else { "MISSED" });
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    println!("\nmeasured in {elapsed:.0} s; JSON in target/bench/latest.json");
+    ]
+}
 
+fn write_json(cfg: &Config, f: &Figures, table: Table, levels_json: Vec<Value>, elapsed: f64) {
+    let checks = checks(f);
     let json = Value::obj([
         ("machine", Value::from(machine())),
         (
             "cores",
             thread::available_parallelism().map_or(0, |n| n.get()).into(),
         ),
-        ("bulk_mib", (bulk >> 20).into()),
-        ("sequential_connections", conns.into()),
-        ("results", Value::Obj(results)),
-        ("accept_errors", acc_errors.into()),
+        ("bulk_mib", (cfg.bulk >> 20).into()),
+        ("sequential_connections", cfg.conns.into()),
+        ("results", Value::Obj(table.results)),
+        ("accept_errors", f.acc.iter().map(|a| a.1).sum::<u64>().into()),
+        (
+            "churn_attempts",
+            Value::Arr(f.churn.iter().map(|c| c.2.into()).collect()),
+        ),
         (
             "concurrency",
             Value::obj([
-                ("baseline_rss_kib", Value::from(base.rss_kib)),
-                ("baseline_threads", base.threads.into()),
+                ("baseline_rss_kib", Value::from(f.base.rss_kib)),
+                ("baseline_threads", f.base.threads.into()),
                 ("levels", Value::Arr(levels_json)),
-                ("after_rss_kib", after.rss_kib.into()),
-                ("after_threads", after.threads.into()),
-                ("fds_left", fds_left.into()),
+                ("after_rss_kib", f.after.rss_kib.into()),
+                ("after_threads", f.after.threads.into()),
+                ("fds_left", f.fds_left.into()),
             ]),
         ),
         (
@@ -742,9 +1081,47 @@ fn main() {
     let dir = Path::new("target/bench");
     let _ = std::fs::create_dir_all(dir);
     let _ = std::fs::write(dir.join("latest.json"), format!("{json}\n"));
-    let _ = gw(&["stop"]);
-    drop(procs);
-    let _ = std::fs::remove_dir_all(&work);
+}
+
+fn main() {
+    raise_fd_limit();
+    let cfg = Config::from_env();
+    let rig = set_up(&cfg);
+    let started = Instant::now();
+    let f = measure(&cfg, &rig);
+    let mut table = Table::default();
+    speed_rows(&mut table, &f);
+    churn_and_idle_rows(&mut table, &f);
+
+    println!(
+        "\npilot-gateway benchmark — {} cores, {}",
+        thread::available_parallelism().map_or(0, |n| n.get()),
+        machine()
+    );
+    println!(
+        "bulk {} MiB each way, {} sequential connections, {} s rate runs, {} s churn runs\n",
+        cfg.bulk >> 20,
+        cfg.conns,
+        cfg.secs,
+        cfg.churn_secs
+    );
+    table.print();
+    println!(
+        "\nchurn: one reply per connection, then the agent stays silent until the peer closes;\n\
+         \x20 refused = reset or EOF before the reply. idle: per held connection; kstacks = threads × {KERNEL_STACK_KIB} KiB;\n\
+         \x20 devd = the daemon's share of the same connections; socat = PSS of its forked relays."
+    );
+    let levels_json = print_concurrency(&f);
+    println!("\ntargets:");
+    for (name, ok) in checks(&f) {
+        println!("  [{}] {name}", if ok { "ok" } else { "MISSED" });
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!("\nmeasured in {elapsed:.0} s; JSON in target/bench/latest.json");
+    write_json(&cfg, &f, table, levels_json, elapsed);
+    let _ = gateway(&cfg, &rig.work, "state", &["stop"]);
+    drop(rig.procs);
+    let _ = std::fs::remove_dir_all(&rig.work);
 }
 
 fn machine() -> String {

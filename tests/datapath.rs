@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -125,35 +125,47 @@ fn failed_dials_reset_at_once_and_spare_other_agents() {
     drop(devd);
 }
 
+/// Whether the slow agent's service has been reached (its dial completed).
+static SLOW_REACHED: AtomicBool = AtomicBool::new(false);
+
+fn slow_service(c: std::net::TcpStream) {
+    SLOW_REACHED.store(true, Ordering::SeqCst);
+    http(c);
+}
+
 #[test]
 fn a_slow_dial_does_not_delay_other_mappings() {
     netns();
     let dir = TempDir::new("slowdial");
     let _svc = Service::start(8080, http);
-    let (_devd, _gw, _p) = setup(
+    let _slow_svc = Service::start(8090, slow_service);
+    let (devd, _gw, _p) = setup(
         &dir,
         &[
             "--route",
-            "0:0000.0000.0005=127.0.0.1",
+            "0:0000.0000.0005:8080=127.0.0.1:8090",
             "--dial-delay",
             "0:0000.0000.0005=3000",
         ],
         &["--ports", "8080", A4, A5],
     );
-    let (tx, rx) = mpsc::channel();
-    let slow = thread::spawn(move || {
-        let r = http_get("10.4.0.2:8080", "/slow");
-        tx.send(()).unwrap();
-        r
-    });
-    thread::sleep(Duration::from_millis(100)); // the slow dial is pending now
+    let idle = settled_threads(devd.proc.pid());
+    let slow = thread::spawn(|| http_get("10.4.0.2:8080", "/slow"));
+    // The daemon serves the gateway's session for the slow connection in
+    // one thread and its pending dial in another: both exist now.
+    assert!(
+        wait_until(Duration::from_secs(5), || proc_field(devd.proc.pid(), "Threads:")
+            >= idle + 2),
+        "the slow dial reached the daemon"
+    );
     let fast = http_get("10.4.0.1:8080", "/fast");
     assert!(fast.contains("GET /fast"), "{fast}");
     assert!(
-        rx.try_recv().is_err(),
-        "the fast request finished while the slow dial was still pending"
+        !SLOW_REACHED.load(Ordering::SeqCst),
+        "the slow dial, started first, was still pending when the fast request finished"
     );
     assert!(slow.join().unwrap().contains("GET /slow"));
+    assert!(SLOW_REACHED.load(Ordering::SeqCst));
 }
 
 #[test]

@@ -6,7 +6,7 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use pilot_gateway::address::PilotAddr;
@@ -213,18 +213,21 @@ fn cancel_abandons_pending_dials_and_dials_run_concurrently() {
         ]),
     );
     // A slow dial on one session does not hold up another session's dial.
-    let socket = d.socket.clone();
-    let slow = thread::spawn(move || {
-        let mut s = Session::connect(&socket).unwrap();
-        s.dial("0:0000.0000.0005".parse().unwrap(), 7002)
-    });
-    thread::sleep(Duration::from_millis(100));
-    let t = Instant::now();
+    let mut slow_session = session(&d);
+    slow_session.info().unwrap(); // its client thread is serving
+    let serving = settled_threads(d.proc.pid());
+    let slow = thread::spawn(move || slow_session.dial("0:0000.0000.0005".parse().unwrap(), 7002));
+    // Each dial runs in a thread of its own: the slow one is pending once
+    // that thread exists.
+    assert!(
+        wait_until(Duration::from_secs(5), || proc_field(d.proc.pid(), "Threads:")
+            > serving),
+        "the slow dial is pending in its own thread"
+    );
     session(&d).dial(a4(), 7002).unwrap();
     assert!(
         !slow.is_finished(),
-        "the fast dial finished first ({:?})",
-        t.elapsed()
+        "the fast dial, started after the slow one, finished first"
     );
     assert!(slow.join().unwrap().is_ok());
     // Cancel: the pending dial is abandoned and logged, nothing is sent.

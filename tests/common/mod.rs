@@ -579,3 +579,32 @@ pub fn short_exchange(addr: &str) -> bool {
     let mut b = [0u8; 5];
     s.write_all(b"hello").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"hello"
 }
+
+/// The live connections `list` counts on the mapping of `ip` (0 when the
+/// mapping is not listed).
+pub fn active(gw: &Gw, ip: &str) -> u64 {
+    use pilot_gateway::json::Value;
+    let list = gw.data(&["list"]);
+    list.get("mappings")
+        .and_then(Value::as_array)
+        .and_then(|rows| {
+            rows.iter()
+                .find(|r| r.get("local_ip").and_then(Value::as_str) == Some(ip))
+        })
+        .and_then(|r| r.get("active").and_then(Value::as_u64))
+        .unwrap_or(0)
+}
+
+/// The thread count of `pid` once it holds still for 10 ms (a transient
+/// client, such as [`Devd::start`]'s probe, has ended by then).
+pub fn settled_threads(pid: u32) -> u64 {
+    let mut last = proc_field(pid, "Threads:");
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let now = proc_field(pid, "Threads:");
+            std::mem::replace(&mut last, now) == now
+        }),
+        "the thread count of {pid} does not settle"
+    );
+    last
+}
