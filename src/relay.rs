@@ -37,7 +37,7 @@ use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::ops::Range;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
@@ -82,6 +82,8 @@ pub struct ConnSettings {
     pub max_conns: usize,
     pub dial_timeout: Duration,
     pub idle_timeout: Duration,
+    /// `--allow-remote`: serve clients from other hosts too.
+    pub allow_remote: bool,
 }
 
 /// Gateway-wide state of the data path, shared by every listener and
@@ -96,6 +98,7 @@ pub struct DataPath {
     pub finished: AtomicU64,
     next_id: AtomicU64,
     pub access: Option<AccessLog>,
+    pub started: Instant,
 }
 
 impl DataPath {
@@ -107,6 +110,7 @@ impl DataPath {
             finished: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             access,
+            started: Instant::now(),
         })
     }
 
@@ -128,6 +132,10 @@ pub struct Connections {
     total: AtomicU64,
     dial_failures: AtomicU64,
     idle_timeouts: AtomicU64,
+    /// Clients refused because they came from another host.
+    pub refused_remote: AtomicU64,
+    /// Clients reset because a connection thread could not be started.
+    spawn_failures: AtomicU64,
     done_up: AtomicU64,
     done_down: AtomicU64,
 }
@@ -147,12 +155,23 @@ impl Connections {
             bytes_down: down,
             dial_failures: self.dial_failures.load(Relaxed),
             idle_timeouts: self.idle_timeouts.load(Relaxed),
+            refused_remote: self.refused_remote.load(Relaxed),
+            spawn_failures: self.spawn_failures.load(Relaxed),
+        }
+    }
+
+    /// Waits up to `wait` for the live connections to end on their own
+    /// (`--drain`: the listeners have stopped accepting already).
+    pub fn drain(&self, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline && !self.live.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            thread::sleep(Duration::from_millis(10));
         }
     }
 
     /// Tears down every live connection and waits (bounded) until their
-    /// threads have finished.
-    pub fn close_all(&self, wait: Duration) {
+    /// threads have finished. Returns how many were cut.
+    pub fn close_all(&self, wait: Duration) -> usize {
         let conns: Vec<Arc<Conn>> = {
             let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
             live.values().cloned().collect()
@@ -163,11 +182,12 @@ impl Connections {
         let deadline = Instant::now() + wait;
         while Instant::now() < deadline {
             if self.live.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
-                return;
+                return conns.len();
             }
             thread::sleep(Duration::from_millis(5));
         }
         warn!("connections still closing after {wait:?}");
+        conns.len()
     }
 }
 
@@ -341,13 +361,13 @@ pub fn serve(
     data_path: &Arc<DataPath>,
     group: &Arc<Connections>,
 ) {
-    let ipc = match UnixStream::connect(&data_path.settings.daemon_socket) {
+    // Only the socket is made here; it is connected from the connection's
+    // own thread (`connect_daemon`), so a stalled daemon never holds up the
+    // accept thread. Failing here means we are out of descriptors.
+    let ipc = match sys::unix_socket() {
         Ok(s) => s,
         Err(e) => {
-            let why = format!(
-                "cannot reach the daemon at {}: {e}",
-                data_path.settings.daemon_socket.display()
-            );
+            let why = format!("cannot open a socket for the daemon session: {e}");
             group.dial_failures.fetch_add(1, Relaxed);
             group.total.fetch_add(1, Relaxed);
             warn!("dial {pilot} port {} for {client} failed: {why}", local.port());
@@ -397,8 +417,9 @@ pub fn serve(
         .spawn(move || dial_then_relay(cleanup));
     if let Err(e) = spawned {
         // The dropped closure released `cleanup`, which cleaned up.
+        group.spawn_failures.fetch_add(1, Relaxed);
         warn!("cannot serve {client}: cannot start a thread: {e}");
-        conn.abort("out of threads");
+        conn.abort(&format!("cannot start a thread: {e}"));
     }
 }
 
@@ -409,7 +430,7 @@ fn dial_then_relay(cleanup: Arc<ConnCleanup>) {
     let limits = &cleanup.data_path.settings;
     let _ = c.tcp.set_nodelay(true);
     let port = c.local.port();
-    let reader = match dial(&c, port, limits.dial_timeout) {
+    let reader = match dial(&c, port, limits) {
         Ok(r) => r,
         Err(_) if c.ending.get().is_some() => return, // torn down by unmap or stop
         Err(why) => {
@@ -443,6 +464,7 @@ fn dial_then_relay(cleanup: Arc<ConnCleanup>) {
     let down = match down {
         Ok(t) => t,
         Err(e) => {
+            cleanup.group.spawn_failures.fetch_add(1, Relaxed);
             c.fail(Ending::Reset(format!("cannot start a thread: {e}")));
             return;
         }
@@ -465,12 +487,53 @@ impl Read for IpcRead {
     }
 }
 
-/// Opens the pilot stream, with the dial bounded by `timeout`. Returns the
-/// session's reader, which the agent→client thread takes over (with any
-/// Recv frames that arrived right behind the DialOK).
-fn dial(c: &Arc<Conn>, port: u16, timeout: Duration) -> Result<FrameReader<IpcRead>, String> {
-    let _ = c.ipc.set_read_timeout(Some(timeout));
-    let _ = c.ipc.set_write_timeout(Some(timeout));
+/// Connects the connection's session to the daemon by `deadline`. The
+/// socket is non-blocking: a Unix connect to a daemon whose backlog is
+/// full (stalled, stopped) fails with EAGAIN instead of waiting, and we
+/// retry with a short backoff until the deadline. So a stalled daemon
+/// costs this connection's thread a few retries and never holds up a
+/// listener or another connection.
+fn connect_daemon(c: &Conn, socket: &Path, deadline: Instant, timeout: Duration) -> Result<(), String> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match sys::unix_connect(&c.ipc, socket) {
+            Ok(()) => break,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let now = Instant::now();
+                if c.ending.get().is_some() {
+                    return Err("closed while connecting to the daemon".into());
+                }
+                if now >= deadline {
+                    return Err(format!(
+                        "the daemon at {} accepted no session within --dial-timeout {}s (its backlog is full: is it stalled or stopped?)",
+                        socket.display(),
+                        timeout.as_secs_f64()
+                    ));
+                }
+                thread::sleep(pause.min(deadline - now));
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(e) => return Err(format!("cannot reach the daemon at {}: {e}", socket.display())),
+        }
+    }
+    c.ipc
+        .set_nonblocking(false)
+        .map_err(|e| format!("daemon session: {e}"))
+}
+
+/// Connects to the daemon and opens the pilot stream, the two together
+/// bounded by `--dial-timeout`. Returns the session's reader, which the
+/// agent→client thread takes over (with any Recv frames that arrived right
+/// behind the DialOK).
+fn dial(c: &Arc<Conn>, port: u16, limits: &ConnSettings) -> Result<FrameReader<IpcRead>, String> {
+    let timeout = limits.dial_timeout;
+    let deadline = Instant::now() + timeout;
+    connect_daemon(c, &limits.daemon_socket, deadline, timeout)?;
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    let _ = c.ipc.set_read_timeout(Some(left));
+    let _ = c.ipc.set_write_timeout(Some(left));
     let mut reader = FrameReader::growing(IpcRead(c.clone()), BUFFER_START, DOWN_BUFFER);
     let reply = (&c.ipc)
         .write_all(&ipc::encode(
