@@ -25,7 +25,7 @@ pub fn probe(socket: &Path, source: &str, timeout: Duration) -> Result<(Session,
         )
         .hint("start the Pilot daemon, or point to its socket with --socket PATH (or PILOT_SOCKET)")
     };
-    let mut s = Session::connect(socket).map_err(|e| unreachable(&e))?;
+    let mut s = Session::connect_within(socket, timeout).map_err(|e| unreachable(&e))?;
     s.set_timeout(Some(timeout)).map_err(|e| unreachable(&e))?;
     let answer = match s.health() {
         Ok(v) => Ok(v),

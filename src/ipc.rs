@@ -315,6 +315,37 @@ pub fn error_text(payload: &[u8]) -> String {
     }
 }
 
+/// Connects a socket from `sys::unix_socket` to the daemon by `deadline`
+/// and makes it blocking. A blocking Unix connect to a daemon whose backlog
+/// is full (stalled, stopped) waits forever; the non-blocking one fails
+/// with EAGAIN, and we retry with a short backoff until the deadline (or
+/// until `abandoned` says to stop), then fail with `TimedOut`.
+pub fn connect_by(
+    stream: &UnixStream,
+    path: &Path,
+    deadline: Instant,
+    abandoned: &dyn Fn() -> bool,
+) -> io::Result<()> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match crate::sys::unix_connect(stream, path) {
+            Ok(()) => return stream.set_nonblocking(false),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let now = Instant::now();
+                if now >= deadline || abandoned() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the daemon accepts no connections (its backlog is full: stalled or stopped?)",
+                    ));
+                }
+                std::thread::sleep(pause.min(deadline - now));
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// One client session with the daemon, for requests and replies.
 ///
 /// Each exchange (a request and its reply) has one overall deadline: the
@@ -337,6 +368,13 @@ pub const READ_BUFFER: usize = 32 * 1024;
 impl Session {
     pub fn connect(path: &Path) -> io::Result<Session> {
         let stream = UnixStream::connect(path)?;
+        Session::from_stream(stream)
+    }
+
+    /// Connects within `timeout` (see [`connect_by`]).
+    pub fn connect_within(path: &Path, timeout: Duration) -> io::Result<Session> {
+        let stream = crate::sys::unix_socket()?;
+        connect_by(&stream, path, Instant::now() + timeout, &|| false)?;
         Session::from_stream(stream)
     }
 

@@ -37,7 +37,7 @@ use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::ops::Range;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
@@ -487,40 +487,6 @@ impl Read for IpcRead {
     }
 }
 
-/// Connects the connection's session to the daemon by `deadline`. The
-/// socket is non-blocking: a Unix connect to a daemon whose backlog is
-/// full (stalled, stopped) fails with EAGAIN instead of waiting, and we
-/// retry with a short backoff until the deadline. So a stalled daemon
-/// costs this connection's thread a few retries and never holds up a
-/// listener or another connection.
-fn connect_daemon(c: &Conn, socket: &Path, deadline: Instant, timeout: Duration) -> Result<(), String> {
-    let mut pause = Duration::from_millis(1);
-    loop {
-        match sys::unix_connect(&c.ipc, socket) {
-            Ok(()) => break,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let now = Instant::now();
-                if c.ending.get().is_some() {
-                    return Err("closed while connecting to the daemon".into());
-                }
-                if now >= deadline {
-                    return Err(format!(
-                        "the daemon at {} accepted no session within --dial-timeout {}s (its backlog is full: is it stalled or stopped?)",
-                        socket.display(),
-                        timeout.as_secs_f64()
-                    ));
-                }
-                thread::sleep(pause.min(deadline - now));
-                pause = (pause * 2).min(Duration::from_millis(50));
-            }
-            Err(e) => return Err(format!("cannot reach the daemon at {}: {e}", socket.display())),
-        }
-    }
-    c.ipc
-        .set_nonblocking(false)
-        .map_err(|e| format!("daemon session: {e}"))
-}
-
 /// Connects to the daemon and opens the pilot stream, the two together
 /// bounded by `--dial-timeout`. Returns the session's reader, which the
 /// agent→client thread takes over (with any Recv frames that arrived right
@@ -528,7 +494,12 @@ fn connect_daemon(c: &Conn, socket: &Path, deadline: Instant, timeout: Duration)
 fn dial(c: &Arc<Conn>, port: u16, limits: &ConnSettings) -> Result<FrameReader<IpcRead>, String> {
     let timeout = limits.dial_timeout;
     let deadline = Instant::now() + timeout;
-    connect_daemon(c, &limits.daemon_socket, deadline, timeout)?;
+    // Connected here, on the connection's own thread, and bounded by the
+    // same deadline as the dial: a stalled daemon costs this connection a
+    // few retries, never a listener or another connection.
+    let socket = &limits.daemon_socket;
+    ipc::connect_by(&c.ipc, socket, deadline, &|| c.ending.get().is_some())
+        .map_err(|e| format!("cannot reach the daemon at {}: {e}", socket.display()))?;
     let left = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(1));
