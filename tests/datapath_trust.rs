@@ -1,0 +1,334 @@
+//! Trust boundaries of the data path (issue 11): clients from another
+//! host, a daemon that stalls or trickles its replies, running out of
+//! descriptors or threads, and the connections `stop` and `unmap` cut or
+//! drain. Each test in its own network namespace; the "other host" is a
+//! second namespace joined to the test's by a veth pair.
+
+mod common;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use pilot_gateway::json::Value;
+
+fn routes() -> Vec<&'static str> {
+    vec![
+        "--route",
+        "0:0000.0000.0004=127.0.0.1",
+        "--route",
+        "0:0000.0000.0005=127.0.0.1",
+    ]
+}
+
+fn status(gw: &Gw) -> Value {
+    gw.data(&["status"])
+}
+
+fn n(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or(u64::MAX)
+}
+
+/// Another host: a network namespace (held open by a `sleep` child) with
+/// a veth link to ours, 192.168.77.2 there and 192.168.77.1 here, that
+/// routes the gateway's subnet to us, as a neighbour on the LAN could.
+struct OtherHost {
+    _holder: Proc,
+    ns: PathBuf,
+}
+
+impl OtherHost {
+    fn new(dir: &TempDir) -> OtherHost {
+        let holder = Proc::spawn(
+            Command::new("unshare").args(["--net", "sleep", "120"]),
+            dir.path("other-host.log"),
+        );
+        let pid = holder.pid().to_string();
+        let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let ours = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || std::fs::read_link(&ns)
+                .is_ok_and(|l| l != ours)),
+            "the other host's namespace did not appear"
+        );
+        run_ok("ip", &["link", "add", "pgw-a", "type", "veth", "peer", "name", "pgw-b"]);
+        run_ok("ip", &["link", "set", "pgw-b", "netns", &pid]);
+        run_ok("ip", &["addr", "add", "192.168.77.1/24", "dev", "pgw-a"]);
+        run_ok("ip", &["link", "set", "pgw-a", "up"]);
+        let net = format!("--net={}", ns.display());
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["addr", "add", "192.168.77.2/24", "dev", "pgw-b"],
+            &["link", "set", "pgw-b", "up"],
+            &["route", "add", "10.4.0.0/16", "via", "192.168.77.1"],
+        ] {
+            let mut a = vec![net.as_str(), "ip"];
+            a.extend_from_slice(args);
+            run_ok("nsenter", &a);
+        }
+        OtherHost { _holder: holder, ns }
+    }
+
+    /// Runs `f` on a thread inside the other host's namespace.
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let ns = self.ns.clone();
+        thread::spawn(move || {
+            let file = File::open(&ns).unwrap();
+            // SAFETY: setns moves only this thread into the namespace.
+            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+#[test]
+fn a_client_from_another_host_is_refused_before_any_dial_unless_allowed() {
+    netns();
+    let dir = TempDir::new("remote");
+    let _echo = Service::start(8080, echo);
+    let devd = Devd::start(&dir, &[&routes()[..], &["--verbose"]].concat());
+    let gw = Gw::new(&dir, &devd.socket);
+    let host = OtherHost::new(&dir);
+    let mut p = gw.foreground(&dir, &["--ports", "8080", A4]);
+    assert!(short_exchange("10.4.0.1:8080"), "a local client is served");
+    let dials = || devd.log().matches("dial 0:0000.0000.0004:8080").count();
+    let dials_before = dials();
+    assert!(
+        host.run(|| reset_soon("10.4.0.1:8080", Duration::from_secs(5))),
+        "a client from another host is reset"
+    );
+    let st = status(&gw);
+    assert_eq!(n(&st, "refused_remote"), 1, "{st}");
+    assert_eq!(n(&st, "total"), 1, "only the local client was served: {st}");
+    assert_eq!(st.get("allow_remote").and_then(Value::as_bool), Some(false));
+    assert_eq!(dials(), dials_before, "no dial reached the daemon");
+    assert!(gw.ok(&["status"]).contains("clients from other hosts: refused 1"));
+    let list = gw.data(&["list"]);
+    let row = &list.get("mappings").and_then(Value::as_array).unwrap()[0];
+    assert_eq!(n(row, "refused_remote"), 1, "{list}");
+    assert!(std::fs::read_to_string(dir.path("gateway.log"))
+        .unwrap()
+        .contains("not a local client"));
+    p.signal(libc::SIGTERM);
+    assert!(p.wait_exit(Duration::from_secs(15)).is_some());
+
+    let _p = gw.foreground(&dir, &["--ports", "8080", "--allow-remote", A4]);
+    assert!(
+        host.run(|| short_exchange("10.4.0.1:8080")),
+        "--allow-remote serves the other host"
+    );
+    let st = status(&gw);
+    assert_eq!(st.get("allow_remote").and_then(Value::as_bool), Some(true));
+    assert_eq!((n(&st, "refused_remote"), n(&st, "total")), (0, 1), "{st}");
+}
+
+#[test]
+fn a_stalled_daemon_costs_clients_their_dial_and_never_a_listener_or_stop() {
+    netns();
+    let dir = TempDir::new("stall");
+    let _echo = Service::start(8080, echo);
+    let devd = Devd::start(&dir, &routes());
+    let gw = Gw::new(&dir, &devd.socket);
+    let mut p = gw.foreground(&dir, &["--ports", "8080", "--dial-timeout", "1", A4, A5]);
+    assert!(short_exchange("10.4.0.1:8080"));
+    devd.proc.signal(libc::SIGUSR1);
+    assert!(wait_until(Duration::from_secs(5), || devd.log().contains("stalled")));
+    // More clients than the stalled daemon's backlog holds, on both
+    // mappings: every one is reset (within the dial timeout), none hangs.
+    let clients: Vec<_> = (0..6)
+        .map(|i| {
+            let addr = if i % 2 == 0 { "10.4.0.1:8080" } else { "10.4.0.2:8080" };
+            thread::spawn(move || reset_soon(addr, Duration::from_secs(8)))
+        })
+        .collect();
+    for c in clients {
+        assert!(c.join().unwrap(), "a client of a stalled daemon is reset, not left hanging");
+    }
+    // The counters are still written, with the daemon shown unreachable.
+    assert!(wait_until(Duration::from_secs(15), || {
+        let st = status(&gw);
+        n(&st, "dial_failures") >= 6 && st.get("daemon_reachable").and_then(Value::as_bool) == Some(false)
+    }));
+    let out = gw.run(&["stop"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(p.wait_exit(Duration::from_secs(5)).is_some());
+}
+
+#[test]
+fn a_trickling_daemon_cannot_hold_status_list_or_sigterm() {
+    netns();
+    let dir = TempDir::new("trickle");
+    let _echo = Service::start(8080, echo);
+    let devd = Devd::start(&dir, &routes());
+    let gw = Gw::new(&dir, &devd.socket);
+    let mut p = gw.foreground(&dir, &["--ports", "8080", A4]);
+    // The same socket, now served by a daemon that answers a byte every 200 ms.
+    drop(devd);
+    let mut args = routes();
+    args.extend(["--trickle", "200"]);
+    let _devd = Devd::start(&dir, &args);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            status(&gw).get("daemon_reachable").and_then(Value::as_bool) == Some(false)
+        }),
+        "status answers and shows the daemon not answering in time"
+    );
+    assert!(gw.ok(&["status"]).contains("did not answer"));
+    gw.ok(&["list"]);
+    p.signal(libc::SIGTERM);
+    assert!(p.wait_exit(Duration::from_secs(10)).is_some(), "SIGTERM completes");
+}
+
+/// Sets the descriptor limit of the command's process before it runs.
+fn nofile(c: &mut Command, n: u64) {
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs in pre_exec.
+    unsafe {
+        c.pre_exec(move || {
+            let rl = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+fn set_nofile(pid: u32, n: u64) {
+    let rl = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: prlimit on our own child with a valid rlimit.
+    let r = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, &rl, std::ptr::null_mut()) };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+fn held_exchange(addr: &str) -> TcpStream {
+    let mut s = connect(addr);
+    s.write_all(b"hi").unwrap();
+    let mut b = [0u8; 2];
+    s.read_exact(&mut b).unwrap();
+    s
+}
+
+#[test]
+fn a_low_descriptor_limit_lowers_max_conns_and_clients_beyond_are_reset_at_once() {
+    netns();
+    let dir = TempDir::new("nofile");
+    let _echo = Service::start(8080, echo);
+    let devd = Devd::start(&dir, &routes());
+    let gw = Gw::new(&dir, &devd.socket);
+    let p = gw.foreground_with(&dir, &["--ports", "8080", "--max-conns", "1000", A4], |c| {
+        nofile(c, 64)
+    });
+    assert!(p.stderr().contains("does not fit the limit of 64 open files"), "{}", p.stderr());
+    let st = status(&gw);
+    let cap = n(&st, "max_conns");
+    assert!((1..1000).contains(&cap), "{st}");
+    assert_eq!(n(&st, "max_conns_requested"), 1000);
+    assert!(gw.ok(&["status"]).contains("lowered from 1000"));
+    let held: Vec<TcpStream> = (0..cap).map(|_| held_exchange("10.4.0.1:8080")).collect();
+    assert!(
+        reset_soon("10.4.0.1:8080", Duration::from_secs(5)),
+        "beyond the lowered cap: reset at once"
+    );
+    // Every slot taken, and the counters are still written (the headroom).
+    let st = status(&gw);
+    assert_eq!((n(&st, "active"), n(&st, "refused")), (cap, 1), "{st}");
+    gw.ok(&["list"]);
+    drop(held);
+    assert!(wait_until(Duration::from_secs(10), || n(&status(&gw), "active") == 0));
+
+    // Out of descriptors altogether (the limit cut under the running
+    // gateway, to what one more connection needs): the next client is
+    // still reset at once, not left in the backlog.
+    thread::sleep(Duration::from_millis(500)); // let the health check close its session
+    set_nofile(p.pid(), proc_fds(p.pid()) as u64 + 2);
+    let one = held_exchange("10.4.0.1:8080");
+    assert!(
+        reset_soon("10.4.0.1:8080", Duration::from_secs(5)),
+        "out of descriptors: reset at once"
+    );
+    drop(one);
+    set_nofile(p.pid(), 64);
+    assert!(wait_until(Duration::from_secs(10), || n(&status(&gw), "active") == 0));
+    gw.ok(&["list"]);
+}
+
+/// Service: reads a request, answers 64 KiB a second and a half later, closes.
+fn slow_reply(mut c: TcpStream) {
+    let mut b = [0u8; 2];
+    if c.read_exact(&mut b).is_ok() {
+        thread::sleep(Duration::from_millis(1500));
+        let _ = c.write_all(&pattern(7, 64 * 1024));
+    }
+}
+
+/// A client that sends a request and reads the whole reply (its length).
+fn slow_client(addr: &'static str) -> thread::JoinHandle<std::io::Result<usize>> {
+    thread::spawn(move || {
+        let mut s = connect(addr);
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        s.write_all(b"go")?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)?;
+        Ok(buf.len())
+    })
+}
+
+#[test]
+fn stop_and_unmap_report_the_connections_they_cut() {
+    netns();
+    let dir = TempDir::new("cut");
+    let _echo = Service::start(8080, echo);
+    let devd = Devd::start(&dir, &routes());
+    let gw = Gw::new(&dir, &devd.socket);
+    let mut p = gw.foreground(&dir, &["--ports", "8080", A4, A5]);
+    let mut c = held_exchange("10.4.0.2:8080");
+    let d = gw.data(&["unmap", "10.4.0.2"]);
+    assert_eq!(n(&d, "cut"), 1, "{d}");
+    assert!(sees_reset(&mut c, Duration::from_secs(5)));
+    let idle = held_exchange("10.4.0.1:8080");
+    let out = gw.ok(&["stop"]);
+    assert!(out.contains("1 live connections cut"), "{out}");
+    assert!(p.wait_exit(Duration::from_secs(5)).is_some());
+    drop(idle);
+    let _p = gw.foreground(&dir, &["--ports", "8080", A4]);
+    let d = gw.data(&["stop"]);
+    assert_eq!(n(&d, "cut"), 0, "{d}");
+}
+
+#[test]
+fn drain_lets_live_connections_finish() {
+    netns();
+    let dir = TempDir::new("drain");
+    let _slow = Service::start(8081, slow_reply);
+    let devd = Devd::start(&dir, &routes());
+    let gw = Gw::new(&dir, &devd.socket);
+    let mut p = gw.foreground(&dir, &["--ports", "8081", A4, A5]);
+    let client = slow_client("10.4.0.2:8081");
+    assert!(wait_until(Duration::from_secs(5), || n(&status(&gw), "active") == 1));
+    let d = gw.data(&["unmap", "--drain", "5", "10.4.0.2"]);
+    assert_eq!(n(&d, "cut"), 0, "{d}");
+    assert_eq!(client.join().unwrap().unwrap(), 64 * 1024, "the whole reply arrived");
+
+    let client = slow_client("10.4.0.1:8081");
+    assert!(wait_until(Duration::from_secs(5), || n(&status(&gw), "active") == 1));
+    let d = gw.data(&["stop", "--drain", "5"]);
+    assert_eq!(n(&d, "cut"), 0, "{d}");
+    assert_eq!(client.join().unwrap().unwrap(), 64 * 1024, "the whole reply arrived");
+    assert!(p.wait_exit(Duration::from_secs(5)).is_some());
+}
