@@ -419,9 +419,18 @@ fn unmap(args: &Args, out: &Output, ip_text: &str) -> Result<()> {
     }
     out.ok(
         data,
-        &format!("unmapped {} → {} ({cut} live connections cut)\n", m.local_ip, m.pilot_addr),
+        &format!("unmapped {} → {}{}\n", m.local_ip, m.pilot_addr, cut_note(cut)),
     );
     Ok(())
+}
+
+/// The text form of a `cut` count: nothing when none was cut.
+fn cut_note(cut: u64) -> String {
+    match cut {
+        0 => String::new(),
+        1 => " (1 live connection cut)".into(),
+        n => format!(" ({n} live connections cut)"),
+    }
 }
 
 /// `--drain SECS` of stop and unmap (0 without it).
@@ -535,10 +544,7 @@ fn stop(args: &Args, out: &Output) -> Result<()> {
             ("stopped", true.into()),
             ("cut", cut.into()),
         ]),
-        &format!(
-            "gateway stopped (pid {}; {cut} live connections cut)\n",
-            st.gateway.pid
-        ),
+        &format!("gateway stopped (pid {}){}\n", st.gateway.pid, cut_note(cut)),
     );
     Ok(())
 }
