@@ -412,15 +412,20 @@ pub fn serve(
         data_path: data_path.clone(),
         group: group.clone(),
     });
+    // Held here too, so that a failed spawn records its ending before the
+    // last holder cleans up (and writes the access-log line).
+    let ours = cleanup.clone();
     let spawned = thread::Builder::new()
         .stack_size(THREAD_STACK)
         .spawn(move || dial_then_relay(cleanup));
     if let Err(e) = spawned {
-        // The dropped closure released `cleanup`, which cleaned up.
         group.spawn_failures.fetch_add(1, Relaxed);
         warn!("cannot serve {client}: cannot start a thread: {e}");
-        conn.abort(&format!("cannot start a thread: {e}"));
+        // `fail`, not `abort`: no thread is blocked on the client, and
+        // shutting its writing side would send a FIN before the reset.
+        conn.fail(Ending::Reset(format!("cannot start a thread: {e}")));
     }
+    drop(ours);
 }
 
 /// First thread of a connection: dial, start the agent→client thread, then

@@ -374,3 +374,37 @@ fn drain_lets_live_connections_finish() {
     assert_eq!(client.join().unwrap().unwrap(), 64 * 1024, "the whole reply arrived");
     assert!(p.wait_exit(Duration::from_secs(5)).is_some());
 }
+
+#[test]
+fn a_client_that_gets_no_thread_is_reset_and_counted() {
+    netns();
+    let dir = TempDir::new("nproc");
+    let _echo = Service::start(8080, echo);
+    // The daemon as nobody, so that the gateway switches to nobody, whose
+    // thread count RLIMIT_NPROC limits (root's it does not).
+    let sockdir = dir.path("nobody");
+    std::fs::create_dir_all(&sockdir).unwrap();
+    std::os::unix::fs::chown(&sockdir, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let socket = sockdir.join("devd.sock");
+    let mut c = as_nobody(DEVD);
+    c.arg("--socket").arg(&socket).args(routes());
+    let _devd = Proc::spawn(&mut c, dir.path("devd.log"));
+    assert!(wait_until(Duration::from_secs(10), || socket.exists()));
+    let gw = Gw::new(&dir, &socket);
+    let p = gw.foreground(&dir, &["--ports", "8080", A4]);
+    assert!(short_exchange("10.4.0.1:8080"));
+    // No more threads for nobody (set as nobody: the same user may).
+    let pid = p.pid().to_string();
+    run_ok("setpriv", &["--reuid=65534", "--regid=65534", "--clear-groups", "prlimit", "--pid", &pid, "--nproc=1:"]);
+    assert!(
+        reset_soon("10.4.0.1:8080", Duration::from_secs(5)),
+        "a client that gets no thread is reset"
+    );
+    let st = status(&gw);
+    assert_eq!(n(&st, "spawn_failures"), 1, "{st}");
+    assert!(gw.ok(&["status"]).contains("thread failures 1"));
+    assert!(std::fs::read_to_string(dir.path("gateway.log"))
+        .unwrap()
+        .contains("cannot start a thread"));
+}
