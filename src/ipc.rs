@@ -555,6 +555,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_exchange_has_one_deadline_not_one_per_read() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut s = Session::from_stream(ours).unwrap();
+        s.set_timeout(Some(Duration::from_millis(300))).unwrap();
+        // A daemon that answers Info one byte every 50 ms: each read is
+        // quick, the whole reply takes over a second.
+        let daemon = std::thread::spawn(move || {
+            let mut b = [0u8; 5];
+            (&theirs).read_exact(&mut b).unwrap();
+            for byte in encode(cmd::INFO_OK, &[b"{\"node_id\":1}"]) {
+                if (&theirs).write_all(&[byte]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let e = s.info().unwrap_err();
+        assert!(e.is_timeout(), "{e}");
+        drop(s);
+        daemon.join().unwrap();
+    }
+
+    #[test]
     fn encodes_dial() {
         let f = encode(
             cmd::DIAL,

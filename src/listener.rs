@@ -252,3 +252,20 @@ fn refuse_remote(
         ));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_clients_are_told_from_other_hosts() {
+        let listener = IpAddr::from([10, 4, 0, 1]);
+        assert!(is_local_client(listener, listener));
+        assert!(is_local_client(IpAddr::from([127, 0, 0, 9]), listener));
+        assert!(!is_local_client(IpAddr::from([203, 0, 113, 7]), listener));
+        assert!(!is_local_client("::1".parse().unwrap(), listener), "we serve IPv4 only");
+        if let Some(a) = sys::interface_addresses().unwrap().iter().find(|a| !a.loopback) {
+            assert!(is_local_client(IpAddr::V4(a.addr), listener), "{a:?}");
+        }
+    }
+}

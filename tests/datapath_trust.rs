@@ -392,7 +392,9 @@ fn a_client_that_gets_no_thread_is_reset_and_counted() {
     let _devd = Proc::spawn(&mut c, dir.path("devd.log"));
     assert!(wait_until(Duration::from_secs(10), || socket.exists()));
     let gw = Gw::new(&dir, &socket);
-    let p = gw.foreground(&dir, &["--ports", "8080", A4]);
+    let access = sockdir.join("access.log");
+    let access_arg = access.display().to_string();
+    let p = gw.foreground(&dir, &["--ports", "8080", "--access-log", &access_arg, A4]);
     assert!(short_exchange("10.4.0.1:8080"));
     // No more threads for nobody (set as nobody: the same user may).
     let pid = p.pid().to_string();
@@ -407,4 +409,7 @@ fn a_client_that_gets_no_thread_is_reset_and_counted() {
     assert!(std::fs::read_to_string(dir.path("gateway.log"))
         .unwrap()
         .contains("cannot start a thread"));
+    assert!(wait_until(Duration::from_secs(5), || std::fs::read_to_string(&access)
+        .unwrap_or_default()
+        .contains("cannot start a thread")));
 }
