@@ -211,8 +211,10 @@ pub fn parse(argv0: &str, args: Vec<OsString>) -> Result<Args> {
         }
     }
     if a.drain.is_some() && !matches!(command, Command::Stop | Command::Unmap { .. }) {
-        return Err(Error::usage(format!("--drain is an option of stop and unmap, not of {cmd}"))
-            .hint(format!("see: pilot-gateway {cmd} --help")));
+        return Err(
+            Error::usage(format!("--drain is an option of stop and unmap, not of {cmd}"))
+                .hint(format!("see: pilot-gateway {cmd} --help")),
+        );
     }
     a.command = Some(command);
     Ok(a)

@@ -187,10 +187,7 @@ impl Health {
             }
             let last = match probe(socket, "from the state file", HEALTH_TIMEOUT) {
                 Ok((_, v)) => Value::obj([("reachable", Value::from(true)), ("reply", v)]),
-                Err(e) => Value::obj([
-                    ("reachable", Value::from(false)),
-                    ("error", e.message.into()),
-                ]),
+                Err(e) => Value::obj([("reachable", Value::from(false)), ("error", e.message.into())]),
             };
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             st.last = last;

@@ -514,7 +514,11 @@ impl Gateway {
             return;
         }
         let deadline = Instant::now() + wait;
-        for m in self.running.values().filter(|m| m.listeners.iter().all(Listener::is_stopped)) {
+        for m in self
+            .running
+            .values()
+            .filter(|m| m.listeners.iter().all(Listener::is_stopped))
+        {
             m.conns.drain(deadline.saturating_duration_since(Instant::now()));
         }
     }
@@ -649,10 +653,7 @@ impl Gateway {
         // that stalls costs this write at most a short wait.
         let daemon = match &self.health {
             Some(h) => h.current(HEALTH_WAIT),
-            None => Value::obj([
-                ("reachable", Value::from(false)),
-                ("error", "not checked".into()),
-            ]),
+            None => Value::obj([("reachable", Value::from(false)), ("error", "not checked".into())]),
         };
         let dp = &self.data_path;
         let stats = Stats {

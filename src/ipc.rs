@@ -399,7 +399,9 @@ impl Session {
     /// Sets the socket timeouts to what is left of the exchange's budget;
     /// a timeout error once it has run out.
     fn arm(&self) -> Result<(), IpcError> {
-        let Some(deadline) = self.deadline else { return Ok(()) };
+        let Some(deadline) = self.deadline else {
+            return Ok(());
+        };
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(IpcError::Io(io::ErrorKind::TimedOut.into()));

@@ -239,7 +239,11 @@ fn refuse_remote(
     // At most one warning a second: a flood must not flood the log.
     let now = data_path.started.elapsed().as_millis() as u64 + 1000;
     let last = REMOTE_WARNED.load(Relaxed);
-    if now >= last + 1000 && REMOTE_WARNED.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
+    if now >= last + 1000
+        && REMOTE_WARNED
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .is_ok()
+    {
         warn!("refused connection from {client} to {local}: not a local client (start with --allow-remote to serve other hosts)");
     }
     if let Some(log) = &data_path.access {
@@ -263,7 +267,10 @@ mod tests {
         assert!(is_local_client(listener, listener));
         assert!(is_local_client(IpAddr::from([127, 0, 0, 9]), listener));
         assert!(!is_local_client(IpAddr::from([203, 0, 113, 7]), listener));
-        assert!(!is_local_client("::1".parse().unwrap(), listener), "we serve IPv4 only");
+        assert!(
+            !is_local_client("::1".parse().unwrap(), listener),
+            "we serve IPv4 only"
+        );
         if let Some(a) = sys::interface_addresses().unwrap().iter().find(|a| !a.loopback) {
             assert!(is_local_client(IpAddr::V4(a.addr), listener), "{a:?}");
         }

@@ -353,7 +353,10 @@ pub fn unix_connect(s: &std::os::unix::net::UnixStream, path: &std::path::Path) 
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     let bytes = path.as_os_str().as_bytes();
     if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "socket path too long or invalid"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long or invalid",
+        ));
     }
     for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
         *d = b as libc::c_char;

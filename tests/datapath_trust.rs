@@ -58,7 +58,10 @@ impl OtherHost {
                 .is_ok_and(|l| l != ours)),
             "the other host's namespace did not appear"
         );
-        run_ok("ip", &["link", "add", "pgw-a", "type", "veth", "peer", "name", "pgw-b"]);
+        run_ok(
+            "ip",
+            &["link", "add", "pgw-a", "type", "veth", "peer", "name", "pgw-b"],
+        );
         run_ok("ip", &["link", "set", "pgw-b", "netns", &pid]);
         run_ok("ip", &["addr", "add", "192.168.77.1/24", "dev", "pgw-a"]);
         run_ok("ip", &["link", "set", "pgw-a", "up"]);
@@ -142,17 +145,26 @@ fn a_stalled_daemon_costs_clients_their_dial_and_never_a_listener_or_stop() {
     let mut p = gw.foreground(&dir, &["--ports", "8080", "--dial-timeout", "1", A4, A5]);
     assert!(short_exchange("10.4.0.1:8080"));
     devd.proc.signal(libc::SIGUSR1);
-    assert!(wait_until(Duration::from_secs(5), || devd.log().contains("stalled")));
+    assert!(wait_until(Duration::from_secs(5), || devd
+        .log()
+        .contains("stalled")));
     // More clients than the stalled daemon's backlog holds, on both
     // mappings: every one is reset (within the dial timeout), none hangs.
     let clients: Vec<_> = (0..6)
         .map(|i| {
-            let addr = if i % 2 == 0 { "10.4.0.1:8080" } else { "10.4.0.2:8080" };
+            let addr = if i % 2 == 0 {
+                "10.4.0.1:8080"
+            } else {
+                "10.4.0.2:8080"
+            };
             thread::spawn(move || reset_soon(addr, Duration::from_secs(8)))
         })
         .collect();
     for c in clients {
-        assert!(c.join().unwrap(), "a client of a stalled daemon is reset, not left hanging");
+        assert!(
+            c.join().unwrap(),
+            "a client of a stalled daemon is reset, not left hanging"
+        );
     }
     // The counters are still written, with the daemon shown unreachable.
     assert!(wait_until(Duration::from_secs(15), || {
@@ -179,7 +191,11 @@ fn a_trickling_daemon_cannot_hold_status_list_or_sigterm() {
     let _devd = Devd::start(&dir, &args);
     let answered_in_time = |st: &Value| {
         let daemon = st.get("daemon").cloned().unwrap_or(Value::Null);
-        let error = daemon.get("error").and_then(Value::as_str).unwrap_or("").to_string();
+        let error = daemon
+            .get("error")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         !error.contains("did not answer")
     };
     assert!(
@@ -189,7 +205,10 @@ fn a_trickling_daemon_cannot_hold_status_list_or_sigterm() {
     assert!(gw.ok(&["status"]).contains("did not answer"));
     gw.ok(&["list"]);
     p.signal(libc::SIGTERM);
-    assert!(p.wait_exit(Duration::from_secs(10)).is_some(), "SIGTERM completes");
+    assert!(
+        p.wait_exit(Duration::from_secs(10)).is_some(),
+        "SIGTERM completes"
+    );
 }
 
 /// Sets the descriptor limit of the command's process before it runs.
@@ -217,7 +236,14 @@ fn set_nofile(pid: u32, n: u64) {
         rlim_max: 0,
     };
     // SAFETY: prlimit on our own child, reading into a valid rlimit.
-    let r = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    let r = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut old,
+        )
+    };
     assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
     let rl = libc::rlimit {
         rlim_cur: n.min(old.rlim_max),
@@ -246,7 +272,11 @@ fn a_low_descriptor_limit_lowers_max_conns_and_clients_beyond_are_reset_at_once(
     let mut p = gw.foreground_with(&dir, &["--ports", "8080", "--max-conns", "1000", A4], |c| {
         nofile(c, 64)
     });
-    assert!(p.stderr().contains("does not fit the limit of 64 open files"), "{}", p.stderr());
+    assert!(
+        p.stderr().contains("does not fit the limit of 64 open files"),
+        "{}",
+        p.stderr()
+    );
     let st = status(&gw);
     let cap = n(&st, "max_conns");
     assert!((1..1000).contains(&cap), "{st}");
@@ -296,7 +326,10 @@ fn exchange_or_refusal(addr: &str) -> Result<TcpStream, bool> {
     match s.read(&mut b) {
         Ok(0) => Err(false),
         Ok(_) => Ok(s),
-        Err(e) => Err(matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        Err(e) => Err(matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )),
     }
 }
 
@@ -365,13 +398,21 @@ fn drain_lets_live_connections_finish() {
     assert!(wait_until(Duration::from_secs(5), || n(&status(&gw), "active") == 1));
     let d = gw.data(&["unmap", "--drain", "5", "10.4.0.2"]);
     assert_eq!(n(&d, "cut"), 0, "{d}");
-    assert_eq!(client.join().unwrap().unwrap(), 64 * 1024, "the whole reply arrived");
+    assert_eq!(
+        client.join().unwrap().unwrap(),
+        64 * 1024,
+        "the whole reply arrived"
+    );
 
     let client = slow_client("10.4.0.1:8081");
     assert!(wait_until(Duration::from_secs(5), || n(&status(&gw), "active") == 1));
     let d = gw.data(&["stop", "--drain", "5"]);
     assert_eq!(n(&d, "cut"), 0, "{d}");
-    assert_eq!(client.join().unwrap().unwrap(), 64 * 1024, "the whole reply arrived");
+    assert_eq!(
+        client.join().unwrap().unwrap(),
+        64 * 1024,
+        "the whole reply arrived"
+    );
     assert!(p.wait_exit(Duration::from_secs(5)).is_some());
 }
 
@@ -398,7 +439,18 @@ fn a_client_that_gets_no_thread_is_reset_and_counted() {
     assert!(short_exchange("10.4.0.1:8080"));
     // No more threads for nobody (set as nobody: the same user may).
     let pid = p.pid().to_string();
-    run_ok("setpriv", &["--reuid=65534", "--regid=65534", "--clear-groups", "prlimit", "--pid", &pid, "--nproc=1:"]);
+    run_ok(
+        "setpriv",
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "prlimit",
+            "--pid",
+            &pid,
+            "--nproc=1:",
+        ],
+    );
     assert!(
         reset_soon("10.4.0.1:8080", Duration::from_secs(5)),
         "a client that gets no thread is reset"
@@ -409,7 +461,9 @@ fn a_client_that_gets_no_thread_is_reset_and_counted() {
     assert!(std::fs::read_to_string(dir.path("gateway.log"))
         .unwrap()
         .contains("cannot start a thread"));
-    assert!(wait_until(Duration::from_secs(5), || std::fs::read_to_string(&access)
-        .unwrap_or_default()
-        .contains("cannot start a thread")));
+    assert!(wait_until(Duration::from_secs(5), || std::fs::read_to_string(
+        &access
+    )
+    .unwrap_or_default()
+    .contains("cannot start a thread")));
 }

@@ -126,7 +126,14 @@ fn main() {
         for sig in signals.wait(Duration::from_secs(3600)) {
             if sig == libc::SIGUSR1 {
                 let stalled = faults::toggle_stall();
-                eprintln!("pilot-devd: {}", if stalled { "stalled: accepting no clients" } else { "accepting clients again" });
+                eprintln!(
+                    "pilot-devd: {}",
+                    if stalled {
+                        "stalled: accepting no clients"
+                    } else {
+                        "accepting clients again"
+                    }
+                );
             } else {
                 let _ = std::fs::remove_file(&socket);
                 std::process::exit(0);
