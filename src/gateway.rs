@@ -544,6 +544,29 @@ impl Gateway {
         ips.into_iter().map(|ip| self.tear_down(ip)).sum()
     }
 
+    /// Tears down the mappings `st` no longer wants (after a drain, if
+    /// `unmap --drain` asked for one) and those whose address changed (an
+    /// unmap and a map in one go). Returns how many connections were cut.
+    fn retire(&mut self, st: &State) -> usize {
+        let wanted: BTreeSet<Ipv4Addr> = st.mappings.iter().map(|m| m.local_ip).collect();
+        let gone: Vec<Ipv4Addr> = self
+            .running
+            .keys()
+            .filter(|ip| !wanted.contains(ip))
+            .copied()
+            .collect();
+        let drain = self.take_drain();
+        self.stop_listening(gone.clone());
+        self.drain(drain);
+        let changed = st.mappings.iter().filter(|m| {
+            self.running
+                .get(&m.local_ip)
+                .is_some_and(|l| l.addr != m.pilot_addr)
+        });
+        let changed: Vec<Ipv4Addr> = changed.map(|m| m.local_ip).collect();
+        gone.into_iter().chain(changed).map(|ip| self.tear_down(ip)).sum()
+    }
+
     /// Applies state.json to the running set (SIGHUP).
     fn apply(&mut self) {
         let Ok(_lock) = self.dir.lock().map_err(|e| error!("cannot apply changes: {e}")) else {
@@ -563,34 +586,7 @@ impl Gateway {
                 return;
             }
         };
-        let wanted: BTreeSet<Ipv4Addr> = st.mappings.iter().map(|m| m.local_ip).collect();
-        let gone: Vec<Ipv4Addr> = self
-            .running
-            .keys()
-            .filter(|ip| !wanted.contains(ip))
-            .copied()
-            .collect();
-        let drain = self.take_drain();
-        self.stop_listening(gone.clone());
-        self.drain(drain);
-        let mut cut = 0;
-        for ip in gone {
-            cut += self.tear_down(ip);
-        }
-        // Also re-map an IP whose address changed (unmap + map in one go).
-        let changed: Vec<Ipv4Addr> = st
-            .mappings
-            .iter()
-            .filter(|m| {
-                self.running
-                    .get(&m.local_ip)
-                    .is_some_and(|l| l.addr != m.pilot_addr)
-            })
-            .map(|m| m.local_ip)
-            .collect();
-        for ip in changed {
-            cut += self.tear_down(ip);
-        }
+        let cut = self.retire(&st);
         let before = st.mappings.clone();
         self.plan_aliases(&mut st.mappings);
         if st.mappings != before {
