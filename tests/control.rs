@@ -123,7 +123,7 @@ fn full_lifecycle() {
     thread::sleep(Duration::from_millis(200));
     assert_eq!(
         gw.ok(&["unmap", "10.4.9.9"]),
-        "unmapped 10.4.9.9 → 0:0000.0000.0006\n"
+        "unmapped 10.4.9.9 → 0:0000.0000.0006 (1 live connection cut)\n"
     );
     let mut buf = [0u8; 16];
     assert!(

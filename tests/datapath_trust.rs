@@ -319,7 +319,15 @@ fn a_low_descriptor_limit_lowers_max_conns_and_clients_beyond_are_reset_at_once(
 /// One exchange: `Ok` if served; `Err(false)` if reset or closed at once,
 /// `Err(true)` if left hanging.
 fn exchange_or_refusal(addr: &str) -> Result<TcpStream, bool> {
-    let mut s = connect(addr);
+    // The reset may already arrive during the connect itself.
+    let mut s = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)).map_err(|e| {
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "connect {addr}: {e}"
+        );
+        false
+    })?;
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = s.write_all(b"hi");
     let mut b = [0u8; 2];
