@@ -27,7 +27,7 @@ use std::io::{self, Read, Write};
 use std::ops::Range;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::address::PilotAddr;
 use crate::json;
@@ -315,10 +315,50 @@ pub fn error_text(payload: &[u8]) -> String {
     }
 }
 
+/// Connects a socket from `sys::unix_socket` to the daemon by `deadline`
+/// and makes it blocking. A blocking Unix connect to a daemon whose backlog
+/// is full (stalled, stopped) waits forever; the non-blocking one fails
+/// with EAGAIN, and we retry with a short backoff until the deadline (or
+/// until `abandoned` says to stop), then fail with `TimedOut`.
+pub fn connect_by(
+    stream: &UnixStream,
+    path: &Path,
+    deadline: Instant,
+    abandoned: &dyn Fn() -> bool,
+) -> io::Result<()> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match crate::sys::unix_connect(stream, path) {
+            Ok(()) => return stream.set_nonblocking(false),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let now = Instant::now();
+                if now >= deadline || abandoned() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the daemon accepts no connections (its backlog is full: stalled or stopped?)",
+                    ));
+                }
+                std::thread::sleep(pause.min(deadline - now));
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// One client session with the daemon, for requests and replies.
+///
+/// Each exchange (a request and its reply) has one overall deadline: the
+/// socket timeout is set to what is left before every read and write, so a
+/// daemon that trickles its reply a byte at a time cannot stretch an
+/// exchange past its budget (a per-read timeout restarts with every byte).
 pub struct Session {
     reader: FrameReader<UnixStream>,
     writer: UnixStream,
+    /// The budget of one exchange (`None`: unbounded).
+    budget: Option<Duration>,
+    /// When the exchange in progress must be over.
+    deadline: Option<Instant>,
 }
 
 /// Read buffer of a session: large enough for many 4 KiB Recv frames per
@@ -331,23 +371,63 @@ impl Session {
         Session::from_stream(stream)
     }
 
+    /// Connects within `timeout` (see [`connect_by`]).
+    pub fn connect_within(path: &Path, timeout: Duration) -> io::Result<Session> {
+        let stream = crate::sys::unix_socket()?;
+        connect_by(&stream, path, Instant::now() + timeout, &|| false)?;
+        Session::from_stream(stream)
+    }
+
     pub fn from_stream(stream: UnixStream) -> io::Result<Session> {
         let writer = stream.try_clone()?;
         Ok(Session {
             reader: FrameReader::new(stream, READ_BUFFER),
             writer,
+            budget: None,
+            deadline: None,
         })
     }
 
-    /// Bounds how long any later read waits (`None`: forever).
-    pub fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+    /// Bounds every later exchange (request and whole reply) to `t` in
+    /// total (`None`: forever).
+    pub fn set_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+        self.budget = t;
         self.writer.set_read_timeout(t)?;
         self.writer.set_write_timeout(t)
     }
 
+    /// Sets the socket timeouts to what is left of the exchange's budget;
+    /// a timeout error once it has run out.
+    fn arm(&self) -> Result<(), IpcError> {
+        let Some(deadline) = self.deadline else {
+            return Ok(());
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(IpcError::Io(io::ErrorKind::TimedOut.into()));
+        }
+        self.writer.set_read_timeout(Some(left))?;
+        self.writer.set_write_timeout(Some(left))?;
+        Ok(())
+    }
+
+    /// Sends one message, starting a new exchange (and its deadline).
     pub fn send(&mut self, command: u8, parts: &[&[u8]]) -> Result<(), IpcError> {
+        self.deadline = self.budget.map(|b| Instant::now() + b);
+        self.arm()?;
         self.writer.write_all(&encode(command, parts))?;
         Ok(())
+    }
+
+    /// The next frame of the reply, within the exchange's deadline.
+    fn read_reply(&mut self) -> Result<(u8, Range<usize>), IpcError> {
+        loop {
+            if let Some(frame) = self.reader.next_buffered()? {
+                return Ok(frame);
+            }
+            self.arm()?;
+            self.reader.fill()?;
+        }
     }
 
     /// Sends a request and waits for its reply `want`; an Error frame
@@ -360,7 +440,7 @@ impl Session {
         name: &'static str,
     ) -> Result<Vec<u8>, IpcError> {
         self.send(command, parts)?;
-        let (got, range) = self.reader.read_frame()?;
+        let (got, range) = self.read_reply()?;
         let payload = &self.reader.buffer()[range];
         match got {
             c if c == want => Ok(payload.to_vec()),
@@ -383,7 +463,7 @@ impl Session {
     /// Opens a stream to `port` of `addr`; returns the connection id.
     pub fn dial(&mut self, addr: PilotAddr, port: u16) -> Result<u32, IpcError> {
         self.send(cmd::DIAL, &[&addr.to_wire(), &port.to_be_bytes()])?;
-        let (command, range) = self.reader.read_frame()?;
+        let (command, range) = self.read_reply()?;
         dial_reply(command, &self.reader.buffer()[range])
     }
 
@@ -475,6 +555,29 @@ pub fn parse_trusted(v: &json::Value) -> Result<Vec<PilotAddr>, IpcError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exchange_has_one_deadline_not_one_per_read() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut s = Session::from_stream(ours).unwrap();
+        s.set_timeout(Some(Duration::from_millis(300))).unwrap();
+        // A daemon that answers Info one byte every 50 ms: each read is
+        // quick, the whole reply takes over a second.
+        let daemon = std::thread::spawn(move || {
+            let mut b = [0u8; 5];
+            (&theirs).read_exact(&mut b).unwrap();
+            for byte in encode(cmd::INFO_OK, &[b"{\"node_id\":1}"]) {
+                if (&theirs).write_all(&[byte]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let e = s.info().unwrap_err();
+        assert!(e.is_timeout(), "{e}");
+        drop(s);
+        daemon.join().unwrap();
+    }
 
     #[test]
     fn encodes_dial() {

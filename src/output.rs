@@ -212,7 +212,9 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
         ("ports", Value::Arr(st.ports.iter().map(|&p| p.into()).collect())),
         ("user", st.user.clone().into()),
         ("mappings", st.mappings.len().into()),
-        ("max_conns", st.max_conns.into()),
+        ("max_conns", stats.max_conns.into()),
+        ("max_conns_requested", stats.max_conns_requested.into()),
+        ("allow_remote", stats.allow_remote.into()),
     ];
     data.extend(t.json_pairs());
     data.push(("refused", stats.refused.into()));
@@ -222,8 +224,25 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
         let why = stats.daemon.get("error").and_then(Value::as_str).unwrap_or("?");
         format!("unreachable: {why}")
     };
+    let daemon_text = match stats.daemon.get("checked_secs_ago").and_then(Value::as_u64) {
+        Some(age) => format!("{daemon_text}, checked {age}s ago"),
+        None => daemon_text,
+    };
+    let max = if stats.max_conns == stats.max_conns_requested {
+        stats.max_conns.to_string()
+    } else {
+        format!(
+            "{}, lowered from {} to fit the open-file limit",
+            stats.max_conns, stats.max_conns_requested
+        )
+    };
+    let remote = if stats.allow_remote {
+        "served (--allow-remote)".to_string()
+    } else {
+        format!("refused {}", t.refused_remote)
+    };
     let text = format!(
-        "gateway running (pid {}, up {}s)\n  socket: {} (daemon {daemon_text})\n  subnet: {}\n  ports: {}\n  mappings: {}\n  connections: active {} (max {}), total {}, refused {}, failed dials {}, idle timeouts {}\n  bytes: up {}, down {}\n",
+        "gateway running (pid {}, up {}s)\n  socket: {} (daemon {daemon_text})\n  subnet: {}\n  ports: {}\n  mappings: {}\n  connections: active {} (max {max}), total {}, refused {}, failed dials {}, idle timeouts {}, thread failures {}\n  clients from other hosts: {remote}\n  bytes: up {}, down {}\n",
         st.gateway.pid,
         stats.uptime_secs,
         st.socket.display(),
@@ -231,11 +250,11 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
         subnet::format_ports(&st.ports),
         st.mappings.len(),
         t.active,
-        st.max_conns,
         t.total,
         stats.refused,
         t.dial_failures,
         t.idle_timeouts,
+        t.spawn_failures,
         t.bytes_up,
         t.bytes_down,
     );

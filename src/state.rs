@@ -466,6 +466,16 @@ impl StateDir {
     pub fn write_stats(&self, stats: &Stats) -> Result<()> {
         self.write_atomic("stats.json", &format!("{}\n", stats.to_json()))
     }
+
+    /// Reads a small JSON note the gateway and the commands pass each other
+    /// (`drain`, `stopped.json`, `applied.json`): `None` if it is missing,
+    /// too large, or not JSON. Opened like every file here (no symlinks).
+    pub fn read_note(&self, name: &str) -> Option<Value> {
+        let file = self.open_file(name, OpenOptions::new().read(true)).ok()?;
+        let mut text = String::new();
+        file.take(4096).read_to_string(&mut text).ok()?;
+        json::parse(&text).ok()
+    }
 }
 
 pub fn now_unix() -> u64 {

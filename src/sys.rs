@@ -322,6 +322,98 @@ pub fn shutdown_listener(socket: &std::net::TcpListener) {
     unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
 }
 
+/// A Unix stream socket, not connected yet, in non-blocking mode: the
+/// relay creates it on the accept thread (so the connection owns its
+/// descriptor from the start) and connects it from the connection's own
+/// thread with [`unix_connect`].
+pub fn unix_socket() -> io::Result<std::os::unix::net::UnixStream> {
+    // SAFETY: plain socket(2); the fd it returns is owned at once below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new socket nobody else owns.
+    Ok(unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) })
+}
+
+/// One connect(2) of a socket from [`unix_socket`] to `path`. A
+/// non-blocking Unix connect never waits: `WouldBlock` (EAGAIN) means the
+/// listener's backlog is full (a stalled or stopped daemon), and the
+/// caller decides how long to keep retrying.
+pub fn unix_connect(s: &std::os::unix::net::UnixStream, path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long or invalid",
+        ));
+    }
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    loop {
+        // SAFETY: a valid fd (borrowed) and a sockaddr_un of at least `len` bytes.
+        let r = unsafe {
+            libc::connect(
+                s.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                len as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Raises the soft limit on open descriptors to the hard limit; returns
+/// the soft limit now in force.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    // SAFETY: rlimit is plain data; getrlimit fills it.
+    let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to an rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if rl.rlim_cur < rl.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: rl.rlim_max,
+            rlim_max: rl.rlim_max,
+        };
+        // SAFETY: a valid pointer to an rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            rl.rlim_cur = rl.rlim_max;
+        }
+    }
+    Ok(rl.rlim_cur as u64)
+}
+
+/// Sets a listening socket's backlog (listen(2) again on a socket that
+/// listens already only changes the backlog). pilot-devd uses it to let
+/// its backlog fill at once, as a stalled daemon's does.
+pub fn set_backlog(fd: &impl AsRawFd, backlog: i32) -> io::Result<()> {
+    // SAFETY: a valid fd, borrowed for the call.
+    if unsafe { libc::listen(fd.as_raw_fd(), backlog) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Hands freed heap memory back to the system. glibc keeps what thousands
 /// of connection threads freed in its per-thread arenas; without this, RSS
 /// after a burst stays near its peak. Other C libraries return memory on

@@ -216,14 +216,18 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         // SAFETY: geteuid cannot fail.
         euid: sys::euid(),
     });
-    for stream in listener.incoming() {
-        let stream = match stream {
-            Ok(s) => s,
+    loop {
+        crate::faults::gate(&listener, None);
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
             Err(e) => {
                 say!("accept: {e}");
                 thread::sleep(Duration::from_millis(10));
                 continue;
             }
+        };
+        let Some(stream) = crate::faults::gate(&listener, Some(stream)) else {
+            continue;
         };
         if !d.cfg.any_uid {
             match sys::peer_uid(&stream) {
@@ -255,7 +259,6 @@ pub fn serve(cfg: Config) -> io::Result<()> {
             d.clients.fetch_sub(1, Relaxed);
         }
     }
-    Ok(())
 }
 
 /// One client session. One descriptor serves reading and writing; the
@@ -276,7 +279,7 @@ impl Client {
             return false;
         }
         let ok = match self.write_lock.lock() {
-            Ok(_held) => (&self.stream).write_all(frame).is_ok(),
+            Ok(_held) => crate::faults::write_frame(&self.stream, frame),
             Err(_) => false,
         };
         if !ok && !self.closed.swap(true, Relaxed) {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use lexopt::prelude::*;
 use pilot_gateway::address::PilotAddr;
 mod daemon;
+mod faults;
 
 use daemon::{Config, Misbehave};
 
@@ -30,6 +31,9 @@ Usage: pilot-devd [flags]
   --misbehave MODE         break the protocol after each successful dial: oversize,
                            truncated, unknown-cmd, recv-unknown-id, short-dialok, flood
   --misbehave ADDR=MODE    the same for dials to ADDR only
+  --stall-accept           accept no clients, backlog cut to the minimum (a wedged daemon);
+                           SIGUSR1 toggles this while running
+  --trickle MS             write every reply one byte at a time, MS milliseconds apart
   --verbose                log every client and dial
 ";
 
@@ -97,6 +101,11 @@ fn parse() -> Result<Config, lexopt::Error> {
                 }
             }
             Long("verbose") => cfg.verbose = true,
+            Long("stall-accept") => faults::stall_from_start(),
+            Long("trickle") => {
+                let ms: u64 = p.value()?.parse()?;
+                faults::trickle(ms);
+            }
             Short('h') | Long("help") => {
                 print!("{HELP}");
                 std::process::exit(0);
@@ -111,12 +120,24 @@ fn main() {
     let cfg = parse().unwrap_or_else(|e| fail(format!("{e} (see --help)")));
     let socket = cfg.socket.clone();
     // Remove the socket on SIGTERM/SIGINT.
-    let signals = pilot_gateway::sys::Signals::install(&[libc::SIGTERM, libc::SIGINT])
+    let signals = pilot_gateway::sys::Signals::install(&[libc::SIGTERM, libc::SIGINT, libc::SIGUSR1])
         .unwrap_or_else(|e| fail(format!("signals: {e}")));
     std::thread::spawn(move || loop {
-        if !signals.wait(Duration::from_secs(3600)).is_empty() {
-            let _ = std::fs::remove_file(&socket);
-            std::process::exit(0);
+        for sig in signals.wait(Duration::from_secs(3600)) {
+            if sig == libc::SIGUSR1 {
+                let stalled = faults::toggle_stall();
+                eprintln!(
+                    "pilot-devd: {}",
+                    if stalled {
+                        "stalled: accepting no clients"
+                    } else {
+                        "accepting clients again"
+                    }
+                );
+            } else {
+                let _ = std::fs::remove_file(&socket);
+                std::process::exit(0);
+            }
         }
     });
     if let Err(e) = daemon::serve(cfg) {
