@@ -7,6 +7,7 @@ use std::io::Write;
 use crate::error::{Code, Error};
 use crate::gateway::Report;
 use crate::json::Value;
+use crate::log::escape_control;
 use crate::state::{Mapping, State};
 use crate::stats::Stats;
 use crate::subnet;
@@ -37,12 +38,13 @@ impl Output {
         let _ = if self.json {
             writeln!(stderr, "{}", error_json(e))
         } else {
+            // Escaped: messages can carry text from outside (the daemon's).
             let hint = e
                 .hint
                 .as_ref()
-                .map(|h| format!("hint: {h}\n"))
+                .map(|h| format!("hint: {}\n", escape_control(h)))
                 .unwrap_or_default();
-            write!(stderr, "error: {}\n{hint}", e.message)
+            write!(stderr, "error: {}\n{hint}", escape_control(&e.message))
         };
     }
 
@@ -50,7 +52,7 @@ impl Output {
     pub fn warnings(&self, warnings: &[String]) {
         if !self.json {
             for w in warnings {
-                eprintln!("warning: {w}");
+                eprintln!("warning: {}", escape_control(w));
             }
         }
     }
