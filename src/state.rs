@@ -335,14 +335,30 @@ impl StateDir {
                 }
             }
         }
+        // O_NOFOLLOW|O_DIRECTORY on a symlink gives ELOOP or ENOTDIR
+        // depending on the kernel; lstat tells which it was, for the message.
+        let is_link = || fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
         let dir = sys::open_dir(path).map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOENT) => Error::new(Code::NotRunning, format!("no gateway state at {}", path.display()))
-                .hint("start one with: pilot-gateway start"),
-            Some(libc::ELOOP) => Error::new(
+            Some(libc::ELOOP | libc::ENOTDIR) if is_link() => Error::new(
                 Code::PermissionDenied,
                 format!("state directory {} is a symbolic link; refusing to follow it", path.display()),
             )
             .hint(hint),
+            Some(libc::ENOENT) => Error::new(Code::NotRunning, format!("no gateway state at {}", path.display()))
+                .hint("start one with: pilot-gateway start"),
+            Some(libc::EACCES) => match fs::symlink_metadata(path) {
+                Ok(m) if m.uid() != sys::euid() => Error::new(
+                    Code::PermissionDenied,
+                    format!(
+                        "state directory {} is owned by uid {}, not by you (uid {}); refusing to use it",
+                        path.display(),
+                        m.uid(),
+                        sys::euid()
+                    ),
+                )
+                .hint(hint),
+                _ => Error::io(format!("state directory {}", path.display()), &e),
+            },
             Some(libc::ENOTDIR) => {
                 Error::invalid(format!("state directory {} is not a directory", path.display())).hint(hint)
             }
@@ -474,18 +490,17 @@ impl StateDir {
         Ok(Some(file))
     }
 
-    /// Reads `name` whole, bounded by `limit`; `None` if it does not exist.
+    /// Reads `name` whole, but never more than `limit + 1` bytes: a
+    /// result longer than `limit` means the file is too large (the caller
+    /// says so in its own terms). `None` if it does not exist.
     fn read_file(&self, name: &str, limit: u64) -> Result<Option<Vec<u8>>> {
-        let Some(file) = self.open_checked(name, libc::O_RDONLY, 0, limit)? else {
+        let Some(file) = self.open_checked(name, libc::O_RDONLY, 0, u64::MAX)? else {
             return Ok(None);
         };
         let mut bytes = Vec::new();
         file.take(limit + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| Error::io(format!("cannot read {}", self.path.join(name).display()), &e))?;
-        if bytes.len() as u64 > limit {
-            return Err(self.name_error(name, &format!("is larger than {limit} bytes")));
-        }
         Ok(Some(bytes))
     }
 
@@ -514,7 +529,9 @@ impl StateDir {
         let Some(bytes) = self.read_file("state.json", MAX_FILE)? else {
             return Ok(None);
         };
+        let too_large = bytes.len() as u64 > MAX_FILE;
         let problem = match String::from_utf8(bytes) {
+            _ if too_large => format!("is larger than {} MiB", MAX_FILE >> 20),
             Err(_) => "is not UTF-8 text".to_string(),
             Ok(text) if text.is_empty() => "is empty".to_string(),
             Ok(text) => match json::parse(&text) {
@@ -621,6 +638,9 @@ impl StateDir {
         let Some(bytes) = self.read_file("stats.json", MAX_STATS)? else {
             return Ok(None);
         };
+        if bytes.len() as u64 > MAX_STATS {
+            return Err(self.name_error("stats.json", &format!("is larger than {} MiB", MAX_STATS >> 20)));
+        }
         json::parse_bytes(&bytes)
             .map_err(|e| e.to_string())
             .and_then(|v| Stats::from_json(&v))
