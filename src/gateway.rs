@@ -238,6 +238,9 @@ fn clean_up_after_dead_gateway(dir: &StateDir, aliases: &Aliases, subnet: Ipv4Ne
     let invalid: BTreeSet<Ipv4Addr> = prev.validate(prev.subnet).iter().map(|b| b.local_ip).collect();
     let mut cleaned = Vec::new();
     for m in prev.mappings.iter().filter(|m| m.alias_added) {
+        if !subnet::is_local_address(m.local_ip).unwrap_or(true) {
+            continue; // already gone
+        }
         if invalid.contains(&m.local_ip) || !stale_alias_ok(prev.subnet, subnet, m.local_ip) {
             warn!(
                 "left address {} alone: the old state file says the gateway added it, but it is not an address a gateway hands out",
@@ -266,12 +269,15 @@ fn clean_up_after_dead_gateway(dir: &StateDir, aliases: &Aliases, subnet: Ipv4Ne
 
 /// Whether a dead gateway's recorded alias may be removed: its old subnet
 /// is one `--subnet` accepts without `--allow-any-subnet` (or the new
-/// start's own), the IP is assignable in it, and it is not in 127.0.0.0/8.
+/// start's own), the IP is assignable in it, it is not in 127.0.0.0/8,
+/// and it sits on a loopback interface as a /32, the way we add aliases.
 /// The old state file was writable by the gateway's user, so this is what
 /// keeps a forged one from deleting an administrator's address.
 fn stale_alias_ok(old: Ipv4Network, new: Ipv4Network, ip: Ipv4Addr) -> bool {
     let subnet_ok = old == new || subnet::parse_subnet(&old.to_string(), false).is_ok();
-    subnet_ok && subnet::is_assignable(old, ip) && !ip.is_loopback()
+    let ours = sys::interface_addresses()
+        .map_or(true, |all| all.iter().any(|a| a.addr == ip && a.loopback && a.prefix == 32));
+    subnet_ok && subnet::is_assignable(old, ip) && !ip.is_loopback() && ours
 }
 
 /// Asks the daemon about every target and allocates local IPs, before

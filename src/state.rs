@@ -593,25 +593,22 @@ impl StateDir {
     }
 
     /// Creates a fresh, empty gateway.log for a background gateway's
-    /// stderr: whatever has the name (a file, or a link planted by the
-    /// directory's owner) is unlinked, then the file is created with O_EXCL,
-    /// so nothing is ever truncated or created through a planted name.
+    /// stderr: a new file under a temporary name (O_EXCL, never an existing
+    /// file or link), renamed over whatever has the name — a rename replaces
+    /// a planted link itself, so nothing is truncated or created through it,
+    /// and parallel starts never trip over each other's file.
     pub fn create_log(&self) -> Result<File> {
-        let name = "gateway.log";
-        let mut last = None;
-        // Bounded: the directory's owner could keep re-planting the name.
-        for _ in 0..3 {
-            let _ = sys::unlink_at(&self.dir, name);
-            match sys::open_at(&self.dir, name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600) {
-                Ok(f) => {
-                    self.give(&f);
-                    return Ok(f);
-                }
-                Err(e) => last = Some(e),
-            }
+        let tmp = format!(".gateway.log.{}.tmp", std::process::id());
+        let _ = sys::unlink_at(&self.dir, &tmp);
+        let fail = |e: &std::io::Error| Error::io(format!("cannot create {}", self.log_file().display()), e);
+        let f = sys::open_at(&self.dir, &tmp, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)
+            .map_err(|e| fail(&e))?;
+        self.give(&f);
+        if let Err(e) = sys::rename_at(&self.dir, &tmp, "gateway.log") {
+            let _ = sys::unlink_at(&self.dir, &tmp);
+            return Err(fail(&e));
         }
-        let e = last.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EEXIST));
-        Err(Error::io(format!("cannot create {}", self.log_file().display()), &e))
+        Ok(f)
     }
 
     /// The last lines of gateway.log (checked like every file here), to
