@@ -20,10 +20,10 @@ use crate::gateway;
 use crate::json::Value;
 use crate::log::{self, Format};
 use crate::output::{self, Output};
+use crate::privilege;
 use crate::state::{Mapping, State, StateDir};
 use crate::stats::Stats;
 use crate::subnet;
-use crate::privilege;
 use crate::sys::{self, ProcId};
 
 /// How long a command waits for the gateway to apply a change.
@@ -237,7 +237,11 @@ fn check_ours(st: &State, owner: u32) -> Result<()> {
     }
     match sys::process_uids(pid) {
         Some((real, effective)) if real == owner && effective == owner => {}
-        Some((real, _)) => return Err(refuse(format!("runs as uid {real}, not as the gateway's user (uid {owner})"))),
+        Some((real, _)) => {
+            return Err(refuse(format!(
+                "runs as uid {real}, not as the gateway's user (uid {owner})"
+            )))
+        }
         None => return Err(refuse("cannot be looked up".into())),
     }
     match sys::runs_same_program(pid) {

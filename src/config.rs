@@ -148,7 +148,9 @@ pub fn read_bounded(path: &Path) -> Result<String> {
         .map_err(|e| cannot(&e))?;
     let meta = file.metadata().map_err(|e| cannot(&e))?;
     if !meta.is_file() {
-        return Err(Error::invalid(format!("config file {name} is not a regular file")));
+        return Err(Error::invalid(format!(
+            "config file {name} is not a regular file"
+        )));
     }
     let mut bytes = Vec::new();
     file.take(MAX_CONFIG + 1)

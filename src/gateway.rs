@@ -224,7 +224,11 @@ fn open_state_dir_as_user(cfg: &Config) -> Result<(StateDir, Option<Switched>)> 
 /// aliases it recorded — only where it is safe (see `stale_alias_ok`) —
 /// and its files. Returns the aliases removed. Runs after the switch to
 /// the gateway's user, with only its two capabilities.
-fn clean_up_after_dead_gateway(dir: &StateDir, aliases: &Aliases, subnet: Ipv4Network) -> Result<Vec<String>> {
+fn clean_up_after_dead_gateway(
+    dir: &StateDir,
+    aliases: &Aliases,
+    subnet: Ipv4Network,
+) -> Result<Vec<String>> {
     let Some(prev) = dir.read()? else {
         return Ok(Vec::new());
     };
@@ -275,8 +279,9 @@ fn clean_up_after_dead_gateway(dir: &StateDir, aliases: &Aliases, subnet: Ipv4Ne
 /// keeps a forged one from deleting an administrator's address.
 fn stale_alias_ok(old: Ipv4Network, new: Ipv4Network, ip: Ipv4Addr) -> bool {
     let subnet_ok = old == new || subnet::parse_subnet(&old.to_string(), false).is_ok();
-    let ours = sys::interface_addresses()
-        .map_or(true, |all| all.iter().any(|a| a.addr == ip && a.loopback && a.prefix == 32));
+    let ours = sys::interface_addresses().map_or(true, |all| {
+        all.iter().any(|a| a.addr == ip && a.loopback && a.prefix == 32)
+    });
     subnet_ok && subnet::is_assignable(old, ip) && !ip.is_loopback() && ours
 }
 
@@ -535,21 +540,7 @@ impl Gateway {
                 return;
             }
         };
-        // The file is the user's to write: our own subnet and ports (from
-        // memory) stand, and mappings that fail validation are dropped
-        // before anything is touched, each failing its generation.
-        st.subnet = self.subnet;
-        st.ports = self.ports.clone();
-        let invalid = st.validate(self.subnet);
-        let mut index = 0;
-        st.mappings.retain(|_| {
-            index += 1;
-            !invalid.iter().any(|b| b.index == index - 1)
-        });
-        for bad in invalid {
-            warn!("refusing mapping from the state file: {}", bad.why);
-            st.record_failure(bad.generation, Error::invalid(bad.why));
-        }
+        self.drop_invalid(&mut st);
         let wanted: BTreeSet<Ipv4Addr> = st.mappings.iter().map(|m| m.local_ip).collect();
         let gone: Vec<Ipv4Addr> = self
             .running
@@ -612,6 +603,24 @@ impl Gateway {
         st.applied = st.generation;
         if let Err(e) = self.dir.write(&st) {
             error!("cannot record applied changes: {e}");
+        }
+    }
+
+    /// The file is the user's to write: our own subnet and ports (from
+    /// memory) stand, and mappings that fail validation are dropped before
+    /// anything is touched, each failing its generation.
+    fn drop_invalid(&self, st: &mut State) {
+        st.subnet = self.subnet;
+        st.ports = self.ports.clone();
+        let invalid = st.validate(self.subnet);
+        let mut index = 0;
+        st.mappings.retain(|_| {
+            index += 1;
+            !invalid.iter().any(|b| b.index == index - 1)
+        });
+        for bad in invalid {
+            warn!("refusing mapping from the state file: {}", bad.why);
+            st.record_failure(bad.generation, Error::invalid(bad.why));
         }
     }
 

@@ -42,7 +42,12 @@ pub struct Switched {
 /// local user, so for a root start it says nothing about whose daemon it
 /// is: refused, unless `--user NAME` names the user and the socket is
 /// NAME's (or root's).
-pub fn target_user(flag: Option<&str>, no_switch: bool, socket: &Path, searched: bool) -> Result<Option<User>> {
+pub fn target_user(
+    flag: Option<&str>,
+    no_switch: bool,
+    socket: &Path,
+    searched: bool,
+) -> Result<Option<User>> {
     let root = sys::euid() == 0;
     let named = flag
         .map(|name| {
@@ -91,7 +96,10 @@ fn check_searched_socket(socket: &Path, named: Option<&User>) -> Result<()> {
     let Ok(meta) = std::fs::symlink_metadata(socket) else {
         return Ok(()); // nothing there: connecting fails with its own error
     };
-    let parent = socket.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = socket
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let open_dir = std::fs::metadata(parent).map_or(true, |m| m.mode() & 0o022 != 0);
     match named {
         Some(u) if meta.uid() == u.uid || meta.uid() == 0 => Ok(()),

@@ -330,40 +330,14 @@ impl StateDir {
                 Ok(()) => created = true,
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
                 Err(e) => {
-                    return Err(Error::io(format!("cannot create state directory {}", path.display()), &e)
-                        .hint("pass --state-dir DIR for a directory you may create"))
+                    return Err(
+                        Error::io(format!("cannot create state directory {}", path.display()), &e)
+                            .hint("pass --state-dir DIR for a directory you may create"),
+                    )
                 }
             }
         }
-        // O_NOFOLLOW|O_DIRECTORY on a symlink gives ELOOP or ENOTDIR
-        // depending on the kernel; lstat tells which it was, for the message.
-        let is_link = || fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
-        let dir = sys::open_dir(path).map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP | libc::ENOTDIR) if is_link() => Error::new(
-                Code::PermissionDenied,
-                format!("state directory {} is a symbolic link; refusing to follow it", path.display()),
-            )
-            .hint(hint),
-            Some(libc::ENOENT) => Error::new(Code::NotRunning, format!("no gateway state at {}", path.display()))
-                .hint("start one with: pilot-gateway start"),
-            Some(libc::EACCES) => match fs::symlink_metadata(path) {
-                Ok(m) if m.uid() != sys::euid() => Error::new(
-                    Code::PermissionDenied,
-                    format!(
-                        "state directory {} is owned by uid {}, not by you (uid {}); refusing to use it",
-                        path.display(),
-                        m.uid(),
-                        sys::euid()
-                    ),
-                )
-                .hint(hint),
-                _ => Error::io(format!("state directory {}", path.display()), &e),
-            },
-            Some(libc::ENOTDIR) => {
-                Error::invalid(format!("state directory {} is not a directory", path.display())).hint(hint)
-            }
-            _ => Error::io(format!("state directory {}", path.display()), &e),
-        })?;
+        let dir = sys::open_dir(path).map_err(|e| open_error(path, &e))?;
         if created {
             // The umask may have removed bits we want; set exactly 0700.
             dir.set_permissions(fs::Permissions::from_mode(0o700))
@@ -465,7 +439,12 @@ impl StateDir {
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
                 return Err(self.name_error(name, "is a symbolic link"))
             }
-            Err(e) => return Err(Error::io(format!("cannot open {}", self.path.join(name).display()), &e)),
+            Err(e) => {
+                return Err(Error::io(
+                    format!("cannot open {}", self.path.join(name).display()),
+                    &e,
+                ))
+            }
         };
         let meta = file
             .metadata()
@@ -478,7 +457,10 @@ impl StateDir {
                 // We just created it (as root): give it to the owner.
                 self.give(&file);
             } else {
-                return Err(self.name_error(name, &format!("is owned by uid {}, not by the directory's owner", meta.uid())));
+                return Err(self.name_error(
+                    name,
+                    &format!("is owned by uid {}, not by the directory's owner", meta.uid()),
+                ));
             }
         }
         if meta.nlink() != 1 {
@@ -575,9 +557,15 @@ impl StateDir {
     pub fn write_atomic(&self, name: &str, text: &str) -> Result<()> {
         let tmp = format!(".{name}.{}.tmp", std::process::id());
         let _ = sys::unlink_at(&self.dir, &tmp);
-        let fail = |e: &std::io::Error| Error::io(format!("cannot write {}", self.path.join(name).display()), e);
-        let mut f = sys::open_at(&self.dir, &tmp, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)
-            .map_err(|e| fail(&e))?;
+        let fail =
+            |e: &std::io::Error| Error::io(format!("cannot write {}", self.path.join(name).display()), e);
+        let mut f = sys::open_at(
+            &self.dir,
+            &tmp,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            0o600,
+        )
+        .map_err(|e| fail(&e))?;
         self.give(&f);
         let done = f
             .write_all(text.as_bytes())
@@ -601,8 +589,13 @@ impl StateDir {
         let tmp = format!(".gateway.log.{}.tmp", std::process::id());
         let _ = sys::unlink_at(&self.dir, &tmp);
         let fail = |e: &std::io::Error| Error::io(format!("cannot create {}", self.log_file().display()), e);
-        let f = sys::open_at(&self.dir, &tmp, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)
-            .map_err(|e| fail(&e))?;
+        let f = sys::open_at(
+            &self.dir,
+            &tmp,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            0o600,
+        )
+        .map_err(|e| fail(&e))?;
         self.give(&f);
         if let Err(e) = sys::rename_at(&self.dir, &tmp, "gateway.log") {
             let _ = sys::unlink_at(&self.dir, &tmp);
@@ -648,6 +641,46 @@ impl StateDir {
     /// Writes stats.json atomically.
     pub fn write_stats(&self, stats: &Stats) -> Result<()> {
         self.write_atomic("stats.json", &format!("{}\n", stats.to_json()))
+    }
+}
+
+/// Explains why the state directory could not be opened.
+fn open_error(path: &Path, e: &std::io::Error) -> Error {
+    let hint = "use a private directory: --state-dir DIR (mode 0700, owned by you)";
+    // O_NOFOLLOW|O_DIRECTORY on a symlink gives ELOOP or ENOTDIR
+    // depending on the kernel; lstat tells which it was, for the message.
+    let is_link = || fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    match e.raw_os_error() {
+        Some(libc::ELOOP | libc::ENOTDIR) if is_link() => Error::new(
+            Code::PermissionDenied,
+            format!(
+                "state directory {} is a symbolic link; refusing to follow it",
+                path.display()
+            ),
+        )
+        .hint(hint),
+        Some(libc::ENOENT) => Error::new(
+            Code::NotRunning,
+            format!("no gateway state at {}", path.display()),
+        )
+        .hint("start one with: pilot-gateway start"),
+        Some(libc::EACCES) => match fs::symlink_metadata(path) {
+            Ok(m) if m.uid() != sys::euid() => Error::new(
+                Code::PermissionDenied,
+                format!(
+                    "state directory {} is owned by uid {}, not by you (uid {}); refusing to use it",
+                    path.display(),
+                    m.uid(),
+                    sys::euid()
+                ),
+            )
+            .hint(hint),
+            _ => Error::io(format!("state directory {}", path.display()), e),
+        },
+        Some(libc::ENOTDIR) => {
+            Error::invalid(format!("state directory {} is not a directory", path.display())).hint(hint)
+        }
+        _ => Error::io(format!("state directory {}", path.display()), e),
     }
 }
 

@@ -276,7 +276,10 @@ mod tests {
         let lo = parse_subnet("127.0.0.0/8", false).unwrap();
         assert!(msg(parse_local_ip("127.0.0.1", lo)).contains("loopback"));
         assert!(!is_assignable(lo, Ipv4Addr::LOCALHOST));
-        assert_eq!(next_free(lo, &BTreeSet::new()).unwrap(), Ipv4Addr::new(127, 0, 0, 2));
+        assert_eq!(
+            next_free(lo, &BTreeSet::new()).unwrap(),
+            Ipv4Addr::new(127, 0, 0, 2)
+        );
     }
 
     #[test]

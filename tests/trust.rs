@@ -26,7 +26,12 @@ fn devd_as_nobody(dir: &TempDir, extra: &[&str]) -> (PathBuf, Proc) {
     let mut c = as_nobody(DEVD);
     c.args(["--socket"])
         .arg(&socket)
-        .args(["--route", "0:0000.0000.0004=127.0.0.1", "--route", "0:0000.0000.0005=127.0.0.1"])
+        .args([
+            "--route",
+            "0:0000.0000.0004=127.0.0.1",
+            "--route",
+            "0:0000.0000.0005=127.0.0.1",
+        ])
         .args(extra);
     let p = Proc::spawn(&mut c, dir.path("devd.log"));
     assert!(
@@ -60,7 +65,11 @@ fn attacker_write(path: &Path, bytes: &[u8]) {
         .spawn()
         .unwrap();
     c.stdin.take().unwrap().write_all(bytes).unwrap();
-    assert!(c.wait().unwrap().success(), "nobody could not write {}", path.display());
+    assert!(
+        c.wait().unwrap().success(),
+        "nobody could not write {}",
+        path.display()
+    );
 }
 
 /// Runs a gateway command as root, bounded by timeout(1): a hang is a
@@ -86,7 +95,9 @@ fn state(gw: &Gw) -> Value {
 }
 
 fn set(v: &mut Value, key: &str, to: Value) {
-    let Value::Obj(pairs) = v else { panic!("not an object") };
+    let Value::Obj(pairs) = v else {
+        panic!("not an object")
+    };
     match pairs.iter_mut().find(|(k, _)| k == key) {
         Some((_, slot)) => *slot = to,
         None => pairs.push((key.into(), to)),
@@ -147,7 +158,11 @@ fn root_never_writes_through_planted_names() {
     attacker_ok("ln", &["-sf", "/dev/zero", &p(&st("stats.json"))]);
     let out = root_bounded(&gw, &["list"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("stats.json") && stderr(&out).contains("symbolic link"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("stats.json") && stderr(&out).contains("symbolic link"),
+        "{}",
+        stderr(&out)
+    );
     attacker_ok("rm", &["-f", &p(&st("stats.json"))]);
     attacker_ok("truncate", &["-s", "64M", &p(&st("stats.json"))]);
     let out = root_bounded(&gw, &["list"]);
@@ -168,17 +183,34 @@ fn root_never_writes_through_planted_names() {
     assert!(wait_until(Duration::from_secs(10), || !alive(pid)));
     let precious = dir.path("precious");
     std::fs::write(&precious, "precious").unwrap();
-    let targets = [dir.path("victim-bad"), dir.path("victim-stats"), dir.path("victim-tmp")];
+    let targets = [
+        dir.path("victim-bad"),
+        dir.path("victim-stats"),
+        dir.path("victim-tmp"),
+    ];
     attacker_ok("rm", &["-f", &p(&st("state.json")), &p(&st("stats.json"))]);
     attacker_write(&st("state.json"), b"{garbage");
     attacker_ok("ln", &["-s", &p(&targets[0]), &p(&st("state.json.bad-1"))]);
     attacker_ok("ln", &["-s", &p(&targets[1]), &p(&st("stats.json"))]);
-    attacker_ok("ln", &["-s", &p(&targets[2]), &p(&st(&format!(".state.json.{}.tmp", 1)))]);
+    attacker_ok(
+        "ln",
+        &["-s", &p(&targets[2]), &p(&st(&format!(".state.json.{}.tmp", 1)))],
+    );
     attacker_ok("ln", &["-sf", &p(&precious), &p(&st("gateway.log"))]);
-    for args in [&["status"][..], &["list"], &["map", A5], &["stop"], &["start", "--ports", "8080", A4]] {
+    for args in [
+        &["status"][..],
+        &["list"],
+        &["map", A5],
+        &["stop"],
+        &["start", "--ports", "8080", A4],
+    ] {
         let out = root_bounded(&gw, args);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains("left as it is"), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("left as it is"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
     }
     for t in &targets {
         assert!(!t.exists(), "{} was created", t.display());
@@ -226,7 +258,11 @@ fn a_forged_pid_is_never_signalled() {
         for args in [&["list"][..], &["stop"], &["map", A5], &["unmap", "10.4.0.1"]] {
             let out = root_bounded(&gw, args);
             assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
-            assert!(stderr(&out).contains("not signalled"), "{args:?}: {}", stderr(&out));
+            assert!(
+                stderr(&out).contains("not signalled"),
+                "{args:?}: {}",
+                stderr(&out)
+            );
             // The gateway's user gets the same answer.
             let mut c = as_nobody(GATEWAY);
             let out = c.arg("--state-dir").arg(&gw.state).args(args).output().unwrap();
@@ -276,14 +312,24 @@ kill $squatter; wait
     for refused in &parts[..2] {
         assert!(refused.contains("rc=1"), "{refused}");
         assert!(
-            refused.contains("default search") && refused.contains("--socket PATH") && refused.contains("--user NAME"),
+            refused.contains("default search")
+                && refused.contains("--socket PATH")
+                && refused.contains("--user NAME"),
             "{refused}"
         );
     }
-    assert!(parts[2].contains("rc=1") && parts[2].contains("not to --user daemon"), "{}", parts[2]);
+    assert!(
+        parts[2].contains("rc=1") && parts[2].contains("not to --user daemon"),
+        "{}",
+        parts[2]
+    );
     assert!(!text.contains("state-dir-created"), "nothing was created: {text}");
     // Naming the daemon's user is how to say "that socket is the daemon's".
-    assert!(parts[3].contains("rc=0") && parts[3].contains("nobody"), "{}", parts[3]);
+    assert!(
+        parts[3].contains("rc=0") && parts[3].contains("nobody"),
+        "{}",
+        parts[3]
+    );
     assert!(parts[4].contains("rc=0"), "{}", parts[4]);
 }
 
@@ -307,7 +353,9 @@ fn mappings_from_the_state_file_are_validated() {
         ("10.4.255.255", "0:0000.0000.0008"),
         ("10.4.0.1", "0:0000.0000.0009"),
     ];
-    let Some(Value::Arr(list)) = st.get("mappings").cloned() else { panic!() };
+    let Some(Value::Arr(list)) = st.get("mappings").cloned() else {
+        panic!()
+    };
     let mut list = list;
     for (i, (ip, addr)) in forged.iter().enumerate() {
         list.push(mapping(ip, addr, false, g + 1 + i as u64));
@@ -338,9 +386,15 @@ fn mappings_from_the_state_file_are_validated() {
     assert_eq!(st.get("subnet").and_then(Value::as_str), Some("10.4.0.0/16"));
     let failures = st.get("failures").unwrap().to_string();
     for i in 0..forged.len() as u64 {
-        assert!(failures.contains(&format!("\"generation\":{}", g + 1 + i)), "{failures}");
+        assert!(
+            failures.contains(&format!("\"generation\":{}", g + 1 + i)),
+            "{failures}"
+        );
     }
-    assert!(failures.contains("not an assignable address") && failures.contains("mapped twice"), "{failures}");
+    assert!(
+        failures.contains("not an assignable address") && failures.contains("mapped twice"),
+        "{failures}"
+    );
     // The gateway stays sane: a real map still works, the first one still serves.
     assert!(gw.ok(&["map", A5]).contains("10.4.0.2"));
     gw.ok(&["stop"]);
@@ -365,7 +419,11 @@ fn mappings_from_the_state_file_are_validated() {
         attacker_write(&file, format!("{st}\n").as_bytes());
         gw.ok(&["start", "--ports", "8080", "--subnet", "10.4.0.0/16", A4]);
         gw.ok(&["stop"]);
-        assert!(lo_addrs().contains(&format!("inet {cidr}")), "{cidr} was removed: {}", lo_addrs());
+        assert!(
+            lo_addrs().contains(&format!("inet {cidr}")),
+            "{cidr} was removed: {}",
+            lo_addrs()
+        );
     }
 }
 
@@ -425,15 +483,23 @@ fn daemon_error_text_is_escaped_in_the_log() {
     let dir = TempDir::new("trust-escape");
     let devd = Devd::start(
         &dir,
-        &["--dial-error", "0:0000.0000.0004=nope\\nINFO forged line\\e[31mred"],
+        &[
+            "--dial-error",
+            "0:0000.0000.0004=nope\\nINFO forged line\\e[31mred",
+        ],
     );
     let gw = Gw::new(&dir, &devd.socket);
     let p = gw.foreground(&dir, &["--subnet", "127.77.0.0/16", "--ports", "8080", A4]);
     assert!(reset_soon("127.77.0.1:8080", Duration::from_secs(10)));
-    assert!(wait_until(Duration::from_secs(10), || p.stderr().contains("forged")));
+    assert!(wait_until(Duration::from_secs(10), || p
+        .stderr()
+        .contains("forged")));
     let log = p.stderr();
     assert!(!log.contains('\u{1b}'), "raw ESC in the log: {log:?}");
-    assert!(log.lines().all(|l| !l.starts_with("INFO forged")), "forged line: {log}");
+    assert!(
+        log.lines().all(|l| !l.starts_with("INFO forged")),
+        "forged line: {log}"
+    );
     assert!(log.contains("nope\\nINFO forged line\\x1b[31mred"), "{log}");
 }
 
@@ -461,7 +527,12 @@ fn config_files_are_bounded() {
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(1), "{}: {}", file.display(), stderr(&out));
-        assert!(stderr(&out).contains(want), "{}: {}", file.display(), stderr(&out));
+        assert!(
+            stderr(&out).contains(want),
+            "{}: {}",
+            file.display(),
+            stderr(&out)
+        );
     }
 }
 
