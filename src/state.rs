@@ -463,7 +463,10 @@ impl StateDir {
                 ));
             }
         }
-        if meta.nlink() != 1 {
+        // 0 links is fine: a writer renamed a new file over this one after
+        // we opened it, and we read the old, complete snapshot. More than
+        // one would be a hard link to a file elsewhere.
+        if meta.nlink() > 1 {
             return Err(self.name_error(name, "has more than one link"));
         }
         if meta.len() > limit {
