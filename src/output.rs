@@ -28,7 +28,14 @@ impl Output {
                 Value::obj([("status", Value::from("ok")), ("data", data)])
             )
         } else {
-            write!(stdout, "{text}")
+            // Line by line, escaped: the text shows values from the state
+            // file and the daemon (hostnames, user, socket path, reasons),
+            // which must not carry escape sequences to a terminal.
+            text.split_inclusive('\n')
+                .try_for_each(|line| match line.strip_suffix('\n') {
+                    Some(l) => writeln!(stdout, "{}", escape_control(l)),
+                    None => write!(stdout, "{}", escape_control(line)),
+                })
         };
         let _ = stdout.flush();
     }
@@ -176,7 +183,11 @@ pub fn list(st: &State, stats: &Stats) -> (Value, String) {
                 pairs.push((k.into(), n.into()));
             }
         }
-        let host = m.hostname.as_ref().map(|h| format!(" ({h})")).unwrap_or_default();
+        let host = m
+            .hostname
+            .as_ref()
+            .map(|h| format!(" ({})", escape_control(h)))
+            .unwrap_or_default();
         text += &format!(
             "{} → {}{host}  active {} total {} up {} B down {} B\n",
             m.local_ip, m.pilot_addr, c.active, c.total, c.bytes_up, c.bytes_down

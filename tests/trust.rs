@@ -553,3 +553,31 @@ fn loopback_subnet_never_hands_out_127_0_0_1() {
     assert!(!out.status.success());
     gw.ok(&["stop"]);
 }
+
+/// Text from the state file (a hostname the gateway's user forged) reaches
+/// root's terminal escaped: no escape sequence, no forged line.
+#[test]
+fn state_text_is_escaped_on_the_terminal() {
+    netns();
+    let dir = TempDir::new("trust-tty");
+    let (socket, _devd) = devd_as_nobody(&dir, &[]);
+    let gw = gateway_of_nobody(&dir, &socket, &[]);
+    let mut st = state(&gw);
+    let Some(Value::Arr(mut list)) = st.get("mappings").cloned() else {
+        panic!()
+    };
+    set(
+        &mut list[0],
+        "hostname",
+        "lab\u{1b}]0;owned\u{7}\ntotal: 999".into(),
+    );
+    set(&mut st, "mappings", Value::Arr(list));
+    let file = gw.state.join("state.json");
+    attacker_ok("rm", &["-f", file.to_str().unwrap()]);
+    attacker_write(&file, format!("{st}\n").as_bytes());
+    let out = gw.ok(&["list"]);
+    assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out:?}");
+    assert!(!out.lines().any(|l| l.starts_with("total: 999")), "{out}");
+    assert!(out.contains("lab\\x1b]0;owned\\x07\\ntotal: 999"), "{out}");
+    gw.ok(&["stop"]);
+}
