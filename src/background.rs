@@ -54,9 +54,11 @@ pub fn run_detached(cfg: Config, targets: Vec<Target>) -> Result<()> {
 /// line; returns the start report's data.
 pub fn spawn(cfg: &Config, argv0: &str, raw: &[OsString]) -> Result<Value> {
     // Same checks as the gateway will make, before we touch anything.
-    // We may be root in a directory its user can write: every file here is
-    // reached through the checked descriptor, and gateway.log is created
-    // fresh (see StateDir::create_log), never opened through a planted name.
+    // Unlike the other commands we stay root here: the gateway we spawn
+    // must start as root to keep its two capabilities. So we only read
+    // through the checked descriptor, create gateway.log fresh (see
+    // StateDir::create_log, never through a planted name), and signal
+    // nothing; the reader thread below holds no privilege worth taking.
     let (dir, _) = gateway::prepare_state_dir(cfg)?;
     if let Some(st) = dir.read()? {
         if st.gateway.is_alive() {
