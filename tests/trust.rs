@@ -42,6 +42,38 @@ fn devd_as_nobody(dir: &TempDir, extra: &[&str]) -> (PathBuf, Proc) {
     (socket, p)
 }
 
+/// Kills, when dropped, every process whose command line names `dir`: the
+/// background gateways a test started. A test that fails half-way through
+/// an attack leaves a state file that `stop` rightly refuses, so the
+/// usual cleanup cannot be relied on.
+struct Reaper(String);
+
+impl Reaper {
+    fn new(dir: &TempDir) -> Reaper {
+        Reaper(dir.0.to_string_lossy().into_owned())
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if pid as u32 != std::process::id() && String::from_utf8_lossy(&cmdline).contains(&self.0) {
+                // SAFETY: signals to processes this test started (root).
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
 /// Runs `prog args…` as nobody; the attacker's step.
 fn attacker(prog: &str, args: &[&str]) -> Output {
     as_nobody(prog).args(args).stdin(Stdio::null()).output().unwrap()
@@ -145,6 +177,7 @@ fn gateway_of_nobody(dir: &TempDir, socket: &Path, extra: &[&str]) -> Gw {
 fn root_never_writes_through_planted_names() {
     netns();
     let dir = TempDir::new("trust-links");
+    let _reaper = Reaper::new(&dir);
     let (socket, _devd) = devd_as_nobody(&dir, &[]);
     let gw = gateway_of_nobody(&dir, &socket, &[]);
     let pid = gw.pid();
@@ -237,6 +270,7 @@ fn root_never_writes_through_planted_names() {
 fn a_forged_pid_is_never_signalled() {
     netns();
     let dir = TempDir::new("trust-pid");
+    let _reaper = Reaper::new(&dir);
     let (socket, _devd) = devd_as_nobody(&dir, &[]);
     let gw = gateway_of_nobody(&dir, &socket, &[]);
     let valid = std::fs::read_to_string(gw.state.join("state.json")).unwrap();
@@ -341,6 +375,7 @@ kill $squatter; wait
 fn mappings_from_the_state_file_are_validated() {
     netns();
     let dir = TempDir::new("trust-validate");
+    let _reaper = Reaper::new(&dir);
     let (socket, _devd) = devd_as_nobody(&dir, &[]);
     let gw = gateway_of_nobody(&dir, &socket, &["--subnet", "10.4.0.0/16"]);
     let pid = gw.pid();
@@ -452,6 +487,7 @@ fn state_template(pid: u32, subnet: &str) -> Value {
 fn parallel_starts_on_a_fresh_directory() {
     netns();
     let dir = TempDir::new("trust-eexist");
+    let _reaper = Reaper::new(&dir);
     let devd = Devd::start(&dir, &["--route", "0:0000.0000.0004=127.0.0.1"]);
     for round in 0..3 {
         let gw = Gw::handle(dir.path(&format!("state-{round}")), devd.socket.clone());
@@ -542,6 +578,7 @@ fn config_files_are_bounded() {
 fn loopback_subnet_never_hands_out_127_0_0_1() {
     netns();
     let dir = TempDir::new("trust-127");
+    let _reaper = Reaper::new(&dir);
     let devd = Devd::start(&dir, &["--route", "0:0000.0000.0004=127.0.0.1"]);
     let gw = Gw::new(&dir, &devd.socket);
     let out = gw.ok(&["start", "--subnet", "127.0.0.0/8", "--ports", "8080", A4]);
@@ -560,6 +597,7 @@ fn loopback_subnet_never_hands_out_127_0_0_1() {
 fn state_text_is_escaped_on_the_terminal() {
     netns();
     let dir = TempDir::new("trust-tty");
+    let _reaper = Reaper::new(&dir);
     let (socket, _devd) = devd_as_nobody(&dir, &[]);
     let gw = gateway_of_nobody(&dir, &socket, &[]);
     let mut st = state(&gw);
