@@ -20,10 +20,11 @@ use crate::gateway;
 use crate::json::Value;
 use crate::log::{self, Format};
 use crate::output::{self, Output};
+use crate::privilege;
 use crate::state::{Mapping, State, StateDir};
 use crate::stats::Stats;
 use crate::subnet;
-use crate::sys::ProcId;
+use crate::sys::{self, ProcId};
 
 /// How long a command waits for the gateway to apply a change.
 const APPLY_WAIT: Duration = Duration::from_secs(10);
@@ -175,6 +176,7 @@ fn start_config(args: &Args, targets: &[Target]) -> Result<gateway::Config> {
     }
     Ok(gateway::Config {
         socket: s.socket,
+        socket_searched: crate::config::is_searched(&s.socket_source),
         socket_source: s.socket_source,
         state_dir: s.state_dir,
         subnet,
@@ -191,6 +193,13 @@ fn start_config(args: &Args, targets: &[Target]) -> Result<gateway::Config> {
 
 /// Opens the state directory and returns the running gateway's state, or
 /// `not_running` (saying so when a dead gateway left state behind).
+///
+/// As root with a directory that belongs to another user (the gateway's),
+/// it reads what it needs through the checked descriptor, verifies as root
+/// that the recorded pid is our gateway, and then becomes that user for
+/// good, before writing anything there or sending any signal: whatever the
+/// user planted in the directory, the command can do no more than the user
+/// could. No thread exists yet (the switch needs that).
 fn running(args: &Args) -> Result<(StateDir, State)> {
     let s = settings(args)?;
     let dir = StateDir::open(&s.state_dir, false)?;
@@ -202,7 +211,46 @@ fn running(args: &Args) -> Result<(StateDir, State)> {
         .hint("start one with: pilot-gateway start")
     })?;
     check_alive(&st)?;
+    check_ours(&st, dir.owner().0)?;
+    let (uid, gid) = dir.owner();
+    privilege::become_owner(uid, gid)?;
     Ok((dir, st))
+}
+
+/// Whether the recorded pid is our gateway: a process of the directory's
+/// owner (real and effective uid) running this program. The state file is
+/// the owner's to write, so without this a forged pid would make us signal
+/// any process. Where `/proc/PID/exe` cannot be read (a non-root command
+/// looking at a gateway that switched from root is not allowed to), the
+/// uid and start time must do: kill(2) from that user reaches only that
+/// user's own processes anyway.
+fn check_ours(st: &State, owner: u32) -> Result<()> {
+    let pid = st.gateway.pid;
+    let refuse = |why: String| {
+        Error::new(
+            Code::PermissionDenied,
+            format!("the state file names pid {pid}, which {why}; it is not signalled"),
+        )
+        .hint("the state directory may have been tampered with: stop the gateway with `kill` after checking the pid, then remove the directory")
+    };
+    if !cfg!(target_os = "linux") {
+        return Ok(());
+    }
+    match sys::process_uids(pid) {
+        Some((real, effective)) if real == owner && effective == owner => {}
+        Some((real, _)) => {
+            return Err(refuse(format!(
+                "runs as uid {real}, not as the gateway's user (uid {owner})"
+            )))
+        }
+        None => return Err(refuse("cannot be looked up".into())),
+    }
+    match sys::runs_same_program(pid) {
+        Some(true) => Ok(()),
+        Some(false) => Err(refuse("is not a pilot-gateway process".into())),
+        None if sys::euid() != 0 => Ok(()),
+        None => Err(refuse("cannot be identified".into())),
+    }
 }
 
 fn check_alive(st: &State) -> Result<()> {

@@ -48,6 +48,9 @@ pub struct Config {
     pub socket: PathBuf,
     /// Where the socket path came from (for error messages).
     pub socket_source: String,
+    /// Whether the default search found the socket (see
+    /// `privilege::target_user`: such a socket is trusted less).
+    pub socket_searched: bool,
     pub state_dir: PathBuf,
     pub subnet: Ipv4Network,
     pub ports: Vec<u16>,
@@ -121,7 +124,7 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
     let (dir, switched) = open_state_dir_as_user(&cfg)?;
     let lock = dir.lock()?;
     let aliases = Aliases::default();
-    let cleaned = clean_up_after_dead_gateway(&dir, &aliases)?;
+    let cleaned = clean_up_after_dead_gateway(&dir, &aliases, cfg.subnet)?;
     let (mappings, mut warnings) = plan_mappings(&cfg, &targets)?;
     if needs_alias(cfg.subnet) {
         subnet::check_no_overlap(cfg.subnet)?;
@@ -179,12 +182,43 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
     Ok(())
 }
 
-/// Opens (creating) the state directory and, when we should run as
-/// another user, gives it to that user and switches. No thread exists yet,
-/// which the switch needs (capabilities are per thread).
+/// Opens (creating) the state directory and decides whom the gateway
+/// runs as. Used by the gateway and by the `start` that spawns it, so both
+/// refuse the same things before touching anything: a root start refuses
+/// a directory owned by a user who is neither root nor the gateway's user
+/// (that user's gateway, or a directory planted for us).
+pub fn prepare_state_dir(cfg: &Config) -> Result<(StateDir, Option<sys::User>)> {
+    let user = privilege::target_user(
+        cfg.user.as_deref(),
+        cfg.no_user_switch,
+        &cfg.socket,
+        cfg.socket_searched,
+    )?;
+    let dir = StateDir::open(&cfg.state_dir, true)?;
+    let owner = dir.owner().0;
+    if owner != sys::euid() && owner != 0 && user.as_ref().map(|u| u.uid) != Some(owner) {
+        let who = sys::user_by_uid(owner).map_or_else(|| format!("uid {owner}"), |u| u.name);
+        return Err(Error::new(
+            Code::PermissionDenied,
+            format!(
+                "state directory {} belongs to {who}, who is not the user this gateway would run as",
+                cfg.state_dir.display()
+            ),
+        )
+        .hint(format!(
+            "stop that user's gateway, or remove {} (after checking what is in it), or pass --state-dir DIR",
+            cfg.state_dir.display()
+        )));
+    }
+    Ok((dir, user))
+}
+
+/// Opens the state directory and, when we should run as another user,
+/// gives it to that user and switches. No thread exists yet, which the
+/// switch needs (capabilities are per thread).
 fn open_state_dir_as_user(cfg: &Config) -> Result<(StateDir, Option<Switched>)> {
-    let mut dir = StateDir::open(&cfg.state_dir, true)?;
-    let Some(user) = privilege::target_user(cfg.user.as_deref(), cfg.no_user_switch, &cfg.socket)? else {
+    let (mut dir, user) = prepare_state_dir(cfg)?;
+    let Some(user) = user else {
         return Ok((dir, None));
     };
     dir.chown(user.uid, user.gid)?;
@@ -198,8 +232,14 @@ fn open_state_dir_as_user(cfg: &Config) -> Result<(StateDir, Option<Switched>)> 
 }
 
 /// Refuses to start beside a live gateway; after a dead one, removes the
-/// aliases it recorded and its files. Returns the aliases removed.
-fn clean_up_after_dead_gateway(dir: &StateDir, aliases: &Aliases) -> Result<Vec<String>> {
+/// aliases it recorded — only where it is safe (see `stale_alias_ok`) —
+/// and its files. Returns the aliases removed. Runs after the switch to
+/// the gateway's user, with only its two capabilities.
+fn clean_up_after_dead_gateway(
+    dir: &StateDir,
+    aliases: &Aliases,
+    subnet: Ipv4Network,
+) -> Result<Vec<String>> {
     let Some(prev) = dir.read()? else {
         return Ok(Vec::new());
     };
@@ -210,8 +250,19 @@ fn clean_up_after_dead_gateway(dir: &StateDir, aliases: &Aliases) -> Result<Vec<
         )
         .hint("stop it first: pilot-gateway stop"));
     }
+    let invalid: BTreeSet<Ipv4Addr> = prev.validate(prev.subnet).iter().map(|b| b.local_ip).collect();
     let mut cleaned = Vec::new();
     for m in prev.mappings.iter().filter(|m| m.alias_added) {
+        if !subnet::is_local_address(m.local_ip).unwrap_or(true) {
+            continue; // already gone
+        }
+        if invalid.contains(&m.local_ip) || !stale_alias_ok(prev.subnet, subnet, m.local_ip) {
+            warn!(
+                "left address {} alone: the old state file says the gateway added it, but it is not an address a gateway hands out",
+                m.local_ip
+            );
+            continue;
+        }
         match aliases.remove(m.local_ip) {
             Ok(()) => cleaned.push(m.local_ip.to_string()),
             Err(e) => warn!("could not remove leftover alias {}: {e}", m.local_ip),
@@ -229,6 +280,20 @@ fn clean_up_after_dead_gateway(dir: &StateDir, aliases: &Aliases) -> Result<Vec<
     dir.remove("state.json");
     dir.remove("stats.json");
     Ok(cleaned)
+}
+
+/// Whether a dead gateway's recorded alias may be removed: its old subnet
+/// is one `--subnet` accepts without `--allow-any-subnet` (or the new
+/// start's own), the IP is assignable in it, it is not in 127.0.0.0/8,
+/// and it sits on a loopback interface as a /32, the way we add aliases.
+/// The old state file was writable by the gateway's user, so this is what
+/// keeps a forged one from deleting an administrator's address.
+fn stale_alias_ok(old: Ipv4Network, new: Ipv4Network, ip: Ipv4Addr) -> bool {
+    let subnet_ok = old == new || subnet::parse_subnet(&old.to_string(), false).is_ok();
+    let ours = sys::interface_addresses().map_or(true, |all| {
+        all.iter().any(|a| a.addr == ip && a.loopback && a.prefix == 32)
+    });
+    subnet_ok && subnet::is_assignable(old, ip) && !ip.is_loopback() && ours
 }
 
 /// Asks the daemon about every target and allocates local IPs, before
@@ -586,6 +651,7 @@ impl Gateway {
                 return;
             }
         };
+        self.drop_invalid(&mut st);
         let cut = self.retire(&st);
         let before = st.mappings.clone();
         self.plan_aliases(&mut st.mappings);
@@ -616,6 +682,12 @@ impl Gateway {
             st.mappings.retain(|m| m.local_ip != ip);
             st.record_failure(generation, e);
         }
+        // Whether an alias is ours is what we know, not what the file says.
+        for m in st.mappings.iter_mut() {
+            if let Some(r) = self.running.get(&m.local_ip) {
+                m.alias_added = r.alias_ours;
+            }
+        }
         st.applied = st.generation;
         // For `unmap`, which reports how many were cut; written before the
         // state, whose `applied` is what the command waits for.
@@ -625,6 +697,24 @@ impl Gateway {
         }
         if let Err(e) = self.dir.write(&st) {
             error!("cannot record applied changes: {e}");
+        }
+    }
+
+    /// The file is the user's to write: our own subnet and ports (from
+    /// memory) stand, and mappings that fail validation are dropped before
+    /// anything is touched, each failing its generation.
+    fn drop_invalid(&self, st: &mut State) {
+        st.subnet = self.subnet;
+        st.ports = self.ports.clone();
+        let invalid = st.validate(self.subnet);
+        let mut index = 0;
+        st.mappings.retain(|_| {
+            index += 1;
+            !invalid.iter().any(|b| b.index == index - 1)
+        });
+        for bad in invalid {
+            warn!("refusing mapping from the state file: {}", bad.why);
+            st.record_failure(bad.generation, Error::invalid(bad.why));
         }
     }
 

@@ -311,7 +311,10 @@ pub fn error_text(payload: &[u8]) -> String {
     if text.is_empty() {
         "the daemon reported an error without a message".to_string()
     } else {
-        text.to_string()
+        // The daemon's words reach logs and terminals: no raw control
+        // characters (a newline would forge a log line, ESC a terminal
+        // escape sequence).
+        crate::log::escape_control(text)
     }
 }
 

@@ -7,6 +7,7 @@ use std::io::Write;
 use crate::error::{Code, Error};
 use crate::gateway::Report;
 use crate::json::Value;
+use crate::log::escape_control;
 use crate::state::{Mapping, State};
 use crate::stats::Stats;
 use crate::subnet;
@@ -27,7 +28,14 @@ impl Output {
                 Value::obj([("status", Value::from("ok")), ("data", data)])
             )
         } else {
-            write!(stdout, "{text}")
+            // Line by line, escaped: the text shows values from the state
+            // file and the daemon (hostnames, user, socket path, reasons),
+            // which must not carry escape sequences to a terminal.
+            text.split_inclusive('\n')
+                .try_for_each(|line| match line.strip_suffix('\n') {
+                    Some(l) => writeln!(stdout, "{}", escape_control(l)),
+                    None => write!(stdout, "{}", escape_control(line)),
+                })
         };
         let _ = stdout.flush();
     }
@@ -37,12 +45,13 @@ impl Output {
         let _ = if self.json {
             writeln!(stderr, "{}", error_json(e))
         } else {
+            // Escaped: messages can carry text from outside (the daemon's).
             let hint = e
                 .hint
                 .as_ref()
-                .map(|h| format!("hint: {h}\n"))
+                .map(|h| format!("hint: {}\n", escape_control(h)))
                 .unwrap_or_default();
-            write!(stderr, "error: {}\n{hint}", e.message)
+            write!(stderr, "error: {}\n{hint}", escape_control(&e.message))
         };
     }
 
@@ -50,7 +59,7 @@ impl Output {
     pub fn warnings(&self, warnings: &[String]) {
         if !self.json {
             for w in warnings {
-                eprintln!("warning: {w}");
+                eprintln!("warning: {}", escape_control(w));
             }
         }
     }
@@ -174,7 +183,11 @@ pub fn list(st: &State, stats: &Stats) -> (Value, String) {
                 pairs.push((k.into(), n.into()));
             }
         }
-        let host = m.hostname.as_ref().map(|h| format!(" ({h})")).unwrap_or_default();
+        let host = m
+            .hostname
+            .as_ref()
+            .map(|h| format!(" ({})", escape_control(h)))
+            .unwrap_or_default();
         text += &format!(
             "{} → {}{host}  active {} total {} up {} B down {} B\n",
             m.local_ip, m.pilot_addr, c.active, c.total, c.bytes_up, c.bytes_down

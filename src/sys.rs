@@ -508,6 +508,151 @@ pub fn interface_addresses() -> io::Result<Vec<InterfaceAddr>> {
     Ok(out)
 }
 
+/// Makes `name` a C string, refusing an interior NUL.
+fn c_name(name: &str) -> io::Result<CString> {
+    CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn c_path(path: &std::path::Path) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Creates directory `path` with `mode` (EEXIST is returned as is: the
+/// caller decides whether what exists is acceptable).
+pub fn mkdir(path: &std::path::Path, mode: u32) -> io::Result<()> {
+    let c = c_path(path)?;
+    // SAFETY: mkdir(2) on a NUL-terminated path that outlives the call.
+    if unsafe { libc::mkdir(c.as_ptr(), mode as libc::mode_t) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Opens `path` as a directory descriptor, refusing a symlink as the
+/// last component (O_NOFOLLOW) and anything that is not a directory.
+pub fn open_dir(path: &std::path::Path) -> io::Result<std::fs::File> {
+    let c = c_path(path)?;
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: open(2) on a NUL-terminated path; the fd is owned below.
+    let fd = unsafe { libc::open(c.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// openat(2) relative to the directory `dir`, always with O_NOFOLLOW and
+/// O_CLOEXEC added, so a planted symlink is never followed.
+pub fn open_at(dir: &std::fs::File, name: &str, flags: i32, mode: u32) -> io::Result<std::fs::File> {
+    let c = c_name(name)?;
+    let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: openat(2) with a valid directory fd (borrowed for the call)
+    // and a NUL-terminated name; the fd returned is owned below.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags, mode as libc::c_uint) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// renameat(2) within one directory.
+pub fn rename_at(dir: &std::fs::File, from: &str, to: &str) -> io::Result<()> {
+    let (f, t) = (c_name(from)?, c_name(to)?);
+    let d = dir.as_raw_fd();
+    // SAFETY: a valid directory fd and two NUL-terminated names.
+    if unsafe { libc::renameat(d, f.as_ptr(), d, t.as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// unlinkat(2) of a non-directory entry (a symlink itself is removed,
+/// never followed).
+pub fn unlink_at(dir: &std::fs::File, name: &str) -> io::Result<()> {
+    let c = c_name(name)?;
+    // SAFETY: a valid directory fd and a NUL-terminated name.
+    if unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// What fstatat(AT_SYMLINK_NOFOLLOW) says of an entry.
+#[derive(Clone, Copy, Debug)]
+pub struct EntryStat {
+    pub regular: bool,
+    pub uid: u32,
+    pub nlink: u64,
+}
+
+/// fstatat(2) with AT_SYMLINK_NOFOLLOW: describes the entry itself.
+pub fn stat_at(dir: &std::fs::File, name: &str) -> io::Result<EntryStat> {
+    let c = c_name(name)?;
+    // SAFETY: all-zero is a valid `stat`; fstatat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid directory fd, a NUL-terminated name and a `stat` of
+    // the right type that outlives the call.
+    if unsafe { libc::fstatat(dir.as_raw_fd(), c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(EntryStat {
+        regular: st.st_mode & libc::S_IFMT == libc::S_IFREG,
+        uid: st.st_uid,
+        nlink: st.st_nlink as u64,
+    })
+}
+
+/// fchownat(2) with AT_SYMLINK_NOFOLLOW: changes the entry itself.
+pub fn chown_at(dir: &std::fs::File, name: &str, uid: u32, gid: u32) -> io::Result<()> {
+    let c = c_name(name)?;
+    // SAFETY: a valid directory fd and a NUL-terminated name.
+    let r = unsafe { libc::fchownat(dir.as_raw_fd(), c.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The real and effective uid of a process, from the `Uid:` line of
+/// `/proc/PID/status` (readable by everyone).
+pub fn process_uids(pid: u32) -> Option<(u32, u32)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let mut ids = line.split_whitespace().map(|t| t.parse::<u32>().ok());
+    Some((ids.next()??, ids.next()??))
+}
+
+/// Whether process `pid` runs this same program: `/proc/PID/exe` names
+/// the same file as `/proc/self/exe` (device and inode), or — when the
+/// binary was replaced in place since the process started — the same
+/// path with " (deleted)" after it. `None` when we may not look
+/// (EACCES: the process is not dumpable and we lack CAP_SYS_PTRACE).
+pub fn runs_same_program(pid: u32) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let theirs = format!("/proc/{pid}/exe");
+    let ours = std::fs::metadata("/proc/self/exe").ok()?;
+    match std::fs::metadata(&theirs) {
+        Ok(m) if m.dev() == ours.dev() && m.ino() == ours.ino() => return Some(true),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return None,
+        Err(_) => return Some(false),
+    }
+    let (Ok(t), Ok(o)) = (std::fs::read_link(&theirs), std::fs::read_link("/proc/self/exe")) else {
+        return Some(false);
+    };
+    let t = t.to_string_lossy().into_owned();
+    let o = o.to_string_lossy().into_owned();
+    let o = o.strip_suffix(" (deleted)").unwrap_or(&o);
+    Some(t.strip_suffix(" (deleted)") == Some(o))
+}
+
 /// How many threads this process has (Linux: /proc/self/task); `None`
 /// where that cannot be seen.
 pub fn thread_count() -> Option<usize> {

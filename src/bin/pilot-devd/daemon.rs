@@ -83,6 +83,9 @@ pub struct Config {
     pub socket: PathBuf,
     pub routes: Vec<Route>,
     pub untrusted: HashSet<PilotAddr>,
+    /// Dials to these addresses fail with this exact error text (which
+    /// may hold control characters: tests check they are escaped).
+    pub dial_error: HashMap<PilotAddr, String>,
     pub dial_delay: Duration,
     pub dial_delay_for: HashMap<PilotAddr, Duration>,
     pub hosts: HashMap<String, PilotAddr>,
@@ -103,6 +106,7 @@ impl Default for Config {
             socket: PathBuf::from("/tmp/pilot.sock"),
             routes: Vec::new(),
             untrusted: HashSet::new(),
+            dial_error: HashMap::new(),
             dial_delay: Duration::ZERO,
             dial_delay_for: HashMap::new(),
             hosts: HashMap::new(),
@@ -532,6 +536,9 @@ fn dial_blocking(
         return Err(format!(
             "dial: too many connections (limit {MAX_CONNS_PER_CLIENT} per client)"
         ));
+    }
+    if let Some(text) = d.cfg.dial_error.get(&addr) {
+        return Err(text.clone());
     }
     if d.cfg.untrusted.contains(&addr) {
         return Err(format!(

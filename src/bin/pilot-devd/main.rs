@@ -21,6 +21,7 @@ Usage: pilot-devd [flags]
   --route ADDR=HOST        dials to port P of ADDR go to HOST:P
   --route ADDR:PORT=HOST:PORT   one port of ADDR goes to HOST:PORT
   --untrusted ADDR         refuse dials to ADDR as untrusted (and leave it out of the trusted list)
+  --dial-error ADDR=TEXT   dials to ADDR fail with error TEXT (\\n is a newline, \\e is ESC)
   --dial-delay MS          delay every dial by MS milliseconds
   --dial-delay ADDR=MS     delay dials to ADDR by MS milliseconds
   --host NAME=ADDR         answer hostname lookups of NAME with ADDR
@@ -60,6 +61,14 @@ fn parse() -> Result<Config, lexopt::Error> {
             Long("untrusted") => {
                 let v = p.value()?.string()?;
                 cfg.untrusted.insert(addr(&v, "--untrusted"));
+            }
+            Long("dial-error") => {
+                let v = p.value()?.string()?;
+                let (a, text) = v
+                    .split_once('=')
+                    .unwrap_or_else(|| fail(format!("--dial-error {v:?}: expected ADDR=TEXT")));
+                let text = text.replace("\\n", "\n").replace("\\e", "\u{1b}");
+                cfg.dial_error.insert(addr(a, "--dial-error"), text);
             }
             Long("dial-delay") => {
                 let v = p.value()?.string()?;
