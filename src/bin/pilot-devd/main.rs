@@ -30,7 +30,14 @@ Usage: pilot-devd [flags]
   --misbehave MODE         break the protocol after each successful dial: oversize,
                            truncated, unknown-cmd, recv-unknown-id, short-dialok, flood
   --misbehave ADDR=MODE    the same for dials to ADDR only
+  --inbound LOCALTCP=ADDR:PORT   each TCP connection to LOCALTCP (IP:PORT) arrives, as
+                           a connection from ADDR, at the client that bound PORT
+                           (nobody bound it: the TCP connection is reset); repeatable
+  --unbind                 answer Unbind (0x37) as newer daemons do (default: unknown
+                           command, like the Feb-2026 daemon)
   --verbose                log every client and dial
+
+Ports 7, 1001 and 1002 are held by the daemon's own services, as on the real daemon.
 ";
 
 fn fail(msg: String) -> ! {
@@ -96,6 +103,12 @@ fn parse() -> Result<Config, lexopt::Error> {
                     None => cfg.misbehave = Some(mode(&v)),
                 }
             }
+            Long("inbound") => {
+                let v = p.value()?.string()?;
+                cfg.inbound
+                    .push(Config::parse_inbound(&v).unwrap_or_else(|e| fail(e)));
+            }
+            Long("unbind") => cfg.unbind = true,
             Long("verbose") => cfg.verbose = true,
             Short('h') | Long("help") => {
                 print!("{HELP}");
