@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod expose;
 pub mod gateway;
 pub mod ipc;
 pub mod json;

@@ -87,7 +87,11 @@ fn bind_and_ports_already_bound() {
     a.send(cmd::BIND, &[&8000u16.to_be_bytes()]);
     let (c, p) = a.frame();
     assert_eq!((c, p), (cmd::BIND_OK, vec![0x1f, 0x40]));
-    assert_eq!(a.bind(80), Err("port 80 already bound".into()), "same client, twice");
+    assert_eq!(
+        a.bind(80),
+        Err("port 80 already bound".into()),
+        "same client, twice"
+    );
     let mut b = Raw::open(&d);
     assert_eq!(b.bind(80), Err("port 80 already bound".into()));
     for port in [7, 1001, 1002] {
@@ -141,7 +145,11 @@ fn our_close_is_answered_and_closes_the_tcp_side() {
     let (c, p) = s.frame();
     assert_eq!((c, p), (cmd::CLOSE_OK, a.conn.to_be_bytes().to_vec()));
     let mut rest = Vec::new();
-    assert_eq!(tcp.read_to_end(&mut rest).unwrap(), 0, "the TCP side sees the end");
+    assert_eq!(
+        tcp.read_to_end(&mut rest).unwrap(),
+        0,
+        "the TCP side sees the end"
+    );
     // Idempotent: again, and on an unknown id.
     for id in [a.conn, 999_999] {
         s.send(cmd::CLOSE, &[&id.to_be_bytes()]);
@@ -155,7 +163,10 @@ fn nobody_bound_resets_and_session_close_frees_the_port() {
     netns();
     let dir = TempDir::new("devdin-free");
     let d = devd(&dir, &[]);
-    assert!(reset_soon(INBOUND, Duration::from_secs(5)), "nobody bound port 80");
+    assert!(
+        reset_soon(INBOUND, Duration::from_secs(5)),
+        "nobody bound port 80"
+    );
     let mut a = Raw::open(&d);
     assert_eq!(a.bind(80), Ok(80));
     let mut tcp = connect(INBOUND);
@@ -186,7 +197,10 @@ fn unbind_is_unknown_unless_enabled() {
     assert_eq!(s.bind(80), Ok(80));
     s.send(cmd::UNBIND, &[&80u16.to_be_bytes()]);
     let (c, p) = s.frame();
-    assert_eq!((c, ipc::error_text(&p).as_str()), (cmd::ERROR, "unknown command: 0x37"));
+    assert_eq!(
+        (c, ipc::error_text(&p).as_str()),
+        (cmd::ERROR, "unknown command: 0x37")
+    );
 
     let dir2 = TempDir::new("devdin-unbind2");
     let d2 = Devd::start(&dir2, &["--unbind"]);
