@@ -16,11 +16,18 @@
 //!    the session). A failed connect is logged and answered with Close.
 //! 3. Two threads per connection, as in the forward path:
 //!    - remote→local: the reader thread parses Recv frames and pushes their
-//!      data into the connection's bounded queue (`queue_bytes`), never
-//!      blocking. The connection's writer thread drains the queue into the
-//!      local socket. A queue over its bound means the local service has
-//!      stopped reading: the connection is reset (so the daemon never has
-//!      to drop the whole session for a client that does not drain).
+//!      data into the connection's bounded queue (`queue_bytes`); it never
+//!      writes to a local socket. The connection's writer thread drains the
+//!      queue into the local socket. When a queue is at its bound, the
+//!      reader waits for room only as long as that service keeps taking
+//!      data: one that takes nothing for `stall` (1 s) has stopped reading
+//!      and is reset, so the others wait at most that long and the daemon
+//!      (which drops a client that does not drain for 10 s) never drops
+//!      the session. A service that reads, only slower than the daemon
+//!      delivers, paces the session while its queue is full instead of
+//!      being reset: without per-connection flow control in the protocol,
+//!      the only alternatives are unbounded memory or cutting a working
+//!      transfer.
 //!    - local→remote: reads the local socket and sends Send frames (at most
 //!      64 KiB of data each) under the session's writer lock, held for one
 //!      frame, so many connections share the session without a global stall.
@@ -62,6 +69,8 @@ use crate::{debug, info, warn};
 pub const THREAD_STACK: usize = 128 * 1024;
 /// Default bound of one connection's queue of data for the local service.
 pub const QUEUE_BYTES: usize = 512 * 1024;
+/// How long a connection at its bound may go without progress.
+pub const STALL: Duration = Duration::from_secs(1);
 /// Largest data chunk per Send frame (the daemon takes up to 1 MiB − 64).
 const SEND_CHUNK: usize = 64 * 1024;
 /// Recv payloads (4 KiB each) are gathered into queue chunks of this size.
@@ -88,6 +97,9 @@ pub struct Options {
     pub allow_remote_target: bool,
     /// Bound of each connection's queue towards the local service.
     pub queue_bytes: usize,
+    /// A connection at its bound whose service takes nothing for this
+    /// long is reset (kept well below the daemon's 10 s write deadline).
+    pub stall: Duration,
     pub connect_timeout: Duration,
     /// Live connections at most (newer daemons cap a client at 4096).
     pub max_conns: usize,
@@ -101,6 +113,7 @@ impl Default for Options {
             allow: None,
             allow_remote_target: false,
             queue_bytes: QUEUE_BYTES,
+            stall: STALL,
             connect_timeout: Duration::from_secs(5),
             max_conns: 4096,
             on_end: None,
@@ -557,6 +570,7 @@ fn accept(ex: &Arc<Shared>, link: &Arc<Link>, payload: &[u8]) {
         started: Instant::now(),
         queue: Mutex::new(Queue::default()),
         ready: Condvar::new(),
+        room: Condvar::new(),
         tcp: OnceLock::new(),
         bytes_in: AtomicU64::new(0),
         bytes_out: AtomicU64::new(0),
@@ -587,11 +601,11 @@ fn recv(ex: &Shared, payload: &[u8]) {
     let Some(c) = lock(&ex.conns).get(&id).cloned() else {
         return;
     };
-    if !c.push(&payload[4..], ex.opts.queue_bytes) {
+    if !c.push(&payload[4..], ex.opts.queue_bytes, ex.opts.stall) {
         ex.slow_resets.fetch_add(1, Relaxed);
         let why = format!(
-            "the local service stopped reading ({} bytes queued)",
-            ex.opts.queue_bytes
+            "the local service stopped reading ({} bytes queued, no progress for {:?})",
+            ex.opts.queue_bytes, ex.opts.stall
         );
         c.fail(Outcome::Reset(why));
     }
@@ -602,6 +616,8 @@ fn recv(ex: &Shared, payload: &[u8]) {
 struct Queue {
     chunks: VecDeque<Vec<u8>>,
     bytes: usize,
+    /// Chunks the writer has taken: its progress.
+    popped: u64,
     remote_closed: bool,
     cut: bool,
 }
@@ -614,7 +630,10 @@ struct Conn {
     link: Arc<Link>,
     started: Instant,
     queue: Mutex<Queue>,
+    /// Data queued, remote closed or cut: for the writer.
     ready: Condvar,
+    /// The writer took a chunk, or cut: for a reader waiting for room.
+    room: Condvar,
     /// The local socket, once connected.
     tcp: OnceLock<TcpStream>,
     bytes_in: AtomicU64,
@@ -626,15 +645,30 @@ struct Conn {
 }
 
 impl Conn {
-    /// Queues data for the local service; `false` if that would exceed
-    /// `limit` bytes. Never blocks beyond the queue's lock.
-    fn push(&self, data: &[u8], limit: usize) -> bool {
+    /// Queues data for the local service. A queue at its `limit` makes
+    /// the caller wait for room while the service keeps reading (every
+    /// chunk the writer takes is progress); `false` once it has made none
+    /// for `stall`. Never waits on the socket itself.
+    fn push(&self, data: &[u8], limit: usize, stall: Duration) -> bool {
         let mut q = lock(&self.queue);
+        let (mut popped, mut deadline) = (q.popped, Instant::now() + stall);
+        while !q.cut && q.bytes > 0 && q.bytes + data.len() > limit {
+            if q.popped != popped {
+                (popped, deadline) = (q.popped, Instant::now() + stall);
+            }
+            let Some(left) = deadline
+                .checked_duration_since(Instant::now())
+                .filter(|d| !d.is_zero())
+            else {
+                return false;
+            };
+            q = match self.room.wait_timeout(q, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
         if q.cut {
             return true; // being torn down: the data has nowhere to go
-        }
-        if q.bytes + data.len() > limit {
-            return false;
         }
         q.bytes += data.len();
         match q.chunks.back_mut() {
@@ -673,6 +707,7 @@ impl Conn {
         let _ = self.outcome.set(outcome);
         lock(&self.queue).cut = true;
         self.ready.notify_all();
+        self.room.notify_all();
         if let Some(tcp) = self.tcp.get() {
             set_linger_zero(tcp);
             let _ = tcp.shutdown(Shutdown::Read);
@@ -807,6 +842,8 @@ fn remote_to_local(c: &Conn, ex: &Shared) {
                 }
                 if let Some(chunk) = q.chunks.pop_front() {
                     q.bytes -= chunk.len();
+                    q.popped += 1;
+                    c.room.notify_one();
                     break Some(chunk);
                 }
                 if q.remote_closed {
