@@ -61,6 +61,8 @@ const STACK: usize = 128 * 1024;
 /// Ports the daemon's own services hold from start (echo, data exchange,
 /// event stream): a client's Bind of one fails as on the real daemon.
 const SERVICE_PORTS: [u16; 3] = [7, 1001, 1002];
+/// How long a connection the client closed keeps draining its TCP peer.
+const CLOSED_DRAIN: Duration = Duration::from_secs(2);
 /// First remote port of inbound connections (the ephemeral range).
 const EPHEMERAL_START: u16 = 49152;
 
@@ -456,7 +458,14 @@ fn close(c: &Client, payload: &[u8]) {
     };
     let tcp = c.conns.lock().ok().and_then(|mut m| m.remove(&id));
     if let Some(t) = tcp {
-        let _ = t.shutdown(Shutdown::Both);
+        // The TCP side sees the end (FIN after any data still queued).
+        // Its relay thread reads and discards what the peer still sends
+        // for a short while, as the overlay drops data sent to a closed
+        // stream; shutting the reading side instead could leave a peer
+        // that is still sending stuck on a zero window until the
+        // kernel's FIN-WAIT-2 timeout.
+        let _ = t.shutdown(Shutdown::Write);
+        let _ = t.set_read_timeout(Some(CLOSED_DRAIN));
     }
     c.send(&ipc::encode(cmd::CLOSE_OK, &[&id.to_be_bytes()]));
 }
@@ -818,6 +827,9 @@ fn relay_to_client(c: &Client, id: u32, tcp: &TcpStream) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if !c.conns.lock().is_ok_and(|m| m.contains_key(&id)) {
+            continue; // closed by the client: discarded
+        }
         out.clear();
         for chunk in data[..n].chunks(RECV_CHUNK) {
             out.extend_from_slice(&((chunk.len() + 5) as u32).to_be_bytes());
