@@ -104,6 +104,8 @@ pub struct Options {
     /// Live connections at most (newer daemons cap a client at 4096).
     pub max_conns: usize,
     /// Called once per finished or refused connection (the access log).
+    /// It must not block: refusals are reported from the session's reader
+    /// thread (the access log's `try_send` queue fits).
     pub on_end: Option<OnEnd>,
 }
 
