@@ -5,6 +5,10 @@
 //! message = command:u8    payload
 //! address = network:u16be node:u32be               (6 bytes)
 //!
+//! 0x01 Bind        → port:u16be
+//! 0x02 BindOK      ← port:u16be                   (or Error `port N already bound`)
+//! 0x05 Accept      ← port:u16be, conn:u32be, address, remote_port:u16be
+//!                                                 (unsolicited, on the binding session)
 //! 0x03 Dial        → address, port:u16be
 //! 0x04 DialOK      ← conn:u32be
 //! 0x06 Send        → conn:u32be, data             (no reply, even on failure)
@@ -17,7 +21,14 @@
 //! 0x11 Resolve     → hostname bytes     0x12 ResolveOK   ← JSON
 //! 0x21 Health      → (empty)            0x22 HealthOK    ← JSON   (newer daemons)
 //! 0x2B Cancel      → (empty)            abandons this session's pending dials
+//! 0x37 Unbind      → port:u16be         0x38 UnbindOK    ← port:u16be (newer
+//!                  daemons; the Feb-2026 one answers Error `unknown command: 0x37`)
 //! ```
+//!
+//! After BindOK, every inbound connection to the port arrives on the binding
+//! session: Accept, its data as Recv, its end as an unsolicited CloseOK;
+//! replies go as Send and Close on that session. Closing the session frees
+//! the port and every connection on it.
 //!
 //! Replies carry no request id, so a session has at most one request in
 //! flight. The data path uses one session per bridged connection (a pending
@@ -42,6 +53,8 @@ pub const DATA_HEADER: usize = 9;
 
 pub mod cmd {
     pub const BIND: u8 = 0x01;
+    pub const BIND_OK: u8 = 0x02;
+    pub const ACCEPT: u8 = 0x05;
     pub const DIAL: u8 = 0x03;
     pub const DIAL_OK: u8 = 0x04;
     pub const SEND: u8 = 0x06;
@@ -58,6 +71,8 @@ pub mod cmd {
     pub const HEALTH: u8 = 0x21;
     pub const HEALTH_OK: u8 = 0x22;
     pub const CANCEL: u8 = 0x2B;
+    pub const UNBIND: u8 = 0x37;
+    pub const UNBIND_OK: u8 = 0x38;
 
     /// Handshake sub-command: list trusted peers.
     pub const HS_TRUSTED: u8 = 0x05;
@@ -533,6 +548,28 @@ pub fn dial_reply(command: u8, payload: &[u8]) -> Result<u32, IpcError> {
     }
 }
 
+/// One inbound connection, as an Accept frame announces it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accept {
+    /// Our bound port it arrived on.
+    pub port: u16,
+    pub conn: u32,
+    pub remote: PilotAddr,
+    pub remote_port: u16,
+}
+
+/// Reads an Accept payload: port:u16be, conn:u32be, address (6 bytes),
+/// remote_port:u16be — 14 bytes; anything after them is ignored.
+pub fn parse_accept(payload: &[u8]) -> Option<Accept> {
+    let u16_at = |at: usize| payload.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    Some(Accept {
+        port: u16_at(0)?,
+        conn: be_u32(payload.get(2..)?)?,
+        remote: PilotAddr::from_wire(payload.get(6..12)?)?,
+        remote_port: u16_at(12)?,
+    })
+}
+
 /// Reads the trusted-peer list out of a HandshakeOK reply.
 pub fn parse_trusted(v: &json::Value) -> Result<Vec<PilotAddr>, IpcError> {
     let list = match v.get("trusted") {
@@ -597,6 +634,23 @@ mod tests {
         buf[9..].copy_from_slice(b"abc");
         put_send_header(&mut buf, 7, 3);
         assert_eq!(buf, [0, 0, 0, 8, 0x06, 0, 0, 0, 7, b'a', b'b', b'c']);
+    }
+
+    #[test]
+    fn parses_accept() {
+        // The Feb-2026 daemon's sample: port 8000, conn 6, from node 1 port 49159.
+        let p = [0x1f, 0x40, 0, 0, 0, 6, 0, 0, 0, 0, 0, 1, 0xc0, 0x07];
+        let a = parse_accept(&p).unwrap();
+        assert_eq!(
+            a,
+            Accept {
+                port: 8000,
+                conn: 6,
+                remote: PilotAddr::new(0, 1),
+                remote_port: 49159
+            }
+        );
+        assert!(parse_accept(&p[..13]).is_none());
     }
 
     #[test]

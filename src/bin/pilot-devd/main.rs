@@ -35,7 +35,14 @@ Usage: pilot-devd [flags]
   --stall-accept           accept no clients, backlog cut to the minimum (a wedged daemon);
                            SIGUSR1 toggles this while running
   --trickle MS             write every reply one byte at a time, MS milliseconds apart
+  --inbound LOCALTCP=ADDR:PORT   each TCP connection to LOCALTCP (IP:PORT) arrives, as
+                           a connection from ADDR, at the client that bound PORT
+                           (nobody bound it: the TCP connection is reset); repeatable
+  --unbind                 answer Unbind (0x37) as newer daemons do (default: unknown
+                           command, like the Feb-2026 daemon)
   --verbose                log every client and dial
+
+Ports 7, 1001 and 1002 are held by the daemon's own services, as on the real daemon.
 ";
 
 fn fail(msg: String) -> ! {
@@ -109,6 +116,12 @@ fn parse() -> Result<Config, lexopt::Error> {
                     None => cfg.misbehave = Some(mode(&v)),
                 }
             }
+            Long("inbound") => {
+                let v = p.value()?.string()?;
+                cfg.inbound
+                    .push(Config::parse_inbound(&v).unwrap_or_else(|e| fail(e)));
+            }
+            Long("unbind") => cfg.unbind = true,
             Long("verbose") => cfg.verbose = true,
             Long("stall-accept") => faults::stall_from_start(),
             Long("trickle") => {
