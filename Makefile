@@ -13,8 +13,10 @@ build:
 # first installs what is missing (see README). Tests build with the
 # test-opt profile (optimised, no LTO: a cold build takes a fraction of the
 # release profile's time); the shipped binary keeps LTO. --no-fail-fast: one
-# failing test binary must not hide the results of the others.
-test: deps lint
+# failing test binary must not hide the results of the others. deps runs
+# first even under make -j (lint needs the rustfmt and clippy it adds).
+test: deps
+	$(MAKE) --no-print-directory lint
 	$(CARGO) test --profile test-opt --no-fail-fast -- --test-threads=2
 
 deps:

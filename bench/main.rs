@@ -404,7 +404,10 @@ fn concurrency(env: &Env, pids: (u32, u32), levels: &[u64]) -> (Level, Vec<Level
         while (held.len() as u64) < level {
             match hold_one(env, Route::Gateway) {
                 Ok(c) => held.push(c),
-                Err(_) => {
+                Err(e) => {
+                    if errors == 0 {
+                        eprintln!("concurrency: first error after {} connections: {e}", held.len());
+                    }
                     errors += 1;
                     if errors > level {
                         break;
@@ -853,6 +856,9 @@ fn measure(cfg: &Config, rig: &Rig) -> Figures {
     // The churn gateway's held connections must not weigh on what follows.
     let _ = gateway(cfg, &rig.work, "state-churn", &["stop"]);
     let levels: &[u64] = if cfg.on("concurrency") { &cfg.levels } else { &[] };
+    if !levels.is_empty() {
+        wait_idle(cfg, &rig.work);
+    }
     let (base, levels_out, after, fds_left) = concurrency(env, (rig.gw_pid, rig.devd_pid), levels);
     let socat_idle = socat_idle(env, rig.socat_hold_pid, levels);
     Figures {
@@ -867,6 +873,26 @@ fn measure(cfg: &Config, rig: &Rig) -> Figures {
         after,
         fds_left,
         socat_idle,
+    }
+}
+
+/// Waits (at most 40 s) until the gateway holds no connection: one whose
+/// client closed first stays until the agent closes or the half-closed
+/// limit (30 s) passes, and would count in the idle baseline.
+fn wait_idle(cfg: &Config, work: &Path) {
+    let active = || {
+        let out = gateway(cfg, work, "state", &["--json", "status"]);
+        pilot_gateway::json::parse(String::from_utf8_lossy(&out.stdout).trim())
+            .ok()
+            .and_then(|v| v.get("data")?.get("active")?.as_u64())
+    };
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while active() != Some(0) {
+        if Instant::now() >= deadline {
+            eprintln!("note: the gateway still holds connections: the idle baseline includes them");
+            return;
+        }
+        thread::sleep(Duration::from_millis(250));
     }
 }
 

@@ -8,7 +8,6 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -54,7 +53,13 @@ pub fn run_detached(cfg: Config, targets: Vec<Target>) -> Result<()> {
 /// Starts the gateway as a detached child and waits for its readiness
 /// line; returns the start report's data.
 pub fn spawn(cfg: &Config, argv0: &str, raw: &[OsString]) -> Result<Value> {
-    let dir = StateDir::open(&cfg.state_dir, true)?;
+    // Same checks as the gateway will make, before we touch anything.
+    // Unlike the other commands we stay root here: the gateway we spawn
+    // must start as root to keep its two capabilities. So we only read
+    // through the checked descriptor, create gateway.log fresh (see
+    // StateDir::create_log, never through a planted name), and signal
+    // nothing; the reader thread below holds no privilege worth taking.
+    let (dir, _) = gateway::prepare_state_dir(cfg)?;
     if let Some(st) = dir.read()? {
         if st.gateway.is_alive() {
             return Err(Error::new(
@@ -65,13 +70,7 @@ pub fn spawn(cfg: &Config, argv0: &str, raw: &[OsString]) -> Result<Value> {
         }
     }
     let log_path = dir.log_file();
-    let log = dir.open_file(
-        "gateway.log",
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true),
-    )?;
+    let log = dir.create_log()?;
     let mut child = spawn_child(argv0, raw, log)?;
     let stdout = child
         .stdout
@@ -93,7 +92,7 @@ pub fn spawn(cfg: &Config, argv0: &str, raw: &[OsString]) -> Result<Value> {
         )
         .hint(see_log));
     };
-    readiness(&line, &mut child, &log_path)
+    readiness(&line, &mut child, &dir)
 }
 
 /// Runs our own executable again, as `argv0 raw…`, detached.
@@ -114,7 +113,7 @@ fn spawn_child(argv0: &str, raw: &[OsString], log: File) -> Result<Child> {
 
 /// Reads the child's one line: its start report, its error, or nothing
 /// (it died; the last line of its log says why).
-fn readiness(line: &str, child: &mut Child, log_path: &Path) -> Result<Value> {
+fn readiness(line: &str, child: &mut Child, dir: &StateDir) -> Result<Value> {
     match json::parse(line.trim()).ok() {
         Some(v) if v.get("status").and_then(Value::as_str) == Some("ok") => {
             Ok(v.get("data").cloned().unwrap_or(Value::Null))
@@ -125,12 +124,12 @@ fn readiness(line: &str, child: &mut Child, log_path: &Path) -> Result<Value> {
         }
         None => {
             let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
-            let tail = std::fs::read_to_string(log_path).unwrap_or_default();
+            let tail = dir.log_tail();
             let last = tail.lines().last().unwrap_or("").to_string();
             Err(Error::internal(format!(
                 "the gateway exited before it was ready ({status}): {last}"
             ))
-            .hint(format!("see {}", log_path.display())))
+            .hint(format!("see {}", dir.log_file().display())))
         }
     }
 }

@@ -54,7 +54,11 @@ const START_FLAGS: &[&str] = &[
     "user",
     "no-user-switch",
     "allow-any-subnet",
+    "allow-remote",
 ];
+
+/// Flags that only `stop` and `unmap` take.
+const STOP_FLAGS: &[&str] = &["drain"];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
@@ -99,6 +103,9 @@ pub struct Args {
     pub user: Option<String>,
     pub no_user_switch: bool,
     pub allow_any_subnet: bool,
+    pub allow_remote: bool,
+    /// `stop`/`unmap --drain SECS`.
+    pub drain: Option<String>,
     pub command: Option<Command>,
     /// Invoked as `pilotctl` (affects help text only).
     pub pilotctl: bool,
@@ -107,7 +114,7 @@ pub struct Args {
 }
 
 fn is_flag(name: &str) -> bool {
-    GLOBAL_FLAGS.contains(&name) || START_FLAGS.contains(&name)
+    GLOBAL_FLAGS.contains(&name) || START_FLAGS.contains(&name) || STOP_FLAGS.contains(&name)
 }
 
 /// Rewrites Go-style `-flag` / `-flag=value` to `--flag…` for known flags.
@@ -205,6 +212,12 @@ pub fn parse(argv0: &str, args: Vec<OsString>) -> Result<Args> {
             );
         }
     }
+    if a.drain.is_some() && !matches!(command, Command::Stop | Command::Unmap { .. }) {
+        return Err(
+            Error::usage(format!("--drain is an option of stop and unmap, not of {cmd}"))
+                .hint(format!("see: pilot-gateway {cmd} --help")),
+        );
+    }
     a.command = Some(command);
     Ok(a)
 }
@@ -242,6 +255,8 @@ fn read_flags(a: &mut Args, args: Vec<OsString>) -> Result<(Vec<String>, bool)> 
             Long("user") => a.user = Some(text(&mut p)?),
             Long("no-user-switch") => a.no_user_switch = flag_bool(&mut p, "no-user-switch")?,
             Long("allow-any-subnet") => a.allow_any_subnet = flag_bool(&mut p, "allow-any-subnet")?,
+            Long("allow-remote") => a.allow_remote = flag_bool(&mut p, "allow-remote")?,
+            Long("drain") => a.drain = Some(text(&mut p)?),
             Value(v) => words.push(
                 v.into_string()
                     .map_err(|v| Error::usage(format!("argument {v:?} is not valid UTF-8")))?,
@@ -403,6 +418,8 @@ Flags:
   --user NAME            run as NAME, keeping only CAP_NET_ADMIN and CAP_NET_BIND_SERVICE
   --no-user-switch       as root, do not switch to the daemon socket's owner
   --allow-any-subnet     allow a subnet outside private, shared and loopback ranges
+  --allow-remote         also serve clients from other hosts (off: only this host's
+                         own clients; see SECURITY.md before turning it on)
 "
         }
         "map" => {
@@ -417,10 +434,15 @@ that is already mapped returns its existing IP.
         }
         "unmap" => {
             "\
-Usage: pilot-gateway unmap LOCAL_IP
+Usage: pilot-gateway unmap [--drain SECS] LOCAL_IP
 
 Removes a mapping from the running gateway: its listeners close, its live
 connections are closed and its loopback alias is removed (if the gateway added it).
+Reports how many live connections were cut (`cut`).
+
+Flags:
+  --drain SECS           stop accepting, let live connections finish for up to
+                         SECS, then cut the rest
 "
         }
         "list" => {
@@ -441,9 +463,14 @@ totals (connections, bytes, refused connections, failed dials).
         }
         "stop" => {
             "\
-Usage: pilot-gateway stop
+Usage: pilot-gateway stop [--drain SECS]
 
 Stops the running gateway and waits until it has exited and removed its aliases.
+Reports how many live connections were cut (`cut`).
+
+Flags:
+  --drain SECS           stop accepting, let live connections finish for up to
+                         SECS, then cut the rest
 "
         }
         _ => return None,
@@ -656,8 +683,12 @@ mod tests {
     #[test]
     fn manual_and_help_cover_every_flag_and_command() {
         let manual = include_str!("../doc/pilot-gateway.8");
-        let help = format!("{USAGE}{}", command_help("start").unwrap_or_default());
-        for flag in GLOBAL_FLAGS.iter().chain(START_FLAGS) {
+        let help = format!(
+            "{USAGE}{}{}",
+            command_help("start").unwrap_or_default(),
+            command_help("stop").unwrap_or_default()
+        );
+        for flag in GLOBAL_FLAGS.iter().chain(START_FLAGS).chain(STOP_FLAGS) {
             let roff = format!("\\-\\-{}", flag.replace('-', "\\-"));
             assert!(manual.contains(&roff), "manual lacks --{flag}");
             assert!(help.contains(&format!("--{flag}")), "help lacks --{flag}");

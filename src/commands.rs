@@ -20,10 +20,11 @@ use crate::gateway;
 use crate::json::Value;
 use crate::log::{self, Format};
 use crate::output::{self, Output};
+use crate::privilege;
 use crate::state::{Mapping, State, StateDir};
 use crate::stats::Stats;
 use crate::subnet;
-use crate::sys::ProcId;
+use crate::sys::{self, ProcId};
 
 /// How long a command waits for the gateway to apply a change.
 const APPLY_WAIT: Duration = Duration::from_secs(10);
@@ -182,6 +183,7 @@ fn start_config(args: &Args, targets: &[Target]) -> Result<gateway::Config> {
     }
     Ok(gateway::Config {
         socket: s.socket,
+        socket_searched: crate::config::is_searched(&s.socket_source),
         socket_source: s.socket_source,
         state_dir: s.state_dir,
         subnet,
@@ -193,11 +195,19 @@ fn start_config(args: &Args, targets: &[Target]) -> Result<gateway::Config> {
         access_log: args.access_log.clone().map(|p| (p, access_format)),
         user: args.user.clone(),
         no_user_switch: args.no_user_switch,
+        allow_remote: args.allow_remote,
     })
 }
 
 /// Opens the state directory and returns the running gateway's state, or
 /// `not_running` (saying so when a dead gateway left state behind).
+///
+/// As root with a directory that belongs to another user (the gateway's),
+/// it reads what it needs through the checked descriptor, verifies as root
+/// that the recorded pid is our gateway, and then becomes that user for
+/// good, before writing anything there or sending any signal: whatever the
+/// user planted in the directory, the command can do no more than the user
+/// could. No thread exists yet (the switch needs that).
 fn running(args: &Args) -> Result<(StateDir, State)> {
     let s = settings(args)?;
     let dir = StateDir::open(&s.state_dir, false)?;
@@ -209,7 +219,46 @@ fn running(args: &Args) -> Result<(StateDir, State)> {
         .hint("start one with: pilot-gateway start")
     })?;
     check_alive(&st)?;
+    check_ours(&st, dir.owner().0)?;
+    let (uid, gid) = dir.owner();
+    privilege::become_owner(uid, gid)?;
     Ok((dir, st))
+}
+
+/// Whether the recorded pid is our gateway: a process of the directory's
+/// owner (real and effective uid) running this program. The state file is
+/// the owner's to write, so without this a forged pid would make us signal
+/// any process. Where `/proc/PID/exe` cannot be read (a non-root command
+/// looking at a gateway that switched from root is not allowed to), the
+/// uid and start time must do: kill(2) from that user reaches only that
+/// user's own processes anyway.
+fn check_ours(st: &State, owner: u32) -> Result<()> {
+    let pid = st.gateway.pid;
+    let refuse = |why: String| {
+        Error::new(
+            Code::PermissionDenied,
+            format!("the state file names pid {pid}, which {why}; it is not signalled"),
+        )
+        .hint("the state directory may have been tampered with: stop the gateway with `kill` after checking the pid, then remove the directory")
+    };
+    if !cfg!(target_os = "linux") {
+        return Ok(());
+    }
+    match sys::process_uids(pid) {
+        Some((real, effective)) if real == owner && effective == owner => {}
+        Some((real, _)) => {
+            return Err(refuse(format!(
+                "runs as uid {real}, not as the gateway's user (uid {owner})"
+            )))
+        }
+        None => return Err(refuse("cannot be looked up".into())),
+    }
+    match sys::runs_same_program(pid) {
+        Some(true) => Ok(()),
+        Some(false) => Err(refuse("is not a pilot-gateway process".into())),
+        None if sys::euid() != 0 => Ok(()),
+        None => Err(refuse("cannot be identified".into())),
+    }
 }
 
 fn check_alive(st: &State) -> Result<()> {
@@ -261,8 +310,8 @@ fn signal(st: &State, sig: i32) -> Result<()> {
 }
 
 /// Waits until the gateway has applied `generation`; returns its state.
-fn wait_applied(dir: &StateDir, gw: ProcId, generation: u64) -> Result<State> {
-    let deadline = Instant::now() + APPLY_WAIT;
+fn wait_applied(dir: &StateDir, gw: ProcId, generation: u64, wait: Duration) -> Result<State> {
+    let deadline = Instant::now() + wait;
     loop {
         let st = dir.read()?;
         match st {
@@ -280,7 +329,7 @@ fn wait_applied(dir: &StateDir, gw: ProcId, generation: u64) -> Result<State> {
             return Err(Error::new(
                 Code::Timeout,
                 format!(
-                    "the gateway (pid {}) did not apply the change within {APPLY_WAIT:?}; it stays requested",
+                    "the gateway (pid {}) did not apply the change within {wait:?}; it stays requested",
                     gw.pid
                 ),
             )
@@ -319,7 +368,7 @@ fn map(args: &Args, out: &Output, target: &str, ip: Option<&str>) -> Result<()> 
             .hint(format!("unmap it first: pilot-gateway unmap {}", m.local_ip)));
         }
         // Already mapped (perhaps by a command still waiting): same answer.
-        let st = wait_applied(&dir, st.gateway, m.generation)?;
+        let st = wait_applied(&dir, st.gateway, m.generation, APPLY_WAIT)?;
         if let Some(e) = st.failure(m.generation) {
             return Err(e.clone());
         }
@@ -350,7 +399,7 @@ fn map(args: &Args, out: &Output, target: &str, ip: Option<&str>) -> Result<()> 
     dir.write(&st)?;
     drop(lock);
     signal(&st, libc::SIGHUP)?;
-    let st = wait_applied(&dir, st.gateway, m.generation)?;
+    let st = wait_applied(&dir, st.gateway, m.generation, APPLY_WAIT)?;
     if let Some(e) = st.failure(m.generation) {
         return Err(e.clone());
     }
@@ -404,16 +453,59 @@ fn unmap(args: &Args, out: &Output, ip_text: &str) -> Result<()> {
         return Err(Error::new(Code::NotFound, format!("no mapping for {ip}"))
             .hint("see the mapped IPs with: pilot-gateway list"));
     };
+    let drain = drain_secs(args)?;
     st.mappings.retain(|x| x.local_ip != ip);
     st.generation += 1;
     let generation = st.generation;
+    request_drain(&dir, drain)?;
     dir.write(&st)?;
     drop(lock);
     signal(&st, libc::SIGHUP)?;
-    wait_applied(&dir, st.gateway, generation)?;
-    let data = output::mapping_json(&m);
-    out.ok(data, &format!("unmapped {} → {}\n", m.local_ip, m.pilot_addr));
+    wait_applied(&dir, st.gateway, generation, APPLY_WAIT + drain)?;
+    // The gateway notes how many connections the apply that handled this
+    // change cut (several unmaps applied at once share one count).
+    let cut = dir
+        .read_note("applied.json")
+        .filter(|v| v.get("generation").and_then(Value::as_u64) >= Some(generation))
+        .and_then(|v| v.get("cut").and_then(Value::as_u64))
+        .unwrap_or(0);
+    let mut data = output::mapping_json(&m);
+    if let Value::Obj(pairs) = &mut data {
+        pairs.push(("cut".into(), cut.into()));
+    }
+    out.ok(
+        data,
+        &format!("unmapped {} → {}{}\n", m.local_ip, m.pilot_addr, cut_note(cut)),
+    );
     Ok(())
+}
+
+/// The text form of a `cut` count: nothing when none was cut.
+fn cut_note(cut: u64) -> String {
+    match cut {
+        0 => String::new(),
+        1 => " (1 live connection cut)".into(),
+        n => format!(" ({n} live connections cut)"),
+    }
+}
+
+/// `--drain SECS` of stop and unmap (0 without it).
+fn drain_secs(args: &Args) -> Result<Duration> {
+    match &args.drain {
+        None => Ok(Duration::ZERO),
+        Some(_) => parse_secs("--drain", args.drain.as_deref(), 0.0),
+    }
+}
+
+/// Leaves the drain time for the gateway, which reads it when it handles
+/// the signal that follows (and removes it).
+fn request_drain(dir: &StateDir, drain: Duration) -> Result<()> {
+    if drain.is_zero() {
+        dir.remove("drain");
+        return Ok(());
+    }
+    let note = Value::obj([("secs", Value::from(drain.as_secs_f64()))]);
+    dir.write_atomic("drain", &format!("{note}\n"))
 }
 
 /// Asks the gateway for fresh counters (SIGUSR2) and reads them.
@@ -459,15 +551,18 @@ fn status(args: &Args, out: &Output) -> Result<()> {
 
 fn stop(args: &Args, out: &Output) -> Result<()> {
     let (dir, st) = running(args)?;
+    let drain = drain_secs(args)?;
+    request_drain(&dir, drain)?;
     signal(&st, libc::SIGTERM)?;
-    let deadline = Instant::now() + STOP_WAIT;
+    let deadline = Instant::now() + STOP_WAIT + drain;
     while st.gateway.is_alive() {
         if Instant::now() >= deadline {
             return Err(Error::new(
                 Code::Timeout,
                 format!(
-                    "the gateway (pid {}) did not exit within {STOP_WAIT:?}",
-                    st.gateway.pid
+                    "the gateway (pid {}) did not exit within {:?}",
+                    st.gateway.pid,
+                    STOP_WAIT + drain
                 ),
             )
             .hint(format!(
@@ -492,9 +587,20 @@ fn stop(args: &Args, out: &Output) -> Result<()> {
         ))
         .hint("`pilot-gateway start` removes them, or `ip addr del IP/32 dev lo`"));
     }
+    // The gateway's note of how many live connections it cut on the way out.
+    let cut = dir
+        .read_note("stopped.json")
+        .filter(|v| v.get("pid").and_then(Value::as_u64) == Some(u64::from(st.gateway.pid)))
+        .and_then(|v| v.get("cut").and_then(Value::as_u64))
+        .unwrap_or(0);
+    dir.remove("stopped.json");
     out.ok(
-        Value::obj([("pid", Value::from(st.gateway.pid)), ("stopped", true.into())]),
-        &format!("gateway stopped (pid {})\n", st.gateway.pid),
+        Value::obj([
+            ("pid", Value::from(st.gateway.pid)),
+            ("stopped", true.into()),
+            ("cut", cut.into()),
+        ]),
+        &format!("gateway stopped (pid {}){}\n", st.gateway.pid, cut_note(cut)),
     );
     Ok(())
 }

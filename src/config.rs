@@ -97,7 +97,7 @@ pub fn resolve_socket_with(
     }
     let home = env("PILOT_HOME").or_else(|| env("HOME").map(|h| h.join(".pilot")));
     if let Some(file) = home.map(|h| h.join("config.json")) {
-        let socket = std::fs::read_to_string(&file)
+        let socket = read_bounded(&file)
             .ok()
             .and_then(|t| json::parse(&t).ok())
             .and_then(|v| v.get("socket").and_then(Value::as_str).map(PathBuf::from))
@@ -111,10 +111,58 @@ pub fn resolve_socket_with(
             .map(|d| d.join("pilot.sock"))
             .filter(|p| p.exists())
         {
-            return (p, "from $XDG_RUNTIME_DIR".into());
+            return (p, XDG_SOURCE.into());
         }
     }
-    (PathBuf::from("/tmp/pilot.sock"), "the default".into())
+    (PathBuf::from("/tmp/pilot.sock"), DEFAULT_SOURCE.into())
+}
+
+const XDG_SOURCE: &str = "from $XDG_RUNTIME_DIR";
+const DEFAULT_SOURCE: &str = "the default";
+
+/// Whether a socket was found by the default search (`$XDG_RUNTIME_DIR`,
+/// `/tmp/pilot.sock`) rather than named by someone (`--socket`,
+/// `$PILOT_SOCKET`, a config file). Only a named socket is trusted to say
+/// whose daemon it is when its directory is writable by others.
+pub fn is_searched(source: &str) -> bool {
+    source == XDG_SOURCE || source == DEFAULT_SOURCE
+}
+
+/// Largest config file read (`-config FILE`, `config.json`): a settings
+/// file is a few hundred bytes; a bound means `--config /dev/zero` or a
+/// huge file fails at once instead of eating memory.
+pub const MAX_CONFIG: u64 = 64 << 10;
+
+/// Reads a config file: a regular file (not a FIFO or device, which could
+/// block or never end) of at most [`MAX_CONFIG`] bytes, as UTF-8 text.
+pub fn read_bounded(path: &Path) -> Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path.display();
+    let cannot = |e: &std::io::Error| Error::io(format!("cannot read config file {name}"), e);
+    // O_NONBLOCK: opening a FIFO must not wait for a writer.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| cannot(&e))?;
+    let meta = file.metadata().map_err(|e| cannot(&e))?;
+    if !meta.is_file() {
+        return Err(Error::invalid(format!(
+            "config file {name} is not a regular file"
+        )));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| cannot(&e))?;
+    if bytes.len() as u64 > MAX_CONFIG {
+        return Err(Error::invalid(format!(
+            "config file {name} is larger than {} KiB",
+            MAX_CONFIG >> 10
+        )));
+    }
+    String::from_utf8(bytes).map_err(|_| Error::invalid(format!("config file {name} is not UTF-8 text")))
 }
 
 /// Settings read from `-config FILE`: a flat JSON object of flag names.
@@ -132,8 +180,7 @@ pub struct FileConfig {
 /// errors naming the file and the key.
 pub fn read_config(path: &Path) -> Result<FileConfig> {
     let hint = "the config file is a JSON object such as {\"socket\": \"/tmp/pilot.sock\", \"subnet\": \"10.4.0.0/16\", \"ports\": \"80,443\", \"log-level\": \"info\", \"log-format\": \"text\"}";
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::io(format!("cannot read config file {}", path.display()), &e))?;
+    let text = read_bounded(path).map_err(|e| e.hint(hint))?;
     let v = json::parse(&text).map_err(|e| {
         Error::invalid(format!("config file {} is not valid JSON: {e}", path.display())).hint(hint)
     })?;

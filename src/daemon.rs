@@ -3,8 +3,9 @@
 //! which peers does it trust. Each opens or borrows one IPC session and
 //! turns the daemon's answers into the crate's errors.
 
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::address::PilotAddr;
 use crate::error::{Code, Error, Result};
@@ -24,7 +25,7 @@ pub fn probe(socket: &Path, source: &str, timeout: Duration) -> Result<(Session,
         )
         .hint("start the Pilot daemon, or point to its socket with --socket PATH (or PILOT_SOCKET)")
     };
-    let mut s = Session::connect(socket).map_err(|e| unreachable(&e))?;
+    let mut s = Session::connect_within(socket, timeout).map_err(|e| unreachable(&e))?;
     s.set_timeout(Some(timeout)).map_err(|e| unreachable(&e))?;
     let answer = match s.health() {
         Ok(v) => Ok(v),
@@ -131,4 +132,93 @@ fn check_mappable(addr: PilotAddr) -> Result<PilotAddr> {
         )));
     }
     Ok(addr)
+}
+
+/// The daemon's health as seen from a running gateway, checked by a thread
+/// of its own: the gateway's main thread answers signals and must never
+/// wait for a daemon that stalls or trickles its replies. Checks run on
+/// demand ([`Health::current`]); each is bounded by [`HEALTH_TIMEOUT`].
+pub struct Health {
+    state: Mutex<HealthState>,
+    changed: Condvar,
+}
+
+struct HealthState {
+    /// `{reachable, reply}` or `{reachable: false, error}`.
+    last: Value,
+    checked: Option<Instant>,
+    wanted: bool,
+}
+
+/// Budget of one health check (the whole exchange, not one read).
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Health {
+    /// Starts the checking thread (after any user switch), with a first
+    /// check under way.
+    pub fn start(socket: PathBuf) -> std::io::Result<Arc<Health>> {
+        let h = Arc::new(Health {
+            state: Mutex::new(HealthState {
+                last: Value::obj([
+                    ("reachable", Value::from(false)),
+                    ("error", "not checked yet".into()),
+                ]),
+                checked: None,
+                wanted: true,
+            }),
+            changed: Condvar::new(),
+        });
+        let h2 = h.clone();
+        std::thread::Builder::new()
+            .name("daemon health".into())
+            .stack_size(256 * 1024)
+            .spawn(move || h2.run(&socket))?;
+        Ok(h)
+    }
+
+    fn run(&self, socket: &Path) {
+        loop {
+            {
+                let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                while !st.wanted {
+                    st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                }
+                st.wanted = false;
+            }
+            let last = match probe(socket, "from the state file", HEALTH_TIMEOUT) {
+                Ok((_, v)) => Value::obj([("reachable", Value::from(true)), ("reply", v)]),
+                Err(e) => Value::obj([("reachable", Value::from(false)), ("error", e.message.into())]),
+            };
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.last = last;
+            st.checked = Some(Instant::now());
+            self.changed.notify_all();
+        }
+    }
+
+    /// Asks for a fresh check and waits for it at most `wait`; returns the
+    /// last known health with `checked_secs_ago` (absent if never checked).
+    pub fn current(&self, wait: Duration) -> Value {
+        let deadline = Instant::now() + wait;
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let before = st.checked;
+        st.wanted = true;
+        self.changed.notify_all();
+        while st.checked == before {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let mut v = st.last.clone();
+        if let (Value::Obj(pairs), Some(t)) = (&mut v, st.checked) {
+            pairs.push(("checked_secs_ago".into(), t.elapsed().as_secs().into()));
+        }
+        v
+    }
 }

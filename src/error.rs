@@ -27,6 +27,10 @@ pub enum Code {
     PermissionDenied,
     SubnetExhausted,
     AddressInUse,
+    /// A pilot port is already bound (by another program or the daemon).
+    PortInUse,
+    /// An exposure's local target is not acceptable.
+    BadTarget,
 }
 
 impl Code {
@@ -45,6 +49,8 @@ impl Code {
             Code::PermissionDenied => "permission_denied",
             Code::SubnetExhausted => "subnet_exhausted",
             Code::AddressInUse => "address_in_use",
+            Code::PortInUse => "port_in_use",
+            Code::BadTarget => "bad_target",
         }
     }
 
@@ -64,6 +70,8 @@ impl Code {
             Code::PermissionDenied,
             Code::SubnetExhausted,
             Code::AddressInUse,
+            Code::PortInUse,
+            Code::BadTarget,
         ]
         .into_iter()
         .find(|c| c.as_str() == s)

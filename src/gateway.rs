@@ -33,7 +33,7 @@ use crate::cli::Target;
 use crate::daemon;
 use crate::error::{Code, Error, Result};
 use crate::json::Value;
-use crate::listener::Listener;
+use crate::listener::{self, Listener};
 use crate::privilege::{self, Switched};
 use crate::relay::{ConnSettings, Connections, DataPath};
 use crate::state::{self, Mapping, State, StateDir};
@@ -48,6 +48,9 @@ pub struct Config {
     pub socket: PathBuf,
     /// Where the socket path came from (for error messages).
     pub socket_source: String,
+    /// Whether the default search found the socket (see
+    /// `privilege::target_user`: such a socket is trusted less).
+    pub socket_searched: bool,
     pub state_dir: PathBuf,
     pub subnet: Ipv4Network,
     pub ports: Vec<u16>,
@@ -62,6 +65,8 @@ pub struct Config {
     pub user: Option<String>,
     /// `--no-user-switch`: stay root even if the daemon is another user's.
     pub no_user_switch: bool,
+    /// `--allow-remote`: serve clients from other hosts too.
+    pub allow_remote: bool,
 }
 
 /// What `start` reports once everything is up (`output.rs` renders it).
@@ -91,7 +96,6 @@ struct RunningMapping {
 struct Gateway {
     me: ProcId,
     dir: StateDir,
-    socket: PathBuf,
     subnet: Ipv4Network,
     ports: Vec<u16>,
     data_path: Arc<DataPath>,
@@ -99,6 +103,10 @@ struct Gateway {
     running: BTreeMap<Ipv4Addr, RunningMapping>,
     started: Instant,
     stats_seq: u64,
+    /// `--max-conns` as asked (the data path holds the cap in force).
+    max_conns_requested: usize,
+    /// Checks the daemon off the main thread; `None` until it runs.
+    health: Option<Arc<daemon::Health>>,
 }
 
 /// Runs the gateway until SIGTERM/SIGINT. `ready` is called once every
@@ -117,7 +125,7 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
     let (dir, switched) = open_state_dir_as_user(&cfg)?;
     let lock = dir.lock()?;
     let aliases = Aliases::default();
-    let cleaned = clean_up_after_dead_gateway(&dir, &aliases)?;
+    let cleaned = clean_up_after_dead_gateway(&dir, &aliases, cfg.subnet)?;
     let (mappings, mut warnings) = plan_mappings(&cfg, &targets)?;
     if needs_alias(cfg.subnet) {
         subnet::check_no_overlap(cfg.subnet)?;
@@ -126,20 +134,26 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         warn!("{w}");
     }
     let access = open_access_log(&cfg)?;
+    let max_conns = fit_max_conns(&cfg, mappings.len(), &mut warnings);
+    listener::open_reserve();
     let mut gw = Gateway {
         me: ProcId::current(),
         dir,
-        socket: cfg.socket.clone(),
         subnet: cfg.subnet,
         ports: cfg.ports.clone(),
-        data_path: DataPath::new(conn_settings(&cfg), access),
+        data_path: DataPath::new(conn_settings(&cfg, max_conns), access),
         aliases,
         running: BTreeMap::new(),
         started: Instant::now(),
         stats_seq: 0,
+        max_conns_requested: cfg.max_conns,
+        health: None,
     };
     let st = gw.start_up(&cfg, mappings, switched.as_ref())?;
     drop(lock);
+    gw.health = daemon::Health::start(cfg.socket.clone())
+        .map_err(|e| warn!("cannot start the daemon health thread: {e}"))
+        .ok();
     for m in &st.mappings {
         info!("mapped {} → {}", m.local_ip, m.pilot_addr);
     }
@@ -169,12 +183,43 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
     Ok(())
 }
 
-/// Opens (creating) the state directory and, when we should run as
-/// another user, gives it to that user and switches. No thread exists yet,
-/// which the switch needs (capabilities are per thread).
+/// Opens (creating) the state directory and decides whom the gateway
+/// runs as. Used by the gateway and by the `start` that spawns it, so both
+/// refuse the same things before touching anything: a root start refuses
+/// a directory owned by a user who is neither root nor the gateway's user
+/// (that user's gateway, or a directory planted for us).
+pub fn prepare_state_dir(cfg: &Config) -> Result<(StateDir, Option<sys::User>)> {
+    let user = privilege::target_user(
+        cfg.user.as_deref(),
+        cfg.no_user_switch,
+        &cfg.socket,
+        cfg.socket_searched,
+    )?;
+    let dir = StateDir::open(&cfg.state_dir, true)?;
+    let owner = dir.owner().0;
+    if owner != sys::euid() && owner != 0 && user.as_ref().map(|u| u.uid) != Some(owner) {
+        let who = sys::user_by_uid(owner).map_or_else(|| format!("uid {owner}"), |u| u.name);
+        return Err(Error::new(
+            Code::PermissionDenied,
+            format!(
+                "state directory {} belongs to {who}, who is not the user this gateway would run as",
+                cfg.state_dir.display()
+            ),
+        )
+        .hint(format!(
+            "stop that user's gateway, or remove {} (after checking what is in it), or pass --state-dir DIR",
+            cfg.state_dir.display()
+        )));
+    }
+    Ok((dir, user))
+}
+
+/// Opens the state directory and, when we should run as another user,
+/// gives it to that user and switches. No thread exists yet, which the
+/// switch needs (capabilities are per thread).
 fn open_state_dir_as_user(cfg: &Config) -> Result<(StateDir, Option<Switched>)> {
-    let mut dir = StateDir::open(&cfg.state_dir, true)?;
-    let Some(user) = privilege::target_user(cfg.user.as_deref(), cfg.no_user_switch, &cfg.socket)? else {
+    let (mut dir, user) = prepare_state_dir(cfg)?;
+    let Some(user) = user else {
         return Ok((dir, None));
     };
     dir.chown(user.uid, user.gid)?;
@@ -188,8 +233,14 @@ fn open_state_dir_as_user(cfg: &Config) -> Result<(StateDir, Option<Switched>)> 
 }
 
 /// Refuses to start beside a live gateway; after a dead one, removes the
-/// aliases it recorded and its files. Returns the aliases removed.
-fn clean_up_after_dead_gateway(dir: &StateDir, aliases: &Aliases) -> Result<Vec<String>> {
+/// aliases it recorded — only where it is safe (see `stale_alias_ok`) —
+/// and its files. Returns the aliases removed. Runs after the switch to
+/// the gateway's user, with only its two capabilities.
+fn clean_up_after_dead_gateway(
+    dir: &StateDir,
+    aliases: &Aliases,
+    subnet: Ipv4Network,
+) -> Result<Vec<String>> {
     let Some(prev) = dir.read()? else {
         return Ok(Vec::new());
     };
@@ -200,8 +251,19 @@ fn clean_up_after_dead_gateway(dir: &StateDir, aliases: &Aliases) -> Result<Vec<
         )
         .hint("stop it first: pilot-gateway stop"));
     }
+    let invalid: BTreeSet<Ipv4Addr> = prev.validate(prev.subnet).iter().map(|b| b.local_ip).collect();
     let mut cleaned = Vec::new();
     for m in prev.mappings.iter().filter(|m| m.alias_added) {
+        if !subnet::is_local_address(m.local_ip).unwrap_or(true) {
+            continue; // already gone
+        }
+        if invalid.contains(&m.local_ip) || !stale_alias_ok(prev.subnet, subnet, m.local_ip) {
+            warn!(
+                "left address {} alone: the old state file says the gateway added it, but it is not an address a gateway hands out",
+                m.local_ip
+            );
+            continue;
+        }
         match aliases.remove(m.local_ip) {
             Ok(()) => cleaned.push(m.local_ip.to_string()),
             Err(e) => warn!("could not remove leftover alias {}: {e}", m.local_ip),
@@ -219,6 +281,20 @@ fn clean_up_after_dead_gateway(dir: &StateDir, aliases: &Aliases) -> Result<Vec<
     dir.remove("state.json");
     dir.remove("stats.json");
     Ok(cleaned)
+}
+
+/// Whether a dead gateway's recorded alias may be removed: its old subnet
+/// is one `--subnet` accepts without `--allow-any-subnet` (or the new
+/// start's own), the IP is assignable in it, it is not in 127.0.0.0/8,
+/// and it sits on a loopback interface as a /32, the way we add aliases.
+/// The old state file was writable by the gateway's user, so this is what
+/// keeps a forged one from deleting an administrator's address.
+fn stale_alias_ok(old: Ipv4Network, new: Ipv4Network, ip: Ipv4Addr) -> bool {
+    let subnet_ok = old == new || subnet::parse_subnet(&old.to_string(), false).is_ok();
+    let ours = sys::interface_addresses().map_or(true, |all| {
+        all.iter().any(|a| a.addr == ip && a.loopback && a.prefix == 32)
+    });
+    subnet_ok && subnet::is_assignable(old, ip) && !ip.is_loopback() && ours
 }
 
 /// Asks the daemon about every target and allocates local IPs, before
@@ -288,14 +364,48 @@ fn open_access_log(cfg: &Config) -> Result<Option<AccessLog>> {
     })
 }
 
-fn conn_settings(cfg: &Config) -> ConnSettings {
+fn conn_settings(cfg: &Config, max_conns: usize) -> ConnSettings {
     ConnSettings {
         daemon_socket: cfg.socket.clone(),
-        max_conns: cfg.max_conns,
+        max_conns,
         dial_timeout: cfg.dial_timeout,
         idle_timeout: cfg.idle_timeout,
         half_closed_timeout: cfg.half_closed_timeout,
+        allow_remote: cfg.allow_remote,
     }
+}
+
+/// Descriptors kept apart from connections: standard streams, the signal
+/// pipe, the lock, state and counters files being written, the access log,
+/// the reserve descriptor, a daemon health session, and slack. Listeners
+/// come on top. This headroom is what keeps `stats.json` writable when
+/// every connection slot is taken.
+const FD_HEADROOM: u64 = 32;
+
+/// Raises the descriptor limit as far as allowed and returns the
+/// `--max-conns` that fits it (2 descriptors per connection: the client's
+/// and its daemon session), with a warning when that is lower than asked.
+fn fit_max_conns(cfg: &Config, mappings: usize, warnings: &mut Vec<String>) -> usize {
+    let limit = match sys::raise_nofile_limit() {
+        Ok(n) => n,
+        Err(e) => {
+            warn!("cannot read the descriptor limit: {e}");
+            return cfg.max_conns;
+        }
+    };
+    let listeners = (cfg.ports.len() * mappings.max(1)) as u64;
+    let fit = (limit.saturating_sub(FD_HEADROOM + listeners) / 2).max(1);
+    if fit >= cfg.max_conns as u64 {
+        return cfg.max_conns;
+    }
+    let w = format!(
+        "--max-conns {} does not fit the limit of {limit} open files (2 per connection, plus {} for listeners and files): serving at most {fit} connections at once; raise the limit (ulimit -n, or LimitNOFILE= in systemd) to serve more",
+        cfg.max_conns,
+        FD_HEADROOM + listeners
+    );
+    warn!("{w}");
+    warnings.push(w);
+    fit as usize
 }
 
 impl Gateway {
@@ -367,11 +477,19 @@ impl Gateway {
                     }
                     libc::SIGTERM | libc::SIGINT => {
                         info!("stopping (signal {sig})");
+                        let drain = self.take_drain();
+                        self.stop_listening(self.running.keys().copied().collect());
+                        self.drain(drain);
                         let _lock = self.dir.lock();
-                        self.shutdown();
+                        let cut = self.shutdown();
+                        // For `stop`, which reports how many were cut.
+                        let note = Value::obj([("pid", Value::from(self.me.pid)), ("cut", cut.into())]);
+                        if let Err(e) = self.dir.write_atomic("stopped.json", &format!("{note}\n")) {
+                            warn!("{e}");
+                        }
                         self.dir.remove("state.json");
                         self.dir.remove("stats.json");
-                        info!("stopped");
+                        info!("stopped ({cut} live connections cut)");
                         return;
                     }
                     _ => {}
@@ -430,33 +548,91 @@ impl Gateway {
     }
 
     /// Stops a mapping: listeners, live connections, then our alias.
-    fn tear_down(&mut self, ip: Ipv4Addr) {
+    /// Returns how many live connections were cut.
+    fn tear_down(&mut self, ip: Ipv4Addr) -> usize {
         let Some(mut m) = self.running.remove(&ip) else {
-            return;
+            return 0;
         };
         for l in &mut m.listeners {
             l.stop();
         }
-        m.conns.close_all(Duration::from_secs(5));
+        let cut = m.conns.close_all(Duration::from_secs(5));
         if m.alias_ours {
             if let Err(e) = self.aliases.remove(ip) {
                 error!("{e}");
             }
         }
-        info!("unmapped {ip} → {}", m.addr);
+        info!("unmapped {ip} → {} ({cut} live connections cut)", m.addr);
+        cut
     }
 
-    fn shutdown(&mut self) {
-        let ips: Vec<Ipv4Addr> = self.running.keys().copied().collect();
-        // Stop accepting everywhere first, then close connections.
-        for m in self.running.values_mut() {
+    /// Stops accepting on the listeners of `ips`.
+    fn stop_listening(&mut self, ips: Vec<Ipv4Addr>) {
+        for (_, m) in self.running.iter_mut().filter(|(ip, _)| ips.contains(ip)) {
             for l in &mut m.listeners {
                 l.stop();
             }
         }
-        for ip in ips {
-            self.tear_down(ip);
+    }
+
+    /// `--drain`: lets the live connections (of mappings whose listeners
+    /// have stopped) finish for up to `wait` in all.
+    fn drain(&self, wait: Duration) {
+        if wait.is_zero() {
+            return;
         }
+        let deadline = Instant::now() + wait;
+        for m in self
+            .running
+            .values()
+            .filter(|m| m.listeners.iter().all(Listener::is_stopped))
+        {
+            m.conns.drain(deadline.saturating_duration_since(Instant::now()));
+        }
+    }
+
+    /// The drain time `stop`/`unmap --drain` asked for (in the `drain`
+    /// note they leave beside state.json before signalling), once.
+    fn take_drain(&self) -> Duration {
+        let secs = self
+            .dir
+            .read_note("drain")
+            .and_then(|v| v.get("secs").and_then(Value::as_f64))
+            .filter(|s| (0.0..=86_400.0).contains(s))
+            .unwrap_or(0.0);
+        self.dir.remove("drain");
+        Duration::from_secs_f64(secs)
+    }
+
+    /// Stops everything; returns how many live connections were cut.
+    fn shutdown(&mut self) -> usize {
+        let ips: Vec<Ipv4Addr> = self.running.keys().copied().collect();
+        // Stop accepting everywhere first, then close connections.
+        self.stop_listening(ips.clone());
+        ips.into_iter().map(|ip| self.tear_down(ip)).sum()
+    }
+
+    /// Tears down the mappings `st` no longer wants (after a drain, if
+    /// `unmap --drain` asked for one) and those whose address changed (an
+    /// unmap and a map in one go). Returns how many connections were cut.
+    fn retire(&mut self, st: &State) -> usize {
+        let wanted: BTreeSet<Ipv4Addr> = st.mappings.iter().map(|m| m.local_ip).collect();
+        let gone: Vec<Ipv4Addr> = self
+            .running
+            .keys()
+            .filter(|ip| !wanted.contains(ip))
+            .copied()
+            .collect();
+        let drain = self.take_drain();
+        self.stop_listening(gone.clone());
+        self.drain(drain);
+        let changed = st.mappings.iter().filter(|m| {
+            self.running
+                .get(&m.local_ip)
+                .is_some_and(|l| l.addr != m.pilot_addr)
+        });
+        let changed: Vec<Ipv4Addr> = changed.map(|m| m.local_ip).collect();
+        gone.into_iter().chain(changed).map(|ip| self.tear_down(ip)).sum()
     }
 
     /// Applies state.json to the running set (SIGHUP).
@@ -478,30 +654,8 @@ impl Gateway {
                 return;
             }
         };
-        let wanted: BTreeSet<Ipv4Addr> = st.mappings.iter().map(|m| m.local_ip).collect();
-        let gone: Vec<Ipv4Addr> = self
-            .running
-            .keys()
-            .filter(|ip| !wanted.contains(ip))
-            .copied()
-            .collect();
-        for ip in gone {
-            self.tear_down(ip);
-        }
-        // Also re-map an IP whose address changed (unmap + map in one go).
-        let changed: Vec<Ipv4Addr> = st
-            .mappings
-            .iter()
-            .filter(|m| {
-                self.running
-                    .get(&m.local_ip)
-                    .is_some_and(|l| l.addr != m.pilot_addr)
-            })
-            .map(|m| m.local_ip)
-            .collect();
-        for ip in changed {
-            self.tear_down(ip);
-        }
+        self.drop_invalid(&mut st);
+        let cut = self.retire(&st);
         let before = st.mappings.clone();
         self.plan_aliases(&mut st.mappings);
         if st.mappings != before {
@@ -531,9 +685,39 @@ impl Gateway {
             st.mappings.retain(|m| m.local_ip != ip);
             st.record_failure(generation, e);
         }
+        // Whether an alias is ours is what we know, not what the file says.
+        for m in st.mappings.iter_mut() {
+            if let Some(r) = self.running.get(&m.local_ip) {
+                m.alias_added = r.alias_ours;
+            }
+        }
         st.applied = st.generation;
+        // For `unmap`, which reports how many were cut; written before the
+        // state, whose `applied` is what the command waits for.
+        let note = Value::obj([("generation", Value::from(st.generation)), ("cut", cut.into())]);
+        if let Err(e) = self.dir.write_atomic("applied.json", &format!("{note}\n")) {
+            warn!("{e}");
+        }
         if let Err(e) = self.dir.write(&st) {
             error!("cannot record applied changes: {e}");
+        }
+    }
+
+    /// The file is the user's to write: our own subnet and ports (from
+    /// memory) stand, and mappings that fail validation are dropped before
+    /// anything is touched, each failing its generation.
+    fn drop_invalid(&self, st: &mut State) {
+        st.subnet = self.subnet;
+        st.ports = self.ports.clone();
+        let invalid = st.validate(self.subnet);
+        let mut index = 0;
+        st.mappings.retain(|_| {
+            index += 1;
+            !invalid.iter().any(|b| b.index == index - 1)
+        });
+        for bad in invalid {
+            warn!("refusing mapping from the state file: {}", bad.why);
+            st.record_failure(bad.generation, Error::invalid(bad.why));
         }
     }
 
@@ -554,9 +738,11 @@ impl Gateway {
                 }
             })
             .collect();
-        let daemon = match daemon::probe(&self.socket, "from the state file", Duration::from_secs(1)) {
-            Ok((_, v)) => Value::obj([("reachable", Value::from(true)), ("reply", v)]),
-            Err(e) => Value::obj([("reachable", Value::from(false)), ("error", e.message.into())]),
+        // Never the daemon itself: the health thread asks it, and a daemon
+        // that stalls costs this write at most a short wait.
+        let daemon = match &self.health {
+            Some(h) => h.current(HEALTH_WAIT),
+            None => Value::obj([("reachable", Value::from(false)), ("error", "not checked".into())]),
         };
         let dp = &self.data_path;
         let stats = Stats {
@@ -566,6 +752,8 @@ impl Gateway {
             totals,
             refused: dp.refused.load(Relaxed),
             max_conns: dp.settings.max_conns as u64,
+            max_conns_requested: self.max_conns_requested as u64,
+            allow_remote: dp.settings.allow_remote,
             access_log_dropped: dp.access.as_ref().map_or(0, |a| a.dropped.load(Relaxed)),
             daemon,
             mappings,
@@ -575,6 +763,10 @@ impl Gateway {
         }
     }
 }
+
+/// How long writing the counters waits for a fresh daemon health check
+/// before it writes the last known one.
+const HEALTH_WAIT: Duration = Duration::from_millis(300);
 
 /// Explains a bind failure in the user's terms.
 fn bind_error(ip: Ipv4Addr, port: u16, e: &std::io::Error) -> Error {

@@ -5,6 +5,10 @@
 //! message = command:u8    payload
 //! address = network:u16be node:u32be               (6 bytes)
 //!
+//! 0x01 Bind        → port:u16be
+//! 0x02 BindOK      ← port:u16be                   (or Error `port N already bound`)
+//! 0x05 Accept      ← port:u16be, conn:u32be, address, remote_port:u16be
+//!                                                 (unsolicited, on the binding session)
 //! 0x03 Dial        → address, port:u16be
 //! 0x04 DialOK      ← conn:u32be
 //! 0x06 Send        → conn:u32be, data             (no reply, even on failure)
@@ -17,7 +21,14 @@
 //! 0x11 Resolve     → hostname bytes     0x12 ResolveOK   ← JSON
 //! 0x21 Health      → (empty)            0x22 HealthOK    ← JSON   (newer daemons)
 //! 0x2B Cancel      → (empty)            abandons this session's pending dials
+//! 0x37 Unbind      → port:u16be         0x38 UnbindOK    ← port:u16be (newer
+//!                  daemons; the Feb-2026 one answers Error `unknown command: 0x37`)
 //! ```
+//!
+//! After BindOK, every inbound connection to the port arrives on the binding
+//! session: Accept, its data as Recv, its end as an unsolicited CloseOK;
+//! replies go as Send and Close on that session. Closing the session frees
+//! the port and every connection on it.
 //!
 //! Replies carry no request id, so a session has at most one request in
 //! flight. The data path uses one session per bridged connection (a pending
@@ -27,7 +38,7 @@ use std::io::{self, Read, Write};
 use std::ops::Range;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::address::PilotAddr;
 use crate::json;
@@ -42,6 +53,8 @@ pub const DATA_HEADER: usize = 9;
 
 pub mod cmd {
     pub const BIND: u8 = 0x01;
+    pub const BIND_OK: u8 = 0x02;
+    pub const ACCEPT: u8 = 0x05;
     pub const DIAL: u8 = 0x03;
     pub const DIAL_OK: u8 = 0x04;
     pub const SEND: u8 = 0x06;
@@ -58,6 +71,8 @@ pub mod cmd {
     pub const HEALTH: u8 = 0x21;
     pub const HEALTH_OK: u8 = 0x22;
     pub const CANCEL: u8 = 0x2B;
+    pub const UNBIND: u8 = 0x37;
+    pub const UNBIND_OK: u8 = 0x38;
 
     /// Handshake sub-command: list trusted peers.
     pub const HS_TRUSTED: u8 = 0x05;
@@ -332,14 +347,57 @@ pub fn error_text(payload: &[u8]) -> String {
     if text.is_empty() {
         "the daemon reported an error without a message".to_string()
     } else {
-        text.to_string()
+        // The daemon's words reach logs and terminals: no raw control
+        // characters (a newline would forge a log line, ESC a terminal
+        // escape sequence).
+        crate::log::escape_control(text)
+    }
+}
+
+/// Connects a socket from `sys::unix_socket` to the daemon by `deadline`
+/// and makes it blocking. A blocking Unix connect to a daemon whose backlog
+/// is full (stalled, stopped) waits forever; the non-blocking one fails
+/// with EAGAIN, and we retry with a short backoff until the deadline (or
+/// until `abandoned` says to stop), then fail with `TimedOut`.
+pub fn connect_by(
+    stream: &UnixStream,
+    path: &Path,
+    deadline: Instant,
+    abandoned: &dyn Fn() -> bool,
+) -> io::Result<()> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match crate::sys::unix_connect(stream, path) {
+            Ok(()) => return stream.set_nonblocking(false),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let now = Instant::now();
+                if now >= deadline || abandoned() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the daemon accepts no connections (its backlog is full: stalled or stopped?)",
+                    ));
+                }
+                std::thread::sleep(pause.min(deadline - now));
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
 /// One client session with the daemon, for requests and replies.
+///
+/// Each exchange (a request and its reply) has one overall deadline: the
+/// socket timeout is set to what is left before every read and write, so a
+/// daemon that trickles its reply a byte at a time cannot stretch an
+/// exchange past its budget (a per-read timeout restarts with every byte).
 pub struct Session {
     reader: FrameReader<UnixStream>,
     writer: UnixStream,
+    /// The budget of one exchange (`None`: unbounded).
+    budget: Option<Duration>,
+    /// When the exchange in progress must be over.
+    deadline: Option<Instant>,
 }
 
 /// Read buffer of a session: large enough for many 4 KiB Recv frames per
@@ -352,23 +410,63 @@ impl Session {
         Session::from_stream(stream)
     }
 
+    /// Connects within `timeout` (see [`connect_by`]).
+    pub fn connect_within(path: &Path, timeout: Duration) -> io::Result<Session> {
+        let stream = crate::sys::unix_socket()?;
+        connect_by(&stream, path, Instant::now() + timeout, &|| false)?;
+        Session::from_stream(stream)
+    }
+
     pub fn from_stream(stream: UnixStream) -> io::Result<Session> {
         let writer = stream.try_clone()?;
         Ok(Session {
             reader: FrameReader::new(stream, READ_BUFFER),
             writer,
+            budget: None,
+            deadline: None,
         })
     }
 
-    /// Bounds how long any later read waits (`None`: forever).
-    pub fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+    /// Bounds every later exchange (request and whole reply) to `t` in
+    /// total (`None`: forever).
+    pub fn set_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+        self.budget = t;
         self.writer.set_read_timeout(t)?;
         self.writer.set_write_timeout(t)
     }
 
+    /// Sets the socket timeouts to what is left of the exchange's budget;
+    /// a timeout error once it has run out.
+    fn arm(&self) -> Result<(), IpcError> {
+        let Some(deadline) = self.deadline else {
+            return Ok(());
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(IpcError::Io(io::ErrorKind::TimedOut.into()));
+        }
+        self.writer.set_read_timeout(Some(left))?;
+        self.writer.set_write_timeout(Some(left))?;
+        Ok(())
+    }
+
+    /// Sends one message, starting a new exchange (and its deadline).
     pub fn send(&mut self, command: u8, parts: &[&[u8]]) -> Result<(), IpcError> {
+        self.deadline = self.budget.map(|b| Instant::now() + b);
+        self.arm()?;
         self.writer.write_all(&encode(command, parts))?;
         Ok(())
+    }
+
+    /// The next frame of the reply, within the exchange's deadline.
+    fn read_reply(&mut self) -> Result<(u8, Range<usize>), IpcError> {
+        loop {
+            if let Some(frame) = self.reader.next_buffered()? {
+                return Ok(frame);
+            }
+            self.arm()?;
+            self.reader.fill()?;
+        }
     }
 
     /// Sends a request and waits for its reply `want`; an Error frame
@@ -381,7 +479,7 @@ impl Session {
         name: &'static str,
     ) -> Result<Vec<u8>, IpcError> {
         self.send(command, parts)?;
-        let (got, range) = self.reader.read_frame()?;
+        let (got, range) = self.read_reply()?;
         let payload = &self.reader.buffer()[range];
         match got {
             c if c == want => Ok(payload.to_vec()),
@@ -404,7 +502,7 @@ impl Session {
     /// Opens a stream to `port` of `addr`; returns the connection id.
     pub fn dial(&mut self, addr: PilotAddr, port: u16) -> Result<u32, IpcError> {
         self.send(cmd::DIAL, &[&addr.to_wire(), &port.to_be_bytes()])?;
-        let (command, range) = self.reader.read_frame()?;
+        let (command, range) = self.read_reply()?;
         dial_reply(command, &self.reader.buffer()[range])
     }
 
@@ -471,6 +569,28 @@ pub fn dial_reply(command: u8, payload: &[u8]) -> Result<u32, IpcError> {
     }
 }
 
+/// One inbound connection, as an Accept frame announces it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accept {
+    /// Our bound port it arrived on.
+    pub port: u16,
+    pub conn: u32,
+    pub remote: PilotAddr,
+    pub remote_port: u16,
+}
+
+/// Reads an Accept payload: port:u16be, conn:u32be, address (6 bytes),
+/// remote_port:u16be — 14 bytes; anything after them is ignored.
+pub fn parse_accept(payload: &[u8]) -> Option<Accept> {
+    let u16_at = |at: usize| payload.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    Some(Accept {
+        port: u16_at(0)?,
+        conn: be_u32(payload.get(2..)?)?,
+        remote: PilotAddr::from_wire(payload.get(6..12)?)?,
+        remote_port: u16_at(12)?,
+    })
+}
+
 /// Reads the trusted-peer list out of a HandshakeOK reply.
 pub fn parse_trusted(v: &json::Value) -> Result<Vec<PilotAddr>, IpcError> {
     let list = match v.get("trusted") {
@@ -498,6 +618,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_exchange_has_one_deadline_not_one_per_read() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut s = Session::from_stream(ours).unwrap();
+        s.set_timeout(Some(Duration::from_millis(300))).unwrap();
+        // A daemon that answers Info one byte every 50 ms: each read is
+        // quick, the whole reply takes over a second.
+        let daemon = std::thread::spawn(move || {
+            let mut b = [0u8; 5];
+            (&theirs).read_exact(&mut b).unwrap();
+            for byte in encode(cmd::INFO_OK, &[b"{\"node_id\":1}"]) {
+                if (&theirs).write_all(&[byte]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let e = s.info().unwrap_err();
+        assert!(e.is_timeout(), "{e}");
+        drop(s);
+        daemon.join().unwrap();
+    }
+
+    #[test]
     fn encodes_dial() {
         let f = encode(
             cmd::DIAL,
@@ -512,6 +655,23 @@ mod tests {
         buf[9..].copy_from_slice(b"abc");
         put_send_header(&mut buf, 7, 3);
         assert_eq!(buf, [0, 0, 0, 8, 0x06, 0, 0, 0, 7, b'a', b'b', b'c']);
+    }
+
+    #[test]
+    fn parses_accept() {
+        // The Feb-2026 daemon's sample: port 8000, conn 6, from node 1 port 49159.
+        let p = [0x1f, 0x40, 0, 0, 0, 6, 0, 0, 0, 0, 0, 1, 0xc0, 0x07];
+        let a = parse_accept(&p).unwrap();
+        assert_eq!(
+            a,
+            Accept {
+                port: 8000,
+                conn: 6,
+                remote: PilotAddr::new(0, 1),
+                remote_port: 49159
+            }
+        );
+        assert!(parse_accept(&p[..13]).is_none());
     }
 
     #[test]

@@ -1,13 +1,22 @@
 //! Listeners: one socket per mapped IP and port, bound to that IP only,
 //! each with a thread blocked in `accept` that hands every connection to
-//! the relay (`relay.rs`), or resets it beyond `--max-conns`.
+//! the relay (`relay.rs`), or resets it: a client from another host
+//! (unless `--allow-remote`), beyond `--max-conns`, or when the process is
+//! out of descriptors.
+//!
+//! Why check the client's address: Linux accepts packets for an address
+//! on `lo` arriving on any interface, so a neighbour that routes our subnet
+//! to this host would otherwise reach the agents with this host's pilot
+//! identity. Binding to `lo` (SO_BINDTODEVICE) would drop them silently;
+//! the check lets us count and log them.
 
+use std::fs::File;
 use std::io;
-use std::net::{Ipv4Addr, TcpListener};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::access::Record;
 use crate::address::PilotAddr;
@@ -50,6 +59,11 @@ impl Listener {
         })
     }
 
+    /// Whether [`Listener::stop`] has run.
+    pub fn is_stopped(&self) -> bool {
+        self.thread.is_none()
+    }
+
     /// Stops accepting and waits for the accept thread.
     pub fn stop(&mut self) {
         self.stopping.store(true, Relaxed);
@@ -90,8 +104,10 @@ fn accept_loop(
             {
                 continue
             }
+            Err(e) if is_out_of_fds(&e) && shed_one(socket, data_path) => continue,
             Err(e) => {
-                // Out of descriptors or memory: wait instead of spinning,
+                // Out of memory (or of descriptors with the reserve in use
+                // by another listener): wait instead of spinning,
                 // doubling up to a second, then try again.
                 warn!("accept on {}: {e}; retrying in {backoff:?}", local_name(socket));
                 thread::sleep(backoff);
@@ -100,6 +116,10 @@ fn accept_loop(
             }
         };
         backoff = Duration::from_millis(5);
+        if !data_path.settings.allow_remote && !is_local_client(client.ip(), local.ip()) {
+            refuse_remote(tcp, client, local, pilot, data_path, conns);
+            continue;
+        }
         if !data_path.try_acquire() {
             let n = data_path.refused.fetch_add(1, Relaxed) + 1;
             warn!(
@@ -126,4 +146,133 @@ fn accept_loop(
 
 fn local_name(socket: &TcpListener) -> String {
     socket.local_addr().map_or_else(|_| "?".into(), |a| a.to_string())
+}
+
+fn is_out_of_fds(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// One descriptor kept open (on /dev/null) for the moment we run out:
+/// closing it lets `shed_one` accept the waiting client and reset it,
+/// so clients are refused at once instead of waiting in the backlog.
+/// Process-wide, as the descriptor table is. Opened by [`open_reserve`].
+static RESERVE: Mutex<Option<File>> = Mutex::new(None);
+
+/// Opens the reserve descriptor (at start, and again after each use).
+pub fn open_reserve() {
+    let mut r = RESERVE.lock().unwrap_or_else(|p| p.into_inner());
+    if r.is_none() {
+        *r = File::open("/dev/null").ok();
+    }
+}
+
+/// Out of descriptors: frees the reserve, accepts the waiting client,
+/// resets it, and takes the reserve back. `false` if the reserve was not
+/// there (the caller then backs off).
+fn shed_one(socket: &TcpListener, data_path: &DataPath) -> bool {
+    let mut reserve = RESERVE.lock().unwrap_or_else(|p| p.into_inner());
+    if reserve.take().is_none() {
+        return false;
+    }
+    if let Ok((tcp, client)) = socket.accept() {
+        let n = data_path.refused.fetch_add(1, Relaxed) + 1;
+        warn!(
+            "refused connection from {client} to {}: out of file descriptors ({n} refused so far)",
+            local_name(socket)
+        );
+        relay::reset(tcp);
+    }
+    *reserve = File::open("/dev/null").ok();
+    true
+}
+
+/// Addresses configured on this host, as last read.
+struct LocalAddrs {
+    addrs: Vec<Ipv4Addr>,
+    read_at: Option<Instant>,
+}
+
+static LOCAL_ADDRS: Mutex<LocalAddrs> = Mutex::new(LocalAddrs {
+    addrs: Vec::new(),
+    read_at: None,
+});
+
+/// How often, at most, a miss re-reads the interfaces: a flood of SYNs
+/// from another host must not make us dump them in a loop.
+const LOCAL_ADDRS_REFRESH: Duration = Duration::from_millis(100);
+
+/// Whether a client comes from this host. A local client normally uses
+/// the listener's own IP as its source, or a loopback one; any other
+/// source must be configured on one of our interfaces.
+fn is_local_client(client: IpAddr, listener: IpAddr) -> bool {
+    let IpAddr::V4(ip) = client else { return false };
+    if client == listener || ip.is_loopback() {
+        return true;
+    }
+    let mut cache = LOCAL_ADDRS.lock().unwrap_or_else(|p| p.into_inner());
+    if cache.addrs.contains(&ip) {
+        return true;
+    }
+    if cache.read_at.is_some_and(|t| t.elapsed() < LOCAL_ADDRS_REFRESH) {
+        return false;
+    }
+    cache.read_at = Some(Instant::now());
+    if let Ok(all) = sys::interface_addresses() {
+        cache.addrs = all.into_iter().map(|a| a.addr).collect();
+    }
+    cache.addrs.contains(&ip)
+}
+
+/// When the last refusal of a remote client was logged (ms since start).
+static REMOTE_WARNED: AtomicU64 = AtomicU64::new(0);
+
+fn refuse_remote(
+    tcp: std::net::TcpStream,
+    client: SocketAddr,
+    local: SocketAddr,
+    pilot: PilotAddr,
+    data_path: &DataPath,
+    conns: &Connections,
+) {
+    conns.refused_remote.fetch_add(1, Relaxed);
+    relay::reset(tcp);
+    // At most one warning a second: a flood must not flood the log.
+    let now = data_path.started.elapsed().as_millis() as u64 + 1000;
+    let last = REMOTE_WARNED.load(Relaxed);
+    if now >= last + 1000
+        && REMOTE_WARNED
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .is_ok()
+    {
+        warn!("refused connection from {client} to {local}: not a local client (start with --allow-remote to serve other hosts)");
+    }
+    if let Some(log) = &data_path.access {
+        log.write(&Record::without_data(
+            client,
+            Some(local),
+            pilot,
+            "refused",
+            "client from another host",
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_clients_are_told_from_other_hosts() {
+        let listener = IpAddr::from([10, 4, 0, 1]);
+        assert!(is_local_client(listener, listener));
+        assert!(is_local_client(IpAddr::from([127, 0, 0, 9]), listener));
+        assert!(!is_local_client(IpAddr::from([203, 0, 113, 7]), listener));
+        assert!(
+            !is_local_client("::1".parse().unwrap(), listener),
+            "we serve IPv4 only"
+        );
+        if let Some(a) = sys::interface_addresses().unwrap().iter().find(|a| !a.loopback) {
+            assert!(is_local_client(IpAddr::V4(a.addr), listener), "{a:?}");
+        }
+    }
 }

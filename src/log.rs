@@ -78,7 +78,30 @@ pub fn format() -> Format {
     }
 }
 
-/// Writes one event line to stderr (if `level` is enabled).
+/// Escapes control characters (`\n` → `\\n`, ESC → `\\x1b`, …), so text
+/// from outside (a daemon's error message) can neither forge log lines nor
+/// send terminal escape sequences.
+pub fn escape_control(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Writes one event line to stderr (if `level` is enabled). A text line is
+/// always one line: control characters in the message are escaped.
 pub fn log(level: Level, msg: std::fmt::Arguments<'_>) {
     if !enabled(level) {
         return;
@@ -87,6 +110,7 @@ pub fn log(level: Level, msg: std::fmt::Arguments<'_>) {
     let time = rfc3339(SystemTime::now());
     match format() {
         Format::Text => {
+            let msg = escape_control(&msg.to_string());
             let _ = writeln!(line, "{time} {:<5} {msg}", level.as_str().to_uppercase());
         }
         Format::Json => {
@@ -147,6 +171,12 @@ mod tests {
         assert_eq!(rfc3339(t), "2026-11-24T15:53:35.250Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn escapes_control_characters() {
+        assert_eq!(escape_control("plain ü"), "plain ü");
+        assert_eq!(escape_control("a\nb\u{1b}[31m\u{7f}"), "a\\nb\\x1b[31m\\x7f");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::io::Write;
 use crate::error::{Code, Error};
 use crate::gateway::Report;
 use crate::json::Value;
+use crate::log::escape_control;
 use crate::state::{Mapping, State};
 use crate::stats::Stats;
 use crate::subnet;
@@ -27,7 +28,14 @@ impl Output {
                 Value::obj([("status", Value::from("ok")), ("data", data)])
             )
         } else {
-            write!(stdout, "{text}")
+            // Line by line, escaped: the text shows values from the state
+            // file and the daemon (hostnames, user, socket path, reasons),
+            // which must not carry escape sequences to a terminal.
+            text.split_inclusive('\n')
+                .try_for_each(|line| match line.strip_suffix('\n') {
+                    Some(l) => writeln!(stdout, "{}", escape_control(l)),
+                    None => write!(stdout, "{}", escape_control(line)),
+                })
         };
         let _ = stdout.flush();
     }
@@ -37,12 +45,13 @@ impl Output {
         let _ = if self.json {
             writeln!(stderr, "{}", error_json(e))
         } else {
+            // Escaped: messages can carry text from outside (the daemon's).
             let hint = e
                 .hint
                 .as_ref()
-                .map(|h| format!("hint: {h}\n"))
+                .map(|h| format!("hint: {}\n", escape_control(h)))
                 .unwrap_or_default();
-            write!(stderr, "error: {}\n{hint}", e.message)
+            write!(stderr, "error: {}\n{hint}", escape_control(&e.message))
         };
     }
 
@@ -50,7 +59,7 @@ impl Output {
     pub fn warnings(&self, warnings: &[String]) {
         if !self.json {
             for w in warnings {
-                eprintln!("warning: {w}");
+                eprintln!("warning: {}", escape_control(w));
             }
         }
     }
@@ -174,7 +183,11 @@ pub fn list(st: &State, stats: &Stats) -> (Value, String) {
                 pairs.push((k.into(), n.into()));
             }
         }
-        let host = m.hostname.as_ref().map(|h| format!(" ({h})")).unwrap_or_default();
+        let host = m
+            .hostname
+            .as_ref()
+            .map(|h| format!(" ({})", escape_control(h)))
+            .unwrap_or_default();
         text += &format!(
             "{} → {}{host}  active {} total {} up {} B down {} B\n",
             m.local_ip, m.pilot_addr, c.active, c.total, c.bytes_up, c.bytes_down
@@ -212,7 +225,9 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
         ("ports", Value::Arr(st.ports.iter().map(|&p| p.into()).collect())),
         ("user", st.user.clone().into()),
         ("mappings", st.mappings.len().into()),
-        ("max_conns", st.max_conns.into()),
+        ("max_conns", stats.max_conns.into()),
+        ("max_conns_requested", stats.max_conns_requested.into()),
+        ("allow_remote", stats.allow_remote.into()),
         (
             "half_closed_timeout_secs",
             st.half_closed_timeout.map(|d| d.as_secs_f64()).into(),
@@ -226,8 +241,25 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
         let why = stats.daemon.get("error").and_then(Value::as_str).unwrap_or("?");
         format!("unreachable: {why}")
     };
+    let daemon_text = match stats.daemon.get("checked_secs_ago").and_then(Value::as_u64) {
+        Some(age) => format!("{daemon_text}, checked {age}s ago"),
+        None => daemon_text,
+    };
+    let max = if stats.max_conns == stats.max_conns_requested {
+        stats.max_conns.to_string()
+    } else {
+        format!(
+            "{}, lowered from {} to fit the open-file limit",
+            stats.max_conns, stats.max_conns_requested
+        )
+    };
+    let remote = if stats.allow_remote {
+        "served (--allow-remote)".to_string()
+    } else {
+        format!("refused {}", t.refused_remote)
+    };
     let text = format!(
-        "gateway running (pid {}, up {}s)\n  socket: {} (daemon {daemon_text})\n  subnet: {}\n  ports: {}\n  mappings: {}\n  connections: active {} (max {}), total {}, refused {}, failed dials {}, idle timeouts {}\n  bytes: up {}, down {}\n{}",
+        "gateway running (pid {}, up {}s)\n  socket: {} (daemon {daemon_text})\n  subnet: {}\n  ports: {}\n  mappings: {}\n  connections: active {} (max {max}), total {}, refused {}, failed dials {}, idle timeouts {}, thread failures {}\n  clients from other hosts: {remote}\n  bytes: up {}, down {}\n{}",
         st.gateway.pid,
         stats.uptime_secs,
         st.socket.display(),
@@ -235,11 +267,11 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
         subnet::format_ports(&st.ports),
         st.mappings.len(),
         t.active,
-        st.max_conns,
         t.total,
         stats.refused,
         t.dial_failures,
         t.idle_timeouts,
+        t.spawn_failures,
         t.bytes_up,
         t.bytes_down,
         st.half_closed_timeout.map_or(String::new(), |d| format!(

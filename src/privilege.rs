@@ -35,12 +35,31 @@ pub struct Switched {
 
 /// Decides whether to switch, and to whom: `--user NAME`; else, when root,
 /// the owner of the daemon socket if that is not root.
-pub fn target_user(flag: Option<&str>, no_switch: bool, socket: &Path) -> Result<Option<User>> {
+///
+/// `searched`: the socket was found by the default search, not named by
+/// `--socket`, `$PILOT_SOCKET` or a config file. Such a socket in a
+/// directory others may write (sticky `/tmp`) may have been bound by any
+/// local user, so for a root start it says nothing about whose daemon it
+/// is: refused, unless `--user NAME` names the user and the socket is
+/// NAME's (or root's).
+pub fn target_user(
+    flag: Option<&str>,
+    no_switch: bool,
+    socket: &Path,
+    searched: bool,
+) -> Result<Option<User>> {
     let root = sys::euid() == 0;
-    if let Some(name) = flag {
-        let user = sys::user_by_name(name)
-            .or_else(|| name.parse().ok().and_then(sys::user_by_uid))
-            .ok_or_else(|| Error::invalid(format!("--user {name}: no such user")))?;
+    let named = flag
+        .map(|name| {
+            sys::user_by_name(name)
+                .or_else(|| name.parse().ok().and_then(sys::user_by_uid))
+                .ok_or_else(|| Error::invalid(format!("--user {name}: no such user")))
+        })
+        .transpose()?;
+    if root && searched {
+        check_searched_socket(socket, named.as_ref())?;
+    }
+    if let (Some(name), Some(user)) = (flag, named) {
         if user.uid == sys::euid() {
             return Ok(None);
         }
@@ -57,7 +76,7 @@ pub fn target_user(flag: Option<&str>, no_switch: bool, socket: &Path) -> Result
         return Ok(None);
     }
     use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(socket) else {
+    let Ok(meta) = std::fs::symlink_metadata(socket) else {
         return Ok(None);
     };
     if meta.uid() == 0 {
@@ -68,6 +87,45 @@ pub fn target_user(flag: Option<&str>, no_switch: bool, socket: &Path) -> Result
         uid: meta.uid(),
         gid: meta.gid(),
     })))
+}
+
+/// Refuses a socket found by the default search in a directory that
+/// others may write, unless `--user` names its owner (or it is root's).
+fn check_searched_socket(socket: &Path, named: Option<&User>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(socket) else {
+        return Ok(()); // nothing there: connecting fails with its own error
+    };
+    let parent = socket
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let open_dir = std::fs::metadata(parent).map_or(true, |m| m.mode() & 0o022 != 0);
+    match named {
+        Some(u) if meta.uid() == u.uid || meta.uid() == 0 => Ok(()),
+        Some(u) => Err(Error::new(
+            Code::PermissionDenied,
+            format!(
+                "daemon socket {} belongs to uid {}, not to --user {} (uid {})",
+                socket.display(),
+                meta.uid(),
+                u.name,
+                u.uid
+            ),
+        )
+        .hint("name the daemon's socket with --socket PATH, or the daemon's user with --user NAME")),
+        None if open_dir && meta.uid() != 0 => Err(Error::new(
+            Code::PermissionDenied,
+            format!(
+                "daemon socket {} (found by the default search) is in {}, which any local user can write; it may not be the daemon's (it belongs to uid {})",
+                socket.display(),
+                parent.display(),
+                meta.uid()
+            ),
+        )
+        .hint("say which daemon to use: --socket PATH, or --user NAME for the daemon's user")),
+        None => Ok(()),
+    }
 }
 
 /// Becomes `user`, keeping only [`KEPT`] (see the module docs).
@@ -104,6 +162,57 @@ pub fn switch_to(user: &User) -> Result<Switched> {
         user: user.name.clone(),
         capabilities: KEPT.iter().map(|s| s.to_string()).collect(),
     })
+}
+
+/// Makes a root-run command the state directory's owner `uid:gid` for
+/// good: no supplementary groups, real/effective/saved ids all set, no
+/// capabilities (setresuid from root to a non-zero uid without KEEPCAPS
+/// clears the permitted, effective and ambient sets). Commands need none:
+/// from here on they can do to the directory and the gateway only what
+/// its user could, so a planted link or a forged pid gains nothing.
+///
+/// Must run before the command starts a thread: glibc applies set*id to
+/// every thread, but capabilities and KEEPCAPS are per thread, so it is
+/// checked rather than assumed.
+pub fn become_owner(uid: u32, gid: u32) -> Result<()> {
+    if uid == 0 || sys::euid() != 0 {
+        return Ok(());
+    }
+    if let Some(n @ 2..) = sys::thread_count() {
+        return Err(Error::internal(format!(
+            "cannot become uid {uid} with {n} threads running"
+        )));
+    }
+    let fail = |what: &str| {
+        Error::new(
+            Code::PermissionDenied,
+            format!(
+                "cannot become the state directory's owner (uid {uid}): {what}: {}",
+                std::io::Error::last_os_error()
+            ),
+        )
+    };
+    // SAFETY: each call takes integers (or a NULL list of length 0) and
+    // its result is checked; they change only this process's credentials.
+    unsafe {
+        #[cfg(target_os = "linux")]
+        if libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) != 0 {
+            return Err(fail("prctl(PR_SET_KEEPCAPS)"));
+        }
+        if libc::setgroups(0, std::ptr::null()) != 0 {
+            return Err(fail("setgroups"));
+        }
+        if libc::setresgid(gid, gid, gid) != 0 {
+            return Err(fail("setresgid"));
+        }
+        if libc::setresuid(uid, uid, uid) != 0 {
+            return Err(fail("setresuid"));
+        }
+    }
+    if sys::euid() != uid {
+        return Err(fail("the effective uid did not change"));
+    }
+    Ok(())
 }
 
 /// Drops every capability but `keep` from the bounding set (needs

@@ -97,6 +97,8 @@ pub struct ConnSettings {
     /// `--half-closed-timeout`: idle limit once the client has shut its
     /// sending side but still holds its socket.
     pub half_closed_timeout: Duration,
+    /// `--allow-remote`: serve clients from other hosts too.
+    pub allow_remote: bool,
 }
 
 /// Gateway-wide state of the data path, shared by every listener and
@@ -111,6 +113,7 @@ pub struct DataPath {
     pub finished: AtomicU64,
     next_id: AtomicU64,
     pub access: Option<AccessLog>,
+    pub started: Instant,
 }
 
 impl DataPath {
@@ -122,6 +125,7 @@ impl DataPath {
             finished: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             access,
+            started: Instant::now(),
         })
     }
 
@@ -143,6 +147,10 @@ pub struct Connections {
     total: AtomicU64,
     dial_failures: AtomicU64,
     idle_timeouts: AtomicU64,
+    /// Clients refused because they came from another host.
+    pub refused_remote: AtomicU64,
+    /// Clients reset because a connection thread could not be started.
+    spawn_failures: AtomicU64,
     done_up: AtomicU64,
     done_down: AtomicU64,
 }
@@ -162,12 +170,23 @@ impl Connections {
             bytes_down: down,
             dial_failures: self.dial_failures.load(Relaxed),
             idle_timeouts: self.idle_timeouts.load(Relaxed),
+            refused_remote: self.refused_remote.load(Relaxed),
+            spawn_failures: self.spawn_failures.load(Relaxed),
+        }
+    }
+
+    /// Waits up to `wait` for the live connections to end on their own
+    /// (`--drain`: the listeners have stopped accepting already).
+    pub fn drain(&self, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline && !self.live.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            thread::sleep(Duration::from_millis(10));
         }
     }
 
     /// Tears down every live connection and waits (bounded) until their
-    /// threads have finished.
-    pub fn close_all(&self, wait: Duration) {
+    /// threads have finished. Returns how many were cut.
+    pub fn close_all(&self, wait: Duration) -> usize {
         let conns: Vec<Arc<Conn>> = {
             let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
             live.values().cloned().collect()
@@ -178,11 +197,12 @@ impl Connections {
         let deadline = Instant::now() + wait;
         while Instant::now() < deadline {
             if self.live.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
-                return;
+                return conns.len();
             }
             thread::sleep(Duration::from_millis(5));
         }
         warn!("connections still closing after {wait:?}");
+        conns.len()
     }
 }
 
@@ -370,13 +390,13 @@ pub fn serve(
     data_path: &Arc<DataPath>,
     group: &Arc<Connections>,
 ) {
-    let ipc = match UnixStream::connect(&data_path.settings.daemon_socket) {
+    // Only the socket is made here; it is connected from the connection's
+    // own thread (`connect_daemon`), so a stalled daemon never holds up the
+    // accept thread. Failing here means we are out of descriptors.
+    let ipc = match sys::unix_socket() {
         Ok(s) => s,
         Err(e) => {
-            let why = format!(
-                "cannot reach the daemon at {}: {e}",
-                data_path.settings.daemon_socket.display()
-            );
+            let why = format!("cannot open a socket for the daemon session: {e}");
             group.dial_failures.fetch_add(1, Relaxed);
             group.total.fetch_add(1, Relaxed);
             warn!("dial {pilot} port {} for {client} failed: {why}", local.port());
@@ -422,14 +442,20 @@ pub fn serve(
         data_path: data_path.clone(),
         group: group.clone(),
     });
+    // Held here too, so that a failed spawn records its ending before the
+    // last holder cleans up (and writes the access-log line).
+    let ours = cleanup.clone();
     let spawned = thread::Builder::new()
         .stack_size(THREAD_STACK)
         .spawn(move || dial_then_relay(cleanup));
     if let Err(e) = spawned {
-        // The dropped closure released `cleanup`, which cleaned up.
+        group.spawn_failures.fetch_add(1, Relaxed);
         warn!("cannot serve {client}: cannot start a thread: {e}");
-        conn.abort("out of threads");
+        // `fail`, not `abort`: no thread is blocked on the client, and
+        // shutting its writing side would send a FIN before the reset.
+        conn.fail(Ending::Reset(format!("cannot start a thread: {e}")));
     }
+    drop(ours);
 }
 
 /// First thread of a connection: dial, start the agent→client thread, then
@@ -439,7 +465,7 @@ fn dial_then_relay(cleanup: Arc<ConnCleanup>) {
     let limits = &cleanup.data_path.settings;
     let _ = c.tcp.set_nodelay(true);
     let port = c.local.port();
-    let reader = match dial(&c, port, limits.dial_timeout) {
+    let reader = match dial(&c, port, limits) {
         Ok(r) => r,
         Err(_) if c.ending.get().is_some() => return, // torn down by unmap or stop
         Err(why) => {
@@ -469,6 +495,7 @@ fn dial_then_relay(cleanup: Arc<ConnCleanup>) {
     let down = match down {
         Ok(t) => t,
         Err(e) => {
+            cleanup.group.spawn_failures.fetch_add(1, Relaxed);
             c.fail(Ending::Reset(format!("cannot start a thread: {e}")));
             return;
         }
@@ -491,12 +518,24 @@ impl Read for IpcRead {
     }
 }
 
-/// Opens the pilot stream, with the dial bounded by `timeout`. Returns the
-/// session's reader, which the agent→client thread takes over (with any
-/// Recv frames that arrived right behind the DialOK).
-fn dial(c: &Arc<Conn>, port: u16, timeout: Duration) -> Result<FrameReader<IpcRead>, String> {
-    let _ = c.ipc.set_read_timeout(Some(timeout));
-    let _ = c.ipc.set_write_timeout(Some(timeout));
+/// Connects to the daemon and opens the pilot stream, the two together
+/// bounded by `--dial-timeout`. Returns the session's reader, which the
+/// agent→client thread takes over (with any Recv frames that arrived right
+/// behind the DialOK).
+fn dial(c: &Arc<Conn>, port: u16, limits: &ConnSettings) -> Result<FrameReader<IpcRead>, String> {
+    let timeout = limits.dial_timeout;
+    let deadline = Instant::now() + timeout;
+    // Connected here, on the connection's own thread, and bounded by the
+    // same deadline as the dial: a stalled daemon costs this connection a
+    // few retries, never a listener or another connection.
+    let socket = &limits.daemon_socket;
+    ipc::connect_by(&c.ipc, socket, deadline, &|| c.ending.get().is_some())
+        .map_err(|e| format!("cannot reach the daemon at {}: {e}", socket.display()))?;
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    let _ = c.ipc.set_read_timeout(Some(left));
+    let _ = c.ipc.set_write_timeout(Some(left));
     let mut reader = FrameReader::growing(IpcRead(c.clone()), BUFFER_START, DOWN_BUFFER);
     let reply = (&c.ipc)
         .write_all(&ipc::encode(
@@ -541,7 +580,7 @@ fn client_to_agent(c: &Conn, limits: &ConnSettings) {
             buf = vec![0u8; ipc::DATA_HEADER + size];
         }
         match tcp.read(&mut buf[ipc::DATA_HEADER..]) {
-            Ok(0) => return client_eof(c, limits.half_closed_timeout.min(limits.idle_timeout)),
+            Ok(0) => return client_eof(c, limits),
             Ok(n) => {
                 if c.agent_closed.load(Relaxed) {
                     // The agent is gone; these bytes can never be delivered.
@@ -610,7 +649,8 @@ fn wait_readable(c: &Conn, fd: &impl AsRawFd, idle: Duration) -> bool {
 /// again now and then, so a client that closes later is freed then too,
 /// until the agent closes or `half_closed` passes without a byte. Where
 /// the kernel cannot be asked, only that timer ends it.
-fn client_eof(c: &Conn, half_closed: Duration) {
+fn client_eof(c: &Conn, limits: &ConnSettings) {
+    let half_closed = limits.half_closed_timeout.min(limits.idle_timeout);
     let mut ask = true;
     let mut pause = RECHECK_FIRST;
     loop {
@@ -618,7 +658,7 @@ fn client_eof(c: &Conn, half_closed: Duration) {
             return;
         }
         if ask {
-            match client_closed(c) {
+            match client_closed(c, limits.allow_remote) {
                 Some(true) => {
                     let _ = c.ending.set(Ending::ClientClosed);
                     // Wakes the agent→client thread; our write side stays
@@ -641,13 +681,14 @@ fn client_eof(c: &Conn, half_closed: Duration) {
 
 /// Whether the client has closed its socket; `None` when the kernel
 /// cannot tell (then only the half-closed timer applies).
-fn client_closed(c: &Conn) -> Option<bool> {
+fn client_closed(c: &Conn, allow_remote: bool) -> Option<bool> {
     let (SocketAddr::V4(peer), SocketAddr::V4(local)) = (c.client, c.local) else {
         return None;
     };
     match sock_diag::peer_state(peer, local) {
         Ok(PeerState::Unknown) => None,
-        Ok(state) => Some(state.client_closed(is_local(c.client.ip(), c.local.ip()))),
+        // Without --allow-remote the listener served only local clients.
+        Ok(state) => Some(state.client_closed(!allow_remote || is_local(c.client.ip(), c.local.ip()))),
         Err(e) => {
             debug!(
                 "connection {}: cannot ask the kernel about {}: {e}",
@@ -659,7 +700,7 @@ fn client_closed(c: &Conn) -> Option<bool> {
 }
 
 /// Whether `ip` is one of this host's addresses, so its socket is in our
-/// kernel. (The listener serves only such clients unless --allow-remote.)
+/// kernel (the listener's own check, which this module cannot use).
 fn is_local(ip: IpAddr, ours: IpAddr) -> bool {
     ip.is_loopback()
         || ip == ours

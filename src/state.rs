@@ -17,10 +17,10 @@
 //! that only look (list, status, waiting commands) need no lock.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -34,8 +34,10 @@ use crate::sys::{self, FileLock, ProcId};
 
 /// Version of the state file format; a file of another version is refused.
 pub const VERSION: u64 = 1;
-/// Largest state file we read (a full /16 of mappings is ~8 MiB).
-const MAX_FILE: u64 = 16 << 20;
+/// Largest state file we read. 1 MiB holds several thousand mappings; a
+/// bigger file is refused before it is read, so a planted one cannot make
+/// a command eat memory.
+const MAX_FILE: u64 = 1 << 20;
 /// How many apply results are kept for waiting commands.
 const MAX_RESULTS: usize = 256;
 
@@ -57,6 +59,16 @@ pub struct Mapping {
 pub struct ApplyFailure {
     pub generation: u64,
     pub error: Error,
+}
+
+/// A mapping of the state file that fails [`State::validate`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    /// Its position in `State::mappings`.
+    pub index: usize,
+    pub local_ip: Ipv4Addr,
+    pub generation: u64,
+    pub why: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,6 +101,43 @@ impl State {
 
     pub fn find_addr(&self, addr: PilotAddr) -> Option<&Mapping> {
         self.mappings.iter().find(|m| m.pilot_addr == addr)
+    }
+
+    /// Checks everything in the file that could steer the system, against
+    /// `subnet` — the running gateway's own, from memory, never the file's.
+    /// Returns the mappings that must not be applied, each with why: an IP
+    /// that is not assignable in the subnet (outside it, its network or
+    /// broadcast address, 127.0.0.1) or that appears twice, or an address
+    /// mapped twice. Nothing in the file is trusted before this; it is the
+    /// one entry point for validation (future entries of the state, such
+    /// as exposures, add their checks here).
+    pub fn validate(&self, subnet: Ipv4Network) -> Vec<Invalid> {
+        let mut ips = BTreeSet::new();
+        let mut addrs = BTreeSet::new();
+        let mut bad = Vec::new();
+        for (index, m) in self.mappings.iter().enumerate() {
+            let why = if !crate::subnet::is_assignable(subnet, m.local_ip) {
+                Some(format!(
+                    "local IP {} is not an assignable address of the gateway's subnet {subnet}",
+                    m.local_ip
+                ))
+            } else if !ips.insert(m.local_ip) {
+                Some(format!("local IP {} is mapped twice", m.local_ip))
+            } else if !addrs.insert(m.pilot_addr) {
+                Some(format!("{} is mapped twice", m.pilot_addr))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                bad.push(Invalid {
+                    index,
+                    local_ip: m.local_ip,
+                    generation: m.generation,
+                    why,
+                });
+            }
+        }
+        bad
     }
 
     /// Records that `generation` failed, keeping the list bounded.
@@ -260,10 +309,24 @@ pub fn resolve_dir(flag: Option<&Path>) -> PathBuf {
     PathBuf::from(format!("/tmp/pilot-gateway-{}", sys::euid()))
 }
 
+/// Largest stats file we read.
+const MAX_STATS: u64 = 1 << 20;
+/// How much of gateway.log's end is read to explain a failed start.
+const LOG_TAIL: u64 = 64 << 10;
+
 /// An opened, checked state directory.
+///
+/// Everything in it is reached through the directory's descriptor
+/// (openat and friends, never a path), with O_NOFOLLOW, and every file is
+/// fstat-checked (regular, owned by the directory's owner, one link,
+/// bounded size) before a byte of it is used. The directory belongs to the
+/// gateway's user, who may plant anything in it; these checks are what
+/// lets a root-run command look inside without acting as root on a name
+/// that user controls (see SECURITY.md, "Trust boundaries").
 #[derive(Debug)]
 pub struct StateDir {
     pub path: PathBuf,
+    dir: File,
     /// Owner of the directory; files we create are given to this user, so
     /// root and the gateway's own user can both work in it.
     owner: (u32, u32),
@@ -272,47 +335,31 @@ pub struct StateDir {
 impl StateDir {
     /// Opens the directory, creating it (0700) if `create`. Refuses a
     /// symlink, a non-directory, loose permissions, or — unless we are
-    /// root — a directory owned by someone else.
+    /// root — a directory owned by someone else. Several `start`s racing
+    /// to create it all succeed: EEXIST just means someone else made it,
+    /// and the same checks then decide whether it is acceptable.
     pub fn open(path: &Path, create: bool) -> Result<StateDir> {
         let hint = "use a private directory: --state-dir DIR (mode 0700, owned by you)";
-        let meta = match fs::symlink_metadata(path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
-                let mut b = fs::DirBuilder::new();
-                std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
-                b.create(path).map_err(|e| {
-                    Error::io(format!("cannot create state directory {}", path.display()), &e)
-                        .hint("pass --state-dir DIR for a directory you may create")
-                })?;
-                // The umask may have removed bits we want; set exactly 0700.
-                fs::set_permissions(path, fs::Permissions::from_mode(0o700))
-                    .map_err(|e| Error::io(path.display(), &e))?;
-                fs::symlink_metadata(path).map_err(|e| Error::io(path.display(), &e))?
+        let mut created = false;
+        if create {
+            match sys::mkdir(path, 0o700) {
+                Ok(()) => created = true,
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    return Err(
+                        Error::io(format!("cannot create state directory {}", path.display()), &e)
+                            .hint("pass --state-dir DIR for a directory you may create"),
+                    )
+                }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::new(
-                    Code::NotRunning,
-                    format!("no gateway state at {}", path.display()),
-                )
-                .hint("start one with: pilot-gateway start"))
-            }
-            Err(e) => return Err(Error::io(format!("state directory {}", path.display()), &e)),
-        };
-        if meta.file_type().is_symlink() {
-            return Err(Error::new(
-                Code::PermissionDenied,
-                format!(
-                    "state directory {} is a symbolic link; refusing to follow it",
-                    path.display()
-                ),
-            )
-            .hint(hint));
         }
-        if !meta.is_dir() {
-            return Err(
-                Error::invalid(format!("state directory {} is not a directory", path.display())).hint(hint),
-            );
+        let dir = sys::open_dir(path).map_err(|e| open_error(path, &e))?;
+        if created {
+            // The umask may have removed bits we want; set exactly 0700.
+            dir.set_permissions(fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::io(path.display(), &e))?;
         }
+        let meta = dir.metadata().map_err(|e| Error::io(path.display(), &e))?;
         let me = sys::euid();
         if meta.uid() != me && me != 0 {
             return Err(Error::new(
@@ -338,8 +385,14 @@ impl StateDir {
         }
         Ok(StateDir {
             path: path.to_path_buf(),
+            dir,
             owner: (meta.uid(), meta.gid()),
         })
+    }
+
+    /// The directory's owner (uid, gid): the gateway's user.
+    pub fn owner(&self) -> (u32, u32) {
+        self.owner
     }
 
     pub fn state_file(&self) -> PathBuf {
@@ -355,28 +408,101 @@ impl StateDir {
     }
 
     /// Gives the directory to `uid:gid` (root only), so a gateway that
-    /// switches to the daemon's user can keep using it.
+    /// switches to the daemon's user can keep using it. Only ever called
+    /// on a directory owned by root or already by that user; the files in
+    /// a root-owned 0700 directory are trusted, and still only regular
+    /// files with one link are given away (never through a link).
     pub fn chown(&mut self, uid: u32, gid: u32) -> Result<()> {
-        std::os::unix::fs::lchown(&self.path, Some(uid), Some(gid))
+        if self.owner.0 != 0 && self.owner.0 != uid {
+            return Err(Error::internal(format!(
+                "refusing to give {} (owned by uid {}) to uid {uid}",
+                self.path.display(),
+                self.owner.0
+            )));
+        }
+        std::os::unix::fs::fchown(&self.dir, Some(uid), Some(gid))
             .map_err(|e| Error::io(format!("cannot give {} to uid {uid}", self.path.display()), &e))?;
-        for f in ["lock", "state.json", "stats.json", "gateway.log"] {
-            let _ = std::os::unix::fs::lchown(self.path.join(f), Some(uid), Some(gid));
+        if self.owner.0 == 0 {
+            for f in ["lock", "state.json", "stats.json", "gateway.log"] {
+                if sys::stat_at(&self.dir, f).is_ok_and(|s| s.regular && s.nlink == 1) {
+                    let _ = sys::chown_at(&self.dir, f, uid, gid);
+                }
+            }
         }
         self.owner = (uid, gid);
         Ok(())
     }
 
-    /// Opens a file in the directory without following symlinks, creating
-    /// it 0600 and owned by the directory's owner.
-    pub fn open_file(&self, name: &str, options: &mut OpenOptions) -> Result<File> {
-        let path = self.path.join(name);
-        let file = options
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(|e| Error::io(format!("cannot open {}", path.display()), &e))?;
-        self.give(&file);
-        Ok(file)
+    fn name_error(&self, name: &str, what: &str) -> Error {
+        Error::new(
+            Code::PermissionDenied,
+            format!("{} {what}; refusing to use it", self.path.join(name).display()),
+        )
+        .hint(format!(
+            "only the gateway writes its state directory; stop any gateway, then remove {}",
+            self.path.join(name).display()
+        ))
+    }
+
+    /// Opens `name` in the directory (never through a symlink) and checks
+    /// what was opened: a regular file, owned by the directory's owner,
+    /// with one link, at most `limit` bytes. O_NONBLOCK so a FIFO planted
+    /// under the name never blocks the open.
+    fn open_checked(&self, name: &str, flags: i32, mode: u32, limit: u64) -> Result<Option<File>> {
+        let file = match sys::open_at(&self.dir, name, flags | libc::O_NONBLOCK, mode) {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(self.name_error(name, "is a symbolic link"))
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    format!("cannot open {}", self.path.join(name).display()),
+                    &e,
+                ))
+            }
+        };
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(self.path.join(name).display(), &e))?;
+        if !meta.is_file() {
+            return Err(self.name_error(name, "is not a regular file"));
+        }
+        if meta.uid() != self.owner.0 {
+            if meta.uid() == sys::euid() && flags & libc::O_CREAT != 0 {
+                // We just created it (as root): give it to the owner.
+                self.give(&file);
+            } else {
+                return Err(self.name_error(
+                    name,
+                    &format!("is owned by uid {}, not by the directory's owner", meta.uid()),
+                ));
+            }
+        }
+        // 0 links is fine: a writer renamed a new file over this one after
+        // we opened it, and we read the old, complete snapshot. More than
+        // one would be a hard link to a file elsewhere.
+        if meta.nlink() > 1 {
+            return Err(self.name_error(name, "has more than one link"));
+        }
+        if meta.len() > limit {
+            return Err(self.name_error(name, &format!("is larger than {limit} bytes")));
+        }
+        Ok(Some(file))
+    }
+
+    /// Reads `name` whole, but never more than `limit + 1` bytes: a
+    /// result longer than `limit` means the file is too large (the caller
+    /// says so in its own terms). `None` if it does not exist.
+    fn read_file(&self, name: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+        let Some(file) = self.open_checked(name, libc::O_RDONLY, 0, u64::MAX)? else {
+            return Ok(None);
+        };
+        let mut bytes = Vec::new();
+        file.take(limit + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::io(format!("cannot read {}", self.path.join(name).display()), &e))?;
+        Ok(Some(bytes))
     }
 
     fn give(&self, file: &File) {
@@ -387,7 +513,9 @@ impl StateDir {
 
     /// Takes the lock; every read-modify-write happens while it is held.
     pub fn lock(&self) -> Result<FileLock> {
-        let file = self.open_file("lock", OpenOptions::new().read(true).write(true).create(true))?;
+        let file = self
+            .open_checked("lock", libc::O_RDWR | libc::O_CREAT, 0o600, 0)?
+            .ok_or_else(|| Error::internal(format!("{}/lock vanished", self.path.display())))?;
         FileLock::acquire(file)
             .map_err(|e| Error::io(format!("cannot lock {}/lock", self.path.display()), &e))
     }
@@ -399,20 +527,15 @@ impl StateDir {
     /// mapping is ever dropped silently.
     pub fn read(&self) -> Result<Option<State>> {
         let path = self.state_file();
-        let mut file = match self.open_file("state.json", OpenOptions::new().read(true)) {
-            Ok(f) => f,
-            Err(e) if e.code == Code::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+        let Some(bytes) = self.read_file("state.json", MAX_FILE)? else {
+            return Ok(None);
         };
-        let mut text = String::new();
-        let read = Read::by_ref(&mut file)
-            .take(MAX_FILE + 1)
-            .read_to_string(&mut text);
-        let problem = match read {
-            Err(e) => format!("cannot be read as text: {e}"),
-            Ok(n) if n as u64 > MAX_FILE => format!("is larger than {} MiB", MAX_FILE >> 20),
-            Ok(0) => "is empty".to_string(),
-            Ok(_) => match json::parse(&text) {
+        let too_large = bytes.len() as u64 > MAX_FILE;
+        let problem = match String::from_utf8(bytes) {
+            _ if too_large => format!("is larger than {} MiB", MAX_FILE >> 20),
+            Err(_) => "is not UTF-8 text".to_string(),
+            Ok(text) if text.is_empty() => "is empty".to_string(),
+            Ok(text) => match json::parse(&text) {
                 Err(e) => format!("is not valid JSON ({e})"),
                 Ok(v) => match State::from_json(&v) {
                     Ok(s) => return Ok(Some(s)),
@@ -432,46 +555,102 @@ impl StateDir {
 
     /// Writes the state file atomically: temporary file, fsync, rename.
     pub fn write(&self, state: &State) -> Result<()> {
-        self.write_atomic("state.json", &format!("{}\n", state.to_json()))
+        let text = format!("{}\n", state.to_json());
+        if text.len() as u64 > MAX_FILE {
+            return Err(Error::new(
+                Code::SubnetExhausted,
+                format!(
+                    "the state file would exceed {} MiB with {} mappings",
+                    MAX_FILE >> 20,
+                    state.mappings.len()
+                ),
+            )
+            .hint("unmap addresses you no longer need, or run a second gateway with its own --state-dir"));
+        }
+        self.write_atomic("state.json", &text)
     }
 
+    /// Writes `name` atomically: a fresh temporary name created with
+    /// O_EXCL (never an existing file or link), written, fsynced, renamed
+    /// into place within the directory, and the directory fsynced.
     pub fn write_atomic(&self, name: &str, text: &str) -> Result<()> {
-        let tmp_name = format!(".{name}.{}.tmp", std::process::id());
-        let tmp = self.path.join(&tmp_name);
-        let _ = fs::remove_file(&tmp);
-        let mut f = self.open_file(&tmp_name, OpenOptions::new().write(true).create_new(true))?;
+        let tmp = format!(".{name}.{}.tmp", std::process::id());
+        let _ = sys::unlink_at(&self.dir, &tmp);
+        let fail =
+            |e: &std::io::Error| Error::io(format!("cannot write {}", self.path.join(name).display()), e);
+        let mut f = sys::open_at(
+            &self.dir,
+            &tmp,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            0o600,
+        )
+        .map_err(|e| fail(&e))?;
+        self.give(&f);
         let done = f
             .write_all(text.as_bytes())
             .and_then(|_| f.sync_all())
-            .and_then(|_| fs::rename(&tmp, self.path.join(name)));
+            .and_then(|_| sys::rename_at(&self.dir, &tmp, name));
         if let Err(e) = done {
-            let _ = fs::remove_file(&tmp);
-            return Err(Error::io(
-                format!("cannot write {}", self.path.join(name).display()),
-                &e,
-            ));
+            let _ = sys::unlink_at(&self.dir, &tmp);
+            return Err(fail(&e));
         }
         // Make the rename itself durable.
-        if let Ok(d) = File::open(&self.path) {
-            let _ = d.sync_all();
-        }
+        let _ = self.dir.sync_all();
         Ok(())
     }
 
+    /// Creates a fresh, empty gateway.log for a background gateway's
+    /// stderr: a new file under a temporary name (O_EXCL, never an existing
+    /// file or link), renamed over whatever has the name — a rename replaces
+    /// a planted link itself, so nothing is truncated or created through it,
+    /// and parallel starts never trip over each other's file.
+    pub fn create_log(&self) -> Result<File> {
+        let tmp = format!(".gateway.log.{}.tmp", std::process::id());
+        let _ = sys::unlink_at(&self.dir, &tmp);
+        let fail = |e: &std::io::Error| Error::io(format!("cannot create {}", self.log_file().display()), e);
+        let f = sys::open_at(
+            &self.dir,
+            &tmp,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            0o600,
+        )
+        .map_err(|e| fail(&e))?;
+        self.give(&f);
+        if let Err(e) = sys::rename_at(&self.dir, &tmp, "gateway.log") {
+            let _ = sys::unlink_at(&self.dir, &tmp);
+            return Err(fail(&e));
+        }
+        Ok(f)
+    }
+
+    /// The last lines of gateway.log (checked like every file here), to
+    /// explain a background gateway that died before it was ready.
+    pub fn log_tail(&self) -> String {
+        let Ok(Some(mut f)) = self.open_checked("gateway.log", libc::O_RDONLY, 0, u64::MAX) else {
+            return String::new();
+        };
+        let len = f.metadata().map_or(0, |m| m.len());
+        let _ = std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(len.saturating_sub(LOG_TAIL)));
+        let mut bytes = Vec::new();
+        let _ = f.take(LOG_TAIL).read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
     pub fn remove(&self, name: &str) {
-        let _ = fs::remove_file(self.path.join(name));
+        let _ = sys::unlink_at(&self.dir, name);
     }
 
     /// Reads stats.json: `None` if there is none yet; an error that names
     /// the file if it does not hold what the gateway writes.
     pub fn read_stats(&self) -> Result<Option<Stats>> {
         let path = self.stats_file();
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), &e)),
+        let Some(bytes) = self.read_file("stats.json", MAX_STATS)? else {
+            return Ok(None);
         };
-        json::parse(&text)
+        if bytes.len() as u64 > MAX_STATS {
+            return Err(self.name_error("stats.json", &format!("is larger than {} MiB", MAX_STATS >> 20)));
+        }
+        json::parse_bytes(&bytes)
             .map_err(|e| e.to_string())
             .and_then(|v| Stats::from_json(&v))
             .map(Some)
@@ -481,6 +660,58 @@ impl StateDir {
     /// Writes stats.json atomically.
     pub fn write_stats(&self, stats: &Stats) -> Result<()> {
         self.write_atomic("stats.json", &format!("{}\n", stats.to_json()))
+    }
+
+    /// Reads a small JSON note the gateway and the commands pass each other
+    /// (`drain`, `stopped.json`, `applied.json`): `None` if it is missing,
+    /// too large, or not JSON. Opened like every file here (no symlinks).
+    pub fn read_note(&self, name: &str) -> Option<Value> {
+        const MAX_NOTE: u64 = 4096;
+        let bytes = self.read_file(name, MAX_NOTE).ok()??;
+        if bytes.len() as u64 > MAX_NOTE {
+            return None;
+        }
+        json::parse_bytes(&bytes).ok()
+    }
+}
+
+/// Explains why the state directory could not be opened.
+fn open_error(path: &Path, e: &std::io::Error) -> Error {
+    let hint = "use a private directory: --state-dir DIR (mode 0700, owned by you)";
+    // O_NOFOLLOW|O_DIRECTORY on a symlink gives ELOOP or ENOTDIR
+    // depending on the kernel; lstat tells which it was, for the message.
+    let is_link = || fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    match e.raw_os_error() {
+        Some(libc::ELOOP | libc::ENOTDIR) if is_link() => Error::new(
+            Code::PermissionDenied,
+            format!(
+                "state directory {} is a symbolic link; refusing to follow it",
+                path.display()
+            ),
+        )
+        .hint(hint),
+        Some(libc::ENOENT) => Error::new(
+            Code::NotRunning,
+            format!("no gateway state at {}", path.display()),
+        )
+        .hint("start one with: pilot-gateway start"),
+        Some(libc::EACCES) => match fs::symlink_metadata(path) {
+            Ok(m) if m.uid() != sys::euid() => Error::new(
+                Code::PermissionDenied,
+                format!(
+                    "state directory {} is owned by uid {}, not by you (uid {}); refusing to use it",
+                    path.display(),
+                    m.uid(),
+                    sys::euid()
+                ),
+            )
+            .hint(hint),
+            _ => Error::io(format!("state directory {}", path.display()), e),
+        },
+        Some(libc::ENOTDIR) => {
+            Error::invalid(format!("state directory {} is not a directory", path.display())).hint(hint)
+        }
+        _ => Error::io(format!("state directory {}", path.display()), e),
     }
 }
 

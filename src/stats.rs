@@ -13,10 +13,12 @@
 //! | `pid`                | the gateway that wrote it                         |
 //! | `uptime_secs`        | since the gateway started                         |
 //! | the `Counters` keys  | totals over every mapping                         |
-//! | `refused`            | connections refused at `--max-conns`              |
-//! | `max_conns`          | the limit                                         |
+//! | `refused`            | connections refused at `--max-conns`, or reset because descriptors ran out |
+//! | `max_conns`          | the limit in force (lowered to fit the descriptor limit) |
+//! | `max_conns_requested`| the limit asked for with `--max-conns`            |
+//! | `allow_remote`       | whether clients from other hosts are served       |
 //! | `access_log_dropped` | access-log lines dropped because the writer lagged |
-//! | `daemon`             | `{reachable, reply}` or `{reachable:false, error}` |
+//! | `daemon`             | `{reachable, reply}` or `{reachable:false, error}`, with `checked_secs_ago` |
 //! | `mappings`           | `[{local_ip, pilot_addr, …Counters keys}]`        |
 
 use std::net::Ipv4Addr;
@@ -39,6 +41,10 @@ pub struct Counters {
     pub bytes_down: u64,
     pub dial_failures: u64,
     pub idle_timeouts: u64,
+    /// Clients refused because they came from another host.
+    pub refused_remote: u64,
+    /// Clients reset because no thread could be started for them.
+    pub spawn_failures: u64,
 }
 
 impl AddAssign for Counters {
@@ -49,12 +55,14 @@ impl AddAssign for Counters {
         self.bytes_down += o.bytes_down;
         self.dial_failures += o.dial_failures;
         self.idle_timeouts += o.idle_timeouts;
+        self.refused_remote += o.refused_remote;
+        self.spawn_failures += o.spawn_failures;
     }
 }
 
 impl Counters {
     /// The counters under their JSON keys, in output order.
-    pub fn fields(&self) -> [(&'static str, u64); 6] {
+    pub fn fields(&self) -> [(&'static str, u64); 8] {
         [
             ("active", self.active),
             ("total", self.total),
@@ -62,6 +70,8 @@ impl Counters {
             ("bytes_down", self.bytes_down),
             ("dial_failures", self.dial_failures),
             ("idle_timeouts", self.idle_timeouts),
+            ("refused_remote", self.refused_remote),
+            ("spawn_failures", self.spawn_failures),
         ]
     }
 
@@ -79,6 +89,8 @@ impl Counters {
             bytes_down: num(v, "bytes_down")?,
             dial_failures: num(v, "dial_failures")?,
             idle_timeouts: num(v, "idle_timeouts")?,
+            refused_remote: num(v, "refused_remote")?,
+            spawn_failures: num(v, "spawn_failures")?,
         })
     }
 }
@@ -101,8 +113,11 @@ pub struct Stats {
     pub totals: Counters,
     pub refused: u64,
     pub max_conns: u64,
+    pub max_conns_requested: u64,
+    pub allow_remote: bool,
     pub access_log_dropped: u64,
-    /// The daemon's health as the gateway saw it when writing.
+    /// The daemon's health as last checked (a thread of its own checks it,
+    /// so writing the counters never waits for the daemon).
     pub daemon: Value,
     pub mappings: Vec<MappingStats>,
 }
@@ -139,6 +154,8 @@ impl Stats {
         v.extend([
             ("refused", self.refused.into()),
             ("max_conns", self.max_conns.into()),
+            ("max_conns_requested", self.max_conns_requested.into()),
+            ("allow_remote", self.allow_remote.into()),
             ("access_log_dropped", self.access_log_dropped.into()),
             ("daemon", self.daemon.clone()),
             ("mappings", Value::Arr(mappings)),
@@ -174,6 +191,11 @@ impl Stats {
             totals: Counters::from_json(v)?,
             refused: num(v, "refused")?,
             max_conns: num(v, "max_conns")?,
+            max_conns_requested: num(v, "max_conns_requested")?,
+            allow_remote: v
+                .get("allow_remote")
+                .and_then(Value::as_bool)
+                .ok_or("\"allow_remote\" is missing or not true/false")?,
             access_log_dropped: num(v, "access_log_dropped")?,
             daemon: v.get("daemon").cloned().ok_or("\"daemon\" is missing")?,
             mappings,
@@ -199,6 +221,8 @@ mod tests {
             bytes_down: 4,
             dial_failures: 5,
             idle_timeouts: 6,
+            refused_remote: 7,
+            spawn_failures: 8,
         };
         let mut totals = Counters::default();
         totals += c;
@@ -210,6 +234,8 @@ mod tests {
             totals,
             refused: 8,
             max_conns: 1000,
+            max_conns_requested: 1000,
+            allow_remote: false,
             access_log_dropped: 0,
             daemon: Value::obj([("reachable", Value::from(true))]),
             mappings: vec![MappingStats {

@@ -80,10 +80,11 @@ pub fn needs_alias(net: Ipv4Network) -> bool {
     !(cfg!(target_os = "linux") && net.network().is_loopback())
 }
 
-/// Whether `ip` may be handed out from `net`: inside it, and neither its
-/// network nor its broadcast address.
+/// Whether `ip` may be handed out from `net`: inside it, neither its
+/// network nor its broadcast address, and never 127.0.0.1 (the host's own
+/// loopback address, which local services listen on).
 pub fn is_assignable(net: Ipv4Network, ip: Ipv4Addr) -> bool {
-    net.contains(ip) && ip != net.network() && ip != net.broadcast()
+    net.contains(ip) && ip != net.network() && ip != net.broadcast() && ip != Ipv4Addr::LOCALHOST
 }
 
 /// The lowest assignable address of `net` not in `used`, from `.1` up.
@@ -94,7 +95,7 @@ pub fn next_free(net: Ipv4Network, used: &BTreeSet<Ipv4Addr>) -> Result<Ipv4Addr
     // so the scan ends within `used.len() + 1` steps.
     (first..=last)
         .map(Ipv4Addr::from)
-        .find(|ip| !used.contains(ip))
+        .find(|&ip| !used.contains(&ip) && is_assignable(net, ip))
         .ok_or_else(|| {
             Error::new(
                 Code::SubnetExhausted,
@@ -140,6 +141,12 @@ pub fn parse_local_ip(text: &str, net: Ipv4Network) -> Result<Ipv4Addr> {
             Error::invalid(format!("local IP {ip} is the {which} address of {net}"))
                 .hint("choose a host address of the subnet"),
         );
+    }
+    if ip == Ipv4Addr::LOCALHOST {
+        return Err(Error::invalid(
+            "local IP 127.0.0.1 is the host's own loopback address; it is never mapped",
+        )
+        .hint(format!("choose another address inside {net}")));
     }
     Ok(ip)
 }
@@ -266,6 +273,13 @@ mod tests {
         assert!(msg(parse_local_ip("10.4.255.255", n)).contains("broadcast address"));
         assert!(msg(parse_local_ip("10.4.0", n)).contains("invalid local IP"));
         assert_eq!(parse_local_ip("::1", n).unwrap_err().code, Code::NotSupported);
+        let lo = parse_subnet("127.0.0.0/8", false).unwrap();
+        assert!(msg(parse_local_ip("127.0.0.1", lo)).contains("loopback"));
+        assert!(!is_assignable(lo, Ipv4Addr::LOCALHOST));
+        assert_eq!(
+            next_free(lo, &BTreeSet::new()).unwrap(),
+            Ipv4Addr::new(127, 0, 0, 2)
+        );
     }
 
     #[test]

@@ -322,6 +322,98 @@ pub fn shutdown_listener(socket: &std::net::TcpListener) {
     unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
 }
 
+/// A Unix stream socket, not connected yet, in non-blocking mode: the
+/// relay creates it on the accept thread (so the connection owns its
+/// descriptor from the start) and connects it from the connection's own
+/// thread with [`unix_connect`].
+pub fn unix_socket() -> io::Result<std::os::unix::net::UnixStream> {
+    // SAFETY: plain socket(2); the fd it returns is owned at once below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new socket nobody else owns.
+    Ok(unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) })
+}
+
+/// One connect(2) of a socket from [`unix_socket`] to `path`. A
+/// non-blocking Unix connect never waits: `WouldBlock` (EAGAIN) means the
+/// listener's backlog is full (a stalled or stopped daemon), and the
+/// caller decides how long to keep retrying.
+pub fn unix_connect(s: &std::os::unix::net::UnixStream, path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long or invalid",
+        ));
+    }
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    loop {
+        // SAFETY: a valid fd (borrowed) and a sockaddr_un of at least `len` bytes.
+        let r = unsafe {
+            libc::connect(
+                s.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                len as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Raises the soft limit on open descriptors to the hard limit; returns
+/// the soft limit now in force.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    // SAFETY: rlimit is plain data; getrlimit fills it.
+    let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to an rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if rl.rlim_cur < rl.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: rl.rlim_max,
+            rlim_max: rl.rlim_max,
+        };
+        // SAFETY: a valid pointer to an rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            rl.rlim_cur = rl.rlim_max;
+        }
+    }
+    Ok(rl.rlim_cur as u64)
+}
+
+/// Sets a listening socket's backlog (listen(2) again on a socket that
+/// listens already only changes the backlog). pilot-devd uses it to let
+/// its backlog fill at once, as a stalled daemon's does.
+pub fn set_backlog(fd: &impl AsRawFd, backlog: i32) -> io::Result<()> {
+    // SAFETY: a valid fd, borrowed for the call.
+    if unsafe { libc::listen(fd.as_raw_fd(), backlog) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Hands freed heap memory back to the system. glibc keeps what thousands
 /// of connection threads freed in its per-thread arenas; without this, RSS
 /// after a burst stays near its peak. Other C libraries return memory on
@@ -448,6 +540,151 @@ pub fn interface_addresses() -> io::Result<Vec<InterfaceAddr>> {
     // borrowed from it is used after this.
     unsafe { libc::freeifaddrs(head) };
     Ok(out)
+}
+
+/// Makes `name` a C string, refusing an interior NUL.
+fn c_name(name: &str) -> io::Result<CString> {
+    CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn c_path(path: &std::path::Path) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Creates directory `path` with `mode` (EEXIST is returned as is: the
+/// caller decides whether what exists is acceptable).
+pub fn mkdir(path: &std::path::Path, mode: u32) -> io::Result<()> {
+    let c = c_path(path)?;
+    // SAFETY: mkdir(2) on a NUL-terminated path that outlives the call.
+    if unsafe { libc::mkdir(c.as_ptr(), mode as libc::mode_t) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Opens `path` as a directory descriptor, refusing a symlink as the
+/// last component (O_NOFOLLOW) and anything that is not a directory.
+pub fn open_dir(path: &std::path::Path) -> io::Result<std::fs::File> {
+    let c = c_path(path)?;
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: open(2) on a NUL-terminated path; the fd is owned below.
+    let fd = unsafe { libc::open(c.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// openat(2) relative to the directory `dir`, always with O_NOFOLLOW and
+/// O_CLOEXEC added, so a planted symlink is never followed.
+pub fn open_at(dir: &std::fs::File, name: &str, flags: i32, mode: u32) -> io::Result<std::fs::File> {
+    let c = c_name(name)?;
+    let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: openat(2) with a valid directory fd (borrowed for the call)
+    // and a NUL-terminated name; the fd returned is owned below.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags, mode as libc::c_uint) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// renameat(2) within one directory.
+pub fn rename_at(dir: &std::fs::File, from: &str, to: &str) -> io::Result<()> {
+    let (f, t) = (c_name(from)?, c_name(to)?);
+    let d = dir.as_raw_fd();
+    // SAFETY: a valid directory fd and two NUL-terminated names.
+    if unsafe { libc::renameat(d, f.as_ptr(), d, t.as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// unlinkat(2) of a non-directory entry (a symlink itself is removed,
+/// never followed).
+pub fn unlink_at(dir: &std::fs::File, name: &str) -> io::Result<()> {
+    let c = c_name(name)?;
+    // SAFETY: a valid directory fd and a NUL-terminated name.
+    if unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// What fstatat(AT_SYMLINK_NOFOLLOW) says of an entry.
+#[derive(Clone, Copy, Debug)]
+pub struct EntryStat {
+    pub regular: bool,
+    pub uid: u32,
+    pub nlink: u64,
+}
+
+/// fstatat(2) with AT_SYMLINK_NOFOLLOW: describes the entry itself.
+pub fn stat_at(dir: &std::fs::File, name: &str) -> io::Result<EntryStat> {
+    let c = c_name(name)?;
+    // SAFETY: all-zero is a valid `stat`; fstatat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid directory fd, a NUL-terminated name and a `stat` of
+    // the right type that outlives the call.
+    if unsafe { libc::fstatat(dir.as_raw_fd(), c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(EntryStat {
+        regular: st.st_mode & libc::S_IFMT == libc::S_IFREG,
+        uid: st.st_uid,
+        nlink: st.st_nlink as u64,
+    })
+}
+
+/// fchownat(2) with AT_SYMLINK_NOFOLLOW: changes the entry itself.
+pub fn chown_at(dir: &std::fs::File, name: &str, uid: u32, gid: u32) -> io::Result<()> {
+    let c = c_name(name)?;
+    // SAFETY: a valid directory fd and a NUL-terminated name.
+    let r = unsafe { libc::fchownat(dir.as_raw_fd(), c.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The real and effective uid of a process, from the `Uid:` line of
+/// `/proc/PID/status` (readable by everyone).
+pub fn process_uids(pid: u32) -> Option<(u32, u32)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let mut ids = line.split_whitespace().map(|t| t.parse::<u32>().ok());
+    Some((ids.next()??, ids.next()??))
+}
+
+/// Whether process `pid` runs this same program: `/proc/PID/exe` names
+/// the same file as `/proc/self/exe` (device and inode), or — when the
+/// binary was replaced in place since the process started — the same
+/// path with " (deleted)" after it. `None` when we may not look
+/// (EACCES: the process is not dumpable and we lack CAP_SYS_PTRACE).
+pub fn runs_same_program(pid: u32) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let theirs = format!("/proc/{pid}/exe");
+    let ours = std::fs::metadata("/proc/self/exe").ok()?;
+    match std::fs::metadata(&theirs) {
+        Ok(m) if m.dev() == ours.dev() && m.ino() == ours.ino() => return Some(true),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return None,
+        Err(_) => return Some(false),
+    }
+    let (Ok(t), Ok(o)) = (std::fs::read_link(&theirs), std::fs::read_link("/proc/self/exe")) else {
+        return Some(false);
+    };
+    let t = t.to_string_lossy().into_owned();
+    let o = o.to_string_lossy().into_owned();
+    let o = o.strip_suffix(" (deleted)").unwrap_or(&o);
+    Some(t.strip_suffix(" (deleted)") == Some(o))
 }
 
 /// How many threads this process has (Linux: /proc/self/task); `None`

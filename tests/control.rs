@@ -126,7 +126,7 @@ fn full_lifecycle() {
     );
     assert_eq!(
         gw.ok(&["unmap", "10.4.9.9"]),
-        "unmapped 10.4.9.9 → 0:0000.0000.0006\n"
+        "unmapped 10.4.9.9 → 0:0000.0000.0006 (1 live connection cut)\n"
     );
     // The agent never answers (no request was sent), so only the gateway
     // can end this read: EOF or reset, not the read timeout.

@@ -18,7 +18,7 @@ fn a4() -> PilotAddr {
 }
 
 fn session(d: &Devd) -> Session {
-    let s = Session::connect(&d.socket).unwrap();
+    let mut s = Session::connect(&d.socket).unwrap();
     s.set_timeout(Some(Duration::from_secs(10))).unwrap();
     s
 }

@@ -235,7 +235,14 @@ impl Gw {
 
     /// Starts a foreground gateway as a child; waits for its report.
     pub fn foreground(&self, dir: &TempDir, args: &[&str]) -> Proc {
+        self.foreground_with(dir, args, |_| {})
+    }
+
+    /// [`Gw::foreground`], with `prepare` applied to the command first
+    /// (for example a resource limit set in `pre_exec`).
+    pub fn foreground_with(&self, dir: &TempDir, args: &[&str], prepare: impl FnOnce(&mut Command)) -> Proc {
         let mut c = self.cmd();
+        prepare(&mut c);
         c.args(["start", "--foreground"])
             .args(args)
             .stdout(Stdio::piped());

@@ -18,14 +18,30 @@
 //!   clients of another UID are closed without a reply (SO_PEERCRED);
 //! - Cancel (0x2B) abandons the client's pending dials; Health answers.
 //!
+//! Serving a port (PROTOCOL.md "Serving a port"): Bind gives the client a
+//! port (BindOK), or Error `port N already bound` when another client — or
+//! the daemon's own services, which hold 7, 1001 and 1002 from start —
+//! holds it. `--inbound LOCALTCP=ADDR:PORT` stands in for remote peers:
+//! each TCP connection to LOCALTCP arrives at the client that bound PORT as
+//! Accept (from ADDR, an ephemeral remote port counting up from 49152),
+//! then Recv frames of at most 4096 bytes, then an unsolicited CloseOK when
+//! the TCP side closes (no half-close, as on the overlay); nobody bound →
+//! the TCP connection is reset. Send and Close work as for dialed
+//! connections. Accepted connections count towards the client's 4096. The
+//! client's session ending frees its ports and closes their connections.
+//! Unbind (0x37) is an unknown command, as on the Feb-2026 daemon, unless
+//! `--unbind` makes devd behave like newer daemons (UnbindOK; connections
+//! already accepted keep flowing).
+//!
 //! `--misbehave MODE` breaks the protocol on purpose, for fault tests.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -42,6 +58,22 @@ const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 /// Pilot connections one client may hold (upstream's limit).
 const MAX_CONNS_PER_CLIENT: usize = 4096;
 const STACK: usize = 128 * 1024;
+/// Ports the daemon's own services hold from start (echo, data exchange,
+/// event stream): a client's Bind of one fails as on the real daemon.
+const SERVICE_PORTS: [u16; 3] = [7, 1001, 1002];
+/// How long a connection the client closed keeps draining its TCP peer.
+const CLOSED_DRAIN: Duration = Duration::from_secs(2);
+/// First remote port of inbound connections (the ephemeral range).
+const EPHEMERAL_START: u16 = 49152;
+
+/// `--inbound`: TCP connections to `listen` arrive as pilot connections
+/// from `addr` to our port `port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inbound {
+    pub listen: SocketAddr,
+    pub addr: PilotAddr,
+    pub port: u16,
+}
 
 /// A route: dials to `addr` (on `port`, or any port) go to `host` (on
 /// `host_port`, or the same port).
@@ -83,6 +115,9 @@ pub struct Config {
     pub socket: PathBuf,
     pub routes: Vec<Route>,
     pub untrusted: HashSet<PilotAddr>,
+    /// Dials to these addresses fail with this exact error text (which
+    /// may hold control characters: tests check they are escaped).
+    pub dial_error: HashMap<PilotAddr, String>,
     pub dial_delay: Duration,
     pub dial_delay_for: HashMap<PilotAddr, Duration>,
     pub hosts: HashMap<String, PilotAddr>,
@@ -95,6 +130,9 @@ pub struct Config {
     pub misbehave_for: HashMap<PilotAddr, Misbehave>,
     /// Log every connection and dial, not only refusals and cancels.
     pub verbose: bool,
+    pub inbound: Vec<Inbound>,
+    /// Answer Unbind (0x37) as newer daemons do.
+    pub unbind: bool,
 }
 
 impl Default for Config {
@@ -103,6 +141,7 @@ impl Default for Config {
             socket: PathBuf::from("/tmp/pilot.sock"),
             routes: Vec::new(),
             untrusted: HashSet::new(),
+            dial_error: HashMap::new(),
             dial_delay: Duration::ZERO,
             dial_delay_for: HashMap::new(),
             hosts: HashMap::new(),
@@ -113,6 +152,8 @@ impl Default for Config {
             misbehave: None,
             misbehave_for: HashMap::new(),
             verbose: false,
+            inbound: Vec::new(),
+            unbind: false,
         }
     }
 }
@@ -143,6 +184,17 @@ impl Config {
             host,
             host_port,
         })
+    }
+
+    /// Parses `LOCALTCP=ADDR:PORT`, e.g. `127.0.0.1:7100=0:0000.0000.0009:80`.
+    pub fn parse_inbound(text: &str) -> Result<Inbound, String> {
+        let bad = |why: &str| format!("--inbound {text:?}: {why} (expected LOCALTCP=ADDR:PORT)");
+        let (left, right) = text.split_once('=').ok_or_else(|| bad("missing '='"))?;
+        let listen: SocketAddr = left.parse().map_err(|_| bad("bad LOCALTCP (IP:PORT)"))?;
+        let (addr, port) = right.rsplit_once(':').ok_or_else(|| bad("missing :PORT"))?;
+        let port = port.parse::<u16>().map_err(|_| bad("bad port"))?;
+        let addr: PilotAddr = addr.parse().map_err(|e| bad(&format!("{e}")))?;
+        Ok(Inbound { listen, addr, port })
     }
 
     /// Where a dial to `addr:port` goes: a per-port route first.
@@ -189,6 +241,9 @@ struct Daemon {
     cfg: Config,
     clients: AtomicUsize,
     next_conn: AtomicU32,
+    /// Bound ports and the client that holds each.
+    ports: Mutex<HashMap<u16, Arc<Client>>>,
+    next_remote_port: AtomicU16,
     started: Instant,
     euid: u32,
 }
@@ -212,18 +267,31 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         cfg,
         clients: AtomicUsize::new(0),
         next_conn: AtomicU32::new(1),
+        ports: Mutex::new(HashMap::new()),
+        next_remote_port: AtomicU16::new(EPHEMERAL_START),
         started: Instant::now(),
-        // SAFETY: geteuid cannot fail.
         euid: sys::euid(),
     });
-    for stream in listener.incoming() {
-        let stream = match stream {
-            Ok(s) => s,
+    for inbound in d.cfg.inbound.clone() {
+        let tcp = TcpListener::bind(inbound.listen)?;
+        say!("inbound: {} → {}:{}", inbound.listen, inbound.addr, inbound.port);
+        let d2 = d.clone();
+        thread::Builder::new()
+            .stack_size(STACK)
+            .spawn(move || accept_inbound(&d2, &tcp, &inbound))?;
+    }
+    loop {
+        crate::faults::gate(&listener, None);
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
             Err(e) => {
                 say!("accept: {e}");
                 thread::sleep(Duration::from_millis(10));
                 continue;
             }
+        };
+        let Some(stream) = crate::faults::gate(&listener, Some(stream)) else {
+            continue;
         };
         if !d.cfg.any_uid {
             match sys::peer_uid(&stream) {
@@ -255,7 +323,6 @@ pub fn serve(cfg: Config) -> io::Result<()> {
             d.clients.fetch_sub(1, Relaxed);
         }
     }
-    Ok(())
 }
 
 /// One client session. One descriptor serves reading and writing; the
@@ -276,7 +343,7 @@ impl Client {
             return false;
         }
         let ok = match self.write_lock.lock() {
-            Ok(_held) => (&self.stream).write_all(frame).is_ok(),
+            Ok(_held) => crate::faults::write_frame(&self.stream, frame),
             Err(_) => false,
         };
         if !ok && !self.closed.swap(true, Relaxed) {
@@ -327,84 +394,163 @@ fn client(d: &Arc<Daemon>, stream: UnixStream) {
             }
             Err(_) => break,
         };
-        let payload = &reader.buffer()[range];
-        match command {
-            cmd::DIAL => dial(d, &c, payload),
-            cmd::SEND => {
-                let Some(id) = ipc::be_u32(payload) else { continue };
-                let tcp = c.conns.lock().ok().and_then(|m| m.get(&id).cloned());
-                match tcp {
-                    Some(t) => {
-                        // Inline and in order; a failed send is only logged.
-                        if let Err(e) = (&*t).write_all(&payload[4..]) {
-                            if d.cfg.verbose {
-                                say!("send on connection {id}: {e}");
-                            }
-                        }
-                    }
-                    None if d.cfg.verbose => say!("send: connection {id} not found"),
-                    None => {}
-                }
-            }
-            cmd::CLOSE => {
-                let Some(id) = ipc::be_u32(payload) else {
-                    c.error("close: short payload");
-                    continue;
-                };
-                let tcp = c.conns.lock().ok().and_then(|mut m| m.remove(&id));
-                if let Some(t) = tcp {
-                    let _ = t.shutdown(Shutdown::Both);
-                }
-                c.send(&ipc::encode(cmd::CLOSE_OK, &[&id.to_be_bytes()]));
-            }
-            cmd::INFO => c.reply_json(cmd::INFO_OK, &info(d, &c)),
-            cmd::HEALTH => c.reply_json(
-                cmd::HEALTH_OK,
-                &Value::obj([
-                    ("status", Value::from("ok")),
-                    ("uptime_secs", d.started.elapsed().as_secs().into()),
-                    ("clients", d.clients.load(Relaxed).into()),
-                ]),
-            ),
-            cmd::HANDSHAKE => match payload.first() {
-                Some(&cmd::HS_TRUSTED) => c.reply_json(cmd::HANDSHAKE_OK, &trusted(d)),
-                Some(&sub) => c.error(&format!(
-                    "handshake: sub-command 0x{sub:02X} not supported by pilot-devd"
-                )),
-                None => c.error("handshake: missing sub-command"),
-            },
-            cmd::RESOLVE => {
-                let name = String::from_utf8_lossy(payload).into_owned();
-                match d.cfg.hosts.get(&name) {
-                    Some(a) => c.reply_json(
-                        cmd::RESOLVE_OK,
-                        &Value::obj([
-                            ("address", Value::from(a.to_string())),
-                            ("hostname", name.into()),
-                            ("node_id", a.node.into()),
-                            ("public", true.into()),
-                            ("type", "resolve_hostname_ok".into()),
-                        ]),
-                    ),
-                    None => c.error(&format!("resolve hostname {name:?}: not found")),
-                }
-            }
-            cmd::CANCEL => {
-                let pending = c
-                    .pending
-                    .lock()
-                    .map(|mut p| std::mem::take(&mut *p))
-                    .unwrap_or_default();
-                for flag in &pending {
-                    flag.store(true, Relaxed);
-                }
-                say!("cancel received ({} pending dials abandoned)", pending.len());
-            }
-            other => c.error(&format!("unknown command: 0x{other:02X}")),
-        }
+        dispatch(d, &c, command, &reader.buffer()[range]);
     }
-    // The session ended: abandon its dials, close its connections.
+    session_ended(d, &c);
+}
+
+/// Handles one request of a client.
+fn dispatch(d: &Arc<Daemon>, c: &Arc<Client>, command: u8, payload: &[u8]) {
+    match command {
+        cmd::DIAL => dial(d, c, payload),
+        cmd::SEND => send(d, c, payload),
+        cmd::CLOSE => close(c, payload),
+        cmd::BIND => bind(d, c, payload),
+        cmd::UNBIND if d.cfg.unbind => unbind(d, c, payload),
+        cmd::INFO => c.reply_json(cmd::INFO_OK, &info(d, c)),
+        cmd::HEALTH => c.reply_json(
+            cmd::HEALTH_OK,
+            &Value::obj([
+                ("status", Value::from("ok")),
+                ("uptime_secs", d.started.elapsed().as_secs().into()),
+                ("clients", d.clients.load(Relaxed).into()),
+            ]),
+        ),
+        cmd::HANDSHAKE => match payload.first() {
+            Some(&cmd::HS_TRUSTED) => c.reply_json(cmd::HANDSHAKE_OK, &trusted(d)),
+            Some(&sub) => c.error(&format!(
+                "handshake: sub-command 0x{sub:02X} not supported by pilot-devd"
+            )),
+            None => c.error("handshake: missing sub-command"),
+        },
+        cmd::RESOLVE => resolve(d, c, payload),
+        cmd::CANCEL => {
+            let pending = c
+                .pending
+                .lock()
+                .map(|mut p| std::mem::take(&mut *p))
+                .unwrap_or_default();
+            for flag in &pending {
+                flag.store(true, Relaxed);
+            }
+            say!("cancel received ({} pending dials abandoned)", pending.len());
+        }
+        other => c.error(&format!("unknown command: 0x{other:02X}")),
+    }
+}
+
+/// Send: inline and in order; a failed send is only logged.
+fn send(d: &Daemon, c: &Client, payload: &[u8]) {
+    let Some(id) = ipc::be_u32(payload) else { return };
+    let tcp = c.conns.lock().ok().and_then(|m| m.get(&id).cloned());
+    match tcp {
+        Some(t) => {
+            if let Err(e) = (&*t).write_all(&payload[4..]) {
+                if d.cfg.verbose {
+                    say!("send on connection {id}: {e}");
+                }
+            }
+        }
+        None if d.cfg.verbose => say!("send: connection {id} not found"),
+        None => {}
+    }
+}
+
+/// Close: idempotent, always answered with CloseOK.
+fn close(c: &Client, payload: &[u8]) {
+    let Some(id) = ipc::be_u32(payload) else {
+        c.error("close: short payload");
+        return;
+    };
+    let tcp = c.conns.lock().ok().and_then(|mut m| m.remove(&id));
+    if let Some(t) = tcp {
+        // The TCP side sees the end (FIN after any data still queued).
+        // Its relay thread reads and discards what the peer still sends
+        // for a short while, as the overlay drops data sent to a closed
+        // stream; shutting the reading side instead could leave a peer
+        // that is still sending stuck on a zero window until the
+        // kernel's FIN-WAIT-2 timeout.
+        let _ = t.shutdown(Shutdown::Write);
+        let _ = t.set_read_timeout(Some(CLOSED_DRAIN));
+    }
+    c.send(&ipc::encode(cmd::CLOSE_OK, &[&id.to_be_bytes()]));
+}
+
+fn resolve(d: &Daemon, c: &Client, payload: &[u8]) {
+    let name = String::from_utf8_lossy(payload).into_owned();
+    match d.cfg.hosts.get(&name) {
+        Some(a) => c.reply_json(
+            cmd::RESOLVE_OK,
+            &Value::obj([
+                ("address", Value::from(a.to_string())),
+                ("hostname", name.into()),
+                ("node_id", a.node.into()),
+                ("public", true.into()),
+                ("type", "resolve_hostname_ok".into()),
+            ]),
+        ),
+        None => c.error(&format!("resolve hostname {name:?}: not found")),
+    }
+}
+
+fn port_of(payload: &[u8]) -> Option<u16> {
+    payload.get(..2).map(|p| u16::from_be_bytes([p[0], p[1]]))
+}
+
+/// Bind: one owner per port; the daemon's own services hold theirs.
+fn bind(d: &Daemon, c: &Arc<Client>, payload: &[u8]) {
+    let Some(port) = port_of(payload) else {
+        c.error("bind: short payload");
+        return;
+    };
+    let taken = {
+        let mut ports = d.ports.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = SERVICE_PORTS.contains(&port) || ports.contains_key(&port);
+        if !taken {
+            ports.insert(port, c.clone());
+        }
+        taken
+    };
+    if taken {
+        c.error(&format!("port {port} already bound"));
+    } else {
+        if d.cfg.verbose {
+            say!("bind {port}");
+        }
+        c.send(&ipc::encode(cmd::BIND_OK, &[&port.to_be_bytes()]));
+    }
+}
+
+/// Unbind (newer daemons, `--unbind`): frees the port; connections
+/// already accepted on it keep flowing.
+fn unbind(d: &Daemon, c: &Arc<Client>, payload: &[u8]) {
+    let Some(port) = port_of(payload) else {
+        c.error("unbind: short payload");
+        return;
+    };
+    let owned = {
+        let mut ports = d.ports.lock().unwrap_or_else(|p| p.into_inner());
+        let owned = ports.get(&port).is_some_and(|o| Arc::ptr_eq(o, c));
+        if owned {
+            ports.remove(&port);
+        }
+        owned
+    };
+    if owned {
+        c.send(&ipc::encode(cmd::UNBIND_OK, &[&port.to_be_bytes()]));
+    } else {
+        c.error("unbind: port is not owned by this client");
+    }
+}
+
+/// The session ended: free its ports, abandon its dials, close its
+/// connections.
+fn session_ended(d: &Daemon, c: &Arc<Client>) {
     c.closed.store(true, Relaxed);
+    d.ports
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|_, owner| !Arc::ptr_eq(owner, c));
     if let Ok(p) = c.pending.lock() {
         for flag in p.iter() {
             flag.store(true, Relaxed);
@@ -421,6 +567,99 @@ fn client(d: &Arc<Daemon>, stream: UnixStream) {
     }
 }
 
+/// Accepts TCP connections standing in for remote peers of `--inbound`.
+fn accept_inbound(d: &Arc<Daemon>, listener: &TcpListener, inbound: &Inbound) {
+    for tcp in listener.incoming() {
+        let tcp = match tcp {
+            Ok(t) => t,
+            Err(e) => {
+                say!("inbound accept: {e}");
+                thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let (d2, inbound) = (d.clone(), inbound.clone());
+        let spawned = thread::Builder::new()
+            .stack_size(STACK)
+            .spawn(move || inbound_conn(&d2, tcp, &inbound));
+        if spawned.is_err() {
+            say!("inbound: out of threads");
+        }
+    }
+}
+
+/// SO_LINGER 0: closing sends RST, as for a connection nobody takes.
+fn reset(tcp: TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd and a correctly sized linger struct.
+    unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// One inbound connection: Accept to the port's owner, then relay.
+fn inbound_conn(d: &Daemon, tcp: TcpStream, inbound: &Inbound) {
+    let owner = d
+        .ports
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&inbound.port)
+        .cloned();
+    let Some(c) = owner.filter(|c| !c.closed.load(Relaxed)) else {
+        if d.cfg.verbose {
+            say!("inbound to port {}: nobody bound it, reset", inbound.port);
+        }
+        return reset(tcp);
+    };
+    let id = d.next_conn.fetch_add(1, Relaxed);
+    let mut m = c.conns.lock().unwrap_or_else(|p| p.into_inner());
+    // A session that ended meanwhile has already closed its connections.
+    if m.len() >= MAX_CONNS_PER_CLIENT || c.closed.load(Relaxed) {
+        drop(m);
+        say!(
+            "inbound to port {}: client gone or at {MAX_CONNS_PER_CLIENT} connections, reset",
+            inbound.port
+        );
+        return reset(tcp);
+    }
+    let tcp = Arc::new(tcp);
+    m.insert(id, tcp.clone());
+    drop(m);
+    let _ = tcp.set_nodelay(true);
+    let remote_port = d
+        .next_remote_port
+        .fetch_update(Relaxed, Relaxed, |p| {
+            Some(p.checked_add(1).unwrap_or(EPHEMERAL_START))
+        })
+        .unwrap_or(EPHEMERAL_START);
+    if d.cfg.verbose {
+        say!(
+            "inbound connection {id} from {}:{remote_port} to port {}",
+            inbound.addr,
+            inbound.port
+        );
+    }
+    c.send(&ipc::encode(
+        cmd::ACCEPT,
+        &[
+            &inbound.port.to_be_bytes(),
+            &id.to_be_bytes(),
+            &inbound.addr.to_wire(),
+            &remote_port.to_be_bytes(),
+        ],
+    ));
+    relay_to_client(&c, id, &tcp);
+}
+
 fn info(d: &Daemon, c: &Client) -> Value {
     let addr = PilotAddr::new(0, d.cfg.node_id);
     Value::obj([
@@ -429,7 +668,10 @@ fn info(d: &Daemon, c: &Client) -> Value {
         ("hostname", d.cfg.hostname.clone().into()),
         ("uptime_secs", d.started.elapsed().as_secs().into()),
         ("connections", c.conns.lock().map_or(0, |m| m.len()).into()),
-        ("ports", 0u32.into()),
+        (
+            "ports",
+            (SERVICE_PORTS.len() + d.ports.lock().map_or(0, |p| p.len())).into(),
+        ),
         ("peers", d.cfg.trusted().len().into()),
         ("encrypt", true.into()),
         (
@@ -530,6 +772,9 @@ fn dial_blocking(
             "dial: too many connections (limit {MAX_CONNS_PER_CLIENT} per client)"
         ));
     }
+    if let Some(text) = d.cfg.dial_error.get(&addr) {
+        return Err(text.clone());
+    }
     if d.cfg.untrusted.contains(&addr) {
         return Err(format!(
             "dial {addr}: node has not established trust with us (run: pilotctl handshake {addr})"
@@ -575,10 +820,15 @@ fn established(d: &Daemon, c: &Arc<Client>, addr: PilotAddr, port: u16, tcp: Tcp
             c.send(&ipc::encode(cmd::DIAL_OK, &[&id.to_be_bytes()]));
         }
     }
-    // Service → client. Frames carry at most 4096 data bytes, as the real
-    // daemon's do; a read of up to 16 of them is framed into one buffer and
-    // written with one call, so the stand-in costs few syscalls per byte
-    // and does not limit the gateway's measurements.
+    relay_to_client(c, id, &tcp);
+}
+
+/// Service → client. Frames carry at most 4096 data bytes, as the real
+/// daemon's do; a read of up to 16 of them is framed into one buffer and
+/// written with one call, so the stand-in costs few syscalls per byte and
+/// does not limit the gateway's measurements. When the service closes,
+/// the remaining data has gone out, then an unsolicited CloseOK follows.
+fn relay_to_client(c: &Client, id: u32, tcp: &TcpStream) {
     let mut data = vec![0u8; 16 * RECV_CHUNK];
     let mut out = Vec::with_capacity(16 * (ipc::DATA_HEADER + RECV_CHUNK));
     loop {
@@ -586,6 +836,9 @@ fn established(d: &Daemon, c: &Arc<Client>, addr: PilotAddr, port: u16, tcp: Tcp
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if !c.conns.lock().is_ok_and(|m| m.contains_key(&id)) {
+            continue; // closed by the client: discarded
+        }
         out.clear();
         for chunk in data[..n].chunks(RECV_CHUNK) {
             out.extend_from_slice(&((chunk.len() + 5) as u32).to_be_bytes());

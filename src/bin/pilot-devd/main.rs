@@ -7,6 +7,7 @@ use std::time::Duration;
 use lexopt::prelude::*;
 use pilot_gateway::address::PilotAddr;
 mod daemon;
+mod faults;
 
 use daemon::{Config, Misbehave};
 
@@ -20,6 +21,7 @@ Usage: pilot-devd [flags]
   --route ADDR=HOST        dials to port P of ADDR go to HOST:P
   --route ADDR:PORT=HOST:PORT   one port of ADDR goes to HOST:PORT
   --untrusted ADDR         refuse dials to ADDR as untrusted (and leave it out of the trusted list)
+  --dial-error ADDR=TEXT   dials to ADDR fail with error TEXT (\\n is a newline, \\e is ESC)
   --dial-delay MS          delay every dial by MS milliseconds
   --dial-delay ADDR=MS     delay dials to ADDR by MS milliseconds
   --host NAME=ADDR         answer hostname lookups of NAME with ADDR
@@ -30,7 +32,17 @@ Usage: pilot-devd [flags]
   --misbehave MODE         break the protocol after each successful dial: oversize,
                            truncated, unknown-cmd, recv-unknown-id, short-dialok, flood
   --misbehave ADDR=MODE    the same for dials to ADDR only
+  --stall-accept           accept no clients, backlog cut to the minimum (a wedged daemon);
+                           SIGUSR1 toggles this while running
+  --trickle MS             write every reply one byte at a time, MS milliseconds apart
+  --inbound LOCALTCP=ADDR:PORT   each TCP connection to LOCALTCP (IP:PORT) arrives, as
+                           a connection from ADDR, at the client that bound PORT
+                           (nobody bound it: the TCP connection is reset); repeatable
+  --unbind                 answer Unbind (0x37) as newer daemons do (default: unknown
+                           command, like the Feb-2026 daemon)
   --verbose                log every client and dial
+
+Ports 7, 1001 and 1002 are held by the daemon's own services, as on the real daemon.
 ";
 
 fn fail(msg: String) -> ! {
@@ -56,6 +68,14 @@ fn parse() -> Result<Config, lexopt::Error> {
             Long("untrusted") => {
                 let v = p.value()?.string()?;
                 cfg.untrusted.insert(addr(&v, "--untrusted"));
+            }
+            Long("dial-error") => {
+                let v = p.value()?.string()?;
+                let (a, text) = v
+                    .split_once('=')
+                    .unwrap_or_else(|| fail(format!("--dial-error {v:?}: expected ADDR=TEXT")));
+                let text = text.replace("\\n", "\n").replace("\\e", "\u{1b}");
+                cfg.dial_error.insert(addr(a, "--dial-error"), text);
             }
             Long("dial-delay") => {
                 let v = p.value()?.string()?;
@@ -96,7 +116,18 @@ fn parse() -> Result<Config, lexopt::Error> {
                     None => cfg.misbehave = Some(mode(&v)),
                 }
             }
+            Long("inbound") => {
+                let v = p.value()?.string()?;
+                cfg.inbound
+                    .push(Config::parse_inbound(&v).unwrap_or_else(|e| fail(e)));
+            }
+            Long("unbind") => cfg.unbind = true,
             Long("verbose") => cfg.verbose = true,
+            Long("stall-accept") => faults::stall_from_start(),
+            Long("trickle") => {
+                let ms: u64 = p.value()?.parse()?;
+                faults::trickle(ms);
+            }
             Short('h') | Long("help") => {
                 print!("{HELP}");
                 std::process::exit(0);
@@ -111,12 +142,24 @@ fn main() {
     let cfg = parse().unwrap_or_else(|e| fail(format!("{e} (see --help)")));
     let socket = cfg.socket.clone();
     // Remove the socket on SIGTERM/SIGINT.
-    let signals = pilot_gateway::sys::Signals::install(&[libc::SIGTERM, libc::SIGINT])
+    let signals = pilot_gateway::sys::Signals::install(&[libc::SIGTERM, libc::SIGINT, libc::SIGUSR1])
         .unwrap_or_else(|e| fail(format!("signals: {e}")));
     std::thread::spawn(move || loop {
-        if !signals.wait(Duration::from_secs(3600)).is_empty() {
-            let _ = std::fs::remove_file(&socket);
-            std::process::exit(0);
+        for sig in signals.wait(Duration::from_secs(3600)) {
+            if sig == libc::SIGUSR1 {
+                let stalled = faults::toggle_stall();
+                eprintln!(
+                    "pilot-devd: {}",
+                    if stalled {
+                        "stalled: accepting no clients"
+                    } else {
+                        "accepting clients again"
+                    }
+                );
+            } else {
+                let _ = std::fs::remove_file(&socket);
+                std::process::exit(0);
+            }
         }
     });
     if let Err(e) = daemon::serve(cfg) {

@@ -1,0 +1,915 @@
+//! Exposing a local TCP service on a pilot port: the engine for one
+//! exposure, independent of the control plane (which starts and stops it).
+//!
+//! The gateway Binds the port on one IPC session of its own; the daemon
+//! then delivers every inbound connection to that port on that session
+//! (PROTOCOL.md "Serving a port"). One session carries them all, so the
+//! thread that reads it must never wait for a local service.
+//!
+//! Life of an exposed connection:
+//!
+//! 1. The session's reader thread gets Accept `[port][conn][addr][port]`.
+//!    A peer outside `allow` (when set) is refused at once: Close, counted,
+//!    logged with its address. Over `max_conns` likewise.
+//! 2. It registers the connection and spawns its thread, which connects to
+//!    the target (never on the reader thread: a slow target must not stall
+//!    the session). A failed connect is logged and answered with Close.
+//! 3. Two threads per connection, as in the forward path:
+//!    - remote→local: the reader thread parses Recv frames and pushes their
+//!      data into the connection's bounded queue (`queue_bytes`); it never
+//!      writes to a local socket. The connection's writer thread drains the
+//!      queue into the local socket. When a queue is at its bound, the
+//!      reader waits for room only as long as that service keeps taking
+//!      data: one that takes nothing for `stall` (1 s) has stopped reading
+//!      and is reset, so the others wait at most that long and the daemon
+//!      (which drops a client that does not drain for 10 s) never drops
+//!      the session. A service that reads, only slower than the daemon
+//!      delivers, paces the session while its queue is full instead of
+//!      being reset: without per-connection flow control in the protocol,
+//!      the only alternatives are unbounded memory or cutting a working
+//!      transfer.
+//!    - local→remote: reads the local socket and sends Send frames (at most
+//!      64 KiB of data each) under the session's writer lock, held for one
+//!      frame, so many connections share the session without a global stall.
+//! 4. Endings. Pilot streams have no half-close:
+//!    - the remote side closes (CloseOK): the writer drains the queue, then
+//!      shuts the local socket's writing side and lets the service finish
+//!      (its later output has nowhere to go and is dropped; after `LINGER`
+//!      we stop waiting for it);
+//!    - the service closes (EOF): Close; the daemon's CloseOK then ends the
+//!      writer as above;
+//!    - anything else (service reset, queue over its bound, daemon session
+//!      lost, stop): the local socket is *reset*, never closed with a FIN,
+//!      so the service does not mistake a cut stream for a complete one.
+//! 5. The last of the two threads to finish deregisters the connection,
+//!    sends Close if the daemon still thinks it open, logs the outcome and
+//!    reports it through `on_end` (for the access log).
+//!
+//! When the session ends (daemon restart), every connection is cut and the
+//! reader thread opens a new session and Binds again, with backoff, until
+//! it succeeds or the exposure is stopped; [`State`] shows which.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crate::address::PilotAddr;
+use crate::error::{Code, Error, Result};
+use crate::ipc::{self, cmd, FrameReader};
+use crate::{debug, info, sys, warn};
+
+/// Stack of every thread here: buffers live on the heap, nothing recurses.
+pub const THREAD_STACK: usize = 128 * 1024;
+/// Default bound of one connection's queue of data for the local service.
+pub const QUEUE_BYTES: usize = 512 * 1024;
+/// How long a connection at its bound may go without progress.
+pub const STALL: Duration = Duration::from_secs(1);
+/// Largest data chunk per Send frame (the daemon takes up to 1 MiB − 64).
+const SEND_CHUNK: usize = 64 * 1024;
+/// Recv payloads (4 KiB each) are gathered into queue chunks of this size.
+const COALESCE: usize = 64 * 1024;
+/// How long the service may keep its side open after the remote closed.
+const LINGER: Duration = Duration::from_secs(2);
+/// The writer wakes this often while a write is blocked, to notice a reset.
+const WRITE_POLL: Duration = Duration::from_millis(500);
+/// Re-bind backoff after the daemon went away.
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// Bound on the daemon's answer to Bind, and on one frame write to it.
+const IPC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Receives every finished or refused connection.
+pub type OnEnd = Arc<dyn Fn(&Ended) + Send + Sync>;
+
+/// How an exposure behaves; `Options::default()` suits most.
+#[derive(Clone)]
+pub struct Options {
+    /// Admit only these peers (`None`: whoever the daemon lets in).
+    pub allow: Option<HashSet<PilotAddr>>,
+    /// Permit a target that is not an address of this host.
+    pub allow_remote_target: bool,
+    /// Bound of each connection's queue towards the local service.
+    pub queue_bytes: usize,
+    /// A connection at its bound whose service takes nothing for this
+    /// long is reset (kept well below the daemon's 10 s write deadline).
+    pub stall: Duration,
+    pub connect_timeout: Duration,
+    /// Live connections at most (newer daemons cap a client at 4096).
+    pub max_conns: usize,
+    /// Called once per finished or refused connection (the access log).
+    /// It must not block: refusals are reported from the session's reader
+    /// thread (the access log's `try_send` queue fits).
+    pub on_end: Option<OnEnd>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            allow: None,
+            allow_remote_target: false,
+            queue_bytes: QUEUE_BYTES,
+            stall: STALL,
+            connect_timeout: Duration::from_secs(5),
+            max_conns: 4096,
+            on_end: None,
+        }
+    }
+}
+
+/// Whether the port is held now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum State {
+    Bound,
+    /// The session was lost (or Bind failed); retrying. Holds the reason.
+    Rebinding(String),
+    Stopped,
+}
+
+/// A snapshot of one exposure's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub active: u64,
+    /// Connections admitted (refused ones are not counted here).
+    pub total: u64,
+    /// Bytes from remote peers written to the local service.
+    pub bytes_in: u64,
+    /// Bytes from the local service sent to remote peers.
+    pub bytes_out: u64,
+    /// Refused by the allow-list.
+    pub refused: u64,
+    /// Refused because `max_conns` were live.
+    pub over_limit: u64,
+    /// Reset because the local service stopped reading.
+    pub slow_resets: u64,
+    pub connect_failures: u64,
+    /// Successful re-binds after the daemon session was lost.
+    pub rebinds: u64,
+}
+
+/// How a connection ended, for logs and the access log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Refused(String),
+    ConnectFailed(String),
+    Reset(String),
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Refused(_) => "refused",
+            Outcome::ConnectFailed(_) => "connect_failed",
+            Outcome::Reset(_) => "reset",
+        }
+    }
+
+    pub fn reason(&self) -> &str {
+        match self {
+            Outcome::Ok => "",
+            Outcome::Refused(r) | Outcome::ConnectFailed(r) | Outcome::Reset(r) => r,
+        }
+    }
+}
+
+/// One finished (or refused) exposed connection.
+#[derive(Clone, Debug)]
+pub struct Ended {
+    pub port: u16,
+    pub target: SocketAddr,
+    pub conn: u32,
+    pub peer: PilotAddr,
+    pub peer_port: u16,
+    pub outcome: Outcome,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub duration: Duration,
+}
+
+/// One exposed port. Dropping it stops it.
+pub struct Exposure {
+    shared: Arc<Shared>,
+    reader: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    socket: PathBuf,
+    port: u16,
+    target: SocketAddr,
+    opts: Options,
+    stopping: AtomicBool,
+    state: Mutex<State>,
+    /// The current session, so `stop` can end it.
+    link: Mutex<Option<Arc<Link>>>,
+    conns: Mutex<HashMap<u32, Arc<Conn>>>,
+    active: AtomicU64,
+    total: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    refused: AtomicU64,
+    over_limit: AtomicU64,
+    slow_resets: AtomicU64,
+    connect_failures: AtomicU64,
+    rebinds: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Exposure {
+    /// Checks the target, opens a session, Binds `port` and starts serving
+    /// inbound connections to it from `target`. Fails with `port_in_use`
+    /// when the port is held, `bad_target` for an unacceptable target,
+    /// `daemon_unreachable` when there is no daemon.
+    pub fn start(socket: &Path, port: u16, target: SocketAddr, opts: Options) -> Result<Exposure> {
+        check_target(target, opts.allow_remote_target)?;
+        let (reader, link) = open(socket, port)?;
+        let shared = Arc::new(Shared {
+            socket: socket.to_path_buf(),
+            port,
+            target,
+            opts,
+            stopping: AtomicBool::new(false),
+            state: Mutex::new(State::Bound),
+            link: Mutex::new(Some(link.clone())),
+            conns: Mutex::new(HashMap::new()),
+            active: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            over_limit: AtomicU64::new(0),
+            slow_resets: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            rebinds: AtomicU64::new(0),
+        });
+        let s2 = shared.clone();
+        let thread = thread::Builder::new()
+            .name(format!("expose {port}"))
+            .stack_size(THREAD_STACK)
+            .spawn(move || run(&s2, Some((reader, link))))
+            .map_err(|e| Error::internal(format!("starting the exposure of port {port}: {e}")))?;
+        info!("exposing pilot port {port} → {target}");
+        Ok(Exposure {
+            shared,
+            reader: Some(thread),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.shared.port
+    }
+
+    pub fn target(&self) -> SocketAddr {
+        self.shared.target
+    }
+
+    pub fn state(&self) -> State {
+        lock(&self.shared.state).clone()
+    }
+
+    pub fn counters(&self) -> Counters {
+        let s = &self.shared;
+        Counters {
+            active: s.active.load(Relaxed),
+            total: s.total.load(Relaxed),
+            bytes_in: s.bytes_in.load(Relaxed),
+            bytes_out: s.bytes_out.load(Relaxed),
+            refused: s.refused.load(Relaxed),
+            over_limit: s.over_limit.load(Relaxed),
+            slow_resets: s.slow_resets.load(Relaxed),
+            connect_failures: s.connect_failures.load(Relaxed),
+            rebinds: s.rebinds.load(Relaxed),
+        }
+    }
+
+    /// Closes the session (the daemon frees the port and every connection
+    /// on it), resets the local sides, and waits (bounded by `wait`) for
+    /// the connection threads to finish.
+    pub fn stop(&mut self, wait: Duration) {
+        let s = &self.shared;
+        s.stopping.store(true, Relaxed);
+        if let Some(link) = lock(&s.link).take() {
+            let _ = link.stream.shutdown(Shutdown::Both);
+        }
+        if let Some(t) = self.reader.take() {
+            let _ = t.join();
+        }
+        let deadline = Instant::now() + wait;
+        while s.active.load(Relaxed) > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        if s.active.load(Relaxed) > 0 {
+            warn!(
+                "exposed port {}: connections still closing after {wait:?}",
+                s.port
+            );
+        }
+    }
+}
+
+impl Drop for Exposure {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(2));
+    }
+}
+
+/// Refuses targets that cannot work or that leave this host unasked.
+pub fn check_target(target: SocketAddr, allow_remote: bool) -> Result<()> {
+    let ip = target.ip();
+    if target.port() == 0 || ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::from([255u8; 4]) {
+        return Err(Error::new(
+            Code::BadTarget,
+            format!("target {target} is not a TCP service address"),
+        )
+        .hint("give the service's address and port, e.g. 127.0.0.1:8000"));
+    }
+    // An address some interface of this host has can be bound locally.
+    let local = ip.is_loopback() || UdpSocket::bind((ip, 0)).is_ok();
+    if !local && !allow_remote {
+        return Err(
+            Error::new(Code::BadTarget, format!("target {target} is not on this host"))
+                .hint("expose a local service, or pass --allow-remote-target to publish another host's"),
+        );
+    }
+    Ok(())
+}
+
+/// Turns `--allow` entries (addresses or hostnames) into addresses,
+/// resolving hostnames through the daemon.
+pub fn resolve_allow(socket: &Path, entries: &[String]) -> Result<HashSet<PilotAddr>> {
+    let mut out = HashSet::new();
+    let mut session = None;
+    for e in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+        if let Ok(a) = e.parse::<PilotAddr>() {
+            out.insert(a);
+            continue;
+        }
+        if PilotAddr::looks_like_address(e) {
+            return Err(Error::invalid(format!(
+                "--allow {e:?}: not a valid pilot address"
+            )));
+        }
+        if session.is_none() {
+            session = Some(ipc::Session::connect(socket).map_err(|err| unreachable(socket, &err))?);
+        }
+        if let Some(s) = session.as_mut() {
+            let _ = s.set_timeout(Some(IPC_TIMEOUT));
+            let a = s.resolve(e).map_err(|err| {
+                Error::new(Code::NotFound, format!("--allow {e:?}: {err}"))
+                    .hint("give the peer's address, or a hostname the registry knows")
+            })?;
+            out.insert(a);
+        }
+    }
+    Ok(out)
+}
+
+fn unreachable(socket: &Path, e: &dyn std::fmt::Display) -> Error {
+    Error::new(
+        Code::DaemonUnreachable,
+        format!("daemon socket {}: {e}", socket.display()),
+    )
+    .hint("is the Pilot daemon running, as this user?")
+}
+
+/// The write half of a session, shared by every connection on it.
+struct Link {
+    stream: UnixStream,
+    /// Held for one frame, so frames from many threads stay whole.
+    lock: Mutex<()>,
+}
+
+impl Link {
+    /// Writes one whole frame; a failed write ends the session (a partial
+    /// frame would corrupt it), which the reader then sees.
+    fn send(&self, frame: &[u8]) -> bool {
+        let ok = {
+            let _held = lock(&self.lock);
+            (&self.stream).write_all(frame).is_ok()
+        };
+        if !ok {
+            let _ = self.stream.shutdown(Shutdown::Both);
+        }
+        ok
+    }
+
+    fn close(&self, conn: u32) -> bool {
+        self.send(&ipc::encode(cmd::CLOSE, &[&conn.to_be_bytes()]))
+    }
+}
+
+/// Opens a session and Binds `port` on it.
+fn open(socket: &Path, port: u16) -> Result<(FrameReader<UnixStream>, Arc<Link>)> {
+    let stream = UnixStream::connect(socket).map_err(|e| unreachable(socket, &e))?;
+    let io_err = |e: io::Error| unreachable(socket, &e);
+    stream.set_read_timeout(Some(IPC_TIMEOUT)).map_err(io_err)?;
+    stream.set_write_timeout(Some(IPC_TIMEOUT)).map_err(io_err)?;
+    let mut writer = stream.try_clone().map_err(io_err)?;
+    writer
+        .write_all(&ipc::encode(cmd::BIND, &[&port.to_be_bytes()]))
+        .map_err(io_err)?;
+    let mut reader = FrameReader::growing(stream, 16 * 1024, 256 * 1024);
+    let (command, range) = reader.read_frame().map_err(|e| unreachable(socket, &e))?;
+    let payload = &reader.buffer()[range];
+    match command {
+        cmd::BIND_OK if payload.get(..2) == Some(&port.to_be_bytes()[..]) => {}
+        cmd::ERROR => {
+            let text = ipc::error_text(payload);
+            let code = if text.contains("already bound") {
+                Code::PortInUse
+            } else {
+                Code::ConnectionFailed
+            };
+            return Err(Error::new(code, format!("bind pilot port {port}: {text}"))
+                .hint("choose another port, or stop the program that holds it"));
+        }
+        c => {
+            return Err(Error::internal(format!(
+                "bind pilot port {port}: unexpected reply 0x{c:02X}"
+            )))
+        }
+    }
+    reader.get_ref().set_read_timeout(None).map_err(io_err)?;
+    Ok((
+        reader,
+        Arc::new(Link {
+            stream: writer,
+            lock: Mutex::new(()),
+        }),
+    ))
+}
+
+/// The reader thread: serves the session; when it is lost, cuts every
+/// connection and re-binds with backoff until stopped.
+fn run(ex: &Arc<Shared>, mut session: Option<(FrameReader<UnixStream>, Arc<Link>)>) {
+    let mut backoff = RETRY_MIN;
+    loop {
+        if let Some((reader, link)) = session.take() {
+            *lock(&ex.link) = Some(link.clone());
+            // `stop` may have run while we were binding.
+            if ex.stopping.load(Relaxed) {
+                let _ = link.stream.shutdown(Shutdown::Both);
+            }
+            *lock(&ex.state) = State::Bound;
+            backoff = RETRY_MIN;
+            let mut why = serve(ex, reader, &link);
+            if ex.stopping.load(Relaxed) {
+                why = "the exposure was stopped".into();
+            }
+            cut_all(ex, &why);
+            if ex.stopping.load(Relaxed) {
+                break;
+            }
+            warn!("exposed port {}: {why}; re-binding", ex.port);
+            *lock(&ex.state) = State::Rebinding(why);
+        }
+        let until = Instant::now() + backoff;
+        while Instant::now() < until && !ex.stopping.load(Relaxed) {
+            thread::sleep(Duration::from_millis(20));
+        }
+        if ex.stopping.load(Relaxed) {
+            break;
+        }
+        match open(&ex.socket, ex.port) {
+            Ok(s) => {
+                ex.rebinds.fetch_add(1, Relaxed);
+                info!("exposed port {}: bound again", ex.port);
+                session = Some(s);
+            }
+            Err(e) => {
+                debug!("exposed port {}: re-bind failed: {}", ex.port, e.message);
+                *lock(&ex.state) = State::Rebinding(e.message);
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+        }
+    }
+    *lock(&ex.state) = State::Stopped;
+}
+
+/// Reads the session until it ends; returns why it ended.
+fn serve(ex: &Arc<Shared>, mut reader: FrameReader<UnixStream>, link: &Arc<Link>) -> String {
+    loop {
+        let (command, range) = match reader.read_frame() {
+            Ok(f) => f,
+            Err(e) => return format!("daemon session lost: {e}"),
+        };
+        let payload = &reader.buffer()[range];
+        match command {
+            cmd::ACCEPT => accept(ex, link, payload),
+            cmd::RECV => recv(ex, payload),
+            cmd::CLOSE_OK => {
+                let conn = ipc::be_u32(payload).and_then(|id| lock(&ex.conns).get(&id).cloned());
+                if let Some(c) = conn {
+                    c.remote_closed();
+                }
+            }
+            // Errors carry no connection id; on this session they can only
+            // answer a Send or Close of a connection that is already gone.
+            cmd::ERROR => debug!("exposed port {}: daemon: {}", ex.port, ipc::error_text(payload)),
+            other => debug!("exposed port {}: ignoring message 0x{other:02X}", ex.port),
+        }
+    }
+}
+
+/// Cuts every connection of a session that ended.
+fn cut_all(ex: &Shared, why: &str) {
+    let conns: Vec<Arc<Conn>> = lock(&ex.conns).values().cloned().collect();
+    for c in conns {
+        c.fail(Outcome::Reset(why.to_string()));
+    }
+}
+
+fn accept(ex: &Arc<Shared>, link: &Arc<Link>, payload: &[u8]) {
+    let Some(a) = ipc::parse_accept(payload) else {
+        warn!(
+            "exposed port {}: malformed Accept ({} bytes)",
+            ex.port,
+            payload.len()
+        );
+        return;
+    };
+    let refuse = if ex.opts.allow.as_ref().is_some_and(|set| !set.contains(&a.remote)) {
+        ex.refused.fetch_add(1, Relaxed);
+        Some("not in the allow-list".to_string())
+    } else if ex.active.load(Relaxed) >= ex.opts.max_conns as u64 {
+        ex.over_limit.fetch_add(1, Relaxed);
+        Some(format!("{} connections already live", ex.opts.max_conns))
+    } else {
+        None
+    };
+    if let Some(why) = refuse {
+        link.close(a.conn);
+        warn!(
+            "exposed port {}: refused {}:{} ({why})",
+            ex.port, a.remote, a.remote_port
+        );
+        report(
+            ex,
+            a.conn,
+            a.remote,
+            a.remote_port,
+            Outcome::Refused(why),
+            (0, 0),
+            Duration::ZERO,
+        );
+        return;
+    }
+    let conn = Arc::new(Conn {
+        id: a.conn,
+        peer: a.remote,
+        peer_port: a.remote_port,
+        link: link.clone(),
+        started: Instant::now(),
+        queue: Mutex::new(Queue::default()),
+        ready: Condvar::new(),
+        room: Condvar::new(),
+        tcp: OnceLock::new(),
+        bytes_in: AtomicU64::new(0),
+        bytes_out: AtomicU64::new(0),
+        remote_closed: AtomicBool::new(false),
+        close_sent: AtomicBool::new(false),
+        outcome: OnceLock::new(),
+    });
+    lock(&ex.conns).insert(a.conn, conn.clone());
+    ex.active.fetch_add(1, Relaxed);
+    ex.total.fetch_add(1, Relaxed);
+    debug!(
+        "exposed port {}: connection {} from {}:{}",
+        ex.port, a.conn, a.remote, a.remote_port
+    );
+    let finish = Finish { conn, ex: ex.clone() };
+    // If the thread cannot start, the closure (and `finish`) is dropped:
+    // the connection is closed and accounted for all the same.
+    let spawned = thread::Builder::new()
+        .stack_size(THREAD_STACK)
+        .spawn(move || connect_then_relay(finish));
+    if let Err(e) = spawned {
+        warn!("exposed port {}: no thread for a connection: {e}", ex.port);
+    }
+}
+
+fn recv(ex: &Shared, payload: &[u8]) {
+    let Some(id) = ipc::be_u32(payload) else { return };
+    let Some(c) = lock(&ex.conns).get(&id).cloned() else {
+        return;
+    };
+    if !c.push(&payload[4..], ex.opts.queue_bytes, ex.opts.stall) {
+        ex.slow_resets.fetch_add(1, Relaxed);
+        let why = format!(
+            "the local service stopped reading ({} bytes queued, no progress for {:?})",
+            ex.opts.queue_bytes, ex.opts.stall
+        );
+        c.fail(Outcome::Reset(why));
+    }
+}
+
+/// Data on its way to the local service.
+#[derive(Default)]
+struct Queue {
+    chunks: VecDeque<Vec<u8>>,
+    bytes: usize,
+    /// Chunks the writer has taken: its progress.
+    popped: u64,
+    remote_closed: bool,
+    cut: bool,
+}
+
+/// One exposed connection, shared by its threads and the reader thread.
+struct Conn {
+    id: u32,
+    peer: PilotAddr,
+    peer_port: u16,
+    link: Arc<Link>,
+    started: Instant,
+    queue: Mutex<Queue>,
+    /// Data queued, remote closed or cut: for the writer.
+    ready: Condvar,
+    /// The writer took a chunk, or cut: for a reader waiting for room.
+    room: Condvar,
+    /// The local socket, once connected.
+    tcp: OnceLock<TcpStream>,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    /// CloseOK seen: the daemon has forgotten this connection.
+    remote_closed: AtomicBool,
+    close_sent: AtomicBool,
+    outcome: OnceLock<Outcome>,
+}
+
+impl Conn {
+    /// Queues data for the local service. A queue at its `limit` makes
+    /// the caller wait for room while the service keeps reading (every
+    /// chunk the writer takes is progress); `false` once it has made none
+    /// for `stall`. Never waits on the socket itself.
+    fn push(&self, data: &[u8], limit: usize, stall: Duration) -> bool {
+        let mut q = lock(&self.queue);
+        let (mut popped, mut deadline) = (q.popped, Instant::now() + stall);
+        while !q.cut && q.bytes > 0 && q.bytes + data.len() > limit {
+            if q.popped != popped {
+                (popped, deadline) = (q.popped, Instant::now() + stall);
+            }
+            let Some(left) = deadline
+                .checked_duration_since(Instant::now())
+                .filter(|d| !d.is_zero())
+            else {
+                return false;
+            };
+            q = match self.room.wait_timeout(q, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        if q.cut {
+            return true; // being torn down: the data has nowhere to go
+        }
+        q.bytes += data.len();
+        match q.chunks.back_mut() {
+            Some(last) if last.len() + data.len() <= COALESCE => last.extend_from_slice(data),
+            _ => q.chunks.push_back(data.to_vec()),
+        }
+        drop(q);
+        self.ready.notify_one();
+        true
+    }
+
+    fn remote_closed(&self) {
+        self.remote_closed.store(true, Relaxed);
+        lock(&self.queue).remote_closed = true;
+        self.ready.notify_one();
+    }
+
+    /// Sends Close unless the daemon has already ended the connection or
+    /// we have already asked.
+    fn close_once(&self) {
+        if !self.remote_closed.load(Relaxed) && !self.close_sent.swap(true, Relaxed) {
+            self.link.close(self.id);
+        }
+    }
+
+    fn is_cut(&self) -> bool {
+        lock(&self.queue).cut
+    }
+
+    /// Ends the connection abnormally: the first reason wins and the local
+    /// socket is reset when it closes. Only its reading side is shut here
+    /// (a FIN could pass for a complete stream); the writer notices the
+    /// cut within `WRITE_POLL` even when blocked on a service that does
+    /// not read.
+    fn fail(&self, outcome: Outcome) {
+        let _ = self.outcome.set(outcome);
+        lock(&self.queue).cut = true;
+        self.ready.notify_all();
+        self.room.notify_all();
+        if let Some(tcp) = self.tcp.get() {
+            sys::set_linger_zero(tcp);
+            let _ = tcp.shutdown(Shutdown::Read);
+        }
+    }
+}
+
+/// Shared by a connection's threads; when the last lets go, `drop`
+/// cleans up exactly once.
+struct Finish {
+    conn: Arc<Conn>,
+    ex: Arc<Shared>,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let (c, ex) = (&self.conn, &self.ex);
+        c.close_once();
+        {
+            let mut conns = lock(&ex.conns);
+            if conns.get(&c.id).is_some_and(|x| Arc::ptr_eq(x, c)) {
+                conns.remove(&c.id);
+            }
+        }
+        ex.active.fetch_sub(1, Relaxed);
+        let outcome = c.outcome.get().cloned().unwrap_or(Outcome::Ok);
+        let moved = (c.bytes_in.load(Relaxed), c.bytes_out.load(Relaxed));
+        report(ex, c.id, c.peer, c.peer_port, outcome, moved, c.started.elapsed());
+    }
+}
+
+/// Logs an ended connection and hands it to `on_end`.
+fn report(
+    ex: &Shared,
+    conn: u32,
+    peer: PilotAddr,
+    peer_port: u16,
+    outcome: Outcome,
+    (bytes_in, bytes_out): (u64, u64),
+    duration: Duration,
+) {
+    let level = match outcome {
+        Outcome::Ok => crate::log::Level::Debug,
+        Outcome::Refused(_) | Outcome::ConnectFailed(_) | Outcome::Reset(_) => crate::log::Level::Warn,
+    };
+    crate::log::log(
+        level,
+        format_args!(
+            "exposed connection {conn} from {peer}:{peer_port} to port {} ({}) ended: {} {} (in {bytes_in} B, out {bytes_out} B, {duration:?})",
+            ex.port,
+            ex.target,
+            outcome.label(),
+            outcome.reason(),
+        ),
+    );
+    if let Some(f) = &ex.opts.on_end {
+        f(&Ended {
+            port: ex.port,
+            target: ex.target,
+            conn,
+            peer,
+            peer_port,
+            outcome,
+            bytes_in,
+            bytes_out,
+            duration,
+        });
+    }
+}
+
+/// The connection's thread: connects to the target, starts the
+/// local→remote thread and itself feeds the queue to the local socket.
+fn connect_then_relay(finish: Finish) {
+    let (c, ex) = (&finish.conn, &finish.ex);
+    let tcp = match TcpStream::connect_timeout(&ex.target, ex.opts.connect_timeout) {
+        Ok(t) => t,
+        Err(e) => {
+            ex.connect_failures.fetch_add(1, Relaxed);
+            let _ = c
+                .outcome
+                .set(Outcome::ConnectFailed(format!("{}: {e}", ex.target)));
+            return;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let _ = tcp.set_write_timeout(Some(WRITE_POLL));
+    let _ = c.tcp.set(tcp);
+    // A cut that came while we connected could not reach the socket.
+    if c.is_cut() {
+        c.fail(Outcome::Reset("cut while connecting".into()));
+        return;
+    }
+    let finish = Arc::new(finish);
+    let f2 = finish.clone();
+    let spawned = thread::Builder::new()
+        .stack_size(THREAD_STACK)
+        .spawn(move || local_to_remote(&f2.conn, &f2.ex));
+    if let Err(e) = spawned {
+        finish.conn.fail(Outcome::Reset(format!("no thread: {e}")));
+        return;
+    }
+    remote_to_local(&finish.conn, &finish.ex);
+}
+
+/// Drains the connection's queue into the local socket.
+fn remote_to_local(c: &Conn, ex: &Shared) {
+    let Some(tcp) = c.tcp.get() else { return };
+    loop {
+        let next = {
+            let mut q = lock(&c.queue);
+            loop {
+                if q.cut {
+                    return;
+                }
+                if let Some(chunk) = q.chunks.pop_front() {
+                    q.bytes -= chunk.len();
+                    q.popped += 1;
+                    c.room.notify_one();
+                    break Some(chunk);
+                }
+                if q.remote_closed {
+                    break None;
+                }
+                q = c.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let Some(chunk) = next else {
+            // The remote closed: let the service see the end and finish.
+            let _ = tcp.shutdown(Shutdown::Write);
+            let _ = tcp.set_read_timeout(Some(LINGER));
+            return;
+        };
+        if let Err(e) = write_local(c, tcp, &chunk) {
+            if !c.is_cut() {
+                c.fail(Outcome::Reset(format!("writing to {}: {e}", ex.target)));
+            }
+            return;
+        }
+        c.bytes_in.fetch_add(chunk.len() as u64, Relaxed);
+        ex.bytes_in.fetch_add(chunk.len() as u64, Relaxed);
+    }
+}
+
+/// Writes all of `data`, waking every `WRITE_POLL` to notice a cut.
+fn write_local(c: &Conn, mut tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match tcp.write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                if c.is_cut() {
+                    return Err(e);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads the local socket and sends its data as Send frames; the
+/// service's EOF becomes Close.
+fn local_to_remote(c: &Conn, ex: &Shared) {
+    let Some(mut tcp) = c.tcp.get() else { return };
+    // Starts small (idle connections stay cheap), doubles while busy.
+    let mut buf = vec![0u8; ipc::DATA_HEADER + 4096];
+    loop {
+        match tcp.read(&mut buf[ipc::DATA_HEADER..]) {
+            Ok(0) => {
+                if !c.is_cut() {
+                    c.close_once();
+                }
+                return;
+            }
+            Ok(_) if c.remote_closed.load(Relaxed) => {} // nowhere to go
+            Ok(n) => {
+                ipc::put_send_header(&mut buf, c.id, n);
+                if !c.link.send(&buf[..ipc::DATA_HEADER + n]) {
+                    c.fail(Outcome::Reset("daemon session lost while sending".into()));
+                    return;
+                }
+                c.bytes_out.fetch_add(n as u64, Relaxed);
+                ex.bytes_out.fetch_add(n as u64, Relaxed);
+                if ipc::DATA_HEADER + n == buf.len() && n < SEND_CHUNK {
+                    buf.resize(ipc::DATA_HEADER + (2 * n).min(SEND_CHUNK), 0);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if c.remote_closed.load(Relaxed)
+                    && matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+            {
+                return
+            }
+            Err(e) => {
+                if !c.is_cut() {
+                    c.fail(Outcome::Reset(format!("reading from {}: {e}", ex.target)));
+                }
+                return;
+            }
+        }
+    }
+}

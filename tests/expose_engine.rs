@@ -1,0 +1,341 @@
+//! The exposure engine (src/expose.rs) against pilot-devd: inbound
+//! connections arrive through `--inbound`, reach a local service through
+//! the engine, and go back byte-exact.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use pilot_gateway::address::PilotAddr;
+use pilot_gateway::error::Code;
+use pilot_gateway::expose::{self, Ended, Exposure, Options, Outcome, State};
+use pilot_gateway::ipc::{self, cmd, FrameReader};
+
+const P9: &str = "0:0000.0000.0009";
+const P8: &str = "0:0000.0000.0008";
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn devd(dir: &TempDir, extra: &[&str]) -> Devd {
+    let mut args = vec!["--inbound", "127.0.0.1:7100=0:0000.0000.0009:80"];
+    args.extend_from_slice(extra);
+    Devd::start(dir, &args)
+}
+
+fn expose(d: &Devd, port: u16, target: &str, opts: Options) -> Exposure {
+    Exposure::start(&d.socket, port, addr(target), opts).unwrap()
+}
+
+/// Whether a fresh session can Bind `port` (BindOK), polled: the daemon
+/// frees a port when it notices the owner's session has closed.
+fn can_bind(socket: &Path, port: u16) -> bool {
+    wait_until(Duration::from_secs(10), || {
+        let Ok(s) = UnixStream::connect(socket) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        w.write_all(&ipc::encode(cmd::BIND, &[&port.to_be_bytes()]))
+            .unwrap();
+        let mut r = FrameReader::new(s, 1024);
+        matches!(r.read_frame(), Ok((cmd::BIND_OK, _)))
+    })
+}
+
+/// Service: reads an 8-byte length N, then N bytes, which it compares with
+/// the pattern as they come; replies with the count and the offset of the
+/// first difference (u64::MAX: none). Comparing slices keeps it fast even
+/// in a debug build: an exposed service slower than the daemon's delivery
+/// would (by design) be reset once its queue passes its bound.
+fn verify(mut c: TcpStream) {
+    let mut n = [0u8; 8];
+    if c.read_exact(&mut n).is_err() {
+        return;
+    }
+    let want = u64::from_be_bytes(n);
+    let expect = pattern(11, 1 << 20);
+    let (mut total, mut first_diff) = (0u64, u64::MAX);
+    let mut buf = vec![0u8; 1 << 20];
+    while total < want {
+        // Reads never cross a pattern boundary, so each compares in one piece.
+        let at = (total % (1 << 20)) as usize;
+        let k = (buf.len() - at).min((want - total) as usize);
+        match c.read(&mut buf[at..at + k]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if first_diff == u64::MAX && buf[at..at + n] != expect[at..at + n] {
+                    first_diff = total;
+                }
+                total += n as u64;
+            }
+        }
+    }
+    let _ = c.write_all(&total.to_be_bytes());
+    let _ = c.write_all(&first_diff.to_be_bytes());
+}
+
+/// Sends `len` pattern bytes to a `verify` service without half-closing
+/// (an exposed service never sees our half-close before its reply);
+/// returns its (count, first difference).
+fn upload_whole(to: &str, len: usize) -> (u64, u64) {
+    let mut s = connect(to);
+    s.write_all(&(len as u64).to_be_bytes()).unwrap();
+    let chunk = pattern(11, 1 << 20);
+    let mut sent = 0;
+    while sent < len {
+        let k = (len - sent).min(chunk.len());
+        s.write_all(&chunk[..k]).unwrap();
+        sent += k;
+    }
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply).unwrap();
+    let count = u64::from_be_bytes(reply[..8].try_into().unwrap());
+    let diff = u64::from_be_bytes(reply[8..].try_into().unwrap());
+    (count, diff)
+}
+
+#[test]
+fn sixty_four_mib_both_ways_byte_exact() {
+    netns();
+    let dir = TempDir::new("expose-64");
+    let _src = Service::start(8000, source);
+    let _snk = Service::start(8001, verify);
+    let d = devd(&dir, &["--inbound", "127.0.0.1:7101=0:0000.0000.0009:81"]);
+    let down = expose(&d, 80, "127.0.0.1:8000", Options::default());
+    let up = expose(&d, 81, "127.0.0.1:8001", Options::default());
+    const LEN: usize = 64 << 20;
+    let uploader = thread::spawn(|| upload_whole("127.0.0.1:7101", LEN));
+    let (got, hash) = download("127.0.0.1:7100", LEN);
+    assert_eq!((got, hash), (LEN, expected_download(LEN)), "download byte-exact");
+    let (count, first_diff) = uploader.join().unwrap();
+    assert_eq!((count, first_diff), (LEN as u64, u64::MAX), "upload byte-exact");
+    assert!(wait_until(Duration::from_secs(10), || {
+        down.counters().active == 0 && up.counters().active == 0
+    }));
+    let (dc, uc) = (down.counters(), up.counters());
+    assert_eq!((dc.total, uc.total), (1, 1));
+    assert_eq!(dc.bytes_out, LEN as u64);
+    assert_eq!(uc.bytes_in, LEN as u64 + 8);
+    assert_eq!((dc.slow_resets, uc.slow_resets, dc.refused), (0, 0, 0));
+}
+
+#[test]
+fn fifty_connections_one_slow_reader_is_reset_the_rest_complete() {
+    netns();
+    let dir = TempDir::new("expose-slow");
+    // The service: its first connection never reads; the others echo.
+    let listener = TcpListener::bind("127.0.0.1:8000").unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let slow: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+    {
+        let (accepted, slow) = (accepted.clone(), slow.clone());
+        thread::spawn(move || {
+            for c in listener.incoming().flatten().take(50) {
+                if accepted.fetch_add(1, Ordering::SeqCst) == 0 {
+                    *slow.lock().unwrap() = Some(c);
+                } else {
+                    thread::spawn(move || echo(c));
+                }
+            }
+        });
+    }
+    let d = devd(&dir, &[]);
+    let ex = expose(&d, 80, "127.0.0.1:8000", Options::default());
+    // Pours data at the slow one until the engine resets it (bounded).
+    let pour = thread::spawn(|| {
+        let mut s = connect("127.0.0.1:7100");
+        let chunk = vec![5u8; 1 << 20];
+        for _ in 0..256 {
+            if s.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    assert!(wait_until(Duration::from_secs(10), || accepted
+        .load(Ordering::SeqCst)
+        == 1));
+    let others: Vec<_> = (0..49u64)
+        .map(|i| {
+            thread::spawn(move || {
+                let s = connect("127.0.0.1:7100");
+                let data = pattern(100 + i, 128 * 1024);
+                let (mut w, expect) = (s.try_clone().unwrap(), data.clone());
+                let writer = thread::spawn(move || w.write_all(&data).unwrap());
+                let mut got = vec![0u8; expect.len()];
+                (&s).read_exact(&mut got).unwrap();
+                writer.join().unwrap();
+                got == expect
+            })
+        })
+        .collect();
+    for (i, t) in others.into_iter().enumerate() {
+        assert!(t.join().unwrap(), "connection {i} did not echo byte-exact");
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || ex.counters().slow_resets == 1),
+        "the slow reader was not reset: {:?}",
+        ex.counters()
+    );
+    let mut held = slow.lock().unwrap().take().unwrap();
+    assert!(
+        sees_reset(&mut held, Duration::from_secs(10)),
+        "the slow service side sees a reset"
+    );
+    pour.join().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || ex.counters().active == 0));
+    let c = ex.counters();
+    assert_eq!((c.total, c.slow_resets, c.connect_failures), (50, 1, 0));
+    assert_eq!(ex.state(), State::Bound);
+}
+
+#[test]
+fn allow_list_refuses_unlisted_and_admits_listed() {
+    netns();
+    let dir = TempDir::new("expose-allow");
+    let _svc = Service::start(8000, echo);
+    let d = devd(
+        &dir,
+        &[
+            "--inbound",
+            "127.0.0.1:7101=0:0000.0000.0008:80",
+            "--host",
+            "lab-a=0:0000.0000.0009",
+        ],
+    );
+    let entries = ["lab-a".to_string(), "0:0000.0000.0007".to_string()];
+    let allow = expose::resolve_allow(&d.socket, &entries).unwrap();
+    let want: HashSet<PilotAddr> = [P9.parse().unwrap(), "0:0000.0000.0007".parse().unwrap()].into();
+    assert_eq!(allow, want);
+    let err = expose::resolve_allow(&d.socket, &["nosuch".to_string()]).unwrap_err();
+    assert_eq!(err.code, Code::NotFound);
+
+    let ended: Arc<Mutex<Vec<Ended>>> = Arc::default();
+    let e2 = ended.clone();
+    let opts = Options {
+        allow: Some(allow),
+        on_end: Some(Arc::new(move |e: &Ended| e2.lock().unwrap().push(e.clone()))),
+        ..Options::default()
+    };
+    let ex = expose(&d, 80, "127.0.0.1:8000", opts);
+    // Node 8 is not listed: closed at once, without reaching the service.
+    let mut s = connect("127.0.0.1:7101");
+    let _ = s.write_all(b"hello");
+    let mut buf = [0u8; 5];
+    assert!(
+        !matches!(s.read(&mut buf), Ok(n) if n > 0),
+        "an unlisted peer got data"
+    );
+    assert!(short_exchange("127.0.0.1:7100"), "the listed peer is admitted");
+    assert!(wait_until(Duration::from_secs(10), || ex.counters().active == 0));
+    let c = ex.counters();
+    assert_eq!((c.refused, c.total), (1, 1));
+    let ended = ended.lock().unwrap();
+    let refused: Vec<_> = ended
+        .iter()
+        .filter(|e| matches!(e.outcome, Outcome::Refused(_)))
+        .collect();
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].peer, P8.parse().unwrap());
+    assert!(ended
+        .iter()
+        .any(|e| e.outcome == Outcome::Ok && e.peer == P9.parse().unwrap() && e.bytes_in == 5));
+}
+
+#[test]
+fn a_bound_port_is_port_in_use_and_targets_are_checked() {
+    netns();
+    let dir = TempDir::new("expose-inuse");
+    let d = devd(&dir, &[]);
+    let _ex = expose(&d, 80, "127.0.0.1:8000", Options::default());
+    for port in [80, 7, 1001] {
+        let err = Exposure::start(&d.socket, port, addr("127.0.0.1:8000"), Options::default())
+            .err()
+            .unwrap();
+        assert_eq!(err.code, Code::PortInUse, "port {port}: {err:?}");
+        assert!(err.message.contains("already bound"), "{}", err.message);
+    }
+    for bad in ["0.0.0.0:8000", "127.0.0.1:0", "192.0.2.1:80"] {
+        let err = Exposure::start(&d.socket, 81, addr(bad), Options::default())
+            .err()
+            .unwrap();
+        assert_eq!(err.code, Code::BadTarget, "{bad}");
+    }
+    assert!(expose::check_target(addr("192.0.2.1:80"), true).is_ok());
+    let gone = dir.path("nothing.sock");
+    let err = Exposure::start(&gone, 81, addr("127.0.0.1:8000"), Options::default())
+        .err()
+        .unwrap();
+    assert_eq!(err.code, Code::DaemonUnreachable);
+}
+
+#[test]
+fn a_daemon_restart_rebinds() {
+    netns();
+    let dir = TempDir::new("expose-restart");
+    let _svc = Service::start(8000, echo);
+    let d = devd(&dir, &[]);
+    let ex = expose(&d, 80, "127.0.0.1:8000", Options::default());
+    assert!(short_exchange("127.0.0.1:7100"));
+    drop(d); // killed and reaped
+    assert!(
+        wait_until(Duration::from_secs(10), || matches!(
+            ex.state(),
+            State::Rebinding(_)
+        )),
+        "{:?}",
+        ex.state()
+    );
+    let d = devd(&dir, &[]);
+    assert!(
+        wait_until(Duration::from_secs(20), || ex.state() == State::Bound),
+        "{:?}",
+        ex.state()
+    );
+    assert_eq!(ex.counters().rebinds, 1);
+    assert!(short_exchange("127.0.0.1:7100"), "new inbound connections work");
+    assert!(!can_bind_once(&d.socket, 80), "the port is ours again");
+}
+
+/// One Bind attempt on a fresh session.
+fn can_bind_once(socket: &Path, port: u16) -> bool {
+    let s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    w.write_all(&ipc::encode(cmd::BIND, &[&port.to_be_bytes()]))
+        .unwrap();
+    let mut r = FrameReader::new(s, 1024);
+    matches!(r.read_frame(), Ok((cmd::BIND_OK, _)))
+}
+
+#[test]
+fn stop_frees_the_port() {
+    netns();
+    let dir = TempDir::new("expose-stop");
+    let _svc = Service::start(8000, echo);
+    let d = devd(&dir, &[]);
+    let mut ex = expose(&d, 80, "127.0.0.1:8000", Options::default());
+    assert!(short_exchange("127.0.0.1:7100"));
+    // A live connection is cut by stop.
+    let mut live = connect("127.0.0.1:7100");
+    live.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    live.read_exact(&mut b).unwrap();
+    assert!(!can_bind_once(&d.socket, 80));
+    ex.stop(Duration::from_secs(5));
+    assert_eq!(ex.state(), State::Stopped);
+    assert_eq!(ex.counters().active, 0);
+    assert!(can_bind(&d.socket, 80), "another program can bind the port now");
+    let mut rest = Vec::new();
+    let _ = live.read_to_end(&mut rest);
+}
