@@ -605,11 +605,16 @@ pub fn active(gw: &Gw, ip: &str) -> u64 {
 /// The thread count of `pid` once it holds still for 10 ms (a transient
 /// client, such as [`Devd::start`]'s probe, has ended by then).
 pub fn settled_threads(pid: u32) -> u64 {
-    let mut last = proc_field(pid, "Threads:");
+    // Settled: the same count for 300 ms in a row (a session that start-up
+    // opened, e.g. the gateway's first health check, may still be closing).
+    let (mut last, mut since) = (proc_field(pid, "Threads:"), Instant::now());
     assert!(
-        wait_until(Duration::from_secs(5), || {
+        wait_until(Duration::from_secs(10), || {
             let now = proc_field(pid, "Threads:");
-            std::mem::replace(&mut last, now) == now
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+            since.elapsed() >= Duration::from_millis(300)
         }),
         "the thread count of {pid} does not settle"
     );
