@@ -263,7 +263,7 @@ fn exposure_row(e: &Exposed, stats: &Stats) -> (Value, String) {
         format!("{} ({})", x.state, escape_control(&x.reason))
     };
     let text = format!(
-        "pilot port {} ← {}  {state}  active {} total {} in {} B out {} B refused {} slow resets {}  allowed: {}\n",
+        "pilot port {} → {}  {state}  active {} total {} in {} B out {} B refused {} slow resets {}  allowed: {}\n",
         e.port,
         e.target,
         c.active,
