@@ -529,10 +529,7 @@ Global flags:
 Run `pilot-gateway help COMMAND` for a command's flags. Manual: pilot-gateway(8).
 ";
 
-pub fn command_help(topic: &str) -> Option<&'static str> {
-    Some(match topic {
-        "start" | "run" => {
-            "\
+const START_HELP: &str = "\
 Usage: pilot-gateway start [flags] [ADDR [LOCAL_IP]]…
        pilot-gateway [flags] run [ADDR [LOCAL_IP]]…     (foreground, upstream's form)
 
@@ -563,8 +560,39 @@ Flags:
   --allow-remote-target  let every --expose target be another host's address
 
 A gateway may run with only exposures and no ADDR.
-"
-        }
+";
+
+const EXPOSE_HELP: &str = "\
+Usage: pilot-gateway expose [--allow PEERS] [--allow-remote-target] PILOT_PORT [HOST:]PORT
+
+Serves the local TCP service HOST:PORT (a bare PORT means 127.0.0.1:PORT) on
+pilot port PILOT_PORT of this node, through the running gateway: each inbound
+pilot connection to that port becomes a TCP connection to the service. A
+gateway started with no mappings can serve exposures only.
+
+Fails with port_in_use when the daemon or another program holds the port (the
+daemon itself holds 7, 1001 and 1002), bad_target for a target that is not a
+service address of this host, already_exists when the port is exposed with
+another target.
+
+Flags:
+  --allow PEERS          admit only these peers: comma-separated pilot addresses
+                         or hostnames (resolved through the daemon now); others
+                         are closed at once, counted and logged
+  --allow-remote-target  allow a target on another host: every peer the daemon
+                         trusts then becomes a client of that host's network
+";
+
+const UNEXPOSE_HELP: &str = "\
+Usage: pilot-gateway unexpose PILOT_PORT
+
+Stops serving PILOT_PORT: the gateway releases the port (the daemon frees it
+and resets its live connections). Fails with not_found for a port not exposed.
+";
+
+pub fn command_help(topic: &str) -> Option<&'static str> {
+    Some(match topic {
+        "start" | "run" => START_HELP,
         "map" => {
             "\
 Usage: pilot-gateway map ADDR [LOCAL_IP]
@@ -588,36 +616,8 @@ Flags:
                          SECS, then cut the rest
 "
         }
-        "expose" => {
-            "\
-Usage: pilot-gateway expose [--allow PEERS] [--allow-remote-target] PILOT_PORT [HOST:]PORT
-
-Serves the local TCP service HOST:PORT (a bare PORT means 127.0.0.1:PORT) on
-pilot port PILOT_PORT of this node, through the running gateway: each inbound
-pilot connection to that port becomes a TCP connection to the service. A
-gateway started with no mappings can serve exposures only.
-
-Fails with port_in_use when the daemon or another program holds the port (the
-daemon itself holds 7, 1001 and 1002), bad_target for a target that is not a
-service address of this host, already_exists when the port is exposed with
-another target.
-
-Flags:
-  --allow PEERS          admit only these peers: comma-separated pilot addresses
-                         or hostnames (resolved through the daemon now); others
-                         are closed at once, counted and logged
-  --allow-remote-target  allow a target on another host: every peer the daemon
-                         trusts then becomes a client of that host's network
-"
-        }
-        "unexpose" => {
-            "\
-Usage: pilot-gateway unexpose PILOT_PORT
-
-Stops serving PILOT_PORT: the gateway releases the port (the daemon frees it
-and resets its live connections). Fails with not_found for a port not exposed.
-"
-        }
+        "expose" => EXPOSE_HELP,
+        "unexpose" => UNEXPOSE_HELP,
         "list" => {
             "\
 Usage: pilot-gateway list
@@ -953,6 +953,10 @@ mod tests {
             p(&["pilot-gateway", "unexpose", "80"]).unwrap().command,
             Some(Command::Unexpose { port: "80".into() })
         );
+    }
+
+    #[test]
+    fn expose_errors() {
         for (argv, code, want) in [
             (
                 &["pilot-gateway", "expose", "0", "8000"][..],
