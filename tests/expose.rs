@@ -354,3 +354,41 @@ fn list_and_status_show_exposures_and_unexpose_frees_the_port() {
     let mut rest = Vec::new();
     let _ = live.read_to_end(&mut rest);
 }
+
+#[test]
+fn exposures_in_the_state_file_are_checked_again() {
+    netns();
+    let dir = TempDir::new("x-tamper");
+    let d = devd(&dir, &[]);
+    let gw = Gw::new(&dir, &d.socket);
+    gw.ok(&["start"]);
+    // Edit state.json by hand, as the gateway's user could: a LAN target
+    // without allow_remote_target, and port 0.
+    let path = gw.state.join("state.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let generation = num(&pilot_gateway::json::parse(&text).unwrap(), "generation");
+    let bad = format!(
+        r#""exposures":[{{"port":81,"target":"192.0.2.1:80","allow":null,"allow_remote_target":false,"generation":{g}}},{{"port":0,"target":"127.0.0.1:80","allow":null,"allow_remote_target":false,"generation":{g}}}]"#,
+        g = generation + 1
+    );
+    let text = text.replace(r#""exposures":[]"#, &bad).replace(
+        &format!(r#""generation":{generation},"applied""#),
+        &format!(r#""generation":{},"applied""#, generation + 1),
+    );
+    assert!(text.contains("192.0.2.1"), "{text}");
+    std::fs::write(&path, text).unwrap();
+    // SIGHUP, as a command would send it.
+    let pid = gw.pid() as i32;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    assert!(wait_until(Duration::from_secs(10), || {
+        let v = pilot_gateway::json::parse(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        num(&v, "applied") > generation
+    }));
+    let st = std::fs::read_to_string(&path).unwrap();
+    assert!(st.contains(r#""exposures":[]"#), "{st}");
+    assert!(
+        st.contains("not on this host") && st.contains("pilot port 0"),
+        "{st}"
+    );
+    assert!(can_bind(&d.socket, 81), "port 81 was never bound");
+}
