@@ -33,9 +33,13 @@ echo "<h1>Hello from agent 0:0000.0000.0004</h1>" > "$work/www/index.html"
 python3 -m http.server 8080 --bind 127.0.0.1 --directory "$work/www" >/dev/null 2>&1 &
 pids+=($!)
 
-# 2. The stand-in daemon: dials to agent 0:0000.0000.0004 reach 127.0.0.1.
-say pilot-devd --socket "$work/devd.sock" --route 0:0000.0000.0004=127.0.0.1 '&'
-"$bin/pilot-devd" --socket "$work/devd.sock" --route 0:0000.0000.0004=127.0.0.1 2>"$work/devd.log" &
+# 2. The stand-in daemon: dials to agent 0:0000.0000.0004 reach 127.0.0.1;
+#    TCP connections to 127.0.0.1:7080 arrive as inbound pilot connections
+#    from agent 0:0000.0000.0009 to whoever binds pilot port 80 (step 4).
+devd_args=(--socket "$work/devd.sock" --route 0:0000.0000.0004=127.0.0.1
+           --inbound 127.0.0.1:7080=0:0000.0000.0009:80)
+say pilot-devd "${devd_args[@]}" '&'
+"$bin/pilot-devd" "${devd_args[@]}" 2>"$work/devd.log" &
 pids+=($!)
 for _ in $(seq 100); do [ -S "$work/devd.sock" ] && break; sleep 0.05; done
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/8080) 2>/dev/null && break; sleep 0.05; done
@@ -49,9 +53,21 @@ gw start --ports 8080 0:0000.0000.0004
 say curl http://10.4.0.1:8080/
 curl -sS --max-time 10 http://10.4.0.1:8080/
 
+# 4. The other direction: serve the same local web server on pilot port 80
+#    of this node, and fetch it as agent 0:0000.0000.0009 would (through
+#    pilot-devd's inbound path).
+echo "<h1>Hello from this node, served on pilot port 80</h1>" > "$work/www/index.html"
+say pilot-gateway expose 80 127.0.0.1:8080
+gw expose 80 127.0.0.1:8080
+
+say "curl http://127.0.0.1:7080/     # pilot-devd: an inbound connection from 0:0000.0000.0009 to port 80"
+curl -sS --max-time 10 http://127.0.0.1:7080/
+
 say pilot-gateway list
 gw list
+say pilot-gateway unexpose 80
+gw unexpose 80
 say pilot-gateway stop
 gw stop
 echo
-echo "demo ok: curl reached the agent's web server through pilot-gateway"
+echo "demo ok: curl reached the agent's web server through pilot-gateway, and an agent reached this node's web server through pilot-gateway expose"

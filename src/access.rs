@@ -111,6 +111,64 @@ impl AccessLog {
     }
 }
 
+/// One access-log line for an exposed port's inbound connection: a peer
+/// of the overlay reached the local service `target` on pilot `port`.
+#[derive(Clone, Debug)]
+pub struct Inbound<'a> {
+    pub peer: PilotAddr,
+    pub peer_port: u16,
+    pub port: u16,
+    pub target: SocketAddr,
+    /// Bytes peer→service and service→peer.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub duration: Duration,
+    /// `ok`, `reset`, `connect_failed`, `refused`.
+    pub outcome: &'a str,
+    pub reason: &'a str,
+}
+
+impl AccessLog {
+    /// Formats an inbound record and queues it; never blocks. Text lines
+    /// start with `inbound` so they never read as a forward connection.
+    pub fn write_inbound(&self, r: &Inbound<'_>) {
+        let time = rfc3339(SystemTime::now());
+        let ms = r.duration.as_secs_f64() * 1000.0;
+        let line = match self.format {
+            Format::Text => {
+                let reason = if r.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" reason={:?}", r.reason)
+                };
+                format!(
+                    "{time} inbound peer={}:{} pilot_port={} target={} in={} out={} duration_ms={ms:.1} outcome={}{reason}\n",
+                    r.peer, r.peer_port, r.port, r.target, r.bytes_in, r.bytes_out, r.outcome
+                )
+            }
+            Format::Json => {
+                let mut v = vec![
+                    ("time", Value::from(time)),
+                    ("direction", "inbound".into()),
+                    ("peer", r.peer.to_string().into()),
+                    ("peer_port", r.peer_port.into()),
+                    ("pilot_port", r.port.into()),
+                    ("target", r.target.to_string().into()),
+                    ("bytes_in", r.bytes_in.into()),
+                    ("bytes_out", r.bytes_out.into()),
+                    ("duration_ms", ((ms * 10.0).round() / 10.0).into()),
+                    ("outcome", r.outcome.into()),
+                ];
+                if !r.reason.is_empty() {
+                    v.push(("reason", r.reason.into()));
+                }
+                format!("{}\n", Value::obj(v))
+            }
+        };
+        self.send(line);
+    }
+}
+
 /// One access-log line: a connection that ended, or one that never
 /// carried data (refused, failed dial).
 #[derive(Clone, Debug)]

@@ -11,12 +11,12 @@
 //! sees them, so one parser serves all forms.
 
 use std::ffi::OsString;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use lexopt::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::error::{Code, Error, Result};
 
 /// A mapping the user asked for on `start`: an address or a hostname, and
 /// perhaps a chosen local IP.
@@ -24,6 +24,93 @@ use crate::error::{Error, Result};
 pub struct Target {
     pub name: String,
     pub ip: Option<Ipv4Addr>,
+}
+
+/// An exposure the user asked for (`expose`, `start --expose`): pilot port
+/// `port` serves the local TCP service `target`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expose {
+    pub port: u16,
+    pub target: SocketAddr,
+    /// `--allow` entries as given (addresses or hostnames); `None`: no
+    /// list, whoever the daemon lets in.
+    pub allow: Option<Vec<String>>,
+    pub allow_remote_target: bool,
+}
+
+impl Expose {
+    /// `PILOT_PORT` and `[HOST:]PORT` of `expose`; a bare PORT is on
+    /// 127.0.0.1, HOST is an IP address (`[::1]:22` for IPv6) or localhost.
+    pub fn parse(port: &str, target: &str) -> Result<Expose> {
+        let port = port.parse::<u16>().ok().filter(|&p| p > 0).ok_or_else(|| {
+            Error::invalid(format!("pilot port {port:?} is not a number from 1 to 65535"))
+                .hint("for example: pilot-gateway expose 80 127.0.0.1:8000")
+        })?;
+        let bad = || {
+            Error::new(
+                Code::BadTarget,
+                format!("target {target:?} is not [HOST:]PORT (HOST an IP address, PORT 1-65535)"),
+            )
+            .hint("for example 8000 (meaning 127.0.0.1:8000), 127.0.0.1:22 or [::1]:5432")
+        };
+        let target = if let Ok(p) = target.parse::<u16>() {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, p))
+        } else if let Some(p) = target.strip_prefix("localhost:") {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, p.parse::<u16>().map_err(|_| bad())?))
+        } else {
+            target.parse::<SocketAddr>().map_err(|_| bad())?
+        };
+        if target.port() == 0 {
+            return Err(bad());
+        }
+        Ok(Expose {
+            port,
+            target,
+            allow: None,
+            allow_remote_target: false,
+        })
+    }
+
+    /// `start --expose P=[HOST:]PORT[,allow=PEER+PEER…]`: `+` separates
+    /// peers because `,` separates the exposure's options.
+    pub fn parse_start(spec: &str) -> Result<Expose> {
+        let mut parts = spec.split(',');
+        let head = parts.next().unwrap_or_default();
+        let (port, target) = head.split_once('=').ok_or_else(|| {
+            Error::usage(format!("--expose {spec:?} is not PILOT_PORT=[HOST:]PORT")).hint(
+                "for example: --expose 80=8000 or --expose 2222=127.0.0.1:22,allow=lab-a+0:0000.0000.0007",
+            )
+        })?;
+        let mut e = Expose::parse(port, target)?;
+        for opt in parts {
+            match opt.split_once('=') {
+                Some(("allow", peers)) => e.allow = Some(split_peers(peers, '+')?),
+                _ => {
+                    return Err(Error::usage(format!("--expose {spec:?}: unknown option {opt:?}"))
+                        .hint("the one option is allow=PEER+PEER…"))
+                }
+            }
+        }
+        Ok(e)
+    }
+
+    /// Whether the target is this host's loopback (the safe default).
+    pub fn is_loopback(&self) -> bool {
+        match self.target.ip() {
+            IpAddr::V4(ip) => ip.is_loopback(),
+            IpAddr::V6(ip) => ip.is_loopback(),
+        }
+    }
+}
+
+/// `--allow` peers: `sep`-separated addresses or hostnames, none empty.
+pub fn split_peers(text: &str, sep: char) -> Result<Vec<String>> {
+    let peers: Vec<String> = text.split(sep).map(|p| p.trim().to_string()).collect();
+    if peers.iter().any(String::is_empty) {
+        return Err(Error::usage(format!("--allow {text:?} has an empty entry"))
+            .hint("list peers as ADDR|HOSTNAME,… for example --allow lab-a,0:0000.0000.0007"));
+    }
+    Ok(peers)
 }
 
 /// Flags every command accepts (`--subnet` and `--ports` too: upstream's
@@ -55,7 +142,11 @@ const START_FLAGS: &[&str] = &[
     "no-user-switch",
     "allow-any-subnet",
     "allow-remote",
+    "expose",
 ];
+
+/// Flags that only `expose` takes (`--allow-remote-target` also `start`).
+const EXPOSE_FLAGS: &[&str] = &["allow", "allow-remote-target"];
 
 /// Flags that only `stop` and `unmap` take.
 const STOP_FLAGS: &[&str] = &["drain"];
@@ -73,6 +164,12 @@ pub enum Command {
     },
     Unmap {
         ip: String,
+    },
+    /// `expose PILOT_PORT [HOST:]PORT` (`--allow`, `--allow-remote-target`
+    /// are filled in from the flags).
+    Expose(Expose),
+    Unexpose {
+        port: String,
     },
     List,
     Status,
@@ -104,6 +201,12 @@ pub struct Args {
     pub no_user_switch: bool,
     pub allow_any_subnet: bool,
     pub allow_remote: bool,
+    /// `start --expose SPEC`, repeatable, as given.
+    pub expose: Vec<String>,
+    /// `expose --allow PEERS`.
+    pub allow: Option<String>,
+    /// `expose`/`start --allow-remote-target`.
+    pub allow_remote_target: bool,
     /// `stop`/`unmap --drain SECS`.
     pub drain: Option<String>,
     pub command: Option<Command>,
@@ -114,7 +217,10 @@ pub struct Args {
 }
 
 fn is_flag(name: &str) -> bool {
-    GLOBAL_FLAGS.contains(&name) || START_FLAGS.contains(&name) || STOP_FLAGS.contains(&name)
+    GLOBAL_FLAGS.contains(&name)
+        || START_FLAGS.contains(&name)
+        || STOP_FLAGS.contains(&name)
+        || EXPOSE_FLAGS.contains(&name)
 }
 
 /// Rewrites Go-style `-flag` / `-flag=value` to `--flag…` for known flags.
@@ -201,9 +307,10 @@ pub fn parse(argv0: &str, args: Vec<OsString>) -> Result<Args> {
     }
     let Some(cmd) = cmd else {
         return Err(Error::usage("no command given")
-            .hint("usage: pilot-gateway start|stop|map|unmap|list|status (see --help)"));
+            .hint("usage: pilot-gateway start|stop|map|unmap|expose|unexpose|list|status (see --help)"));
     };
-    let command = parse_command(&cmd, &rest)?;
+    let mut command = parse_command(&cmd, &rest)?;
+    check_expose_flags(&mut a, &mut command, &cmd)?;
     if !matches!(command, Command::Start { .. }) {
         if let Some(flag) = a.given_start_flags.first() {
             return Err(
@@ -220,6 +327,26 @@ pub fn parse(argv0: &str, args: Vec<OsString>) -> Result<Args> {
     }
     a.command = Some(command);
     Ok(a)
+}
+
+/// Refuses `--allow`/`--allow-remote-target` where they mean nothing and
+/// moves them into the `expose` command.
+fn check_expose_flags(a: &mut Args, command: &mut Command, cmd: &str) -> Result<()> {
+    let misplaced = |flag: &str, of: &str| {
+        Err(Error::usage(format!("{flag} is an option of {of}, not of {cmd}"))
+            .hint(format!("see: pilot-gateway {cmd} --help")))
+    };
+    match command {
+        Command::Expose(e) => {
+            e.allow = a.allow.as_deref().map(|t| split_peers(t, ',')).transpose()?;
+            e.allow_remote_target = a.allow_remote_target;
+        }
+        _ if a.allow.is_some() => return misplaced("--allow", "expose"),
+        Command::Start { .. } => {}
+        _ if a.allow_remote_target => return misplaced("--allow-remote-target", "expose and start"),
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Reads every flag into `a`; returns the other words and whether help
@@ -257,6 +384,9 @@ fn read_flags(a: &mut Args, args: Vec<OsString>) -> Result<(Vec<String>, bool)> 
             Long("allow-any-subnet") => a.allow_any_subnet = flag_bool(&mut p, "allow-any-subnet")?,
             Long("allow-remote") => a.allow_remote = flag_bool(&mut p, "allow-remote")?,
             Long("drain") => a.drain = Some(text(&mut p)?),
+            Long("expose") => a.expose.push(text(&mut p)?),
+            Long("allow") => a.allow = Some(text(&mut p)?),
+            Long("allow-remote-target") => a.allow_remote_target = flag_bool(&mut p, "allow-remote-target")?,
             Value(v) => words.push(
                 v.into_string()
                     .map_err(|v| Error::usage(format!("argument {v:?} is not valid UTF-8")))?,
@@ -276,7 +406,7 @@ fn strip_pilotctl_prefix(words: &mut Vec<String>, bare_ok: bool) -> Result<()> {
         [] if bare_ok => 0,
         _ => {
             return Err(Error::usage("this pilotctl provides only the gateway commands")
-                .hint("usage: pilotctl [--json] gateway start|stop|map|unmap|list|status …"))
+                .hint("usage: pilotctl [--json] gateway start|stop|map|unmap|expose|unexpose|list|status …"))
         }
     };
     words.drain(..skip);
@@ -313,6 +443,16 @@ fn parse_command(cmd: &str, rest: &[String]) -> Result<Command> {
             arity(1, 1, "LOCAL_IP")?;
             Command::Unmap { ip: rest[0].clone() }
         }
+        "expose" => {
+            arity(2, 2, "PILOT_PORT [HOST:]PORT")?;
+            Command::Expose(Expose::parse(&rest[0], &rest[1])?)
+        }
+        "unexpose" => {
+            arity(1, 1, "PILOT_PORT")?;
+            Command::Unexpose {
+                port: rest[0].clone(),
+            }
+        }
         "list" => {
             arity(0, 0, "no arguments")?;
             Command::List
@@ -328,7 +468,7 @@ fn parse_command(cmd: &str, rest: &[String]) -> Result<Command> {
         "version" => Command::Version,
         other => {
             return Err(Error::usage(format!("unknown command {other:?}"))
-                .hint("commands: start, stop, map, unmap, list, status (see --help)"))
+                .hint("commands: start, stop, map, unmap, expose, unexpose, list, status (see --help)"))
         }
     })
 }
@@ -370,7 +510,9 @@ Commands:
   start [ADDR [IP]]…   start the gateway (in the background unless --foreground)
   map ADDR [IP]        map an agent (address or hostname) to a local IP
   unmap IP             remove a mapping, closing its connections
-  list                 show mappings with live counters
+  expose PORT [HOST:]TPORT  serve a local TCP service on pilot port PORT of this node
+  unexpose PORT        stop serving pilot port PORT, closing its connections
+  list                 show mappings and exposures with live counters
   status               show the gateway, the daemon and totals
   stop                 stop the gateway and remove its aliases
   run [ADDR [IP]]…     upstream's form: start in the foreground
@@ -390,10 +532,7 @@ Global flags:
 Run `pilot-gateway help COMMAND` for a command's flags. Manual: pilot-gateway(8).
 ";
 
-pub fn command_help(topic: &str) -> Option<&'static str> {
-    Some(match topic {
-        "start" | "run" => {
-            "\
+const START_HELP: &str = "\
 Usage: pilot-gateway start [flags] [ADDR [LOCAL_IP]]…
        pilot-gateway [flags] run [ADDR [LOCAL_IP]]…     (foreground, upstream's form)
 
@@ -420,8 +559,46 @@ Flags:
   --allow-any-subnet     allow a subnet outside private, shared and loopback ranges
   --allow-remote         also serve clients from other hosts (off: only this host's
                          own clients; see SECURITY.md before turning it on)
-"
-        }
+  --expose P=[HOST:]PORT[,allow=PEER+PEER…]
+                         also serve the local TCP service HOST:PORT (127.0.0.1 if
+                         no HOST) on pilot port P, as `expose` does; repeatable;
+                         allow= admits only the listed peers (addresses or hostnames)
+  --allow-remote-target  let every --expose target be another host's address
+
+A gateway may run with only exposures and no ADDR.
+";
+
+const EXPOSE_HELP: &str = "\
+Usage: pilot-gateway expose [--allow PEERS] [--allow-remote-target] PILOT_PORT [HOST:]PORT
+
+Serves the local TCP service HOST:PORT (a bare PORT means 127.0.0.1:PORT) on
+pilot port PILOT_PORT of this node, through the running gateway: each inbound
+pilot connection to that port becomes a TCP connection to the service. A
+gateway started with no mappings can serve exposures only.
+
+Fails with port_in_use when the daemon or another program holds the port (the
+daemon itself holds 7, 1001 and 1002), bad_target for a target that is not a
+service address of this host, already_exists when the port is exposed with
+another target.
+
+Flags:
+  --allow PEERS          admit only these peers: comma-separated pilot addresses
+                         or hostnames (resolved through the daemon now); others
+                         are closed at once, counted and logged
+  --allow-remote-target  allow a target on another host: every peer the daemon
+                         trusts then becomes a client of that host's network
+";
+
+const UNEXPOSE_HELP: &str = "\
+Usage: pilot-gateway unexpose PILOT_PORT
+
+Stops serving PILOT_PORT: the gateway releases the port (the daemon frees it
+and resets its live connections). Fails with not_found for a port not exposed.
+";
+
+pub fn command_help(topic: &str) -> Option<&'static str> {
+    Some(match topic {
+        "start" | "run" => START_HELP,
         "map" => {
             "\
 Usage: pilot-gateway map ADDR [LOCAL_IP]
@@ -445,20 +622,27 @@ Flags:
                          SECS, then cut the rest
 "
         }
+        "expose" => EXPOSE_HELP,
+        "unexpose" => UNEXPOSE_HELP,
         "list" => {
             "\
 Usage: pilot-gateway list
 
 Shows the mappings of the running gateway with live counters: active and
 total connections, bytes each way (up: client to agent, down: agent to client).
+Then the exposures: pilot port, target, state (bound, or rebinding after the
+daemon went away), active and total connections, bytes in (peer to service)
+and out, peers refused by --allow, connections reset because the service
+stopped reading.
 "
         }
         "status" => {
             "\
 Usage: pilot-gateway status
 
-Shows pid, uptime, socket, whether the daemon answers, subnet, ports, and
-totals (connections, bytes, refused connections, failed dials).
+Shows pid, uptime, socket, whether the daemon answers, subnet, ports,
+totals (connections, bytes, refused connections, failed dials), and each
+exposure with its state and counters.
 "
         }
         "stop" => {
@@ -686,14 +870,21 @@ mod tests {
         let help = format!(
             "{USAGE}{}{}",
             command_help("start").unwrap_or_default(),
-            command_help("stop").unwrap_or_default()
-        );
-        for flag in GLOBAL_FLAGS.iter().chain(START_FLAGS).chain(STOP_FLAGS) {
+            command_help("stop").unwrap_or_default(),
+        ) + command_help("expose").unwrap_or_default();
+        for flag in GLOBAL_FLAGS
+            .iter()
+            .chain(START_FLAGS)
+            .chain(STOP_FLAGS)
+            .chain(EXPOSE_FLAGS)
+        {
             let roff = format!("\\-\\-{}", flag.replace('-', "\\-"));
             assert!(manual.contains(&roff), "manual lacks --{flag}");
             assert!(help.contains(&format!("--{flag}")), "help lacks --{flag}");
         }
-        for cmd in ["start", "run", "map", "unmap", "list", "status", "stop"] {
+        for cmd in [
+            "start", "run", "map", "unmap", "expose", "unexpose", "list", "status", "stop",
+        ] {
             assert!(
                 manual.contains(&format!(".BR {cmd}")) || manual.contains(&format!(".B {cmd}")),
                 "manual lacks {cmd}"
@@ -706,9 +897,122 @@ mod tests {
             "daemon_unreachable",
             "subnet_exhausted",
             "address_in_use",
+            "port_in_use",
+            "bad_target",
         ] {
             assert!(manual.contains(code), "manual lacks {code}");
         }
+    }
+
+    #[test]
+    fn expose_forms() {
+        let a = p(&["pilot-gateway", "expose", "80", "8000"]).unwrap();
+        let want = |port, target: &str, allow: Option<Vec<&str>>, remote| Expose {
+            port,
+            target: target.parse().unwrap(),
+            allow: allow.map(|l| l.into_iter().map(String::from).collect()),
+            allow_remote_target: remote,
+        };
+        assert_eq!(
+            a.command,
+            Some(Command::Expose(want(80, "127.0.0.1:8000", None, false)))
+        );
+        let a = p(&[
+            "pilotctl",
+            "gateway",
+            "expose",
+            "2222",
+            "[::1]:22",
+            "--allow",
+            "lab-a,0:0000.0000.0007",
+            "--allow-remote-target",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.command,
+            Some(Command::Expose(want(
+                2222,
+                "[::1]:22",
+                Some(vec!["lab-a", "0:0000.0000.0007"]),
+                true
+            )))
+        );
+        assert_eq!(
+            Expose::parse_start("2222=127.0.0.1:22,allow=lab-a+0:0000.0000.0007").unwrap(),
+            want(
+                2222,
+                "127.0.0.1:22",
+                Some(vec!["lab-a", "0:0000.0000.0007"]),
+                false
+            )
+        );
+        let a = p(&[
+            "pilot-gateway",
+            "start",
+            "--expose",
+            "80=8000",
+            "-expose=81=8001",
+            "--allow-remote-target",
+        ])
+        .unwrap();
+        assert_eq!(a.expose, vec!["80=8000", "81=8001"]);
+        assert!(a.allow_remote_target);
+        assert_eq!(
+            p(&["pilot-gateway", "unexpose", "80"]).unwrap().command,
+            Some(Command::Unexpose { port: "80".into() })
+        );
+    }
+
+    #[test]
+    fn expose_errors() {
+        for (argv, code, want) in [
+            (
+                &["pilot-gateway", "expose", "0", "8000"][..],
+                "invalid_argument",
+                "pilot port",
+            ),
+            (
+                &["pilot-gateway", "expose", "80", "8000:x"],
+                "bad_target",
+                "not [HOST:]PORT",
+            ),
+            (
+                &["pilot-gateway", "expose", "80", "127.0.0.1:0"],
+                "bad_target",
+                "not [HOST:]PORT",
+            ),
+            (
+                &["pilot-gateway", "expose", "80"],
+                "invalid_argument",
+                "expose takes",
+            ),
+            (
+                &["pilot-gateway", "expose", "80", "1", "--allow", "a,,b"],
+                "invalid_argument",
+                "empty entry",
+            ),
+            (
+                &["pilot-gateway", "map", "0:0000.0000.0004", "--allow", "a"],
+                "invalid_argument",
+                "--allow is an option of expose",
+            ),
+            (
+                &["pilot-gateway", "list", "--allow-remote-target"],
+                "invalid_argument",
+                "option of expose and start",
+            ),
+            (
+                &["pilot-gateway", "expose", "80", "1", "--expose", "1=2"],
+                "invalid_argument",
+                "--expose is an option of start",
+            ),
+        ] {
+            let e = p(argv).unwrap_err();
+            assert_eq!(e.code.as_str(), code, "{argv:?}: {}", e.message);
+            assert!(e.message.contains(want), "{argv:?}: {}", e.message);
+        }
+        assert!(Expose::parse_start("80").is_err());
+        assert!(Expose::parse_start("80=8000,bogus=1").is_err());
     }
 
     #[test]
@@ -729,7 +1033,9 @@ mod tests {
             p(&["pilot-gateway", "--version"]).unwrap().command,
             Some(Command::Version)
         );
-        for c in ["start", "run", "map", "unmap", "list", "status", "stop"] {
+        for c in [
+            "start", "run", "map", "unmap", "expose", "unexpose", "list", "status", "stop",
+        ] {
             assert!(command_help(c).is_some());
         }
     }

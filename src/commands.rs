@@ -1,5 +1,5 @@
-//! The commands (`start`, `map`, `unmap`, `list`, `status`, `stop`, help,
-//! version): what each does with the state, the running gateway and the
+//! The commands (`start`, `map`, `unmap`, `expose`, `unexpose`, `list`,
+//! `status`, `stop`, help, version): what each does with the state, the running gateway and the
 //! daemon. Rendering is `output.rs`; the background start `background.rs`.
 //!
 //! The control plane is a protocol over the state directory (see
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::address::PilotAddr;
 use crate::background;
-use crate::cli::{self, Args, Command, Target};
+use crate::cli::{self, Args, Command, Expose, Target};
 use crate::config::Settings;
 use crate::daemon;
 use crate::error::{Code, Error, Result};
@@ -21,7 +21,7 @@ use crate::json::Value;
 use crate::log::{self, Format};
 use crate::output::{self, Output};
 use crate::privilege;
-use crate::state::{Mapping, State, StateDir};
+use crate::state::{Exposed, Mapping, State, StateDir};
 use crate::stats::Stats;
 use crate::subnet;
 use crate::sys::{self, ProcId};
@@ -91,6 +91,8 @@ fn run(args: &Args, out: &Output, argv0: &str, raw: &[OsString]) -> Result<()> {
         Command::Start { targets, legacy } => start(args, out, targets, legacy, argv0, raw),
         Command::Map { target, ip } => map(args, out, &target, ip.as_deref()),
         Command::Unmap { ip } => unmap(args, out, &ip),
+        Command::Expose(req) => expose(args, out, &req),
+        Command::Unexpose { port } => unexpose(args, out, &port),
         Command::List => list(args, out),
         Command::Status => status(args, out),
         Command::Stop => stop(args, out),
@@ -173,6 +175,13 @@ fn start_config(args: &Args, targets: &[Target]) -> Result<gateway::Config> {
             Error::invalid(format!("invalid --access-log-format {f:?}")).hint("use text or json")
         })?,
     };
+    let mut exposures = Vec::new();
+    for spec in &args.expose {
+        let mut e = Expose::parse_start(spec)?;
+        e.allow_remote_target = args.allow_remote_target;
+        crate::expose::check_target(e.target, e.allow_remote_target)?;
+        exposures.push(e);
+    }
     for t in targets {
         if PilotAddr::looks_like_address(&t.name) {
             daemon::resolve_target(None, &t.name)?;
@@ -196,6 +205,7 @@ fn start_config(args: &Args, targets: &[Target]) -> Result<gateway::Config> {
         user: args.user.clone(),
         no_user_switch: args.no_user_switch,
         allow_remote: args.allow_remote,
+        exposures,
     })
 }
 
@@ -476,6 +486,104 @@ fn unmap(args: &Args, out: &Output, ip_text: &str) -> Result<()> {
     out.ok(
         data,
         &format!("unmapped {} → {}{}\n", m.local_ip, m.pilot_addr, cut_note(cut)),
+    );
+    Ok(())
+}
+
+/// `expose`: records the exposure, has the gateway bind the port, and
+/// reports it, or the gateway's error (port_in_use when the daemon or
+/// another program holds the port).
+fn expose(args: &Args, out: &Output, req: &Expose) -> Result<()> {
+    let (dir, st) = running(args)?;
+    crate::expose::check_target(req.target, req.allow_remote_target)?;
+    // Hostnames are resolved before the lock is taken: they ask the daemon.
+    let allow = req
+        .allow
+        .as_ref()
+        .map(|peers| daemon::resolve_peers(&st.socket, peers))
+        .transpose()?;
+    let mut e = Exposed {
+        port: req.port,
+        target: req.target,
+        allow,
+        allow_remote_target: req.allow_remote_target,
+        generation: 0,
+    };
+    let lock = dir.lock()?;
+    let mut st = dir
+        .read()?
+        .ok_or_else(|| Error::new(Code::NotRunning, "the gateway stopped meanwhile"))?;
+    check_alive(&st)?;
+    if let Some(x) = st.find_exposure(e.port).cloned() {
+        drop(lock);
+        if !x.same_service(&e) {
+            return Err(Error::new(
+                Code::AlreadyExists,
+                format!("pilot port {} is already exposed → {}", x.port, x.target),
+            )
+            .hint(format!("unexpose it first: pilot-gateway unexpose {}", x.port)));
+        }
+        // Already exposed (perhaps by a command still waiting): same answer.
+        let st = wait_applied(&dir, st.gateway, x.generation, APPLY_WAIT)?;
+        if let Some(err) = st.failure(x.generation) {
+            return Err(err.clone());
+        }
+        out.ok(output::exposure_json(&x), &output::exposure_line(&x, true));
+        return Ok(());
+    }
+    st.generation += 1;
+    e.generation = st.generation;
+    st.exposures.push(e.clone());
+    dir.write(&st)?;
+    drop(lock);
+    signal(&st, libc::SIGHUP)?;
+    let st = wait_applied(&dir, st.gateway, e.generation, APPLY_WAIT)?;
+    if let Some(err) = st.failure(e.generation) {
+        return Err(err.clone());
+    }
+    out.ok(output::exposure_json(&e), &output::exposure_line(&e, false));
+    Ok(())
+}
+
+/// `unexpose`: removes the exposure; the gateway closes its session, so
+/// the daemon frees the port and resets its connections.
+fn unexpose(args: &Args, out: &Output, port: &str) -> Result<()> {
+    let port = port.parse::<u16>().ok().filter(|&p| p > 0).ok_or_else(|| {
+        Error::invalid(format!("pilot port {port:?} is not a number from 1 to 65535"))
+            .hint("see the exposed ports with: pilot-gateway list")
+    })?;
+    let (dir, _) = running(args)?;
+    let lock = dir.lock()?;
+    let mut st = dir
+        .read()?
+        .ok_or_else(|| Error::new(Code::NotRunning, "the gateway stopped meanwhile"))?;
+    check_alive(&st)?;
+    let Some(e) = st.find_exposure(port).cloned() else {
+        drop(lock);
+        return Err(
+            Error::new(Code::NotFound, format!("pilot port {port} is not exposed"))
+                .hint("see the exposed ports with: pilot-gateway list"),
+        );
+    };
+    st.exposures.retain(|x| x.port != port);
+    st.generation += 1;
+    let generation = st.generation;
+    dir.write(&st)?;
+    drop(lock);
+    signal(&st, libc::SIGHUP)?;
+    wait_applied(&dir, st.gateway, generation, APPLY_WAIT)?;
+    let cut = dir
+        .read_note("applied.json")
+        .filter(|v| v.get("generation").and_then(Value::as_u64) >= Some(generation))
+        .and_then(|v| v.get("cut").and_then(Value::as_u64))
+        .unwrap_or(0);
+    let mut data = output::exposure_json(&e);
+    if let Value::Obj(pairs) = &mut data {
+        pairs.push(("cut".into(), cut.into()));
+    }
+    out.ok(
+        data,
+        &format!("unexposed pilot port {port} → {}{}\n", e.target, cut_note(cut)),
     );
     Ok(())
 }

@@ -83,6 +83,27 @@ pub fn trust_warnings(session: &mut Session, addrs: &[PilotAddr]) -> Vec<String>
     }
 }
 
+/// Resolves `--allow` peers (addresses, or hostnames through the daemon,
+/// on one session opened only when a hostname needs it). Each comes back
+/// with the hostname it was given by, for display.
+pub fn resolve_peers(socket: &Path, peers: &[String]) -> Result<Vec<(PilotAddr, Option<String>)>> {
+    let mut session = None;
+    let mut out: Vec<(PilotAddr, Option<String>)> = Vec::new();
+    for p in peers {
+        if session.is_none() && !PilotAddr::looks_like_address(p) {
+            session = Some(probe(socket, "the daemon socket", Duration::from_secs(5))?.0);
+        }
+        let (addr, name) = resolve_target(session.as_mut(), p).map_err(|mut e| {
+            e.message = format!("--allow {p:?}: {}", e.message);
+            e
+        })?;
+        if !out.iter().any(|(a, _)| *a == addr) {
+            out.push((addr, name));
+        }
+    }
+    Ok(out)
+}
+
 /// Resolves a target name: a strict pilot address, or a hostname looked up
 /// through the daemon.
 pub fn resolve_target(session: Option<&mut Session>, name: &str) -> Result<(PilotAddr, Option<String>)> {

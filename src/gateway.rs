@@ -14,8 +14,9 @@
 //! | SIGTERM/INT   | close listeners and connections, remove our aliases   |
 //!
 //! Each mapping that is up is a `RunningMapping`: its listeners
-//! (`listener.rs`) and its connections (`relay.rs`), whose counters
-//! SIGUSR2 writes as one `stats::Stats`.
+//! (`listener.rs`) and its connections (`relay.rs`); each exposure a
+//! `RunningExposure` (the engine in `expose.rs`). SIGUSR2 writes the
+//! counters of both as one `stats::Stats`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -29,15 +30,16 @@ use ipnetwork::Ipv4Network;
 use crate::access::AccessLog;
 use crate::address::PilotAddr;
 use crate::alias::Aliases;
-use crate::cli::Target;
+use crate::cli::{Expose, Target};
 use crate::daemon;
 use crate::error::{Code, Error, Result};
+use crate::expose::{self, Exposure};
 use crate::json::Value;
 use crate::listener::{self, Listener};
 use crate::privilege::{self, Switched};
 use crate::relay::{ConnSettings, Connections, DataPath};
-use crate::state::{self, Mapping, State, StateDir};
-use crate::stats::{Counters, MappingStats, Stats};
+use crate::state::{self, Entry, Exposed, Mapping, State, StateDir};
+use crate::stats::{Counters, ExposureStats, MappingStats, Stats};
 use crate::subnet::{self, needs_alias};
 use crate::sys::{self, ProcId, Signals};
 use crate::{error, info, warn};
@@ -67,6 +69,9 @@ pub struct Config {
     pub no_user_switch: bool,
     /// `--allow-remote`: serve clients from other hosts too.
     pub allow_remote: bool,
+    /// `--expose`: local services to serve on pilot ports (targets checked;
+    /// `--allow` hostnames are resolved at start-up, through the daemon).
+    pub exposures: Vec<Expose>,
 }
 
 /// What `start` reports once everything is up (`output.rs` renders it).
@@ -75,6 +80,7 @@ pub struct Report {
     pub subnet: Ipv4Network,
     pub ports: Vec<u16>,
     pub mappings: Vec<Mapping>,
+    pub exposures: Vec<Exposed>,
     pub warnings: Vec<String>,
     /// Leftover aliases of a dead gateway that were removed.
     pub cleaned: Vec<String>,
@@ -92,6 +98,18 @@ struct RunningMapping {
     conns: Arc<Connections>,
 }
 
+/// An exposure that runs: what the state file asked for, and its engine.
+struct RunningExposure {
+    spec: Exposed,
+    engine: Exposure,
+}
+
+/// How long stopping an exposure waits for its connections to end.
+const EXPOSE_STOP_WAIT: Duration = Duration::from_secs(5);
+/// How long a restarted exposure retries a Bind the daemon still holds for
+/// the session just closed (it frees the port once it notices).
+const REBIND_WAIT: Duration = Duration::from_secs(3);
+
 /// The running process: what runs, and what it needs to change it.
 struct Gateway {
     me: ProcId,
@@ -101,6 +119,7 @@ struct Gateway {
     data_path: Arc<DataPath>,
     aliases: Aliases,
     running: BTreeMap<Ipv4Addr, RunningMapping>,
+    exposed: BTreeMap<u16, RunningExposure>,
     started: Instant,
     stats_seq: u64,
     /// `--max-conns` as asked (the data path holds the cap in force).
@@ -127,6 +146,7 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
     let aliases = Aliases::default();
     let cleaned = clean_up_after_dead_gateway(&dir, &aliases, cfg.subnet)?;
     let (mappings, mut warnings) = plan_mappings(&cfg, &targets)?;
+    let exposures = plan_exposures(&cfg)?;
     if needs_alias(cfg.subnet) {
         subnet::check_no_overlap(cfg.subnet)?;
     }
@@ -144,12 +164,13 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         data_path: DataPath::new(conn_settings(&cfg, max_conns), access),
         aliases,
         running: BTreeMap::new(),
+        exposed: BTreeMap::new(),
         started: Instant::now(),
         stats_seq: 0,
         max_conns_requested: cfg.max_conns,
         health: None,
     };
-    let st = gw.start_up(&cfg, mappings, switched.as_ref())?;
+    let st = gw.start_up(&cfg, (mappings, exposures), switched.as_ref())?;
     drop(lock);
     gw.health = daemon::Health::start(cfg.socket.clone())
         .map_err(|e| warn!("cannot start the daemon health thread: {e}"))
@@ -165,7 +186,7 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         cfg.socket.display(),
         cfg.socket_source
     );
-    if st.mappings.is_empty() {
+    if st.mappings.is_empty() && st.exposures.is_empty() {
         warnings.push("no mappings yet: add them with `pilot-gateway map ADDR`".into());
     }
     ready(&Report {
@@ -173,6 +194,7 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         subnet: cfg.subnet,
         ports: cfg.ports,
         mappings: st.mappings,
+        exposures: st.exposures,
         warnings,
         cleaned,
         user: switched.as_ref().map(|s| s.user.clone()),
@@ -251,7 +273,14 @@ fn clean_up_after_dead_gateway(
         )
         .hint("stop it first: pilot-gateway stop"));
     }
-    let invalid: BTreeSet<Ipv4Addr> = prev.validate(prev.subnet).iter().map(|b| b.local_ip).collect();
+    let invalid: BTreeSet<Ipv4Addr> = prev
+        .validate(prev.subnet)
+        .iter()
+        .filter_map(|b| match b.entry {
+            Entry::Mapping { local_ip, .. } => Some(local_ip),
+            Entry::Exposure { .. } => None,
+        })
+        .collect();
     let mut cleaned = Vec::new();
     for m in prev.mappings.iter().filter(|m| m.alias_added) {
         if !subnet::is_local_address(m.local_ip).unwrap_or(true) {
@@ -355,6 +384,32 @@ fn plan_mappings(cfg: &Config, targets: &[Target]) -> Result<(Vec<Mapping>, Vec<
     Ok((mappings, warnings))
 }
 
+/// The `--expose` requests as state entries: `--allow` hostnames resolved
+/// through the daemon now, before any thread exists.
+fn plan_exposures(cfg: &Config) -> Result<Vec<Exposed>> {
+    let mut out: Vec<Exposed> = Vec::new();
+    for e in &cfg.exposures {
+        if out.iter().any(|x| x.port == e.port) {
+            return Err(Error::new(
+                Code::AlreadyExists,
+                format!("pilot port {} is given twice in --expose", e.port),
+            ));
+        }
+        let allow = match &e.allow {
+            Some(peers) => Some(daemon::resolve_peers(&cfg.socket, peers)?),
+            None => None,
+        };
+        out.push(Exposed {
+            port: e.port,
+            target: e.target,
+            allow,
+            allow_remote_target: e.allow_remote_target,
+            generation: 0,
+        });
+    }
+    Ok(out)
+}
+
 fn open_access_log(cfg: &Config) -> Result<Option<AccessLog>> {
     let Some((path, format)) = &cfg.access_log else {
         return Ok(None);
@@ -414,7 +469,7 @@ impl Gateway {
     fn start_up(
         &mut self,
         cfg: &Config,
-        mappings: Vec<Mapping>,
+        (mappings, exposures): (Vec<Mapping>, Vec<Exposed>),
         switched: Option<&Switched>,
     ) -> Result<State> {
         let mut st = State {
@@ -429,6 +484,7 @@ impl Gateway {
             generation: 0,
             applied: 0,
             mappings,
+            exposures,
             failures: Vec::new(),
         };
         // Record which aliases we are about to add *before* adding them, so
@@ -444,6 +500,11 @@ impl Gateway {
                 break;
             }
             st.mappings[i].alias_added = self.running.get(&m.local_ip).is_some_and(|r| r.alias_ours);
+        }
+        for e in &st.exposures {
+            if result.is_ok() {
+                result = self.bring_up_exposure(e, Duration::ZERO);
+            }
         }
         if let Err(e) = result.and_then(|()| self.dir.write(&st)) {
             self.shutdown();
@@ -547,6 +608,107 @@ impl Gateway {
         Ok(())
     }
 
+    /// Binds the exposure's pilot port and starts serving it. `retry`:
+    /// how long to retry a port the daemon still holds (a restart).
+    fn bring_up_exposure(&mut self, e: &Exposed, retry: Duration) -> Result<()> {
+        let dp = self.data_path.clone();
+        let on_end: expose::OnEnd = Arc::new(move |end: &expose::Ended| {
+            if let Some(a) = &dp.access {
+                a.write_inbound(&crate::access::Inbound {
+                    peer: end.peer,
+                    peer_port: end.peer_port,
+                    port: end.port,
+                    target: end.target,
+                    bytes_in: end.bytes_in,
+                    bytes_out: end.bytes_out,
+                    duration: end.duration,
+                    outcome: end.outcome.label(),
+                    reason: end.outcome.reason(),
+                });
+            }
+        });
+        let opts = expose::Options {
+            allow: e.allow_set(),
+            allow_remote_target: e.allow_remote_target,
+            max_conns: self.data_path.settings.max_conns,
+            on_end: Some(on_end),
+            ..expose::Options::default()
+        };
+        let socket = &self.data_path.settings.daemon_socket;
+        let deadline = Instant::now() + retry;
+        let engine = loop {
+            match Exposure::start(socket, e.port, e.target, opts.clone()) {
+                Err(err) if err.code == Code::PortInUse && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                other => break other?,
+            }
+        };
+        self.exposed.insert(
+            e.port,
+            RunningExposure {
+                spec: e.clone(),
+                engine,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops serving `port`: the daemon frees it and its connections are
+    /// reset. Returns how many live connections were cut.
+    fn tear_down_exposure(&mut self, port: u16) -> usize {
+        let Some(mut r) = self.exposed.remove(&port) else {
+            return 0;
+        };
+        let cut = r.engine.counters().active as usize;
+        r.engine.stop(EXPOSE_STOP_WAIT);
+        info!(
+            "stopped exposing pilot port {port} → {} ({cut} live connections cut)",
+            r.spec.target
+        );
+        cut
+    }
+
+    /// Applies the exposures of `st`: stops those no longer wanted (or
+    /// changed), starts the new ones, and fails the generation of each
+    /// that cannot start (removing it from `st`). Returns how many live
+    /// connections were cut.
+    fn apply_exposures(&mut self, st: &mut State) -> usize {
+        let stale: Vec<u16> = self
+            .exposed
+            .iter()
+            .filter(|(port, r)| {
+                st.find_exposure(**port)
+                    .map_or(true, |e| !e.same_service(&r.spec))
+            })
+            .map(|(port, _)| *port)
+            .collect();
+        let mut cut = 0;
+        for &port in &stale {
+            cut += self.tear_down_exposure(port);
+        }
+        let mut failed = Vec::new();
+        for e in &st.exposures {
+            if self.exposed.contains_key(&e.port) {
+                continue;
+            }
+            let retry = if stale.contains(&e.port) {
+                REBIND_WAIT
+            } else {
+                Duration::ZERO
+            };
+            if let Err(err) = self.bring_up_exposure(e, retry) {
+                warn!("cannot expose pilot port {} → {}: {err}", e.port, e.target);
+                failed.push((e.port, e.generation, err));
+            }
+        }
+        for (port, generation, err) in failed {
+            st.exposures.retain(|e| e.port != port);
+            st.record_failure(generation, err);
+        }
+        cut
+    }
+
     /// Stops a mapping: listeners, live connections, then our alias.
     /// Returns how many live connections were cut.
     fn tear_down(&mut self, ip: Ipv4Addr) -> usize {
@@ -609,7 +771,9 @@ impl Gateway {
         let ips: Vec<Ipv4Addr> = self.running.keys().copied().collect();
         // Stop accepting everywhere first, then close connections.
         self.stop_listening(ips.clone());
-        ips.into_iter().map(|ip| self.tear_down(ip)).sum()
+        let ports: Vec<u16> = self.exposed.keys().copied().collect();
+        let exposed: usize = ports.into_iter().map(|p| self.tear_down_exposure(p)).sum();
+        exposed + ips.into_iter().map(|ip| self.tear_down(ip)).sum::<usize>()
     }
 
     /// Tears down the mappings `st` no longer wants (after a drain, if
@@ -655,7 +819,7 @@ impl Gateway {
             }
         };
         self.drop_invalid(&mut st);
-        let cut = self.retire(&st);
+        let cut = self.retire(&st) + self.apply_exposures(&mut st);
         let before = st.mappings.clone();
         self.plan_aliases(&mut st.mappings);
         if st.mappings != before {
@@ -713,10 +877,23 @@ impl Gateway {
         let mut index = 0;
         st.mappings.retain(|_| {
             index += 1;
-            !invalid.iter().any(|b| b.index == index - 1)
+            !invalid
+                .iter()
+                .any(|b| matches!(b.entry, Entry::Mapping { index: i, .. } if i == index - 1))
+        });
+        let mut index = 0;
+        st.exposures.retain(|_| {
+            index += 1;
+            !invalid
+                .iter()
+                .any(|b| matches!(b.entry, Entry::Exposure { index: i, .. } if i == index - 1))
         });
         for bad in invalid {
-            warn!("refusing mapping from the state file: {}", bad.why);
+            let what = match bad.entry {
+                Entry::Mapping { .. } => "mapping",
+                Entry::Exposure { .. } => "exposure",
+            };
+            warn!("refusing {what} from the state file: {}", bad.why);
             st.record_failure(bad.generation, Error::invalid(bad.why));
         }
     }
@@ -757,10 +934,33 @@ impl Gateway {
             access_log_dropped: dp.access.as_ref().map_or(0, |a| a.dropped.load(Relaxed)),
             daemon,
             mappings,
+            exposures: self.exposure_stats(),
         };
         if let Err(e) = self.dir.write_stats(&stats) {
             error!("cannot write counters: {e}");
         }
+    }
+}
+
+impl Gateway {
+    fn exposure_stats(&self) -> Vec<ExposureStats> {
+        self.exposed
+            .values()
+            .map(|r| {
+                let (state, reason) = match r.engine.state() {
+                    expose::State::Bound => ("bound", String::new()),
+                    expose::State::Rebinding(why) => ("rebinding", why),
+                    expose::State::Stopped => ("stopped", String::new()),
+                };
+                ExposureStats {
+                    port: r.spec.port,
+                    target: r.spec.target,
+                    state: state.into(),
+                    reason,
+                    counters: r.engine.counters(),
+                }
+            })
+            .collect()
     }
 }
 

@@ -8,8 +8,8 @@ use crate::error::{Code, Error};
 use crate::gateway::Report;
 use crate::json::Value;
 use crate::log::escape_control;
-use crate::state::{Mapping, State};
-use crate::stats::Stats;
+use crate::state::{Exposed, Mapping, State};
+use crate::stats::{ExposureStats, Stats};
 use crate::subnet;
 
 /// Prints results and errors in the chosen form.
@@ -109,6 +109,19 @@ pub fn start_text(data: &Value) -> String {
         text += &mapping_line(m);
         text.push('\n');
     }
+    for e in data
+        .get("exposures")
+        .and_then(Value::as_array)
+        .unwrap_or_default()
+    {
+        let s = |k| {
+            e.get(k).map_or_else(
+                || "?".to_string(),
+                |v| v.as_str().map_or_else(|| v.to_string(), str::to_string),
+            )
+        };
+        text += &format!("exposed pilot port {} → {}\n", s("port"), s("target"));
+    }
     let ports: Vec<String> = data
         .get("ports")
         .and_then(Value::as_array)
@@ -151,6 +164,10 @@ pub fn report_json(r: &Report) -> Value {
             "mappings",
             Value::Arr(r.mappings.iter().map(mapping_json).collect()),
         ),
+        (
+            "exposures",
+            Value::Arr(r.exposures.iter().map(exposure_json).collect()),
+        ),
         ("socket", r.socket.display().to_string().into()),
         ("user", r.user.clone().into()),
         ("capabilities", r.capabilities.clone().into()),
@@ -169,6 +186,110 @@ pub fn mapping_json(m: &Mapping) -> Value {
         v.push(("hostname", h.clone().into()));
     }
     Value::obj(v)
+}
+
+/// An exposure as commands report it: port, target, the allow-list (null:
+/// none) with the hostname each peer was given by.
+pub fn exposure_json(e: &Exposed) -> Value {
+    let allow = e.allow.as_ref().map(|l| {
+        Value::Arr(
+            l.iter()
+                .map(|(a, name)| {
+                    Value::obj([
+                        ("addr", Value::from(a.to_string())),
+                        ("name", name.clone().into()),
+                    ])
+                })
+                .collect(),
+        )
+    });
+    Value::obj([
+        ("port", Value::from(e.port)),
+        ("target", e.target.to_string().into()),
+        ("allow", allow.unwrap_or(Value::Null)),
+        ("allow_remote_target", e.allow_remote_target.into()),
+    ])
+}
+
+/// The peers an exposure admits, for people: names where given.
+fn allow_text(e: &Exposed) -> String {
+    match &e.allow {
+        None => "any peer the daemon lets in".into(),
+        Some(l) => l
+            .iter()
+            .map(|(a, name)| match name {
+                Some(n) => format!("{n} ({a})"),
+                None => a.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// `expose`'s text: what is served, and to whom.
+pub fn exposure_line(e: &Exposed, already: bool) -> String {
+    let already = if already { " (already exposed)" } else { "" };
+    format!(
+        "exposed pilot port {} → {}{already}\n  allowed: {}\n",
+        e.port,
+        e.target,
+        allow_text(e)
+    )
+}
+
+/// One exposure with its live counters (zero and `starting` when the
+/// gateway has not reported it yet), as JSON and as a line of text.
+fn exposure_row(e: &Exposed, stats: &Stats) -> (Value, String) {
+    let none = ExposureStats {
+        port: e.port,
+        target: e.target,
+        state: "starting".into(),
+        reason: String::new(),
+        counters: Default::default(),
+    };
+    let x = stats.exposure(e.port).unwrap_or(&none);
+    let mut row = exposure_json(e);
+    if let Value::Obj(pairs) = &mut row {
+        pairs.push(("state".into(), x.state.clone().into()));
+        pairs.push(("reason".into(), x.reason.clone().into()));
+        for (k, n) in x.fields() {
+            pairs.push((k.into(), n.into()));
+        }
+    }
+    let c = &x.counters;
+    let state = if x.reason.is_empty() {
+        x.state.clone()
+    } else {
+        format!("{} ({})", x.state, escape_control(&x.reason))
+    };
+    let text = format!(
+        "pilot port {} → {}  {state}  active {} total {} in {} B out {} B refused {} slow resets {}  allowed: {}\n",
+        e.port,
+        e.target,
+        c.active,
+        c.total,
+        c.bytes_in,
+        c.bytes_out,
+        c.refused,
+        c.slow_resets,
+        escape_control(&allow_text(e)),
+    );
+    (row, text)
+}
+
+/// Every exposure with its counters: JSON rows and text lines.
+fn exposure_rows(st: &State, stats: &Stats) -> (Vec<Value>, String) {
+    let mut text = String::new();
+    let rows = st
+        .exposures
+        .iter()
+        .map(|e| {
+            let (row, line) = exposure_row(e, stats);
+            text += &line;
+            row
+        })
+        .collect();
+    (rows, text)
 }
 
 /// `list`: every mapping with its counters, as JSON data and as text.
@@ -194,14 +315,22 @@ pub fn list(st: &State, stats: &Stats) -> (Value, String) {
         );
         rows.push(row);
     }
+    let (exposures, exposed_text) = exposure_rows(st, stats);
     if rows.is_empty() {
         text = "no mappings\n".into();
     } else {
         text += &format!("total: {}\n", rows.len());
     }
+    if !exposures.is_empty() {
+        text += &format!("exposures: {}\n{exposed_text}", exposures.len());
+    }
     let n = rows.len();
     (
-        Value::obj([("mappings", Value::Arr(rows)), ("total", n.into())]),
+        Value::obj([
+            ("mappings", Value::Arr(rows)),
+            ("total", n.into()),
+            ("exposures", Value::Arr(exposures)),
+        ]),
         text,
     )
 }
@@ -235,6 +364,7 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
     ];
     data.extend(t.json_pairs());
     data.push(("refused", stats.refused.into()));
+    let (exposures, exposed_text) = exposure_rows(st, stats);
     let daemon_text = if reachable {
         "reachable".to_string()
     } else {
@@ -279,5 +409,19 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
             d.as_secs_f64()
         )),
     );
+    let text = if exposures.is_empty() {
+        text
+    } else {
+        format!(
+            "{text}  exposures: {}\n{}",
+            exposures.len(),
+            indent(&exposed_text)
+        )
+    };
+    data.push(("exposures", Value::Arr(exposures)));
     (Value::obj(data), text)
+}
+
+fn indent(lines: &str) -> String {
+    lines.lines().map(|l| format!("    {l}\n")).collect()
 }

@@ -19,7 +19,7 @@
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,8 +32,11 @@ use crate::json::{self, Value};
 use crate::stats::Stats;
 use crate::sys::{self, FileLock, ProcId};
 
-/// Version of the state file format; a file of another version is refused.
-pub const VERSION: u64 = 1;
+/// Version of the state file format written. Version 2 added
+/// `exposures`; version 1 files (none) are still read. A file of any other
+/// version is refused.
+pub const VERSION: u64 = 2;
+const READABLE: [u64; 2] = [1, 2];
 /// Largest state file we read. 1 MiB holds several thousand mappings; a
 /// bigger file is refused before it is read, so a planted one cannot make
 /// a command eat memory.
@@ -54,6 +57,94 @@ pub struct Mapping {
     pub generation: u64,
 }
 
+/// One exposure as recorded: pilot port `port` of this node serves the
+/// local TCP service `target` (`pilot-gateway expose`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exposed {
+    pub port: u16,
+    pub target: SocketAddr,
+    /// Admit only these peers (`None`: whoever the daemon lets in), each
+    /// with the hostname it was given by, if any (for display only: the
+    /// address is what is enforced).
+    pub allow: Option<Vec<(PilotAddr, Option<String>)>>,
+    /// The target may be another host (`--allow-remote-target`).
+    pub allow_remote_target: bool,
+    /// The generation that added this exposure.
+    pub generation: u64,
+}
+
+impl Exposed {
+    /// The allow-list as the engine takes it.
+    pub fn allow_set(&self) -> Option<std::collections::HashSet<PilotAddr>> {
+        self.allow.as_ref().map(|l| l.iter().map(|(a, _)| *a).collect())
+    }
+
+    /// Whether `other` asks for the same service (target, peers, remote).
+    pub fn same_service(&self, other: &Exposed) -> bool {
+        self.port == other.port
+            && self.target == other.target
+            && self.allow_set() == other.allow_set()
+            && self.allow_remote_target == other.allow_remote_target
+    }
+
+    pub fn to_json(&self) -> Value {
+        let allow = self.allow.as_ref().map(|l| {
+            Value::Arr(
+                l.iter()
+                    .map(|(a, name)| {
+                        Value::obj([
+                            ("addr", Value::from(a.to_string())),
+                            ("name", name.clone().into()),
+                        ])
+                    })
+                    .collect(),
+            )
+        });
+        Value::obj([
+            ("port", Value::from(self.port)),
+            ("target", self.target.to_string().into()),
+            ("allow", allow.unwrap_or(Value::Null)),
+            ("allow_remote_target", self.allow_remote_target.into()),
+            ("generation", self.generation.into()),
+        ])
+    }
+
+    /// Reads one exposure; the error says which field is wrong.
+    pub fn from_json(e: &Value) -> std::result::Result<Exposed, String> {
+        let port = e
+            .get("port")
+            .and_then(Value::as_u64)
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or("an exposure has a bad \"port\"")?;
+        let target = text(e, "target")?
+            .parse()
+            .map_err(|_| "an exposure has a bad \"target\"".to_string())?;
+        let allow = match e.get("allow") {
+            None | Some(Value::Null) => None,
+            Some(list) => {
+                let mut peers = Vec::new();
+                for p in list.as_array().ok_or("an exposure's \"allow\" is not a list")? {
+                    let addr = text(p, "addr")?
+                        .parse::<PilotAddr>()
+                        .map_err(|e| format!("an exposure's allow entry: {e}"))?;
+                    peers.push((addr, p.get("name").and_then(Value::as_str).map(str::to_string)));
+                }
+                Some(peers)
+            }
+        };
+        Ok(Exposed {
+            port,
+            target,
+            allow,
+            allow_remote_target: e
+                .get("allow_remote_target")
+                .and_then(Value::as_bool)
+                .ok_or("an exposure lacks \"allow_remote_target\"")?,
+            generation: num(e, "generation")?,
+        })
+    }
+}
+
 /// The gateway's answer to a generation it could not apply: why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApplyFailure {
@@ -61,14 +152,21 @@ pub struct ApplyFailure {
     pub error: Error,
 }
 
-/// A mapping of the state file that fails [`State::validate`].
+/// An entry of the state file that fails [`State::validate`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Invalid {
-    /// Its position in `State::mappings`.
-    pub index: usize,
-    pub local_ip: Ipv4Addr,
+    pub entry: Entry,
     pub generation: u64,
     pub why: String,
+}
+
+/// Which entry of the state file, by position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// `State::mappings[index]`, with its local IP.
+    Mapping { index: usize, local_ip: Ipv4Addr },
+    /// `State::exposures[index]`, with its pilot port.
+    Exposure { index: usize, port: u16 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,10 +185,15 @@ pub struct State {
     pub generation: u64,
     pub applied: u64,
     pub mappings: Vec<Mapping>,
+    pub exposures: Vec<Exposed>,
     pub failures: Vec<ApplyFailure>,
 }
 
 impl State {
+    pub fn find_exposure(&self, port: u16) -> Option<&Exposed> {
+        self.exposures.iter().find(|e| e.port == port)
+    }
+
     pub fn used_ips(&self) -> BTreeSet<Ipv4Addr> {
         self.mappings.iter().map(|m| m.local_ip).collect()
     }
@@ -108,10 +211,36 @@ impl State {
     /// Returns the mappings that must not be applied, each with why: an IP
     /// that is not assignable in the subnet (outside it, its network or
     /// broadcast address, 127.0.0.1) or that appears twice, or an address
-    /// mapped twice. Nothing in the file is trusted before this; it is the
-    /// one entry point for validation (future entries of the state, such
-    /// as exposures, add their checks here).
+    /// mapped twice; and the exposures that must not be applied: port 0,
+    /// a port exposed twice, a target that is not a service address of
+    /// this host (unless the entry says `allow_remote_target`). Nothing in
+    /// the file is trusted before this; it is the one entry point for
+    /// validation.
     pub fn validate(&self, subnet: Ipv4Network) -> Vec<Invalid> {
+        let mut bad = self.validate_mappings(subnet);
+        let mut ports = BTreeSet::new();
+        for (index, e) in self.exposures.iter().enumerate() {
+            let why = if e.port == 0 {
+                Some("pilot port 0 cannot be exposed".to_string())
+            } else if !ports.insert(e.port) {
+                Some(format!("pilot port {} is exposed twice", e.port))
+            } else {
+                crate::expose::check_target(e.target, e.allow_remote_target)
+                    .err()
+                    .map(|err| format!("pilot port {}: {}", e.port, err.message))
+            };
+            if let Some(why) = why {
+                bad.push(Invalid {
+                    entry: Entry::Exposure { index, port: e.port },
+                    generation: e.generation,
+                    why,
+                });
+            }
+        }
+        bad
+    }
+
+    fn validate_mappings(&self, subnet: Ipv4Network) -> Vec<Invalid> {
         let mut ips = BTreeSet::new();
         let mut addrs = BTreeSet::new();
         let mut bad = Vec::new();
@@ -130,8 +259,10 @@ impl State {
             };
             if let Some(why) = why {
                 bad.push(Invalid {
-                    index,
-                    local_ip: m.local_ip,
+                    entry: Entry::Mapping {
+                        index,
+                        local_ip: m.local_ip,
+                    },
                     generation: m.generation,
                     why,
                 });
@@ -200,6 +331,10 @@ impl State {
             ("generation", self.generation.into()),
             ("applied", self.applied.into()),
             ("mappings", Value::Arr(mappings)),
+            (
+                "exposures",
+                Value::Arr(self.exposures.iter().map(Exposed::to_json).collect()),
+            ),
             ("failures", Value::Arr(failures)),
         ])
     }
@@ -207,11 +342,19 @@ impl State {
     /// Reads a state file's JSON; the error says which field is wrong.
     pub fn from_json(v: &Value) -> std::result::Result<State, String> {
         let version = num(v, "version")?;
-        if version != VERSION {
+        if !READABLE.contains(&version) {
             return Err(format!(
-                "format version {version}, but this pilot-gateway reads version {VERSION}"
+                "format version {version}, but this pilot-gateway reads versions 1 and {VERSION}"
             ));
         }
+        // Version 1 had no exposures.
+        let exposures = match v.get("exposures") {
+            None if version == 1 => Vec::new(),
+            _ => arr(v, "exposures")?
+                .iter()
+                .map(Exposed::from_json)
+                .collect::<std::result::Result<_, _>>()?,
+        };
         let mut mappings = Vec::new();
         for m in arr(v, "mappings")? {
             mappings.push(Mapping {
@@ -266,6 +409,7 @@ impl State {
             generation: num(v, "generation")?,
             applied: num(v, "applied")?,
             mappings,
+            exposures,
             failures,
         })
     }
@@ -747,6 +891,16 @@ mod tests {
                 alias_added: true,
                 generation: 1,
             }],
+            exposures: vec![Exposed {
+                port: 2222,
+                target: "127.0.0.1:22".parse().unwrap(),
+                allow: Some(vec![
+                    (PilotAddr::new(0, 7), Some("lab-a".into())),
+                    (PilotAddr::new(0, 8), None),
+                ]),
+                allow_remote_target: false,
+                generation: 2,
+            }],
             failures: vec![ApplyFailure {
                 generation: 3,
                 error: Error::new(Code::AddressInUse, "port busy").hint("free it"),
@@ -767,6 +921,58 @@ mod tests {
             State::from_json(&json::parse(&s.to_json().to_string()).unwrap()).unwrap(),
             s
         );
+    }
+
+    #[test]
+    fn version_1_files_are_read_without_exposures() {
+        let mut v1 = sample();
+        v1.exposures.clear();
+        let text = v1
+            .to_json()
+            .to_string()
+            .replace("\"version\":2", "\"version\":1")
+            .replace(",\"exposures\":[]", "");
+        assert!(
+            !text.contains("exposures") && text.contains("\"version\":1"),
+            "{text}"
+        );
+        assert_eq!(State::from_json(&json::parse(&text).unwrap()).unwrap(), v1);
+    }
+
+    #[test]
+    fn validate_checks_exposures() {
+        let mut s = sample();
+        let good = s.exposures[0].clone();
+        let with = |port: u16, target: &str, remote: bool| Exposed {
+            port,
+            target: target.parse().unwrap(),
+            allow_remote_target: remote,
+            generation: 9,
+            ..good.clone()
+        };
+        s.exposures = vec![
+            good.clone(),
+            with(0, "127.0.0.1:80", false),
+            with(2222, "127.0.0.1:80", false),
+            with(81, "192.0.2.1:80", false),
+            with(82, "192.0.2.1:80", true),
+            with(83, "127.0.0.1:0", false),
+        ];
+        let bad: Vec<(Entry, String)> = s
+            .validate(s.subnet)
+            .into_iter()
+            .map(|b| (b.entry, b.why))
+            .collect();
+        let ports: Vec<u16> = bad
+            .iter()
+            .map(|(e, _)| match e {
+                Entry::Exposure { port, .. } => *port,
+                Entry::Mapping { .. } => panic!("mapping flagged: {bad:?}"),
+            })
+            .collect();
+        assert_eq!(ports, vec![0, 2222, 81, 83], "{bad:?}");
+        assert!(bad[1].1.contains("exposed twice"), "{bad:?}");
+        assert!(bad[2].1.contains("not on this host"), "{bad:?}");
     }
 
     #[test]
@@ -804,7 +1010,7 @@ mod tests {
         for (content, want) in [
             ("", "is empty"),
             ("{", "not valid JSON"),
-            ("{\"version\":2}", "format version 2"),
+            ("{\"version\":3}", "format version 3"),
             ("{\"version\":1}", "\"mappings\" is missing"),
         ] {
             fs::write(d.state_file(), content).unwrap();

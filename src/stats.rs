@@ -20,8 +20,9 @@
 //! | `access_log_dropped` | access-log lines dropped because the writer lagged |
 //! | `daemon`             | `{reachable, reply}` or `{reachable:false, error}`, with `checked_secs_ago` |
 //! | `mappings`           | `[{local_ip, pilot_addr, …Counters keys}]`        |
+//! | `exposures`          | `[{port, target, state, reason, …exposure counter keys}]` (not in the totals: they count the other direction) |
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::AddAssign;
 
 use crate::address::PilotAddr;
@@ -103,6 +104,75 @@ pub struct MappingStats {
     pub counters: Counters,
 }
 
+/// The counters of one exposure, as `stats.json` lists them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExposureStats {
+    pub port: u16,
+    pub target: SocketAddr,
+    /// `bound`, `rebinding` or `stopped`.
+    pub state: String,
+    /// Why it is rebinding (empty when bound).
+    pub reason: String,
+    pub counters: crate::expose::Counters,
+}
+
+impl ExposureStats {
+    /// The counters under their JSON keys, in output order.
+    pub fn fields(&self) -> [(&'static str, u64); 9] {
+        let c = &self.counters;
+        [
+            ("active", c.active),
+            ("total", c.total),
+            ("bytes_in", c.bytes_in),
+            ("bytes_out", c.bytes_out),
+            ("refused", c.refused),
+            ("over_limit", c.over_limit),
+            ("slow_resets", c.slow_resets),
+            ("connect_failures", c.connect_failures),
+            ("rebinds", c.rebinds),
+        ]
+    }
+
+    pub fn to_json(&self) -> Value {
+        let mut v = vec![
+            ("port", Value::from(self.port)),
+            ("target", self.target.to_string().into()),
+            ("state", self.state.clone().into()),
+            ("reason", self.reason.clone().into()),
+        ];
+        v.extend(self.fields().iter().map(|&(k, n)| (k, Value::from(n))));
+        Value::obj(v)
+    }
+
+    pub fn from_json(e: &Value) -> Result<ExposureStats, String> {
+        let text = |k: &str| {
+            e.get(k)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| format!("an exposure lacks \"{k}\""))
+        };
+        Ok(ExposureStats {
+            port: u16::try_from(num(e, "port")?).map_err(|_| "an exposure has a bad \"port\"")?,
+            target: text("target")?
+                .parse()
+                .map_err(|_| "an exposure has a bad \"target\"".to_string())?,
+            state: text("state")?,
+            reason: text("reason")?,
+            counters: crate::expose::Counters {
+                active: num(e, "active")?,
+                total: num(e, "total")?,
+                bytes_in: num(e, "bytes_in")?,
+                bytes_out: num(e, "bytes_out")?,
+                refused: num(e, "refused")?,
+                over_limit: num(e, "over_limit")?,
+                slow_resets: num(e, "slow_resets")?,
+                connect_failures: num(e, "connect_failures")?,
+                rebinds: num(e, "rebinds")?,
+            },
+        })
+    }
+}
+
 /// One `stats.json` snapshot.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Stats {
@@ -120,6 +190,7 @@ pub struct Stats {
     /// so writing the counters never waits for the daemon).
     pub daemon: Value,
     pub mappings: Vec<MappingStats>,
+    pub exposures: Vec<ExposureStats>,
 }
 
 impl Stats {
@@ -130,6 +201,11 @@ impl Stats {
             .find(|m| m.local_ip == ip)
             .map(|m| m.counters)
             .unwrap_or_default()
+    }
+
+    /// The counters of the exposure of `port`, if it runs.
+    pub fn exposure(&self, port: u16) -> Option<&ExposureStats> {
+        self.exposures.iter().find(|e| e.port == port)
     }
 
     pub fn to_json(&self) -> Value {
@@ -159,6 +235,10 @@ impl Stats {
             ("access_log_dropped", self.access_log_dropped.into()),
             ("daemon", self.daemon.clone()),
             ("mappings", Value::Arr(mappings)),
+            (
+                "exposures",
+                Value::Arr(self.exposures.iter().map(ExposureStats::to_json).collect()),
+            ),
         ]);
         Value::obj(v)
     }
@@ -199,6 +279,13 @@ impl Stats {
             access_log_dropped: num(v, "access_log_dropped")?,
             daemon: v.get("daemon").cloned().ok_or("\"daemon\" is missing")?,
             mappings,
+            exposures: v
+                .get("exposures")
+                .and_then(Value::as_array)
+                .ok_or("\"exposures\" is missing or not a list")?
+                .iter()
+                .map(ExposureStats::from_json)
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -243,6 +330,23 @@ mod tests {
                 pilot_addr: PilotAddr::new(0, 4),
                 counters: c,
             }],
+            exposures: vec![ExposureStats {
+                port: 80,
+                target: "127.0.0.1:8000".parse().unwrap(),
+                state: "rebinding".into(),
+                reason: "daemon gone".into(),
+                counters: crate::expose::Counters {
+                    active: 1,
+                    total: 2,
+                    bytes_in: 3,
+                    bytes_out: 4,
+                    refused: 5,
+                    over_limit: 6,
+                    slow_resets: 7,
+                    connect_failures: 8,
+                    rebinds: 9,
+                },
+            }],
         }
     }
 
@@ -254,6 +358,7 @@ mod tests {
         assert_eq!(Stats::from_json(&crate::json::parse(&text).unwrap()).unwrap(), s);
         assert_eq!(s.mapping(Ipv4Addr::new(10, 4, 0, 1)).total, 2);
         assert_eq!(s.mapping(Ipv4Addr::new(10, 4, 0, 2)), Counters::default());
+        assert_eq!(s.exposure(80).map(|e| e.counters.slow_resets), Some(7));
     }
 
     #[test]

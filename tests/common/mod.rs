@@ -620,3 +620,72 @@ pub fn settled_threads(pid: u32) -> u64 {
     );
     last
 }
+
+/// Whether a fresh session can Bind `port` (BindOK), polled: the daemon
+/// frees a port when it notices the owner's session has closed.
+pub fn can_bind(socket: &Path, port: u16) -> bool {
+    use pilot_gateway::ipc::{self, cmd, FrameReader};
+    wait_until(Duration::from_secs(10), || {
+        let Ok(s) = std::os::unix::net::UnixStream::connect(socket) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        w.write_all(&ipc::encode(cmd::BIND, &[&port.to_be_bytes()]))
+            .unwrap();
+        let mut r = FrameReader::new(s, 1024);
+        matches!(r.read_frame(), Ok((cmd::BIND_OK, _)))
+    })
+}
+
+/// Service: reads an 8-byte length N, then N bytes, which it compares with
+/// the pattern as they come; replies with the count and the offset of the
+/// first difference (u64::MAX: none). Comparing slices keeps it fast even
+/// in a debug build: an exposed service slower than the daemon's delivery
+/// would (by design) be reset once its queue passes its bound.
+pub fn verify(mut c: TcpStream) {
+    let mut n = [0u8; 8];
+    if c.read_exact(&mut n).is_err() {
+        return;
+    }
+    let want = u64::from_be_bytes(n);
+    let expect = pattern(11, 1 << 20);
+    let (mut total, mut first_diff) = (0u64, u64::MAX);
+    let mut buf = vec![0u8; 1 << 20];
+    while total < want {
+        // Reads never cross a pattern boundary, so each compares in one piece.
+        let at = (total % (1 << 20)) as usize;
+        let k = (buf.len() - at).min((want - total) as usize);
+        match c.read(&mut buf[at..at + k]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if first_diff == u64::MAX && buf[at..at + n] != expect[at..at + n] {
+                    first_diff = total;
+                }
+                total += n as u64;
+            }
+        }
+    }
+    let _ = c.write_all(&total.to_be_bytes());
+    let _ = c.write_all(&first_diff.to_be_bytes());
+}
+
+/// Sends `len` pattern bytes to a `verify` service without half-closing
+/// (an exposed service never sees our half-close before its reply);
+/// returns its (count, first difference).
+pub fn upload_whole(to: &str, len: usize) -> (u64, u64) {
+    let mut s = connect(to);
+    s.write_all(&(len as u64).to_be_bytes()).unwrap();
+    let chunk = pattern(11, 1 << 20);
+    let mut sent = 0;
+    while sent < len {
+        let k = (len - sent).min(chunk.len());
+        s.write_all(&chunk[..k]).unwrap();
+        sent += k;
+    }
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply).unwrap();
+    let count = u64::from_be_bytes(reply[..8].try_into().unwrap());
+    let diff = u64::from_be_bytes(reply[8..].try_into().unwrap());
+    (count, diff)
+}

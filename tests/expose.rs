@@ -1,0 +1,394 @@
+//! `expose` end to end, the way a user runs it: the pilot-gateway CLI
+//! (`start --expose`, `expose`, `unexpose`, `list`, `status`) against
+//! pilot-devd, whose `--inbound` turns local TCP connections into inbound
+//! pilot connections from a chosen peer.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use pilot_gateway::json::Value;
+
+const P9: &str = "0:0000.0000.0009";
+const P8: &str = "0:0000.0000.0008";
+/// devd turns connections here into inbound ones from P9 to pilot port 80.
+const IN80: &str = "127.0.0.1:7100";
+
+fn devd(dir: &TempDir, extra: &[&str]) -> Devd {
+    let mut args = vec!["--inbound", "127.0.0.1:7100=0:0000.0000.0009:80"];
+    args.extend_from_slice(extra);
+    Devd::start(dir, &args)
+}
+
+/// The `list --json` row of pilot port `port`.
+fn exposure(gw: &Gw, port: u64) -> Value {
+    let list = gw.data(&["list"]);
+    list.get("exposures")
+        .and_then(Value::as_array)
+        .and_then(|rows| {
+            rows.iter()
+                .find(|r| r.get("port").and_then(Value::as_u64) == Some(port))
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("port {port} not listed: {list}"))
+}
+
+fn num(v: &Value, key: &str) -> u64 {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("no {key} in {v}"))
+}
+
+fn text<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no {key} in {v}"))
+}
+
+/// Runs a command that must fail; returns its JSON error envelope.
+fn fails(gw: &Gw, args: &[&str]) -> Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let out = gw.run(&a);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+    pilot_gateway::json::parse(String::from_utf8_lossy(&out.stderr).trim()).unwrap()
+}
+
+#[test]
+fn sixty_four_mib_both_ways_through_start_expose() {
+    netns();
+    let dir = TempDir::new("x-64");
+    let _src = Service::start(8000, source);
+    let _snk = Service::start(8001, verify);
+    let d = devd(&dir, &["--inbound", "127.0.0.1:7101=0:0000.0000.0009:81"]);
+    let gw = Gw::new(&dir, &d.socket);
+    // A gateway with exposures only, no mappings; a bare port is 127.0.0.1.
+    let started = gw.data(&["start", "--expose", "80=8000", "--expose", "81=127.0.0.1:8001"]);
+    let rows = started.get("exposures").and_then(Value::as_array).unwrap();
+    assert_eq!(rows.len(), 2, "{started}");
+    assert_eq!(text(&rows[0], "target"), "127.0.0.1:8000");
+    assert!(started.get("warnings").unwrap().to_string() == "[]", "{started}");
+    const LEN: usize = 64 << 20;
+    let uploader = thread::spawn(|| upload_whole("127.0.0.1:7101", LEN));
+    let (got, hash) = download(IN80, LEN);
+    assert_eq!((got, hash), (LEN, expected_download(LEN)), "download byte-exact");
+    let (count, first_diff) = uploader.join().unwrap();
+    assert_eq!((count, first_diff), (LEN as u64, u64::MAX), "upload byte-exact");
+    assert!(wait_until(Duration::from_secs(10), || num(
+        &exposure(&gw, 80),
+        "active"
+    ) == 0
+        && num(&exposure(&gw, 81), "active") == 0));
+    let (down, up) = (exposure(&gw, 80), exposure(&gw, 81));
+    assert_eq!(num(&down, "bytes_out"), LEN as u64);
+    assert_eq!(num(&up, "bytes_in"), LEN as u64 + 8);
+    assert_eq!((num(&down, "total"), num(&up, "total")), (1, 1));
+    assert_eq!(num(&down, "slow_resets") + num(&up, "slow_resets"), 0);
+}
+
+#[test]
+fn fifty_connections_one_service_never_reads_only_it_is_reset() {
+    netns();
+    let dir = TempDir::new("x-slow");
+    // The service: its first connection never reads; the others echo.
+    let listener = TcpListener::bind("127.0.0.1:8000").unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let slow: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+    {
+        let (accepted, slow) = (accepted.clone(), slow.clone());
+        thread::spawn(move || {
+            for c in listener.incoming().flatten().take(50) {
+                if accepted.fetch_add(1, Ordering::SeqCst) == 0 {
+                    *slow.lock().unwrap() = Some(c);
+                } else {
+                    thread::spawn(move || echo(c));
+                }
+            }
+        });
+    }
+    let d = devd(&dir, &[]);
+    let gw = Gw::new(&dir, &d.socket);
+    gw.ok(&["start"]);
+    gw.ok(&["expose", "80", "127.0.0.1:8000"]);
+    // Pours data at the one that never reads until it is reset (bounded).
+    let pour = thread::spawn(|| {
+        let mut s = connect(IN80);
+        let chunk = vec![5u8; 1 << 20];
+        for _ in 0..256 {
+            if s.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    assert!(wait_until(Duration::from_secs(10), || accepted
+        .load(Ordering::SeqCst)
+        == 1));
+    let others: Vec<_> = (0..49u64)
+        .map(|i| {
+            thread::spawn(move || {
+                let s = connect(IN80);
+                let data = pattern(100 + i, 128 * 1024);
+                let (mut w, expect) = (s.try_clone().unwrap(), data.clone());
+                let writer = thread::spawn(move || w.write_all(&data).unwrap());
+                let mut got = vec![0u8; expect.len()];
+                (&s).read_exact(&mut got).unwrap();
+                writer.join().unwrap();
+                got == expect
+            })
+        })
+        .collect();
+    for (i, t) in others.into_iter().enumerate() {
+        assert!(t.join().unwrap(), "connection {i} did not echo byte-exact");
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || num(&exposure(&gw, 80), "slow_resets")
+            == 1),
+        "the service that never reads was not reset: {}",
+        exposure(&gw, 80)
+    );
+    let mut held = slow.lock().unwrap().take().unwrap();
+    assert!(
+        sees_reset(&mut held, Duration::from_secs(10)),
+        "its socket sees a reset"
+    );
+    pour.join().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || num(
+        &exposure(&gw, 80),
+        "active"
+    ) == 0));
+    let row = exposure(&gw, 80);
+    assert_eq!((num(&row, "total"), num(&row, "slow_resets")), (50, 1), "{row}");
+    assert_eq!(text(&row, "state"), "bound");
+}
+
+/// Whether a connection through `via` gets the echo (admitted) or is
+/// closed without data (refused).
+fn admitted(via: &str) -> bool {
+    let mut s = connect(via);
+    let _ = s.write_all(b"hello");
+    let mut buf = [0u8; 5];
+    matches!(s.read_exact(&mut buf), Ok(()) if &buf == b"hello")
+}
+
+#[test]
+fn allow_admits_listed_peers_by_hostname_and_address() {
+    netns();
+    let dir = TempDir::new("x-allow");
+    let _svc = Service::start(8000, echo);
+    let access = dir.path("access.log");
+    let d = devd(
+        &dir,
+        &[
+            "--inbound",
+            "127.0.0.1:7101=0:0000.0000.0008:80",
+            "--host",
+            "lab-a=0:0000.0000.0009",
+        ],
+    );
+    let gw = Gw::new(&dir, &d.socket);
+    gw.ok(&["start", "--access-log", access.to_str().unwrap()]);
+    // By hostname (resolved through the daemon): node 9 only.
+    let e = gw.data(&["expose", "80", "8000", "--allow", "lab-a"]);
+    assert_eq!(
+        e.get("allow").unwrap().to_string(),
+        format!(r#"[{{"addr":"{P9}","name":"lab-a"}}]"#)
+    );
+    assert!(admitted(IN80), "lab-a (node 9) is admitted");
+    assert!(!admitted("127.0.0.1:7101"), "node 8 is refused");
+    assert!(wait_until(Duration::from_secs(10), || num(
+        &exposure(&gw, 80),
+        "active"
+    ) == 0));
+    let row = exposure(&gw, 80);
+    assert_eq!((num(&row, "total"), num(&row, "refused")), (1, 1), "{row}");
+    let listed = gw.ok(&["list"]);
+    assert!(listed.contains("allowed: lab-a (0:0000.0000.0009)"), "{listed}");
+    // An unknown hostname is refused before anything changes.
+    let err = fails(&gw, &["expose", "81", "8000", "--allow", "nosuch"]);
+    assert_eq!(text(&err, "code"), "not_found", "{err}");
+    // By address, through pilotctl's spelling: now node 8 only.
+    gw.ok(&["unexpose", "80"]);
+    let pilotctl = dir.path("pilotctl");
+    std::os::unix::fs::symlink(GATEWAY, &pilotctl).unwrap();
+    let out = std::process::Command::new(&pilotctl)
+        .arg("--state-dir")
+        .arg(&gw.state)
+        .arg("--socket")
+        .arg(&gw.socket)
+        .args(["gateway", "expose", "80", "8000", "--allow", P8])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(admitted("127.0.0.1:7101"), "node 8 is admitted");
+    assert!(!admitted(IN80), "node 9 is refused");
+    gw.ok(&["stop"]);
+    let log = std::fs::read_to_string(&access).unwrap();
+    assert!(
+        log.contains(&format!("inbound peer={P8}:")) && log.contains("outcome=refused"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_port_already_bound_is_port_in_use() {
+    netns();
+    let dir = TempDir::new("x-inuse");
+    let d = devd(&dir, &[]);
+    let gw = Gw::new(&dir, &d.socket);
+    gw.ok(&["start"]);
+    // The daemon's own ports, and one another program holds.
+    use pilot_gateway::ipc::{self, cmd, FrameReader};
+    let holder = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    holder.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    (&holder)
+        .write_all(&ipc::encode(cmd::BIND, &[&90u16.to_be_bytes()]))
+        .unwrap();
+    let mut r = FrameReader::new(holder.try_clone().unwrap(), 1024);
+    assert!(
+        matches!(r.read_frame(), Ok((cmd::BIND_OK, _))),
+        "another program holds 90"
+    );
+    for port in ["7", "1001", "1002", "90"] {
+        let err = fails(&gw, &["expose", port, "8000"]);
+        assert_eq!(text(&err, "code"), "port_in_use", "port {port}: {err}");
+        assert!(text(&err, "message").contains("already bound"), "{err}");
+    }
+    // Nothing of a failed expose stays.
+    assert_eq!(gw.data(&["list"]).get("exposures").unwrap().to_string(), "[]");
+    gw.ok(&["expose", "80", "8000"]);
+    assert_eq!(
+        text(&fails(&gw, &["expose", "80", "8001"]), "code"),
+        "already_exists"
+    );
+    gw.ok(&["expose", "80", "8000"]); // the same again: same answer
+    for target in ["192.0.2.1:80", "127.0.0.1:0", "0.0.0.0:80", "localhost"] {
+        let err = fails(&gw, &["expose", "81", target]);
+        assert_eq!(text(&err, "code"), "bad_target", "{target}: {err}");
+    }
+    assert_eq!(text(&fails(&gw, &["unexpose", "81"]), "code"), "not_found");
+    drop(holder);
+}
+
+#[test]
+fn a_daemon_restart_rebinds() {
+    netns();
+    let dir = TempDir::new("x-restart");
+    let _svc = Service::start(8000, echo);
+    let d = devd(&dir, &[]);
+    let gw = Gw::new(&dir, &d.socket);
+    gw.ok(&["start", "--expose", "80=8000"]);
+    assert!(short_exchange(IN80));
+    drop(d); // killed and reaped
+    assert!(
+        wait_until(Duration::from_secs(10), || text(&exposure(&gw, 80), "state")
+            == "rebinding"),
+        "{}",
+        exposure(&gw, 80)
+    );
+    let status = gw.ok(&["status"]);
+    assert!(
+        status.contains("pilot port 80 → 127.0.0.1:8000  rebinding ("),
+        "{status}"
+    );
+    let _d = devd(&dir, &[]);
+    assert!(
+        wait_until(Duration::from_secs(20), || text(&exposure(&gw, 80), "state")
+            == "bound"),
+        "{}",
+        exposure(&gw, 80)
+    );
+    assert_eq!(num(&exposure(&gw, 80), "rebinds"), 1);
+    assert!(short_exchange(IN80), "new inbound connections work");
+}
+
+#[test]
+fn list_and_status_show_exposures_and_unexpose_frees_the_port() {
+    netns();
+    let dir = TempDir::new("x-list");
+    let _svc = Service::start(8000, echo);
+    let d = devd(&dir, &[]);
+    let gw = Gw::new(&dir, &d.socket);
+    gw.ok(&["start", A4]);
+    gw.ok(&["expose", "80", "8000"]);
+    assert!(short_exchange(IN80));
+    assert!(wait_until(Duration::from_secs(10), || num(
+        &exposure(&gw, 80),
+        "active"
+    ) == 0));
+    let row = exposure(&gw, 80);
+    for (k, want) in [
+        ("total", 1),
+        ("bytes_in", 5),
+        ("bytes_out", 5),
+        ("refused", 0),
+        ("slow_resets", 0),
+    ] {
+        assert_eq!(num(&row, k), want, "{k}: {row}");
+    }
+    assert_eq!(text(&row, "state"), "bound");
+    let list = gw.ok(&["list"]);
+    assert!(list.contains("10.4.0.1 → 0:0000.0000.0004"), "{list}");
+    assert!(
+        list.contains("pilot port 80 → 127.0.0.1:8000  bound  active 0 total 1 in 5 B out 5 B refused 0"),
+        "{list}"
+    );
+    let status = gw.data(&["status"]);
+    let rows = status.get("exposures").and_then(Value::as_array).unwrap();
+    assert_eq!((rows.len(), num(&rows[0], "total")), (1, 1), "{status}");
+    assert!(gw.ok(&["status"]).contains("exposures: 1"));
+    // A live connection is cut by unexpose, and the port is free again.
+    let mut live = connect(IN80);
+    live.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    live.read_exact(&mut b).unwrap();
+    let gone = gw.data(&["unexpose", "80"]);
+    assert_eq!((num(&gone, "port"), num(&gone, "cut")), (80, 1), "{gone}");
+    assert!(can_bind(&d.socket, 80), "another program can bind the port now");
+    assert_eq!(gw.data(&["list"]).get("exposures").unwrap().to_string(), "[]");
+    let mut rest = Vec::new();
+    let _ = live.read_to_end(&mut rest);
+}
+
+#[test]
+fn exposures_in_the_state_file_are_checked_again() {
+    netns();
+    let dir = TempDir::new("x-tamper");
+    let d = devd(&dir, &[]);
+    let gw = Gw::new(&dir, &d.socket);
+    gw.ok(&["start"]);
+    // Edit state.json by hand, as the gateway's user could: a LAN target
+    // without allow_remote_target, and port 0.
+    let path = gw.state.join("state.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let generation = num(&pilot_gateway::json::parse(&text).unwrap(), "generation");
+    let bad = format!(
+        r#""exposures":[{{"port":81,"target":"192.0.2.1:80","allow":null,"allow_remote_target":false,"generation":{g}}},{{"port":0,"target":"127.0.0.1:80","allow":null,"allow_remote_target":false,"generation":{g}}}]"#,
+        g = generation + 1
+    );
+    let text = text.replace(r#""exposures":[]"#, &bad).replace(
+        &format!(r#""generation":{generation},"applied""#),
+        &format!(r#""generation":{},"applied""#, generation + 1),
+    );
+    assert!(text.contains("192.0.2.1"), "{text}");
+    std::fs::write(&path, text).unwrap();
+    // SIGHUP, as a command would send it.
+    let pid = gw.pid() as i32;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    assert!(wait_until(Duration::from_secs(10), || {
+        let v = pilot_gateway::json::parse(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        num(&v, "applied") > generation
+    }));
+    let st = std::fs::read_to_string(&path).unwrap();
+    assert!(st.contains(r#""exposures":[]"#), "{st}");
+    assert!(
+        st.contains("not on this host") && st.contains("pilot port 0"),
+        "{st}"
+    );
+    assert!(can_bind(&d.socket, 81), "port 81 was never bound");
+}
