@@ -257,3 +257,43 @@ echo "done"
         "the start must be refused (not merely fail later): {t}"
     );
 }
+
+/// Hole: `alias::find_program` takes the first `ip` on `PATH`, relative
+/// entries included. With an empty element in root's `PATH` (a trailing or
+/// doubled `:`, a common slip; it means the current directory) and `start`
+/// run from a directory others can write (here `/tmp`), another local
+/// user's `./ip` runs with the gateway's CAP_NET_ADMIN and
+/// CAP_NET_BIND_SERVICE (or as full root when the gateway does not switch).
+///
+/// Safe outcome: only absolute `PATH` entries (or only the fixed sbin
+/// directories) are searched, and a tool that is not root-owned or is
+/// writable by others is refused; the planted program never runs.
+#[test]
+#[ignore = "hole: a relative PATH entry runs another user's ./ip with the gateway's capabilities"]
+fn the_alias_tool_is_never_taken_from_a_relative_path_entry() {
+    netns();
+    let script = format!(
+        r#"
+mkdir -p /tmp/nb && chown 65534:65534 /tmp/nb
+$NB $DEVD --socket /tmp/nb/devd.sock --route {a4}=127.0.0.1 2>/dev/null &
+waitsock /tmp/nb/devd.sock
+# another local user plants ./ip where root happens to stand
+printf '#!/bin/sh\n{{ id; grep CapEff /proc/self/status; }} >> /tmp/pwned\nexit 1\n' > /tmp/ip
+chmod 755 /tmp/ip; chown 12345:12345 /tmp/ip
+cd /tmp
+PATH=":$PATH" timeout -s KILL 30 $GW --socket /tmp/nb/devd.sock --state-dir /run/pgw start --ports 8080 {a4} >/dev/null 2>&1
+echo "start-rc=$?"
+[ -e /tmp/pwned ] && {{ echo "PLANTED-IP-RAN"; cat /tmp/pwned; }}
+timeout -s KILL 30 $GW --state-dir /run/pgw stop >/dev/null 2>&1
+echo "done"
+"#,
+        a4 = A4
+    );
+    let out = in_private_namespaces(&script);
+    let t = text(&out);
+    assert!(t.contains("done") && t.contains("start-rc="), "{t}");
+    assert!(
+        !t.contains("PLANTED-IP-RAN"),
+        "another user's ./ip ran with the gateway's capabilities: {t}"
+    );
+}
