@@ -195,9 +195,15 @@ impl Connections {
             c.abort("closed by the gateway");
         }
         let deadline = Instant::now() + wait;
-        while Instant::now() < deadline {
+        for round in 1.. {
             if self.live.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
                 return conns.len();
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            if round % 20 == 0 {
+                conns.iter().for_each(|c| c.unblock_writer());
             }
             thread::sleep(Duration::from_millis(5));
         }
@@ -295,12 +301,24 @@ impl Conn {
         }
     }
 
-    /// Tears the connection down from outside (unmap, stop). This also
-    /// shuts the writing side, to wake a thread blocked writing to a client
-    /// that does not read.
+    /// Tears the connection down from outside (unmap, stop): the client
+    /// gets a reset, never a FIN it could take for a complete stream.
     pub fn abort(&self, why: &str) {
         self.fail(Ending::Reset(why.to_string()));
-        let _ = self.tcp.shutdown(Shutdown::Write);
+        self.unblock_writer();
+    }
+
+    /// Wakes the agent→client thread if it may be blocked writing to a
+    /// client that does not read. Only shutting the socket's writing side
+    /// does that, and it queues a FIN: behind unsent data the client cannot
+    /// read that FIN before the reset that follows at once, so it is done
+    /// only then. With nothing unsent no write is blocked, and the client
+    /// sees just the reset. (`close_all` asks again, for a write that
+    /// started after this check.)
+    fn unblock_writer(&self) {
+        if sys::unsent_bytes(&self.tcp).map_or(true, |n| n > 0) {
+            let _ = self.tcp.shutdown(Shutdown::Write);
+        }
     }
 }
 

@@ -314,6 +314,24 @@ pub fn set_linger_zero(tcp: &std::net::TcpStream) {
     }
 }
 
+/// Bytes written to a TCP socket that its peer has not acknowledged yet
+/// (SIOCOUTQ). `None` where the kernel cannot say (not Linux, an error).
+pub fn unsent_bytes(tcp: &std::net::TcpStream) -> Option<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut n: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int through the pointer,
+        // which points to a local int; the fd is borrowed for the call.
+        let r = unsafe { libc::ioctl(tcp.as_raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+        (r == 0).then(|| usize::try_from(n).unwrap_or(0))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = tcp;
+        None
+    }
+}
+
 /// Shuts a listening socket down, which wakes a thread blocked in
 /// `accept` on it (EINVAL on Linux). std has no shutdown for listeners.
 pub fn shutdown_listener(socket: &std::net::TcpListener) {
