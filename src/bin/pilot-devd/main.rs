@@ -50,15 +50,20 @@ fn fail(msg: String) -> ! {
     std::process::exit(2);
 }
 
+fn addr(s: &str, flag: &str) -> PilotAddr {
+    s.parse::<PilotAddr>()
+        .unwrap_or_else(|e| fail(format!("{flag}: {e}")))
+}
+
 fn parse() -> Result<Config, lexopt::Error> {
     let mut cfg = Config::default();
     let mut p = lexopt::Parser::from_env();
-    let addr = |s: &str, flag: &str| {
-        s.parse::<PilotAddr>()
-            .unwrap_or_else(|e| fail(format!("{flag}: {e}")))
-    };
     while let Some(arg) = p.next()? {
         match arg {
+            Long(name) if FAULT_FLAGS.contains(&name) => {
+                let name = name.to_string();
+                fault_flag(&mut cfg, &name, &mut p)?;
+            }
             Long("socket") => cfg.socket = p.value()?.into(),
             Long("route") => {
                 let v = p.value()?.string()?;
@@ -68,28 +73,6 @@ fn parse() -> Result<Config, lexopt::Error> {
             Long("untrusted") => {
                 let v = p.value()?.string()?;
                 cfg.untrusted.insert(addr(&v, "--untrusted"));
-            }
-            Long("dial-error") => {
-                let v = p.value()?.string()?;
-                let (a, text) = v
-                    .split_once('=')
-                    .unwrap_or_else(|| fail(format!("--dial-error {v:?}: expected ADDR=TEXT")));
-                let text = text.replace("\\n", "\n").replace("\\e", "\u{1b}");
-                cfg.dial_error.insert(addr(a, "--dial-error"), text);
-            }
-            Long("dial-delay") => {
-                let v = p.value()?.string()?;
-                let ms = |t: &str| {
-                    t.parse::<u64>()
-                        .map(Duration::from_millis)
-                        .unwrap_or_else(|_| fail(format!("--dial-delay {v:?}: not milliseconds")))
-                };
-                match v.split_once('=') {
-                    Some((a, t)) => {
-                        cfg.dial_delay_for.insert(addr(a, "--dial-delay"), ms(t));
-                    }
-                    None => cfg.dial_delay = ms(&v),
-                }
             }
             Long("host") => {
                 let v = p.value()?.string()?;
@@ -104,18 +87,6 @@ fn parse() -> Result<Config, lexopt::Error> {
             Long("any-uid") => cfg.any_uid = true,
             Long("node-id") => cfg.node_id = p.value()?.parse()?,
             Long("hostname") => cfg.hostname = p.value()?.string()?,
-            Long("misbehave") => {
-                let v = p.value()?.string()?;
-                let mode = |m: &str| {
-                    Misbehave::parse(m).unwrap_or_else(|| fail(format!("--misbehave {v:?}: unknown mode")))
-                };
-                match v.split_once('=') {
-                    Some((a, m)) => {
-                        cfg.misbehave_for.insert(addr(a, "--misbehave"), mode(m));
-                    }
-                    None => cfg.misbehave = Some(mode(&v)),
-                }
-            }
             Long("inbound") => {
                 let v = p.value()?.string()?;
                 cfg.inbound
@@ -123,11 +94,6 @@ fn parse() -> Result<Config, lexopt::Error> {
             }
             Long("unbind") => cfg.unbind = true,
             Long("verbose") => cfg.verbose = true,
-            Long("stall-accept") => faults::stall_from_start(),
-            Long("trickle") => {
-                let ms: u64 = p.value()?.parse()?;
-                faults::trickle(ms);
-            }
             Short('h') | Long("help") => {
                 print!("{HELP}");
                 std::process::exit(0);
@@ -136,6 +102,55 @@ fn parse() -> Result<Config, lexopt::Error> {
         }
     }
     Ok(cfg)
+}
+
+/// The flags that make this daemon slow or wrong on purpose, for fault tests.
+const FAULT_FLAGS: [&str; 5] = ["dial-error", "dial-delay", "misbehave", "stall-accept", "trickle"];
+
+fn fault_flag(cfg: &mut Config, name: &str, p: &mut lexopt::Parser) -> Result<(), lexopt::Error> {
+    match name {
+        "dial-error" => {
+            let v = p.value()?.string()?;
+            let (a, text) = v
+                .split_once('=')
+                .unwrap_or_else(|| fail(format!("--dial-error {v:?}: expected ADDR=TEXT")));
+            let text = text.replace("\\n", "\n").replace("\\e", "\u{1b}");
+            cfg.dial_error.insert(addr(a, "--dial-error"), text);
+        }
+        "dial-delay" => {
+            let v = p.value()?.string()?;
+            let ms = |t: &str| {
+                t.parse::<u64>()
+                    .map(Duration::from_millis)
+                    .unwrap_or_else(|_| fail(format!("--dial-delay {v:?}: not milliseconds")))
+            };
+            match v.split_once('=') {
+                Some((a, t)) => {
+                    cfg.dial_delay_for.insert(addr(a, "--dial-delay"), ms(t));
+                }
+                None => cfg.dial_delay = ms(&v),
+            }
+        }
+        "misbehave" => {
+            let v = p.value()?.string()?;
+            let mode = |m: &str| {
+                Misbehave::parse(m).unwrap_or_else(|| fail(format!("--misbehave {v:?}: unknown mode")))
+            };
+            match v.split_once('=') {
+                Some((a, m)) => {
+                    cfg.misbehave_for.insert(addr(a, "--misbehave"), mode(m));
+                }
+                None => cfg.misbehave = Some(mode(&v)),
+            }
+        }
+        "stall-accept" => faults::stall_from_start(),
+        "trickle" => {
+            let ms: u64 = p.value()?.parse()?;
+            faults::trickle(ms);
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn main() {
