@@ -365,29 +365,8 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
     data.extend(t.json_pairs());
     data.push(("refused", stats.refused.into()));
     let (exposures, exposed_text) = exposure_rows(st, stats);
-    let daemon_text = if reachable {
-        "reachable".to_string()
-    } else {
-        let why = stats.daemon.get("error").and_then(Value::as_str).unwrap_or("?");
-        format!("unreachable: {why}")
-    };
-    let daemon_text = match stats.daemon.get("checked_secs_ago").and_then(Value::as_u64) {
-        Some(age) => format!("{daemon_text}, checked {age}s ago"),
-        None => daemon_text,
-    };
-    let max = if stats.max_conns == stats.max_conns_requested {
-        stats.max_conns.to_string()
-    } else {
-        format!(
-            "{}, lowered from {} to fit the open-file limit",
-            stats.max_conns, stats.max_conns_requested
-        )
-    };
-    let remote = if stats.allow_remote {
-        "served (--allow-remote)".to_string()
-    } else {
-        format!("refused {}", t.refused_remote)
-    };
+    let daemon_text = daemon_text(stats, reachable);
+    let (max, remote) = limits_text(stats);
     let text = format!(
         "gateway running (pid {}, up {}s)\n  socket: {} (daemon {daemon_text})\n  subnet: {}\n  ports: {}\n  mappings: {}\n  connections: active {} (max {max}), total {}, refused {}, failed dials {}, idle timeouts {}, thread failures {}\n  clients from other hosts: {remote}\n  bytes: up {}, down {}\n{}",
         st.gateway.pid,
@@ -420,6 +399,40 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
     };
     data.push(("exposures", Value::Arr(exposures)));
     (Value::obj(data), text)
+}
+
+/// The daemon's health as `status` shows it: reachable or why not, and
+/// how long ago the gateway checked.
+fn daemon_text(stats: &Stats, reachable: bool) -> String {
+    let text = if reachable {
+        "reachable".to_string()
+    } else {
+        let why = stats.daemon.get("error").and_then(Value::as_str).unwrap_or("?");
+        format!("unreachable: {why}")
+    };
+    match stats.daemon.get("checked_secs_ago").and_then(Value::as_u64) {
+        Some(age) => format!("{text}, checked {age}s ago"),
+        None => text,
+    }
+}
+
+/// `--max-conns` in force (and why it is lower than asked, if it is), and
+/// what happens to clients from other hosts.
+fn limits_text(stats: &Stats) -> (String, String) {
+    let max = if stats.max_conns == stats.max_conns_requested {
+        stats.max_conns.to_string()
+    } else {
+        format!(
+            "{}, lowered from {} to fit the open-file limit",
+            stats.max_conns, stats.max_conns_requested
+        )
+    };
+    let remote = if stats.allow_remote {
+        "served (--allow-remote)".to_string()
+    } else {
+        format!("refused {}", stats.totals.refused_remote)
+    };
+    (max, remote)
 }
 
 fn indent(lines: &str) -> String {
