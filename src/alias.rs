@@ -8,13 +8,20 @@
 //! under systemd or sudo does not always contain them).
 //!
 //! An alias that already existed before we looked is used but never
-//! removed: it was not ours.
+//! removed: it was not ours. On Linux every alias we add carries the label
+//! [`LABEL`], and we delete with that label, which the kernel matches: an
+//! address someone else added (no label, or another one) is never removed
+//! by us, whatever a state file claims.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
 
 use crate::error::{Code, Error, Result};
+
+/// The label of our aliases on Linux (`ip addr show label lo:pgw`). A
+/// label must start with the interface name and fit in 15 bytes.
+pub const LABEL: &str = "lo:pgw";
 
 /// Which command set to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +52,8 @@ impl Platform {
                         format!("{ip}/32"),
                         "dev".into(),
                         "lo".into(),
+                        "label".into(),
+                        LABEL.into(),
                     ],
                 )
             }
@@ -142,7 +151,15 @@ impl Aliases {
         let (program, args) = self.platform.command(ip, false);
         match self.runner.run(program, &args) {
             Ok(()) => Ok(()),
-            Err(e) if e.contains("Cannot assign requested address") || e.contains("Can't assign") => Ok(()),
+            // Older kernels say "Cannot assign", newer "Address not found";
+            // also what a del with our label gets for an unlabelled address.
+            Err(e)
+                if e.contains("Cannot assign requested address")
+                    || e.contains("Address not found")
+                    || e.contains("Can't assign") =>
+            {
+                Ok(())
+            }
             Err(e) => Err(classify(
                 &format!("cannot remove loopback alias {ip} ({program} {})", args.join(" ")),
                 &e,
@@ -202,7 +219,10 @@ mod tests {
         a.remove(IP).unwrap();
         assert_eq!(
             *calls.lock().unwrap(),
-            ["ip addr add 10.4.0.1/32 dev lo", "ip addr del 10.4.0.1/32 dev lo"]
+            [
+                "ip addr add 10.4.0.1/32 dev lo label lo:pgw",
+                "ip addr del 10.4.0.1/32 dev lo label lo:pgw"
+            ]
         );
     }
 
@@ -237,7 +257,7 @@ mod tests {
         let e = a.add(IP, false).unwrap_err();
         assert_eq!(e.code, Code::PermissionDenied);
         assert!(
-            e.message.contains("ip addr add 10.4.0.1/32 dev lo"),
+            e.message.contains("ip addr add 10.4.0.1/32 dev lo label lo:pgw"),
             "{}",
             e.message
         );
@@ -245,6 +265,8 @@ mod tests {
         let (gone, _) = aliases(Platform::Linux, |_| {
             Err("RTNETLINK answers: Cannot assign requested address".into())
         });
+        assert!(gone.remove(IP).is_ok());
+        let (gone, _) = aliases(Platform::Linux, |_| Err("Error: ipv4: Address not found.".into()));
         assert!(gone.remove(IP).is_ok());
         let (missing, _) = aliases(Platform::Linux, |_| {
             Err("cannot run ip: No such file or directory".into())
