@@ -9,7 +9,8 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::json;
 
@@ -142,6 +143,89 @@ pub fn log(level: Level, msg: std::fmt::Arguments<'_>) {
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
+/// A rate limit for one kind of warning that clients can cause at will
+/// (a refused or failed connection): any local user can open connections
+/// in a loop, and one line each would grow the log (in /run, or the
+/// journal) without bound. A token bucket: bursts of up to
+/// [`RateLimit::BURST`] lines, then one a second; the next line that gets
+/// through says how many were suppressed. Counters (`status`) still count
+/// every event. One `static` per kind, used through [`warn_limited!`].
+pub struct RateLimit {
+    bucket: Mutex<Bucket>,
+}
+
+struct Bucket {
+    /// Lines that may be written now, in thousandths.
+    credit: u64,
+    /// When `credit` was last refilled (`None`: never used, full).
+    at: Option<Instant>,
+    /// Lines suppressed since the last one written.
+    suppressed: u64,
+}
+
+impl RateLimit {
+    pub const BURST: u64 = 10;
+
+    pub const fn new() -> RateLimit {
+        RateLimit {
+            bucket: Mutex::new(Bucket {
+                credit: RateLimit::BURST * 1000,
+                at: None,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// `Some(n)` if a line may be written now, `n` lines having been
+    /// suppressed since the last one; `None` (and one more suppressed) if not.
+    pub fn allow(&self) -> Option<u64> {
+        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if let Some(at) = b.at {
+            let refill = now
+                .duration_since(at)
+                .as_millis()
+                .min(u128::from(RateLimit::BURST * 1000));
+            b.credit = (b.credit + refill as u64).min(RateLimit::BURST * 1000);
+        }
+        b.at = Some(now);
+        if b.credit < 1000 {
+            b.suppressed += 1;
+            return None;
+        }
+        b.credit -= 1000;
+        Some(std::mem::take(&mut b.suppressed))
+    }
+}
+
+impl Default for RateLimit {
+    fn default() -> RateLimit {
+        RateLimit::new()
+    }
+}
+
+/// The note a rate-limited line carries about the lines suppressed before it.
+pub fn suppressed_note(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" ({n} similar lines suppressed)")
+    }
+}
+
+/// `warn!` through a [`RateLimit`]: `warn_limited!(LIMIT, "…", args)`.
+#[macro_export]
+macro_rules! warn_limited {
+    ($limit:expr, $($t:tt)*) => {
+        if let Some(n) = $limit.allow() {
+            $crate::log::log(
+                $crate::log::Level::Warn,
+                format_args!("{}{}", format_args!($($t)*), $crate::log::suppressed_note(n)),
+            )
+        }
+    };
+}
+
 #[macro_export]
 macro_rules! error { ($($t:tt)*) => { $crate::log::log($crate::log::Level::Error, format_args!($($t)*)) } }
 #[macro_export]
@@ -199,6 +283,23 @@ mod tests {
         );
         // Ordinary non-ASCII text, joiners included, passes unchanged.
         assert_eq!(escape_control("é 😀 \u{200d} ش"), "é 😀 \u{200d} ش");
+    }
+
+    #[test]
+    fn rate_limit_allows_a_burst_then_counts_what_it_suppresses() {
+        let limit = RateLimit::new();
+        for _ in 0..RateLimit::BURST {
+            assert_eq!(limit.allow(), Some(0));
+        }
+        for _ in 0..5 {
+            assert_eq!(limit.allow(), None);
+        }
+        // A second later one more line gets through, with the count.
+        limit.bucket.lock().unwrap().at = Some(Instant::now() - Duration::from_millis(1000));
+        assert_eq!(limit.allow(), Some(5));
+        assert_eq!(limit.allow(), None);
+        assert_eq!(suppressed_note(0), "");
+        assert_eq!(suppressed_note(3), " (3 similar lines suppressed)");
     }
 
     #[test]
