@@ -4,17 +4,25 @@
 //! We run the platform's own tool (`ip` on Linux, `ifconfig` on macOS)
 //! with an argument vector — never a shell — rather than speaking netlink,
 //! so an auditor sees exactly the command an operator would type. The tool
-//! is found on `PATH`, then in the usual sbin directories (root's `PATH`
-//! under systemd or sudo does not always contain them).
+//! is taken from the usual sbin and bin directories, then from absolute
+//! `PATH` entries, and only if root owns it and its directories (see
+//! `find_program`).
 //!
 //! An alias that already existed before we looked is used but never
-//! removed: it was not ours.
+//! removed: it was not ours. On Linux every alias we add carries the label
+//! [`LABEL`], and we delete with that label, which the kernel matches: an
+//! address someone else added (no label, or another one) is never removed
+//! by us, whatever a state file claims.
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::error::{Code, Error, Result};
+
+/// The label of our aliases on Linux (`ip addr show label lo:pgw`). A
+/// label must start with the interface name and fit in 15 bytes.
+pub const LABEL: &str = "lo:pgw";
 
 /// Which command set to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +53,8 @@ impl Platform {
                         format!("{ip}/32"),
                         "dev".into(),
                         "lo".into(),
+                        "label".into(),
+                        LABEL.into(),
                     ],
                 )
             }
@@ -70,7 +80,7 @@ pub struct System;
 
 impl Runner for System {
     fn run(&self, program: &str, args: &[String]) -> RunResult {
-        let path = find_program(program);
+        let path = find_program(program)?;
         // `classify` reads the tool's English messages: keep them English.
         let out = Command::new(&path)
             .args(args)
@@ -92,13 +102,69 @@ impl Runner for System {
     }
 }
 
-fn find_program(name: &str) -> PathBuf {
+/// Where the tool is looked for first: root's `PATH` under systemd or sudo
+/// does not always contain the sbin directories.
+const TOOL_DIRS: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
+
+/// Finds the tool: in [`TOOL_DIRS`], then in the *absolute* entries of
+/// `PATH` (an empty or relative entry means some current directory, where
+/// another user may have planted one). The tool runs with the gateway's
+/// capabilities (or as root), so a candidate is used only if it and every
+/// directory on its path, as written and as resolved, belong to root and
+/// are writable by no one else ([`check_trusted`]); else the next one.
+fn find_program(name: &str) -> std::result::Result<PathBuf, String> {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from(name))
+    let mut refused = Vec::new();
+    let dirs = TOOL_DIRS
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(std::env::split_paths(&path).filter(|d| d.is_absolute()));
+    for candidate in dirs.map(|dir| dir.join(name)).filter(|p| p.is_file()) {
+        match check_trusted(&candidate) {
+            Ok(()) => return Ok(candidate),
+            Err(why) => refused.push(why),
+        }
+    }
+    Err(if refused.is_empty() {
+        format!(
+            "cannot run {name}: not found in {} or an absolute directory of PATH",
+            TOOL_DIRS.join(", ")
+        )
+    } else {
+        format!("cannot run {name}: refused {}", refused.join("; "))
+    })
+}
+
+/// Whether `tool`, every directory above it, and the same for the path it
+/// resolves to (through symlinks), are root's and writable by no one else:
+/// then nobody but root can change what runs, between this check and the
+/// exec or later. We exec `tool` as found (not the resolved path), since a
+/// multi-call binary (busybox) dispatches on its name.
+fn check_trusted(tool: &Path) -> std::result::Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let real = std::fs::canonicalize(tool).map_err(|e| format!("{}: {e}", tool.display()))?;
+    for p in tool.ancestors().chain(real.ancestors()) {
+        if p.as_os_str().is_empty() {
+            continue;
+        }
+        let meta = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        if meta.uid() != 0 {
+            return Err(format!(
+                "{} ({} is owned by uid {}, not root)",
+                tool.display(),
+                p.display(),
+                meta.uid()
+            ));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(format!(
+                "{} ({} is writable by group or others)",
+                tool.display(),
+                p.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Adds and removes loopback aliases.
@@ -142,7 +208,15 @@ impl Aliases {
         let (program, args) = self.platform.command(ip, false);
         match self.runner.run(program, &args) {
             Ok(()) => Ok(()),
-            Err(e) if e.contains("Cannot assign requested address") || e.contains("Can't assign") => Ok(()),
+            // Older kernels say "Cannot assign", newer "Address not found";
+            // also what a del with our label gets for an unlabelled address.
+            Err(e)
+                if e.contains("Cannot assign requested address")
+                    || e.contains("Address not found")
+                    || e.contains("Can't assign") =>
+            {
+                Ok(())
+            }
             Err(e) => Err(classify(
                 &format!("cannot remove loopback alias {ip} ({program} {})", args.join(" ")),
                 &e,
@@ -156,6 +230,10 @@ fn classify(what: &str, tool_said: &str) -> Error {
     if lower.contains("not permitted") || lower.contains("permission denied") {
         Error::new(Code::PermissionDenied, format!("{what}: {tool_said}")).hint(
             "adding loopback aliases needs root (CAP_NET_ADMIN): run as root, or use a subnet inside 127.0.0.0/8, which needs no alias on Linux",
+        )
+    } else if lower.contains("cannot run") && lower.contains("refused") {
+        Error::new(Code::PermissionDenied, format!("{what}: {tool_said}")).hint(
+            "the tool runs with the gateway's privileges, so it and every directory above it must belong to root and be writable by no one else",
         )
     } else if lower.contains("cannot run") {
         Error::new(Code::Internal, format!("{what}: {tool_said}"))
@@ -202,7 +280,10 @@ mod tests {
         a.remove(IP).unwrap();
         assert_eq!(
             *calls.lock().unwrap(),
-            ["ip addr add 10.4.0.1/32 dev lo", "ip addr del 10.4.0.1/32 dev lo"]
+            [
+                "ip addr add 10.4.0.1/32 dev lo label lo:pgw",
+                "ip addr del 10.4.0.1/32 dev lo label lo:pgw"
+            ]
         );
     }
 
@@ -237,7 +318,7 @@ mod tests {
         let e = a.add(IP, false).unwrap_err();
         assert_eq!(e.code, Code::PermissionDenied);
         assert!(
-            e.message.contains("ip addr add 10.4.0.1/32 dev lo"),
+            e.message.contains("ip addr add 10.4.0.1/32 dev lo label lo:pgw"),
             "{}",
             e.message
         );
@@ -246,14 +327,47 @@ mod tests {
             Err("RTNETLINK answers: Cannot assign requested address".into())
         });
         assert!(gone.remove(IP).is_ok());
+        let (gone, _) = aliases(Platform::Linux, |_| Err("Error: ipv4: Address not found.".into()));
+        assert!(gone.remove(IP).is_ok());
         let (missing, _) = aliases(Platform::Linux, |_| {
             Err("cannot run ip: No such file or directory".into())
         });
+        let (refused, _) = aliases(Platform::Linux, |_| {
+            Err("cannot run ip: refused /opt/ip (/opt/ip is owned by uid 12345, not root)".into())
+        });
+        let e = refused.add(IP, false).unwrap_err();
+        assert_eq!(e.code, Code::PermissionDenied);
+        assert!(e.hint.unwrap().contains("belong to root"));
         assert!(missing
             .add(IP, false)
             .unwrap_err()
             .hint
             .unwrap()
             .contains("iproute2"));
+    }
+
+    #[test]
+    fn only_root_owned_tools_in_safe_directories_run() {
+        use std::os::unix::fs::{chown, PermissionsExt};
+        assert!(check_trusted(Path::new("/usr/bin/env")).is_ok());
+        let dir = std::env::temp_dir().join(format!("pgw-alias-tool-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tool = dir.join("ip");
+        std::fs::write(&tool, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = check_trusted(&tool).unwrap_err();
+        assert!(e.contains("writable by group or others"), "{e}");
+        if crate::sys::euid() == 0 {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            chown(&tool, Some(12345), None).unwrap();
+            let e = check_trusted(&tool).unwrap_err();
+            assert!(e.contains("owned by uid 12345"), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        // `env` is found in the fixed directories whatever PATH holds.
+        assert!(find_program("env").unwrap().is_absolute());
+        assert!(find_program("no-such-tool-pgw")
+            .unwrap_err()
+            .contains("not found"));
     }
 }

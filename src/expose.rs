@@ -62,10 +62,17 @@ use std::time::{Duration, Instant};
 use crate::address::PilotAddr;
 use crate::error::{Code, Error, Result};
 use crate::ipc::{self, cmd, FrameReader};
-use crate::{debug, info, sys, warn};
+use crate::log::RateLimit;
+use crate::{debug, info, sys, warn, warn_limited};
 
 /// Stack of every thread here: buffers live on the heap, nothing recurses.
 pub const THREAD_STACK: usize = 128 * 1024;
+
+// Per-connection warnings peers (or a misbehaving daemon) can cause at
+// will: rate-limited, one limit per kind (the counters count every one).
+static MALFORMED_ACCEPT: RateLimit = RateLimit::new();
+static REFUSED: RateLimit = RateLimit::new();
+static SPAWN_FAILED: RateLimit = RateLimit::new();
 /// Default bound of one connection's queue of data for the local service.
 pub const QUEUE_BYTES: usize = 512 * 1024;
 /// How long a connection at its bound may go without progress.
@@ -530,7 +537,8 @@ fn cut_all(ex: &Shared, why: &str) {
 
 fn accept(ex: &Arc<Shared>, link: &Arc<Link>, payload: &[u8]) {
     let Some(a) = ipc::parse_accept(payload) else {
-        warn!(
+        warn_limited!(
+            MALFORMED_ACCEPT,
             "exposed port {}: malformed Accept ({} bytes)",
             ex.port,
             payload.len()
@@ -548,9 +556,12 @@ fn accept(ex: &Arc<Shared>, link: &Arc<Link>, payload: &[u8]) {
     };
     if let Some(why) = refuse {
         link.close(a.conn);
-        warn!(
+        warn_limited!(
+            REFUSED,
             "exposed port {}: refused {}:{} ({why})",
-            ex.port, a.remote, a.remote_port
+            ex.port,
+            a.remote,
+            a.remote_port
         );
         report(
             ex,
@@ -593,7 +604,11 @@ fn accept(ex: &Arc<Shared>, link: &Arc<Link>, payload: &[u8]) {
         .stack_size(THREAD_STACK)
         .spawn(move || connect_then_relay(finish));
     if let Err(e) = spawned {
-        warn!("exposed port {}: no thread for a connection: {e}", ex.port);
+        warn_limited!(
+            SPAWN_FAILED,
+            "exposed port {}: no thread for a connection: {e}",
+            ex.port
+        );
     }
 }
 

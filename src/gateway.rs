@@ -29,7 +29,7 @@ use ipnetwork::Ipv4Network;
 
 use crate::access::AccessLog;
 use crate::address::PilotAddr;
-use crate::alias::Aliases;
+use crate::alias::{self, Aliases};
 use crate::cli::{Expose, Target};
 use crate::daemon;
 use crate::error::{Code, Error, Result};
@@ -286,10 +286,11 @@ fn clean_up_after_dead_gateway(
         if !subnet::is_local_address(m.local_ip).unwrap_or(true) {
             continue; // already gone
         }
-        if invalid.contains(&m.local_ip) || !stale_alias_ok(prev.subnet, subnet, m.local_ip) {
+        if invalid.contains(&m.local_ip) || !stale_alias_ok(subnet, m.local_ip) {
             warn!(
-                "left address {} alone: the old state file says the gateway added it, but it is not an address a gateway hands out",
-                m.local_ip
+                "left address {} alone: the old state file says the gateway added it, but it is not a {} alias in this start's subnet {subnet}",
+                m.local_ip,
+                alias::LABEL
             );
             continue;
         }
@@ -312,18 +313,22 @@ fn clean_up_after_dead_gateway(
     Ok(cleaned)
 }
 
-/// Whether a dead gateway's recorded alias may be removed: its old subnet
-/// is one `--subnet` accepts without `--allow-any-subnet` (or the new
-/// start's own), the IP is assignable in it, it is not in 127.0.0.0/8,
-/// and it sits on a loopback interface as a /32, the way we add aliases.
-/// The old state file was writable by the gateway's user, so this is what
-/// keeps a forged one from deleting an administrator's address.
-fn stale_alias_ok(old: Ipv4Network, new: Ipv4Network, ip: Ipv4Addr) -> bool {
-    let subnet_ok = old == new || subnet::parse_subnet(&old.to_string(), false).is_ok();
-    let ours = sys::interface_addresses().map_or(true, |all| {
-        all.iter().any(|a| a.addr == ip && a.loopback && a.prefix == 32)
+/// Whether a dead gateway's recorded alias may be removed. The old state
+/// file was writable by the gateway's user, so nothing in it is taken on
+/// its word (its subnet least of all): the IP must be assignable in the
+/// *new* start's own subnet (which the operator chose), outside
+/// 127.0.0.0/8, and sit on a loopback interface as a /32 — on Linux with
+/// our label ([`alias::LABEL`]), which only our `ip addr add` sets. An
+/// address an administrator added has no label and is never removed (the
+/// removal itself also names the label, so the kernel checks it again).
+/// macOS has no labels: there the subnet rule alone applies.
+fn stale_alias_ok(new: Ipv4Network, ip: Ipv4Addr) -> bool {
+    let labelled = |name: &str| !cfg!(target_os = "linux") || name == alias::LABEL;
+    let ours = sys::interface_addresses().is_ok_and(|all| {
+        all.iter()
+            .any(|a| a.addr == ip && a.loopback && a.prefix == 32 && labelled(&a.interface))
     });
-    subnet_ok && subnet::is_assignable(old, ip) && !ip.is_loopback() && ours
+    subnet::is_assignable(new, ip) && !ip.is_loopback() && ours
 }
 
 /// Asks the daemon about every target and allocates local IPs, before

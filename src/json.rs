@@ -150,7 +150,10 @@ impl<T: Into<Value>> From<Vec<T>> for Value {
     }
 }
 
-/// Writes `s` as a JSON string literal.
+/// Writes `s` as a JSON string literal. Besides what JSON requires, DEL,
+/// C1 controls, line separators and bidi controls are written as `\uXXXX`
+/// (see [`crate::log::is_terminal_hazard`]): people read JSON output on
+/// terminals too, and its strings come from the state file and the daemon.
 pub fn write_str(out: &mut impl Write, s: &str) -> fmt::Result {
     out.write_char('"')?;
     for c in s.chars() {
@@ -160,7 +163,7 @@ pub fn write_str(out: &mut impl Write, s: &str) -> fmt::Result {
             '\n' => out.write_str("\\n")?,
             '\r' => out.write_str("\\r")?,
             '\t' => out.write_str("\\t")?,
-            c if (c as u32) < 0x20 => write!(out, "\\u{:04x}", c as u32)?,
+            c if crate::log::is_terminal_hazard(c) => write!(out, "\\u{:04x}", c as u32)?,
             c => out.write_char(c)?,
         }
     }
@@ -477,6 +480,13 @@ mod tests {
         assert_eq!(v.get("big").unwrap().as_u64(), Some(u64::MAX));
         assert_eq!(parse(&v.to_string()).unwrap(), v);
         assert_eq!(parse(r#""\ud83d\ude00""#).unwrap(), Value::Str("😀".into()));
+    }
+
+    #[test]
+    fn terminal_controls_are_written_escaped() {
+        let v = Value::Str("a\u{7f}\u{9b}\u{202e}\u{2028}\u{2067}é".into());
+        assert_eq!(v.to_string(), r#""a\u007f\u009b\u202e\u2028\u2067é""#);
+        assert_eq!(parse(&v.to_string()).unwrap(), v);
     }
 
     #[test]

@@ -13,15 +13,16 @@
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::access::Record;
 use crate::address::PilotAddr;
+use crate::log::RateLimit;
 use crate::relay::{self, Connections, DataPath, THREAD_STACK};
-use crate::{sys, warn};
+use crate::{sys, warn_limited};
 
 /// A listening socket on one mapped IP and port, with its accept thread.
 pub struct Listener {
@@ -109,7 +110,11 @@ fn accept_loop(
                 // Out of memory (or of descriptors with the reserve in use
                 // by another listener): wait instead of spinning,
                 // doubling up to a second, then try again.
-                warn!("accept on {}: {e}; retrying in {backoff:?}", local_name(socket));
+                warn_limited!(
+                    ACCEPT_FAILED,
+                    "accept on {}: {e}; retrying in {backoff:?}",
+                    local_name(socket)
+                );
                 thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
@@ -122,7 +127,8 @@ fn accept_loop(
         }
         if !data_path.try_acquire() {
             let n = data_path.refused.fetch_add(1, Relaxed) + 1;
-            warn!(
+            warn_limited!(
+                REFUSED_MAX_CONNS,
                 "refused connection from {client} to {}: --max-conns {} reached ({n} refused so far)",
                 local_name(socket),
                 data_path.settings.max_conns
@@ -176,7 +182,8 @@ fn shed_one(socket: &TcpListener, data_path: &DataPath) -> bool {
     }
     if let Ok((tcp, client)) = socket.accept() {
         let n = data_path.refused.fetch_add(1, Relaxed) + 1;
-        warn!(
+        warn_limited!(
+            REFUSED_NO_FDS,
             "refused connection from {client} to {}: out of file descriptors ({n} refused so far)",
             local_name(socket)
         );
@@ -223,8 +230,12 @@ fn is_local_client(client: IpAddr, listener: IpAddr) -> bool {
     cache.addrs.contains(&ip)
 }
 
-/// When the last refusal of a remote client was logged (ms since start).
-static REMOTE_WARNED: AtomicU64 = AtomicU64::new(0);
+// Per-connection warnings, one rate limit per kind: a flood of clients
+// must not flood the log (the counters still count every one).
+static ACCEPT_FAILED: RateLimit = RateLimit::new();
+static REFUSED_MAX_CONNS: RateLimit = RateLimit::new();
+static REFUSED_NO_FDS: RateLimit = RateLimit::new();
+static REFUSED_REMOTE: RateLimit = RateLimit::new();
 
 fn refuse_remote(
     tcp: std::net::TcpStream,
@@ -236,16 +247,10 @@ fn refuse_remote(
 ) {
     conns.refused_remote.fetch_add(1, Relaxed);
     relay::reset(tcp);
-    // At most one warning a second: a flood must not flood the log.
-    let now = data_path.started.elapsed().as_millis() as u64 + 1000;
-    let last = REMOTE_WARNED.load(Relaxed);
-    if now >= last + 1000
-        && REMOTE_WARNED
-            .compare_exchange(last, now, Relaxed, Relaxed)
-            .is_ok()
-    {
-        warn!("refused connection from {client} to {local}: not a local client (start with --allow-remote to serve other hosts)");
-    }
+    warn_limited!(
+        REFUSED_REMOTE,
+        "refused connection from {client} to {local}: not a local client (start with --allow-remote to serve other hosts)"
+    );
     if let Some(log) = &data_path.access {
         log.write(&Record::without_data(
             client,

@@ -9,7 +9,8 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::json;
 
@@ -78,11 +79,24 @@ pub fn format() -> Format {
     }
 }
 
-/// Escapes control characters (`\n` → `\\n`, ESC → `\\x1b`, …), so text
-/// from outside (a daemon's error message) can neither forge log lines nor
-/// send terminal escape sequences.
+/// Whether `c` must not reach a terminal raw: control characters (C0,
+/// DEL, C1 — U+009B is CSI on terminals that honour UTF-8 C1), the line
+/// and paragraph separators, and the bidirectional marks, embeddings,
+/// overrides and isolates, which reorder what a line shows.
+pub fn is_terminal_hazard(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// Escapes what [`is_terminal_hazard`] names (`\n` → `\\n`, ESC →
+/// `\\x1b`, U+202E → `\\u{202e}`, …), so text from outside (a daemon's
+/// error message, a hostname in the state file) can neither forge log
+/// lines nor send terminal escape sequences or reorder a line.
 pub fn escape_control(s: &str) -> String {
-    if !s.chars().any(char::is_control) {
+    if !s.chars().any(is_terminal_hazard) {
         return s.to_string();
     }
     let mut out = String::with_capacity(s.len() + 8);
@@ -93,6 +107,9 @@ pub fn escape_control(s: &str) -> String {
             '\t' => out.push_str("\\t"),
             c if c.is_control() => {
                 let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            c if is_terminal_hazard(c) => {
+                let _ = write!(out, "\\u{{{:04x}}}", u32::from(c));
             }
             c => out.push(c),
         }
@@ -124,6 +141,89 @@ pub fn log(level: Level, msg: std::fmt::Arguments<'_>) {
     }
     // Nothing sensible to do if stderr is gone.
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// A rate limit for one kind of warning that clients can cause at will
+/// (a refused or failed connection): any local user can open connections
+/// in a loop, and one line each would grow the log (in /run, or the
+/// journal) without bound. A token bucket: bursts of up to
+/// [`RateLimit::BURST`] lines, then one a second; the next line that gets
+/// through says how many were suppressed. Counters (`status`) still count
+/// every event. One `static` per kind, used through [`warn_limited!`].
+pub struct RateLimit {
+    bucket: Mutex<Bucket>,
+}
+
+struct Bucket {
+    /// Lines that may be written now, in thousandths.
+    credit: u64,
+    /// When `credit` was last refilled (`None`: never used, full).
+    at: Option<Instant>,
+    /// Lines suppressed since the last one written.
+    suppressed: u64,
+}
+
+impl RateLimit {
+    pub const BURST: u64 = 10;
+
+    pub const fn new() -> RateLimit {
+        RateLimit {
+            bucket: Mutex::new(Bucket {
+                credit: RateLimit::BURST * 1000,
+                at: None,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// `Some(n)` if a line may be written now, `n` lines having been
+    /// suppressed since the last one; `None` (and one more suppressed) if not.
+    pub fn allow(&self) -> Option<u64> {
+        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if let Some(at) = b.at {
+            let refill = now
+                .duration_since(at)
+                .as_millis()
+                .min(u128::from(RateLimit::BURST * 1000));
+            b.credit = (b.credit + refill as u64).min(RateLimit::BURST * 1000);
+        }
+        b.at = Some(now);
+        if b.credit < 1000 {
+            b.suppressed += 1;
+            return None;
+        }
+        b.credit -= 1000;
+        Some(std::mem::take(&mut b.suppressed))
+    }
+}
+
+impl Default for RateLimit {
+    fn default() -> RateLimit {
+        RateLimit::new()
+    }
+}
+
+/// The note a rate-limited line carries about the lines suppressed before it.
+pub fn suppressed_note(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" ({n} similar lines suppressed)")
+    }
+}
+
+/// `warn!` through a [`RateLimit`]: `warn_limited!(LIMIT, "…", args)`.
+#[macro_export]
+macro_rules! warn_limited {
+    ($limit:expr, $($t:tt)*) => {
+        if let Some(n) = $limit.allow() {
+            $crate::log::log(
+                $crate::log::Level::Warn,
+                format_args!("{}{}", format_args!($($t)*), $crate::log::suppressed_note(n)),
+            )
+        }
+    };
 }
 
 #[macro_export]
@@ -177,6 +277,29 @@ mod tests {
     fn escapes_control_characters() {
         assert_eq!(escape_control("plain ü"), "plain ü");
         assert_eq!(escape_control("a\nb\u{1b}[31m\u{7f}"), "a\\nb\\x1b[31m\\x7f");
+        assert_eq!(
+            escape_control("x\u{9b}31m\u{202e}T\u{2028}\u{2066}\u{61c}\u{200f}"),
+            "x\\x9b31m\\u{202e}T\\u{2028}\\u{2066}\\u{061c}\\u{200f}"
+        );
+        // Ordinary non-ASCII text, joiners included, passes unchanged.
+        assert_eq!(escape_control("é 😀 \u{200d} ش"), "é 😀 \u{200d} ش");
+    }
+
+    #[test]
+    fn rate_limit_allows_a_burst_then_counts_what_it_suppresses() {
+        let limit = RateLimit::new();
+        for _ in 0..RateLimit::BURST {
+            assert_eq!(limit.allow(), Some(0));
+        }
+        for _ in 0..5 {
+            assert_eq!(limit.allow(), None);
+        }
+        // A second later one more line gets through, with the count.
+        limit.bucket.lock().unwrap().at = Some(Instant::now() - Duration::from_millis(1000));
+        assert_eq!(limit.allow(), Some(5));
+        assert_eq!(limit.allow(), None);
+        assert_eq!(suppressed_note(0), "");
+        assert_eq!(suppressed_note(3), " (3 similar lines suppressed)");
     }
 
     #[test]

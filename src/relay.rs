@@ -50,9 +50,10 @@ use std::time::{Duration, Instant};
 use crate::access::{AccessLog, Record};
 use crate::address::PilotAddr;
 use crate::ipc::{self, cmd, FrameReader, IpcError};
+use crate::log::RateLimit;
 use crate::stats::Counters;
 use crate::sys::sock_diag::{self, PeerState};
-use crate::{debug, sys, warn};
+use crate::{debug, sys, warn, warn_limited};
 
 /// Stack of each connection thread. The threads keep their buffers on the
 /// heap and never recurse, so a small stack is plenty; it keeps thousands
@@ -63,6 +64,11 @@ use crate::{debug, sys, warn};
 /// glibc's cache of exited threads' stacks, 40 MiB, would hold more of
 /// them.)
 pub const THREAD_STACK: usize = 64 * 1024;
+
+// Per-connection warnings clients can cause at will: rate-limited, one
+// limit per kind (the counters still count every one).
+static DIAL_FAILED: RateLimit = RateLimit::new();
+static SPAWN_FAILED: RateLimit = RateLimit::new();
 /// Buffers exist only while data moves: a thread waits for its socket in
 /// poll(2) without one, allocates it when the socket is readable, and
 /// gives it back once a read has drained the socket, so an idle connection
@@ -113,7 +119,6 @@ pub struct DataPath {
     pub finished: AtomicU64,
     next_id: AtomicU64,
     pub access: Option<AccessLog>,
-    pub started: Instant,
 }
 
 impl DataPath {
@@ -125,7 +130,6 @@ impl DataPath {
             finished: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             access,
-            started: Instant::now(),
         })
     }
 
@@ -417,7 +421,11 @@ pub fn serve(
             let why = format!("cannot open a socket for the daemon session: {e}");
             group.dial_failures.fetch_add(1, Relaxed);
             group.total.fetch_add(1, Relaxed);
-            warn!("dial {pilot} port {} for {client} failed: {why}", local.port());
+            warn_limited!(
+                DIAL_FAILED,
+                "dial {pilot} port {} for {client} failed: {why}",
+                local.port()
+            );
             if let Some(log) = &data_path.access {
                 log.write(&Record::without_data(
                     client,
@@ -468,7 +476,7 @@ pub fn serve(
         .spawn(move || dial_then_relay(cleanup));
     if let Err(e) = spawned {
         group.spawn_failures.fetch_add(1, Relaxed);
-        warn!("cannot serve {client}: cannot start a thread: {e}");
+        warn_limited!(SPAWN_FAILED, "cannot serve {client}: cannot start a thread: {e}");
         // `fail`, not `abort`: no thread is blocked on the client, and
         // shutting its writing side would send a FIN before the reset.
         conn.fail(Ending::Reset(format!("cannot start a thread: {e}")));
@@ -488,7 +496,12 @@ fn dial_then_relay(cleanup: Arc<ConnCleanup>) {
         Err(_) if c.ending.get().is_some() => return, // torn down by unmap or stop
         Err(why) => {
             cleanup.group.dial_failures.fetch_add(1, Relaxed);
-            warn!("dial {} port {port} for {} failed: {why}", c.pilot, c.client);
+            warn_limited!(
+                DIAL_FAILED,
+                "dial {} port {port} for {} failed: {why}",
+                c.pilot,
+                c.client
+            );
             c.fail(Ending::DialFailed(why));
             return;
         }

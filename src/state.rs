@@ -553,9 +553,11 @@ impl StateDir {
 
     /// Gives the directory to `uid:gid` (root only), so a gateway that
     /// switches to the daemon's user can keep using it. Only ever called
-    /// on a directory owned by root or already by that user; the files in
-    /// a root-owned 0700 directory are trusted, and still only regular
-    /// files with one link are given away (never through a link).
+    /// on a directory owned by root or already by that user. The files go
+    /// first, while the directory is still root's 0700 and nobody else can
+    /// swap its entries between our check and the chown: only regular
+    /// files with one link are given away (never through a link). Then
+    /// the directory.
     pub fn chown(&mut self, uid: u32, gid: u32) -> Result<()> {
         if self.owner.0 != 0 && self.owner.0 != uid {
             return Err(Error::internal(format!(
@@ -564,8 +566,6 @@ impl StateDir {
                 self.owner.0
             )));
         }
-        std::os::unix::fs::fchown(&self.dir, Some(uid), Some(gid))
-            .map_err(|e| Error::io(format!("cannot give {} to uid {uid}", self.path.display()), &e))?;
         if self.owner.0 == 0 {
             for f in ["lock", "state.json", "stats.json", "gateway.log"] {
                 if sys::stat_at(&self.dir, f).is_ok_and(|s| s.regular && s.nlink == 1) {
@@ -573,6 +573,8 @@ impl StateDir {
                 }
             }
         }
+        std::os::unix::fs::fchown(&self.dir, Some(uid), Some(gid))
+            .map_err(|e| Error::io(format!("cannot give {} to uid {uid}", self.path.display()), &e))?;
         self.owner = (uid, gid);
         Ok(())
     }
@@ -1027,5 +1029,29 @@ mod tests {
             .collect();
         assert!(!names.iter().any(|n| n.contains("bad")), "no copies: {names:?}");
         fs::remove_dir_all(&p).unwrap();
+    }
+
+    #[test]
+    fn chown_gives_away_only_plain_files_then_the_directory() {
+        if crate::sys::euid() != 0 {
+            return; // needs root to give files away
+        }
+        let owner = |p: &Path| fs::symlink_metadata(p).unwrap().uid();
+        let p = tempdir("chown");
+        let mut d = StateDir::open(&p, true).unwrap();
+        d.write(&sample()).unwrap();
+        let outside = tempdir("chown-outside");
+        fs::write(&outside, "root's").unwrap();
+        fs::hard_link(&outside, p.join("gateway.log")).unwrap();
+        std::os::unix::fs::symlink(&outside, p.join("stats.json")).unwrap();
+        d.chown(12345, 12345).unwrap();
+        assert_eq!(owner(&p), 12345);
+        assert_eq!(owner(&d.state_file()), 12345);
+        assert_eq!(owner(&outside), 0, "never through a hard or symbolic link");
+        assert_eq!(owner(&p.join("stats.json")), 0, "the link itself stays root's");
+        // Given away, it is never taken from its owner for another user.
+        assert!(d.chown(23456, 23456).is_err());
+        fs::remove_dir_all(&p).unwrap();
+        fs::remove_file(&outside).unwrap();
     }
 }

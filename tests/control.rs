@@ -199,6 +199,11 @@ fn a_killed_gateway_is_noticed_and_cleaned_up() {
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     assert!(wait_until(Duration::from_secs(5), || !alive(pid)));
     assert!(has_alias("10.4.0.1"), "SIGKILL leaves aliases behind");
+    // Our aliases carry our label: the next start removes only those.
+    let lo = lo_addrs();
+    for ip in ["10.4.0.1", "10.4.0.2"] {
+        assert!(lo.contains(&format!("inet {ip}/32 scope global lo:pgw")), "{lo}");
+    }
     for cmd in ["list", "status", "stop"] {
         let (status, err) = fails_json(&gw, &[cmd]);
         assert_eq!((status, code(&err)), (1, "not_running"), "{cmd}");
