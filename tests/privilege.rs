@@ -138,6 +138,9 @@ fn daemon_client_cap_resets_extra_clients_and_recovers() {
     // The held clients close their sockets; the agent (an echo server) never
     // closes, so their sessions end at the idle limit.
     let _p = gw.foreground(&dir, &["--ports", "8080", "--idle-timeout", "1", A4]);
+    // The gateway's start-up sessions (probe, first health check) must be
+    // gone before the test counts the daemon's five client slots.
+    settled_threads(devd.proc.pid());
     let mut held = Vec::new();
     for i in 0..5 {
         let mut s = connect("10.4.0.1:8080");
