@@ -709,6 +709,36 @@ mod tests {
     }
 
     #[test]
+    fn a_socket_served_by_another_uid_than_at_start_is_refused() {
+        let dir = std::env::temp_dir().join(format!("pgw-peer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("d.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let me = crate::sys::euid();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let s = crate::sys::unix_socket().unwrap();
+        assert_eq!(connect_by(&s, &path, deadline, &|| false, None).unwrap().uid, me);
+        let s = crate::sys::unix_socket().unwrap();
+        assert_eq!(
+            connect_by(&s, &path, deadline, &|| false, Some(me)).unwrap().uid,
+            me
+        );
+        let other = me.wrapping_add(4242);
+        let s = crate::sys::unix_socket().unwrap();
+        let e = connect_by(&s, &path, deadline, &|| false, Some(other)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        assert_eq!(e.to_string(), identity_mismatch(&path, me, other));
+        assert!(e.to_string().contains(&format!(
+            "runs as uid {me}, not the daemon's uid {other} seen at start"
+        )));
+        let e = Session::connect_within(&path, Duration::from_secs(2), Some(other))
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn encodes_dial() {
         let f = encode(
             cmd::DIAL,

@@ -411,20 +411,25 @@ impl State {
                 ),
             },
             user: v.get("user").and_then(Value::as_str).map(str::to_string),
-            daemon_uid: match v.get("daemon_uid") {
-                None | Some(Value::Null) => None,
-                Some(u) => Some(
-                    u.as_u64()
-                        .and_then(|u| u32::try_from(u).ok())
-                        .ok_or("\"daemon_uid\" is not a uid")?,
-                ),
-            },
+            daemon_uid: daemon_uid(v)?,
             generation: num(v, "generation")?,
             applied: num(v, "applied")?,
             mappings,
             exposures,
             failures,
         })
+    }
+}
+
+/// `daemon_uid`: absent (or null) in state written before it existed.
+fn daemon_uid(v: &Value) -> std::result::Result<Option<u32>, String> {
+    match v.get("daemon_uid") {
+        None | Some(Value::Null) => Ok(None),
+        Some(u) => u
+            .as_u64()
+            .and_then(|u| u32::try_from(u).ok())
+            .map(Some)
+            .ok_or_else(|| "\"daemon_uid\" is not a uid".to_string()),
     }
 }
 
