@@ -100,10 +100,7 @@ pub fn resolve_socket_with(
     }
     let home = env("PILOT_HOME").or_else(|| env("HOME").map(|h| h.join(".pilot")));
     if let Some(file) = home.map(|h| h.join("config.json")) {
-        let text = match read_bounded(&file) {
-            Err(e) if e.code == Code::PermissionDenied => return Err(e),
-            other => other.ok(),
-        };
+        let text = read_checked(&file)?.ok();
         let socket = text
             .and_then(|t| json::parse(&t).ok())
             .and_then(|v| v.get("socket").and_then(Value::as_str).map(PathBuf::from))
@@ -148,6 +145,13 @@ pub const MAX_CONFIG: u64 = 64 << 10;
 /// with another user's `HOME` (`sudo -E`) would otherwise take that user's
 /// `~/.pilot/config.json` for the operator's word.
 pub fn read_bounded(path: &Path) -> Result<String> {
+    read_checked(path)?
+}
+
+/// [`read_bounded`], with the refusal of another user's file apart (the
+/// outer error) from every other failure (the inner one): the default
+/// search passes over an unreadable `config.json`, never over a foreign one.
+fn read_checked(path: &Path) -> Result<Result<String>> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let name = path.display();
@@ -156,26 +160,32 @@ pub fn read_bounded(path: &Path) -> Result<String> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| cannot(&e))?;
-    let meta = file.metadata().map_err(|e| cannot(&e))?;
+        .open(path);
+    let file = match file {
+        Ok(f) => f,
+        Err(e) => return Ok(Err(cannot(&e))),
+    };
+    let meta = match file.metadata() {
+        Ok(m) => m,
+        Err(e) => return Ok(Err(cannot(&e))),
+    };
     if !meta.is_file() {
-        return Err(Error::invalid(format!(
+        return Ok(Err(Error::invalid(format!(
             "config file {name} is not a regular file"
-        )));
+        ))));
     }
     check_owner(path, &meta)?;
     let mut bytes = Vec::new();
-    file.take(MAX_CONFIG + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| cannot(&e))?;
+    if let Err(e) = file.take(MAX_CONFIG + 1).read_to_end(&mut bytes) {
+        return Ok(Err(cannot(&e)));
+    }
     if bytes.len() as u64 > MAX_CONFIG {
-        return Err(Error::invalid(format!(
+        return Ok(Err(Error::invalid(format!(
             "config file {name} is larger than {} KiB",
             MAX_CONFIG >> 10
-        )));
+        ))));
     }
-    String::from_utf8(bytes).map_err(|_| Error::invalid(format!("config file {name} is not UTF-8 text")))
+    Ok(String::from_utf8(bytes).map_err(|_| Error::invalid(format!("config file {name} is not UTF-8 text"))))
 }
 
 /// Refuses a config file owned by neither us nor root (see [`read_bounded`]).
