@@ -59,7 +59,7 @@ pub fn spawn(cfg: &Config, argv0: &str, raw: &[OsString]) -> Result<Value> {
     // through the checked descriptor, create gateway.log fresh (see
     // StateDir::create_log, never through a planted name), and signal
     // nothing; the reader thread below holds no privilege worth taking.
-    let (dir, _) = gateway::prepare_state_dir(cfg)?;
+    let (dir, _, _) = gateway::prepare_state_dir(cfg)?;
     if let Some(st) = dir.read()? {
         if st.gateway.is_alive() {
             return Err(Error::new(

@@ -420,8 +420,13 @@ fn map(args: &Args, out: &Output, target: &str, ip: Option<&str>) -> Result<()> 
 /// ask the daemon. A pilot address needs no daemon to resolve, so an
 /// unreachable daemon only costs the trust check then.
 fn ask_daemon(st: &State, target: &str, warnings: &mut Vec<String>) -> Result<(PilotAddr, Option<String>)> {
-    let mut session =
-        daemon::probe(&st.socket, "from the state file", Duration::from_secs(5)).map(|(s, _)| s);
+    let mut session = daemon::probe(
+        &st.socket,
+        "from the state file",
+        Duration::from_secs(5),
+        Some(daemon_uid(st)),
+    )
+    .map(|(s, _)| s);
     let (addr, hostname) = match &mut session {
         Ok(s) => daemon::resolve_target(Some(s), target)?,
         Err(e) if !PilotAddr::looks_like_address(target) => return Err(e.clone()),
@@ -432,6 +437,13 @@ fn ask_daemon(st: &State, target: &str, warnings: &mut Vec<String>) -> Result<(P
         Err(e) => warnings.push(format!("could not check trust: {}", e.message)),
     }
     Ok((addr, hostname))
+}
+
+/// The daemon's uid a command requires of the socket: the one the gateway
+/// saw at start. State written before it was recorded: our own (the
+/// command runs as the gateway's user by then), which fails closed.
+fn daemon_uid(st: &State) -> u32 {
+    st.daemon_uid.unwrap_or_else(sys::euid)
 }
 
 fn report_map(out: &Output, m: &Mapping, warnings: Vec<String>, existing: bool) -> Result<()> {
@@ -500,7 +512,7 @@ fn expose(args: &Args, out: &Output, req: &Expose) -> Result<()> {
     let allow = req
         .allow
         .as_ref()
-        .map(|peers| daemon::resolve_peers(&st.socket, peers))
+        .map(|peers| daemon::resolve_peers(&st.socket, peers, Some(daemon_uid(&st))))
         .transpose()?;
     let mut e = Exposed {
         port: req.port,

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::cli::Args;
-use crate::error::{Error, Result};
+use crate::error::{Code, Error, Result};
 use crate::json::{self, Value};
 use crate::log::{Format, Level};
 use crate::{state, subnet};
@@ -38,7 +38,7 @@ impl Settings {
             (None, Some(p), Some(src)) => Some((PathBuf::from(p), src.clone())),
             _ => None,
         };
-        let (socket, socket_source) = resolve_socket(flag.as_ref().map(|(p, s)| (p.as_path(), s.as_str())));
+        let (socket, socket_source) = resolve_socket(flag.as_ref().map(|(p, s)| (p.as_path(), s.as_str())))?;
         Ok(Settings {
             socket,
             socket_source,
@@ -79,31 +79,34 @@ fn log_settings(args: &Args, file: &FileConfig) -> Result<(Level, Format)> {
 /// `$PILOT_SOCKET`, then `socket` in `$PILOT_HOME/config.json` (default
 /// `~/.pilot/config.json`), then `$XDG_RUNTIME_DIR/pilot.sock` on Linux
 /// when it exists, then `/tmp/pilot.sock`.
-pub fn resolve_socket(flag: Option<(&Path, &str)>) -> (PathBuf, String) {
+pub fn resolve_socket(flag: Option<(&Path, &str)>) -> Result<(PathBuf, String)> {
     resolve_socket_with(flag, &|k| {
         std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from)
     })
 }
 
+/// A `config.json` that cannot be read or parsed is passed over, as
+/// upstream tools do; one that belongs to another user is refused (see
+/// [`read_bounded`]).
 pub fn resolve_socket_with(
     flag: Option<(&Path, &str)>,
     env: &dyn Fn(&str) -> Option<PathBuf>,
-) -> (PathBuf, String) {
+) -> Result<(PathBuf, String)> {
     if let Some((p, source)) = flag {
-        return (p.to_path_buf(), source.to_string());
+        return Ok((p.to_path_buf(), source.to_string()));
     }
     if let Some(p) = env("PILOT_SOCKET") {
-        return (p, "from $PILOT_SOCKET".into());
+        return Ok((p, "from $PILOT_SOCKET".into()));
     }
     let home = env("PILOT_HOME").or_else(|| env("HOME").map(|h| h.join(".pilot")));
     if let Some(file) = home.map(|h| h.join("config.json")) {
-        let socket = read_bounded(&file)
-            .ok()
+        let text = read_checked(&file)?.ok();
+        let socket = text
             .and_then(|t| json::parse(&t).ok())
             .and_then(|v| v.get("socket").and_then(Value::as_str).map(PathBuf::from))
             .filter(|p| !p.as_os_str().is_empty());
         if let Some(p) = socket {
-            return (p, format!("from \"socket\" in {}", file.display()));
+            return Ok((p, format!("from \"socket\" in {}", file.display())));
         }
     }
     if cfg!(target_os = "linux") {
@@ -111,10 +114,10 @@ pub fn resolve_socket_with(
             .map(|d| d.join("pilot.sock"))
             .filter(|p| p.exists())
         {
-            return (p, XDG_SOURCE.into());
+            return Ok((p, XDG_SOURCE.into()));
         }
     }
-    (PathBuf::from("/tmp/pilot.sock"), DEFAULT_SOURCE.into())
+    Ok((PathBuf::from("/tmp/pilot.sock"), DEFAULT_SOURCE.into()))
 }
 
 const XDG_SOURCE: &str = "from $XDG_RUNTIME_DIR";
@@ -134,8 +137,21 @@ pub fn is_searched(source: &str) -> bool {
 pub const MAX_CONFIG: u64 = 64 << 10;
 
 /// Reads a config file: a regular file (not a FIFO or device, which could
-/// block or never end) of at most [`MAX_CONFIG`] bytes, as UTF-8 text.
+/// block or never end) of at most [`MAX_CONFIG`] bytes, as UTF-8 text,
+/// owned by us or root.
+///
+/// The owner matters because the file names the daemon socket, which
+/// decides whom a root start becomes and where every client goes: root
+/// with another user's `HOME` (`sudo -E`) would otherwise take that user's
+/// `~/.pilot/config.json` for the operator's word.
 pub fn read_bounded(path: &Path) -> Result<String> {
+    read_checked(path)?
+}
+
+/// [`read_bounded`], with the refusal of another user's file apart (the
+/// outer error) from every other failure (the inner one): the default
+/// search passes over an unreadable `config.json`, never over a foreign one.
+fn read_checked(path: &Path) -> Result<Result<String>> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let name = path.display();
@@ -144,25 +160,50 @@ pub fn read_bounded(path: &Path) -> Result<String> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| cannot(&e))?;
-    let meta = file.metadata().map_err(|e| cannot(&e))?;
+        .open(path);
+    let file = match file {
+        Ok(f) => f,
+        Err(e) => return Ok(Err(cannot(&e))),
+    };
+    let meta = match file.metadata() {
+        Ok(m) => m,
+        Err(e) => return Ok(Err(cannot(&e))),
+    };
     if !meta.is_file() {
-        return Err(Error::invalid(format!(
+        return Ok(Err(Error::invalid(format!(
             "config file {name} is not a regular file"
-        )));
+        ))));
     }
+    check_owner(path, &meta)?;
     let mut bytes = Vec::new();
-    file.take(MAX_CONFIG + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| cannot(&e))?;
+    if let Err(e) = file.take(MAX_CONFIG + 1).read_to_end(&mut bytes) {
+        return Ok(Err(cannot(&e)));
+    }
     if bytes.len() as u64 > MAX_CONFIG {
-        return Err(Error::invalid(format!(
+        return Ok(Err(Error::invalid(format!(
             "config file {name} is larger than {} KiB",
             MAX_CONFIG >> 10
-        )));
+        ))));
     }
-    String::from_utf8(bytes).map_err(|_| Error::invalid(format!("config file {name} is not UTF-8 text")))
+    Ok(String::from_utf8(bytes).map_err(|_| Error::invalid(format!("config file {name} is not UTF-8 text"))))
+}
+
+/// Refuses a config file owned by neither us nor root (see [`read_bounded`]).
+fn check_owner(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let (owner, me) = (meta.uid(), crate::sys::euid());
+    if owner == me || owner == 0 {
+        return Ok(());
+    }
+    let who = crate::sys::user_by_uid(owner).map_or_else(|| format!("uid {owner}"), |u| u.name);
+    Err(Error::new(
+        Code::PermissionDenied,
+        format!(
+            "config file {} belongs to {who}, not to us (uid {me}) or root: it is not taken for our settings",
+            path.display()
+        ),
+    )
+    .hint("use a config file of your own (or root's), or name the daemon's socket with --socket PATH; as root, do not keep another user's HOME or PILOT_HOME (sudo without -E)"))
 }
 
 /// Settings read from `-config FILE`: a flat JSON object of flag names.
@@ -180,7 +221,10 @@ pub struct FileConfig {
 /// errors naming the file and the key.
 pub fn read_config(path: &Path) -> Result<FileConfig> {
     let hint = "the config file is a JSON object such as {\"socket\": \"/tmp/pilot.sock\", \"subnet\": \"10.4.0.0/16\", \"ports\": \"80,443\", \"log-level\": \"info\", \"log-format\": \"text\"}";
-    let text = read_bounded(path).map_err(|e| e.hint(hint))?;
+    let text = read_bounded(path).map_err(|e| match e.code {
+        Code::PermissionDenied => e, // its own hint says what to do
+        _ => e.hint(hint),
+    })?;
     let v = json::parse(&text).map_err(|e| {
         Error::invalid(format!("config file {} is not valid JSON: {e}", path.display())).hint(hint)
     })?;
@@ -250,25 +294,60 @@ mod tests {
             ("XDG_RUNTIME_DIR", d),
         ]);
         assert_eq!(
-            resolve_socket_with(Some(flag), &all).0,
+            resolve_socket_with(Some(flag), &all).unwrap().0,
             PathBuf::from("/flag.sock")
         );
-        let (p, src) = resolve_socket_with(None, &all);
+        let (p, src) = resolve_socket_with(None, &all).unwrap();
         assert_eq!(
             (p.to_str().unwrap(), src.as_str()),
             ("/env.sock", "from $PILOT_SOCKET")
         );
         let no_env = env(&[("PILOT_HOME", d), ("XDG_RUNTIME_DIR", d)]);
-        let (p, src) = resolve_socket_with(None, &no_env);
+        let (p, src) = resolve_socket_with(None, &no_env).unwrap();
         assert_eq!(p, PathBuf::from("/from/config.sock"));
         assert!(src.contains("config.json"), "{src}");
         let xdg = env(&[("HOME", "/nonexistent"), ("XDG_RUNTIME_DIR", d)]);
-        assert_eq!(resolve_socket_with(None, &xdg).0, dir.join("pilot.sock"));
+        assert_eq!(resolve_socket_with(None, &xdg).unwrap().0, dir.join("pilot.sock"));
         let none = env(&[("HOME", "/nonexistent"), ("XDG_RUNTIME_DIR", "/nonexistent")]);
         assert_eq!(
-            resolve_socket_with(None, &none),
+            resolve_socket_with(None, &none).unwrap(),
             (PathBuf::from("/tmp/pilot.sock"), "the default".into())
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Item 9: root with another user's HOME (`sudo -E`) must not take that
+    /// user's config.json (or a `-config FILE` of theirs) for its own.
+    #[test]
+    fn a_config_file_of_another_user_is_refused() {
+        use std::os::unix::fs::chown;
+        if crate::sys::euid() != 0 {
+            return; // needs root to give a file away; the suite runs as root
+        }
+        let dir = std::env::temp_dir().join(format!("pgw-cfgowner-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("config.json");
+        std::fs::write(&file, r#"{"socket":"/home/mallory/fake.sock"}"#).unwrap();
+        chown(&file, Some(65534), Some(65534)).unwrap();
+        let d = dir.to_str().unwrap();
+        let e = resolve_socket_with(None, &env(&[("PILOT_HOME", d)])).unwrap_err();
+        assert_eq!(e.code, Code::PermissionDenied);
+        assert!(
+            e.message.contains("config.json") && e.message.contains("nobody"),
+            "{}",
+            e.message
+        );
+        assert!(e.hint.as_deref().unwrap_or("").contains("--socket PATH"), "{e:?}");
+        let e = read_config(&file).unwrap_err();
+        assert_eq!(e.code, Code::PermissionDenied, "{}", e.message);
+        // Naming the socket needs no config file; root's own file is fine.
+        assert!(resolve_socket_with(
+            Some((Path::new("/s"), "from --socket")),
+            &env(&[("PILOT_HOME", d)])
+        )
+        .is_ok());
+        chown(&file, Some(0), Some(0)).unwrap();
+        assert!(read_config(&file).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -9,23 +9,21 @@ use std::time::{Duration, Instant};
 
 use crate::address::PilotAddr;
 use crate::error::{Code, Error, Result};
-use crate::ipc::{IpcError, Session};
+use crate::ipc::{IpcError, Peer, Session};
 use crate::json::Value;
 
 /// Connects to the daemon and checks that it answers: Health on newer
 /// daemons, Info on older ones (which answer Health with an Error frame).
-pub fn probe(socket: &Path, source: &str, timeout: Duration) -> Result<(Session, Value)> {
-    let unreachable = |e: &dyn std::fmt::Display| {
-        Error::new(
-            Code::DaemonUnreachable,
-            format!(
-                "cannot reach the Pilot daemon at {} ({source}): {e}",
-                socket.display()
-            ),
-        )
-        .hint("start the Pilot daemon, or point to its socket with --socket PATH (or PILOT_SOCKET)")
-    };
-    let mut s = Session::connect_within(socket, timeout).map_err(|e| unreachable(&e))?;
+/// `expect`: the daemon's uid seen at start (see `ipc::connect_by`); a
+/// socket served by another uid is refused as unreachable.
+pub fn probe(
+    socket: &Path,
+    source: &str,
+    timeout: Duration,
+    expect: Option<u32>,
+) -> Result<(Session, Value)> {
+    let unreachable = |e: &dyn std::fmt::Display| unreachable(socket, source, e);
+    let mut s = Session::connect_within(socket, timeout, expect).map_err(|e| unreachable(&e))?;
     s.set_timeout(Some(timeout)).map_err(|e| unreachable(&e))?;
     let answer = match s.health() {
         Ok(v) => Ok(v),
@@ -39,7 +37,7 @@ pub fn probe(socket: &Path, source: &str, timeout: Duration) -> Result<(Session,
             format!(
                 "the Pilot daemon at {} ({source}) closed the session without answering: newer daemons accept only clients running as their own user{}",
                 socket.display(),
-                socket_owner_note(socket)
+                peer_note(s.peer())
             ),
         )
         .hint("run the gateway as the daemon's user (as root it switches automatically unless --no-user-switch; or pass --user NAME)")),
@@ -52,17 +50,38 @@ pub fn probe(socket: &Path, source: &str, timeout: Duration) -> Result<(Session,
     }
 }
 
-fn socket_owner_note(socket: &Path) -> String {
-    use std::os::unix::fs::MetadataExt;
-    match std::fs::metadata(socket) {
-        Ok(m) => {
-            let owner = crate::sys::user_by_uid(m.uid()).map_or(format!("uid {}", m.uid()), |u| u.name);
+fn unreachable(socket: &Path, source: &str, e: &dyn std::fmt::Display) -> Error {
+    Error::new(
+        Code::DaemonUnreachable,
+        format!(
+            "cannot reach the Pilot daemon at {} ({source}): {e}",
+            socket.display()
+        ),
+    )
+    .hint("start the Pilot daemon, or point to its socket with --socket PATH (or PILOT_SOCKET)")
+}
+
+/// Who serves the daemon socket: the peer credentials of one connection,
+/// made before anything else at start (as root, before any user switch).
+/// Newer daemons close a client of another uid right away, but the
+/// credentials are the listener's and known as soon as connect(2)
+/// returns, so this works whoever we are. Nothing is sent.
+pub fn identify(socket: &Path, source: &str, timeout: Duration) -> Result<Peer> {
+    let s = Session::connect_within(socket, timeout, None).map_err(|e| unreachable(socket, source, &e))?;
+    s.peer()
+        .ok_or_else(|| Error::internal("a connected session without peer credentials"))
+}
+
+fn peer_note(peer: Option<Peer>) -> String {
+    match peer {
+        Some(p) => {
+            let owner = crate::sys::user_by_uid(p.uid).map_or(format!("uid {}", p.uid), |u| u.name);
             format!(
-                " (the socket belongs to {owner}; we run as uid {})",
+                " (the daemon runs as {owner}; we run as uid {})",
                 crate::sys::euid()
             )
         }
-        Err(_) => String::new(),
+        None => String::new(),
     }
 }
 
@@ -86,12 +105,16 @@ pub fn trust_warnings(session: &mut Session, addrs: &[PilotAddr]) -> Vec<String>
 /// Resolves `--allow` peers (addresses, or hostnames through the daemon,
 /// on one session opened only when a hostname needs it). Each comes back
 /// with the hostname it was given by, for display.
-pub fn resolve_peers(socket: &Path, peers: &[String]) -> Result<Vec<(PilotAddr, Option<String>)>> {
+pub fn resolve_peers(
+    socket: &Path,
+    peers: &[String],
+    expect: Option<u32>,
+) -> Result<Vec<(PilotAddr, Option<String>)>> {
     let mut session = None;
     let mut out: Vec<(PilotAddr, Option<String>)> = Vec::new();
     for p in peers {
         if session.is_none() && !PilotAddr::looks_like_address(p) {
-            session = Some(probe(socket, "the daemon socket", Duration::from_secs(5))?.0);
+            session = Some(probe(socket, "the daemon socket", Duration::from_secs(5), expect)?.0);
         }
         let (addr, name) = resolve_target(session.as_mut(), p).map_err(|mut e| {
             e.message = format!("--allow {p:?}: {}", e.message);
@@ -176,8 +199,9 @@ pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Health {
     /// Starts the checking thread (after any user switch), with a first
-    /// check under way.
-    pub fn start(socket: PathBuf) -> std::io::Result<Arc<Health>> {
+    /// check under way. `daemon_uid`: the daemon's uid seen at start; a
+    /// socket served by another uid is reported unreachable.
+    pub fn start(socket: PathBuf, daemon_uid: u32) -> std::io::Result<Arc<Health>> {
         let h = Arc::new(Health {
             state: Mutex::new(HealthState {
                 last: Value::obj([
@@ -193,11 +217,11 @@ impl Health {
         std::thread::Builder::new()
             .name("daemon health".into())
             .stack_size(256 * 1024)
-            .spawn(move || h2.run(&socket))?;
+            .spawn(move || h2.run(&socket, daemon_uid))?;
         Ok(h)
     }
 
-    fn run(&self, socket: &Path) {
+    fn run(&self, socket: &Path, daemon_uid: u32) {
         loop {
             {
                 let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -206,7 +230,7 @@ impl Health {
                 }
                 st.wanted = false;
             }
-            let last = match probe(socket, "from the state file", HEALTH_TIMEOUT) {
+            let last = match probe(socket, "from the state file", HEALTH_TIMEOUT, Some(daemon_uid)) {
                 Ok((_, v)) => Value::obj([("reachable", Value::from(true)), ("reply", v)]),
                 Err(e) => Value::obj([("reachable", Value::from(false)), ("error", e.message.into())]),
             };

@@ -109,6 +109,10 @@ pub struct Options {
     pub connect_timeout: Duration,
     /// Live connections at most (newer daemons cap a client at 4096).
     pub max_conns: usize,
+    /// The daemon's uid seen at start: every session (the first Bind and
+    /// each re-bind) refuses a socket served by another uid. `None`: not
+    /// checked (tests and tools; the gateway always sets it).
+    pub daemon_uid: Option<u32>,
     /// Called once per finished or refused connection (the access log).
     /// It must not block: refusals are reported from the session's reader
     /// thread (the access log's `try_send` queue fits).
@@ -124,6 +128,7 @@ impl Default for Options {
             stall: STALL,
             connect_timeout: Duration::from_secs(5),
             max_conns: 4096,
+            daemon_uid: None,
             on_end: None,
         }
     }
@@ -238,7 +243,7 @@ impl Exposure {
     /// `daemon_unreachable` when there is no daemon.
     pub fn start(socket: &Path, port: u16, target: SocketAddr, opts: Options) -> Result<Exposure> {
         check_target(target, opts.allow_remote_target)?;
-        let (reader, link) = open(socket, port)?;
+        let (reader, link) = open(socket, port, opts.daemon_uid)?;
         let shared = Arc::new(Shared {
             socket: socket.to_path_buf(),
             port,
@@ -366,7 +371,8 @@ pub fn resolve_allow(socket: &Path, entries: &[String]) -> Result<HashSet<PilotA
             )));
         }
         if session.is_none() {
-            session = Some(ipc::Session::connect(socket).map_err(|err| unreachable(socket, &err))?);
+            let s = ipc::Session::connect_within(socket, IPC_TIMEOUT, None);
+            session = Some(s.map_err(|err| unreachable(socket, &err))?);
         }
         if let Some(s) = session.as_mut() {
             let _ = s.set_timeout(Some(IPC_TIMEOUT));
@@ -415,9 +421,18 @@ impl Link {
 }
 
 /// Opens a session and Binds `port` on it.
-fn open(socket: &Path, port: u16) -> Result<(FrameReader<UnixStream>, Arc<Link>)> {
-    let stream = UnixStream::connect(socket).map_err(|e| unreachable(socket, &e))?;
+fn open(socket: &Path, port: u16, expect: Option<u32>) -> Result<(FrameReader<UnixStream>, Arc<Link>)> {
     let io_err = |e: io::Error| unreachable(socket, &e);
+    let stream = crate::sys::unix_socket().map_err(io_err)?;
+    let deadline = Instant::now() + IPC_TIMEOUT;
+    ipc::connect_by(&stream, socket, deadline, &|| false, expect).map_err(|e| {
+        if e.kind() == io::ErrorKind::PermissionDenied {
+            Error::new(Code::PermissionDenied, e.to_string())
+                .hint("the daemon's socket is served by another user now; restart the gateway once the daemon is back")
+        } else {
+            unreachable(socket, &e)
+        }
+    })?;
     stream.set_read_timeout(Some(IPC_TIMEOUT)).map_err(io_err)?;
     stream.set_write_timeout(Some(IPC_TIMEOUT)).map_err(io_err)?;
     let mut writer = stream.try_clone().map_err(io_err)?;
@@ -486,14 +501,20 @@ fn run(ex: &Arc<Shared>, mut session: Option<(FrameReader<UnixStream>, Arc<Link>
         if ex.stopping.load(Relaxed) {
             break;
         }
-        match open(&ex.socket, ex.port) {
+        match open(&ex.socket, ex.port, ex.opts.daemon_uid) {
             Ok(s) => {
                 ex.rebinds.fetch_add(1, Relaxed);
                 info!("exposed port {}: bound again", ex.port);
                 session = Some(s);
             }
             Err(e) => {
-                debug!("exposed port {}: re-bind failed: {}", ex.port, e.message);
+                // Another uid serves the socket now: worth a line each time
+                // (the backoff bounds them), unlike a daemon that is away.
+                if e.code == Code::PermissionDenied {
+                    warn!("exposed port {}: re-bind refused: {}", ex.port, e.message);
+                } else {
+                    debug!("exposed port {}: re-bind failed: {}", ex.port, e.message);
+                }
                 *lock(&ex.state) = State::Rebinding(e.message);
                 backoff = (backoff * 2).min(RETRY_MAX);
             }

@@ -34,6 +34,7 @@ use crate::cli::{Expose, Target};
 use crate::daemon;
 use crate::error::{Code, Error, Result};
 use crate::expose::{self, Exposure};
+use crate::ipc::Peer;
 use crate::json::Value;
 use crate::listener::{self, Listener};
 use crate::privilege::{self, Switched};
@@ -141,12 +142,12 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         libc::SIGUSR2,
     ])
     .map_err(|e| Error::internal(format!("cannot install signal handlers: {e}")))?;
-    let (dir, switched) = open_state_dir_as_user(&cfg)?;
+    let (dir, switched, daemon) = open_state_dir_as_user(&cfg)?;
     let lock = dir.lock()?;
     let aliases = Aliases::default();
     let cleaned = clean_up_after_dead_gateway(&dir, &aliases, cfg.subnet)?;
-    let (mappings, mut warnings) = plan_mappings(&cfg, &targets)?;
-    let exposures = plan_exposures(&cfg)?;
+    let (mappings, mut warnings) = plan_mappings(&cfg, &targets, daemon.uid)?;
+    let exposures = plan_exposures(&cfg, daemon.uid)?;
     if needs_alias(cfg.subnet) {
         subnet::check_no_overlap(cfg.subnet)?;
     }
@@ -161,7 +162,7 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         dir,
         subnet: cfg.subnet,
         ports: cfg.ports.clone(),
-        data_path: DataPath::new(conn_settings(&cfg, max_conns), access),
+        data_path: DataPath::new(conn_settings(&cfg, max_conns, daemon.uid), access),
         aliases,
         running: BTreeMap::new(),
         exposed: BTreeMap::new(),
@@ -172,19 +173,20 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
     };
     let st = gw.start_up(&cfg, (mappings, exposures), switched.as_ref())?;
     drop(lock);
-    gw.health = daemon::Health::start(cfg.socket.clone())
+    gw.health = daemon::Health::start(cfg.socket.clone(), daemon.uid)
         .map_err(|e| warn!("cannot start the daemon health thread: {e}"))
         .ok();
     for m in &st.mappings {
         info!("mapped {} → {}", m.local_ip, m.pilot_addr);
     }
     info!(
-        "gateway running (pid {}): subnet {}, ports {}, daemon {} ({})",
+        "gateway running (pid {}): subnet {}, ports {}, daemon {} ({}, uid {})",
         gw.me.pid,
         cfg.subnet,
         subnet::format_ports(&cfg.ports),
         cfg.socket.display(),
-        cfg.socket_source
+        cfg.socket_source,
+        daemon.uid
     );
     if st.mappings.is_empty() && st.exposures.is_empty() {
         warnings.push("no mappings yet: add them with `pilot-gateway map ADDR`".into());
@@ -205,17 +207,22 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
     Ok(())
 }
 
-/// Opens (creating) the state directory and decides whom the gateway
-/// runs as. Used by the gateway and by the `start` that spawns it, so both
-/// refuse the same things before touching anything: a root start refuses
-/// a directory owned by a user who is neither root nor the gateway's user
-/// (that user's gateway, or a directory planted for us).
-pub fn prepare_state_dir(cfg: &Config) -> Result<(StateDir, Option<sys::User>)> {
+/// Learns who serves the daemon socket (its peer credentials, as we are
+/// now: root before any switch), decides whom the gateway runs as, and
+/// opens (creating) the state directory. Used by the gateway and by the
+/// `start` that spawns it, so both refuse the same things before touching
+/// anything: a daemon that is not one we may use (`privilege::target_user`),
+/// and for a root start a directory owned by a user who is neither root
+/// nor the gateway's user (that user's gateway, or a directory planted
+/// for us).
+pub fn prepare_state_dir(cfg: &Config) -> Result<(StateDir, Option<sys::User>, Peer)> {
+    let daemon = daemon::identify(&cfg.socket, &cfg.socket_source, connect_budget(cfg))?;
     let user = privilege::target_user(
         cfg.user.as_deref(),
         cfg.no_user_switch,
         &cfg.socket,
         cfg.socket_searched,
+        daemon,
     )?;
     let dir = StateDir::open(&cfg.state_dir, true)?;
     let owner = dir.owner().0;
@@ -233,16 +240,21 @@ pub fn prepare_state_dir(cfg: &Config) -> Result<(StateDir, Option<sys::User>)> 
             cfg.state_dir.display()
         )));
     }
-    Ok((dir, user))
+    Ok((dir, user, daemon))
+}
+
+/// The budget of a start's exchanges with the daemon.
+fn connect_budget(cfg: &Config) -> Duration {
+    cfg.dial_timeout.max(Duration::from_secs(2))
 }
 
 /// Opens the state directory and, when we should run as another user,
 /// gives it to that user and switches. No thread exists yet, which the
 /// switch needs (capabilities are per thread).
-fn open_state_dir_as_user(cfg: &Config) -> Result<(StateDir, Option<Switched>)> {
-    let (mut dir, user) = prepare_state_dir(cfg)?;
+fn open_state_dir_as_user(cfg: &Config) -> Result<(StateDir, Option<Switched>, Peer)> {
+    let (mut dir, user, daemon) = prepare_state_dir(cfg)?;
     let Some(user) = user else {
-        return Ok((dir, None));
+        return Ok((dir, None, daemon));
     };
     dir.chown(user.uid, user.gid)?;
     let switched = privilege::switch_to(&user)?;
@@ -251,7 +263,7 @@ fn open_state_dir_as_user(cfg: &Config) -> Result<(StateDir, Option<Switched>)> 
         user.name,
         privilege::KEPT.join(",")
     );
-    Ok((dir, Some(switched)))
+    Ok((dir, Some(switched), daemon))
 }
 
 /// Refuses to start beside a live gateway; after a dead one, removes the
@@ -334,11 +346,12 @@ fn stale_alias_ok(new: Ipv4Network, ip: Ipv4Addr) -> bool {
 /// Asks the daemon about every target and allocates local IPs, before
 /// anything on the system is touched. Returns the mappings and the trust
 /// warnings.
-fn plan_mappings(cfg: &Config, targets: &[Target]) -> Result<(Vec<Mapping>, Vec<String>)> {
+fn plan_mappings(cfg: &Config, targets: &[Target], daemon_uid: u32) -> Result<(Vec<Mapping>, Vec<String>)> {
     let (mut session, _) = daemon::probe(
         &cfg.socket,
         &cfg.socket_source,
-        cfg.dial_timeout.max(Duration::from_secs(2)),
+        connect_budget(cfg),
+        Some(daemon_uid),
     )?;
     let mut used = BTreeSet::new();
     for ip in targets.iter().filter_map(|t| t.ip) {
@@ -391,7 +404,7 @@ fn plan_mappings(cfg: &Config, targets: &[Target]) -> Result<(Vec<Mapping>, Vec<
 
 /// The `--expose` requests as state entries: `--allow` hostnames resolved
 /// through the daemon now, before any thread exists.
-fn plan_exposures(cfg: &Config) -> Result<Vec<Exposed>> {
+fn plan_exposures(cfg: &Config, daemon_uid: u32) -> Result<Vec<Exposed>> {
     let mut out: Vec<Exposed> = Vec::new();
     for e in &cfg.exposures {
         if out.iter().any(|x| x.port == e.port) {
@@ -401,7 +414,7 @@ fn plan_exposures(cfg: &Config) -> Result<Vec<Exposed>> {
             ));
         }
         let allow = match &e.allow {
-            Some(peers) => Some(daemon::resolve_peers(&cfg.socket, peers)?),
+            Some(peers) => Some(daemon::resolve_peers(&cfg.socket, peers, Some(daemon_uid))?),
             None => None,
         };
         out.push(Exposed {
@@ -424,9 +437,10 @@ fn open_access_log(cfg: &Config) -> Result<Option<AccessLog>> {
     })
 }
 
-fn conn_settings(cfg: &Config, max_conns: usize) -> ConnSettings {
+fn conn_settings(cfg: &Config, max_conns: usize, daemon_uid: u32) -> ConnSettings {
     ConnSettings {
         daemon_socket: cfg.socket.clone(),
+        daemon_uid,
         max_conns,
         dial_timeout: cfg.dial_timeout,
         idle_timeout: cfg.idle_timeout,
@@ -486,6 +500,7 @@ impl Gateway {
             max_conns: cfg.max_conns,
             half_closed_timeout: Some(cfg.half_closed_timeout),
             user: switched.map(|s| s.user.clone()),
+            daemon_uid: Some(self.data_path.settings.daemon_uid),
             generation: 0,
             applied: 0,
             mappings,
@@ -636,6 +651,7 @@ impl Gateway {
             allow: e.allow_set(),
             allow_remote_target: e.allow_remote_target,
             max_conns: self.data_path.settings.max_conns,
+            daemon_uid: Some(self.data_path.settings.daemon_uid),
             on_end: Some(on_end),
             ..expose::Options::default()
         };
@@ -872,12 +888,13 @@ impl Gateway {
         }
     }
 
-    /// The file is the user's to write: our own subnet and ports (from
-    /// memory) stand, and mappings that fail validation are dropped before
+    /// The file is the user's to write: our own subnet, ports and daemon
+    /// uid (from memory) stand, and mappings that fail validation are dropped before
     /// anything is touched, each failing its generation.
     fn drop_invalid(&self, st: &mut State) {
         st.subnet = self.subnet;
         st.ports = self.ports.clone();
+        st.daemon_uid = Some(self.data_path.settings.daemon_uid);
         let invalid = st.validate(self.subnet);
         let mut index = 0;
         st.mappings.retain(|_| {

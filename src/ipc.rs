@@ -354,21 +354,44 @@ pub fn error_text(payload: &[u8]) -> String {
     }
 }
 
-/// Connects a socket from `sys::unix_socket` to the daemon by `deadline`
-/// and makes it blocking. A blocking Unix connect to a daemon whose backlog
-/// is full (stalled, stopped) waits forever; the non-blocking one fails
-/// with EAGAIN, and we retry with a short backoff until the deadline (or
-/// until `abandoned` says to stop), then fail with `TimedOut`.
+/// The daemon's identity as the gateway knows it: the uid and gid of the
+/// process serving its socket (SO_PEERCRED), read on the first connection
+/// of a start. A path says nothing about who serves it now: anyone may
+/// bind a socket at a path in a directory they can write (`/tmp`) while
+/// the daemon is away. So every later connection checks its peer against
+/// the uid seen at start (see [`connect_by`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Connects a socket from `sys::unix_socket` to the daemon by `deadline`,
+/// makes it blocking, and returns who serves it (its peer credentials).
+/// Every connection to the daemon goes through here.
+///
+/// `expect`: the daemon's uid seen at start. A peer of another uid is
+/// refused (`PermissionDenied`, nothing sent to it): whatever serves the
+/// path now is not the daemon we trusted. `None` only for the first
+/// connection of a start, which learns the uid (and applies the trust
+/// rules of `privilege::target_user` to it). Peer credentials that cannot
+/// be read fail the connection either way.
+///
+/// A blocking Unix connect to a daemon whose backlog is full (stalled,
+/// stopped) waits forever; the non-blocking one fails with EAGAIN, and we
+/// retry with a short backoff until the deadline (or until `abandoned`
+/// says to stop), then fail with `TimedOut`.
 pub fn connect_by(
     stream: &UnixStream,
     path: &Path,
     deadline: Instant,
     abandoned: &dyn Fn() -> bool,
-) -> io::Result<()> {
+    expect: Option<u32>,
+) -> io::Result<Peer> {
     let mut pause = Duration::from_millis(1);
     loop {
         match crate::sys::unix_connect(stream, path) {
-            Ok(()) => return stream.set_nonblocking(false),
+            Ok(()) => break,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 let now = Instant::now();
                 if now >= deadline || abandoned() {
@@ -383,6 +406,39 @@ pub fn connect_by(
             Err(e) => return Err(e),
         }
     }
+    let peer = check_peer(stream, path, expect)?;
+    stream.set_nonblocking(false)?;
+    Ok(peer)
+}
+
+/// The peer credentials of a connected daemon socket, checked against
+/// the daemon's uid seen at start (see [`connect_by`]).
+fn check_peer(stream: &UnixStream, path: &Path, expect: Option<u32>) -> io::Result<Peer> {
+    let Some((uid, gid)) = crate::sys::peer_ids(stream) else {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "cannot read the peer credentials of {}: {}",
+                path.display(),
+                io::Error::last_os_error()
+            ),
+        ));
+    };
+    match expect {
+        Some(want) if want != uid => Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            identity_mismatch(path, uid, want),
+        )),
+        _ => Ok(Peer { uid, gid }),
+    }
+}
+
+/// The message for a daemon socket served by another uid than at start.
+pub fn identity_mismatch(path: &Path, uid: u32, want: u32) -> String {
+    format!(
+        "the process now serving {} runs as uid {uid}, not the daemon's uid {want} seen at start: refusing it",
+        path.display()
+    )
 }
 
 /// One client session with the daemon, for requests and replies.
@@ -394,6 +450,8 @@ pub fn connect_by(
 pub struct Session {
     reader: FrameReader<UnixStream>,
     writer: UnixStream,
+    /// Who serves the socket (`None` for a session made from a stream).
+    peer: Option<Peer>,
     /// The budget of one exchange (`None`: unbounded).
     budget: Option<Duration>,
     /// When the exchange in progress must be over.
@@ -405,16 +463,20 @@ pub struct Session {
 pub const READ_BUFFER: usize = 32 * 1024;
 
 impl Session {
+    /// Connects without a deadline of note and without an expected uid:
+    /// for tests and tools, never for the gateway's own connections.
     pub fn connect(path: &Path) -> io::Result<Session> {
-        let stream = UnixStream::connect(path)?;
-        Session::from_stream(stream)
+        Session::connect_within(path, Duration::from_secs(10), None)
     }
 
-    /// Connects within `timeout` (see [`connect_by`]).
-    pub fn connect_within(path: &Path, timeout: Duration) -> io::Result<Session> {
+    /// Connects within `timeout`, to a daemon of uid `expect` (see
+    /// [`connect_by`]).
+    pub fn connect_within(path: &Path, timeout: Duration, expect: Option<u32>) -> io::Result<Session> {
         let stream = crate::sys::unix_socket()?;
-        connect_by(&stream, path, Instant::now() + timeout, &|| false)?;
-        Session::from_stream(stream)
+        let peer = connect_by(&stream, path, Instant::now() + timeout, &|| false, expect)?;
+        let mut s = Session::from_stream(stream)?;
+        s.peer = Some(peer);
+        Ok(s)
     }
 
     pub fn from_stream(stream: UnixStream) -> io::Result<Session> {
@@ -422,9 +484,15 @@ impl Session {
         Ok(Session {
             reader: FrameReader::new(stream, READ_BUFFER),
             writer,
+            peer: None,
             budget: None,
             deadline: None,
         })
+    }
+
+    /// Who serves the daemon socket, as read when connecting.
+    pub fn peer(&self) -> Option<Peer> {
+        self.peer
     }
 
     /// Bounds every later exchange (request and whole reply) to `t` in
@@ -638,6 +706,36 @@ mod tests {
         assert!(e.is_timeout(), "{e}");
         drop(s);
         daemon.join().unwrap();
+    }
+
+    #[test]
+    fn a_socket_served_by_another_uid_than_at_start_is_refused() {
+        let dir = std::env::temp_dir().join(format!("pgw-peer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("d.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let me = crate::sys::euid();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let s = crate::sys::unix_socket().unwrap();
+        assert_eq!(connect_by(&s, &path, deadline, &|| false, None).unwrap().uid, me);
+        let s = crate::sys::unix_socket().unwrap();
+        assert_eq!(
+            connect_by(&s, &path, deadline, &|| false, Some(me)).unwrap().uid,
+            me
+        );
+        let other = me.wrapping_add(4242);
+        let s = crate::sys::unix_socket().unwrap();
+        let e = connect_by(&s, &path, deadline, &|| false, Some(other)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        assert_eq!(e.to_string(), identity_mismatch(&path, me, other));
+        assert!(e.to_string().contains(&format!(
+            "runs as uid {me}, not the daemon's uid {other} seen at start"
+        )));
+        let e = Session::connect_within(&path, Duration::from_secs(2), Some(other))
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -17,6 +17,7 @@
 use std::path::Path;
 
 use crate::error::{Code, Error, Result};
+use crate::ipc::Peer;
 use crate::sys::{self, User};
 
 /// The capabilities a switched gateway keeps, by name.
@@ -34,19 +35,19 @@ pub struct Switched {
 }
 
 /// Decides whether to switch, and to whom: `--user NAME`; else, when root,
-/// the owner of the daemon socket if that is not root.
+/// the daemon's user if that is not root.
 ///
-/// `searched`: the socket was found by the default search, not named by
-/// `--socket`, `$PILOT_SOCKET` or a config file. Such a socket in a
-/// directory others may write (sticky `/tmp`) may have been bound by any
-/// local user, so for a root start it says nothing about whose daemon it
-/// is: refused, unless `--user NAME` names the user and the socket is
-/// NAME's (or root's).
+/// `daemon`: who serves the socket, from the peer credentials of a
+/// connection made just before (`daemon::identify`), never from a stat of
+/// the path, which a local user can race. The same uid is then required
+/// of every later connection (`ipc::connect_by`). See [`check_daemon`]
+/// for which daemons are accepted.
 pub fn target_user(
     flag: Option<&str>,
     no_switch: bool,
     socket: &Path,
     searched: bool,
+    daemon: Peer,
 ) -> Result<Option<User>> {
     let root = sys::euid() == 0;
     let named = flag
@@ -56,9 +57,7 @@ pub fn target_user(
                 .ok_or_else(|| Error::invalid(format!("--user {name}: no such user")))
         })
         .transpose()?;
-    if root && searched {
-        check_searched_socket(socket, named.as_ref())?;
-    }
+    check_daemon(socket, searched, daemon.uid, named.as_ref())?;
     if let (Some(name), Some(user)) = (flag, named) {
         if user.uid == sys::euid() {
             return Ok(None);
@@ -72,59 +71,70 @@ pub fn target_user(
         }
         return Ok((user.uid != 0).then_some(user));
     }
-    if !root || no_switch {
+    if !root || no_switch || daemon.uid == 0 {
         return Ok(None);
     }
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::symlink_metadata(socket) else {
-        return Ok(None);
-    };
-    if meta.uid() == 0 {
-        return Ok(None);
-    }
-    Ok(Some(sys::user_by_uid(meta.uid()).unwrap_or(User {
-        name: meta.uid().to_string(),
-        uid: meta.uid(),
-        gid: meta.gid(),
+    Ok(Some(sys::user_by_uid(daemon.uid).unwrap_or(User {
+        name: daemon.uid.to_string(),
+        uid: daemon.uid,
+        gid: daemon.gid,
     })))
 }
 
-/// Refuses a socket found by the default search in a directory that
-/// others may write, unless `--user` names its owner (or it is root's).
-fn check_searched_socket(socket: &Path, named: Option<&User>) -> Result<()> {
+/// Which daemons a start accepts, by the uid `daemon` serving `socket`:
+///
+/// - any start: our own uid, root, or `--user`'s. Upstream daemons v1.9+
+///   serve only clients of their own uid, so the daemon of a non-root
+///   gateway is its own user's (or root's); any other uid is someone
+///   else's socket. A root start may also switch to the daemon's user,
+///   so for root this rule leaves every daemon named by `--socket`,
+///   `$PILOT_SOCKET` or a config file.
+/// - a socket found by the default search (`searched`) in a directory
+///   others may write (sticky `/tmp`): anyone may have bound it, so for a
+///   root start it must be served by root or by `--user`'s uid.
+fn check_daemon(socket: &Path, searched: bool, daemon: u32, named: Option<&User>) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::symlink_metadata(socket) else {
-        return Ok(()); // nothing there: connecting fails with its own error
-    };
+    let me = sys::euid();
+    if me != 0 && daemon != me && daemon != 0 && named.map(|u| u.uid) != Some(daemon) {
+        return Err(Error::new(
+            Code::PermissionDenied,
+            format!(
+                "the process serving daemon socket {} runs as uid {daemon}, neither our own uid {me} nor root: it is not this user's daemon",
+                socket.display()
+            ),
+        )
+        .hint("name your daemon's socket with --socket PATH, or run the gateway as the daemon's user (as root, --user NAME)"));
+    }
+    if me != 0 || !searched {
+        return Ok(());
+    }
     let parent = socket
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let open_dir = std::fs::metadata(parent).map_or(true, |m| m.mode() & 0o022 != 0);
     match named {
-        Some(u) if meta.uid() == u.uid || meta.uid() == 0 => Ok(()),
+        _ if !open_dir || daemon == 0 => Ok(()),
+        Some(u) if daemon == u.uid => Ok(()),
         Some(u) => Err(Error::new(
             Code::PermissionDenied,
             format!(
-                "daemon socket {} belongs to uid {}, not to --user {} (uid {})",
+                "the process serving daemon socket {} runs as uid {daemon}, which belongs not to --user {} (uid {}) nor to root",
                 socket.display(),
-                meta.uid(),
                 u.name,
                 u.uid
             ),
         )
         .hint("name the daemon's socket with --socket PATH, or the daemon's user with --user NAME")),
-        None if open_dir && meta.uid() != 0 => Err(Error::new(
+        None => Err(Error::new(
             Code::PermissionDenied,
             format!(
-                "daemon socket {} (found by the default search) is in {}, which any local user can write; it may not be the daemon's (it belongs to uid {})",
+                "daemon socket {} (found by the default search) is in {}, which any local user can write, and the process serving it runs as uid {daemon}, not root: it may not be the daemon",
                 socket.display(),
-                parent.display(),
-                meta.uid()
+                parent.display()
             ),
         )
         .hint("say which daemon to use: --socket PATH, or --user NAME for the daemon's user")),
-        None => Ok(()),
     }
 }
 

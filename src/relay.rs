@@ -97,6 +97,9 @@ const RECHECK_MAX: Duration = Duration::from_millis(500);
 pub struct ConnSettings {
     /// The daemon's IPC socket; each connection opens its own session.
     pub daemon_socket: PathBuf,
+    /// The daemon's uid seen at start: a connection whose peer is another
+    /// uid is a failed dial (whoever serves the path now is not the daemon).
+    pub daemon_uid: u32,
     pub max_conns: usize,
     pub dial_timeout: Duration,
     pub idle_timeout: Duration,
@@ -560,8 +563,14 @@ fn dial(c: &Arc<Conn>, port: u16, limits: &ConnSettings) -> Result<FrameReader<I
     // same deadline as the dial: a stalled daemon costs this connection a
     // few retries, never a listener or another connection.
     let socket = &limits.daemon_socket;
-    ipc::connect_by(&c.ipc, socket, deadline, &|| c.ending.get().is_some())
-        .map_err(|e| format!("cannot reach the daemon at {}: {e}", socket.display()))?;
+    let abandoned = || c.ending.get().is_some();
+    ipc::connect_by(&c.ipc, socket, deadline, &abandoned, Some(limits.daemon_uid)).map_err(|e| {
+        if e.kind() == io::ErrorKind::PermissionDenied {
+            e.to_string() // the daemon's identity: says it all
+        } else {
+            format!("cannot reach the daemon at {}: {e}", socket.display())
+        }
+    })?;
     let left = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(1));

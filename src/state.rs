@@ -182,6 +182,10 @@ pub struct State {
     pub half_closed_timeout: Option<Duration>,
     /// The user the gateway runs as, when it switched from root.
     pub user: Option<String>,
+    /// The daemon's uid, from the peer credentials seen at start: commands
+    /// refuse a socket served by another uid (`ipc::connect_by`). `None`
+    /// in state written before it existed.
+    pub daemon_uid: Option<u32>,
     pub generation: u64,
     pub applied: u64,
     pub mappings: Vec<Mapping>,
@@ -328,6 +332,7 @@ impl State {
                 self.half_closed_timeout.map(|d| d.as_secs_f64()).into(),
             ),
             ("user", self.user.clone().into()),
+            ("daemon_uid", self.daemon_uid.map(u64::from).into()),
             ("generation", self.generation.into()),
             ("applied", self.applied.into()),
             ("mappings", Value::Arr(mappings)),
@@ -406,12 +411,25 @@ impl State {
                 ),
             },
             user: v.get("user").and_then(Value::as_str).map(str::to_string),
+            daemon_uid: daemon_uid(v)?,
             generation: num(v, "generation")?,
             applied: num(v, "applied")?,
             mappings,
             exposures,
             failures,
         })
+    }
+}
+
+/// `daemon_uid`: absent (or null) in state written before it existed.
+fn daemon_uid(v: &Value) -> std::result::Result<Option<u32>, String> {
+    match v.get("daemon_uid") {
+        None | Some(Value::Null) => Ok(None),
+        Some(u) => u
+            .as_u64()
+            .and_then(|u| u32::try_from(u).ok())
+            .map(Some)
+            .ok_or_else(|| "\"daemon_uid\" is not a uid".to_string()),
     }
 }
 
@@ -884,6 +902,7 @@ mod tests {
             max_conns: 1000,
             half_closed_timeout: Some(Duration::from_millis(2500)),
             user: None,
+            daemon_uid: Some(65534),
             generation: 3,
             applied: 2,
             mappings: vec![Mapping {

@@ -200,6 +200,13 @@ pub fn euid() -> u32 {
 /// The uid of the process at the other end of a Unix stream socket
 /// (SO_PEERCRED on Linux, getpeereid elsewhere).
 pub fn peer_uid(s: &std::os::unix::net::UnixStream) -> Option<u32> {
+    peer_ids(s).map(|(uid, _)| uid)
+}
+
+/// The uid and gid of the process at the other end of a Unix stream
+/// socket. For a client, that is the server as it was when it called
+/// listen(2): known right after connect(2), whatever the server does next.
+pub fn peer_ids(s: &std::os::unix::net::UnixStream) -> Option<(u32, u32)> {
     #[cfg(target_os = "linux")]
     {
         let mut cred = libc::ucred {
@@ -218,13 +225,13 @@ pub fn peer_uid(s: &std::os::unix::net::UnixStream) -> Option<u32> {
                 &mut len,
             )
         };
-        (r == 0).then_some(cred.uid)
+        (r == 0).then_some((cred.uid, cred.gid))
     }
     #[cfg(not(target_os = "linux"))]
     {
         let (mut uid, mut gid) = (0, 0);
         // SAFETY: getpeereid fills two ids.
-        (unsafe { libc::getpeereid(s.as_raw_fd(), &mut uid, &mut gid) } == 0).then_some(uid)
+        (unsafe { libc::getpeereid(s.as_raw_fd(), &mut uid, &mut gid) } == 0).then_some((uid, gid))
     }
 }
 

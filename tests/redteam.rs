@@ -136,7 +136,6 @@ g stop >/dev/null 2>&1
 /// whose peer (SO_PEERCRED) is not the daemon's user it trusted at start;
 /// the client is reset and the dial counted as failed.
 #[test]
-#[ignore = "hole: after root's daemon on /tmp/pilot.sock restarts, a squatter's fake daemon serves the root gateway's clients"]
 fn a_squatter_never_serves_clients_after_the_default_daemon_restarts() {
     netns();
     let _real = Service::start(8080, real_agent);
@@ -180,7 +179,6 @@ g stop >/dev/null 2>&1
 ///
 /// Safe outcome: no root `start` ever succeeds with the squatter's daemon.
 #[test]
-#[ignore = "hole: race on /tmp/pilot.sock: root start (no switch, full root) served by a squatter's daemon"]
 fn a_squatter_racing_the_default_socket_never_gets_a_root_gateway() {
     netns();
     let script = format!(
@@ -224,7 +222,6 @@ echo "done"
 /// only serve clients of their own uid, so the daemon's uid is always
 /// the gateway's, or root); the start is refused with a hint.
 #[test]
-#[ignore = "hole: a non-root gateway with the default socket search is served by another user's squatted /tmp/pilot.sock"]
 fn a_non_root_gateway_never_uses_another_users_squatted_default_socket() {
     netns();
     let _real = Service::start(8080, real_agent);
