@@ -1,11 +1,10 @@
 //! Red-team regressions: attacks on the trust boundaries of issue 11 that
-//! still worked after its fixes. Each test runs the attack in private
-//! namespaces (the test thread's own network namespace; a shell under
-//! `unshare --mount --pid --fork --mount-proc` with its own tmpfs /tmp and
-//! /run, so every process it starts dies with it) as `nobody` against a
-//! root-run gateway, and asserts the safe outcome. A test marked
-//! `#[ignore = "hole: …"]` fails until the hole is fixed; run it with
-//! `cargo test --test redteam -- --ignored`.
+//! still worked after its first fixes, kept so they never work again. Each
+//! test runs the attack in private namespaces (the test thread's own
+//! network namespace; a shell under `unshare --mount --pid --fork
+//! --mount-proc` with its own tmpfs /tmp and /run, so every process it
+//! starts dies with it) as `nobody` against a root-run gateway, and asserts
+//! the safe outcome. Each failed against the code it was written for.
 
 mod common;
 
