@@ -38,7 +38,6 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicUsize, Ordering::Relaxed};
@@ -590,20 +589,7 @@ fn accept_inbound(d: &Arc<Daemon>, listener: &TcpListener, inbound: &Inbound) {
 
 /// SO_LINGER 0: closing sends RST, as for a connection nobody takes.
 fn reset(tcp: TcpStream) {
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: valid fd and a correctly sized linger struct.
-    unsafe {
-        libc::setsockopt(
-            tcp.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&l as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
+    sys::set_linger_zero(&tcp);
 }
 
 /// One inbound connection: Accept to the port's owner, then relay.

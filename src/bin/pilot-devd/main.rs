@@ -1,6 +1,7 @@
 //! `pilot-devd`: a stand-in Pilot daemon for development and tests. See
 //! `pilot-devd --help` and `daemon.rs` beside this file.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+#![deny(unsafe_code)]
 
 use std::time::Duration;
 
