@@ -60,9 +60,13 @@ use crate::{debug, sys, warn, warn_limited};
 /// of connections cheap in address space. Measured: the integration tests
 /// (debug builds, which use far more stack than release) and `make bench`
 /// run with 16 KiB; four times that leaves margin. (A smaller size would
-/// not lower RSS: an idle thread touches two pages of it either way, and
-/// glibc's cache of exited threads' stacks, 40 MiB, would hold more of
-/// them.)
+/// not lower RSS, and glibc's cache of exited threads' stacks, 40 MiB,
+/// would hold more of them.) What an idle thread touches, measured with
+/// smaps and pagemap at 5,000 idle connections: with glibc, two pages,
+/// whatever our frames: glibc puts its thread descriptor (2,368 bytes)
+/// and the static TLS block (with its surplus for dlopen) at the top of
+/// the stack, so the first frame is already ~3.6 KiB down and std's start
+/// frames reach the second page; with musl (`make static`), one page.
 pub const THREAD_STACK: usize = 64 * 1024;
 
 // Per-connection warnings clients can cause at will: rate-limited, one
@@ -762,8 +766,9 @@ struct Gathered {
 }
 
 /// Collects the payloads of every complete frame already buffered (up to
-/// [`MAX_IOVECS`]) into `ranges`.
-fn gather(reader: &mut FrameReader<IpcRead>, id: u32, ranges: &mut [Range<usize>; MAX_IOVECS]) -> Gathered {
+/// [`MAX_IOVECS`]) into `ranges`, which it empties first.
+fn gather(reader: &mut FrameReader<IpcRead>, id: u32, ranges: &mut Vec<Range<usize>>) -> Gathered {
+    ranges.clear();
     let mut g = Gathered {
         ranges: 0,
         closed: false,
@@ -775,7 +780,7 @@ fn gather(reader: &mut FrameReader<IpcRead>, id: u32, ranges: &mut [Range<usize>
             Ok(Some((cmd::RECV, r))) => match ipc::be_u32(&reader.buffer()[r.clone()]) {
                 Some(got) if got == id => {
                     if r.len() > 4 {
-                        ranges[g.ranges] = r.start + 4..r.end;
+                        ranges.push(r.start + 4..r.end);
                         g.ranges += 1;
                     }
                 }
@@ -810,13 +815,18 @@ fn gather(reader: &mut FrameReader<IpcRead>, id: u32, ranges: &mut [Range<usize>
 }
 
 /// Copies agent→client until the agent closes or something fails.
+///
+/// The payload ranges (and, in [`write_ranges`], the iovecs) live on the
+/// heap, and only while data moves (like the read buffer): as 64-entry
+/// arrays in these frames they pushed an idle thread's stack onto a second
+/// page (measured with smaps on a musl build; see `fill_or_end`).
 fn agent_to_client(c: &Conn, mut reader: FrameReader<IpcRead>, idle: Duration) {
     let Some(&id) = c.pilot_conn.get() else { return };
-    let mut ranges: [Range<usize>; MAX_IOVECS] = std::array::from_fn(|_| 0..0);
+    let mut ranges = Vec::new();
     loop {
         let g = gather(&mut reader, id, &mut ranges);
         if g.ranges > 0 {
-            if let Err(e) = write_ranges(&c.tcp, reader.buffer(), &ranges[..g.ranges], c) {
+            if let Err(e) = write_ranges(&c.tcp, reader.buffer(), &ranges, c) {
                 let why = if is_timeout(&e) {
                     Ending::IdleTimeout
                 } else {
@@ -840,18 +850,24 @@ fn agent_to_client(c: &Conn, mut reader: FrameReader<IpcRead>, idle: Duration) {
         if g.ranges == MAX_IOVECS {
             continue;
         }
-        if !fill_or_end(c, &mut reader, idle) {
+        if !fill_or_end(c, &mut reader, &mut ranges, idle) {
             return;
         }
     }
 }
 
-/// Waits for more from the daemon, giving the read buffer back first if
-/// the session is drained. `false` once the connection is over: torn down
-/// elsewhere, idle past its limit, or the session broke.
-fn fill_or_end(c: &Conn, reader: &mut FrameReader<IpcRead>, idle: Duration) -> bool {
+/// Waits for more from the daemon, giving the read buffer and `ranges`
+/// back first if the session is drained. `false` once the connection is
+/// over: torn down elsewhere, idle past its limit, or the session broke.
+fn fill_or_end(
+    c: &Conn,
+    reader: &mut FrameReader<IpcRead>,
+    ranges: &mut Vec<Range<usize>>,
+    idle: Duration,
+) -> bool {
     if !sys::readable_now(&c.ipc) {
         reader.release();
+        *ranges = Vec::new();
     }
     if !wait_readable(c, &c.ipc, idle) {
         return false;
@@ -877,11 +893,10 @@ fn fill_or_end(c: &Conn, reader: &mut FrameReader<IpcRead>, idle: Duration) -> b
 /// Writes the payload ranges to the client with as few `writev`s as the
 /// kernel allows, counting the bytes.
 fn write_ranges(tcp: &TcpStream, buf: &[u8], ranges: &[Range<usize>], c: &Conn) -> io::Result<()> {
-    let mut slices: [IoSlice<'_>; MAX_IOVECS] = [IoSlice::new(&[]); MAX_IOVECS];
-    for (s, r) in slices.iter_mut().zip(ranges.iter()) {
-        *s = IoSlice::new(&buf[r.clone()]);
-    }
-    let mut slices = &mut slices[..ranges.len()];
+    // One small allocation per batch of up to MAX_IOVECS frames, next to
+    // the writev it feeds.
+    let mut slices: Vec<IoSlice<'_>> = ranges.iter().map(|r| IoSlice::new(&buf[r.clone()])).collect();
+    let mut slices = &mut slices[..];
     let mut w = tcp;
     while !slices.is_empty() {
         match w.write_vectored(slices) {
