@@ -319,11 +319,16 @@ pub fn parse(argv0: &str, args: Vec<OsString>) -> Result<Args> {
             );
         }
     }
-    if a.drain.is_some() && !matches!(command, Command::Stop | Command::Unmap { .. } | Command::Unexpose { .. }) {
-        return Err(
-            Error::usage(format!("--drain is an option of stop, unmap and unexpose, not of {cmd}"))
-                .hint(format!("see: pilot-gateway {cmd} --help")),
-        );
+    if a.drain.is_some()
+        && !matches!(
+            command,
+            Command::Stop | Command::Unmap { .. } | Command::Unexpose { .. }
+        )
+    {
+        return Err(Error::usage(format!(
+            "--drain is an option of stop, unmap and unexpose, not of {cmd}"
+        ))
+        .hint(format!("see: pilot-gateway {cmd} --help")));
     }
     a.command = Some(command);
     Ok(a)

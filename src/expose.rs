@@ -495,7 +495,9 @@ fn open(
     // One socket under both descriptors: its timeouts are shared.
     let mut writer = stream.try_clone().map_err(io_err)?;
     let bind = ipc::encode(cmd::BIND, &[&port.to_be_bytes()]);
-    writer.set_write_timeout(Some(left(deadline, socket)?)).map_err(io_err)?;
+    writer
+        .set_write_timeout(Some(left(deadline, socket)?))
+        .map_err(io_err)?;
     writer.write_all(&bind).map_err(io_err)?;
     writer.set_write_timeout(Some(IPC_TIMEOUT)).map_err(io_err)?;
     let mut reader = FrameReader::growing(stream, 16 * 1024, 256 * 1024);
@@ -533,7 +535,10 @@ fn open(
 fn left(deadline: Instant, socket: &Path) -> Result<Duration> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
-        return Err(unreachable(socket, &"no answer to Bind in time (is the daemon stalled?)"));
+        return Err(unreachable(
+            socket,
+            &"no answer to Bind in time (is the daemon stalled?)",
+        ));
     }
     Ok(left)
 }

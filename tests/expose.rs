@@ -445,7 +445,15 @@ fn stop_and_unexpose_drain_exposed_connections() {
     let d = devd(&dir, &["--inbound", "127.0.0.1:7101=0:0000.0000.0009:81"]);
     let gw = Gw::new(&dir, &d.socket);
     let log = access.to_str().unwrap();
-    gw.ok(&["start", "--access-log", log, "--expose", "80=8000", "--expose", "81=8000"]);
+    gw.ok(&[
+        "start",
+        "--access-log",
+        log,
+        "--expose",
+        "80=8000",
+        "--expose",
+        "81=8000",
+    ]);
 
     // unexpose --drain: new connections are refused at once, the live one
     // goes on; once it ends, the port is released with nothing cut.
@@ -453,7 +461,10 @@ fn stop_and_unexpose_drain_exposed_connections() {
     let gw2 = Gw::handle(gw.state.clone(), gw.socket.clone());
     let unexposing = thread::spawn(move || gw2.data(&["unexpose", "--drain", "30", "80"]));
     assert!(until_refused(IN80), "new connections are refused while draining");
-    assert!(still_echoes(&mut a), "the live connection is not cut while draining");
+    assert!(
+        still_echoes(&mut a),
+        "the live connection is not cut while draining"
+    );
     drop(a);
     let gone = unexposing.join().unwrap();
     assert_eq!((num(&gone, "port"), num(&gone, "cut")), (80, 0), "{gone}");
@@ -472,7 +483,9 @@ fn stop_and_unexpose_drain_exposed_connections() {
     b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let ended = b.read_to_end(&mut Vec::new());
     assert!(
-        ended.as_ref().map_or_else(|e| e.kind() == std::io::ErrorKind::ConnectionReset, |_| true),
+        ended
+            .as_ref()
+            .map_or_else(|e| e.kind() == std::io::ErrorKind::ConnectionReset, |_| true),
         "the cut connection ends: {ended:?}"
     );
     let log = std::fs::read_to_string(&access).unwrap();
@@ -508,9 +521,21 @@ fn forwarded_and_exposed_connections_share_the_max_conns_budget() {
     let _svc = Service::start(8000, echo);
     let d = devd(&dir, &["--route", "0:0000.0000.0004=127.0.0.1"]);
     let gw = Gw::new(&dir, &d.socket);
-    let args = ["--ports", "8080", "--max-conns", "1000", "--expose", "80=8000", A4];
+    let args = [
+        "--ports",
+        "8080",
+        "--max-conns",
+        "1000",
+        "--expose",
+        "80=8000",
+        A4,
+    ];
     let mut p = gw.foreground_with(&dir, &args, |c| nofile(c, 64));
-    assert!(p.stderr().contains("does not fit the limit of 64 open files"), "{}", p.stderr());
+    assert!(
+        p.stderr().contains("does not fit the limit of 64 open files"),
+        "{}",
+        p.stderr()
+    );
     let st = gw.data(&["status"]);
     let cap = num(&st, "max_conns");
     assert!((3..1000).contains(&cap), "{st}");
@@ -522,17 +547,37 @@ fn forwarded_and_exposed_connections_share_the_max_conns_budget() {
     let mut held: Vec<TcpStream> = (0..forwarded).map(|_| live("10.4.0.1:8080")).collect();
     held.extend((forwarded..cap - 1).map(|_| live(IN80)));
     let st = gw.data(&["status"]);
-    assert_eq!((num(&st, "conns_in_use"), num(&st, "active")), (cap, forwarded), "{st}");
+    assert_eq!(
+        (num(&st, "conns_in_use"), num(&st, "active")),
+        (cap, forwarded),
+        "{st}"
+    );
     // Over the cap, either kind is refused at once and counted.
-    assert!(refused_at_once(IN80), "an exposed connection over the cap is refused");
-    assert!(reset_soon("10.4.0.1:8080", Duration::from_secs(5)), "a forwarded one is reset");
+    assert!(
+        refused_at_once(IN80),
+        "an exposed connection over the cap is refused"
+    );
+    assert!(
+        reset_soon("10.4.0.1:8080", Duration::from_secs(5)),
+        "a forwarded one is reset"
+    );
     let row = exposure(&gw, 80);
-    assert_eq!((num(&row, "active"), num(&row, "over_limit")), (cap - 1 - forwarded, 1), "{row}");
+    assert_eq!(
+        (num(&row, "active"), num(&row, "over_limit")),
+        (cap - 1 - forwarded, 1),
+        "{row}"
+    );
     assert_eq!(num(&gw.data(&["status"]), "refused"), 2);
     // A slot freed by either kind serves the other.
     drop(held.pop());
-    assert!(wait_until(Duration::from_secs(10), || num(&gw.data(&["status"]), "conns_in_use") < cap));
-    assert!(short_exchange("10.4.0.1:8080"), "a freed exposed slot serves a forwarded client");
+    assert!(wait_until(Duration::from_secs(10), || num(
+        &gw.data(&["status"]),
+        "conns_in_use"
+    ) < cap));
+    assert!(
+        short_exchange("10.4.0.1:8080"),
+        "a freed exposed slot serves a forwarded client"
+    );
     p.signal(libc::SIGTERM);
     assert!(p.wait_exit(Duration::from_secs(15)).is_some());
     drop(held);
@@ -558,10 +603,16 @@ fn a_stalled_daemon_fails_expose_in_time_and_stop_still_works() {
     let gw2 = Gw::handle(gw.state.clone(), gw.socket.clone());
     let pending = thread::spawn(move || gw2.run(&["--json", "expose", "82", "8000"]));
     let state = gw.state.join("state.json");
-    assert!(wait_until(Duration::from_secs(10), || std::fs::read_to_string(&state)
-        .is_ok_and(|s| s.contains(r#""port":82"#))));
+    assert!(wait_until(Duration::from_secs(10), || std::fs::read_to_string(
+        &state
+    )
+    .is_ok_and(|s| s.contains(r#""port":82"#))));
     let stopped = gw.data(&["stop"]);
-    assert_eq!(stopped.get("stopped").and_then(Value::as_bool), Some(true), "{stopped}");
+    assert_eq!(
+        stopped.get("stopped").and_then(Value::as_bool),
+        Some(true),
+        "{stopped}"
+    );
     let out = pending.join().unwrap();
     assert!(!out.status.success(), "{out:?}");
 }
