@@ -513,8 +513,10 @@ fn conn_settings(cfg: &Config, max_conns: usize, daemon_uid: u32) -> ConnSetting
 const FD_HEADROOM: u64 = 32;
 
 /// Raises the descriptor limit as far as allowed and returns the
-/// `--max-conns` that fits it (2 descriptors per connection: the client's
-/// and its daemon session), with a warning when that is lower than asked.
+/// `--max-conns` that fits it (2 descriptors per slot: a forwarded
+/// connection's client and daemon session, an exposed connection's local
+/// socket, or an exposure's daemon session; see [`SharedSlots`]), with a
+/// warning when that is lower than asked.
 fn fit_max_conns(cfg: &Config, mappings: usize, warnings: &mut Vec<String>) -> usize {
     let limit = match sys::raise_nofile_limit() {
         Ok(n) => n,
@@ -529,7 +531,7 @@ fn fit_max_conns(cfg: &Config, mappings: usize, warnings: &mut Vec<String>) -> u
         return cfg.max_conns;
     }
     let w = format!(
-        "--max-conns {} does not fit the limit of {limit} open files (2 per connection, plus {} for listeners and files): serving at most {fit} connections at once; raise the limit (ulimit -n, or LimitNOFILE= in systemd) to serve more",
+        "--max-conns {} does not fit the limit of {limit} open files (2 per connection, forwarded or exposed, and per exposure, plus {} for listeners and files): serving at most {fit} at once; raise the limit (ulimit -n, or LimitNOFILE= in systemd) to serve more",
         cfg.max_conns,
         FD_HEADROOM + listeners
     );
