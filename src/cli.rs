@@ -148,7 +148,7 @@ const START_FLAGS: &[&str] = &[
 /// Flags that only `expose` takes (`--allow-remote-target` also `start`).
 const EXPOSE_FLAGS: &[&str] = &["allow", "allow-remote-target"];
 
-/// Flags that only `stop` and `unmap` take.
+/// Flags that only `stop`, `unmap` and `unexpose` take.
 const STOP_FLAGS: &[&str] = &["drain"];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -207,7 +207,7 @@ pub struct Args {
     pub allow: Option<String>,
     /// `expose`/`start --allow-remote-target`.
     pub allow_remote_target: bool,
-    /// `stop`/`unmap --drain SECS`.
+    /// `stop`/`unmap`/`unexpose --drain SECS`.
     pub drain: Option<String>,
     pub command: Option<Command>,
     /// Invoked as `pilotctl` (affects help text only).
@@ -319,11 +319,16 @@ pub fn parse(argv0: &str, args: Vec<OsString>) -> Result<Args> {
             );
         }
     }
-    if a.drain.is_some() && !matches!(command, Command::Stop | Command::Unmap { .. }) {
-        return Err(
-            Error::usage(format!("--drain is an option of stop and unmap, not of {cmd}"))
-                .hint(format!("see: pilot-gateway {cmd} --help")),
-        );
+    if a.drain.is_some()
+        && !matches!(
+            command,
+            Command::Stop | Command::Unmap { .. } | Command::Unexpose { .. }
+        )
+    {
+        return Err(Error::usage(format!(
+            "--drain is an option of stop, unmap and unexpose, not of {cmd}"
+        ))
+        .hint(format!("see: pilot-gateway {cmd} --help")));
     }
     a.command = Some(command);
     Ok(a)
@@ -590,10 +595,15 @@ Flags:
 ";
 
 const UNEXPOSE_HELP: &str = "\
-Usage: pilot-gateway unexpose PILOT_PORT
+Usage: pilot-gateway unexpose [--drain SECS] PILOT_PORT
 
 Stops serving PILOT_PORT: the gateway releases the port (the daemon frees it
-and resets its live connections). Fails with not_found for a port not exposed.
+and resets its live connections). Reports how many live connections were
+cut (`cut`). Fails with not_found for a port not exposed.
+
+Flags:
+  --drain SECS           refuse new connections at once, let live ones finish
+                         for up to SECS, then cut the rest
 ";
 
 pub fn command_help(topic: &str) -> Option<&'static str> {
@@ -650,11 +660,12 @@ exposure with its state and counters.
 Usage: pilot-gateway stop [--drain SECS]
 
 Stops the running gateway and waits until it has exited and removed its aliases.
-Reports how many live connections were cut (`cut`).
+Reports how many live connections were cut (`cut`), forwarded and exposed.
 
 Flags:
-  --drain SECS           stop accepting, let live connections finish for up to
-                         SECS, then cut the rest
+  --drain SECS           stop accepting (and refuse new inbound connections to
+                         exposed ports), let live connections of both kinds
+                         finish for up to SECS, then cut the rest
 "
         }
         _ => return None,

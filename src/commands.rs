@@ -558,7 +558,8 @@ fn expose(args: &Args, out: &Output, req: &Expose) -> Result<()> {
 }
 
 /// `unexpose`: removes the exposure; the gateway closes its session, so
-/// the daemon frees the port and resets its connections.
+/// the daemon frees the port and resets its connections (after letting
+/// them finish for up to `--drain` seconds, admitting no new ones).
 fn unexpose(args: &Args, out: &Output, port: &str) -> Result<()> {
     let port = port.parse::<u16>().ok().filter(|&p| p > 0).ok_or_else(|| {
         Error::invalid(format!("pilot port {port:?} is not a number from 1 to 65535"))
@@ -577,13 +578,15 @@ fn unexpose(args: &Args, out: &Output, port: &str) -> Result<()> {
                 .hint("see the exposed ports with: pilot-gateway list"),
         );
     };
+    let drain = drain_secs(args)?;
     st.exposures.retain(|x| x.port != port);
     st.generation += 1;
     let generation = st.generation;
+    request_drain(&dir, drain)?;
     dir.write(&st)?;
     drop(lock);
     signal(&st, libc::SIGHUP)?;
-    wait_applied(&dir, st.gateway, generation, APPLY_WAIT)?;
+    wait_applied(&dir, st.gateway, generation, APPLY_WAIT + drain)?;
     let cut = dir
         .read_note("applied.json")
         .filter(|v| v.get("generation").and_then(Value::as_u64) >= Some(generation))
@@ -609,7 +612,7 @@ fn cut_note(cut: u64) -> String {
     }
 }
 
-/// `--drain SECS` of stop and unmap (0 without it).
+/// `--drain SECS` of stop, unmap and unexpose (0 without it).
 fn drain_secs(args: &Args) -> Result<Duration> {
     match &args.drain {
         None => Ok(Duration::ZERO),

@@ -10,7 +10,9 @@
 //!
 //! 1. The session's reader thread gets Accept `[port][conn][addr][port]`.
 //!    A peer outside `allow` (when set) is refused at once: Close, counted,
-//!    logged with its address. Over `max_conns` likewise.
+//!    logged with its address. So is every Accept once the exposure stops
+//!    admitting (a drain), and one for which no connection slot is free
+//!    (`max_conns`, or the gateway's shared [`Slots`]).
 //! 2. It registers the connection and spawns its thread, which connects to
 //!    the target (never on the reader thread: a slow target must not stall
 //!    the session). A failed connect is logged and answered with Close.
@@ -88,8 +90,20 @@ const WRITE_POLL: Duration = Duration::from_millis(500);
 /// Re-bind backoff after the daemon went away.
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(2);
-/// Bound on the daemon's answer to Bind, and on one frame write to it.
+/// Bound on one frame write to the daemon, and by default on the whole
+/// Bind exchange (connect, Bind, its answer).
 const IPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a Bind in progress looks whether the exposure was stopped.
+const BIND_POLL: Duration = Duration::from_millis(100);
+
+/// Connection slots an exposure shares with other users of one budget
+/// (the gateway's `--max-conns`, which forwarded connections draw on too).
+pub trait Slots: Send + Sync {
+    /// Takes a slot; `false` when none is free.
+    fn try_acquire(&self) -> bool;
+    /// Gives back a slot `try_acquire` took.
+    fn release(&self);
+}
 
 /// Receives every finished or refused connection.
 pub type OnEnd = Arc<dyn Fn(&Ended) + Send + Sync>;
@@ -107,12 +121,19 @@ pub struct Options {
     /// long is reset (kept well below the daemon's 10 s write deadline).
     pub stall: Duration,
     pub connect_timeout: Duration,
-    /// Live connections at most (newer daemons cap a client at 4096).
+    /// Live connections at most (newer daemons cap a client at 4096);
+    /// only when `slots` is `None`.
     pub max_conns: usize,
     /// The daemon's uid seen at start: every session (the first Bind and
     /// each re-bind) refuses a socket served by another uid. `None`: not
     /// checked (tests and tools; the gateway always sets it).
     pub daemon_uid: Option<u32>,
+    /// A budget shared with others: each admitted connection holds one
+    /// slot of it until it ends (instead of `max_conns`).
+    pub slots: Option<Arc<dyn Slots>>,
+    /// Bound on the whole first Bind (connect, request, answer), so a
+    /// stalled daemon costs the caller at most this long.
+    pub bind_timeout: Duration,
     /// Called once per finished or refused connection (the access log).
     /// It must not block: refusals are reported from the session's reader
     /// thread (the access log's `try_send` queue fits).
@@ -129,6 +150,8 @@ impl Default for Options {
             connect_timeout: Duration::from_secs(5),
             max_conns: 4096,
             daemon_uid: None,
+            slots: None,
+            bind_timeout: IPC_TIMEOUT,
             on_end: None,
         }
     }
@@ -155,8 +178,10 @@ pub struct Counters {
     pub bytes_out: u64,
     /// Refused by the allow-list.
     pub refused: u64,
-    /// Refused because `max_conns` were live.
+    /// Refused because `max_conns` were live (or no shared slot was free).
     pub over_limit: u64,
+    /// Refused because the exposure had stopped admitting (a drain).
+    pub refused_draining: u64,
     /// Reset because the local service stopped reading.
     pub slow_resets: u64,
     pub connect_failures: u64,
@@ -217,6 +242,8 @@ struct Shared {
     target: SocketAddr,
     opts: Options,
     stopping: AtomicBool,
+    /// No new connections (a drain): every Accept is refused.
+    draining: AtomicBool,
     state: Mutex<State>,
     /// The current session, so `stop` can end it.
     link: Mutex<Option<Arc<Link>>>,
@@ -227,6 +254,7 @@ struct Shared {
     bytes_out: AtomicU64,
     refused: AtomicU64,
     over_limit: AtomicU64,
+    refused_draining: AtomicU64,
     slow_resets: AtomicU64,
     connect_failures: AtomicU64,
     rebinds: AtomicU64,
@@ -243,13 +271,15 @@ impl Exposure {
     /// `daemon_unreachable` when there is no daemon.
     pub fn start(socket: &Path, port: u16, target: SocketAddr, opts: Options) -> Result<Exposure> {
         check_target(target, opts.allow_remote_target)?;
-        let (reader, link) = open(socket, port, opts.daemon_uid)?;
+        let deadline = Instant::now() + opts.bind_timeout;
+        let (reader, link) = open(socket, port, opts.daemon_uid, deadline, &|| false)?;
         let shared = Arc::new(Shared {
             socket: socket.to_path_buf(),
             port,
             target,
             opts,
             stopping: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             state: Mutex::new(State::Bound),
             link: Mutex::new(Some(link.clone())),
             conns: Mutex::new(HashMap::new()),
@@ -259,6 +289,7 @@ impl Exposure {
             bytes_out: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             over_limit: AtomicU64::new(0),
+            refused_draining: AtomicU64::new(0),
             slow_resets: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
             rebinds: AtomicU64::new(0),
@@ -297,9 +328,29 @@ impl Exposure {
             bytes_out: s.bytes_out.load(Relaxed),
             refused: s.refused.load(Relaxed),
             over_limit: s.over_limit.load(Relaxed),
+            refused_draining: s.refused_draining.load(Relaxed),
             slow_resets: s.slow_resets.load(Relaxed),
             connect_failures: s.connect_failures.load(Relaxed),
             rebinds: s.rebinds.load(Relaxed),
+        }
+    }
+
+    /// Stops admitting connections (`--drain`): every later Accept is
+    /// answered with Close and counted; live connections go on.
+    pub fn stop_admitting(&self) {
+        self.shared.draining.store(true, Relaxed);
+    }
+
+    pub fn is_admitting(&self) -> bool {
+        !self.shared.draining.load(Relaxed)
+    }
+
+    /// Waits up to `wait` for the live connections to end on their own
+    /// (`--drain`, after [`stop_admitting`](Exposure::stop_admitting)).
+    pub fn drain(&self, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        while self.shared.active.load(Relaxed) > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -420,12 +471,20 @@ impl Link {
     }
 }
 
-/// Opens a session and Binds `port` on it.
-fn open(socket: &Path, port: u16, expect: Option<u32>) -> Result<(FrameReader<UnixStream>, Arc<Link>)> {
+/// Opens a session (to a daemon of uid `expect`, when given) and Binds
+/// `port` on it, all by `deadline` (one overall bound: a daemon that
+/// trickles its answer cannot stretch it), giving up early once
+/// `abandoned` says so (looked at every `BIND_POLL`).
+fn open(
+    socket: &Path,
+    port: u16,
+    expect: Option<u32>,
+    deadline: Instant,
+    abandoned: &dyn Fn() -> bool,
+) -> Result<(FrameReader<UnixStream>, Arc<Link>)> {
     let io_err = |e: io::Error| unreachable(socket, &e);
     let stream = crate::sys::unix_socket().map_err(io_err)?;
-    let deadline = Instant::now() + IPC_TIMEOUT;
-    ipc::connect_by(&stream, socket, deadline, &|| false, expect).map_err(|e| {
+    ipc::connect_by(&stream, socket, deadline, abandoned, expect).map_err(|e| {
         if e.kind() == io::ErrorKind::PermissionDenied {
             Error::new(Code::PermissionDenied, e.to_string())
                 .hint("the daemon's socket is served by another user now; restart the gateway once the daemon is back")
@@ -433,14 +492,16 @@ fn open(socket: &Path, port: u16, expect: Option<u32>) -> Result<(FrameReader<Un
             unreachable(socket, &e)
         }
     })?;
-    stream.set_read_timeout(Some(IPC_TIMEOUT)).map_err(io_err)?;
-    stream.set_write_timeout(Some(IPC_TIMEOUT)).map_err(io_err)?;
+    // One socket under both descriptors: its timeouts are shared.
     let mut writer = stream.try_clone().map_err(io_err)?;
+    let bind = ipc::encode(cmd::BIND, &[&port.to_be_bytes()]);
     writer
-        .write_all(&ipc::encode(cmd::BIND, &[&port.to_be_bytes()]))
+        .set_write_timeout(Some(left(deadline, socket)?))
         .map_err(io_err)?;
+    writer.write_all(&bind).map_err(io_err)?;
+    writer.set_write_timeout(Some(IPC_TIMEOUT)).map_err(io_err)?;
     let mut reader = FrameReader::growing(stream, 16 * 1024, 256 * 1024);
-    let (command, range) = reader.read_frame().map_err(|e| unreachable(socket, &e))?;
+    let (command, range) = bind_reply(&mut reader, socket, deadline, abandoned)?;
     let payload = &reader.buffer()[range];
     match command {
         cmd::BIND_OK if payload.get(..2) == Some(&port.to_be_bytes()[..]) => {}
@@ -468,6 +529,44 @@ fn open(socket: &Path, port: u16, expect: Option<u32>) -> Result<(FrameReader<Un
             lock: Mutex::new(()),
         }),
     ))
+}
+
+/// What is left before `deadline`, or the error of a daemon too slow.
+fn left(deadline: Instant, socket: &Path) -> Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(unreachable(
+            socket,
+            &"no answer to Bind in time (is the daemon stalled?)",
+        ));
+    }
+    Ok(left)
+}
+
+/// Reads the daemon's answer to Bind by `deadline`, re-arming the read
+/// timeout before every read (a per-read timeout restarts with each byte).
+fn bind_reply(
+    reader: &mut FrameReader<UnixStream>,
+    socket: &Path,
+    deadline: Instant,
+    abandoned: &dyn Fn() -> bool,
+) -> Result<(u8, std::ops::Range<usize>)> {
+    loop {
+        if let Some(frame) = reader.next_buffered().map_err(|e| unreachable(socket, &e))? {
+            return Ok(frame);
+        }
+        if abandoned() {
+            return Err(Error::new(Code::DaemonUnreachable, "the exposure was stopped"));
+        }
+        let wait = left(deadline, socket)?.min(BIND_POLL);
+        let io_err = |e: io::Error| unreachable(socket, &e);
+        reader.get_ref().set_read_timeout(Some(wait)).map_err(io_err)?;
+        match reader.fill() {
+            Ok(()) => {}
+            Err(e) if e.is_timeout() => {}
+            Err(e) => return Err(unreachable(socket, &e)),
+        }
+    }
 }
 
 /// The reader thread: serves the session; when it is lost, cuts every
@@ -501,7 +600,9 @@ fn run(ex: &Arc<Shared>, mut session: Option<(FrameReader<UnixStream>, Arc<Link>
         if ex.stopping.load(Relaxed) {
             break;
         }
-        match open(&ex.socket, ex.port, ex.opts.daemon_uid) {
+        let deadline = Instant::now() + IPC_TIMEOUT;
+        let stopped = || ex.stopping.load(Relaxed);
+        match open(&ex.socket, ex.port, ex.opts.daemon_uid, deadline, &stopped) {
             Ok(s) => {
                 ex.rebinds.fetch_add(1, Relaxed);
                 info!("exposed port {}: bound again", ex.port);
@@ -556,6 +657,28 @@ fn cut_all(ex: &Shared, why: &str) {
     }
 }
 
+/// Why a new connection from `peer` is not admitted, counted; `None`
+/// admits it, holding a slot (of `slots`) that `Finish` gives back.
+fn refusal(ex: &Shared, peer: PilotAddr) -> Option<String> {
+    if ex.opts.allow.as_ref().is_some_and(|set| !set.contains(&peer)) {
+        ex.refused.fetch_add(1, Relaxed);
+        return Some("not in the allow-list".into());
+    }
+    if ex.draining.load(Relaxed) {
+        ex.refused_draining.fetch_add(1, Relaxed);
+        return Some("draining: no new connections".into());
+    }
+    let full = match &ex.opts.slots {
+        Some(slots) => (!slots.try_acquire()).then(|| "no connection slot free (--max-conns)".into()),
+        None => (ex.active.load(Relaxed) >= ex.opts.max_conns as u64)
+            .then(|| format!("{} connections already live", ex.opts.max_conns)),
+    };
+    if full.is_some() {
+        ex.over_limit.fetch_add(1, Relaxed);
+    }
+    full
+}
+
 fn accept(ex: &Arc<Shared>, link: &Arc<Link>, payload: &[u8]) {
     let Some(a) = ipc::parse_accept(payload) else {
         warn_limited!(
@@ -566,16 +689,7 @@ fn accept(ex: &Arc<Shared>, link: &Arc<Link>, payload: &[u8]) {
         );
         return;
     };
-    let refuse = if ex.opts.allow.as_ref().is_some_and(|set| !set.contains(&a.remote)) {
-        ex.refused.fetch_add(1, Relaxed);
-        Some("not in the allow-list".to_string())
-    } else if ex.active.load(Relaxed) >= ex.opts.max_conns as u64 {
-        ex.over_limit.fetch_add(1, Relaxed);
-        Some(format!("{} connections already live", ex.opts.max_conns))
-    } else {
-        None
-    };
-    if let Some(why) = refuse {
+    if let Some(why) = refusal(ex, a.remote) {
         link.close(a.conn);
         warn_limited!(
             REFUSED,
@@ -770,6 +884,9 @@ impl Drop for Finish {
             }
         }
         ex.active.fetch_sub(1, Relaxed);
+        if let Some(slots) = &ex.opts.slots {
+            slots.release();
+        }
         let outcome = c.outcome.get().cloned().unwrap_or(Outcome::Ok);
         let moved = (c.bytes_in.load(Relaxed), c.bytes_out.load(Relaxed));
         report(ex, c.id, c.peer, c.peer_port, outcome, moved, c.started.elapsed());

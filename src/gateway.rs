@@ -99,10 +99,59 @@ struct RunningMapping {
     conns: Arc<Connections>,
 }
 
-/// An exposure that runs: what the state file asked for, and its engine.
+/// An exposure that runs: what the state file asked for, its engine, and
+/// the connection slot its daemon session holds.
 struct RunningExposure {
     spec: Exposed,
     engine: Exposure,
+    _session: SessionSlot,
+}
+
+/// `--max-conns` is one budget of descriptors, 2 per slot: a forwarded
+/// connection (client and its daemon session) and an exposed one (its
+/// local socket) take a slot each from the same counter, and so does each
+/// exposure's own daemon session (its socket and the writer's duplicate),
+/// for as long as the exposure runs. Forwarded and exposed connections
+/// together therefore never need more descriptors than the fit allows.
+struct SharedSlots(Arc<DataPath>);
+
+impl expose::Slots for SharedSlots {
+    fn try_acquire(&self) -> bool {
+        let ok = self.0.try_acquire();
+        if !ok {
+            self.0.refused.fetch_add(1, Relaxed);
+        }
+        ok
+    }
+
+    fn release(&self) {
+        self.0.active.fetch_sub(1, Relaxed);
+    }
+}
+
+/// The slot of an exposure's daemon session; given back when dropped.
+struct SessionSlot(Arc<DataPath>);
+
+impl SessionSlot {
+    fn take(dp: &Arc<DataPath>, port: u16) -> Result<SessionSlot> {
+        if dp.try_acquire() {
+            return Ok(SessionSlot(dp.clone()));
+        }
+        Err(Error::new(
+            Code::ConnectionFailed,
+            format!(
+                "no connection slot for the daemon session of pilot port {port}: all {} are in use",
+                dp.settings.max_conns
+            ),
+        )
+        .hint("each exposure's session takes one --max-conns slot: raise --max-conns (and the open-file limit), or wait for connections to end"))
+    }
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Relaxed);
+    }
 }
 
 /// How long stopping an exposure waits for its connections to end.
@@ -110,6 +159,13 @@ const EXPOSE_STOP_WAIT: Duration = Duration::from_secs(5);
 /// How long a restarted exposure retries a Bind the daemon still holds for
 /// the session just closed (it frees the port once it notices).
 const REBIND_WAIT: Duration = Duration::from_secs(3);
+/// Bound on every exposure start-up (connect, Bind, its answer, retries)
+/// of one SIGHUP apply together: it runs under the state lock, and the
+/// commands that wait for it give up after 10 s, so a stalled daemon must
+/// cost it well under that (and SIGTERM waits for the apply to end).
+const APPLY_BIND_BUDGET: Duration = Duration::from_secs(4);
+/// Bound on each exposure's Bind at start-up.
+const START_BIND_WAIT: Duration = Duration::from_secs(10);
 
 /// The running process: what runs, and what it needs to change it.
 struct Gateway {
@@ -457,8 +513,10 @@ fn conn_settings(cfg: &Config, max_conns: usize, daemon_uid: u32) -> ConnSetting
 const FD_HEADROOM: u64 = 32;
 
 /// Raises the descriptor limit as far as allowed and returns the
-/// `--max-conns` that fits it (2 descriptors per connection: the client's
-/// and its daemon session), with a warning when that is lower than asked.
+/// `--max-conns` that fits it (2 descriptors per slot: a forwarded
+/// connection's client and daemon session, an exposed connection's local
+/// socket, or an exposure's daemon session; see [`SharedSlots`]), with a
+/// warning when that is lower than asked.
 fn fit_max_conns(cfg: &Config, mappings: usize, warnings: &mut Vec<String>) -> usize {
     let limit = match sys::raise_nofile_limit() {
         Ok(n) => n,
@@ -473,7 +531,7 @@ fn fit_max_conns(cfg: &Config, mappings: usize, warnings: &mut Vec<String>) -> u
         return cfg.max_conns;
     }
     let w = format!(
-        "--max-conns {} does not fit the limit of {limit} open files (2 per connection, plus {} for listeners and files): serving at most {fit} connections at once; raise the limit (ulimit -n, or LimitNOFILE= in systemd) to serve more",
+        "--max-conns {} does not fit the limit of {limit} open files (2 per connection, forwarded or exposed, and per exposure, plus {} for listeners and files): serving at most {fit} at once; raise the limit (ulimit -n, or LimitNOFILE= in systemd) to serve more",
         cfg.max_conns,
         FD_HEADROOM + listeners
     );
@@ -523,7 +581,8 @@ impl Gateway {
         }
         for e in &st.exposures {
             if result.is_ok() {
-                result = self.bring_up_exposure(e, Duration::ZERO);
+                let by = Instant::now() + START_BIND_WAIT;
+                result = self.bring_up_exposure(e, Duration::ZERO, by);
             }
         }
         if let Err(e) = result.and_then(|()| self.dir.write(&st)) {
@@ -560,6 +619,7 @@ impl Gateway {
                         info!("stopping (signal {sig})");
                         let drain = self.take_drain();
                         self.stop_listening(self.running.keys().copied().collect());
+                        self.stop_admitting(&self.exposed.keys().copied().collect::<Vec<_>>());
                         self.drain(drain);
                         let _lock = self.dir.lock();
                         let cut = self.shutdown();
@@ -628,9 +688,11 @@ impl Gateway {
         Ok(())
     }
 
-    /// Binds the exposure's pilot port and starts serving it. `retry`:
-    /// how long to retry a port the daemon still holds (a restart).
-    fn bring_up_exposure(&mut self, e: &Exposed, retry: Duration) -> Result<()> {
+    /// Binds the exposure's pilot port and starts serving it, giving up by
+    /// `by`. `retry`: how long to retry a port the daemon still holds (a
+    /// restart).
+    fn bring_up_exposure(&mut self, e: &Exposed, retry: Duration, by: Instant) -> Result<()> {
+        let session = SessionSlot::take(&self.data_path, e.port)?;
         let dp = self.data_path.clone();
         let on_end: expose::OnEnd = Arc::new(move |end: &expose::Ended| {
             if let Some(a) = &dp.access {
@@ -650,15 +712,19 @@ impl Gateway {
         let opts = expose::Options {
             allow: e.allow_set(),
             allow_remote_target: e.allow_remote_target,
-            max_conns: self.data_path.settings.max_conns,
             daemon_uid: Some(self.data_path.settings.daemon_uid),
+            slots: Some(Arc::new(SharedSlots(self.data_path.clone()))),
             on_end: Some(on_end),
             ..expose::Options::default()
         };
         let socket = &self.data_path.settings.daemon_socket;
-        let deadline = Instant::now() + retry;
+        let deadline = (Instant::now() + retry).min(by);
         let engine = loop {
-            match Exposure::start(socket, e.port, e.target, opts.clone()) {
+            let opts = expose::Options {
+                bind_timeout: by.saturating_duration_since(Instant::now()),
+                ..opts.clone()
+            };
+            match Exposure::start(socket, e.port, e.target, opts) {
                 Err(err) if err.code == Code::PortInUse && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -670,6 +736,7 @@ impl Gateway {
             RunningExposure {
                 spec: e.clone(),
                 engine,
+                _session: session,
             },
         );
         Ok(())
@@ -709,6 +776,7 @@ impl Gateway {
             cut += self.tear_down_exposure(port);
         }
         let mut failed = Vec::new();
+        let by = Instant::now() + APPLY_BIND_BUDGET;
         for e in &st.exposures {
             if self.exposed.contains_key(&e.port) {
                 continue;
@@ -718,7 +786,7 @@ impl Gateway {
             } else {
                 Duration::ZERO
             };
-            if let Err(err) = self.bring_up_exposure(e, retry) {
+            if let Err(err) = self.bring_up_exposure(e, retry, by) {
                 warn!("cannot expose pilot port {} → {}: {err}", e.port, e.target);
                 failed.push((e.port, e.generation, err));
             }
@@ -758,8 +826,16 @@ impl Gateway {
         }
     }
 
+    /// Makes the exposures of `ports` refuse new connections (a drain).
+    fn stop_admitting(&self, ports: &[u16]) {
+        for (_, r) in self.exposed.iter().filter(|(p, _)| ports.contains(p)) {
+            r.engine.stop_admitting();
+        }
+    }
+
     /// `--drain`: lets the live connections (of mappings whose listeners
-    /// have stopped) finish for up to `wait` in all.
+    /// have stopped, and of exposures that no longer admit) finish for up
+    /// to `wait` in all.
     fn drain(&self, wait: Duration) {
         if wait.is_zero() {
             return;
@@ -771,6 +847,9 @@ impl Gateway {
             .filter(|m| m.listeners.iter().all(Listener::is_stopped))
         {
             m.conns.drain(deadline.saturating_duration_since(Instant::now()));
+        }
+        for r in self.exposed.values().filter(|r| !r.engine.is_admitting()) {
+            r.engine.drain(deadline.saturating_duration_since(Instant::now()));
         }
     }
 
@@ -799,7 +878,9 @@ impl Gateway {
 
     /// Tears down the mappings `st` no longer wants (after a drain, if
     /// `unmap --drain` asked for one) and those whose address changed (an
-    /// unmap and a map in one go). Returns how many connections were cut.
+    /// unmap and a map in one go). Exposures `st` no longer wants are
+    /// drained with them (`unexpose --drain`); `apply_exposures` then stops
+    /// them. Returns how many connections were cut.
     fn retire(&mut self, st: &State) -> usize {
         let wanted: BTreeSet<Ipv4Addr> = st.mappings.iter().map(|m| m.local_ip).collect();
         let gone: Vec<Ipv4Addr> = self
@@ -808,8 +889,15 @@ impl Gateway {
             .filter(|ip| !wanted.contains(ip))
             .copied()
             .collect();
+        let unexposed: Vec<u16> = self
+            .exposed
+            .keys()
+            .filter(|p| st.find_exposure(**p).is_none())
+            .copied()
+            .collect();
         let drain = self.take_drain();
         self.stop_listening(gone.clone());
+        self.stop_admitting(&unexposed);
         self.drain(drain);
         let changed = st.mappings.iter().filter(|m| {
             self.running
@@ -952,6 +1040,7 @@ impl Gateway {
             refused: dp.refused.load(Relaxed),
             max_conns: dp.settings.max_conns as u64,
             max_conns_requested: self.max_conns_requested as u64,
+            conns_in_use: dp.active.load(Relaxed) as u64,
             allow_remote: dp.settings.allow_remote,
             access_log_dropped: dp.access.as_ref().map_or(0, |a| a.dropped.load(Relaxed)),
             daemon,

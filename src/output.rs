@@ -356,6 +356,7 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
         ("mappings", st.mappings.len().into()),
         ("max_conns", stats.max_conns.into()),
         ("max_conns_requested", stats.max_conns_requested.into()),
+        ("conns_in_use", stats.conns_in_use.into()),
         ("allow_remote", stats.allow_remote.into()),
         (
             "half_closed_timeout_secs",
@@ -427,6 +428,12 @@ fn limits_text(stats: &Stats) -> (String, String) {
             stats.max_conns, stats.max_conns_requested
         )
     };
+    // One budget: forwarded and exposed connections and each exposure's
+    // daemon session all take slots of it.
+    let max = format!(
+        "{max}, shared with exposed ports: {} slots in use",
+        stats.conns_in_use
+    );
     let remote = if stats.allow_remote {
         "served (--allow-remote)".to_string()
     } else {

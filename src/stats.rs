@@ -13,8 +13,9 @@
 //! | `pid`                | the gateway that wrote it                         |
 //! | `uptime_secs`        | since the gateway started                         |
 //! | the `Counters` keys  | totals over every mapping                         |
-//! | `refused`            | connections refused at `--max-conns`, or reset because descriptors ran out |
-//! | `max_conns`          | the limit in force (lowered to fit the descriptor limit) |
+//! | `refused`            | connections refused at `--max-conns` (forwarded and exposed), or reset because descriptors ran out |
+//! | `max_conns`          | the limit in force (lowered to fit the descriptor limit), one budget for forwarded connections, exposed connections and exposures' daemon sessions |
+//! | `conns_in_use`       | slots of that budget taken now                    |
 //! | `max_conns_requested`| the limit asked for with `--max-conns`            |
 //! | `allow_remote`       | whether clients from other hosts are served       |
 //! | `access_log_dropped` | access-log lines dropped because the writer lagged |
@@ -118,7 +119,7 @@ pub struct ExposureStats {
 
 impl ExposureStats {
     /// The counters under their JSON keys, in output order.
-    pub fn fields(&self) -> [(&'static str, u64); 9] {
+    pub fn fields(&self) -> [(&'static str, u64); 10] {
         let c = &self.counters;
         [
             ("active", c.active),
@@ -127,6 +128,7 @@ impl ExposureStats {
             ("bytes_out", c.bytes_out),
             ("refused", c.refused),
             ("over_limit", c.over_limit),
+            ("refused_draining", c.refused_draining),
             ("slow_resets", c.slow_resets),
             ("connect_failures", c.connect_failures),
             ("rebinds", c.rebinds),
@@ -165,6 +167,7 @@ impl ExposureStats {
                 bytes_out: num(e, "bytes_out")?,
                 refused: num(e, "refused")?,
                 over_limit: num(e, "over_limit")?,
+                refused_draining: num(e, "refused_draining")?,
                 slow_resets: num(e, "slow_resets")?,
                 connect_failures: num(e, "connect_failures")?,
                 rebinds: num(e, "rebinds")?,
@@ -184,6 +187,8 @@ pub struct Stats {
     pub refused: u64,
     pub max_conns: u64,
     pub max_conns_requested: u64,
+    /// Slots of the shared `max_conns` budget taken now.
+    pub conns_in_use: u64,
     pub allow_remote: bool,
     pub access_log_dropped: u64,
     /// The daemon's health as last checked (a thread of its own checks it,
@@ -231,6 +236,7 @@ impl Stats {
             ("refused", self.refused.into()),
             ("max_conns", self.max_conns.into()),
             ("max_conns_requested", self.max_conns_requested.into()),
+            ("conns_in_use", self.conns_in_use.into()),
             ("allow_remote", self.allow_remote.into()),
             ("access_log_dropped", self.access_log_dropped.into()),
             ("daemon", self.daemon.clone()),
@@ -272,6 +278,7 @@ impl Stats {
             refused: num(v, "refused")?,
             max_conns: num(v, "max_conns")?,
             max_conns_requested: num(v, "max_conns_requested")?,
+            conns_in_use: num(v, "conns_in_use")?,
             allow_remote: v
                 .get("allow_remote")
                 .and_then(Value::as_bool)
@@ -322,6 +329,7 @@ mod tests {
             refused: 8,
             max_conns: 1000,
             max_conns_requested: 1000,
+            conns_in_use: 3,
             allow_remote: false,
             access_log_dropped: 0,
             daemon: Value::obj([("reachable", Value::from(true))]),
@@ -342,6 +350,7 @@ mod tests {
                     bytes_out: 4,
                     refused: 5,
                     over_limit: 6,
+                    refused_draining: 8,
                     slow_resets: 7,
                     connect_failures: 8,
                     rebinds: 9,

@@ -392,3 +392,227 @@ fn exposures_in_the_state_file_are_checked_again() {
     );
     assert!(can_bind(&d.socket, 81), "port 81 was never bound");
 }
+
+/// One inbound connection through `via` that has echoed once: live.
+fn live(via: &str) -> TcpStream {
+    let mut s = connect(via);
+    s.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).unwrap();
+    s
+}
+
+/// Whether a new inbound connection through `via` is refused at once
+/// (closed or reset with no data) rather than served (echoed). One left
+/// hanging fails the test.
+fn refused_at_once(via: &str) -> bool {
+    let mut s = connect(via);
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(b"p");
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => true,
+        Err(e) => panic!("a connection through {via} was left hanging: {e}"),
+    }
+}
+
+/// Opens connections through `via` until one is refused (each admitted
+/// one echoes and is closed); whether one was, within 200 tries.
+fn until_refused(via: &str) -> bool {
+    for _ in 0..200 {
+        if refused_at_once(via) {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Whether a live connection still echoes.
+fn still_echoes(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 4];
+    s.write_all(b"more").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"more"
+}
+
+#[test]
+fn stop_and_unexpose_drain_exposed_connections() {
+    netns();
+    let dir = TempDir::new("x-drain");
+    let _svc = Service::start(8000, echo);
+    let access = dir.path("access.log");
+    let d = devd(&dir, &["--inbound", "127.0.0.1:7101=0:0000.0000.0009:81"]);
+    let gw = Gw::new(&dir, &d.socket);
+    let log = access.to_str().unwrap();
+    gw.ok(&[
+        "start",
+        "--access-log",
+        log,
+        "--expose",
+        "80=8000",
+        "--expose",
+        "81=8000",
+    ]);
+
+    // unexpose --drain: new connections are refused at once, the live one
+    // goes on; once it ends, the port is released with nothing cut.
+    let mut a = live(IN80);
+    let gw2 = Gw::handle(gw.state.clone(), gw.socket.clone());
+    let unexposing = thread::spawn(move || gw2.data(&["unexpose", "--drain", "30", "80"]));
+    assert!(until_refused(IN80), "new connections are refused while draining");
+    assert!(
+        still_echoes(&mut a),
+        "the live connection is not cut while draining"
+    );
+    drop(a);
+    let gone = unexposing.join().unwrap();
+    assert_eq!((num(&gone, "port"), num(&gone, "cut")), (80, 0), "{gone}");
+    assert!(can_bind(&d.socket, 80), "the port is free after the drain");
+
+    // stop --drain: the same for every exposure, and what is still live
+    // when the drain is over is cut and counted.
+    let mut b = live("127.0.0.1:7101");
+    let gw2 = Gw::handle(gw.state.clone(), gw.socket.clone());
+    let stopping = thread::spawn(move || gw2.data(&["stop", "--drain", "5"]));
+    assert!(until_refused("127.0.0.1:7101"), "refused while stopping");
+    assert!(still_echoes(&mut b), "not cut while draining");
+    let stopped = stopping.join().unwrap();
+    assert_eq!(num(&stopped, "cut"), 1, "{stopped}");
+    // Cut: the daemon ends the remote side (how is devd's to choose).
+    b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let ended = b.read_to_end(&mut Vec::new());
+    assert!(
+        ended
+            .as_ref()
+            .map_or_else(|e| e.kind() == std::io::ErrorKind::ConnectionReset, |_| true),
+        "the cut connection ends: {ended:?}"
+    );
+    let log = std::fs::read_to_string(&access).unwrap();
+    let drained = log
+        .lines()
+        .filter(|l| l.contains("outcome=refused") && l.contains("draining"))
+        .count();
+    assert!(drained >= 2, "refusals while draining are logged: {log}");
+}
+
+fn nofile(c: &mut std::process::Command, n: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs in pre_exec.
+    unsafe {
+        c.pre_exec(move || {
+            let rl = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn forwarded_and_exposed_connections_share_the_max_conns_budget() {
+    netns();
+    let dir = TempDir::new("x-budget");
+    let _fwd = Service::start(8080, echo);
+    let _svc = Service::start(8000, echo);
+    let d = devd(&dir, &["--route", "0:0000.0000.0004=127.0.0.1"]);
+    let gw = Gw::new(&dir, &d.socket);
+    let args = [
+        "--ports",
+        "8080",
+        "--max-conns",
+        "1000",
+        "--expose",
+        "80=8000",
+        A4,
+    ];
+    let mut p = gw.foreground_with(&dir, &args, |c| nofile(c, 64));
+    assert!(
+        p.stderr().contains("does not fit the limit of 64 open files"),
+        "{}",
+        p.stderr()
+    );
+    let st = gw.data(&["status"]);
+    let cap = num(&st, "max_conns");
+    assert!((3..1000).contains(&cap), "{st}");
+    // The exposure's daemon session holds one slot of the budget.
+    assert_eq!(num(&st, "conns_in_use"), 1, "{st}");
+    assert!(gw.ok(&["status"]).contains("shared with exposed ports"));
+    // Fill the budget with both kinds.
+    let forwarded = (cap - 1) / 2;
+    let mut held: Vec<TcpStream> = (0..forwarded).map(|_| live("10.4.0.1:8080")).collect();
+    held.extend((forwarded..cap - 1).map(|_| live(IN80)));
+    let st = gw.data(&["status"]);
+    assert_eq!(
+        (num(&st, "conns_in_use"), num(&st, "active")),
+        (cap, forwarded),
+        "{st}"
+    );
+    // Over the cap, either kind is refused at once and counted.
+    assert!(
+        refused_at_once(IN80),
+        "an exposed connection over the cap is refused"
+    );
+    assert!(
+        reset_soon("10.4.0.1:8080", Duration::from_secs(5)),
+        "a forwarded one is reset"
+    );
+    let row = exposure(&gw, 80);
+    assert_eq!(
+        (num(&row, "active"), num(&row, "over_limit")),
+        (cap - 1 - forwarded, 1),
+        "{row}"
+    );
+    assert_eq!(num(&gw.data(&["status"]), "refused"), 2);
+    // A slot freed by either kind serves the other.
+    drop(held.pop());
+    assert!(wait_until(Duration::from_secs(10), || num(
+        &gw.data(&["status"]),
+        "conns_in_use"
+    ) < cap));
+    assert!(
+        short_exchange("10.4.0.1:8080"),
+        "a freed exposed slot serves a forwarded client"
+    );
+    p.signal(libc::SIGTERM);
+    assert!(p.wait_exit(Duration::from_secs(15)).is_some());
+    drop(held);
+}
+
+#[test]
+fn a_stalled_daemon_fails_expose_in_time_and_stop_still_works() {
+    netns();
+    let dir = TempDir::new("x-stall");
+    let _svc = Service::start(8000, echo);
+    let d = devd(&dir, &[]);
+    let gw = Gw::new(&dir, &d.socket);
+    gw.ok(&["start", "--expose", "80=8000"]);
+    assert!(short_exchange(IN80));
+    // The daemon stops accepting clients (as a wedged or stopped one).
+    d.proc.signal(libc::SIGUSR1);
+    // The Bind is bounded well under the command's own wait, so the
+    // command reports the daemon, not a gateway that never answered.
+    let err = fails(&gw, &["expose", "81", "8000"]);
+    assert_eq!(text(&err, "code"), "daemon_unreachable", "{err}");
+    assert!(short_exchange(IN80), "the bound exposure still serves");
+    // SIGTERM while an apply waits for the stalled daemon: stop completes.
+    let gw2 = Gw::handle(gw.state.clone(), gw.socket.clone());
+    let pending = thread::spawn(move || gw2.run(&["--json", "expose", "82", "8000"]));
+    let state = gw.state.join("state.json");
+    assert!(wait_until(Duration::from_secs(10), || std::fs::read_to_string(
+        &state
+    )
+    .is_ok_and(|s| s.contains(r#""port":82"#))));
+    let stopped = gw.data(&["stop"]);
+    assert_eq!(
+        stopped.get("stopped").and_then(Value::as_bool),
+        Some(true),
+        "{stopped}"
+    );
+    let out = pending.join().unwrap();
+    assert!(!out.status.success(), "{out:?}");
+}
