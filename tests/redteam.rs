@@ -390,3 +390,260 @@ echo "done"
         "3000 refused connections wrote {lines} lines to gateway.log: {t}"
     );
 }
+
+/// Hole: `expose::check_target` calls a target "on this host" when a UDP
+/// socket can bind its address. With `net.ipv4.ip_nonlocal_bind=1` (or
+/// `net.ipv6.ip_nonlocal_bind=1`), common on keepalived/haproxy hosts, every
+/// bind succeeds, so `expose 82 192.0.2.10:80` (another host) is accepted
+/// without `--allow-remote-target`, and so is the same entry in
+/// `state.json` (`State::validate` uses the same check).
+///
+/// Safe outcome: a target that no interface of this host has is refused
+/// (`bad_target`) whatever the sysctl says.
+#[test]
+#[ignore = "hole: ip_nonlocal_bind makes any expose target count as local"]
+fn an_expose_target_off_this_host_needs_allow_remote_target_even_with_nonlocal_bind() {
+    netns();
+    let script = r#"
+ip link set lo up
+mkdir -p /tmp/nb && chown 65534:65534 /tmp/nb
+$NB $DEVD --socket /tmp/nb/devd.sock 2>/dev/null &
+waitsock /tmp/nb/devd.sock
+g() { timeout -s KILL 30 $GW --socket /tmp/nb/devd.sock --state-dir /run/pgw "$@"; }
+g start --expose 80=127.0.0.1:8000 >/dev/null 2>&1; echo "start-rc=$?"
+g expose 81 192.0.2.10:80 >/dev/null 2>&1 && echo "REMOTE-ACCEPTED-PLAIN"
+sysctl -qw net.ipv4.ip_nonlocal_bind=1 || echo "no-sysctl"
+sysctl -qw net.ipv6.ip_nonlocal_bind=1 || echo "no-sysctl"
+g expose 82 192.0.2.10:80 >/dev/null 2>&1 && echo "REMOTE-ACCEPTED-V4"
+g expose 83 '[2001:db8::1]:80' >/dev/null 2>&1 && echo "REMOTE-ACCEPTED-V6"
+g stop >/dev/null 2>&1
+echo "done"
+"#;
+    let out = in_private_namespaces(script);
+    let t = text(&out);
+    assert!(t.contains("done") && t.contains("start-rc=0"), "{t}");
+    assert!(!t.contains("no-sysctl"), "{t}");
+    assert!(
+        !t.contains("REMOTE-ACCEPTED"),
+        "an exposure leads to another host without --allow-remote-target: {t}"
+    );
+}
+
+/// Hole: the gateway's own mapped IPs are "addresses of this host", so
+/// `expose 80 10.4.0.1:9090` (a mapping's listener) passes `check_target`
+/// without `--allow-remote-target`. Every peer the daemon lets in to that
+/// pilot port is then relayed, through the gateway's forward path, to the
+/// mapped agent, with this node's pilot identity (the local-client check
+/// passes: the exposure connects from a local address). That is the
+/// off-host reach of issue 11's hole 4, through the front door, and turns
+/// the node into an open relay between peers.
+///
+/// Safe outcome: a target inside the gateway's own subnet (a mapping's
+/// listener) is refused without `--allow-remote-target`, and no inbound
+/// peer reaches the mapped agent.
+#[test]
+#[ignore = "hole: expose may target the gateway's own mapped IPs, relaying peers to agents"]
+fn an_exposure_never_relays_inbound_peers_into_the_gateways_own_mappings() {
+    netns();
+    let _agent = Service::start(9090, real_agent);
+    let script = format!(
+        r#"
+ip link set lo up
+mkdir -p /tmp/nb && chown 65534:65534 /tmp/nb
+$NB $DEVD --socket /tmp/nb/devd.sock --route {a5}=127.0.0.1 --inbound 127.0.0.1:7100=0:0000.0000.0009:80 2>/dev/null &
+waitsock /tmp/nb/devd.sock
+g() {{ timeout -s KILL 30 $GW --socket /tmp/nb/devd.sock --state-dir /run/pgw "$@"; }}
+g start --ports 9090 {a5} >/dev/null 2>&1; echo "start-rc=$?"
+IP=$(g list --json | grep -o '"local_ip":"[0-9.]*"' | head -1 | cut -d'"' -f4)
+echo "direct=$(fetch $IP 9090)"
+g expose 80 $IP:9090 >/dev/null 2>&1 && echo "SELF-TARGET-ACCEPTED"
+echo "bounce=$(fetch 127.0.0.1 7100)."
+g stop >/dev/null 2>&1
+echo "done"
+"#,
+        a5 = A5
+    );
+    let out = in_private_namespaces(&script);
+    let t = text(&out);
+    assert!(t.contains("done") && t.contains("start-rc=0"), "{t}");
+    assert!(
+        t.contains("direct=AGENT-REAL"),
+        "the mapping itself must work: {t}"
+    );
+    assert!(
+        !t.contains("bounce=AGENT-REAL"),
+        "an inbound peer reached a mapped agent through an exposure: {t}"
+    );
+    assert!(!t.contains("SELF-TARGET-ACCEPTED"), "{t}");
+}
+
+/// Hole: the `lo:pgw` label marks an alias as *a* gateway's, not as *this*
+/// gateway's. The user of a second gateway B (uid 4242, its own daemon and
+/// state directory) forges B's stale state (dead pid, `alias_added` for
+/// gateway A's live address 10.4.0.1); the next root `start` of B in a
+/// subnet that contains it removes A's live alias (labelled `lo:pgw`, in
+/// B's subnet: every check passes), re-adds it as B's own, and B's `stop`
+/// then deletes it: A's mapped clients get "Network is unreachable" while A
+/// runs.
+///
+/// Safe outcome: a stale cleanup never removes an address another live
+/// gateway listens on (e.g. a label per state directory, or refusing when
+/// a socket is bound to the address), and A keeps serving.
+#[test]
+#[ignore = "hole: a forged stale state of another gateway removes a live gateway's lo:pgw alias"]
+fn a_forged_stale_state_never_removes_another_live_gateways_alias() {
+    netns();
+    let _agent = Service::start(9090, real_agent);
+    let script = format!(
+        r#"
+ip link set lo up
+U2="setpriv --reuid=4242 --regid=4242 --clear-groups"
+mkdir -p /tmp/nb /tmp/u2 && chown 65534:65534 /tmp/nb && chown 4242:4242 /tmp/u2
+$NB $DEVD --socket /tmp/nb/a.sock --route {a5}=127.0.0.1 2>/dev/null &
+$U2 $DEVD --socket /tmp/u2/b.sock --route {a6}=127.0.0.1 2>/dev/null &
+waitsock /tmp/nb/a.sock; waitsock /tmp/u2/b.sock
+ga() {{ timeout -s KILL 30 $GW --socket /tmp/nb/a.sock --state-dir /run/pgwA "$@"; }}
+gb() {{ timeout -s KILL 30 $GW --socket /tmp/u2/b.sock --state-dir /run/pgwB "$@"; }}
+ga start --subnet 10.4.0.0/24 --ports 9090 {a5} >/dev/null 2>&1; echo "a-start-rc=$?"
+echo "a-before=$(fetch 10.4.0.1 9090)"
+gb start --subnet 10.5.0.0/24 --ports 9091 {a6} >/dev/null 2>&1 || echo "b-first-start-failed"
+gb stop >/dev/null 2>&1
+$U2 sh -c 'cat > /run/pgwB/state.json' <<'J'
+{{"version":1,"pid":999999,"start_time":1,"started_at":1,"socket":"/tmp/u2/b.sock","subnet":"10.4.0.0/24","ports":[9091],"max_conns":10,"user":"x","generation":1,"applied":1,"mappings":[{{"local_ip":"10.4.0.1","pilot_addr":"{a6}","hostname":null,"alias_added":true,"generation":1}}],"failures":[]}}
+J
+gb start --subnet 10.4.0.0/16 --ports 9091 {a6} >/dev/null 2>&1; echo "b-start-rc=$?"
+gb stop >/dev/null 2>&1
+ip -4 addr show dev lo | grep -q 'inet 10.4.0.1/32' && echo "A-ALIAS-KEPT" || echo "A-ALIAS-GONE"
+echo "a-after=$(fetch 10.4.0.1 9090)."
+ga stop >/dev/null 2>&1
+echo "done"
+"#,
+        a5 = A5,
+        a6 = A6
+    );
+    let out = in_private_namespaces(&script);
+    let t = text(&out);
+    assert!(t.contains("done") && t.contains("a-start-rc=0"), "{t}");
+    assert!(t.contains("a-before=AGENT-REAL"), "{t}");
+    assert!(!t.contains("b-first-start-failed"), "{t}");
+    assert!(
+        t.contains("A-ALIAS-KEPT") && t.contains("a-after=AGENT-REAL"),
+        "another gateway's stale cleanup removed a live gateway's alias: {t}"
+    );
+}
+
+/// Hole: exposed connections are left out of the descriptor budget.
+/// `fit_max_conns` sizes `--max-conns` for the forward path (two
+/// descriptors each) against `RLIMIT_NOFILE`, but every exposure gets the
+/// same cap again, for connections of its own (one descriptor each). With
+/// a limit of 200 (cap 83), peers holding inbound connections to three
+/// exposures would take 249 descriptors: the gateway runs out, forward clients'
+/// dials fail with EMFILE, and `stats.json` can no longer be written
+/// (`status`: "did not report its counters"), which issue 11 says must
+/// never fail first.
+///
+/// Safe outcome: exposed connections share the fitted budget (or have
+/// their own, counted in the fit), so `status` still answers with every
+/// slot taken.
+#[test]
+#[ignore = "hole: exposed connections are outside the descriptor budget; stats.json writes fail"]
+fn inbound_connections_cannot_exhaust_the_gateways_descriptors() {
+    netns();
+    let _svc = Service::start(8000, never_reads);
+    let script = r#"
+ip link set lo up
+mkdir -p /tmp/nb && chown 65534:65534 /tmp/nb
+$NB $DEVD --socket /tmp/nb/devd.sock --inbound 127.0.0.1:7100=0:0000.0000.0009:80 --inbound 127.0.0.1:7101=0:0000.0000.0009:81 --inbound 127.0.0.1:7102=0:0000.0000.0009:82 2>/dev/null &
+waitsock /tmp/nb/devd.sock
+g() { timeout -s KILL 30 $GW --socket /tmp/nb/devd.sock --state-dir /run/pgw "$@"; }
+( ulimit -n 200; g start --expose 80=127.0.0.1:8000 --expose 81=127.0.0.1:8000 --expose 82=127.0.0.1:8000 >/dev/null 2>&1; echo "start-rc=$?" )
+hold() { ( for i in $(seq $2); do exec {f}<>/dev/tcp/127.0.0.1/$1; done; sleep 30 ) 2>/dev/null & }
+hold 7100 120; hold 7101 120; hold 7102 120
+# keep asking for the counters while peers keep arriving (a retrying
+# attacker refills whatever a failed connect frees)
+i=0; while [ $i -lt 40 ]; do
+  g status >/tmp/st 2>&1 || { echo "STATUS-FAILED"; cat /tmp/st; break; }
+  [ $((i % 5)) -eq 4 ] && { hold 7100 10; hold 7101 10; hold 7102 10; }
+  sleep 0.2; i=$((i+1))
+done
+g list 2>&1 | grep 'pilot port 8[0-2]'
+grep -m1 'stats.json' /run/pgw/gateway.log
+g stop >/dev/null 2>&1
+echo "done"
+"#;
+    let out = in_private_namespaces(script);
+    let t = text(&out);
+    assert!(t.contains("done") && t.contains("start-rc=0"), "{t}");
+    assert!(
+        !t.contains("STATUS-FAILED"),
+        "held inbound connections exhausted the gateway's descriptors: {t}"
+    );
+}
+
+/// Echoes, except that a connection opening with `BIG` gets an endless
+/// reply (a download the peer never reads).
+fn echo_or_flood(mut c: TcpStream) {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    let Ok(n) = c.read(&mut buf) else { return };
+    if buf[..n].starts_with(b"BIG") {
+        let chunk = [b'x'; 65536];
+        while c.write_all(&chunk).is_ok() {}
+        return;
+    }
+    let mut n = n;
+    while n > 0 && c.write_all(&buf[..n]).is_ok() {
+        n = c.read(&mut buf).unwrap_or(0);
+    }
+}
+
+/// Hole: one peer that never reads stalls, then cuts, every connection to
+/// the same exposed port. The daemon handles Send inline (PROTOCOL.md), so
+/// a Send for a peer whose window is full blocks the daemon's reading of
+/// the gateway's session; the gateway's next frame write (any connection,
+/// under the one writer lock) then blocks for `IPC_TIMEOUT` (10 s), and a
+/// failed write ends the session: every connection on the port is reset
+/// and the port re-bound. Here a second peer's interactive connection
+/// loses its echoes from the moment the attacker asks for a large reply,
+/// then is reset ("daemon session lost while sending").
+///
+/// Safe outcome: the other connection keeps working (the non-reading
+/// peer's connection alone is cut, e.g. by a per-connection budget of
+/// unacknowledged Send time/bytes, or a short per-frame write deadline
+/// that blames and closes the sending connection, not the session).
+#[test]
+#[ignore = "hole: one peer that never reads stalls and cuts every connection of an exposed port"]
+fn a_peer_that_never_reads_cannot_cut_the_other_connections_of_an_exposure() {
+    netns();
+    let _svc = Service::start(8000, echo_or_flood);
+    let script = r#"
+ip link set lo up
+trap "" PIPE
+mkdir -p /tmp/nb && chown 65534:65534 /tmp/nb
+$NB $DEVD --socket /tmp/nb/devd.sock --inbound 127.0.0.1:7100=0:0000.0000.0009:80 2>/dev/null &
+waitsock /tmp/nb/devd.sock
+g() { timeout -s KILL 30 $GW --socket /tmp/nb/devd.sock --state-dir /run/pgw "$@"; }
+g start --expose 80=127.0.0.1:8000 >/dev/null 2>&1; echo "start-rc=$?"
+exec 3<>/dev/tcp/127.0.0.1/7100
+for i in 1 2 3; do echo "ping$i" >&3; read -t 3 l <&3 && echo "before-got-$l"; done
+( exec 4<>/dev/tcp/127.0.0.1/7100; echo BIG >&4; sleep 40 ) &
+lost=0
+for i in $(seq 4 30); do
+  echo "ping$i" >&3 2>/dev/null
+  read -t 2 l <&3 || lost=$((lost+1))
+  sleep 0.5
+done
+echo "lost=$lost"
+grep -c "daemon session lost" /run/pgw/gateway.log | sed 's/^/session-lost-lines=/'
+g stop >/dev/null 2>&1
+echo "done"
+"#;
+    let out = in_private_namespaces(script);
+    let t = text(&out);
+    assert!(t.contains("done") && t.contains("start-rc=0"), "{t}");
+    assert!(t.contains("before-got-ping3"), "the exposure must work: {t}");
+    assert!(
+        t.contains("lost=0") && t.contains("session-lost-lines=0"),
+        "a peer that never reads stalled or cut another connection: {t}"
+    );
+}
