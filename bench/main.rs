@@ -11,6 +11,12 @@
 //! namespace (the gateway binds 10.4.0.1) and installs socat. Results go to
 //! stdout as a table and to `target/bench/latest.json`. The targets are
 //! reported, never asserted: these machines are shared and noisy.
+//!
+//! The gateway route is the glibc release build. The binary shipped for
+//! small hosts (`make static`, musl) holds idle connections at a different
+//! cost (see THREAD_STACK in src/relay.rs), so when scripts/bench.sh could
+//! build it (BENCH_STATIC_BIN) a second gateway runs it on the same devd
+//! and its idle cost is measured the same way.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -369,6 +375,7 @@ fn proc_fds(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
 }
 
+#[derive(Clone)]
 struct Level {
     conns: u64,
     errors: u64,
@@ -382,7 +389,7 @@ struct Level {
 
 /// Holds `levels` of bridged connections open at once through the gateway;
 /// returns the gateway's footprint at baseline, each level, and after.
-fn concurrency(env: &Env, pids: (u32, u32), levels: &[u64]) -> (Level, Vec<Level>, Level, u64) {
+fn concurrency(env: &Env, pids: (u32, u32), levels: &[u64]) -> Concurrency {
     let (gw_pid, devd_pid) = pids;
     let snap = |conns, errors| {
         let ((rss_kib, threads), (devd_rss_kib, devd_threads)) = (footprint(gw_pid), footprint(devd_pid));
@@ -613,14 +620,25 @@ impl Table {
         ));
     }
 
+    /// A row whose figures could not be measured, with why.
+    fn note(&mut self, name: &str, unit: &str, why: &str) {
+        let dashes = [(); 4].map(|_| "-".to_string());
+        self.rows.push((format!("{name} ({unit})"), dashes, why.into()));
+        self.results.push((
+            name.to_string(),
+            Value::obj([("unit", Value::from(unit)), ("not_measured", why.into())]),
+        ));
+    }
+
     fn print(&self) {
+        let w = self.rows.iter().map(|r| r.0.chars().count()).fold(34, usize::max);
         println!(
-            "{:<34} {:>10} {:>10} {:>10} {:>10}   gateway ÷ devd / direct / socat",
+            "{:<w$} {:>10} {:>10} {:>10} {:>10}   gateway ÷ devd / direct / socat",
             "", "direct", "devd", "gateway", "socat"
         );
         for (name, v, ratios) in &self.rows {
             println!(
-                "{name:<34} {:>10} {:>10} {:>10} {:>10}   {ratios}",
+                "{name:<w$} {:>10} {:>10} {:>10} {:>10}   {ratios}",
                 v[0], v[1], v[2], v[3]
             );
         }
@@ -638,6 +656,8 @@ struct Config {
     /// BENCH_ONLY=bulk,latency,rate,accept,churn,concurrency runs a subset
     /// (for quick comparisons while optimising); skipped figures read 0.
     only: String,
+    /// The static musl gateway (`make static`), when scripts/bench.sh built it.
+    static_bin: Option<PathBuf>,
 }
 
 impl Config {
@@ -650,6 +670,9 @@ impl Config {
             secs: 3.0,
             churn_secs: 2.0,
             only: std::env::var("BENCH_ONLY").unwrap_or_default(),
+            static_bin: std::env::var_os("BENCH_STATIC_BIN")
+                .map(PathBuf::from)
+                .filter(|p| p.is_file()),
         }
     }
 
@@ -669,6 +692,8 @@ struct Rig {
     devd_pid: u32,
     /// socat's listener for HOLD, whose children are the idle relays.
     socat_hold_pid: u32,
+    /// The static musl gateway's pid and where its HOLD listener is.
+    musl: Option<(u32, Env)>,
 }
 
 fn start_devd(cfg: &Config, socket: &Path, max_clients: u64) -> Child {
@@ -695,7 +720,12 @@ fn start_socat(ip: &str, port: u16, options: &str) -> Child {
 
 /// Runs pilot-gateway with a state directory under `work`.
 fn gateway(cfg: &Config, work: &Path, state: &str, args: &[&str]) -> std::process::Output {
-    Command::new(cfg.bin.join("pilot-gateway"))
+    run_gateway(&cfg.bin.join("pilot-gateway"), work, state, args)
+}
+
+/// Runs the pilot-gateway binary `bin` with a state directory under `work`.
+fn run_gateway(bin: &Path, work: &Path, state: &str, args: &[&str]) -> std::process::Output {
+    Command::new(bin)
         .arg("--state-dir")
         .arg(work.join(state))
         .arg("--socket")
@@ -705,11 +735,11 @@ fn gateway(cfg: &Config, work: &Path, state: &str, args: &[&str]) -> std::proces
         .expect("pilot-gateway")
 }
 
-/// Starts a background gateway; returns its pid.
-fn start_gateway(cfg: &Config, work: &Path, state: &str, args: &[&str]) -> u32 {
+/// Starts a background gateway from binary `bin`; returns its pid.
+fn start_gateway(bin: &Path, work: &Path, state: &str, args: &[&str]) -> u32 {
     let mut all = vec!["--json", "start"];
     all.extend_from_slice(args);
-    let out = gateway(cfg, work, state, &all);
+    let out = run_gateway(bin, work, state, &all);
     assert!(
         out.status.success(),
         "gateway: {}",
@@ -750,13 +780,12 @@ fn set_up(cfg: &Config) -> Rig {
     ));
     let ports: Vec<String> = PORTS.iter().map(u16::to_string).collect();
     let gw_pid = start_gateway(
-        cfg,
+        &cfg.bin.join("pilot-gateway"),
         &work,
         "state",
         &["--ports", &ports.join(","), "--max-conns", "20000", AGENT],
     );
-    let cap = CHURN_CAP.to_string();
-    let churn_ports = CHURN.to_string();
+    let (churn_ports, cap) = (CHURN.to_string(), CHURN_CAP.to_string());
     let churn_args = [
         "--subnet",
         "10.5.0.0/16",
@@ -766,7 +795,8 @@ fn set_up(cfg: &Config) -> Rig {
         &cap,
         AGENT,
     ];
-    start_gateway(cfg, &work, "state-churn", &churn_args);
+    start_gateway(&cfg.bin.join("pilot-gateway"), &work, "state-churn", &churn_args);
+    let musl = start_musl(cfg, &work, &socket);
     wait_for("socat", || TcpStream::connect(("127.0.0.2", TICK)).is_ok());
     wait_for("socat", || TcpStream::connect(("127.0.0.3", CHURN)).is_ok());
     let env = Arc::new(Env {
@@ -787,7 +817,31 @@ fn set_up(cfg: &Config) -> Rig {
         gw_pid,
         devd_pid,
         socat_hold_pid,
+        musl,
     }
+}
+
+/// The static musl gateway, when built: HOLD only, on 10.6.0.1, on the
+/// same devd as the release build.
+fn start_musl(cfg: &Config, work: &Path, socket: &Path) -> Option<(u32, Env)> {
+    let bin = cfg.static_bin.as_ref()?;
+    let hold = HOLD.to_string();
+    let args = [
+        "--subnet",
+        "10.6.0.0/16",
+        "--ports",
+        &hold,
+        "--max-conns",
+        "20000",
+        AGENT,
+    ];
+    let pid = start_gateway(bin, work, "state-musl", &args);
+    let env = Env {
+        socket: socket.to_path_buf(),
+        gateway_ip: "10.6.0.1",
+        socat_ip: "127.0.0.2",
+    };
+    Some((pid, env))
 }
 
 /// Everything one run measures; skipped parts read 0 (or stay empty).
@@ -805,7 +859,13 @@ struct Figures {
     fds_left: u64,
     /// Per level: socat's (connections, PSS KiB, threads).
     socat_idle: Vec<(u64, u64, u64)>,
+    /// The static musl gateway's (baseline, levels, after, fds left over);
+    /// None when it was not built.
+    musl: Option<Concurrency>,
 }
+
+/// What `concurrency` measures: baseline, each level, after, fds left over.
+type Concurrency = (Level, Vec<Level>, Level, u64);
 
 fn measure(cfg: &Config, rig: &Rig) -> Figures {
     let env = &rig.env;
@@ -861,6 +921,7 @@ fn measure(cfg: &Config, rig: &Rig) -> Figures {
     }
     let (base, levels_out, after, fds_left) = concurrency(env, (rig.gw_pid, rig.devd_pid), levels);
     let socat_idle = socat_idle(env, rig.socat_hold_pid, levels);
+    let musl = (rig.musl.as_ref()).map(|(pid, musl_env)| concurrency(musl_env, (*pid, rig.devd_pid), levels));
     Figures {
         down,
         up,
@@ -873,6 +934,7 @@ fn measure(cfg: &Config, rig: &Rig) -> Figures {
         after,
         fds_left,
         socat_idle,
+        musl,
     }
 }
 
@@ -940,34 +1002,49 @@ fn churn_and_idle_rows(t: &mut Table, f: &Figures) {
         true,
     );
     t.row("client churn refused", "%", [0, 1, 2, 3].map(refused), false);
-    let per_conn = |kib: u64, base_kib: u64, threads: u64, base_threads: u64, n: u64| {
-        let rss = kib.saturating_sub(base_kib) as f64 / n.max(1) as f64;
-        let stacks = (threads.saturating_sub(base_threads) * KERNEL_STACK_KIB) as f64 / n.max(1) as f64;
-        (rss, rss + stacks)
-    };
-    let b = &f.base;
-    for (i, l) in f.levels.iter().enumerate() {
+    idle_rows(t, f, (&f.base, &f.levels), "", true);
+}
+
+/// Per connection between a baseline and a level: (RSS, RSS + kernel
+/// stacks) in KiB.
+fn per_conn(kib: u64, base_kib: u64, threads: u64, base_threads: u64, n: u64) -> (f64, f64) {
+    let rss = kib.saturating_sub(base_kib) as f64 / n.max(1) as f64;
+    let stacks = (threads.saturating_sub(base_threads) * KERNEL_STACK_KIB) as f64 / n.max(1) as f64;
+    (rss, rss + stacks)
+}
+
+/// The idle-cost rows of one gateway build (`label` after the level):
+/// the gateway from its run, socat's relays at the same level, and devd
+/// only for the first run (`with_devd`): the daemon is not back at its
+/// baseline after it, so a later run's devd figures would mislead.
+fn idle_rows(t: &mut Table, f: &Figures, run: (&Level, &[Level]), label: &str, with_devd: bool) {
+    let (b, levels) = run;
+    for (i, l) in levels.iter().enumerate() {
         let gw = per_conn(l.rss_kib, b.rss_kib, l.threads, b.threads, l.conns);
-        let devd = per_conn(
-            l.devd_rss_kib,
-            b.devd_rss_kib,
-            l.devd_threads,
-            b.devd_threads,
-            l.conns,
-        );
+        let devd = if with_devd {
+            per_conn(
+                l.devd_rss_kib,
+                b.devd_rss_kib,
+                l.devd_threads,
+                b.devd_threads,
+                l.conns,
+            )
+        } else {
+            (f64::NAN, f64::NAN)
+        };
         let socat = f
             .socat_idle
             .get(i)
             .map_or((0.0, 0.0), |&(n, kib, threads)| per_conn(kib, 0, threads, 0, n));
         let n = l.conns;
         t.row(
-            &format!("idle RSS, {n} conns"),
+            &format!("idle RSS, {n} conns{label}"),
             "KiB/conn",
             [f64::NAN, devd.0, gw.0, socat.0],
             false,
         );
         t.row(
-            &format!("idle RSS+kstacks, {n}"),
+            &format!("idle RSS+kstacks, {n}{label}"),
             "KiB/conn",
             [f64::NAN, devd.1, gw.1, socat.1],
             false,
@@ -975,15 +1052,40 @@ fn churn_and_idle_rows(t: &mut Table, f: &Figures) {
     }
 }
 
-/// Prints the gateway's footprint at each level; returns it as JSON.
-fn print_concurrency(f: &Figures) -> Vec<Value> {
-    let base = &f.base;
+const MUSL_LABEL: &str = ", static musl";
+const MUSL_MISSING: &str = "not built (rustup target add x86_64-unknown-linux-musl)";
+
+/// The static musl gateway's idle rows, or why they are missing.
+fn musl_rows(t: &mut Table, f: &Figures, cfg: &Config) {
+    match &f.musl {
+        Some((base, levels, _, _)) => idle_rows(t, f, (base, levels), MUSL_LABEL, false),
+        None if cfg.on("concurrency") => {
+            for n in cfg.levels {
+                t.note(
+                    &format!("idle RSS, {n} conns{MUSL_LABEL}"),
+                    "KiB/conn",
+                    MUSL_MISSING,
+                );
+                t.note(
+                    &format!("idle RSS+kstacks, {n}{MUSL_LABEL}"),
+                    "KiB/conn",
+                    MUSL_MISSING,
+                );
+            }
+        }
+        None => {}
+    }
+}
+
+/// Prints one gateway's footprint at each level; returns it as JSON.
+fn print_concurrency(what: &str, run: &Concurrency) -> Value {
+    let (base, levels, after, fds_left) = run;
     println!(
-        "\nconcurrency through the gateway (baseline RSS {} KiB, {} threads):",
+        "\nconcurrency through {what} (baseline RSS {} KiB, {} threads):",
         base.rss_kib, base.threads
     );
     let mut levels_json = Vec::new();
-    for l in &f.levels {
+    for l in levels {
         let per_conn = (l.rss_kib.saturating_sub(base.rss_kib)) as f64 / l.conns.max(1) as f64;
         let extra_threads = l.threads as i64 - base.threads as i64 - 2 * l.conns as i64;
         println!(
@@ -1002,24 +1104,41 @@ fn print_concurrency(f: &Figures) -> Vec<Value> {
     }
     println!(
         "  after closing: RSS {} KiB, {} threads (baseline {}), {} descriptors left over",
-        f.after.rss_kib, f.after.threads, base.threads, f.fds_left
+        after.rss_kib, after.threads, base.threads, fds_left
     );
-    levels_json
+    Value::obj([
+        ("baseline_rss_kib", Value::from(base.rss_kib)),
+        ("baseline_threads", base.threads.into()),
+        ("levels", Value::Arr(levels_json)),
+        ("after_rss_kib", after.rss_kib.into()),
+        ("after_threads", after.threads.into()),
+        ("fds_left", (*fds_left).into()),
+    ])
 }
 
-/// The targets of issue 4, informational.
-fn checks(f: &Figures) -> Vec<(&'static str, bool)> {
+/// RSS per connection at the last level.
+fn last_per_conn(base: &Level, levels: &[Level]) -> f64 {
+    levels.last().map_or(0.0, |l| {
+        (l.rss_kib.saturating_sub(base.rss_kib)) as f64 / l.conns.max(1) as f64
+    })
+}
+
+/// The targets of issues 4 and 12, informational; None: not measured
+/// (the static musl build was not built).
+fn checks(f: &Figures) -> Vec<(&'static str, Option<bool>)> {
     let (base, lv, after, lat) = (&f.base, &f.levels, &f.after, &f.lat);
     let acc_errors: u64 = f.acc.iter().map(|a| a.1).sum();
-    let last = lv.last().map_or(0.0, |l| {
-        (l.rss_kib.saturating_sub(base.rss_kib)) as f64 / l.conns.max(1) as f64
-    });
-    vec![
+    let last = last_per_conn(base, lv);
+    let musl = (f.musl.as_ref()).map(|(b, levels, _, _)| last_per_conn(b, levels) <= 16.0);
+    let checks = vec![
         ("download ≥ 0.8 × devd", f.down[2] >= 0.8 * f.down[1]),
         ("upload ≥ 0.8 × devd", f.up[2] >= 0.8 * f.up[1]),
         ("p50 ≤ devd p50 + 150 µs", lat[2].0 <= lat[1].0 + 150.0),
         ("p99 ≤ 2 × devd p99", lat[2].1 <= 2.0 * lat[1].1),
-        ("≤ 64 KiB RSS per idle connection", last <= 64.0),
+        (
+            "≤ 64 KiB RSS per idle connection (glibc release build)",
+            last <= 64.0,
+        ),
         (
             "2 threads per connection",
             lv.iter()
@@ -1037,10 +1156,14 @@ fn checks(f: &Figures) -> Vec<(&'static str, bool)> {
             "RSS back within 16 MiB of baseline",
             after.rss_kib <= base.rss_kib + 16 * 1024,
         ),
-    ]
+    ];
+    let mut checks: Vec<_> = checks.into_iter().map(|(n, ok)| (n, Some(ok))).collect();
+    checks.insert(5, ("≤ 16 KiB RSS per idle connection (static musl build)", musl));
+    checks
 }
 
-fn write_json(cfg: &Config, f: &Figures, table: Table, levels_json: Vec<Value>, elapsed: f64) {
+fn write_json(cfg: &Config, f: &Figures, table: Table, concurrency: [Value; 2], elapsed: f64) {
+    let [concurrency, musl] = concurrency;
     let checks = checks(f);
     let json = Value::obj([
         ("machine", Value::from(machine())),
@@ -1056,17 +1179,8 @@ fn write_json(cfg: &Config, f: &Figures, table: Table, levels_json: Vec<Value>, 
             "churn_attempts",
             Value::Arr(f.churn.iter().map(|c| c.2.into()).collect()),
         ),
-        (
-            "concurrency",
-            Value::obj([
-                ("baseline_rss_kib", Value::from(f.base.rss_kib)),
-                ("baseline_threads", f.base.threads.into()),
-                ("levels", Value::Arr(levels_json)),
-                ("after_rss_kib", f.after.rss_kib.into()),
-                ("after_threads", f.after.threads.into()),
-                ("fds_left", f.fds_left.into()),
-            ]),
-        ),
+        ("concurrency", concurrency),
+        ("concurrency_static_musl", musl),
         (
             "targets",
             Value::Obj(
@@ -1092,6 +1206,7 @@ fn main() {
     let mut table = Table::default();
     speed_rows(&mut table, &f);
     churn_and_idle_rows(&mut table, &f);
+    musl_rows(&mut table, &f, &cfg);
 
     println!(
         "\npilot-gateway benchmark — {} cores, {}",
@@ -1109,17 +1224,29 @@ fn main() {
     println!(
         "\nchurn: one reply per connection, then the agent stays silent until the peer closes;\n\
          \x20 refused = reset or EOF before the reply. idle: per held connection; kstacks = threads × {KERNEL_STACK_KIB} KiB;\n\
-         \x20 devd = the daemon's share of the same connections; socat = PSS of its forked relays."
+         \x20 devd = the daemon's share of the same connections; socat = PSS of its forked relays;\n\
+         \x20 gateway = the glibc release build; static musl = a second gateway, the `make static` binary,\n\
+         \x20 on the same devd after the first (socat's figures repeated; devd's only in the first run)."
     );
-    let levels_json = print_concurrency(&f);
+    let gw = (f.base.clone(), f.levels.clone(), f.after.clone(), f.fds_left);
+    let concurrency = [
+        print_concurrency("the gateway, glibc release build", &gw),
+        (f.musl.as_ref()).map_or(Value::Null, |m| {
+            print_concurrency("the gateway, static musl build", m)
+        }),
+    ];
     println!("\ntargets:");
     for (name, ok) in checks(&f) {
-        println!("  [{}] {name}", if ok { "ok" } else { "MISSED" });
+        let mark = ok.map_or("not built", |ok| if ok { "ok" } else { "MISSED" });
+        println!("  [{mark}] {name}");
     }
     let elapsed = started.elapsed().as_secs_f64();
     println!("\nmeasured in {elapsed:.0} s; JSON in target/bench/latest.json");
-    write_json(&cfg, &f, table, levels_json, elapsed);
+    write_json(&cfg, &f, table, concurrency, elapsed);
     let _ = gateway(&cfg, &rig.work, "state", &["stop"]);
+    if let Some(bin) = &cfg.static_bin {
+        let _ = run_gateway(bin, &rig.work, "state-musl", &["stop"]);
+    }
     drop(rig.procs);
     let _ = std::fs::remove_dir_all(&rig.work);
 }
