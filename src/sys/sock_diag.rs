@@ -157,8 +157,8 @@ mod linux {
         // nothing else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let tv = libc::timeval {
-            tv_sec: TIMEOUT.as_secs() as libc::time_t,
-            tv_usec: TIMEOUT.subsec_micros() as libc::suseconds_t,
+            tv_sec: TIMEOUT.as_secs() as _,
+            tv_usec: TIMEOUT.subsec_micros() as _,
         };
         // SAFETY: `tv` is a live, initialised timeval and we pass its exact
         // size; the kernel only reads it.
