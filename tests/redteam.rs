@@ -546,7 +546,6 @@ echo "done"
 /// their own, counted in the fit), so `status` still answers with every
 /// slot taken.
 #[test]
-#[ignore = "hole: exposed connections are outside the descriptor budget; stats.json writes fail"]
 fn inbound_connections_cannot_exhaust_the_gateways_descriptors() {
     netns();
     let _svc = Service::start(8000, never_reads);
