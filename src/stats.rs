@@ -27,6 +27,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::AddAssign;
 
 use crate::address::PilotAddr;
+use crate::expose::Counters as ExposureCounters;
 use crate::json::Value;
 
 /// Counters of one group of connections: live ones plus what finished ones
@@ -62,19 +63,34 @@ impl AddAssign for Counters {
     }
 }
 
+/// Both directions of a counters struct whose JSON keys are its field
+/// names: `$list` gives them in output order, `$read` reads them back from
+/// an object. One list of names serves both, so they cannot drift apart,
+/// and the struct literal in `$read` fails to build if it misses a field.
+macro_rules! json_counters {
+    ($ty:ident, $list:ident, $read:ident: $($f:ident),+ $(,)?) => {
+        fn $list(c: &$ty) -> [(&'static str, u64); [$(stringify!($f)),+].len()] {
+            [$((stringify!($f), c.$f)),+]
+        }
+
+        fn $read(v: &Value) -> Result<$ty, String> {
+            Ok($ty { $($f: num(v, stringify!($f))?),+ })
+        }
+    };
+}
+
+json_counters!(Counters, counter_fields, counters_from_json:
+    active, total, bytes_up, bytes_down, dial_failures, idle_timeouts,
+    refused_remote, spawn_failures);
+
+json_counters!(ExposureCounters, exposure_fields, exposure_counters_from_json:
+    active, total, bytes_in, bytes_out, refused, over_limit, refused_draining,
+    slow_resets, connect_failures, rebinds);
+
 impl Counters {
     /// The counters under their JSON keys, in output order.
     pub fn fields(&self) -> [(&'static str, u64); 8] {
-        [
-            ("active", self.active),
-            ("total", self.total),
-            ("bytes_up", self.bytes_up),
-            ("bytes_down", self.bytes_down),
-            ("dial_failures", self.dial_failures),
-            ("idle_timeouts", self.idle_timeouts),
-            ("refused_remote", self.refused_remote),
-            ("spawn_failures", self.spawn_failures),
-        ]
+        counter_fields(self)
     }
 
     /// The JSON pairs, to put into an object beside other keys.
@@ -84,16 +100,7 @@ impl Counters {
 
     /// Reads the counters from an object that holds their keys.
     pub fn from_json(v: &Value) -> Result<Counters, String> {
-        Ok(Counters {
-            active: num(v, "active")?,
-            total: num(v, "total")?,
-            bytes_up: num(v, "bytes_up")?,
-            bytes_down: num(v, "bytes_down")?,
-            dial_failures: num(v, "dial_failures")?,
-            idle_timeouts: num(v, "idle_timeouts")?,
-            refused_remote: num(v, "refused_remote")?,
-            spawn_failures: num(v, "spawn_failures")?,
-        })
+        counters_from_json(v)
     }
 }
 
@@ -114,25 +121,13 @@ pub struct ExposureStats {
     pub state: String,
     /// Why it is rebinding (empty when bound).
     pub reason: String,
-    pub counters: crate::expose::Counters,
+    pub counters: ExposureCounters,
 }
 
 impl ExposureStats {
     /// The counters under their JSON keys, in output order.
     pub fn fields(&self) -> [(&'static str, u64); 10] {
-        let c = &self.counters;
-        [
-            ("active", c.active),
-            ("total", c.total),
-            ("bytes_in", c.bytes_in),
-            ("bytes_out", c.bytes_out),
-            ("refused", c.refused),
-            ("over_limit", c.over_limit),
-            ("refused_draining", c.refused_draining),
-            ("slow_resets", c.slow_resets),
-            ("connect_failures", c.connect_failures),
-            ("rebinds", c.rebinds),
-        ]
+        exposure_fields(&self.counters)
     }
 
     pub fn to_json(&self) -> Value {
@@ -160,18 +155,7 @@ impl ExposureStats {
                 .map_err(|_| "an exposure has a bad \"target\"".to_string())?,
             state: text("state")?,
             reason: text("reason")?,
-            counters: crate::expose::Counters {
-                active: num(e, "active")?,
-                total: num(e, "total")?,
-                bytes_in: num(e, "bytes_in")?,
-                bytes_out: num(e, "bytes_out")?,
-                refused: num(e, "refused")?,
-                over_limit: num(e, "over_limit")?,
-                refused_draining: num(e, "refused_draining")?,
-                slow_resets: num(e, "slow_resets")?,
-                connect_failures: num(e, "connect_failures")?,
-                rebinds: num(e, "rebinds")?,
-            },
+            counters: exposure_counters_from_json(e)?,
         })
     }
 }
