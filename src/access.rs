@@ -80,17 +80,13 @@ impl AccessLog {
         let (client, pilot, up, down, outcome) = (r.client, r.pilot, r.up, r.down, r.outcome);
         let line = match self.format {
             Format::Text => {
-                let reason = if r.reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(" reason={:?}", r.reason)
-                };
+                let reason = text_reason(r.reason);
                 format!(
                     "{time} client={client} local={local_ip}:{port} pilot={pilot}:{port} up={up} down={down} duration_ms={ms:.1} outcome={outcome}{reason}\n"
                 )
             }
             Format::Json => {
-                let mut v = vec![
+                let v = vec![
                     ("time", Value::from(time)),
                     ("client", client.to_string().into()),
                     ("local_ip", local_ip.into()),
@@ -98,13 +94,8 @@ impl AccessLog {
                     ("pilot_addr", pilot.to_string().into()),
                     ("bytes_up", up.into()),
                     ("bytes_down", down.into()),
-                    ("duration_ms", ((ms * 10.0).round() / 10.0).into()),
-                    ("outcome", outcome.into()),
                 ];
-                if !r.reason.is_empty() {
-                    v.push(("reason", r.reason.into()));
-                }
-                format!("{}\n", Value::obj(v))
+                json_line(v, ms, outcome, r.reason)
             }
         };
         self.send(line);
@@ -136,18 +127,14 @@ impl AccessLog {
         let ms = r.duration.as_secs_f64() * 1000.0;
         let line = match self.format {
             Format::Text => {
-                let reason = if r.reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(" reason={:?}", r.reason)
-                };
+                let reason = text_reason(r.reason);
                 format!(
                     "{time} inbound peer={}:{} pilot_port={} target={} in={} out={} duration_ms={ms:.1} outcome={}{reason}\n",
                     r.peer, r.peer_port, r.port, r.target, r.bytes_in, r.bytes_out, r.outcome
                 )
             }
             Format::Json => {
-                let mut v = vec![
+                let v = vec![
                     ("time", Value::from(time)),
                     ("direction", "inbound".into()),
                     ("peer", r.peer.to_string().into()),
@@ -156,17 +143,32 @@ impl AccessLog {
                     ("target", r.target.to_string().into()),
                     ("bytes_in", r.bytes_in.into()),
                     ("bytes_out", r.bytes_out.into()),
-                    ("duration_ms", ((ms * 10.0).round() / 10.0).into()),
-                    ("outcome", r.outcome.into()),
                 ];
-                if !r.reason.is_empty() {
-                    v.push(("reason", r.reason.into()));
-                }
-                format!("{}\n", Value::obj(v))
+                json_line(v, ms, r.outcome, r.reason)
             }
         };
         self.send(line);
     }
+}
+
+/// The text line's tail: ` reason="…"`, or nothing when there is none.
+fn text_reason(reason: &str) -> String {
+    if reason.is_empty() {
+        String::new()
+    } else {
+        format!(" reason={reason:?}")
+    }
+}
+
+/// A JSON line: `v`, then the keys every record ends with (`duration_ms`
+/// to a tenth, `outcome`, and `reason` only when there is one).
+fn json_line(mut v: Vec<(&'static str, Value)>, ms: f64, outcome: &str, reason: &str) -> String {
+    v.push(("duration_ms", ((ms * 10.0).round() / 10.0).into()));
+    v.push(("outcome", outcome.into()));
+    if !reason.is_empty() {
+        v.push(("reason", reason.into()));
+    }
+    format!("{}\n", Value::obj(v))
 }
 
 /// One access-log line: a connection that ended, or one that never
