@@ -308,17 +308,32 @@ pub fn set_linger_zero(tcp: &std::net::TcpStream) {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: a valid fd (borrowed for the call) and a linger struct of
-    // exactly the size passed.
-    unsafe {
+    // Best effort: the stream is about to be closed either way.
+    let _ = set_sock_opt(tcp, libc::SOL_SOCKET, libc::SO_LINGER, &l);
+}
+
+/// setsockopt(2) with the plain-data option value `v`.
+pub(crate) fn set_sock_opt<T: Copy>(
+    fd: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: &T,
+) -> io::Result<()> {
+    // SAFETY: a valid fd (borrowed for the call) and `v`, a live,
+    // initialised value whose exact size we pass; the kernel only reads it.
+    let r = unsafe {
         libc::setsockopt(
-            tcp.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&l as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
+            fd.as_raw_fd(),
+            level,
+            name,
+            (v as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(())
 }
 
 /// Bytes written to a TCP socket that its peer has not acknowledged yet

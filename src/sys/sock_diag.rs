@@ -160,20 +160,7 @@ mod linux {
             tv_sec: TIMEOUT.as_secs() as _,
             tv_usec: TIMEOUT.subsec_micros() as _,
         };
-        // SAFETY: `tv` is a live, initialised timeval and we pass its exact
-        // size; the kernel only reads it.
-        let r = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        crate::sys::set_sock_opt(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)?;
         Ok(fd)
     }
 
