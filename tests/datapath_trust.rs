@@ -19,23 +19,6 @@ use std::time::Duration;
 use common::*;
 use pilot_gateway::json::Value;
 
-fn routes() -> Vec<&'static str> {
-    vec![
-        "--route",
-        "0:0000.0000.0004=127.0.0.1",
-        "--route",
-        "0:0000.0000.0005=127.0.0.1",
-    ]
-}
-
-fn status(gw: &Gw) -> Value {
-    gw.data(&["status"])
-}
-
-fn n(v: &Value, k: &str) -> u64 {
-    v.get(k).and_then(Value::as_u64).unwrap_or(u64::MAX)
-}
-
 /// Another host: a network namespace (held open by a `sleep` child) with
 /// a veth link to ours, 192.168.77.2 there and 192.168.77.1 here, that
 /// routes the gateway's subnet to us, as a neighbour on the LAN could.

@@ -12,23 +12,6 @@ use std::time::Duration;
 use common::*;
 use pilot_gateway::json::{self, Value};
 
-fn routes() -> Vec<&'static str> {
-    vec![
-        "--route",
-        "0:0000.0000.0004=127.0.0.1",
-        "--route",
-        "0:0000.0000.0005=127.0.0.1",
-    ]
-}
-
-fn status(gw: &Gw) -> Value {
-    gw.data(&["status"])
-}
-
-fn n(v: &Value, k: &str) -> u64 {
-    v.get(k).and_then(Value::as_u64).unwrap_or(u64::MAX)
-}
-
 fn gateway_log(dir: &TempDir) -> String {
     std::fs::read_to_string(dir.path("gateway.log")).unwrap_or_default()
 }

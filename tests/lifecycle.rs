@@ -60,14 +60,6 @@ fn mute(mut c: TcpStream) {
     while matches!(c.read(&mut b), Ok(n) if n > 0) {}
 }
 
-fn status(gw: &Gw) -> Value {
-    gw.data(&["status"])
-}
-
-fn n(v: &Value, k: &str) -> u64 {
-    v.get(k).and_then(Value::as_u64).unwrap_or(u64::MAX)
-}
-
 /// Connects, sends a request and waits for the reply of the same length.
 fn exchange(addr: &str, req: &[u8]) -> TcpStream {
     let mut s = connect(addr);

@@ -305,6 +305,29 @@ pub fn ok_data(stdout: &str) -> pilot_gateway::json::Value {
     v.get("data").cloned().unwrap()
 }
 
+/// pilot-devd's `--route` arguments for agents 4 and 5, both on loopback.
+pub fn routes() -> Vec<&'static str> {
+    vec![
+        "--route",
+        "0:0000.0000.0004=127.0.0.1",
+        "--route",
+        "0:0000.0000.0005=127.0.0.1",
+    ]
+}
+
+/// The gateway's `status` data.
+pub fn status(gw: &Gw) -> pilot_gateway::json::Value {
+    gw.data(&["status"])
+}
+
+/// The whole number under `k`, or `u64::MAX` (no real count) when it is
+/// missing.
+pub fn n(v: &pilot_gateway::json::Value, k: &str) -> u64 {
+    v.get(k)
+        .and_then(pilot_gateway::json::Value::as_u64)
+        .unwrap_or(u64::MAX)
+}
+
 /// A service thread pool on 127.0.0.1: `handler` runs per connection.
 pub struct Service {
     pub addr: SocketAddr,
