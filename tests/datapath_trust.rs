@@ -416,17 +416,10 @@ fn a_client_that_gets_no_thread_is_reset_and_counted() {
     let _echo = Service::start(8080, echo);
     // The daemon as nobody, so that the gateway switches to nobody, whose
     // thread count RLIMIT_NPROC limits (root's it does not).
-    let sockdir = dir.path("nobody");
-    std::fs::create_dir_all(&sockdir).unwrap();
-    std::os::unix::fs::chown(&sockdir, Some(65534), Some(65534)).unwrap();
-    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let socket = sockdir.join("devd.sock");
-    let mut c = as_nobody(DEVD);
-    c.arg("--socket").arg(&socket).args(routes());
-    let _devd = Proc::spawn(&mut c, dir.path("devd.log"));
-    assert!(wait_until(Duration::from_secs(10), || socket.exists()));
+    let (socket, _devd) = devd_as_nobody(&dir, &routes());
     let gw = Gw::new(&dir, &socket);
-    let access = sockdir.join("access.log");
+    // Beside the socket: a directory nobody may write to.
+    let access = dir.path("nobody").join("access.log");
     let access_arg = access.display().to_string();
     let p = gw.foreground(&dir, &["--ports", "8080", "--access-log", &access_arg, A4]);
     assert!(short_exchange("10.4.0.1:8080"));

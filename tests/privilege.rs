@@ -4,36 +4,13 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
 use pilot_gateway::json::{self, Value};
 
-const NOBODY: u32 = 65534;
-
-/// pilot-devd running as nobody, its socket in a directory nobody owns.
-fn devd_as_nobody(dir: &TempDir, extra: &[&str]) -> (PathBuf, Proc) {
-    let sockdir = dir.path("nobody");
-    std::fs::create_dir_all(&sockdir).unwrap();
-    std::os::unix::fs::chown(&sockdir, Some(NOBODY), Some(NOBODY)).unwrap();
-    let socket = sockdir.join("devd.sock");
-    // The temp dir itself must be traversable by nobody.
-    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let mut c = as_nobody(DEVD);
-    c.args(["--socket"])
-        .arg(&socket)
-        .args(["--route", "0:0000.0000.0004=127.0.0.1"])
-        .args(extra);
-    let log = dir.path("devd.log");
-    let p = Proc::spawn(&mut c, log);
-    assert!(
-        wait_until(Duration::from_secs(10), || socket.exists()),
-        "devd: {}",
-        p.stderr()
-    );
-    (socket, p)
-}
+/// pilot-devd's one route here: agent 4 on loopback.
+const ROUTE_A4: [&str; 2] = ["--route", "0:0000.0000.0004=127.0.0.1"];
 
 fn proc_status(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap()
@@ -94,7 +71,7 @@ fn check_switched(dir: &TempDir, socket: &std::path::Path, start_extra: &[&str])
 fn root_gateway_runs_as_the_daemon_user_with_two_capabilities() {
     netns();
     let dir = TempDir::new("switch");
-    let (socket, _devd) = devd_as_nobody(&dir, &[]);
+    let (socket, _devd) = devd_as_nobody(&dir, &ROUTE_A4);
     check_switched(&dir, &socket, &[]);
 }
 
@@ -102,7 +79,7 @@ fn root_gateway_runs_as_the_daemon_user_with_two_capabilities() {
 fn explicit_user_flag() {
     netns();
     let dir = TempDir::new("userflag");
-    let (socket, _devd) = devd_as_nobody(&dir, &[]);
+    let (socket, _devd) = devd_as_nobody(&dir, &ROUTE_A4);
     check_switched(&dir, &socket, &["--user", "nobody"]);
 }
 
@@ -110,7 +87,7 @@ fn explicit_user_flag() {
 fn a_root_gateway_refused_by_the_daemon_says_so_at_start() {
     netns();
     let dir = TempDir::new("refused");
-    let (socket, _devd) = devd_as_nobody(&dir, &[]);
+    let (socket, _devd) = devd_as_nobody(&dir, &ROUTE_A4);
     let gw = Gw::new(&dir, &socket);
     let out = gw.run(&["--json", "start", "--no-user-switch", "--ports", "8080", A4]);
     assert_eq!(out.status.code(), Some(1));

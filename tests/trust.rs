@@ -7,40 +7,12 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::*;
 use pilot_gateway::json::{self, Value};
-
-const NOBODY: u32 = 65534;
-
-/// pilot-devd running as nobody, its socket in a directory nobody owns.
-fn devd_as_nobody(dir: &TempDir, extra: &[&str]) -> (PathBuf, Proc) {
-    let sockdir = dir.path("nobody");
-    std::fs::create_dir_all(&sockdir).unwrap();
-    std::os::unix::fs::chown(&sockdir, Some(NOBODY), Some(NOBODY)).unwrap();
-    let socket = sockdir.join("devd.sock");
-    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let mut c = as_nobody(DEVD);
-    c.args(["--socket"])
-        .arg(&socket)
-        .args([
-            "--route",
-            "0:0000.0000.0004=127.0.0.1",
-            "--route",
-            "0:0000.0000.0005=127.0.0.1",
-        ])
-        .args(extra);
-    let p = Proc::spawn(&mut c, dir.path("devd.log"));
-    assert!(
-        wait_until(Duration::from_secs(10), || socket.exists()),
-        "devd: {}",
-        p.stderr()
-    );
-    (socket, p)
-}
 
 /// Kills, when dropped, every process whose command line names `dir`: the
 /// background gateways a test started. A test that fails half-way through
@@ -178,7 +150,7 @@ fn root_never_writes_through_planted_names() {
     netns();
     let dir = TempDir::new("trust-links");
     let _reaper = Reaper::new(&dir);
-    let (socket, _devd) = devd_as_nobody(&dir, &[]);
+    let (socket, _devd) = devd_as_nobody(&dir, &routes());
     let gw = gateway_of_nobody(&dir, &socket, &[]);
     let pid = gw.pid();
     let valid = std::fs::read_to_string(gw.state.join("state.json")).unwrap();
@@ -271,7 +243,7 @@ fn a_forged_pid_is_never_signalled() {
     netns();
     let dir = TempDir::new("trust-pid");
     let _reaper = Reaper::new(&dir);
-    let (socket, _devd) = devd_as_nobody(&dir, &[]);
+    let (socket, _devd) = devd_as_nobody(&dir, &routes());
     let gw = gateway_of_nobody(&dir, &socket, &[]);
     let valid = std::fs::read_to_string(gw.state.join("state.json")).unwrap();
     let mut roots = Command::new("sleep");
@@ -376,7 +348,7 @@ fn mappings_from_the_state_file_are_validated() {
     netns();
     let dir = TempDir::new("trust-validate");
     let _reaper = Reaper::new(&dir);
-    let (socket, _devd) = devd_as_nobody(&dir, &[]);
+    let (socket, _devd) = devd_as_nobody(&dir, &routes());
     let gw = gateway_of_nobody(&dir, &socket, &["--subnet", "10.4.0.0/16"]);
     let pid = gw.pid();
     let mut st = state(&gw);
@@ -598,7 +570,7 @@ fn state_text_is_escaped_on_the_terminal() {
     netns();
     let dir = TempDir::new("trust-tty");
     let _reaper = Reaper::new(&dir);
-    let (socket, _devd) = devd_as_nobody(&dir, &[]);
+    let (socket, _devd) = devd_as_nobody(&dir, &routes());
     let gw = gateway_of_nobody(&dir, &socket, &[]);
     let mut st = state(&gw);
     let Some(Value::Arr(mut list)) = st.get("mappings").cloned() else {

@@ -21,6 +21,8 @@ pub const DEVD: &str = env!("CARGO_BIN_EXE_pilot-devd");
 pub const A4: &str = "0:0000.0000.0004";
 pub const A5: &str = "0:0000.0000.0005";
 pub const A6: &str = "0:0000.0000.0006";
+/// The uid and gid of `nobody`, the unprivileged user of the tests.
+pub const NOBODY: u32 = 65534;
 
 /// Moves this thread into a fresh network namespace with loopback up.
 pub fn netns() {
@@ -53,6 +55,26 @@ pub fn as_nobody(program: &str) -> Command {
     let mut c = Command::new("setpriv");
     c.args(["--reuid=65534", "--regid=65534", "--clear-groups", program]);
     c
+}
+
+/// pilot-devd running as nobody with `args` after its `--socket`, the
+/// socket in a directory nobody owns. Waits for the socket (bounded).
+pub fn devd_as_nobody(dir: &TempDir, args: &[&str]) -> (PathBuf, Proc) {
+    let sockdir = dir.path("nobody");
+    std::fs::create_dir_all(&sockdir).unwrap();
+    std::os::unix::fs::chown(&sockdir, Some(NOBODY), Some(NOBODY)).unwrap();
+    let socket = sockdir.join("devd.sock");
+    // The temp dir itself must be traversable by nobody.
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut c = as_nobody(DEVD);
+    c.args(["--socket"]).arg(&socket).args(args);
+    let p = Proc::spawn(&mut c, dir.path("devd.log"));
+    assert!(
+        wait_until(Duration::from_secs(10), || socket.exists()),
+        "devd: {}",
+        p.stderr()
+    );
+    (socket, p)
 }
 
 /// Addresses on `lo`, as `ip -4 addr show dev lo` lists them.
