@@ -6,10 +6,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -18,7 +15,6 @@ use common::*;
 use pilot_gateway::address::PilotAddr;
 use pilot_gateway::error::Code;
 use pilot_gateway::expose::{self, Ended, Exposure, Options, Outcome, State};
-use pilot_gateway::ipc::{self, cmd, FrameReader};
 
 const P9: &str = "0:0000.0000.0009";
 const P8: &str = "0:0000.0000.0008";
@@ -67,64 +63,24 @@ fn fifty_connections_one_slow_reader_is_reset_the_rest_complete() {
     netns();
     let dir = TempDir::new("expose-slow");
     // The service: its first connection never reads; the others echo.
-    let listener = TcpListener::bind("127.0.0.1:8000").unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let slow: Arc<Mutex<Option<TcpStream>>> = Arc::default();
-    {
-        let (accepted, slow) = (accepted.clone(), slow.clone());
-        thread::spawn(move || {
-            for c in listener.incoming().flatten().take(50) {
-                if accepted.fetch_add(1, Ordering::SeqCst) == 0 {
-                    *slow.lock().unwrap() = Some(c);
-                } else {
-                    thread::spawn(move || echo(c));
-                }
-            }
-        });
-    }
+    let svc = NeverReadsFirst::start(8000, 50);
     let d = devd(&dir, &[]);
     let ex = expose(&d, 80, "127.0.0.1:8000", Options::default());
     // Pours data at the slow one until the engine resets it (bounded).
-    let pour = thread::spawn(|| {
-        let mut s = connect("127.0.0.1:7100");
-        let chunk = vec![5u8; 1 << 20];
-        for _ in 0..256 {
-            if s.write_all(&chunk).is_err() {
-                return;
-            }
-        }
-    });
-    assert!(wait_until(Duration::from_secs(10), || accepted
-        .load(Ordering::SeqCst)
-        == 1));
-    let others: Vec<_> = (0..49u64)
-        .map(|i| {
-            thread::spawn(move || {
-                let s = connect("127.0.0.1:7100");
-                let data = pattern(100 + i, 128 * 1024);
-                let (mut w, expect) = (s.try_clone().unwrap(), data.clone());
-                let writer = thread::spawn(move || w.write_all(&data).unwrap());
-                let mut got = vec![0u8; expect.len()];
-                (&s).read_exact(&mut got).unwrap();
-                writer.join().unwrap();
-                got == expect
-            })
-        })
-        .collect();
-    for (i, t) in others.into_iter().enumerate() {
-        assert!(t.join().unwrap(), "connection {i} did not echo byte-exact");
-    }
+    let pouring = pour("127.0.0.1:7100");
+    assert!(wait_until(Duration::from_secs(10), || svc.accepted() == 1));
+    echoes_byte_exact("127.0.0.1:7100", 49);
     assert!(
         wait_until(Duration::from_secs(60), || ex.counters().slow_resets == 1),
         "the slow reader was not reset: {:?}",
         ex.counters()
     );
-    let mut held = slow.lock().unwrap().take().unwrap();
+    let mut held = svc.take_held();
     assert!(
         sees_reset(&mut held, Duration::from_secs(10)),
         "the slow service side sees a reset"
     );
-    pour.join().unwrap();
+    pouring.join().unwrap();
     assert!(wait_until(Duration::from_secs(10), || ex.counters().active == 0));
     let c = ex.counters();
     assert_eq!((c.total, c.slow_resets, c.connect_failures), (50, 1, 0));
@@ -236,18 +192,7 @@ fn a_daemon_restart_rebinds() {
     );
     assert_eq!(ex.counters().rebinds, 1);
     assert!(short_exchange("127.0.0.1:7100"), "new inbound connections work");
-    assert!(!can_bind_once(&d.socket, 80), "the port is ours again");
-}
-
-/// One Bind attempt on a fresh session.
-fn can_bind_once(socket: &Path, port: u16) -> bool {
-    let s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut w = s.try_clone().unwrap();
-    w.write_all(&ipc::encode(cmd::BIND, &[&port.to_be_bytes()]))
-        .unwrap();
-    let mut r = FrameReader::new(s, 1024);
-    matches!(r.read_frame(), Ok((cmd::BIND_OK, _)))
+    assert!(!try_bind(&d.socket, 80).unwrap(), "the port is ours again");
 }
 
 #[test]
@@ -263,7 +208,7 @@ fn stop_frees_the_port() {
     live.write_all(b"x").unwrap();
     let mut b = [0u8; 1];
     live.read_exact(&mut b).unwrap();
-    assert!(!can_bind_once(&d.socket, 80));
+    assert!(!try_bind(&d.socket, 80).unwrap());
     ex.stop(Duration::from_secs(5));
     assert_eq!(ex.state(), State::Stopped);
     assert_eq!(ex.counters().active, 0);

@@ -11,8 +11,8 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -669,18 +669,95 @@ pub fn settled_threads(pid: u32) -> u64 {
 /// Whether a fresh session can Bind `port` (BindOK), polled: the daemon
 /// frees a port when it notices the owner's session has closed.
 pub fn can_bind(socket: &Path, port: u16) -> bool {
-    use pilot_gateway::ipc::{self, cmd, FrameReader};
     wait_until(Duration::from_secs(10), || {
-        let Ok(s) = std::os::unix::net::UnixStream::connect(socket) else {
-            return false;
-        };
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut w = s.try_clone().unwrap();
-        w.write_all(&ipc::encode(cmd::BIND, &[&port.to_be_bytes()]))
-            .unwrap();
-        let mut r = FrameReader::new(s, 1024);
-        matches!(r.read_frame(), Ok((cmd::BIND_OK, _)))
+        try_bind(socket, port).unwrap_or(false)
     })
+}
+
+/// One Bind attempt on a fresh session: whether it got BindOK. An error
+/// only when the daemon's socket takes no connection.
+pub fn try_bind(socket: &Path, port: u16) -> std::io::Result<bool> {
+    use pilot_gateway::ipc::{self, cmd, FrameReader};
+    let s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    w.write_all(&ipc::encode(cmd::BIND, &[&port.to_be_bytes()]))
+        .unwrap();
+    let mut r = FrameReader::new(s, 1024);
+    Ok(matches!(r.read_frame(), Ok((cmd::BIND_OK, _))))
+}
+
+/// A service on 127.0.0.1:`port` for `conns` connections: it holds the
+/// first one and never reads it; the others echo.
+pub struct NeverReadsFirst {
+    accepted: Arc<AtomicUsize>,
+    held: Arc<Mutex<Option<TcpStream>>>,
+}
+
+impl NeverReadsFirst {
+    pub fn start(port: u16, conns: usize) -> NeverReadsFirst {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let held: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+        let (a, h) = (accepted.clone(), held.clone());
+        thread::spawn(move || {
+            for c in listener.incoming().flatten().take(conns) {
+                if a.fetch_add(1, Ordering::SeqCst) == 0 {
+                    *h.lock().unwrap() = Some(c);
+                } else {
+                    thread::spawn(move || echo(c));
+                }
+            }
+        });
+        NeverReadsFirst { accepted, held }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// The connection it never reads (panics when none came yet).
+    pub fn take_held(&self) -> TcpStream {
+        self.held.lock().unwrap().take().unwrap()
+    }
+}
+
+/// On a thread: pours up to 256 MiB at `addr`, ending at the first write
+/// that fails (the connection was reset).
+pub fn pour(addr: &'static str) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut s = connect(addr);
+        let chunk = vec![5u8; 1 << 20];
+        for _ in 0..256 {
+            if s.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// `n` connections to an echo behind `addr` at once, each writing 128 KiB
+/// of its own pattern while it reads; asserts every one came back
+/// byte-exact.
+pub fn echoes_byte_exact(addr: &'static str, n: u64) {
+    let others: Vec<_> = (0..n)
+        .map(|i| {
+            thread::spawn(move || {
+                let s = connect(addr);
+                let data = pattern(100 + i, 128 * 1024);
+                let (mut w, expect) = (s.try_clone().unwrap(), data.clone());
+                let writer = thread::spawn(move || w.write_all(&data).unwrap());
+                let mut got = vec![0u8; expect.len()];
+                (&s).read_exact(&mut got).unwrap();
+                writer.join().unwrap();
+                got == expect
+            })
+        })
+        .collect();
+    for (i, t) in others.into_iter().enumerate() {
+        assert!(t.join().unwrap(), "connection {i} did not echo byte-exact");
+    }
 }
 
 /// Service: reads an 8-byte length N, then N bytes, which it compares with
