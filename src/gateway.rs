@@ -452,8 +452,12 @@ fn in_use(ip: Ipv4Addr) -> Option<std::result::Result<(), String>> {
 }
 
 /// Refuses `ip` if it is on loopback with another gateway's label (another
-/// state directory's, or the plain `lo:pgw` of an older version): that
-/// gateway is, or was, serving it, and sharing it would mix the two.
+/// state directory's, or the plain `lo:pgw` of an older version) and that
+/// gateway is live: a process holds a TCP socket on it (its listeners), or
+/// the kernel cannot tell. Sharing it would mix the two gateways, and the
+/// other's `stop` would pull it from under this one. A labelled address
+/// nobody uses was left by a gateway that died: it is used as before, not
+/// ours (never removed by us), with a warning.
 fn check_not_another_gateways(ip: Ipv4Addr, ours: &str) -> Result<()> {
     use alias::Label;
     if !cfg!(target_os = "linux") {
@@ -468,11 +472,19 @@ fn check_not_another_gateways(ip: Ipv4Addr, ours: &str) -> Result<()> {
     }) else {
         return Ok(());
     };
+    let label = &other.interface;
+    let why = match sys::sock_diag::tcp_sockets_on(ip) {
+        Ok(0) => {
+            warn!("using {ip}, labelled {label} by a gateway that no longer runs (no socket on it): it is not this gateway's alias and stays after it stops (remove it with `ip addr del {ip}/32 dev lo label {label}`)");
+            return Ok(());
+        }
+        Ok(n) => format!("{n} TCP socket(s) are open on it"),
+        Err(e) => format!("whether it is in use cannot be checked ({e})"),
+    };
     Err(Error::new(
         Code::AddressInUse,
         format!(
-            "local IP {ip} belongs to another gateway: it is on loopback with that gateway's label {} (this one's is {ours})",
-            other.interface
+            "local IP {ip} belongs to another gateway: it is on loopback with that gateway's label {label} (this one's is {ours}), and {why}"
         ),
     )
     .hint("give this gateway a subnet no other gateway uses (--subnet, e.g. 10.5.0.0/16) or another local IP; `ip addr show label 'lo:pgw*'` lists every gateway's aliases"))
