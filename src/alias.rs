@@ -10,9 +10,10 @@
 //!
 //! An alias that already existed before we looked is used but never
 //! removed: it was not ours. On Linux every alias we add carries the label
-//! [`LABEL`], and we delete with that label, which the kernel matches: an
-//! address someone else added (no label, or another one) is never removed
-//! by us, whatever a state file claims.
+//! of its state directory ([`label_for`]: `lo:pgw` and a hash of the
+//! directory's device and inode), and we delete with that label, which the
+//! kernel matches: an address someone else added (no label, or another
+//! gateway's) is never removed by us, whatever a state file claims.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -20,9 +21,54 @@ use std::process::Command;
 
 use crate::error::{Code, Error, Result};
 
-/// The label of our aliases on Linux (`ip addr show label lo:pgw`). A
-/// label must start with the interface name and fit in 15 bytes.
-pub const LABEL: &str = "lo:pgw";
+/// What every gateway's label starts with on Linux (`ip addr show label
+/// 'lo:pgw*'`). It is also the whole label of aliases added by versions
+/// before labels per state directory (see [`Label::Legacy`]).
+pub const LABEL_PREFIX: &str = "lo:pgw";
+
+/// The label of the aliases of the gateway whose state directory has this
+/// identity (device, inode): [`LABEL_PREFIX`] and 8 hex digits of an
+/// FNV-1a hash, 14 bytes (a label must start with the interface name and
+/// `:`, and fit in 15 bytes). Two gateways (two state directories) get
+/// different labels, so one's stale cleanup never matches the other's
+/// aliases; a 32-bit hash can collide, which the socket check of the
+/// cleanup covers. Stable for as long as the directory exists.
+pub fn label_for((dev, ino): (u64, u64)) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in dev.to_le_bytes().into_iter().chain(ino.to_le_bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{LABEL_PREFIX}{:08x}", (h ^ (h >> 32)) as u32)
+}
+
+/// Whose an address on `lo` is, by its label (Linux).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Label {
+    /// This state directory's label: our gateway added it.
+    Ours,
+    /// Plain `lo:pgw`: added by an older version, by some gateway.
+    Legacy,
+    /// Another state directory's label: another gateway's alias.
+    OtherGateway,
+    /// No gateway label (an administrator's address, or none).
+    Foreign,
+}
+
+impl Label {
+    /// Classifies the interface name `getifaddrs` reports for an address
+    /// (its label), given our own label.
+    pub fn of(name: &str, ours: &str) -> Label {
+        if name == ours {
+            Label::Ours
+        } else if name == LABEL_PREFIX {
+            Label::Legacy
+        } else if name.starts_with(LABEL_PREFIX) {
+            Label::OtherGateway
+        } else {
+            Label::Foreign
+        }
+    }
+}
 
 /// Which command set to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,8 +86,9 @@ impl Platform {
         }
     }
 
-    /// The program and arguments that add (`add = true`) or remove an alias.
-    pub fn command(self, ip: Ipv4Addr, add: bool) -> (&'static str, Vec<String>) {
+    /// The program and arguments that add (`add = true`) or remove an
+    /// alias with `label` (Linux; the kernel matches it on removal).
+    pub fn command(self, ip: Ipv4Addr, add: bool, label: &str) -> (&'static str, Vec<String>) {
         match self {
             Platform::Linux => {
                 let verb = if add { "add" } else { "del" };
@@ -54,7 +101,7 @@ impl Platform {
                         "dev".into(),
                         "lo".into(),
                         "label".into(),
-                        LABEL.into(),
+                        label.into(),
                     ],
                 )
             }
@@ -167,22 +214,23 @@ fn check_trusted(tool: &Path) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Adds and removes loopback aliases.
+/// Adds and removes loopback aliases, labelled `label` on Linux.
 pub struct Aliases {
     pub platform: Platform,
     pub runner: Box<dyn Runner>,
-}
-
-impl Default for Aliases {
-    fn default() -> Aliases {
-        Aliases {
-            platform: Platform::current(),
-            runner: Box::new(System),
-        }
-    }
+    pub label: String,
 }
 
 impl Aliases {
+    /// The real tool, for the gateway whose aliases carry `label`.
+    pub fn labelled(label: String) -> Aliases {
+        Aliases {
+            platform: Platform::current(),
+            runner: Box::new(System),
+            label,
+        }
+    }
+
     /// Adds `ip` to loopback. Returns `true` if we added it, `false` if it
     /// was already configured (then it is not ours to remove). `exists` is
     /// whether the caller saw it on an interface before asking.
@@ -190,7 +238,7 @@ impl Aliases {
         if exists {
             return Ok(false);
         }
-        let (program, args) = self.platform.command(ip, true);
+        let (program, args) = self.platform.command(ip, true, &self.label);
         match self.runner.run(program, &args) {
             Ok(()) => Ok(true),
             // Someone added it between our look and our add: not ours.
@@ -205,7 +253,13 @@ impl Aliases {
     /// Removes an alias we added. A missing alias is not an error (someone
     /// removed it already).
     pub fn remove(&self, ip: Ipv4Addr) -> Result<()> {
-        let (program, args) = self.platform.command(ip, false);
+        self.remove_labelled(ip, &self.label)
+    }
+
+    /// Removes `ip` only if it carries `label` (a stale cleanup of an
+    /// alias an older version labelled [`LABEL_PREFIX`]).
+    pub fn remove_labelled(&self, ip: Ipv4Addr, label: &str) -> Result<()> {
+        let (program, args) = self.platform.command(ip, false, label);
         match self.runner.run(program, &args) {
             Ok(()) => Ok(()),
             // Older kernels say "Cannot assign", newer "Address not found";
@@ -268,7 +322,15 @@ mod tests {
             calls: calls.clone(),
             answer,
         });
-        (Aliases { platform, runner }, calls)
+        let label = "lo:pgw0123abcd".to_string();
+        (
+            Aliases {
+                platform,
+                runner,
+                label,
+            },
+            calls,
+        )
     }
 
     const IP: Ipv4Addr = Ipv4Addr::new(10, 4, 0, 1);
@@ -281,10 +343,31 @@ mod tests {
         assert_eq!(
             *calls.lock().unwrap(),
             [
-                "ip addr add 10.4.0.1/32 dev lo label lo:pgw",
-                "ip addr del 10.4.0.1/32 dev lo label lo:pgw"
+                "ip addr add 10.4.0.1/32 dev lo label lo:pgw0123abcd",
+                "ip addr del 10.4.0.1/32 dev lo label lo:pgw0123abcd"
             ]
         );
+        a.remove_labelled(IP, LABEL_PREFIX).unwrap();
+        assert_eq!(
+            calls.lock().unwrap()[2],
+            "ip addr del 10.4.0.1/32 dev lo label lo:pgw"
+        );
+    }
+
+    #[test]
+    fn labels_per_state_directory() {
+        let a = label_for((2049, 131_073));
+        assert_eq!(a, label_for((2049, 131_073)), "stable");
+        assert_eq!(a.len(), 14, "{a}: at most 15 bytes");
+        assert!(a.starts_with("lo:pgw"), "{a}");
+        assert!(a[6..].bytes().all(|b| b.is_ascii_hexdigit()), "{a}");
+        assert_ne!(a, label_for((2049, 131_074)));
+        assert_ne!(a, label_for((2050, 131_073)));
+        assert_eq!(Label::of(&a, &a), Label::Ours);
+        assert_eq!(Label::of("lo:pgw", &a), Label::Legacy);
+        assert_eq!(Label::of(&label_for((1, 2)), &a), Label::OtherGateway);
+        assert_eq!(Label::of("lo", &a), Label::Foreign);
+        assert_eq!(Label::of("lo:admin", &a), Label::Foreign);
     }
 
     #[test]
@@ -318,7 +401,8 @@ mod tests {
         let e = a.add(IP, false).unwrap_err();
         assert_eq!(e.code, Code::PermissionDenied);
         assert!(
-            e.message.contains("ip addr add 10.4.0.1/32 dev lo label lo:pgw"),
+            e.message
+                .contains("ip addr add 10.4.0.1/32 dev lo label lo:pgw0123abcd"),
             "{}",
             e.message
         );

@@ -552,6 +552,17 @@ impl StateDir {
         })
     }
 
+    /// The directory's identity (device, inode), from the descriptor we
+    /// hold: what names this directory's aliases (`alias::label_for`),
+    /// whatever path reached it.
+    pub fn identity(&self) -> Result<(u64, u64)> {
+        let meta = self
+            .dir
+            .metadata()
+            .map_err(|e| Error::io(self.path.display(), &e))?;
+        Ok((meta.dev(), meta.ino()))
+    }
+
     /// The directory's owner (uid, gid): the gateway's user.
     pub fn owner(&self) -> (u32, u32) {
         self.owner

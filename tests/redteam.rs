@@ -489,8 +489,12 @@ echo "done"
 /// Safe outcome: a stale cleanup never removes an address another live
 /// gateway listens on (e.g. a label per state directory, or refusing when
 /// a socket is bound to the address), and A keeps serving.
+///
+/// Fixed: each state directory labels its aliases `lo:pgw` + a hash of
+/// its identity, a stale cleanup removes only its own label (or an older
+/// version's plain `lo:pgw`) and never an address a process holds a TCP
+/// socket on, and B then refuses to map 10.4.0.1, which carries A's label.
 #[test]
-#[ignore = "hole: a forged stale state of another gateway removes a live gateway's lo:pgw alias"]
 fn a_forged_stale_state_never_removes_another_live_gateways_alias() {
     netns();
     let _agent = Service::start(9090, real_agent);
@@ -529,6 +533,101 @@ echo "done"
     assert!(
         t.contains("A-ALIAS-KEPT") && t.contains("a-after=AGENT-REAL"),
         "another gateway's stale cleanup removed a live gateway's alias: {t}"
+    );
+}
+
+/// A gateway never takes over an address that carries another gateway's
+/// label: B, started in A's subnet (the default subnets overlap), is
+/// refused with a hint instead of sharing A's 10.4.0.1, and so is a `map`
+/// of that address into a running B; A keeps serving throughout.
+#[test]
+fn another_gateways_labelled_address_is_refused() {
+    netns();
+    let _agent = Service::start(9090, real_agent);
+    let script = format!(
+        r#"
+ip link set lo up
+mkdir -p /tmp/nb && chown 65534:65534 /tmp/nb
+$NB $DEVD --socket /tmp/nb/a.sock --route {a5}=127.0.0.1 2>/dev/null &
+$NB $DEVD --socket /tmp/nb/b.sock --route {a6}=127.0.0.1 --route {a4}=127.0.0.1 2>/dev/null &
+waitsock /tmp/nb/a.sock; waitsock /tmp/nb/b.sock
+ga() {{ timeout -s KILL 30 $GW --socket /tmp/nb/a.sock --state-dir /run/pgwA "$@"; }}
+gb() {{ timeout -s KILL 30 $GW --socket /tmp/nb/b.sock --state-dir /run/pgwB "$@"; }}
+ga start --subnet 10.4.0.0/24 --ports 9090 {a5} >/dev/null 2>&1; echo "a-start-rc=$?"
+ip -4 -o addr show dev lo | grep -o 'inet 10.4.0.1/32 .*lo:pgw[0-9a-f]*' | sed 's/^/A-LABEL: /'
+gb start --subnet 10.4.0.0/24 --ports 9091 {a6} 10.4.0.1 2>&1; echo "b-start-rc=$?"
+echo "a-mid=$(fetch 10.4.0.1 9090)."
+gb start --subnet 10.4.0.0/24 --ports 9091 {a6} 10.4.0.2 >/dev/null 2>&1; echo "b-start2-rc=$?"
+gb map {a4} 10.4.0.1 2>&1; echo "b-map-rc=$?"
+gb stop >/dev/null 2>&1
+ip -4 addr show dev lo | grep -q 'inet 10.4.0.1/32' && echo "A-ALIAS-KEPT" || echo "A-ALIAS-GONE"
+echo "a-after=$(fetch 10.4.0.1 9090)."
+ga stop >/dev/null 2>&1
+echo "done"
+"#,
+        a4 = A4,
+        a5 = A5,
+        a6 = A6
+    );
+    let out = in_private_namespaces(&script);
+    let t = text(&out);
+    assert!(t.contains("done") && t.contains("a-start-rc=0"), "{t}");
+    assert!(
+        t.contains("A-LABEL: "),
+        "A's alias carries a per-directory label: {t}"
+    );
+    assert!(!t.contains("b-start-rc=0"), "B took over A's address: {t}");
+    assert!(
+        t.contains("belongs to another gateway") && t.contains("--subnet"),
+        "{t}"
+    );
+    assert!(t.contains("b-start2-rc=0"), "B on its own address starts: {t}");
+    assert!(!t.contains("b-map-rc=0"), "B mapped A's address: {t}");
+    assert!(
+        t.contains("a-mid=AGENT-REAL.") && t.contains("a-after=AGENT-REAL."),
+        "{t}"
+    );
+    assert!(t.contains("A-ALIAS-KEPT"), "{t}");
+}
+
+/// Compatibility with aliases labelled plain `lo:pgw` by older versions:
+/// a stale cleanup still removes them, but never one a process holds a
+/// socket on (here a listener standing for a live older gateway).
+#[test]
+fn legacy_labelled_leftovers_are_cleaned_unless_in_use() {
+    netns();
+    for ip in ["10.4.0.1/32", "10.4.0.2/32"] {
+        run_ok("ip", &["addr", "add", ip, "dev", "lo", "label", "lo:pgw"]);
+    }
+    let _live = std::net::TcpListener::bind("10.4.0.1:9300").unwrap();
+    let script = format!(
+        r#"
+mkdir -p /tmp/nb && chown 65534:65534 /tmp/nb
+$NB $DEVD --socket /tmp/nb/devd.sock --route {a4}=127.0.0.1 2>/dev/null &
+waitsock /tmp/nb/devd.sock
+g() {{ timeout -s KILL 30 $GW --socket /tmp/nb/devd.sock --state-dir /run/pgw "$@"; }}
+mkdir -m 700 /run/pgw && chown 65534:65534 /run/pgw
+$NB sh -c 'cat > /run/pgw/state.json' <<'J'
+{{"version":1,"pid":999999,"start_time":1,"started_at":1,"socket":"/tmp/nb/devd.sock","subnet":"10.4.0.0/24","ports":[9301],"max_conns":10,"user":"nobody","generation":2,"applied":2,"mappings":[{{"local_ip":"10.4.0.1","pilot_addr":"0:0000.0000.0005","hostname":null,"alias_added":true,"generation":1}},{{"local_ip":"10.4.0.2","pilot_addr":"0:0000.0000.0006","hostname":null,"alias_added":true,"generation":2}}],"failures":[]}}
+J
+g start --subnet 10.4.0.0/24 --ports 9301 {a4} 10.4.0.9 2>&1; echo "start-rc=$?"
+ip -4 addr show dev lo | grep -q 'inet 10.4.0.1/32' && echo "LIVE-KEPT" || echo "LIVE-GONE"
+ip -4 addr show dev lo | grep -q 'inet 10.4.0.2/32' && echo "LEFTOVER-KEPT" || echo "LEFTOVER-GONE"
+g stop >/dev/null 2>&1
+echo "done"
+"#,
+        a4 = A4
+    );
+    let out = in_private_namespaces(&script);
+    let t = text(&out);
+    assert!(t.contains("done") && t.contains("start-rc=0"), "{t}");
+    assert!(
+        t.contains("LIVE-KEPT"),
+        "an address with a live listener was removed: {t}"
+    );
+    assert!(
+        t.contains("LEFTOVER-GONE"),
+        "an older version's leftover was not cleaned: {t}"
     );
 }
 
