@@ -53,13 +53,16 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+use ipnetwork::Ipv4Network;
 
 use crate::address::PilotAddr;
 use crate::error::{Code, Error, Result};
@@ -75,6 +78,9 @@ pub const THREAD_STACK: usize = 128 * 1024;
 static MALFORMED_ACCEPT: RateLimit = RateLimit::new();
 static REFUSED: RateLimit = RateLimit::new();
 static SPAWN_FAILED: RateLimit = RateLimit::new();
+static WRONG_PORT: RateLimit = RateLimit::new();
+/// Each exposure retries a refused re-bind every few seconds: limited too.
+static REBIND_REFUSED: RateLimit = RateLimit::new();
 /// Default bound of one connection's queue of data for the local service.
 pub const QUEUE_BYTES: usize = 512 * 1024;
 /// How long a connection at its bound may go without progress.
@@ -115,6 +121,8 @@ pub struct Options {
     pub allow: Option<HashSet<PilotAddr>>,
     /// Permit a target that is not an address of this host.
     pub allow_remote_target: bool,
+    /// The gateway's subnet: targets inside it (its mappings) are refused.
+    pub own_subnet: Option<Ipv4Network>,
     /// Bound of each connection's queue towards the local service.
     pub queue_bytes: usize,
     /// A connection at its bound whose service takes nothing for this
@@ -145,6 +153,7 @@ impl Default for Options {
         Options {
             allow: None,
             allow_remote_target: false,
+            own_subnet: None,
             queue_bytes: QUEUE_BYTES,
             stall: STALL,
             connect_timeout: Duration::from_secs(5),
@@ -270,7 +279,8 @@ impl Exposure {
     /// when the port is held, `bad_target` for an unacceptable target,
     /// `daemon_unreachable` when there is no daemon.
     pub fn start(socket: &Path, port: u16, target: SocketAddr, opts: Options) -> Result<Exposure> {
-        check_target(target, opts.allow_remote_target)?;
+        check_target(target, opts.allow_remote_target, opts.own_subnet)?;
+        let target = canonical(target);
         let deadline = Instant::now() + opts.bind_timeout;
         let (reader, link) = open(socket, port, opts.daemon_uid, deadline, &|| false)?;
         let shared = Arc::new(Shared {
@@ -385,8 +395,19 @@ impl Drop for Exposure {
     }
 }
 
-/// Refuses targets that cannot work or that leave this host unasked.
-pub fn check_target(target: SocketAddr, allow_remote: bool) -> Result<()> {
+/// The address a target is checked and served at: an IPv4-mapped IPv6
+/// address (`[::ffff:10.4.0.1]`) is the IPv4 address it stands for, so no
+/// check is passed by spelling an address another way.
+pub fn canonical(target: SocketAddr) -> SocketAddr {
+    SocketAddr::new(target.ip().to_canonical(), target.port())
+}
+
+/// Refuses targets that cannot work, that lead into the gateway's own
+/// mappings (`own`: its subnet; refused even with `allow_remote`: every
+/// admitted peer would become a client of the mapped agents, with this
+/// node's identity), or that leave this host unasked.
+pub fn check_target(target: SocketAddr, allow_remote: bool, own: Option<Ipv4Network>) -> Result<()> {
+    let target = canonical(target);
     let ip = target.ip();
     if target.port() == 0 || ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::from([255u8; 4]) {
         return Err(Error::new(
@@ -395,9 +416,17 @@ pub fn check_target(target: SocketAddr, allow_remote: bool) -> Result<()> {
         )
         .hint("give the service's address and port, e.g. 127.0.0.1:8000"));
     }
-    // An address some interface of this host has can be bound locally.
-    let local = ip.is_loopback() || UdpSocket::bind((ip, 0)).is_ok();
-    if !local && !allow_remote {
+    // 127.0.0.1 is never mapped, even in a 127.0.0.0/8 subnet.
+    if let (IpAddr::V4(v4), Some(net)) = (ip, own) {
+        if net.contains(v4) && v4 != Ipv4Addr::LOCALHOST {
+            return Err(Error::new(
+                Code::BadTarget,
+                format!("target {target} is inside the gateway's subnet {net}: it would relay inbound peers to mapped agents"),
+            )
+            .hint("expose the service itself (e.g. 127.0.0.1:PORT); --allow-remote-target does not allow this"));
+        }
+    }
+    if !allow_remote && !on_this_host(ip) {
         return Err(
             Error::new(Code::BadTarget, format!("target {target} is not on this host"))
                 .hint("expose a local service, or pass --allow-remote-target to publish another host's"),
@@ -406,35 +435,11 @@ pub fn check_target(target: SocketAddr, allow_remote: bool) -> Result<()> {
     Ok(())
 }
 
-/// Turns `--allow` entries (addresses or hostnames) into addresses,
-/// resolving hostnames through the daemon.
-pub fn resolve_allow(socket: &Path, entries: &[String]) -> Result<HashSet<PilotAddr>> {
-    let mut out = HashSet::new();
-    let mut session = None;
-    for e in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
-        if let Ok(a) = e.parse::<PilotAddr>() {
-            out.insert(a);
-            continue;
-        }
-        if PilotAddr::looks_like_address(e) {
-            return Err(Error::invalid(format!(
-                "--allow {e:?}: not a valid pilot address"
-            )));
-        }
-        if session.is_none() {
-            let s = ipc::Session::connect_within(socket, IPC_TIMEOUT, None);
-            session = Some(s.map_err(|err| unreachable(socket, &err))?);
-        }
-        if let Some(s) = session.as_mut() {
-            let _ = s.set_timeout(Some(IPC_TIMEOUT));
-            let a = s.resolve(e).map_err(|err| {
-                Error::new(Code::NotFound, format!("--allow {e:?}: {err}"))
-                    .hint("give the peer's address, or a hostname the registry knows")
-            })?;
-            out.insert(a);
-        }
-    }
-    Ok(out)
+/// Whether `ip` is loopback (127.0.0.0/8, ::1) or an address an interface
+/// of this host has. Never "a socket can bind it": with
+/// `ip_nonlocal_bind` every bind succeeds.
+fn on_this_host(ip: IpAddr) -> bool {
+    ip.is_loopback() || sys::host_ips().is_ok_and(|all| all.contains(&ip))
 }
 
 fn unreachable(socket: &Path, e: &dyn std::fmt::Display) -> Error {
@@ -612,7 +617,12 @@ fn run(ex: &Arc<Shared>, mut session: Option<(FrameReader<UnixStream>, Arc<Link>
                 // Another uid serves the socket now: worth a line each time
                 // (the backoff bounds them), unlike a daemon that is away.
                 if e.code == Code::PermissionDenied {
-                    warn!("exposed port {}: re-bind refused: {}", ex.port, e.message);
+                    warn_limited!(
+                        REBIND_REFUSED,
+                        "exposed port {}: re-bind refused: {}",
+                        ex.port,
+                        e.message
+                    );
                 } else {
                     debug!("exposed port {}: re-bind failed: {}", ex.port, e.message);
                 }
@@ -689,6 +699,19 @@ fn accept(ex: &Arc<Shared>, link: &Arc<Link>, payload: &[u8]) {
         );
         return;
     };
+    if a.port != ex.port {
+        // A protocol error: this session Bound one port. Closed unserved.
+        link.close(a.conn);
+        warn_limited!(
+            WRONG_PORT,
+            "exposed port {}: the daemon sent an Accept for port {} (connection {} from {}); closed",
+            ex.port,
+            a.port,
+            a.conn,
+            a.remote
+        );
+        return;
+    }
     if let Some(why) = refusal(ex, a.remote) {
         link.close(a.conn);
         warn_limited!(

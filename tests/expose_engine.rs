@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use common::*;
 use pilot_gateway::address::PilotAddr;
+use pilot_gateway::daemon;
 use pilot_gateway::error::Code;
 use pilot_gateway::expose::{self, Ended, Exposure, Options, Outcome, State};
 use pilot_gateway::ipc::{self, cmd, FrameReader};
@@ -146,10 +147,12 @@ fn allow_list_refuses_unlisted_and_admits_listed() {
         ],
     );
     let entries = ["lab-a".to_string(), "0:0000.0000.0007".to_string()];
-    let allow = expose::resolve_allow(&d.socket, &entries).unwrap();
+    // The gateway's resolver (the daemon's uid checked on its connect).
+    let resolve = |e: &[String]| daemon::resolve_peers(&d.socket, e, Some(pilot_gateway::sys::euid()));
+    let allow: HashSet<PilotAddr> = resolve(&entries).unwrap().into_iter().map(|(a, _)| a).collect();
     let want: HashSet<PilotAddr> = [P9.parse().unwrap(), "0:0000.0000.0007".parse().unwrap()].into();
     assert_eq!(allow, want);
-    let err = expose::resolve_allow(&d.socket, &["nosuch".to_string()]).unwrap_err();
+    let err = resolve(&["nosuch".to_string()]).unwrap_err();
     assert_eq!(err.code, Code::NotFound);
 
     let ended: Arc<Mutex<Vec<Ended>>> = Arc::default();
@@ -197,13 +200,32 @@ fn a_bound_port_is_port_in_use_and_targets_are_checked() {
         assert_eq!(err.code, Code::PortInUse, "port {port}: {err:?}");
         assert!(err.message.contains("already bound"), "{}", err.message);
     }
-    for bad in ["0.0.0.0:8000", "127.0.0.1:0", "192.0.2.1:80"] {
+    for bad in [
+        "0.0.0.0:8000",
+        "[::ffff:0.0.0.0]:8000",
+        "[::]:8000",
+        "127.0.0.1:0",
+        "192.0.2.1:80",
+        "[::ffff:192.0.2.1]:80",
+        "[2001:db8::1]:80",
+    ] {
         let err = Exposure::start(&d.socket, 81, addr(bad), Options::default())
             .err()
             .unwrap();
         assert_eq!(err.code, Code::BadTarget, "{bad}");
     }
-    assert!(expose::check_target(addr("192.0.2.1:80"), true).is_ok());
+    assert!(expose::check_target(addr("192.0.2.1:80"), true, None).is_ok());
+    assert!(expose::check_target(addr("[::ffff:127.0.0.1]:80"), false, None).is_ok());
+    // The gateway's own subnet is refused even with --allow-remote-target,
+    // except 127.0.0.1 (never mapped, also in a 127.0.0.0/8 subnet).
+    let own = Some("10.4.0.0/16".parse().unwrap());
+    for bad in ["10.4.0.1:9090", "[::ffff:10.4.0.1]:9090"] {
+        let err = expose::check_target(addr(bad), true, own).unwrap_err();
+        assert_eq!(err.code, Code::BadTarget, "{bad}");
+    }
+    let own = Some("127.0.0.0/8".parse().unwrap());
+    assert!(expose::check_target(addr("127.0.0.2:80"), false, own).is_err());
+    assert!(expose::check_target(addr("127.0.0.1:80"), false, own).is_ok());
     let gone = dir.path("nothing.sock");
     let err = Exposure::start(&gone, 81, addr("127.0.0.1:8000"), Options::default())
         .err()

@@ -401,7 +401,6 @@ echo "done"
 /// Safe outcome: a target that no interface of this host has is refused
 /// (`bad_target`) whatever the sysctl says.
 #[test]
-#[ignore = "hole: ip_nonlocal_bind makes any expose target count as local"]
 fn an_expose_target_off_this_host_needs_allow_remote_target_even_with_nonlocal_bind() {
     netns();
     let script = r#"
@@ -442,7 +441,6 @@ echo "done"
 /// listener) is refused without `--allow-remote-target`, and no inbound
 /// peer reaches the mapped agent.
 #[test]
-#[ignore = "hole: expose may target the gateway's own mapped IPs, relaying peers to agents"]
 fn an_exposure_never_relays_inbound_peers_into_the_gateways_own_mappings() {
     netns();
     let _agent = Service::start(9090, real_agent);
