@@ -196,6 +196,10 @@ pub struct Counters {
     pub connect_failures: u64,
     /// Successful re-binds after the daemon session was lost.
     pub rebinds: u64,
+    /// Sessions given up because the daemon stopped reading them (a peer
+    /// that does not read blocks the daemon's inline Send): each cut every
+    /// connection on the port.
+    pub session_stalls: u64,
 }
 
 /// How a connection ended, for logs and the access log.
@@ -267,6 +271,7 @@ struct Shared {
     slow_resets: AtomicU64,
     connect_failures: AtomicU64,
     rebinds: AtomicU64,
+    session_stalls: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -303,6 +308,7 @@ impl Exposure {
             slow_resets: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
             rebinds: AtomicU64::new(0),
+            session_stalls: AtomicU64::new(0),
         });
         let s2 = shared.clone();
         let thread = thread::Builder::new()
@@ -342,6 +348,7 @@ impl Exposure {
             slow_resets: s.slow_resets.load(Relaxed),
             connect_failures: s.connect_failures.load(Relaxed),
             rebinds: s.rebinds.load(Relaxed),
+            session_stalls: s.session_stalls.load(Relaxed),
         }
     }
 
@@ -453,26 +460,81 @@ fn unreachable(socket: &Path, e: &dyn std::fmt::Display) -> Error {
 /// The write half of a session, shared by every connection on it.
 struct Link {
     stream: UnixStream,
-    /// Held for one frame, so frames from many threads stay whole.
-    lock: Mutex<()>,
+    /// Held for one frame, so frames from many threads stay whole; it
+    /// guards what each connection sent lately (to name a stall's culprit).
+    lock: Mutex<Recent>,
+    /// Set when a frame could not be written within `IPC_TIMEOUT`: the
+    /// daemon stopped reading the session. Names the likely culprit.
+    stalled: OnceLock<String>,
+}
+
+/// Data bytes each connection sent in the current window of
+/// `IPC_TIMEOUT` (bounded by the connections live in one window).
+#[derive(Default)]
+struct Recent {
+    since: Option<Instant>,
+    bytes: HashMap<u32, (PilotAddr, u64)>,
 }
 
 impl Link {
-    /// Writes one whole frame; a failed write ends the session (a partial
-    /// frame would corrupt it), which the reader then sees.
-    fn send(&self, frame: &[u8]) -> bool {
-        let ok = {
-            let _held = lock(&self.lock);
-            (&self.stream).write_all(frame).is_ok()
+    fn new(stream: UnixStream) -> Link {
+        Link {
+            stream,
+            lock: Mutex::new(Recent::default()),
+            stalled: OnceLock::new(),
+        }
+    }
+
+    /// Writes one whole frame (`from`: the connection whose data it
+    /// carries); a failed write ends the session (a partial frame would
+    /// corrupt it), which the reader then sees.
+    ///
+    /// The daemon handles Send inline, so a peer that does not read can
+    /// block the daemon's reading of the whole session: nothing written
+    /// after that gets through, Close of the culprit included. Such a
+    /// write times out; the session is then given up (the port re-bound
+    /// at once), naming the connection that sent the most lately.
+    fn send(&self, frame: &[u8], from: Option<(u32, PilotAddr)>) -> bool {
+        let result = {
+            let mut recent = lock(&self.lock);
+            if let Some((conn, peer)) = from {
+                recent.count(conn, peer, frame.len());
+            }
+            let r = (&self.stream).write_all(frame);
+            if matches!(&r, Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+            {
+                let _ = self.stalled.set(recent.culprit());
+            }
+            r
         };
-        if !ok {
+        if result.is_err() {
             let _ = self.stream.shutdown(Shutdown::Both);
         }
-        ok
+        result.is_ok()
     }
 
     fn close(&self, conn: u32) -> bool {
-        self.send(&ipc::encode(cmd::CLOSE, &[&conn.to_be_bytes()]))
+        self.send(&ipc::encode(cmd::CLOSE, &[&conn.to_be_bytes()]), None)
+    }
+}
+
+impl Recent {
+    fn count(&mut self, conn: u32, peer: PilotAddr, n: usize) {
+        let now = Instant::now();
+        if !self.since.is_some_and(|t| now.duration_since(t) <= IPC_TIMEOUT) {
+            (self.since, self.bytes) = (Some(now), HashMap::new());
+        }
+        self.bytes.entry(conn).or_insert((peer, 0)).1 += n as u64;
+    }
+
+    /// The connection that sent the most in this window, described.
+    fn culprit(&self) -> String {
+        match self.bytes.iter().max_by_key(|(_, (_, n))| *n) {
+            Some((conn, (peer, n))) => {
+                format!("likely culprit: connection {conn} from {peer}, {n} bytes sent lately")
+            }
+            None => "no connection sent data lately".into(),
+        }
     }
 }
 
@@ -527,13 +589,7 @@ fn open(
         }
     }
     reader.get_ref().set_read_timeout(None).map_err(io_err)?;
-    Ok((
-        reader,
-        Arc::new(Link {
-            stream: writer,
-            lock: Mutex::new(()),
-        }),
-    ))
+    Ok((reader, Arc::new(Link::new(writer))))
 }
 
 /// What is left before `deadline`, or the error of a daemon too slow.
@@ -590,6 +646,13 @@ fn run(ex: &Arc<Shared>, mut session: Option<(FrameReader<UnixStream>, Arc<Link>
             let mut why = serve(ex, reader, &link);
             if ex.stopping.load(Relaxed) {
                 why = "the exposure was stopped".into();
+            } else if let Some(culprit) = link.stalled.get() {
+                // No wait: the daemon frees the port once its blocked Send ends.
+                ex.session_stalls.fetch_add(1, Relaxed);
+                backoff = Duration::ZERO;
+                why = format!(
+                    "daemon session stalled: the daemon took no frame for {IPC_TIMEOUT:?}, blocked sending to a peer that does not read ({culprit}); every connection on the port is reset"
+                );
             }
             cut_all(ex, &why);
             if ex.stopping.load(Relaxed) {
@@ -627,7 +690,7 @@ fn run(ex: &Arc<Shared>, mut session: Option<(FrameReader<UnixStream>, Arc<Link>
                     debug!("exposed port {}: re-bind failed: {}", ex.port, e.message);
                 }
                 *lock(&ex.state) = State::Rebinding(e.message);
-                backoff = (backoff * 2).min(RETRY_MAX);
+                backoff = (backoff * 2).clamp(RETRY_MIN, RETRY_MAX);
             }
         }
     }
@@ -1063,7 +1126,7 @@ fn local_to_remote(c: &Conn, ex: &Shared) {
             Ok(_) if c.remote_closed.load(Relaxed) => {} // nowhere to go
             Ok(n) => {
                 ipc::put_send_header(&mut buf, c.id, n);
-                if !c.link.send(&buf[..ipc::DATA_HEADER + n]) {
+                if !c.link.send(&buf[..ipc::DATA_HEADER + n], Some((c.id, c.peer))) {
                     c.fail(Outcome::Reset("daemon session lost while sending".into()));
                     return;
                 }

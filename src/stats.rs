@@ -119,7 +119,7 @@ pub struct ExposureStats {
 
 impl ExposureStats {
     /// The counters under their JSON keys, in output order.
-    pub fn fields(&self) -> [(&'static str, u64); 10] {
+    pub fn fields(&self) -> [(&'static str, u64); 11] {
         let c = &self.counters;
         [
             ("active", c.active),
@@ -132,6 +132,7 @@ impl ExposureStats {
             ("slow_resets", c.slow_resets),
             ("connect_failures", c.connect_failures),
             ("rebinds", c.rebinds),
+            ("session_stalls", c.session_stalls),
         ]
     }
 
@@ -171,6 +172,8 @@ impl ExposureStats {
                 slow_resets: num(e, "slow_resets")?,
                 connect_failures: num(e, "connect_failures")?,
                 rebinds: num(e, "rebinds")?,
+                // Absent from the files of older gateways, which counted none.
+                session_stalls: num(e, "session_stalls").unwrap_or(0),
             },
         })
     }
@@ -354,6 +357,7 @@ mod tests {
                     slow_resets: 7,
                     connect_failures: 8,
                     rebinds: 9,
+                    session_stalls: 10,
                 },
             }],
         }
