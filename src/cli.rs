@@ -58,7 +58,7 @@ impl Expose {
         } else if let Some(p) = target.strip_prefix("localhost:") {
             SocketAddr::from((Ipv4Addr::LOCALHOST, p.parse::<u16>().map_err(|_| bad())?))
         } else {
-            target.parse::<SocketAddr>().map_err(|_| bad())?
+            crate::expose::canonical(target.parse::<SocketAddr>().map_err(|_| bad())?)
         };
         if target.port() == 0 {
             return Err(bad());

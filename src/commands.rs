@@ -179,7 +179,7 @@ fn start_config(args: &Args, targets: &[Target]) -> Result<gateway::Config> {
     for spec in &args.expose {
         let mut e = Expose::parse_start(spec)?;
         e.allow_remote_target = args.allow_remote_target;
-        crate::expose::check_target(e.target, e.allow_remote_target)?;
+        crate::expose::check_target(e.target, e.allow_remote_target, Some(subnet))?;
         exposures.push(e);
     }
     for t in targets {
@@ -507,7 +507,7 @@ fn unmap(args: &Args, out: &Output, ip_text: &str) -> Result<()> {
 /// another program holds the port).
 fn expose(args: &Args, out: &Output, req: &Expose) -> Result<()> {
     let (dir, st) = running(args)?;
-    crate::expose::check_target(req.target, req.allow_remote_target)?;
+    crate::expose::check_target(req.target, req.allow_remote_target, Some(st.subnet))?;
     // Hostnames are resolved before the lock is taken: they ask the daemon.
     let allow = req
         .allow

@@ -53,13 +53,15 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+use ipnetwork::Ipv4Network;
 
 use crate::address::PilotAddr;
 use crate::error::{Code, Error, Result};
@@ -75,6 +77,9 @@ pub const THREAD_STACK: usize = 128 * 1024;
 static MALFORMED_ACCEPT: RateLimit = RateLimit::new();
 static REFUSED: RateLimit = RateLimit::new();
 static SPAWN_FAILED: RateLimit = RateLimit::new();
+static WRONG_PORT: RateLimit = RateLimit::new();
+/// Each exposure retries a refused re-bind every few seconds: limited too.
+static REBIND_REFUSED: RateLimit = RateLimit::new();
 /// Default bound of one connection's queue of data for the local service.
 pub const QUEUE_BYTES: usize = 512 * 1024;
 /// How long a connection at its bound may go without progress.
@@ -115,6 +120,8 @@ pub struct Options {
     pub allow: Option<HashSet<PilotAddr>>,
     /// Permit a target that is not an address of this host.
     pub allow_remote_target: bool,
+    /// The gateway's subnet: targets inside it (its mappings) are refused.
+    pub own_subnet: Option<Ipv4Network>,
     /// Bound of each connection's queue towards the local service.
     pub queue_bytes: usize,
     /// A connection at its bound whose service takes nothing for this
@@ -145,6 +152,7 @@ impl Default for Options {
         Options {
             allow: None,
             allow_remote_target: false,
+            own_subnet: None,
             queue_bytes: QUEUE_BYTES,
             stall: STALL,
             connect_timeout: Duration::from_secs(5),
@@ -187,6 +195,10 @@ pub struct Counters {
     pub connect_failures: u64,
     /// Successful re-binds after the daemon session was lost.
     pub rebinds: u64,
+    /// Sessions given up because the daemon stopped reading them (a peer
+    /// that does not read blocks the daemon's inline Send): each cut every
+    /// connection on the port.
+    pub session_stalls: u64,
 }
 
 /// How a connection ended, for logs and the access log.
@@ -258,6 +270,7 @@ struct Shared {
     slow_resets: AtomicU64,
     connect_failures: AtomicU64,
     rebinds: AtomicU64,
+    session_stalls: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -270,7 +283,8 @@ impl Exposure {
     /// when the port is held, `bad_target` for an unacceptable target,
     /// `daemon_unreachable` when there is no daemon.
     pub fn start(socket: &Path, port: u16, target: SocketAddr, opts: Options) -> Result<Exposure> {
-        check_target(target, opts.allow_remote_target)?;
+        check_target(target, opts.allow_remote_target, opts.own_subnet)?;
+        let target = canonical(target);
         let deadline = Instant::now() + opts.bind_timeout;
         let (reader, link) = open(socket, port, opts.daemon_uid, deadline, &|| false)?;
         let shared = Arc::new(Shared {
@@ -293,6 +307,7 @@ impl Exposure {
             slow_resets: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
             rebinds: AtomicU64::new(0),
+            session_stalls: AtomicU64::new(0),
         });
         let s2 = shared.clone();
         let thread = thread::Builder::new()
@@ -332,6 +347,7 @@ impl Exposure {
             slow_resets: s.slow_resets.load(Relaxed),
             connect_failures: s.connect_failures.load(Relaxed),
             rebinds: s.rebinds.load(Relaxed),
+            session_stalls: s.session_stalls.load(Relaxed),
         }
     }
 
@@ -385,8 +401,19 @@ impl Drop for Exposure {
     }
 }
 
-/// Refuses targets that cannot work or that leave this host unasked.
-pub fn check_target(target: SocketAddr, allow_remote: bool) -> Result<()> {
+/// The address a target is checked and served at: an IPv4-mapped IPv6
+/// address (`[::ffff:10.4.0.1]`) is the IPv4 address it stands for, so no
+/// check is passed by spelling an address another way.
+pub fn canonical(target: SocketAddr) -> SocketAddr {
+    SocketAddr::new(target.ip().to_canonical(), target.port())
+}
+
+/// Refuses targets that cannot work, that lead into the gateway's own
+/// mappings (`own`: its subnet; refused even with `allow_remote`: every
+/// admitted peer would become a client of the mapped agents, with this
+/// node's identity), or that leave this host unasked.
+pub fn check_target(target: SocketAddr, allow_remote: bool, own: Option<Ipv4Network>) -> Result<()> {
+    let target = canonical(target);
     let ip = target.ip();
     if target.port() == 0 || ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::from([255u8; 4]) {
         return Err(Error::new(
@@ -395,9 +422,17 @@ pub fn check_target(target: SocketAddr, allow_remote: bool) -> Result<()> {
         )
         .hint("give the service's address and port, e.g. 127.0.0.1:8000"));
     }
-    // An address some interface of this host has can be bound locally.
-    let local = ip.is_loopback() || UdpSocket::bind((ip, 0)).is_ok();
-    if !local && !allow_remote {
+    // 127.0.0.1 is never mapped, even in a 127.0.0.0/8 subnet.
+    if let (IpAddr::V4(v4), Some(net)) = (ip, own) {
+        if net.contains(v4) && v4 != Ipv4Addr::LOCALHOST {
+            return Err(Error::new(
+                Code::BadTarget,
+                format!("target {target} is inside the gateway's subnet {net}: it would relay inbound peers to mapped agents"),
+            )
+            .hint("expose the service itself (e.g. 127.0.0.1:PORT); --allow-remote-target does not allow this"));
+        }
+    }
+    if !allow_remote && !on_this_host(ip) {
         return Err(
             Error::new(Code::BadTarget, format!("target {target} is not on this host"))
                 .hint("expose a local service, or pass --allow-remote-target to publish another host's"),
@@ -406,35 +441,11 @@ pub fn check_target(target: SocketAddr, allow_remote: bool) -> Result<()> {
     Ok(())
 }
 
-/// Turns `--allow` entries (addresses or hostnames) into addresses,
-/// resolving hostnames through the daemon.
-pub fn resolve_allow(socket: &Path, entries: &[String]) -> Result<HashSet<PilotAddr>> {
-    let mut out = HashSet::new();
-    let mut session = None;
-    for e in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
-        if let Ok(a) = e.parse::<PilotAddr>() {
-            out.insert(a);
-            continue;
-        }
-        if PilotAddr::looks_like_address(e) {
-            return Err(Error::invalid(format!(
-                "--allow {e:?}: not a valid pilot address"
-            )));
-        }
-        if session.is_none() {
-            let s = ipc::Session::connect_within(socket, IPC_TIMEOUT, None);
-            session = Some(s.map_err(|err| unreachable(socket, &err))?);
-        }
-        if let Some(s) = session.as_mut() {
-            let _ = s.set_timeout(Some(IPC_TIMEOUT));
-            let a = s.resolve(e).map_err(|err| {
-                Error::new(Code::NotFound, format!("--allow {e:?}: {err}"))
-                    .hint("give the peer's address, or a hostname the registry knows")
-            })?;
-            out.insert(a);
-        }
-    }
-    Ok(out)
+/// Whether `ip` is loopback (127.0.0.0/8, ::1) or an address an interface
+/// of this host has. Never "a socket can bind it": with
+/// `ip_nonlocal_bind` every bind succeeds.
+fn on_this_host(ip: IpAddr) -> bool {
+    ip.is_loopback() || sys::host_ips().is_ok_and(|all| all.contains(&ip))
 }
 
 fn unreachable(socket: &Path, e: &dyn std::fmt::Display) -> Error {
@@ -448,26 +459,81 @@ fn unreachable(socket: &Path, e: &dyn std::fmt::Display) -> Error {
 /// The write half of a session, shared by every connection on it.
 struct Link {
     stream: UnixStream,
-    /// Held for one frame, so frames from many threads stay whole.
-    lock: Mutex<()>,
+    /// Held for one frame, so frames from many threads stay whole; it
+    /// guards what each connection sent lately (to name a stall's culprit).
+    lock: Mutex<Recent>,
+    /// Set when a frame could not be written within `IPC_TIMEOUT`: the
+    /// daemon stopped reading the session. Names the likely culprit.
+    stalled: OnceLock<String>,
+}
+
+/// Data bytes each connection sent in the current window of
+/// `IPC_TIMEOUT` (bounded by the connections live in one window).
+#[derive(Default)]
+struct Recent {
+    since: Option<Instant>,
+    bytes: HashMap<u32, (PilotAddr, u64)>,
 }
 
 impl Link {
-    /// Writes one whole frame; a failed write ends the session (a partial
-    /// frame would corrupt it), which the reader then sees.
-    fn send(&self, frame: &[u8]) -> bool {
-        let ok = {
-            let _held = lock(&self.lock);
-            (&self.stream).write_all(frame).is_ok()
+    fn new(stream: UnixStream) -> Link {
+        Link {
+            stream,
+            lock: Mutex::new(Recent::default()),
+            stalled: OnceLock::new(),
+        }
+    }
+
+    /// Writes one whole frame (`from`: the connection whose data it
+    /// carries); a failed write ends the session (a partial frame would
+    /// corrupt it), which the reader then sees.
+    ///
+    /// The daemon handles Send inline, so a peer that does not read can
+    /// block the daemon's reading of the whole session: nothing written
+    /// after that gets through, Close of the culprit included. Such a
+    /// write times out; the session is then given up (the port re-bound
+    /// at once), naming the connection that sent the most lately.
+    fn send(&self, frame: &[u8], from: Option<(u32, PilotAddr)>) -> bool {
+        let result = {
+            let mut recent = lock(&self.lock);
+            if let Some((conn, peer)) = from {
+                recent.count(conn, peer, frame.len());
+            }
+            let r = (&self.stream).write_all(frame);
+            if matches!(&r, Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+            {
+                let _ = self.stalled.set(recent.culprit());
+            }
+            r
         };
-        if !ok {
+        if result.is_err() {
             let _ = self.stream.shutdown(Shutdown::Both);
         }
-        ok
+        result.is_ok()
     }
 
     fn close(&self, conn: u32) -> bool {
-        self.send(&ipc::encode(cmd::CLOSE, &[&conn.to_be_bytes()]))
+        self.send(&ipc::encode(cmd::CLOSE, &[&conn.to_be_bytes()]), None)
+    }
+}
+
+impl Recent {
+    fn count(&mut self, conn: u32, peer: PilotAddr, n: usize) {
+        let now = Instant::now();
+        if !self.since.is_some_and(|t| now.duration_since(t) <= IPC_TIMEOUT) {
+            (self.since, self.bytes) = (Some(now), HashMap::new());
+        }
+        self.bytes.entry(conn).or_insert((peer, 0)).1 += n as u64;
+    }
+
+    /// The connection that sent the most in this window, described.
+    fn culprit(&self) -> String {
+        match self.bytes.iter().max_by_key(|(_, (_, n))| *n) {
+            Some((conn, (peer, n))) => {
+                format!("likely culprit: connection {conn} from {peer}, {n} bytes sent lately")
+            }
+            None => "no connection sent data lately".into(),
+        }
     }
 }
 
@@ -522,13 +588,7 @@ fn open(
         }
     }
     reader.get_ref().set_read_timeout(None).map_err(io_err)?;
-    Ok((
-        reader,
-        Arc::new(Link {
-            stream: writer,
-            lock: Mutex::new(()),
-        }),
-    ))
+    Ok((reader, Arc::new(Link::new(writer))))
 }
 
 /// What is left before `deadline`, or the error of a daemon too slow.
@@ -585,6 +645,13 @@ fn run(ex: &Arc<Shared>, mut session: Option<(FrameReader<UnixStream>, Arc<Link>
             let mut why = serve(ex, reader, &link);
             if ex.stopping.load(Relaxed) {
                 why = "the exposure was stopped".into();
+            } else if let Some(culprit) = link.stalled.get() {
+                // No wait: the daemon frees the port once its blocked Send ends.
+                ex.session_stalls.fetch_add(1, Relaxed);
+                backoff = Duration::ZERO;
+                why = format!(
+                    "daemon session stalled: the daemon took no frame for {IPC_TIMEOUT:?}, blocked sending to a peer that does not read ({culprit}); every connection on the port is reset"
+                );
             }
             cut_all(ex, &why);
             if ex.stopping.load(Relaxed) {
@@ -612,12 +679,17 @@ fn run(ex: &Arc<Shared>, mut session: Option<(FrameReader<UnixStream>, Arc<Link>
                 // Another uid serves the socket now: worth a line each time
                 // (the backoff bounds them), unlike a daemon that is away.
                 if e.code == Code::PermissionDenied {
-                    warn!("exposed port {}: re-bind refused: {}", ex.port, e.message);
+                    warn_limited!(
+                        REBIND_REFUSED,
+                        "exposed port {}: re-bind refused: {}",
+                        ex.port,
+                        e.message
+                    );
                 } else {
                     debug!("exposed port {}: re-bind failed: {}", ex.port, e.message);
                 }
                 *lock(&ex.state) = State::Rebinding(e.message);
-                backoff = (backoff * 2).min(RETRY_MAX);
+                backoff = (backoff * 2).clamp(RETRY_MIN, RETRY_MAX);
             }
         }
     }
@@ -689,6 +761,19 @@ fn accept(ex: &Arc<Shared>, link: &Arc<Link>, payload: &[u8]) {
         );
         return;
     };
+    if a.port != ex.port {
+        // A protocol error: this session Bound one port. Closed unserved.
+        link.close(a.conn);
+        warn_limited!(
+            WRONG_PORT,
+            "exposed port {}: the daemon sent an Accept for port {} (connection {} from {}); closed",
+            ex.port,
+            a.port,
+            a.conn,
+            a.remote
+        );
+        return;
+    }
     if let Some(why) = refusal(ex, a.remote) {
         link.close(a.conn);
         warn_limited!(
@@ -1040,7 +1125,7 @@ fn local_to_remote(c: &Conn, ex: &Shared) {
             Ok(_) if c.remote_closed.load(Relaxed) => {} // nowhere to go
             Ok(n) => {
                 ipc::put_send_header(&mut buf, c.id, n);
-                if !c.link.send(&buf[..ipc::DATA_HEADER + n]) {
+                if !c.link.send(&buf[..ipc::DATA_HEADER + n], Some((c.id, c.peer))) {
                     c.fail(Outcome::Reset("daemon session lost while sending".into()));
                     return;
                 }

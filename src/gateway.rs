@@ -804,6 +804,7 @@ impl Gateway {
         let opts = expose::Options {
             allow: e.allow_set(),
             allow_remote_target: e.allow_remote_target,
+            own_subnet: Some(self.subnet),
             daemon_uid: Some(self.data_path.settings.daemon_uid),
             slots: Some(Arc::new(SharedSlots(self.data_path.clone()))),
             on_end: Some(on_end),

@@ -229,7 +229,7 @@ impl State {
             } else if !ports.insert(e.port) {
                 Some(format!("pilot port {} is exposed twice", e.port))
             } else {
-                crate::expose::check_target(e.target, e.allow_remote_target)
+                crate::expose::check_target(e.target, e.allow_remote_target, Some(subnet))
                     .err()
                     .map(|err| format!("pilot port {}: {}", e.port, err.message))
             };
@@ -989,6 +989,11 @@ mod tests {
             with(81, "192.0.2.1:80", false),
             with(82, "192.0.2.1:80", true),
             with(83, "127.0.0.1:0", false),
+            // The gateway's own mapped IPs: never, not even when remote.
+            with(84, "10.4.0.1:9090", true),
+            with(85, "[::ffff:10.4.0.1]:9090", true),
+            with(86, "[::ffff:0.0.0.0]:80", true),
+            with(87, "[::ffff:127.0.0.1]:80", false),
         ];
         let bad: Vec<(Entry, String)> = s
             .validate(s.subnet)
@@ -1002,9 +1007,11 @@ mod tests {
                 Entry::Mapping { .. } => panic!("mapping flagged: {bad:?}"),
             })
             .collect();
-        assert_eq!(ports, vec![0, 2222, 81, 83], "{bad:?}");
+        assert_eq!(ports, vec![0, 2222, 81, 83, 84, 85, 86], "{bad:?}");
         assert!(bad[1].1.contains("exposed twice"), "{bad:?}");
         assert!(bad[2].1.contains("not on this host"), "{bad:?}");
+        assert!(bad[4].1.contains("inside the gateway's subnet"), "{bad:?}");
+        assert!(bad[5].1.contains("inside the gateway's subnet"), "{bad:?}");
     }
 
     #[test]

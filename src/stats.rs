@@ -85,7 +85,7 @@ json_counters!(Counters, counter_fields, counters_from_json:
 
 json_counters!(ExposureCounters, exposure_fields, exposure_counters_from_json:
     active, total, bytes_in, bytes_out, refused, over_limit, refused_draining,
-    slow_resets, connect_failures, rebinds);
+    slow_resets, connect_failures, rebinds, session_stalls);
 
 impl Counters {
     /// The counters under their JSON keys, in output order.
@@ -126,7 +126,7 @@ pub struct ExposureStats {
 
 impl ExposureStats {
     /// The counters under their JSON keys, in output order.
-    pub fn fields(&self) -> [(&'static str, u64); 10] {
+    pub fn fields(&self) -> [(&'static str, u64); 11] {
         exposure_fields(&self.counters)
     }
 
@@ -338,6 +338,7 @@ mod tests {
                     slow_resets: 7,
                     connect_failures: 8,
                     rebinds: 9,
+                    session_stalls: 10,
                 },
             }],
         }

@@ -582,6 +582,47 @@ pub fn interface_addresses() -> io::Result<Vec<InterfaceAddr>> {
     Ok(out)
 }
 
+/// Every address, IPv4 and IPv6, that an interface of this host has
+/// (getifaddrs): what "on this host" means, whatever a bind would accept
+/// (`ip_nonlocal_bind` lets a socket bind any address).
+pub fn host_ips() -> io::Result<Vec<std::net::IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, which
+        // lives until freeifaddrs below.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr is non-null and points to a sockaddr whose
+        // family says which sockaddr it is.
+        match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+            libc::AF_INET => {
+                // SAFETY: AF_INET: a sockaddr_in.
+                let a = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                out.push(std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).into());
+            }
+            libc::AF_INET6 => {
+                // SAFETY: AF_INET6: a sockaddr_in6.
+                let a = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                out.push(std::net::Ipv6Addr::from(a.sin6_addr.s6_addr).into());
+            }
+            _ => {}
+        }
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once; nothing
+    // borrowed from it is used after this.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
 /// Makes `name` a C string, refusing an interior NUL.
 fn c_name(name: &str) -> io::Result<CString> {
     CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))

@@ -241,6 +241,12 @@ fn a_port_already_bound_is_port_in_use() {
     let dir = TempDir::new("x-inuse");
     let d = devd(&dir, &[]);
     let gw = Gw::new(&dir, &d.socket);
+    // A start exposing into its own subnet is refused before anything runs.
+    let err = fails(
+        &gw,
+        &["start", "--expose", "80=10.4.0.1:9090", "--allow-remote-target"],
+    );
+    assert_eq!(text(&err, "code"), "bad_target", "{err}");
     gw.ok(&["start"]);
     // The daemon's own ports, and one another program holds.
     use pilot_gateway::ipc::{self, cmd, FrameReader};
@@ -267,9 +273,25 @@ fn a_port_already_bound_is_port_in_use() {
         "already_exists"
     );
     gw.ok(&["expose", "80", "8000"]); // the same again: same answer
-    for target in ["192.0.2.1:80", "127.0.0.1:0", "0.0.0.0:80", "localhost"] {
+    for target in [
+        "192.0.2.1:80",
+        "127.0.0.1:0",
+        "0.0.0.0:80",
+        "[::ffff:0.0.0.0]:80",
+        "localhost",
+    ] {
         let err = fails(&gw, &["expose", "81", target]);
         assert_eq!(text(&err, "code"), "bad_target", "{target}: {err}");
+    }
+    // The gateway's own subnet (its mappings): refused even when remote
+    // targets are allowed, with a message that says why.
+    for target in ["10.4.0.1:9090", "[::ffff:10.4.0.1]:9090"] {
+        let err = fails(&gw, &["expose", "81", target, "--allow-remote-target"]);
+        assert_eq!(text(&err, "code"), "bad_target", "{target}: {err}");
+        assert!(
+            text(&err, "message").contains("inside the gateway's subnet"),
+            "{err}"
+        );
     }
     assert_eq!(text(&fails(&gw, &["unexpose", "81"]), "code"), "not_found");
     drop(holder);

@@ -6,15 +6,17 @@ mod common;
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use common::*;
 use pilot_gateway::address::PilotAddr;
+use pilot_gateway::daemon;
 use pilot_gateway::error::Code;
 use pilot_gateway::expose::{self, Ended, Exposure, Options, Outcome, State};
+use pilot_gateway::ipc::{self, cmd, FrameReader};
 
 const P9: &str = "0:0000.0000.0009";
 const P8: &str = "0:0000.0000.0008";
@@ -102,10 +104,12 @@ fn allow_list_refuses_unlisted_and_admits_listed() {
         ],
     );
     let entries = ["lab-a".to_string(), "0:0000.0000.0007".to_string()];
-    let allow = expose::resolve_allow(&d.socket, &entries).unwrap();
+    // The gateway's resolver (the daemon's uid checked on its connect).
+    let resolve = |e: &[String]| daemon::resolve_peers(&d.socket, e, Some(pilot_gateway::sys::euid()));
+    let allow: HashSet<PilotAddr> = resolve(&entries).unwrap().into_iter().map(|(a, _)| a).collect();
     let want: HashSet<PilotAddr> = [P9.parse().unwrap(), "0:0000.0000.0007".parse().unwrap()].into();
     assert_eq!(allow, want);
-    let err = expose::resolve_allow(&d.socket, &["nosuch".to_string()]).unwrap_err();
+    let err = resolve(&["nosuch".to_string()]).unwrap_err();
     assert_eq!(err.code, Code::NotFound);
 
     let ended: Arc<Mutex<Vec<Ended>>> = Arc::default();
@@ -153,13 +157,32 @@ fn a_bound_port_is_port_in_use_and_targets_are_checked() {
         assert_eq!(err.code, Code::PortInUse, "port {port}: {err:?}");
         assert!(err.message.contains("already bound"), "{}", err.message);
     }
-    for bad in ["0.0.0.0:8000", "127.0.0.1:0", "192.0.2.1:80"] {
+    for bad in [
+        "0.0.0.0:8000",
+        "[::ffff:0.0.0.0]:8000",
+        "[::]:8000",
+        "127.0.0.1:0",
+        "192.0.2.1:80",
+        "[::ffff:192.0.2.1]:80",
+        "[2001:db8::1]:80",
+    ] {
         let err = Exposure::start(&d.socket, 81, addr(bad), Options::default())
             .err()
             .unwrap();
         assert_eq!(err.code, Code::BadTarget, "{bad}");
     }
-    assert!(expose::check_target(addr("192.0.2.1:80"), true).is_ok());
+    assert!(expose::check_target(addr("192.0.2.1:80"), true, None).is_ok());
+    assert!(expose::check_target(addr("[::ffff:127.0.0.1]:80"), false, None).is_ok());
+    // The gateway's own subnet is refused even with --allow-remote-target,
+    // except 127.0.0.1 (never mapped, also in a 127.0.0.0/8 subnet).
+    let own = Some("10.4.0.0/16".parse().unwrap());
+    for bad in ["10.4.0.1:9090", "[::ffff:10.4.0.1]:9090"] {
+        let err = expose::check_target(addr(bad), true, own).unwrap_err();
+        assert_eq!(err.code, Code::BadTarget, "{bad}");
+    }
+    let own = Some("127.0.0.0/8".parse().unwrap());
+    assert!(expose::check_target(addr("127.0.0.2:80"), false, own).is_err());
+    assert!(expose::check_target(addr("127.0.0.1:80"), false, own).is_ok());
     let gone = dir.path("nothing.sock");
     let err = Exposure::start(&gone, 81, addr("127.0.0.1:8000"), Options::default())
         .err()
@@ -215,4 +238,87 @@ fn stop_frees_the_port() {
     assert!(can_bind(&d.socket, 80), "another program can bind the port now");
     let mut rest = Vec::new();
     let _ = live.read_to_end(&mut rest);
+}
+
+/// An Accept for a port this session did not Bind is a protocol error:
+/// that connection is closed unserved, and the session goes on.
+#[test]
+fn an_accept_for_another_port_is_closed_unserved() {
+    let dir = TempDir::new("expose-wrongport");
+    let path = dir.path("fake.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let fake = thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = FrameReader::new(s, 64 * 1024);
+        assert_eq!(r.read_frame().unwrap().0, cmd::BIND);
+        w.write_all(&ipc::encode(cmd::BIND_OK, &[&80u16.to_be_bytes()]))
+            .unwrap();
+        let from = [0u8, 0, 0, 0, 0, 9];
+        let accept = |port: u16, conn: u32| {
+            ipc::encode(
+                cmd::ACCEPT,
+                &[
+                    &port.to_be_bytes(),
+                    &conn.to_be_bytes(),
+                    &from,
+                    &49152u16.to_be_bytes(),
+                ],
+            )
+        };
+        w.write_all(&accept(81, 5)).unwrap();
+        let (c, range) = r.read_frame().unwrap();
+        let closed = (c, r.buffer()[range].to_vec());
+        w.write_all(&ipc::encode(cmd::CLOSE_OK, &[&5u32.to_be_bytes()]))
+            .unwrap();
+        closed
+    });
+    let ex = Exposure::start(&path, 80, addr("127.0.0.1:8000"), Options::default()).unwrap();
+    let (c, payload) = fake.join().unwrap();
+    assert_eq!((c, payload), (cmd::CLOSE, 5u32.to_be_bytes().to_vec()));
+    let n = ex.counters();
+    assert_eq!((n.total, n.active, n.connect_failures), (0, 0, 0));
+}
+
+/// Echoes, except that a connection opening with `BIG` gets an endless
+/// reply.
+fn echo_or_flood(mut c: TcpStream) {
+    let mut buf = [0u8; 4096];
+    let Ok(n) = c.read(&mut buf) else { return };
+    if buf[..n].starts_with(b"BIG") {
+        let chunk = [b'x'; 65536];
+        while c.write_all(&chunk).is_ok() {}
+        return;
+    }
+    let mut n = n;
+    while n > 0 && c.write_all(&buf[..n]).is_ok() {
+        n = c.read(&mut buf).unwrap_or(0);
+    }
+}
+
+/// A peer that never reads blocks the daemon's inline Send, and with it
+/// the whole session (a protocol limitation: no per-connection flow
+/// control). The engine gives the session up after its write deadline,
+/// counts the stall, names the culprit, and re-binds as soon as the
+/// daemon lets go of the port; the port then serves again.
+#[test]
+fn a_stalled_session_is_counted_and_the_port_rebound() {
+    netns();
+    let dir = TempDir::new("expose-stall");
+    let _svc = Service::start(8000, echo_or_flood);
+    let d = devd(&dir, &[]);
+    let ex = expose(&d, 80, "127.0.0.1:8000", Options::default());
+    assert!(short_exchange("127.0.0.1:7100"));
+    let mut hog = connect("127.0.0.1:7100");
+    hog.write_all(b"BIG").unwrap();
+    let stalled = wait_until(Duration::from_secs(40), || ex.counters().session_stalls == 1);
+    assert!(stalled, "{:?} {:?}", ex.counters(), ex.state());
+    // The daemon frees the port once its Send to the hog fails.
+    drop(hog);
+    let back = wait_until(Duration::from_secs(20), || {
+        ex.state() == State::Bound && ex.counters().rebinds == 1
+    });
+    assert!(back, "{:?} {:?}", ex.counters(), ex.state());
+    assert!(short_exchange("127.0.0.1:7100"));
 }
