@@ -24,7 +24,7 @@ use crate::privilege;
 use crate::state::{Exposed, Mapping, State, StateDir};
 use crate::stats::Stats;
 use crate::subnet;
-use crate::sys::{self, ProcId};
+use crate::sys::{self, FileLock, ProcId};
 
 /// How long a command waits for the gateway to apply a change.
 const APPLY_WAIT: Duration = Duration::from_secs(10);
@@ -477,26 +477,9 @@ fn unmap(args: &Args, out: &Output, ip_text: &str) -> Result<()> {
     };
     let drain = drain_secs(args)?;
     st.mappings.retain(|x| x.local_ip != ip);
-    st.generation += 1;
-    let generation = st.generation;
-    request_drain(&dir, drain)?;
-    dir.write(&st)?;
-    drop(lock);
-    signal(&st, libc::SIGHUP)?;
-    wait_applied(&dir, st.gateway, generation, APPLY_WAIT + drain)?;
-    // The gateway notes how many connections the apply that handled this
-    // change cut (several unmaps applied at once share one count).
-    let cut = dir
-        .read_note("applied.json")
-        .filter(|v| v.get("generation").and_then(Value::as_u64) >= Some(generation))
-        .and_then(|v| v.get("cut").and_then(Value::as_u64))
-        .unwrap_or(0);
-    let mut data = output::mapping_json(&m);
-    if let Value::Obj(pairs) = &mut data {
-        pairs.push(("cut".into(), cut.into()));
-    }
+    let cut = apply_removal(&dir, lock, st, drain)?;
     out.ok(
-        data,
+        with_cut(output::mapping_json(&m), cut),
         &format!("unmapped {} → {}{}\n", m.local_ip, m.pilot_addr, cut_note(cut)),
     );
     Ok(())
@@ -580,27 +563,41 @@ fn unexpose(args: &Args, out: &Output, port: &str) -> Result<()> {
     };
     let drain = drain_secs(args)?;
     st.exposures.retain(|x| x.port != port);
-    st.generation += 1;
-    let generation = st.generation;
-    request_drain(&dir, drain)?;
-    dir.write(&st)?;
-    drop(lock);
-    signal(&st, libc::SIGHUP)?;
-    wait_applied(&dir, st.gateway, generation, APPLY_WAIT + drain)?;
-    let cut = dir
-        .read_note("applied.json")
-        .filter(|v| v.get("generation").and_then(Value::as_u64) >= Some(generation))
-        .and_then(|v| v.get("cut").and_then(Value::as_u64))
-        .unwrap_or(0);
-    let mut data = output::exposure_json(&e);
-    if let Value::Obj(pairs) = &mut data {
-        pairs.push(("cut".into(), cut.into()));
-    }
+    let cut = apply_removal(&dir, lock, st, drain)?;
     out.ok(
-        data,
+        with_cut(output::exposure_json(&e), cut),
         &format!("unexposed pilot port {port} → {}{}\n", e.target, cut_note(cut)),
     );
     Ok(())
+}
+
+/// Records a removal (an unmap or unexpose) already made to `st`, read
+/// under `lock`: a new generation, written with the drain request; then has
+/// the gateway apply it and waits up to `drain` longer for it. Returns how
+/// many live connections the apply cut.
+fn apply_removal(dir: &StateDir, lock: FileLock, mut st: State, drain: Duration) -> Result<u64> {
+    st.generation += 1;
+    let generation = st.generation;
+    request_drain(dir, drain)?;
+    dir.write(&st)?;
+    drop(lock);
+    signal(&st, libc::SIGHUP)?;
+    wait_applied(dir, st.gateway, generation, APPLY_WAIT + drain)?;
+    // The gateway notes how many connections the apply that handled this
+    // change cut (several removals applied at once share one count).
+    Ok(dir
+        .read_note("applied.json")
+        .filter(|v| v.get("generation").and_then(Value::as_u64) >= Some(generation))
+        .and_then(|v| v.get("cut").and_then(Value::as_u64))
+        .unwrap_or(0))
+}
+
+/// A removal's report: `data` with the `cut` count appended.
+fn with_cut(mut data: Value, cut: u64) -> Value {
+    if let Value::Obj(pairs) = &mut data {
+        pairs.push(("cut".into(), cut.into()));
+    }
+    data
 }
 
 /// The text form of a `cut` count: nothing when none was cut.
