@@ -188,27 +188,15 @@ pub fn mapping_json(m: &Mapping) -> Value {
     Value::obj(v)
 }
 
-/// An exposure as commands report it: port, target, the allow-list (null:
-/// none) with the hostname each peer was given by.
+/// An exposure as commands report it: as the state file records it (port,
+/// target, the allow-list (null: none) with the hostname each peer was given
+/// by, allow_remote_target) without the generation, which is internal.
 pub fn exposure_json(e: &Exposed) -> Value {
-    let allow = e.allow.as_ref().map(|l| {
-        Value::Arr(
-            l.iter()
-                .map(|(a, name)| {
-                    Value::obj([
-                        ("addr", Value::from(a.to_string())),
-                        ("name", name.clone().into()),
-                    ])
-                })
-                .collect(),
-        )
-    });
-    Value::obj([
-        ("port", Value::from(e.port)),
-        ("target", e.target.to_string().into()),
-        ("allow", allow.unwrap_or(Value::Null)),
-        ("allow_remote_target", e.allow_remote_target.into()),
-    ])
+    let mut v = e.to_json();
+    if let Value::Obj(pairs) = &mut v {
+        pairs.retain(|(k, _)| k != "generation");
+    }
+    v
 }
 
 /// The peers an exposure admits, for people: names where given.

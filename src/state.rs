@@ -87,6 +87,8 @@ impl Exposed {
             && self.allow_remote_target == other.allow_remote_target
     }
 
+    /// The exposure as the state file records it; commands report the same
+    /// without `generation` (`output::exposure_json`).
     pub fn to_json(&self) -> Value {
         let allow = self.allow.as_ref().map(|l| {
             Value::Arr(
