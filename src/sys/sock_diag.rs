@@ -214,14 +214,7 @@ mod linux {
     pub(super) fn count_in_dump(buf: &[u8], seq: u32, ip: std::net::Ipv4Addr) -> io::Result<(usize, bool)> {
         let (mut rest, mut found) = (buf, 0);
         while !rest.is_empty() {
-            let len = u32_at(rest, 0)? as usize;
-            let (Some(msg), true) = (rest.get(..len), len >= HDR) else {
-                return Err(odd(format!(
-                    "netlink message length {len} of {} bytes left",
-                    rest.len()
-                )));
-            };
-            rest = rest.get((len + 3) & !3..).unwrap_or(&[]);
+            let msg = next_message(&mut rest)?;
             if u32_at(msg, 8)? != seq {
                 continue;
             }
@@ -412,14 +405,7 @@ mod linux {
     pub(super) fn parse_reply(buf: &[u8], seq: u32, want_id: &[u8]) -> io::Result<Option<Answer>> {
         let mut rest = buf;
         while !rest.is_empty() {
-            let len = u32_at(rest, 0)? as usize;
-            let (Some(msg), true) = (rest.get(..len), len >= HDR) else {
-                return Err(odd(format!(
-                    "netlink message length {len} of {} bytes left",
-                    rest.len()
-                )));
-            };
-            rest = rest.get((len + 3) & !3..).unwrap_or(&[]);
+            let msg = next_message(&mut rest)?;
             if u32_at(msg, 8)? != seq {
                 continue;
             }
@@ -449,6 +435,21 @@ mod linux {
             }
         }
         Ok(None)
+    }
+
+    /// Takes the first netlink message (header included) off `rest`, which
+    /// moves past it and its padding to 4 bytes. Its length (`nlmsg_len`,
+    /// offset 0) must cover the header and fit in what is left.
+    fn next_message<'a>(rest: &mut &'a [u8]) -> io::Result<&'a [u8]> {
+        let len = u32_at(rest, 0)? as usize;
+        let (Some(msg), true) = (rest.get(..len), len >= HDR) else {
+            return Err(odd(format!(
+                "netlink message length {len} of {} bytes left",
+                rest.len()
+            )));
+        };
+        *rest = rest.get((len + 3) & !3..).unwrap_or(&[]);
+        Ok(msg)
     }
 
     fn u32_at(b: &[u8], at: usize) -> io::Result<u32> {
