@@ -537,24 +537,14 @@ pub struct InterfaceAddr {
 
 /// Every IPv4 address on every interface (getifaddrs).
 pub fn interface_addresses() -> io::Result<Vec<InterfaceAddr>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
     let mut out = Vec::new();
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list getifaddrs returned, which
-        // lives until freeifaddrs below.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
+    each_ifaddr(|ifa| {
         if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-            continue;
+            return;
         }
         // SAFETY: ifa_addr is non-null and points to a sockaddr.
         if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
-            continue;
+            return;
         }
         // SAFETY: the family is AF_INET, so address and (non-null) netmask
         // are sockaddr_in.
@@ -575,10 +565,7 @@ pub fn interface_addresses() -> io::Result<Vec<InterfaceAddr>> {
             prefix: mask.count_ones() as u8,
             loopback: ifa.ifa_flags & (libc::IFF_LOOPBACK as libc::c_uint) != 0,
         });
-    }
-    // SAFETY: `head` came from getifaddrs and is freed once; nothing
-    // borrowed from it is used after this.
-    unsafe { libc::freeifaddrs(head) };
+    })?;
     Ok(out)
 }
 
@@ -586,20 +573,10 @@ pub fn interface_addresses() -> io::Result<Vec<InterfaceAddr>> {
 /// (getifaddrs): what "on this host" means, whatever a bind would accept
 /// (`ip_nonlocal_bind` lets a socket bind any address).
 pub fn host_ips() -> io::Result<Vec<std::net::IpAddr>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
     let mut out = Vec::new();
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list getifaddrs returned, which
-        // lives until freeifaddrs below.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
+    each_ifaddr(|ifa| {
         if ifa.ifa_addr.is_null() {
-            continue;
+            return;
         }
         // SAFETY: ifa_addr is non-null and points to a sockaddr whose
         // family says which sockaddr it is.
@@ -616,11 +593,30 @@ pub fn host_ips() -> io::Result<Vec<std::net::IpAddr>> {
             }
             _ => {}
         }
-    }
-    // SAFETY: `head` came from getifaddrs and is freed once; nothing
-    // borrowed from it is used after this.
-    unsafe { libc::freeifaddrs(head) };
+    })?;
     Ok(out)
+}
+
+/// Calls `f` with each entry of the interface address list (getifaddrs);
+/// the entries, and all they point to, live only during the call.
+fn each_ifaddr(mut f: impl FnMut(&libc::ifaddrs)) -> io::Result<()> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, which
+        // lives until freeifaddrs below.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        f(ifa);
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once; `f` got only
+    // borrows for the length of its call, so nothing uses it after this.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(())
 }
 
 /// Makes `name` a C string, refusing an interior NUL.
