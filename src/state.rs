@@ -751,26 +751,8 @@ impl StateDir {
     /// O_EXCL (never an existing file or link), written, fsynced, renamed
     /// into place within the directory, and the directory fsynced.
     pub fn write_atomic(&self, name: &str, text: &str) -> Result<()> {
-        let tmp = format!(".{name}.{}.tmp", std::process::id());
-        let _ = sys::unlink_at(&self.dir, &tmp);
-        let fail =
-            |e: &std::io::Error| Error::io(format!("cannot write {}", self.path.join(name).display()), e);
-        let mut f = sys::open_at(
-            &self.dir,
-            &tmp,
-            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
-            0o600,
-        )
-        .map_err(|e| fail(&e))?;
-        self.give(&f);
-        let done = f
-            .write_all(text.as_bytes())
-            .and_then(|_| f.sync_all())
-            .and_then(|_| sys::rename_at(&self.dir, &tmp, name));
-        if let Err(e) = done {
-            let _ = sys::unlink_at(&self.dir, &tmp);
-            return Err(fail(&e));
-        }
+        self.replace_file(name, |f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()))
+            .map_err(|e| Error::io(format!("cannot write {}", self.path.join(name).display()), &e))?;
         // Make the rename itself durable.
         let _ = self.dir.sync_all();
         Ok(())
@@ -782,20 +764,31 @@ impl StateDir {
     /// a planted link itself, so nothing is truncated or created through it,
     /// and parallel starts never trip over each other's file.
     pub fn create_log(&self) -> Result<File> {
-        let tmp = format!(".gateway.log.{}.tmp", std::process::id());
+        self.replace_file("gateway.log", |_| Ok(()))
+            .map_err(|e| Error::io(format!("cannot create {}", self.log_file().display()), &e))
+    }
+
+    /// Puts a new file at `name`: created under a fresh temporary name with
+    /// O_EXCL (never an existing file or link), given to the gateway's
+    /// user, filled by `fill`, then renamed over whatever has the name. A
+    /// failure removes the temporary file.
+    fn replace_file(
+        &self,
+        name: &str,
+        fill: impl FnOnce(&mut File) -> std::io::Result<()>,
+    ) -> std::io::Result<File> {
+        let tmp = format!(".{name}.{}.tmp", std::process::id());
         let _ = sys::unlink_at(&self.dir, &tmp);
-        let fail = |e: &std::io::Error| Error::io(format!("cannot create {}", self.log_file().display()), e);
-        let f = sys::open_at(
+        let mut f = sys::open_at(
             &self.dir,
             &tmp,
             libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
             0o600,
-        )
-        .map_err(|e| fail(&e))?;
+        )?;
         self.give(&f);
-        if let Err(e) = sys::rename_at(&self.dir, &tmp, "gateway.log") {
+        if let Err(e) = fill(&mut f).and_then(|_| sys::rename_at(&self.dir, &tmp, name)) {
             let _ = sys::unlink_at(&self.dir, &tmp);
-            return Err(fail(&e));
+            return Err(e);
         }
         Ok(f)
     }
