@@ -1077,19 +1077,15 @@ impl Gateway {
         st.ports = self.ports.clone();
         st.daemon_uid = Some(self.data_path.settings.daemon_uid);
         let invalid = st.validate(self.subnet);
-        let mut index = 0;
-        st.mappings.retain(|_| {
-            index += 1;
-            !invalid
+        retain_by_index(&mut st.mappings, |index| {
+            invalid
                 .iter()
-                .any(|b| matches!(b.entry, Entry::Mapping { index: i, .. } if i == index - 1))
+                .any(|b| matches!(b.entry, Entry::Mapping { index: i, .. } if i == index))
         });
-        let mut index = 0;
-        st.exposures.retain(|_| {
-            index += 1;
-            !invalid
+        retain_by_index(&mut st.exposures, |index| {
+            invalid
                 .iter()
-                .any(|b| matches!(b.entry, Entry::Exposure { index: i, .. } if i == index - 1))
+                .any(|b| matches!(b.entry, Entry::Exposure { index: i, .. } if i == index))
         });
         for bad in invalid {
             let what = match bad.entry {
@@ -1144,6 +1140,16 @@ impl Gateway {
             error!("cannot write counters: {e}");
         }
     }
+}
+
+/// Drops from `list` the entries whose index `dropped` names (indices as
+/// they were before any was dropped).
+fn retain_by_index<T>(list: &mut Vec<T>, dropped: impl Fn(usize) -> bool) {
+    let mut index = 0;
+    list.retain(|_| {
+        index += 1;
+        !dropped(index - 1)
+    });
 }
 
 impl Gateway {
