@@ -10,7 +10,6 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::thread;
@@ -192,23 +191,6 @@ fn a_trickling_daemon_cannot_hold_status_list_or_sigterm() {
         p.wait_exit(Duration::from_secs(10)).is_some(),
         "SIGTERM completes"
     );
-}
-
-/// Sets the descriptor limit of the command's process before it runs.
-fn nofile(c: &mut Command, n: u64) {
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs in pre_exec.
-    unsafe {
-        c.pre_exec(move || {
-            let rl = libc::rlimit {
-                rlim_cur: n,
-                rlim_max: n,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 /// Sets the soft descriptor limit of a running process (the hard one stays:

@@ -518,23 +518,6 @@ fn stop_and_unexpose_drain_exposed_connections() {
     assert!(drained >= 2, "refusals while draining are logged: {log}");
 }
 
-fn nofile(c: &mut std::process::Command, n: u64) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs in pre_exec.
-    unsafe {
-        c.pre_exec(move || {
-            let rl = libc::rlimit {
-                rlim_cur: n,
-                rlim_max: n,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
 #[test]
 fn forwarded_and_exposed_connections_share_the_max_conns_budget() {
     netns();

@@ -811,3 +811,21 @@ pub fn upload_whole(to: &str, len: usize) -> (u64, u64) {
     let diff = u64::from_be_bytes(reply[8..].try_into().unwrap());
     (count, diff)
 }
+
+/// Sets the descriptor limit of the command's process before it runs.
+pub fn nofile(c: &mut Command, n: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs in pre_exec.
+    unsafe {
+        c.pre_exec(move || {
+            let rl = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
