@@ -6,9 +6,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::TcpStream;
 use std::thread;
 use std::time::Duration;
 
@@ -97,67 +95,27 @@ fn fifty_connections_one_service_never_reads_only_it_is_reset() {
     netns();
     let dir = TempDir::new("x-slow");
     // The service: its first connection never reads; the others echo.
-    let listener = TcpListener::bind("127.0.0.1:8000").unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let slow: Arc<Mutex<Option<TcpStream>>> = Arc::default();
-    {
-        let (accepted, slow) = (accepted.clone(), slow.clone());
-        thread::spawn(move || {
-            for c in listener.incoming().flatten().take(50) {
-                if accepted.fetch_add(1, Ordering::SeqCst) == 0 {
-                    *slow.lock().unwrap() = Some(c);
-                } else {
-                    thread::spawn(move || echo(c));
-                }
-            }
-        });
-    }
+    let svc = NeverReadsFirst::start(8000, 50);
     let d = devd(&dir, &[]);
     let gw = Gw::new(&dir, &d.socket);
     gw.ok(&["start"]);
     gw.ok(&["expose", "80", "127.0.0.1:8000"]);
     // Pours data at the one that never reads until it is reset (bounded).
-    let pour = thread::spawn(|| {
-        let mut s = connect(IN80);
-        let chunk = vec![5u8; 1 << 20];
-        for _ in 0..256 {
-            if s.write_all(&chunk).is_err() {
-                return;
-            }
-        }
-    });
-    assert!(wait_until(Duration::from_secs(10), || accepted
-        .load(Ordering::SeqCst)
-        == 1));
-    let others: Vec<_> = (0..49u64)
-        .map(|i| {
-            thread::spawn(move || {
-                let s = connect(IN80);
-                let data = pattern(100 + i, 128 * 1024);
-                let (mut w, expect) = (s.try_clone().unwrap(), data.clone());
-                let writer = thread::spawn(move || w.write_all(&data).unwrap());
-                let mut got = vec![0u8; expect.len()];
-                (&s).read_exact(&mut got).unwrap();
-                writer.join().unwrap();
-                got == expect
-            })
-        })
-        .collect();
-    for (i, t) in others.into_iter().enumerate() {
-        assert!(t.join().unwrap(), "connection {i} did not echo byte-exact");
-    }
+    let pouring = pour(IN80);
+    assert!(wait_until(Duration::from_secs(10), || svc.accepted() == 1));
+    echoes_byte_exact(IN80, 49);
     assert!(
         wait_until(Duration::from_secs(60), || num(&exposure(&gw, 80), "slow_resets")
             == 1),
         "the service that never reads was not reset: {}",
         exposure(&gw, 80)
     );
-    let mut held = slow.lock().unwrap().take().unwrap();
+    let mut held = svc.take_held();
     assert!(
         sees_reset(&mut held, Duration::from_secs(10)),
         "its socket sees a reset"
     );
-    pour.join().unwrap();
+    pouring.join().unwrap();
     assert!(wait_until(Duration::from_secs(10), || num(
         &exposure(&gw, 80),
         "active"
