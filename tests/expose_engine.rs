@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -279,22 +279,6 @@ fn an_accept_for_another_port_is_closed_unserved() {
     assert_eq!((c, payload), (cmd::CLOSE, 5u32.to_be_bytes().to_vec()));
     let n = ex.counters();
     assert_eq!((n.total, n.active, n.connect_failures), (0, 0, 0));
-}
-
-/// Echoes, except that a connection opening with `BIG` gets an endless
-/// reply.
-fn echo_or_flood(mut c: TcpStream) {
-    let mut buf = [0u8; 4096];
-    let Ok(n) = c.read(&mut buf) else { return };
-    if buf[..n].starts_with(b"BIG") {
-        let chunk = [b'x'; 65536];
-        while c.write_all(&chunk).is_ok() {}
-        return;
-    }
-    let mut n = n;
-    while n > 0 && c.write_all(&buf[..n]).is_ok() {
-        n = c.read(&mut buf).unwrap_or(0);
-    }
 }
 
 /// A peer that never reads blocks the daemon's inline Send, and with it

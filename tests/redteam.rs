@@ -676,23 +676,6 @@ echo "done"
     );
 }
 
-/// Echoes, except that a connection opening with `BIG` gets an endless
-/// reply (a download the peer never reads).
-fn echo_or_flood(mut c: TcpStream) {
-    use std::io::Read;
-    let mut buf = [0u8; 4096];
-    let Ok(n) = c.read(&mut buf) else { return };
-    if buf[..n].starts_with(b"BIG") {
-        let chunk = [b'x'; 65536];
-        while c.write_all(&chunk).is_ok() {}
-        return;
-    }
-    let mut n = n;
-    while n > 0 && c.write_all(&buf[..n]).is_ok() {
-        n = c.read(&mut buf).unwrap_or(0);
-    }
-}
-
 /// Hole: one peer that never reads stalls, then cuts, every connection to
 /// the same exposed port. The daemon handles Send inline (PROTOCOL.md), so
 /// a Send for a peer whose window is full blocks the daemon's reading of

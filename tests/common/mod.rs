@@ -829,3 +829,19 @@ pub fn nofile(c: &mut Command, n: u64) {
         });
     }
 }
+
+/// Service: echoes, except that a connection opening with `BIG` gets an
+/// endless reply (a download the peer never reads).
+pub fn echo_or_flood(mut c: TcpStream) {
+    let mut buf = [0u8; 4096];
+    let Ok(n) = c.read(&mut buf) else { return };
+    if buf[..n].starts_with(b"BIG") {
+        let chunk = [b'x'; 65536];
+        while c.write_all(&chunk).is_ok() {}
+        return;
+    }
+    let mut n = n;
+    while n > 0 && c.write_all(&buf[..n]).is_ok() {
+        n = c.read(&mut buf).unwrap_or(0);
+    }
+}
