@@ -10,7 +10,7 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use common::*;
 
@@ -19,7 +19,8 @@ use common::*;
 /// (mode 1777, like the real one) and on /run (0755). `$GW`, `$DEVD` and
 /// `$NB` (the prefix that runs a program as nobody) are set. Everything
 /// the script starts is killed when it ends (it is the namespace's init).
-fn in_private_namespaces(script: &str) -> Output {
+/// Returns its stdout and stderr, each under a heading.
+fn in_private_namespaces(script: &str) -> String {
     let prelude = format!(
         r#"set -u
 GW={gw}; DEVD={devd}
@@ -58,10 +59,7 @@ fetch() {{ timeout 5 bash -c "exec 3<>/dev/tcp/$1/$2; printf 'GET / HTTP/1.0\r\n
         .unwrap()
         .write_all(format!("{prelude}{script}").as_bytes())
         .unwrap();
-    child.wait_with_output().unwrap()
-}
-
-fn text(out: &Output) -> String {
+    let out = child.wait_with_output().unwrap();
     format!(
         "--- stdout\n{}--- stderr\n{}",
         String::from_utf8_lossy(&out.stdout),
@@ -110,8 +108,7 @@ g stop >/dev/null 2>&1
 "#,
         a4 = A4
     );
-    let out = in_private_namespaces(&script);
-    let t = text(&out);
+    let t = in_private_namespaces(&script);
     assert!(
         !t.contains("first-start-failed") && !t.contains("first-stop-failed"),
         "{t}"
@@ -157,8 +154,7 @@ g stop >/dev/null 2>&1
 "#,
         a4 = A4
     );
-    let out = in_private_namespaces(&script);
-    let t = text(&out);
+    let t = in_private_namespaces(&script);
     assert!(t.contains("start-rc=0"), "{t}");
     assert!(t.contains("before=AGENT-REAL"), "the setup must work: {t}");
     assert!(
@@ -199,8 +195,7 @@ echo "done"
 "#,
         a4 = A4
     );
-    let out = in_private_namespaces(&script);
-    let t = text(&out);
+    let t = in_private_namespaces(&script);
     assert!(t.contains("done"), "{t}");
     assert!(
         !t.contains("SQUATTER-WON"),
@@ -240,8 +235,7 @@ echo "done"
 "#,
         a4 = A4
     );
-    let out = in_private_namespaces(&script);
-    let t = text(&out);
+    let t = in_private_namespaces(&script);
     assert!(t.contains("done"), "{t}");
     assert!(
         !t.contains("AGENT-ATTACKER"),
@@ -283,8 +277,7 @@ echo "done"
 "#,
         a4 = A4
     );
-    let out = in_private_namespaces(&script);
-    let t = text(&out);
+    let t = in_private_namespaces(&script);
     assert!(t.contains("done") && t.contains("start-rc="), "{t}");
     assert!(
         !t.contains("PLANTED-IP-RAN"),
@@ -324,8 +317,7 @@ echo "done"
 "#,
         a4 = A4
     );
-    let out = in_private_namespaces(&script);
-    let t = text(&out);
+    let t = in_private_namespaces(&script);
     assert!(t.contains("done") && t.contains("start-rc=0"), "{t}");
     assert!(
         !t.contains("NO-HOSTNAME"),
@@ -373,8 +365,7 @@ echo "done"
 "#,
         a4 = A4
     );
-    let out = in_private_namespaces(&script);
-    let t = text(&out);
+    let t = in_private_namespaces(&script);
     assert!(t.contains("done") && t.contains("start-rc=0"), "{t}");
     let lines: u64 = t
         .lines()
@@ -418,8 +409,7 @@ g expose 83 '[2001:db8::1]:80' >/dev/null 2>&1 && echo "REMOTE-ACCEPTED-V6"
 g stop >/dev/null 2>&1
 echo "done"
 "#;
-    let out = in_private_namespaces(script);
-    let t = text(&out);
+    let t = in_private_namespaces(script);
     assert!(t.contains("done") && t.contains("start-rc=0"), "{t}");
     assert!(!t.contains("no-sysctl"), "{t}");
     assert!(
@@ -461,8 +451,7 @@ echo "done"
 "#,
         a5 = A5
     );
-    let out = in_private_namespaces(&script);
-    let t = text(&out);
+    let t = in_private_namespaces(&script);
     assert!(t.contains("done") && t.contains("start-rc=0"), "{t}");
     assert!(
         t.contains("direct=AGENT-REAL"),
@@ -523,8 +512,7 @@ echo "done"
         a5 = A5,
         a6 = A6
     );
-    let out = in_private_namespaces(&script);
-    let t = text(&out);
+    let t = in_private_namespaces(&script);
     assert!(t.contains("done") && t.contains("a-start-rc=0"), "{t}");
     assert!(t.contains("a-before=AGENT-REAL"), "{t}");
     assert!(!t.contains("b-first-start-failed"), "{t}");
@@ -567,8 +555,7 @@ echo "done"
         a5 = A5,
         a6 = A6
     );
-    let out = in_private_namespaces(&script);
-    let t = text(&out);
+    let t = in_private_namespaces(&script);
     assert!(t.contains("done") && t.contains("a-start-rc=0"), "{t}");
     assert!(
         t.contains("A-LABEL: "),
@@ -616,8 +603,7 @@ echo "done"
 "#,
         a4 = A4
     );
-    let out = in_private_namespaces(&script);
-    let t = text(&out);
+    let t = in_private_namespaces(&script);
     assert!(t.contains("done") && t.contains("start-rc=0"), "{t}");
     assert!(
         t.contains("LIVE-KEPT"),
@@ -667,8 +653,7 @@ grep -m1 'stats.json' /run/pgw/gateway.log
 g stop >/dev/null 2>&1
 echo "done"
 "#;
-    let out = in_private_namespaces(script);
-    let t = text(&out);
+    let t = in_private_namespaces(script);
     assert!(t.contains("done") && t.contains("start-rc=0"), "{t}");
     assert!(
         !t.contains("STATUS-FAILED"),
@@ -717,8 +702,7 @@ grep -c "daemon session lost" /run/pgw/gateway.log | sed 's/^/session-lost-lines
 g stop >/dev/null 2>&1
 echo "done"
 "#;
-    let out = in_private_namespaces(script);
-    let t = text(&out);
+    let t = in_private_namespaces(script);
     assert!(t.contains("done") && t.contains("start-rc=0"), "{t}");
     assert!(t.contains("before-got-ping3"), "the exposure must work: {t}");
     assert!(
