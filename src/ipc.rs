@@ -337,6 +337,28 @@ impl<R: Read> FrameReader<R> {
             self.fill()?;
         }
     }
+
+    /// The next frame, all its reads together bounded by `deadline`:
+    /// `arm` sets the socket's read timeout to what is left before each
+    /// read, since a per-read timeout alone restarts with every byte a
+    /// crawling daemon trickles. A `TimedOut` error once it has passed.
+    pub fn read_frame_by(
+        &mut self,
+        deadline: Instant,
+        arm: impl Fn(Duration) -> io::Result<()>,
+    ) -> Result<(u8, Range<usize>), IpcError> {
+        loop {
+            if let Some(frame) = self.next_buffered()? {
+                return Ok(frame);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(IpcError::Io(io::ErrorKind::TimedOut.into()));
+            }
+            arm(left)?;
+            self.fill()?;
+        }
+    }
 }
 
 /// Turns an Error frame's payload into its text (the 2-byte code carries
@@ -528,13 +550,12 @@ impl Session {
 
     /// The next frame of the reply, within the exchange's deadline.
     fn read_reply(&mut self) -> Result<(u8, Range<usize>), IpcError> {
-        loop {
-            if let Some(frame) = self.reader.next_buffered()? {
-                return Ok(frame);
-            }
-            self.arm()?;
-            self.reader.fill()?;
-        }
+        let Some(deadline) = self.deadline else {
+            return self.reader.read_frame();
+        };
+        let writer = &self.writer;
+        self.reader
+            .read_frame_by(deadline, |t| writer.set_read_timeout(Some(t)))
     }
 
     /// Sends a request and waits for its reply `want`; an Error frame

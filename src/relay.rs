@@ -587,7 +587,7 @@ fn dial(c: &Arc<Conn>, port: u16, limits: &ConnSettings) -> Result<FrameReader<I
             &[&c.pilot.to_wire(), &port.to_be_bytes()],
         ))
         .map_err(IpcError::from)
-        .and_then(|()| reader.read_frame())
+        .and_then(|()| reader.read_frame_by(deadline, |t| c.ipc.set_read_timeout(Some(t))))
         .and_then(|(command, range)| ipc::dial_reply(command, &reader.buffer()[range]));
     match reply {
         Ok(id) => {

@@ -193,6 +193,32 @@ fn a_trickling_daemon_cannot_hold_status_list_or_sigterm() {
     );
 }
 
+#[test]
+fn a_trickled_dial_reply_cannot_stretch_the_dial_past_its_timeout() {
+    netns();
+    let dir = TempDir::new("trickle-dial");
+    let _echo = Service::start(8080, echo);
+    let devd = Devd::start(&dir, &routes());
+    let gw = Gw::new(&dir, &devd.socket);
+    let _p = gw.foreground(&dir, &["--ports", "8080", "--dial-timeout", "1", A4]);
+    // The same socket, now served by a daemon that answers a byte every
+    // 400 ms: its 9-byte DialOK takes 3.2 s, each byte well within the
+    // 1 s a per-read timeout would allow.
+    drop(devd);
+    let mut args = routes();
+    args.extend(["--trickle", "400"]);
+    let _devd = Devd::start(&dir, &args);
+    assert!(
+        reset_soon("10.4.0.1:8080", Duration::from_secs(3)),
+        "the dial ends at --dial-timeout, before the trickled DialOK is complete"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || n(&status(&gw), "dial_failures") == 1),
+        "the dial counted as failed: {}",
+        status(&gw)
+    );
+}
+
 /// Sets the soft descriptor limit of a running process (the hard one stays:
 /// raising it back needs CAP_SYS_RESOURCE, which a container may lack).
 fn set_nofile(pid: u32, n: u64) {
