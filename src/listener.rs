@@ -107,8 +107,8 @@ fn accept_loop(
             }
             Err(e) if is_out_of_fds(&e) && shed_one(socket, data_path) => continue,
             Err(e) => {
-                // Out of memory (or of descriptors with the reserve in use
-                // by another listener): wait instead of spinning,
+                // Out of memory (or of descriptors with no reserve left,
+                // or a poll that failed): wait instead of spinning,
                 // doubling up to a second, then try again.
                 warn_limited!(
                     ACCEPT_FAILED,
@@ -172,15 +172,35 @@ pub fn open_reserve() {
     }
 }
 
-/// Out of descriptors: frees the reserve, accepts the waiting client,
-/// resets it, and takes the reserve back. `false` if the reserve was not
-/// there (the caller then backs off).
+/// How long an accept thread out of descriptors waits for a client before
+/// it tries `accept` again (which succeeds once descriptors are freed).
+const SHED_WAIT: Duration = Duration::from_millis(100);
+
+/// Out of descriptors: waits up to [`SHED_WAIT`] for a client; if one
+/// comes, frees the reserve, accepts the client without blocking, resets
+/// it, and takes the reserve back. `accept(2)` claims a descriptor before
+/// it waits, so EMFILE comes back even when no client is waiting: only
+/// the bounded poll waits, and never with the reserve's lock held, so
+/// other listeners shed their clients meanwhile and `stop`'s shutdown ends
+/// the wait (poll reports the hang-up). `false` if the reserve is gone or
+/// the socket failed (the caller then backs off).
 fn shed_one(socket: &TcpListener, data_path: &DataPath) -> bool {
+    match sys::wait_readable(socket, SHED_WAIT) {
+        Ok(true) => {}
+        Ok(false) => return true, // nobody came: try accept again
+        Err(_) => return false,
+    }
     let mut reserve = RESERVE.lock().unwrap_or_else(|p| p.into_inner());
-    if reserve.take().is_none() {
+    // Non-blocking for this one accept: a client that left the queue
+    // since the poll must not leave us blocked with the lock held. Only
+    // this thread accepts on the socket, so no other accept sees the flag.
+    if reserve.is_none() || socket.set_nonblocking(true).is_err() {
         return false;
     }
-    if let Ok((tcp, client)) = socket.accept() {
+    *reserve = None; // frees the descriptor the accept needs
+    let accepted = socket.accept();
+    let _ = socket.set_nonblocking(false);
+    if let Ok((tcp, client)) = accepted {
         let n = data_path.refused.fetch_add(1, Relaxed) + 1;
         warn_limited!(
             REFUSED_NO_FDS,

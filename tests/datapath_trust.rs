@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::Duration;
 
@@ -288,23 +288,52 @@ fn a_low_descriptor_limit_lowers_max_conns_and_clients_beyond_are_reset_at_once(
 
     // Out of descriptors altogether (the limit cut under a running gateway
     // to what about one more connection needs): clients are still reset
-    // at once, never left waiting in the backlog.
-    let p = gw.foreground(&dir, &["--ports", "8080", A4]);
-    set_nofile(p.pid(), proc_fds(p.pid()) as u64 + 2);
-    let mut served = Vec::new();
-    let refused = (0..4).any(|_| match exchange_or_refusal("10.4.0.1:8080") {
-        Ok(s) => {
-            served.push(s);
-            false
-        }
-        Err(hung) => {
-            assert!(!hung, "out of descriptors, a client was left hanging");
-            true
-        }
+    // at once, never left waiting in the backlog, on either listener:
+    // one listener waiting for a client of its own must not hold up
+    // another's shedding, nor `unmap`.
+    let mut p = gw.foreground(&dir, &["--ports", "8080", A4, A5]);
+    // The limit is the descriptors open now, once the start's own have
+    // closed: the next accept fails with EMFILE and must shed its client.
+    let mut fds = proc_fds(p.pid());
+    wait_until(Duration::from_secs(5), || {
+        thread::sleep(Duration::from_millis(100));
+        let now = proc_fds(p.pid());
+        std::mem::replace(&mut fds, now) == now
     });
-    assert!(refused, "out of descriptors, a client is refused");
+    set_nofile(p.pid(), fds as u64);
+    let mut served = Vec::new();
+    let mut refused = [0; 2];
+    for i in 0..8 {
+        let addr = ["10.4.0.1:8080", "10.4.0.2:8080"][i % 2];
+        match exchange_or_refusal(addr) {
+            Ok(s) => served.push(s),
+            Err(hung) => {
+                assert!(!hung, "out of descriptors, a client of {addr} was left hanging");
+                refused[i % 2] += 1;
+            }
+        }
+    }
+    assert!(
+        refused.iter().all(|&r| r > 0),
+        "out of descriptors, clients of each listener are refused: {refused:?}"
+    );
+    for ip in ["10.4.0.1", "10.4.0.2"] {
+        let shed = format!("to {ip}:8080: out of file descriptors");
+        assert!(p.stderr().contains(&shed), "{ip} sheds: {}", p.stderr());
+    }
     set_nofile(p.pid(), 1024);
     gw.ok(&["list"]);
+    let mut unmap = gw.cmd();
+    unmap.args(["unmap", "10.4.0.2"]).stdout(Stdio::null());
+    let mut unmap = Proc::spawn(&mut unmap, dir.path("unmap.log"));
+    let done = unmap.wait_exit(Duration::from_secs(10));
+    assert!(
+        done.is_some_and(|s| s.success()),
+        "unmap completes: {}",
+        unmap.stderr()
+    );
+    gw.ok(&["stop"]);
+    assert!(p.wait_exit(Duration::from_secs(10)).is_some());
 }
 
 /// One exchange: `Ok` if served; `Err(false)` if reset or closed at once,
