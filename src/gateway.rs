@@ -183,6 +183,8 @@ struct Gateway {
     max_conns_requested: usize,
     /// Checks the daemon off the main thread; `None` until it runs.
     health: Option<Arc<daemon::Health>>,
+    /// Descriptors left for listeners (see [`fit_max_conns`]).
+    listener_room: u64,
 }
 
 /// Runs the gateway until SIGTERM/SIGINT. `ready` is called once every
@@ -211,7 +213,7 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         warn!("{w}");
     }
     let access = open_access_log(&cfg)?;
-    let max_conns = fit_max_conns(&cfg, mappings.len(), &mut warnings);
+    let (max_conns, listener_room) = fit_max_conns(&cfg, mappings.len(), &mut warnings);
     listener::open_reserve();
     let mut gw = Gateway {
         me: ProcId::current(),
@@ -226,6 +228,7 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         stats_seq: 0,
         max_conns_requested: cfg.max_conns,
         health: None,
+        listener_room,
     };
     let st = gw.start_up(&cfg, (mappings, exposures), switched.as_ref())?;
     drop(lock);
@@ -607,19 +610,28 @@ const FD_HEADROOM: u64 = 32;
 /// `--max-conns` that fits it (2 descriptors per slot: a forwarded
 /// connection's client and daemon session, an exposed connection's local
 /// socket, or an exposure's daemon session; see [`SharedSlots`]), with a
-/// warning when that is lower than asked.
-fn fit_max_conns(cfg: &Config, mappings: usize, warnings: &mut Vec<String>) -> usize {
+/// warning when that is lower than asked, and the descriptors left for
+/// listeners (one each).
+///
+/// The rule for listeners: the cap is fitted around the listeners of the
+/// mappings given at start; whatever the limit leaves beyond the cap and
+/// the headroom is room for listeners, which every mapping brought up
+/// later (`map`) must find, or it is refused (see
+/// [`Gateway::check_listener_room`]). So a later `map` never eats the
+/// descriptors of the slots or the headroom.
+fn fit_max_conns(cfg: &Config, mappings: usize, warnings: &mut Vec<String>) -> (usize, u64) {
     let limit = match sys::raise_nofile_limit() {
         Ok(n) => n,
         Err(e) => {
             warn!("cannot read the descriptor limit: {e}");
-            return cfg.max_conns;
+            return (cfg.max_conns, u64::MAX);
         }
     };
+    let room = |conns: u64| limit.saturating_sub(FD_HEADROOM + 2 * conns);
     let listeners = (cfg.ports.len() * mappings.max(1)) as u64;
     let fit = (limit.saturating_sub(FD_HEADROOM + listeners) / 2).max(1);
     if fit >= cfg.max_conns as u64 {
-        return cfg.max_conns;
+        return (cfg.max_conns, room(cfg.max_conns as u64));
     }
     let w = format!(
         "--max-conns {} does not fit the limit of {limit} open files (2 per connection, forwarded or exposed, and per exposure, plus {} for listeners and files): serving at most {fit} at once; raise the limit (ulimit -n, or LimitNOFILE= in systemd) to serve more",
@@ -628,7 +640,7 @@ fn fit_max_conns(cfg: &Config, mappings: usize, warnings: &mut Vec<String>) -> u
     );
     warn!("{w}");
     warnings.push(w);
-    fit as usize
+    (fit as usize, room(fit))
 }
 
 impl Gateway {
@@ -742,10 +754,29 @@ impl Gateway {
         }
     }
 
+    /// Refuses a mapping whose listeners (one descriptor per port) would
+    /// not fit the room the descriptor limit leaves (see [`fit_max_conns`]).
+    fn check_listener_room(&self, ip: Ipv4Addr) -> Result<()> {
+        let listening: usize = self.running.values().map(|r| r.listeners.len()).sum();
+        if (listening + self.ports.len()) as u64 <= self.listener_room {
+            return Ok(());
+        }
+        Err(Error::new(
+            Code::ConnectionFailed,
+            format!(
+                "cannot listen on {ip}: its {} listener(s) do not fit the open-file limit beside {listening} listening now, {} connection slots and the headroom",
+                self.ports.len(),
+                self.data_path.settings.max_conns
+            ),
+        )
+        .hint("raise the open-file limit (ulimit -n, or LimitNOFILE= in systemd) and restart the gateway, or unmap another address first"))
+    }
+
     /// Adds the alias (if needed) and binds every port on `m.local_ip`.
     /// On failure nothing of this mapping is left.
     fn bring_up(&mut self, m: &Mapping) -> Result<()> {
         let ip = m.local_ip;
+        self.check_listener_room(ip)?;
         let alias_ours = if needs_alias(self.subnet) {
             check_not_another_gateways(ip, &self.aliases.label)?;
             // `plan_aliases` set alias_added exactly when the IP was not

@@ -282,6 +282,15 @@ fn a_low_descriptor_limit_lowers_max_conns_and_clients_beyond_are_reset_at_once(
     let st = status(&gw);
     assert_eq!((n(&st, "active"), n(&st, "refused")), (cap, 1), "{st}");
     gw.ok(&["list"]);
+    // Later mappings' listeners must fit what the cap and the headroom
+    // leave (64 - 32 - 2 × 15 = 2 here): one more fits, a third does not.
+    assert_eq!(cap, 15, "{st}");
+    gw.ok(&["map", A5]);
+    let out = gw.run(&["map", A6]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("open-file limit"), "{err}");
+    let st = status(&gw);
+    assert_eq!(n(&st, "max_conns"), cap, "{st}");
     p.signal(libc::SIGTERM);
     assert!(p.wait_exit(Duration::from_secs(15)).is_some());
     drop(held);
