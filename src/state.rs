@@ -624,37 +624,19 @@ impl StateDir {
     /// Opens `name` in the directory (never through a symlink) and checks
     /// what was opened: a regular file, owned by the directory's owner,
     /// with one link, at most `limit` bytes. O_NONBLOCK so a FIFO planted
-    /// under the name never blocks the open.
+    /// under the name never blocks the open. Every check runs before a
+    /// file we created is given to the owner, and only a file known to be
+    /// new (created with O_EXCL) is ever given: a hard link planted under
+    /// the name must not get its target chowned.
     fn open_checked(&self, name: &str, flags: i32, mode: u32, limit: u64) -> Result<Option<File>> {
-        let file = match sys::open_at(&self.dir, name, flags | libc::O_NONBLOCK, mode) {
-            Ok(f) => f,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-                return Err(self.name_error(name, "is a symbolic link"))
-            }
-            Err(e) => {
-                return Err(Error::io(
-                    format!("cannot open {}", self.path.join(name).display()),
-                    &e,
-                ))
-            }
+        let Some((file, created)) = self.open_or_create(name, flags | libc::O_NONBLOCK, mode)? else {
+            return Ok(None);
         };
         let meta = file
             .metadata()
             .map_err(|e| Error::io(self.path.join(name).display(), &e))?;
         if !meta.is_file() {
             return Err(self.name_error(name, "is not a regular file"));
-        }
-        if meta.uid() != self.owner.0 {
-            if meta.uid() == sys::euid() && flags & libc::O_CREAT != 0 {
-                // We just created it (as root): give it to the owner.
-                self.give(&file);
-            } else {
-                return Err(self.name_error(
-                    name,
-                    &format!("is owned by uid {}, not by the directory's owner", meta.uid()),
-                ));
-            }
         }
         // 0 links is fine: a writer renamed a new file over this one after
         // we opened it, and we read the old, complete snapshot. More than
@@ -665,7 +647,49 @@ impl StateDir {
         if meta.len() > limit {
             return Err(self.name_error(name, &format!("is larger than {limit} bytes")));
         }
+        if meta.uid() != self.owner.0 {
+            if !created {
+                return Err(self.name_error(
+                    name,
+                    &format!("is owned by uid {}, not by the directory's owner", meta.uid()),
+                ));
+            }
+            self.give(&file); // we just created it (as root)
+        }
         Ok(Some(file))
+    }
+
+    /// Opens `name`; with O_CREAT, creates it with O_EXCL first and opens
+    /// an existing one without O_CREAT, so the caller knows which it got
+    /// (`true`: created now). `None` if it does not exist (without
+    /// O_CREAT, or removed between the two opens twice over).
+    fn open_or_create(&self, name: &str, flags: i32, mode: u32) -> Result<Option<(File, bool)>> {
+        let open = |flags| sys::open_at(&self.dir, name, flags, mode);
+        let create = flags & libc::O_CREAT != 0;
+        for _ in 0..2 {
+            let (opened, created) = match create {
+                true => match open(flags | libc::O_EXCL) {
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => (open(flags & !libc::O_CREAT), false),
+                    other => (other, true),
+                },
+                false => (open(flags), false),
+            };
+            match opened {
+                Ok(f) => return Ok(Some((f, created))),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) && create && !created => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+                Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                    return Err(self.name_error(name, "is a symbolic link"))
+                }
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("cannot open {}", self.path.join(name).display()),
+                        &e,
+                    ))
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Reads `name` whole, but never more than `limit + 1` bytes: a
@@ -1083,6 +1107,29 @@ mod tests {
         assert_eq!(owner(&p.join("stats.json")), 0, "the link itself stays root's");
         // Given away, it is never taken from its owner for another user.
         assert!(d.chown(23456, 23456).is_err());
+        fs::remove_dir_all(&p).unwrap();
+        fs::remove_file(&outside).unwrap();
+    }
+
+    #[test]
+    fn a_hard_link_planted_as_the_lock_is_refused_and_its_target_never_given() {
+        if crate::sys::euid() != 0 {
+            return; // needs root: only root gives files away
+        }
+        let owner = |p: &Path| fs::symlink_metadata(p).unwrap().uid();
+        let p = tempdir("lock-link");
+        let mut d = StateDir::open(&p, true).unwrap();
+        d.chown(12345, 12345).unwrap();
+        let outside = tempdir("lock-link-outside");
+        fs::write(&outside, "root's").unwrap();
+        fs::hard_link(&outside, p.join("lock")).unwrap();
+        let e = d.lock().err().expect("a planted hard link is refused");
+        assert!(e.to_string().contains("more than one link"), "{e}");
+        assert_eq!(owner(&outside), 0, "the link's target keeps its owner");
+        // A lock created now is new, so it is given to the directory's owner.
+        fs::remove_file(p.join("lock")).unwrap();
+        drop(d.lock().unwrap());
+        assert_eq!(owner(&p.join("lock")), 12345);
         fs::remove_dir_all(&p).unwrap();
         fs::remove_file(&outside).unwrap();
     }
