@@ -855,6 +855,11 @@ struct Queue {
     /// Chunks the writer has taken: its progress.
     popped: u64,
     remote_closed: bool,
+    /// When the first CloseOK came: the service's `LINGER` counts from it.
+    closed_at: Option<Instant>,
+    /// The local→remote thread has ended (the service closed, or its
+    /// socket failed or was shut): nothing left to linger for.
+    local_done: bool,
     cut: bool,
 }
 
@@ -866,7 +871,7 @@ struct Conn {
     link: Arc<Link>,
     started: Instant,
     queue: Mutex<Queue>,
-    /// Data queued, remote closed or cut: for the writer.
+    /// Data queued, remote closed, service done or cut: for the writer.
     ready: Condvar,
     /// The writer took a chunk, or cut: for a reader waiting for room.
     room: Condvar,
@@ -916,10 +921,42 @@ impl Conn {
         true
     }
 
+    /// CloseOK (the daemon may send two: the first one counts).
     fn remote_closed(&self) {
         self.remote_closed.store(true, Relaxed);
-        lock(&self.queue).remote_closed = true;
-        self.ready.notify_one();
+        let mut q = lock(&self.queue);
+        q.remote_closed = true;
+        q.closed_at.get_or_insert_with(Instant::now);
+        drop(q);
+        self.ready.notify_all();
+    }
+
+    fn local_done(&self) {
+        lock(&self.queue).local_done = true;
+        self.ready.notify_all();
+    }
+
+    /// Whether the service has had its `LINGER` since the remote closed.
+    fn lingered(&self) -> bool {
+        lock(&self.queue).closed_at.is_some_and(|t| t.elapsed() >= LINGER)
+    }
+
+    /// After the remote closed: waits until the service has finished, the
+    /// connection is cut, or `LINGER` has passed since the CloseOK. On the
+    /// queue's condvar, so a cut (or the service's end) wakes it at once.
+    fn linger(&self) {
+        let mut q = lock(&self.queue);
+        let until = q.closed_at.unwrap_or_else(Instant::now) + LINGER;
+        while !q.cut && !q.local_done {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            q = match self.ready.wait_timeout(q, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
     }
 
     /// Sends Close unless the daemon has already ended the connection or
@@ -1041,9 +1078,10 @@ fn connect_then_relay(finish: Finish) {
     }
     let finish = Arc::new(finish);
     let f2 = finish.clone();
-    let spawned = thread::Builder::new()
-        .stack_size(THREAD_STACK)
-        .spawn(move || local_to_remote(&f2.conn, &f2.ex));
+    let spawned = thread::Builder::new().stack_size(THREAD_STACK).spawn(move || {
+        local_to_remote(&f2.conn, &f2.ex);
+        f2.conn.local_done();
+    });
     if let Err(e) = spawned {
         finish.conn.fail(Outcome::Reset(format!("no thread: {e}")));
         return;
@@ -1074,9 +1112,14 @@ fn remote_to_local(c: &Conn, ex: &Shared) {
             }
         };
         let Some(chunk) = next else {
-            // The remote closed: let the service see the end and finish.
+            // The remote closed: let the service see the end and finish
+            // within `LINGER`. Then shutting the reading side wakes the
+            // local→remote thread even inside a read (a read timeout set
+            // now would not apply to a read already waiting), and it ends
+            // normally; the connection and its slot are freed.
             let _ = tcp.shutdown(Shutdown::Write);
-            let _ = tcp.set_read_timeout(Some(LINGER));
+            c.linger();
+            let _ = tcp.shutdown(Shutdown::Read);
             return;
         };
         if let Err(e) = write_local(c, tcp, &chunk) {
@@ -1122,7 +1165,14 @@ fn local_to_remote(c: &Conn, ex: &Shared) {
                 }
                 return;
             }
-            Ok(_) if c.remote_closed.load(Relaxed) => {} // nowhere to go
+            // Nowhere to go. A service that keeps talking still ends once
+            // its `LINGER` is over (the writer's shutdown alone would not
+            // end reads while data keeps arriving).
+            Ok(_) if c.remote_closed.load(Relaxed) => {
+                if c.lingered() {
+                    return;
+                }
+            }
             Ok(n) => {
                 ipc::put_send_header(&mut buf, c.id, n);
                 if !c.link.send(&buf[..ipc::DATA_HEADER + n], Some((c.id, c.peer))) {
@@ -1136,12 +1186,9 @@ fn local_to_remote(c: &Conn, ex: &Shared) {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if c.remote_closed.load(Relaxed)
-                    && matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
-            {
-                return
-            }
+            // The remote has closed: whatever ends the service's side now
+            // is a normal end.
+            Err(_) if c.remote_closed.load(Relaxed) => return,
             Err(e) => {
                 if !c.is_cut() {
                     c.fail(Outcome::Reset(format!("reading from {}: {e}", ex.target)));

@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -305,4 +305,47 @@ fn a_stalled_session_is_counted_and_the_port_rebound() {
     });
     assert!(back, "{:?} {:?}", ex.counters(), ex.state());
     assert!(short_exchange("127.0.0.1:7100"));
+}
+
+/// Service: says "tick" every 0.3 s until it cannot (at most a minute).
+fn ticker(mut c: TcpStream) {
+    for _ in 0..200 {
+        if c.write_all(b"tick\n").is_err() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Service: says "tick" once, then neither reads nor closes for 30 s.
+fn ticks_once_then_idles(mut c: TcpStream) {
+    let _ = c.write_all(b"tick\n");
+    thread::sleep(Duration::from_secs(30));
+}
+
+#[test]
+fn after_the_peer_closes_a_service_that_goes_on_is_let_go_within_linger() {
+    netns();
+    let dir = TempDir::new("expose-linger");
+    let _talker = Service::start(8000, ticker);
+    let _idler = Service::start(8001, ticks_once_then_idles);
+    let d = devd(&dir, &["--inbound", "127.0.0.1:7101=0:0000.0000.0009:81"]);
+    let talks = expose(&d, 80, "127.0.0.1:8000", Options::default());
+    let idles = expose(&d, 81, "127.0.0.1:8001", Options::default());
+    for to in ["127.0.0.1:7100", "127.0.0.1:7101"] {
+        let mut peer = connect(to);
+        let mut tick = [0u8; 5];
+        peer.read_exact(&mut tick).unwrap();
+        assert_eq!(&tick, b"tick\n");
+    } // the peers close: CloseOK for both
+      // The services' LINGER (2 s) from the CloseOK, plus a margin; before
+      // the fix both stayed live (and held their slots) for good.
+    for ex in [&talks, &idles] {
+        assert!(
+            wait_until(Duration::from_secs(8), || ex.counters().active == 0),
+            "still live after the peer closed: {:?}",
+            ex.counters()
+        );
+        assert_eq!((ex.counters().total, ex.counters().slow_resets), (1, 0));
+    }
 }
