@@ -852,8 +852,9 @@ fn recv(ex: &Shared, payload: &[u8]) {
 struct Queue {
     chunks: VecDeque<Vec<u8>>,
     bytes: usize,
-    /// Chunks the writer has taken: its progress.
-    popped: u64,
+    /// Bytes the local service has taken (every partial write counts):
+    /// the writer's progress, whatever the service's pace.
+    taken: u64,
     remote_closed: bool,
     /// When the first CloseOK came: the service's `LINGER` counts from it.
     closed_at: Option<Instant>,
@@ -873,7 +874,7 @@ struct Conn {
     queue: Mutex<Queue>,
     /// Data queued, remote closed, service done or cut: for the writer.
     ready: Condvar,
-    /// The writer took a chunk, or cut: for a reader waiting for room.
+    /// The service took data, or cut: for a reader waiting for room.
     room: Condvar,
     /// The local socket, once connected.
     tcp: OnceLock<TcpStream>,
@@ -888,14 +889,16 @@ struct Conn {
 impl Conn {
     /// Queues data for the local service. A queue at its `limit` makes
     /// the caller wait for room while the service keeps reading (every
-    /// chunk the writer takes is progress); `false` once it has made none
-    /// for `stall`. Never waits on the socket itself.
+    /// byte it takes is progress); `false` once it has made none for
+    /// `stall`. The clock starts only once the target is connected (a
+    /// slow connect is bounded by its own timeout). Never waits on the
+    /// socket itself.
     fn push(&self, data: &[u8], limit: usize, stall: Duration) -> bool {
         let mut q = lock(&self.queue);
-        let (mut popped, mut deadline) = (q.popped, Instant::now() + stall);
+        let (mut taken, mut deadline) = (q.taken, Instant::now() + stall);
         while !q.cut && q.bytes > 0 && q.bytes + data.len() > limit {
-            if q.popped != popped {
-                (popped, deadline) = (q.popped, Instant::now() + stall);
+            if q.taken != taken || self.tcp.get().is_none() {
+                (taken, deadline) = (q.taken, Instant::now() + stall);
             }
             let Some(left) = deadline
                 .checked_duration_since(Instant::now())
@@ -929,6 +932,12 @@ impl Conn {
         q.closed_at.get_or_insert_with(Instant::now);
         drop(q);
         self.ready.notify_all();
+    }
+
+    /// The service took `n` more bytes: progress for a waiting `push`.
+    fn took(&self, n: usize) {
+        lock(&self.queue).taken += n as u64;
+        self.room.notify_all();
     }
 
     fn local_done(&self) {
@@ -998,6 +1007,10 @@ struct Finish {
 impl Drop for Finish {
     fn drop(&mut self) {
         let (c, ex) = (&self.conn, &self.ex);
+        // A `push` waiting for room (one that waits on a connect has no
+        // stall clock) must not wait for a connection that is gone.
+        lock(&c.queue).cut = true;
+        c.room.notify_all();
         c.close_once();
         {
             let mut conns = lock(&ex.conns);
@@ -1101,7 +1114,6 @@ fn remote_to_local(c: &Conn, ex: &Shared) {
                 }
                 if let Some(chunk) = q.chunks.pop_front() {
                     q.bytes -= chunk.len();
-                    q.popped += 1;
                     c.room.notify_one();
                     break Some(chunk);
                 }
@@ -1138,7 +1150,10 @@ fn write_local(c: &Conn, mut tcp: &TcpStream, mut data: &[u8]) -> io::Result<()>
     while !data.is_empty() {
         match tcp.write(data) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
+            Ok(n) => {
+                data = &data[n..];
+                c.took(n);
+            }
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 if c.is_cut() {
                     return Err(e);

@@ -349,3 +349,81 @@ fn after_the_peer_closes_a_service_that_goes_on_is_let_go_within_linger() {
         assert_eq!((ex.counters().total, ex.counters().slow_resets), (1, 0));
     }
 }
+
+/// Service: like `verify`, but reads 4 KiB every 80 ms (about 50 KiB/s:
+/// slower than a queue chunk of 64 KiB per stall period of 1 s).
+fn slow_verify(mut c: TcpStream) {
+    let mut n = [0u8; 8];
+    if c.read_exact(&mut n).is_err() {
+        return;
+    }
+    let want = u64::from_be_bytes(n);
+    let expect = pattern(11, 1 << 20);
+    let (mut total, mut first_diff) = (0u64, u64::MAX);
+    let mut buf = [0u8; 4096];
+    while total < want {
+        let at = (total % (1 << 20)) as usize;
+        let k = (buf.len()).min((want - total) as usize).min((1 << 20) - at);
+        match c.read(&mut buf[..k]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if first_diff == u64::MAX && buf[..n] != expect[at..at + n] {
+                    first_diff = total;
+                }
+                total += n as u64;
+            }
+        }
+        thread::sleep(Duration::from_millis(80));
+    }
+    let _ = c.write_all(&total.to_be_bytes());
+    let _ = c.write_all(&first_diff.to_be_bytes());
+}
+
+/// Fixes the receive buffer of the listener's connections at a few KiB
+/// (no autotuning), so the kernel holds little of what a slow service
+/// has not read yet.
+fn small_receive_buffer(l: &std::net::TcpListener) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 8192;
+    // SAFETY: a valid socket and a c_int option of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0);
+}
+
+#[test]
+fn a_service_that_reads_slowly_is_paced_not_reset() {
+    netns();
+    // Loopback's 64 KiB segments let the kernel buffer megabytes towards
+    // the service (its send buffer grows with them): an Ethernet MTU keeps
+    // that small, so the queue's bound is what the slow service meets.
+    run_ok("ip", &["link", "set", "lo", "mtu", "1500"]);
+    let dir = TempDir::new("expose-slowread");
+    let svc = std::net::TcpListener::bind("127.0.0.1:8000").unwrap();
+    small_receive_buffer(&svc);
+    thread::spawn(move || {
+        if let Ok((c, _)) = svc.accept() {
+            slow_verify(c);
+        }
+    });
+    let d = devd(&dir, &[]);
+    // A small queue, so the bound is reached at once and pacing decides.
+    let opts = Options {
+        queue_bytes: 64 * 1024,
+        ..Options::default()
+    };
+    let ex = expose(&d, 80, "127.0.0.1:8000", opts);
+    const LEN: usize = 640 * 1024;
+    let (count, first_diff) = upload_whole("127.0.0.1:7100", LEN);
+    assert_eq!((count, first_diff), (LEN as u64, u64::MAX), "byte-exact");
+    assert!(wait_until(Duration::from_secs(10), || ex.counters().active == 0));
+    let c = ex.counters();
+    assert_eq!((c.total, c.slow_resets, c.bytes_in), (1, 0, LEN as u64 + 8));
+}
