@@ -409,9 +409,10 @@ pub fn canonical(target: SocketAddr) -> SocketAddr {
 }
 
 /// Refuses targets that cannot work, that lead into the gateway's own
-/// mappings (`own`: its subnet; refused even with `allow_remote`: every
-/// admitted peer would become a client of the mapped agents, with this
-/// node's identity), or that leave this host unasked.
+/// mappings (`own`: its subnet) or another gateway's (an alias labelled
+/// `lo:pgw…`) (both refused even with `allow_remote`: every admitted peer
+/// would become a client of the mapped agents, with this node's
+/// identity), or that leave this host unasked.
 pub fn check_target(target: SocketAddr, allow_remote: bool, own: Option<Ipv4Network>) -> Result<()> {
     let target = canonical(target);
     let ip = target.ip();
@@ -432,6 +433,14 @@ pub fn check_target(target: SocketAddr, allow_remote: bool, own: Option<Ipv4Netw
             .hint("expose the service itself (e.g. 127.0.0.1:PORT); --allow-remote-target does not allow this"));
         }
     }
+    // Another gateway's mappings lead to agents just the same.
+    if let Some(label) = gateway_alias(ip) {
+        return Err(Error::new(
+            Code::BadTarget,
+            format!("target {target} is a pilot gateway's mapped address (loopback alias labelled {label}): it would relay inbound peers to a mapped agent"),
+        )
+        .hint("expose the service itself (e.g. 127.0.0.1:PORT); --allow-remote-target does not allow this"));
+    }
     if !allow_remote && !on_this_host(ip) {
         return Err(
             Error::new(Code::BadTarget, format!("target {target} is not on this host"))
@@ -439,6 +448,17 @@ pub fn check_target(target: SocketAddr, allow_remote: bool, own: Option<Ipv4Netw
         );
     }
     Ok(())
+}
+
+/// The label of `ip` if it is an address on this host labelled by a
+/// gateway (`lo:pgw…`, any state directory's: see [`crate::alias`]).
+fn gateway_alias(ip: IpAddr) -> Option<String> {
+    let IpAddr::V4(v4) = ip else { return None };
+    sys::interface_addresses()
+        .ok()?
+        .into_iter()
+        .find(|a| a.addr == v4 && a.interface.starts_with(crate::alias::LABEL_PREFIX))
+        .map(|a| a.interface)
 }
 
 /// Whether `ip` is loopback (127.0.0.0/8, ::1) or an address an interface

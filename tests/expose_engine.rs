@@ -183,6 +183,32 @@ fn a_bound_port_is_port_in_use_and_targets_are_checked() {
     let own = Some("127.0.0.0/8".parse().unwrap());
     assert!(expose::check_target(addr("127.0.0.2:80"), false, own).is_err());
     assert!(expose::check_target(addr("127.0.0.1:80"), false, own).is_ok());
+    // Another gateway's mapped address (a loopback alias labelled lo:pgw…)
+    // is refused too, even with --allow-remote-target; an unlabelled
+    // alias is an ordinary address of this host.
+    run_ok(
+        "ip",
+        &[
+            "addr",
+            "add",
+            "10.9.0.5/32",
+            "dev",
+            "lo",
+            "label",
+            "lo:pgwdeadbeef",
+        ],
+    );
+    run_ok("ip", &["addr", "add", "10.9.0.6/32", "dev", "lo"]);
+    for allow_remote in [false, true] {
+        let err = expose::check_target(addr("10.9.0.5:8000"), allow_remote, None).unwrap_err();
+        assert_eq!(err.code, Code::BadTarget);
+        assert!(err.message.contains("lo:pgwdeadbeef"), "{}", err.message);
+    }
+    let err = Exposure::start(&d.socket, 81, addr("[::ffff:10.9.0.5]:8000"), Options::default())
+        .err()
+        .unwrap();
+    assert_eq!(err.code, Code::BadTarget);
+    assert!(expose::check_target(addr("10.9.0.6:8000"), false, None).is_ok());
     let gone = dir.path("nothing.sock");
     let err = Exposure::start(&gone, 81, addr("127.0.0.1:8000"), Options::default())
         .err()
