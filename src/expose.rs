@@ -409,9 +409,10 @@ pub fn canonical(target: SocketAddr) -> SocketAddr {
 }
 
 /// Refuses targets that cannot work, that lead into the gateway's own
-/// mappings (`own`: its subnet; refused even with `allow_remote`: every
-/// admitted peer would become a client of the mapped agents, with this
-/// node's identity), or that leave this host unasked.
+/// mappings (`own`: its subnet) or another gateway's (an alias labelled
+/// `lo:pgw…`) (both refused even with `allow_remote`: every admitted peer
+/// would become a client of the mapped agents, with this node's
+/// identity), or that leave this host unasked.
 pub fn check_target(target: SocketAddr, allow_remote: bool, own: Option<Ipv4Network>) -> Result<()> {
     let target = canonical(target);
     let ip = target.ip();
@@ -432,6 +433,14 @@ pub fn check_target(target: SocketAddr, allow_remote: bool, own: Option<Ipv4Netw
             .hint("expose the service itself (e.g. 127.0.0.1:PORT); --allow-remote-target does not allow this"));
         }
     }
+    // Another gateway's mappings lead to agents just the same.
+    if let Some(label) = gateway_alias(ip) {
+        return Err(Error::new(
+            Code::BadTarget,
+            format!("target {target} is a pilot gateway's mapped address (loopback alias labelled {label}): it would relay inbound peers to a mapped agent"),
+        )
+        .hint("expose the service itself (e.g. 127.0.0.1:PORT); --allow-remote-target does not allow this"));
+    }
     if !allow_remote && !on_this_host(ip) {
         return Err(
             Error::new(Code::BadTarget, format!("target {target} is not on this host"))
@@ -439,6 +448,17 @@ pub fn check_target(target: SocketAddr, allow_remote: bool, own: Option<Ipv4Netw
         );
     }
     Ok(())
+}
+
+/// The label of `ip` if it is an address on this host labelled by a
+/// gateway (`lo:pgw…`, any state directory's: see [`crate::alias`]).
+fn gateway_alias(ip: IpAddr) -> Option<String> {
+    let IpAddr::V4(v4) = ip else { return None };
+    sys::interface_addresses()
+        .ok()?
+        .into_iter()
+        .find(|a| a.addr == v4 && a.interface.starts_with(crate::alias::LABEL_PREFIX))
+        .map(|a| a.interface)
 }
 
 /// Whether `ip` is loopback (127.0.0.0/8, ::1) or an address an interface
@@ -852,9 +872,15 @@ fn recv(ex: &Shared, payload: &[u8]) {
 struct Queue {
     chunks: VecDeque<Vec<u8>>,
     bytes: usize,
-    /// Chunks the writer has taken: its progress.
-    popped: u64,
+    /// Bytes the local service has taken (every partial write counts):
+    /// the writer's progress, whatever the service's pace.
+    taken: u64,
     remote_closed: bool,
+    /// When the first CloseOK came: the service's `LINGER` counts from it.
+    closed_at: Option<Instant>,
+    /// The local→remote thread has ended (the service closed, or its
+    /// socket failed or was shut): nothing left to linger for.
+    local_done: bool,
     cut: bool,
 }
 
@@ -866,9 +892,9 @@ struct Conn {
     link: Arc<Link>,
     started: Instant,
     queue: Mutex<Queue>,
-    /// Data queued, remote closed or cut: for the writer.
+    /// Data queued, remote closed, service done or cut: for the writer.
     ready: Condvar,
-    /// The writer took a chunk, or cut: for a reader waiting for room.
+    /// The service took data, or cut: for a reader waiting for room.
     room: Condvar,
     /// The local socket, once connected.
     tcp: OnceLock<TcpStream>,
@@ -883,14 +909,16 @@ struct Conn {
 impl Conn {
     /// Queues data for the local service. A queue at its `limit` makes
     /// the caller wait for room while the service keeps reading (every
-    /// chunk the writer takes is progress); `false` once it has made none
-    /// for `stall`. Never waits on the socket itself.
+    /// byte it takes is progress); `false` once it has made none for
+    /// `stall`. The clock starts only once the target is connected (a
+    /// slow connect is bounded by its own timeout). Never waits on the
+    /// socket itself.
     fn push(&self, data: &[u8], limit: usize, stall: Duration) -> bool {
         let mut q = lock(&self.queue);
-        let (mut popped, mut deadline) = (q.popped, Instant::now() + stall);
+        let (mut taken, mut deadline) = (q.taken, Instant::now() + stall);
         while !q.cut && q.bytes > 0 && q.bytes + data.len() > limit {
-            if q.popped != popped {
-                (popped, deadline) = (q.popped, Instant::now() + stall);
+            if q.taken != taken || self.tcp.get().is_none() {
+                (taken, deadline) = (q.taken, Instant::now() + stall);
             }
             let Some(left) = deadline
                 .checked_duration_since(Instant::now())
@@ -916,10 +944,48 @@ impl Conn {
         true
     }
 
+    /// CloseOK (the daemon may send two: the first one counts).
     fn remote_closed(&self) {
         self.remote_closed.store(true, Relaxed);
-        lock(&self.queue).remote_closed = true;
-        self.ready.notify_one();
+        let mut q = lock(&self.queue);
+        q.remote_closed = true;
+        q.closed_at.get_or_insert_with(Instant::now);
+        drop(q);
+        self.ready.notify_all();
+    }
+
+    /// The service took `n` more bytes: progress for a waiting `push`.
+    fn took(&self, n: usize) {
+        lock(&self.queue).taken += n as u64;
+        self.room.notify_all();
+    }
+
+    fn local_done(&self) {
+        lock(&self.queue).local_done = true;
+        self.ready.notify_all();
+    }
+
+    /// Whether the service has had its `LINGER` since the remote closed.
+    fn lingered(&self) -> bool {
+        lock(&self.queue).closed_at.is_some_and(|t| t.elapsed() >= LINGER)
+    }
+
+    /// After the remote closed: waits until the service has finished, the
+    /// connection is cut, or `LINGER` has passed since the CloseOK. On the
+    /// queue's condvar, so a cut (or the service's end) wakes it at once.
+    fn linger(&self) {
+        let mut q = lock(&self.queue);
+        let until = q.closed_at.unwrap_or_else(Instant::now) + LINGER;
+        while !q.cut && !q.local_done {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            q = match self.ready.wait_timeout(q, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
     }
 
     /// Sends Close unless the daemon has already ended the connection or
@@ -961,6 +1027,10 @@ struct Finish {
 impl Drop for Finish {
     fn drop(&mut self) {
         let (c, ex) = (&self.conn, &self.ex);
+        // A `push` waiting for room (one that waits on a connect has no
+        // stall clock) must not wait for a connection that is gone.
+        lock(&c.queue).cut = true;
+        c.room.notify_all();
         c.close_once();
         {
             let mut conns = lock(&ex.conns);
@@ -1041,9 +1111,10 @@ fn connect_then_relay(finish: Finish) {
     }
     let finish = Arc::new(finish);
     let f2 = finish.clone();
-    let spawned = thread::Builder::new()
-        .stack_size(THREAD_STACK)
-        .spawn(move || local_to_remote(&f2.conn, &f2.ex));
+    let spawned = thread::Builder::new().stack_size(THREAD_STACK).spawn(move || {
+        local_to_remote(&f2.conn, &f2.ex);
+        f2.conn.local_done();
+    });
     if let Err(e) = spawned {
         finish.conn.fail(Outcome::Reset(format!("no thread: {e}")));
         return;
@@ -1063,7 +1134,6 @@ fn remote_to_local(c: &Conn, ex: &Shared) {
                 }
                 if let Some(chunk) = q.chunks.pop_front() {
                     q.bytes -= chunk.len();
-                    q.popped += 1;
                     c.room.notify_one();
                     break Some(chunk);
                 }
@@ -1074,9 +1144,14 @@ fn remote_to_local(c: &Conn, ex: &Shared) {
             }
         };
         let Some(chunk) = next else {
-            // The remote closed: let the service see the end and finish.
+            // The remote closed: let the service see the end and finish
+            // within `LINGER`. Then shutting the reading side wakes the
+            // local→remote thread even inside a read (a read timeout set
+            // now would not apply to a read already waiting), and it ends
+            // normally; the connection and its slot are freed.
             let _ = tcp.shutdown(Shutdown::Write);
-            let _ = tcp.set_read_timeout(Some(LINGER));
+            c.linger();
+            let _ = tcp.shutdown(Shutdown::Read);
             return;
         };
         if let Err(e) = write_local(c, tcp, &chunk) {
@@ -1095,7 +1170,10 @@ fn write_local(c: &Conn, mut tcp: &TcpStream, mut data: &[u8]) -> io::Result<()>
     while !data.is_empty() {
         match tcp.write(data) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
+            Ok(n) => {
+                data = &data[n..];
+                c.took(n);
+            }
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 if c.is_cut() {
                     return Err(e);
@@ -1122,7 +1200,14 @@ fn local_to_remote(c: &Conn, ex: &Shared) {
                 }
                 return;
             }
-            Ok(_) if c.remote_closed.load(Relaxed) => {} // nowhere to go
+            // Nowhere to go. A service that keeps talking still ends once
+            // its `LINGER` is over (the writer's shutdown alone would not
+            // end reads while data keeps arriving).
+            Ok(_) if c.remote_closed.load(Relaxed) => {
+                if c.lingered() {
+                    return;
+                }
+            }
             Ok(n) => {
                 ipc::put_send_header(&mut buf, c.id, n);
                 if !c.link.send(&buf[..ipc::DATA_HEADER + n], Some((c.id, c.peer))) {
@@ -1136,12 +1221,9 @@ fn local_to_remote(c: &Conn, ex: &Shared) {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if c.remote_closed.load(Relaxed)
-                    && matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
-            {
-                return
-            }
+            // The remote has closed: whatever ends the service's side now
+            // is a normal end.
+            Err(_) if c.remote_closed.load(Relaxed) => return,
             Err(e) => {
                 if !c.is_cut() {
                     c.fail(Outcome::Reset(format!("reading from {}: {e}", ex.target)));

@@ -142,15 +142,18 @@ fn our_close_is_answered_and_closes_the_tcp_side() {
     let mut tcp = connect(INBOUND);
     let a = s.accept();
     s.send(cmd::CLOSE, &[&a.conn.to_be_bytes()]);
-    let (c, p) = s.frame();
-    assert_eq!((c, p), (cmd::CLOSE_OK, a.conn.to_be_bytes().to_vec()));
+    // Two identical CloseOK frames, as the real daemon sends (PROTOCOL.md).
+    for _ in 0..2 {
+        let (c, p) = s.frame();
+        assert_eq!((c, p), (cmd::CLOSE_OK, a.conn.to_be_bytes().to_vec()));
+    }
     let mut rest = Vec::new();
     assert_eq!(
         tcp.read_to_end(&mut rest).unwrap(),
         0,
         "the TCP side sees the end"
     );
-    // Idempotent: again, and on an unknown id.
+    // Idempotent: again, and on an unknown id (once each: not live).
     for id in [a.conn, 999_999] {
         s.send(cmd::CLOSE, &[&id.to_be_bytes()]);
         let (c, p) = s.frame();

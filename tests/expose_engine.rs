@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -183,6 +183,32 @@ fn a_bound_port_is_port_in_use_and_targets_are_checked() {
     let own = Some("127.0.0.0/8".parse().unwrap());
     assert!(expose::check_target(addr("127.0.0.2:80"), false, own).is_err());
     assert!(expose::check_target(addr("127.0.0.1:80"), false, own).is_ok());
+    // Another gateway's mapped address (a loopback alias labelled lo:pgw…)
+    // is refused too, even with --allow-remote-target; an unlabelled
+    // alias is an ordinary address of this host.
+    run_ok(
+        "ip",
+        &[
+            "addr",
+            "add",
+            "10.9.0.5/32",
+            "dev",
+            "lo",
+            "label",
+            "lo:pgwdeadbeef",
+        ],
+    );
+    run_ok("ip", &["addr", "add", "10.9.0.6/32", "dev", "lo"]);
+    for allow_remote in [false, true] {
+        let err = expose::check_target(addr("10.9.0.5:8000"), allow_remote, None).unwrap_err();
+        assert_eq!(err.code, Code::BadTarget);
+        assert!(err.message.contains("lo:pgwdeadbeef"), "{}", err.message);
+    }
+    let err = Exposure::start(&d.socket, 81, addr("[::ffff:10.9.0.5]:8000"), Options::default())
+        .err()
+        .unwrap();
+    assert_eq!(err.code, Code::BadTarget);
+    assert!(expose::check_target(addr("10.9.0.6:8000"), false, None).is_ok());
     let gone = dir.path("nothing.sock");
     let err = Exposure::start(&gone, 81, addr("127.0.0.1:8000"), Options::default())
         .err()
@@ -305,4 +331,125 @@ fn a_stalled_session_is_counted_and_the_port_rebound() {
     });
     assert!(back, "{:?} {:?}", ex.counters(), ex.state());
     assert!(short_exchange("127.0.0.1:7100"));
+}
+
+/// Service: says "tick" every 0.3 s until it cannot (at most a minute).
+fn ticker(mut c: TcpStream) {
+    for _ in 0..200 {
+        if c.write_all(b"tick\n").is_err() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Service: says "tick" once, then neither reads nor closes for 30 s.
+fn ticks_once_then_idles(mut c: TcpStream) {
+    let _ = c.write_all(b"tick\n");
+    thread::sleep(Duration::from_secs(30));
+}
+
+#[test]
+fn after_the_peer_closes_a_service_that_goes_on_is_let_go_within_linger() {
+    netns();
+    let dir = TempDir::new("expose-linger");
+    let _talker = Service::start(8000, ticker);
+    let _idler = Service::start(8001, ticks_once_then_idles);
+    let d = devd(&dir, &["--inbound", "127.0.0.1:7101=0:0000.0000.0009:81"]);
+    let talks = expose(&d, 80, "127.0.0.1:8000", Options::default());
+    let idles = expose(&d, 81, "127.0.0.1:8001", Options::default());
+    for to in ["127.0.0.1:7100", "127.0.0.1:7101"] {
+        let mut peer = connect(to);
+        let mut tick = [0u8; 5];
+        peer.read_exact(&mut tick).unwrap();
+        assert_eq!(&tick, b"tick\n");
+    } // the peers close: CloseOK for both
+      // The services' LINGER (2 s) from the CloseOK, plus a margin; before
+      // the fix both stayed live (and held their slots) for good.
+    for ex in [&talks, &idles] {
+        assert!(
+            wait_until(Duration::from_secs(8), || ex.counters().active == 0),
+            "still live after the peer closed: {:?}",
+            ex.counters()
+        );
+        assert_eq!((ex.counters().total, ex.counters().slow_resets), (1, 0));
+    }
+}
+
+/// Service: like `verify`, but reads 4 KiB every 80 ms (about 50 KiB/s:
+/// slower than a queue chunk of 64 KiB per stall period of 1 s).
+fn slow_verify(mut c: TcpStream) {
+    let mut n = [0u8; 8];
+    if c.read_exact(&mut n).is_err() {
+        return;
+    }
+    let want = u64::from_be_bytes(n);
+    let expect = pattern(11, 1 << 20);
+    let (mut total, mut first_diff) = (0u64, u64::MAX);
+    let mut buf = [0u8; 4096];
+    while total < want {
+        let at = (total % (1 << 20)) as usize;
+        let k = (buf.len()).min((want - total) as usize).min((1 << 20) - at);
+        match c.read(&mut buf[..k]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if first_diff == u64::MAX && buf[..n] != expect[at..at + n] {
+                    first_diff = total;
+                }
+                total += n as u64;
+            }
+        }
+        thread::sleep(Duration::from_millis(80));
+    }
+    let _ = c.write_all(&total.to_be_bytes());
+    let _ = c.write_all(&first_diff.to_be_bytes());
+}
+
+/// Fixes the receive buffer of the listener's connections at a few KiB
+/// (no autotuning), so the kernel holds little of what a slow service
+/// has not read yet.
+fn small_receive_buffer(l: &std::net::TcpListener) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 8192;
+    // SAFETY: a valid socket and a c_int option of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0);
+}
+
+#[test]
+fn a_service_that_reads_slowly_is_paced_not_reset() {
+    netns();
+    // Loopback's 64 KiB segments let the kernel buffer megabytes towards
+    // the service (its send buffer grows with them): an Ethernet MTU keeps
+    // that small, so the queue's bound is what the slow service meets.
+    run_ok("ip", &["link", "set", "lo", "mtu", "1500"]);
+    let dir = TempDir::new("expose-slowread");
+    let svc = std::net::TcpListener::bind("127.0.0.1:8000").unwrap();
+    small_receive_buffer(&svc);
+    thread::spawn(move || {
+        if let Ok((c, _)) = svc.accept() {
+            slow_verify(c);
+        }
+    });
+    let d = devd(&dir, &[]);
+    // A small queue, so the bound is reached at once and pacing decides.
+    let opts = Options {
+        queue_bytes: 64 * 1024,
+        ..Options::default()
+    };
+    let ex = expose(&d, 80, "127.0.0.1:8000", opts);
+    const LEN: usize = 640 * 1024;
+    let (count, first_diff) = upload_whole("127.0.0.1:7100", LEN);
+    assert_eq!((count, first_diff), (LEN as u64, u64::MAX), "byte-exact");
+    assert!(wait_until(Duration::from_secs(10), || ex.counters().active == 0));
+    let c = ex.counters();
+    assert_eq!((c.total, c.slow_resets, c.bytes_in), (1, 0, LEN as u64 + 8));
 }

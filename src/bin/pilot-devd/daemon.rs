@@ -10,7 +10,8 @@
 //!   dispatched concurrently (a pending Dial does not block Sends);
 //! - Recv frames carry at most 4096 data bytes; a service that closes
 //!   yields its remaining data, then an unsolicited CloseOK;
-//! - Close is idempotent and always answered with CloseOK;
+//! - Close is idempotent and always answered with CloseOK (twice, on a live
+//!   connection, as the real daemon may);
 //! - Send never answers; an unknown command gets an Error frame;
 //! - a frame over 1 MiB drops the client, as does a client that has not
 //!   drained its socket within 10 s;
@@ -455,7 +456,9 @@ fn send(d: &Daemon, c: &Client, payload: &[u8]) {
     }
 }
 
-/// Close: idempotent, always answered with CloseOK.
+/// Close: idempotent, always answered with CloseOK; on a live connection
+/// with two identical CloseOK frames, as the real daemon does (PROTOCOL.md),
+/// so clients' tolerance of the second is exercised.
 fn close(c: &Client, payload: &[u8]) {
     let Some(id) = ipc::be_u32(payload) else {
         c.error("close: short payload");
@@ -471,6 +474,7 @@ fn close(c: &Client, payload: &[u8]) {
         // kernel's FIN-WAIT-2 timeout.
         let _ = t.shutdown(Shutdown::Write);
         let _ = t.set_read_timeout(Some(CLOSED_DRAIN));
+        c.send(&ipc::encode(cmd::CLOSE_OK, &[&id.to_be_bytes()]));
     }
     c.send(&ipc::encode(cmd::CLOSE_OK, &[&id.to_be_bytes()]));
 }
