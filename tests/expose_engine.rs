@@ -376,35 +376,6 @@ fn after_the_peer_closes_a_service_that_goes_on_is_let_go_within_linger() {
     }
 }
 
-/// Service: like `verify`, but reads 4 KiB every 80 ms (about 50 KiB/s:
-/// slower than a queue chunk of 64 KiB per stall period of 1 s).
-fn slow_verify(mut c: TcpStream) {
-    let mut n = [0u8; 8];
-    if c.read_exact(&mut n).is_err() {
-        return;
-    }
-    let want = u64::from_be_bytes(n);
-    let expect = pattern(11, 1 << 20);
-    let (mut total, mut first_diff) = (0u64, u64::MAX);
-    let mut buf = [0u8; 4096];
-    while total < want {
-        let at = (total % (1 << 20)) as usize;
-        let k = (buf.len()).min((want - total) as usize).min((1 << 20) - at);
-        match c.read(&mut buf[..k]) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if first_diff == u64::MAX && buf[..n] != expect[at..at + n] {
-                    first_diff = total;
-                }
-                total += n as u64;
-            }
-        }
-        thread::sleep(Duration::from_millis(80));
-    }
-    let _ = c.write_all(&total.to_be_bytes());
-    let _ = c.write_all(&first_diff.to_be_bytes());
-}
-
 /// Fixes the receive buffer of the listener's connections at a few KiB
 /// (no autotuning), so the kernel holds little of what a slow service
 /// has not read yet.
@@ -436,7 +407,8 @@ fn a_service_that_reads_slowly_is_paced_not_reset() {
     small_receive_buffer(&svc);
     thread::spawn(move || {
         if let Ok((c, _)) = svc.accept() {
-            slow_verify(c);
+            // About 50 KiB/s: slower than a queue chunk of 64 KiB per 1 s stall period.
+            verify_paced(c, 4096, Duration::from_millis(80));
         }
     });
     let d = devd(&dir, &[]);

@@ -763,9 +763,14 @@ pub fn echoes_byte_exact(addr: &'static str, n: u64) {
 /// Service: reads an 8-byte length N, then N bytes, which it compares with
 /// the pattern as they come; replies with the count and the offset of the
 /// first difference (u64::MAX: none). Comparing slices keeps it fast even
-/// in a debug build: an exposed service slower than the daemon's delivery
-/// would (by design) be reset once its queue passes its bound.
-pub fn verify(mut c: TcpStream) {
+/// in a debug build.
+pub fn verify(c: TcpStream) {
+    verify_paced(c, 1 << 20, Duration::ZERO);
+}
+
+/// `verify` that reads at most `chunk` bytes at a time and sleeps `pause`
+/// after each read: a service that keeps reading, only slowly.
+pub fn verify_paced(mut c: TcpStream, chunk: usize, pause: Duration) {
     let mut n = [0u8; 8];
     if c.read_exact(&mut n).is_err() {
         return;
@@ -773,19 +778,22 @@ pub fn verify(mut c: TcpStream) {
     let want = u64::from_be_bytes(n);
     let expect = pattern(11, 1 << 20);
     let (mut total, mut first_diff) = (0u64, u64::MAX);
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; chunk.min(1 << 20)];
     while total < want {
         // Reads never cross a pattern boundary, so each compares in one piece.
         let at = (total % (1 << 20)) as usize;
-        let k = (buf.len() - at).min((want - total) as usize);
-        match c.read(&mut buf[at..at + k]) {
+        let k = buf.len().min((1 << 20) - at).min((want - total) as usize);
+        match c.read(&mut buf[..k]) {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                if first_diff == u64::MAX && buf[at..at + n] != expect[at..at + n] {
+                if first_diff == u64::MAX && buf[..n] != expect[at..at + n] {
                     first_diff = total;
                 }
                 total += n as u64;
             }
+        }
+        if !pause.is_zero() {
+            thread::sleep(pause);
         }
     }
     let _ = c.write_all(&total.to_be_bytes());
