@@ -49,7 +49,14 @@
 //!
 //! When the session ends (daemon restart), every connection is cut and the
 //! reader thread opens a new session and Binds again, with backoff, until
-//! it succeeds or the exposure is stopped; [`State`] shows which.
+//! it succeeds or the exposure is stopped (or is draining); [`State`]
+//! shows which.
+//!
+//! Releasing the port: a drain and a stop send Unbind (newer daemons) on
+//! the session; the reader thread sees the answer among the other frames
+//! and wakes the asker, who waits at most `UNBIND_WAIT`. After UnbindOK
+//! the port is free while accepted connections go on; without it (the
+//! Feb-2026 daemon's `unknown command: 0x37`) closing the session frees it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
@@ -100,6 +107,9 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 const IPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a Bind in progress looks whether the exposure was stopped.
 const BIND_POLL: Duration = Duration::from_millis(100);
+/// Bound on waiting for the answer to Unbind; past it, closing the
+/// session frees the port as on daemons without Unbind.
+const UNBIND_WAIT: Duration = Duration::from_secs(1);
 
 /// Connection slots an exposure shares with other users of one budget
 /// (the gateway's `--max-conns`, which forwarded connections draw on too).
@@ -351,10 +361,27 @@ impl Exposure {
         }
     }
 
-    /// Stops admitting connections (`--drain`): every later Accept is
-    /// answered with Close and counted; live connections go on.
+    /// Stops admitting connections (`--drain`): releases the port with
+    /// Unbind where the daemon has it (no more Accepts; another program
+    /// may Bind it at once), and answers every Accept still arriving with
+    /// Close, counted. Live connections go on.
     pub fn stop_admitting(&self) {
         self.shared.draining.store(true, Relaxed);
+        if self.release() {
+            info!(
+                "exposed port {}: released (Unbind); live connections go on",
+                self.shared.port
+            );
+        }
+    }
+
+    /// Releases the port with Unbind, waiting up to `UNBIND_WAIT` for the
+    /// answer; whether the daemon released it. Connections already
+    /// accepted go on. `false` on a daemon without Unbind (the port is
+    /// then freed when the session closes) or one that did not answer.
+    pub fn release(&self) -> bool {
+        let link = lock(&self.shared.link).clone();
+        link.is_some_and(|l| l.unbind(self.shared.port, UNBIND_WAIT))
     }
 
     pub fn is_admitting(&self) -> bool {
@@ -370,13 +397,19 @@ impl Exposure {
         }
     }
 
-    /// Closes the session (the daemon frees the port and every connection
-    /// on it), resets the local sides, and waits (bounded by `wait`) for
-    /// the connection threads to finish.
+    /// Releases the port (Unbind, where the daemon has it), closes the
+    /// session (the daemon frees the port, if still held, and every
+    /// connection on it), resets the local sides, and waits (bounded by
+    /// `wait`) for the connection threads to finish.
     pub fn stop(&mut self, wait: Duration) {
         let s = &self.shared;
         s.stopping.store(true, Relaxed);
-        if let Some(link) = lock(&s.link).take() {
+        let link = lock(&s.link).take();
+        if let Some(link) = link {
+            // Once UnbindOK is in, the port is free: a Bind of it right
+            // after (a changed exposure restarting) cannot race the
+            // daemon's clean-up of the closed session.
+            link.unbind(s.port, UNBIND_WAIT);
             let _ = link.stream.shutdown(Shutdown::Both);
         }
         if let Some(t) = self.reader.take() {
@@ -485,6 +518,26 @@ struct Link {
     /// Set when a frame could not be written within `IPC_TIMEOUT`: the
     /// daemon stopped reading the session. Names the likely culprit.
     stalled: OnceLock<String>,
+    /// Where this session's Unbind stands; the reader thread records the
+    /// answer and wakes the asker through `unbind_answered`.
+    unbind: Mutex<Unbind>,
+    unbind_answered: Condvar,
+}
+
+/// A session's Unbind. At most one is ever sent per session, so an answer
+/// (UnbindOK, or an Error about Unbind) can only be for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unbind {
+    /// Not asked.
+    Bound,
+    /// Sent, no answer yet.
+    Asked,
+    /// UnbindOK: the port is free; accepted connections go on.
+    Released,
+    /// `unknown command: 0x37` (the Feb-2026 daemon): close the session.
+    Unknown,
+    /// Refused, failed to send, or the session ended first.
+    Failed,
 }
 
 /// Data bytes each connection sent in the current window of
@@ -501,7 +554,72 @@ impl Link {
             stream,
             lock: Mutex::new(Recent::default()),
             stalled: OnceLock::new(),
+            unbind: Mutex::new(Unbind::Bound),
+            unbind_answered: Condvar::new(),
         }
+    }
+
+    /// Sends Unbind (once per session) and waits up to `wait` for the
+    /// reader thread to see the answer; whether the port was released.
+    /// Never waits longer than `wait` for other writers either: a writer
+    /// blocked on a daemon that stopped reading holds the write lock.
+    fn unbind(&self, port: u16, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        let mut st = lock(&self.unbind);
+        if *st == Unbind::Bound {
+            *st = Unbind::Asked;
+            drop(st);
+            let frame = ipc::encode(cmd::UNBIND, &[&port.to_be_bytes()]);
+            if !self.send_by(&frame, deadline) {
+                self.unbind_answer(Unbind::Failed);
+            }
+            st = lock(&self.unbind);
+        }
+        while *st == Unbind::Asked {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = match self.unbind_answered.wait_timeout(st, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        *st == Unbind::Released
+    }
+
+    /// Records the answer to an Unbind in flight (and nothing otherwise).
+    fn unbind_answer(&self, answer: Unbind) {
+        let mut st = lock(&self.unbind);
+        if *st == Unbind::Asked {
+            *st = answer;
+        }
+        drop(st);
+        self.unbind_answered.notify_all();
+    }
+
+    fn unbind_asked(&self) -> bool {
+        *lock(&self.unbind) == Unbind::Asked
+    }
+
+    /// Like `send`, but gives up (sending nothing) when the write lock
+    /// stays taken until `deadline`.
+    fn send_by(&self, frame: &[u8], deadline: Instant) -> bool {
+        let _recent = loop {
+            match self.lock.try_lock() {
+                Ok(g) => break g,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => return false,
+            }
+        };
+        let ok = (&self.stream).write_all(frame).is_ok();
+        if !ok {
+            let _ = self.stream.shutdown(Shutdown::Both);
+        }
+        ok
     }
 
     /// Writes one whole frame (`from`: the connection whose data it
@@ -663,6 +781,15 @@ fn run(ex: &Arc<Shared>, mut session: Option<(FrameReader<UnixStream>, Arc<Link>
             *lock(&ex.state) = State::Bound;
             backoff = RETRY_MIN;
             let mut why = serve(ex, reader, &link);
+            // An Unbind in flight gets no answer now; a `stop` to come
+            // must not write to this session.
+            link.unbind_answer(Unbind::Failed);
+            {
+                let mut current = lock(&ex.link);
+                if current.as_ref().is_some_and(|l| Arc::ptr_eq(l, &link)) {
+                    *current = None;
+                }
+            }
             if ex.stopping.load(Relaxed) {
                 why = "the exposure was stopped".into();
             } else if let Some(culprit) = link.stalled.get() {
@@ -675,6 +802,13 @@ fn run(ex: &Arc<Shared>, mut session: Option<(FrameReader<UnixStream>, Arc<Link>
             }
             cut_all(ex, &why);
             if ex.stopping.load(Relaxed) {
+                break;
+            }
+            // Draining: the port was given up (or is about to be); taking
+            // it back would only refuse every Accept, or take it from
+            // whoever Bound it after our Unbind.
+            if ex.draining.load(Relaxed) {
+                warn!("exposed port {}: {why}; not re-binding (draining)", ex.port);
                 break;
             }
             warn!("exposed port {}: {why}; re-binding", ex.port);
@@ -733,12 +867,38 @@ fn serve(ex: &Arc<Shared>, mut reader: FrameReader<UnixStream>, link: &Arc<Link>
                     c.remote_closed();
                 }
             }
-            // Errors carry no connection id; on this session they can only
-            // answer a Send or Close of a connection that is already gone.
-            cmd::ERROR => debug!("exposed port {}: daemon: {}", ex.port, ipc::error_text(payload)),
+            cmd::UNBIND_OK if payload.get(..2) == Some(&ex.port.to_be_bytes()[..]) => {
+                link.unbind_answer(Unbind::Released);
+                debug!("exposed port {}: released (UnbindOK)", ex.port);
+            }
+            cmd::ERROR => error(ex, link, &ipc::error_text(payload)),
             other => debug!("exposed port {}: ignoring message 0x{other:02X}", ex.port),
         }
     }
+}
+
+/// An Error on the session. Errors carry no connection id: one about
+/// Unbind while ours is in flight answers it (only one ever is); any
+/// other can only answer a Send or Close of a connection already gone.
+fn error(ex: &Shared, link: &Link, text: &str) {
+    let about_unbind = text.starts_with("unbind") || text.contains("0x37");
+    if about_unbind && link.unbind_asked() {
+        if text.contains("unknown command") {
+            debug!(
+                "exposed port {}: the daemon has no Unbind; the port is freed when the session closes",
+                ex.port
+            );
+            link.unbind_answer(Unbind::Unknown);
+        } else {
+            warn!(
+                "exposed port {}: Unbind refused: {text}; closing the session instead",
+                ex.port
+            );
+            link.unbind_answer(Unbind::Failed);
+        }
+        return;
+    }
+    debug!("exposed port {}: daemon: {text}", ex.port);
 }
 
 /// Cuts every connection of a session that ended.

@@ -157,7 +157,8 @@ impl Drop for SessionSlot {
 /// How long stopping an exposure waits for its connections to end.
 const EXPOSE_STOP_WAIT: Duration = Duration::from_secs(5);
 /// How long a restarted exposure retries a Bind the daemon still holds for
-/// the session just closed (it frees the port once it notices).
+/// the session just closed (a daemon without Unbind frees the port once
+/// it notices; with Unbind it is free before the stop returns).
 const REBIND_WAIT: Duration = Duration::from_secs(3);
 /// Bound on every exposure start-up (connect, Bind, its answer, retries)
 /// of one SIGHUP apply together: it runs under the state lock, and the

@@ -476,6 +476,41 @@ fn stop_and_unexpose_drain_exposed_connections() {
     assert!(drained >= 2, "refusals while draining are logged: {log}");
 }
 
+/// With a daemon that has Unbind, `unexpose --drain` releases the port at
+/// once: another program Binds it while the live exposed connection still
+/// echoes, and the drain ends with nothing cut and no error.
+#[test]
+fn unexpose_drain_releases_the_port_at_once_where_the_daemon_has_unbind() {
+    netns();
+    let dir = TempDir::new("x-unbind");
+    let _svc = Service::start(8000, echo);
+    let d = devd(&dir, &["--unbind"]);
+    let gw = Gw::new(&dir, &d.socket);
+    gw.ok(&["start", "--expose", "80=8000"]);
+    let mut a = live(IN80);
+    let gw2 = Gw::handle(gw.state.clone(), gw.socket.clone());
+    let unexposing = thread::spawn(move || gw2.data(&["unexpose", "--drain", "5", "80"]));
+    let mut other = None;
+    assert!(
+        wait_until(Duration::from_secs(4), || {
+            other = hold_port(&d.socket, 80);
+            other.is_some()
+        }),
+        "another program can Bind the port during the drain"
+    );
+    assert!(still_echoes(&mut a), "the live connection is not cut");
+    assert!(!unexposing.is_finished(), "still draining");
+    drop(a);
+    let gone = unexposing.join().unwrap();
+    assert_eq!((num(&gone, "port"), num(&gone, "cut")), (80, 0), "{gone}");
+    assert!(
+        hold_port(&d.socket, 80).is_none(),
+        "the other program still holds it"
+    );
+    drop(other);
+    gw.ok(&["stop"]);
+}
+
 #[test]
 fn forwarded_and_exposed_connections_share_the_max_conns_budget() {
     netns();

@@ -266,6 +266,94 @@ fn stop_frees_the_port() {
     let _ = live.read_to_end(&mut rest);
 }
 
+/// Whether a live connection still echoes.
+fn echoes(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 4];
+    s.write_all(b"more").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"more"
+}
+
+/// On a daemon with Unbind, a drain releases the port at once: another
+/// program Binds it while the live connection goes on; stop then leaves
+/// that program's Bind alone.
+#[test]
+fn a_drain_releases_the_port_with_unbind_and_live_connections_go_on() {
+    netns();
+    let dir = TempDir::new("expose-unbind");
+    let _svc = Service::start(8000, echo);
+    let d = devd(&dir, &["--unbind"]);
+    let mut ex = expose(&d, 80, "127.0.0.1:8000", Options::default());
+    let mut live = connect("127.0.0.1:7100");
+    assert!(echoes(&mut live));
+    ex.stop_admitting();
+    assert!(!ex.is_admitting());
+    // UnbindOK came before stop_admitting returned: no polling.
+    let other = hold_port(&d.socket, 80).expect("another program Binds the port at once");
+    assert!(echoes(&mut live), "the live connection goes on after Unbind");
+    assert_eq!(ex.counters().active, 1);
+    assert!(ex.release(), "released stays released (no second Unbind)");
+    ex.stop(Duration::from_secs(5));
+    assert_eq!(ex.state(), State::Stopped);
+    assert!(
+        !try_bind(&d.socket, 80).unwrap(),
+        "the other program still holds the port"
+    );
+    drop(other);
+}
+
+/// On a daemon with Unbind, stop frees the port before it returns, so a
+/// Bind right after it (a changed exposure restarting) succeeds at once.
+#[test]
+fn stop_with_unbind_frees_the_port_before_returning() {
+    netns();
+    let dir = TempDir::new("expose-unbind-stop");
+    let _svc = Service::start(8000, echo);
+    let d = devd(&dir, &["--unbind"]);
+    for _ in 0..3 {
+        let mut ex = expose(&d, 80, "127.0.0.1:8000", Options::default());
+        assert!(short_exchange("127.0.0.1:7100"));
+        ex.stop(Duration::from_secs(5));
+        let again = Exposure::start(&d.socket, 80, addr("127.0.0.1:8000"), Options::default());
+        let mut again = again.expect("a Bind right after stop succeeds");
+        assert!(short_exchange("127.0.0.1:7100"));
+        again.stop(Duration::from_secs(5));
+    }
+}
+
+/// A daemon without Unbind (Feb 2026) answers it `unknown command`: the
+/// session goes on, the drain refuses Accepts as before, and the port is
+/// freed when stop closes the session.
+#[test]
+fn without_unbind_a_drain_holds_the_port_until_stop() {
+    netns();
+    let dir = TempDir::new("expose-no-unbind");
+    let _svc = Service::start(8000, echo);
+    let d = devd(&dir, &[]);
+    let mut ex = expose(&d, 80, "127.0.0.1:8000", Options::default());
+    let mut live = connect("127.0.0.1:7100");
+    assert!(echoes(&mut live));
+    ex.stop_admitting();
+    assert!(!ex.release(), "no Unbind on this daemon");
+    assert!(echoes(&mut live), "the unknown command did not end the session");
+    assert!(hold_port(&d.socket, 80).is_none(), "the port is still ours");
+    assert!(
+        !short_exchange("127.0.0.1:7100"),
+        "new connections are refused while draining"
+    );
+    assert!(wait_until(Duration::from_secs(5), || ex
+        .counters()
+        .refused_draining
+        == 1));
+    assert_eq!(ex.state(), State::Bound);
+    ex.stop(Duration::from_secs(5));
+    assert_eq!(ex.state(), State::Stopped);
+    assert!(
+        can_bind(&d.socket, 80),
+        "the port is free once the session closed"
+    );
+    let mut rest = Vec::new();
+    let _ = live.read_to_end(&mut rest);
+}
+
 /// An Accept for a port this session did not Bind is a protocol error:
 /// that connection is closed unserved, and the session goes on.
 #[test]

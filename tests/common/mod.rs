@@ -687,6 +687,19 @@ pub fn try_bind(socket: &Path, port: u16) -> std::io::Result<bool> {
     Ok(matches!(r.read_frame(), Ok((cmd::BIND_OK, _))))
 }
 
+/// Binds `port` on a fresh session, as another program would; the
+/// session (holding the port while it lives) if the daemon said BindOK.
+pub fn hold_port(socket: &Path, port: u16) -> Option<std::os::unix::net::UnixStream> {
+    use pilot_gateway::ipc::{self, cmd, FrameReader};
+    let s = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    w.write_all(&ipc::encode(cmd::BIND, &[&port.to_be_bytes()]))
+        .unwrap();
+    let mut r = FrameReader::new(s, 1024);
+    matches!(r.read_frame(), Ok((cmd::BIND_OK, _))).then_some(w)
+}
+
 /// A service on 127.0.0.1:`port` for `conns` connections: it holds the
 /// first one and never reads it; the others echo.
 pub struct NeverReadsFirst {
