@@ -615,7 +615,16 @@ impl Link {
                 Err(std::sync::TryLockError::WouldBlock) => return false,
             }
         };
+        // The write itself is bounded by the same deadline (we hold the
+        // write lock, so no other writer sees the shorter timeout): a daemon
+        // that stopped reading must not make `stop` wait the full
+        // IPC_TIMEOUT. A frame cut short ends the session, as in `send`.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = self
+            .stream
+            .set_write_timeout(Some(left.max(Duration::from_millis(10))));
         let ok = (&self.stream).write_all(frame).is_ok();
+        let _ = self.stream.set_write_timeout(Some(IPC_TIMEOUT));
         if !ok {
             let _ = self.stream.shutdown(Shutdown::Both);
         }
