@@ -410,12 +410,6 @@ fn until_refused(via: &str) -> bool {
     false
 }
 
-/// Whether a live connection still echoes.
-fn still_echoes(s: &mut TcpStream) -> bool {
-    let mut b = [0u8; 4];
-    s.write_all(b"more").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"more"
-}
-
 #[test]
 fn stop_and_unexpose_drain_exposed_connections() {
     netns();

@@ -266,12 +266,6 @@ fn stop_frees_the_port() {
     let _ = live.read_to_end(&mut rest);
 }
 
-/// Whether a live connection still echoes.
-fn echoes(s: &mut TcpStream) -> bool {
-    let mut b = [0u8; 4];
-    s.write_all(b"more").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"more"
-}
-
 /// On a daemon with Unbind, a drain releases the port at once: another
 /// program Binds it while the live connection goes on; stop then leaves
 /// that program's Bind alone.
@@ -283,12 +277,15 @@ fn a_drain_releases_the_port_with_unbind_and_live_connections_go_on() {
     let d = devd(&dir, &["--unbind"]);
     let mut ex = expose(&d, 80, "127.0.0.1:8000", Options::default());
     let mut live = connect("127.0.0.1:7100");
-    assert!(echoes(&mut live));
+    assert!(still_echoes(&mut live));
     ex.stop_admitting();
     assert!(!ex.is_admitting());
     // UnbindOK came before stop_admitting returned: no polling.
     let other = hold_port(&d.socket, 80).expect("another program Binds the port at once");
-    assert!(echoes(&mut live), "the live connection goes on after Unbind");
+    assert!(
+        still_echoes(&mut live),
+        "the live connection goes on after Unbind"
+    );
     assert_eq!(ex.counters().active, 1);
     assert!(ex.release(), "released stays released (no second Unbind)");
     ex.stop(Duration::from_secs(5));
@@ -330,10 +327,13 @@ fn without_unbind_a_drain_holds_the_port_until_stop() {
     let d = devd(&dir, &[]);
     let mut ex = expose(&d, 80, "127.0.0.1:8000", Options::default());
     let mut live = connect("127.0.0.1:7100");
-    assert!(echoes(&mut live));
+    assert!(still_echoes(&mut live));
     ex.stop_admitting();
     assert!(!ex.release(), "no Unbind on this daemon");
-    assert!(echoes(&mut live), "the unknown command did not end the session");
+    assert!(
+        still_echoes(&mut live),
+        "the unknown command did not end the session"
+    );
     assert!(hold_port(&d.socket, 80).is_none(), "the port is still ours");
     assert!(
         !short_exchange("127.0.0.1:7100"),

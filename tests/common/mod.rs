@@ -687,6 +687,12 @@ pub fn try_bind(socket: &Path, port: u16) -> std::io::Result<bool> {
     Ok(matches!(r.read_frame(), Ok((cmd::BIND_OK, _))))
 }
 
+/// Whether a live connection to an echo service still echoes.
+pub fn still_echoes(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 4];
+    s.write_all(b"more").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"more"
+}
+
 /// Binds `port` on a fresh session, as another program would; the
 /// session (holding the port while it lives) if the daemon said BindOK.
 pub fn hold_port(socket: &Path, port: u16) -> Option<std::os::unix::net::UnixStream> {
