@@ -647,8 +647,7 @@ impl Link {
                 recent.count(conn, peer, frame.len());
             }
             let r = (&self.stream).write_all(frame);
-            if matches!(&r, Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
-            {
+            if matches!(&r, Err(e) if ipc::is_timeout(e)) {
                 let _ = self.stalled.set(recent.culprit());
             }
             r
@@ -1343,7 +1342,7 @@ fn write_local(c: &Conn, mut tcp: &TcpStream, mut data: &[u8]) -> io::Result<()>
                 data = &data[n..];
                 c.took(n);
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e) if ipc::is_timeout(&e) => {
                 if c.is_cut() {
                     return Err(e);
                 }

@@ -114,8 +114,15 @@ impl IpcError {
     }
 
     pub fn is_timeout(&self) -> bool {
-        matches!(self, IpcError::Io(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock))
+        matches!(self, IpcError::Io(e) if is_timeout(e))
     }
+}
+
+/// Whether an I/O error is a read or write timeout: SO_RCVTIMEO and
+/// SO_SNDTIMEO expiring show as WouldBlock (EAGAIN) on Linux, TimedOut
+/// elsewhere.
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock)
 }
 
 impl std::fmt::Display for IpcError {

@@ -12,17 +12,17 @@
 
 use std::fs::File;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::access::Record;
 use crate::address::PilotAddr;
 use crate::log::RateLimit;
 use crate::relay::{self, Connections, DataPath, THREAD_STACK};
-use crate::{sys, warn_limited};
+use crate::{subnet, sys, warn_limited};
 
 /// A listening socket on one mapped IP and port, with its accept thread.
 pub struct Listener {
@@ -121,7 +121,7 @@ fn accept_loop(
             }
         };
         backoff = Duration::from_millis(5);
-        if !data_path.settings.allow_remote && !is_local_client(client.ip(), local.ip()) {
+        if !data_path.settings.allow_remote && !subnet::is_local_client(client.ip(), local.ip()) {
             refuse_remote(tcp, client, local, pilot, data_path, conns);
             continue;
         }
@@ -129,21 +129,19 @@ fn accept_loop(
             let n = data_path.refused.fetch_add(1, Relaxed) + 1;
             warn_limited!(
                 REFUSED_MAX_CONNS,
-                "refused connection from {client} to {}: --max-conns {} reached ({n} refused so far)",
-                local_name(socket),
+                "refused connection from {client} to {local}: --max-conns {} reached ({n} refused so far)",
                 data_path.settings.max_conns
             );
             if let Some(log) = &data_path.access {
-                let local = socket.local_addr().ok();
                 log.write(&Record::without_data(
                     client,
-                    local,
+                    Some(local),
                     pilot,
                     "refused",
                     "--max-conns reached",
                 ));
             }
-            relay::reset(tcp);
+            sys::reset(tcp);
             continue;
         }
         relay::serve(tcp, client, local, pilot, data_path, conns);
@@ -207,47 +205,10 @@ fn shed_one(socket: &TcpListener, data_path: &DataPath) -> bool {
             "refused connection from {client} to {}: out of file descriptors ({n} refused so far)",
             local_name(socket)
         );
-        relay::reset(tcp);
+        sys::reset(tcp);
     }
     *reserve = File::open("/dev/null").ok();
     true
-}
-
-/// Addresses configured on this host, as last read.
-struct LocalAddrs {
-    addrs: Vec<Ipv4Addr>,
-    read_at: Option<Instant>,
-}
-
-static LOCAL_ADDRS: Mutex<LocalAddrs> = Mutex::new(LocalAddrs {
-    addrs: Vec::new(),
-    read_at: None,
-});
-
-/// How often, at most, a miss re-reads the interfaces: a flood of SYNs
-/// from another host must not make us dump them in a loop.
-const LOCAL_ADDRS_REFRESH: Duration = Duration::from_millis(100);
-
-/// Whether a client comes from this host. A local client normally uses
-/// the listener's own IP as its source, or a loopback one; any other
-/// source must be configured on one of our interfaces.
-fn is_local_client(client: IpAddr, listener: IpAddr) -> bool {
-    let IpAddr::V4(ip) = client else { return false };
-    if client == listener || ip.is_loopback() {
-        return true;
-    }
-    let mut cache = LOCAL_ADDRS.lock().unwrap_or_else(|p| p.into_inner());
-    if cache.addrs.contains(&ip) {
-        return true;
-    }
-    if cache.read_at.is_some_and(|t| t.elapsed() < LOCAL_ADDRS_REFRESH) {
-        return false;
-    }
-    cache.read_at = Some(Instant::now());
-    if let Ok(all) = sys::interface_addresses() {
-        cache.addrs = all.into_iter().map(|a| a.addr).collect();
-    }
-    cache.addrs.contains(&ip)
 }
 
 // Per-connection warnings, one rate limit per kind: a flood of clients
@@ -266,7 +227,7 @@ fn refuse_remote(
     conns: &Connections,
 ) {
     conns.refused_remote.fetch_add(1, Relaxed);
-    relay::reset(tcp);
+    sys::reset(tcp);
     warn_limited!(
         REFUSED_REMOTE,
         "refused connection from {client} to {local}: not a local client (start with --allow-remote to serve other hosts)"
@@ -279,25 +240,5 @@ fn refuse_remote(
             "refused",
             "client from another host",
         ));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn local_clients_are_told_from_other_hosts() {
-        let listener = IpAddr::from([10, 4, 0, 1]);
-        assert!(is_local_client(listener, listener));
-        assert!(is_local_client(IpAddr::from([127, 0, 0, 9]), listener));
-        assert!(!is_local_client(IpAddr::from([203, 0, 113, 7]), listener));
-        assert!(
-            !is_local_client("::1".parse().unwrap(), listener),
-            "we serve IPv4 only"
-        );
-        if let Some(a) = sys::interface_addresses().unwrap().iter().find(|a| !a.loopback) {
-            assert!(is_local_client(IpAddr::V4(a.addr), listener), "{a:?}");
-        }
     }
 }

@@ -37,7 +37,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -53,7 +53,7 @@ use crate::ipc::{self, cmd, FrameReader, IpcError};
 use crate::log::RateLimit;
 use crate::stats::Counters;
 use crate::sys::sock_diag::{self, PeerState};
-use crate::{debug, sys, warn, warn_limited};
+use crate::{debug, subnet, sys, warn, warn_limited};
 
 /// Stack of each connection thread. The threads keep their buffers on the
 /// heap and never recurse, so a small stack is plenty; it keeps thousands
@@ -333,12 +333,6 @@ impl Conn {
     }
 }
 
-/// Resets and closes a client we will not serve.
-pub fn reset(tcp: TcpStream) {
-    sys::set_linger_zero(&tcp);
-    drop(tcp);
-}
-
 /// Shared (in an `Arc`) by both threads of a connection; when the last one
 /// lets go, `drop` cleans up exactly once.
 pub struct ConnCleanup {
@@ -442,7 +436,7 @@ pub fn serve(
                     &why,
                 ));
             }
-            reset(tcp);
+            sys::reset(tcp);
             data_path.active.fetch_sub(1, Relaxed);
             return;
         }
@@ -650,7 +644,7 @@ fn client_to_agent(c: &Conn, limits: &ConnSettings) {
             }
             // poll said readable, so a timeout is a spurious wake-up: wait
             // again (and check the idle limit) without the buffer.
-            Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => buf = Vec::new(),
+            Err(e) if ipc::is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => buf = Vec::new(),
             Err(e) => {
                 // Shut down by the other thread or by unmap, or a client reset.
                 if c.ending.get().is_none() && !c.agent_closed.load(Relaxed) {
@@ -732,7 +726,9 @@ fn client_closed(c: &Conn, allow_remote: bool) -> Option<bool> {
     match sock_diag::peer_state(peer, local) {
         Ok(PeerState::Unknown) => None,
         // Without --allow-remote the listener served only local clients.
-        Ok(state) => Some(state.client_closed(!allow_remote || is_local(c.client.ip(), c.local.ip()))),
+        Ok(state) => {
+            Some(state.client_closed(!allow_remote || subnet::is_local_client(c.client.ip(), c.local.ip())))
+        }
         Err(e) => {
             debug!(
                 "connection {}: cannot ask the kernel about {}: {e}",
@@ -741,18 +737,6 @@ fn client_closed(c: &Conn, allow_remote: bool) -> Option<bool> {
             None
         }
     }
-}
-
-/// Whether `ip` is one of this host's addresses, so its socket is in our
-/// kernel (the listener's own check, which this module cannot use).
-fn is_local(ip: IpAddr, ours: IpAddr) -> bool {
-    ip.is_loopback()
-        || ip == ours
-        || sys::interface_addresses().is_ok_and(|a| a.iter().any(|i| IpAddr::V4(i.addr) == ip))
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
 
 /// What one pass over the buffered frames found.
@@ -827,7 +811,7 @@ fn agent_to_client(c: &Conn, mut reader: FrameReader<IpcRead>, idle: Duration) {
         let g = gather(&mut reader, id, &mut ranges);
         if g.ranges > 0 {
             if let Err(e) = write_ranges(&c.tcp, reader.buffer(), &ranges, c) {
-                let why = if is_timeout(&e) {
+                let why = if ipc::is_timeout(&e) {
                     Ending::IdleTimeout
                 } else {
                     Ending::Reset(format!("client: {e}"))

@@ -1,11 +1,14 @@
 //! The local side of the mapping table: which subnet the gateway hands IPs
-//! out of, and which TCP ports it listens on.
+//! out of, which TCP ports it listens on, and which addresses are this
+//! host's own (for telling local clients from other hosts').
 //!
 //! Every check here runs before the gateway touches the system, so a typo
 //! never leaves half a configuration behind.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use ipnetwork::{IpNetwork, Ipv4Network};
 
@@ -224,6 +227,43 @@ pub fn check_no_overlap(net: Ipv4Network) -> Result<()> {
     Ok(())
 }
 
+/// Addresses configured on this host, as last read.
+struct LocalAddrs {
+    addrs: Vec<Ipv4Addr>,
+    read_at: Option<Instant>,
+}
+
+static LOCAL_ADDRS: Mutex<LocalAddrs> = Mutex::new(LocalAddrs {
+    addrs: Vec::new(),
+    read_at: None,
+});
+
+/// How often, at most, a miss re-reads the interfaces: a flood of SYNs
+/// from another host must not make us dump them in a loop.
+const LOCAL_ADDRS_REFRESH: Duration = Duration::from_millis(100);
+
+/// Whether a client comes from this host. A local client normally uses
+/// the listener's own IP as its source, or a loopback one; any other
+/// source must be configured on one of our interfaces.
+pub fn is_local_client(client: IpAddr, listener: IpAddr) -> bool {
+    let IpAddr::V4(ip) = client else { return false };
+    if client == listener || ip.is_loopback() {
+        return true;
+    }
+    let mut cache = LOCAL_ADDRS.lock().unwrap_or_else(|p| p.into_inner());
+    if cache.addrs.contains(&ip) {
+        return true;
+    }
+    if cache.read_at.is_some_and(|t| t.elapsed() < LOCAL_ADDRS_REFRESH) {
+        return false;
+    }
+    cache.read_at = Some(Instant::now());
+    if let Ok(all) = crate::sys::interface_addresses() {
+        cache.addrs = all.into_iter().map(|a| a.addr).collect();
+    }
+    cache.addrs.contains(&ip)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,5 +335,24 @@ mod tests {
         assert!(msg(parse_ports("65536")).contains("above 65535"));
         assert!(msg(parse_ports("http")).contains("not a number"));
         assert_eq!(format_ports(&[80, 443]), "80,443");
+    }
+
+    #[test]
+    fn local_clients_are_told_from_other_hosts() {
+        let listener = IpAddr::from([10, 4, 0, 1]);
+        assert!(is_local_client(listener, listener));
+        assert!(is_local_client(IpAddr::from([127, 0, 0, 9]), listener));
+        assert!(!is_local_client(IpAddr::from([203, 0, 113, 7]), listener));
+        assert!(
+            !is_local_client("::1".parse().unwrap(), listener),
+            "we serve IPv4 only"
+        );
+        if let Some(a) = crate::sys::interface_addresses()
+            .unwrap()
+            .iter()
+            .find(|a| !a.loopback)
+        {
+            assert!(is_local_client(IpAddr::V4(a.addr), listener), "{a:?}");
+        }
     }
 }

@@ -301,6 +301,14 @@ pub fn can_write(path: &std::path::Path) -> bool {
     unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
 }
 
+/// Resets and closes a TCP connection we will not serve (or that ends
+/// abnormally): RST instead of FIN, so the peer never takes it for a
+/// complete stream.
+pub fn reset(tcp: std::net::TcpStream) {
+    set_linger_zero(&tcp);
+    drop(tcp);
+}
+
 /// SO_LINGER with a zero timeout: `close` then sends RST instead of FIN,
 /// telling the peer the stream did not end normally.
 pub fn set_linger_zero(tcp: &std::net::TcpStream) {

@@ -591,11 +591,6 @@ fn accept_inbound(d: &Arc<Daemon>, listener: &TcpListener, inbound: &Inbound) {
     }
 }
 
-/// SO_LINGER 0: closing sends RST, as for a connection nobody takes.
-fn reset(tcp: TcpStream) {
-    sys::set_linger_zero(&tcp);
-}
-
 /// One inbound connection: Accept to the port's owner, then relay.
 fn inbound_conn(d: &Daemon, tcp: TcpStream, inbound: &Inbound) {
     let owner = d
@@ -608,7 +603,7 @@ fn inbound_conn(d: &Daemon, tcp: TcpStream, inbound: &Inbound) {
         if d.cfg.verbose {
             say!("inbound to port {}: nobody bound it, reset", inbound.port);
         }
-        return reset(tcp);
+        return sys::reset(tcp);
     };
     let id = d.next_conn.fetch_add(1, Relaxed);
     let mut m = c.conns.lock().unwrap_or_else(|p| p.into_inner());
@@ -619,7 +614,7 @@ fn inbound_conn(d: &Daemon, tcp: TcpStream, inbound: &Inbound) {
             "inbound to port {}: client gone or at {MAX_CONNS_PER_CLIENT} connections, reset",
             inbound.port
         );
-        return reset(tcp);
+        return sys::reset(tcp);
     }
     let tcp = Arc::new(tcp);
     m.insert(id, tcp.clone());
