@@ -39,7 +39,7 @@ pub fn run_detached(cfg: Config, targets: Vec<Target>) -> Result<()> {
         let _ = stdout.flush();
         // Detach: nobody reads our stdout after this line.
         if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-            let _ = sys::redirect_stdout(&null);
+            let _ = sys::proc::redirect_stdout(&null);
         }
     });
     if let Err(e) = &result {
@@ -106,7 +106,7 @@ fn spawn_child(argv0: &str, raw: &[OsString], log: File) -> Result<Child> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log));
-    sys::new_session_on_spawn(&mut cmd);
+    sys::proc::new_session_on_spawn(&mut cmd);
     cmd.spawn()
         .map_err(|e| Error::internal(format!("cannot start the gateway process: {e}")))
 }

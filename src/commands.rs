@@ -24,7 +24,7 @@ use crate::privilege;
 use crate::state::{Exposed, Mapping, State, StateDir};
 use crate::stats::Stats;
 use crate::subnet;
-use crate::sys::{self, FileLock, ProcId};
+use crate::sys::{self, fs::FileLock, proc::ProcId};
 
 /// How long a command waits for the gateway to apply a change.
 const APPLY_WAIT: Duration = Duration::from_secs(10);
@@ -254,7 +254,7 @@ fn check_ours(st: &State, owner: u32) -> Result<()> {
     if !cfg!(target_os = "linux") {
         return Ok(());
     }
-    match sys::process_uids(pid) {
+    match sys::proc::process_uids(pid) {
         Some((real, effective)) if real == owner && effective == owner => {}
         Some((real, _)) => {
             return Err(refuse(format!(
@@ -263,10 +263,10 @@ fn check_ours(st: &State, owner: u32) -> Result<()> {
         }
         None => return Err(refuse("cannot be looked up".into())),
     }
-    match sys::runs_same_program(pid) {
+    match sys::proc::runs_same_program(pid) {
         Some(true) => Ok(()),
         Some(false) => Err(refuse("is not a pilot-gateway process".into())),
-        None if sys::euid() != 0 => Ok(()),
+        None if sys::user::euid() != 0 => Ok(()),
         None => Err(refuse("cannot be identified".into())),
     }
 }
@@ -443,7 +443,7 @@ fn ask_daemon(st: &State, target: &str, warnings: &mut Vec<String>) -> Result<(P
 /// saw at start. State written before it was recorded: our own (the
 /// command runs as the gateway's user by then), which fails closed.
 fn daemon_uid(st: &State) -> u32 {
-    st.daemon_uid.unwrap_or_else(sys::euid)
+    st.daemon_uid.unwrap_or_else(sys::user::euid)
 }
 
 fn report_map(out: &Output, m: &Mapping, warnings: Vec<String>, existing: bool) -> Result<()> {

@@ -75,10 +75,10 @@ pub fn identify(socket: &Path, source: &str, timeout: Duration) -> Result<Peer> 
 fn peer_note(peer: Option<Peer>) -> String {
     match peer {
         Some(p) => {
-            let owner = crate::sys::user_by_uid(p.uid).map_or(format!("uid {}", p.uid), |u| u.name);
+            let owner = crate::sys::user::user_by_uid(p.uid).map_or(format!("uid {}", p.uid), |u| u.name);
             format!(
                 " (the daemon runs as {owner}; we run as uid {})",
-                crate::sys::euid()
+                crate::sys::user::euid()
             )
         }
         None => String::new(),

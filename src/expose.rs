@@ -487,7 +487,7 @@ pub fn check_target(target: SocketAddr, allow_remote: bool, own: Option<Ipv4Netw
 /// gateway (`lo:pgw…`, any state directory's: see [`crate::alias`]).
 fn gateway_alias(ip: IpAddr) -> Option<String> {
     let IpAddr::V4(v4) = ip else { return None };
-    sys::interface_addresses()
+    sys::net::interface_addresses()
         .ok()?
         .into_iter()
         .find(|a| a.addr == v4 && a.interface.starts_with(crate::alias::LABEL_PREFIX))
@@ -498,7 +498,7 @@ fn gateway_alias(ip: IpAddr) -> Option<String> {
 /// of this host has. Never "a socket can bind it": with
 /// `ip_nonlocal_bind` every bind succeeds.
 fn on_this_host(ip: IpAddr) -> bool {
-    ip.is_loopback() || sys::host_ips().is_ok_and(|all| all.contains(&ip))
+    ip.is_loopback() || sys::net::host_ips().is_ok_and(|all| all.contains(&ip))
 }
 
 fn unreachable(socket: &Path, e: &dyn std::fmt::Display) -> Error {
@@ -695,7 +695,7 @@ fn open(
     abandoned: &dyn Fn() -> bool,
 ) -> Result<(FrameReader<UnixStream>, Arc<Link>)> {
     let io_err = |e: io::Error| unreachable(socket, &e);
-    let stream = crate::sys::unix_socket().map_err(io_err)?;
+    let stream = crate::sys::net::unix_socket().map_err(io_err)?;
     ipc::connect_by(&stream, socket, deadline, abandoned, expect).map_err(|e| {
         if e.kind() == io::ErrorKind::PermissionDenied {
             Error::new(Code::PermissionDenied, e.to_string())
@@ -1179,7 +1179,7 @@ impl Conn {
         self.ready.notify_all();
         self.room.notify_all();
         if let Some(tcp) = self.tcp.get() {
-            sys::set_linger_zero(tcp);
+            sys::net::set_linger_zero(tcp);
             let _ = tcp.shutdown(Shutdown::Read);
         }
     }

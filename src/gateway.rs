@@ -42,7 +42,7 @@ use crate::relay::{ConnSettings, Connections, DataPath};
 use crate::state::{self, Entry, Exposed, Mapping, State, StateDir};
 use crate::stats::{Counters, ExposureStats, MappingStats, Stats};
 use crate::subnet::{self, needs_alias};
-use crate::sys::{self, ProcId, Signals};
+use crate::sys::{self, proc::ProcId, signal::Signals};
 use crate::{error, info, warn};
 
 /// Everything `start` needs, validated.
@@ -275,7 +275,7 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
 /// and for a root start a directory owned by a user who is neither root
 /// nor the gateway's user (that user's gateway, or a directory planted
 /// for us).
-pub fn prepare_state_dir(cfg: &Config) -> Result<(StateDir, Option<sys::User>, Peer)> {
+pub fn prepare_state_dir(cfg: &Config) -> Result<(StateDir, Option<sys::user::User>, Peer)> {
     let daemon = daemon::identify(&cfg.socket, &cfg.socket_source, connect_budget(cfg))?;
     let user = privilege::target_user(
         cfg.user.as_deref(),
@@ -286,8 +286,8 @@ pub fn prepare_state_dir(cfg: &Config) -> Result<(StateDir, Option<sys::User>, P
     )?;
     let dir = StateDir::open(&cfg.state_dir, true)?;
     let owner = dir.owner().0;
-    if owner != sys::euid() && owner != 0 && user.as_ref().map(|u| u.uid) != Some(owner) {
-        let who = sys::user_by_uid(owner).map_or_else(|| format!("uid {owner}"), |u| u.name);
+    if owner != sys::user::euid() && owner != 0 && user.as_ref().map(|u| u.uid) != Some(owner) {
+        let who = sys::user::user_by_uid(owner).map_or_else(|| format!("uid {owner}"), |u| u.name);
         return Err(Error::new(
             Code::PermissionDenied,
             format!(
@@ -413,7 +413,7 @@ fn stale_alias_label(new: Ipv4Network, ip: Ipv4Addr, ours: &str) -> std::result:
     if !subnet::is_assignable(new, ip) || ip.is_loopback() {
         return Err(format!("it is not in this start's subnet {new}"));
     }
-    let found = sys::interface_addresses()
+    let found = sys::net::interface_addresses()
         .map_err(|e| format!("the interface addresses cannot be listed ({e})"))?
         .into_iter()
         .find(|a| a.addr == ip && a.loopback && a.prefix == 32)
@@ -467,7 +467,7 @@ fn check_not_another_gateways(ip: Ipv4Addr, ours: &str) -> Result<()> {
     if !cfg!(target_os = "linux") {
         return Ok(());
     }
-    let addrs = sys::interface_addresses()
+    let addrs = sys::net::interface_addresses()
         .map_err(|e| Error::internal(format!("cannot list interface addresses: {e}")))?;
     let Some(other) = addrs.iter().find(|a| {
         a.addr == ip
@@ -621,7 +621,7 @@ const FD_HEADROOM: u64 = 32;
 /// [`Gateway::check_listener_room`]). So a later `map` never eats the
 /// descriptors of the slots or the headroom.
 fn fit_max_conns(cfg: &Config, mappings: usize, warnings: &mut Vec<String>) -> (usize, u64) {
-    let limit = match sys::raise_nofile_limit() {
+    let limit = match sys::proc::raise_nofile_limit() {
         Ok(n) => n,
         Err(e) => {
             warn!("cannot read the descriptor limit: {e}");
@@ -706,7 +706,7 @@ impl Gateway {
             // a whole wait), give the memory they freed back to the system.
             let finished = self.data_path.finished.load(Relaxed);
             if finished == last_seen && finished - trimmed_at >= 256 {
-                sys::release_memory();
+                sys::proc::release_memory();
                 trimmed_at = finished;
             }
             last_seen = finished;

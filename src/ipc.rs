@@ -395,7 +395,7 @@ pub struct Peer {
     pub gid: u32,
 }
 
-/// Connects a socket from `sys::unix_socket` to the daemon by `deadline`,
+/// Connects a socket from `sys::net::unix_socket` to the daemon by `deadline`,
 /// makes it blocking, and returns who serves it (its peer credentials).
 /// Every connection to the daemon goes through here.
 ///
@@ -419,7 +419,7 @@ pub fn connect_by(
 ) -> io::Result<Peer> {
     let mut pause = Duration::from_millis(1);
     loop {
-        match crate::sys::unix_connect(stream, path) {
+        match crate::sys::net::unix_connect(stream, path) {
             Ok(()) => break,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 let now = Instant::now();
@@ -443,7 +443,7 @@ pub fn connect_by(
 /// The peer credentials of a connected daemon socket, checked against
 /// the daemon's uid seen at start (see [`connect_by`]).
 fn check_peer(stream: &UnixStream, path: &Path, expect: Option<u32>) -> io::Result<Peer> {
-    let Some((uid, gid)) = crate::sys::peer_ids(stream) else {
+    let Some((uid, gid)) = crate::sys::net::peer_ids(stream) else {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
@@ -501,7 +501,7 @@ impl Session {
     /// Connects within `timeout`, to a daemon of uid `expect` (see
     /// [`connect_by`]).
     pub fn connect_within(path: &Path, timeout: Duration, expect: Option<u32>) -> io::Result<Session> {
-        let stream = crate::sys::unix_socket()?;
+        let stream = crate::sys::net::unix_socket()?;
         let peer = connect_by(&stream, path, Instant::now() + timeout, &|| false, expect)?;
         let mut s = Session::from_stream(stream)?;
         s.peer = Some(peer);
@@ -742,17 +742,17 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("d.sock");
         let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        let me = crate::sys::euid();
+        let me = crate::sys::user::euid();
         let deadline = Instant::now() + Duration::from_secs(2);
-        let s = crate::sys::unix_socket().unwrap();
+        let s = crate::sys::net::unix_socket().unwrap();
         assert_eq!(connect_by(&s, &path, deadline, &|| false, None).unwrap().uid, me);
-        let s = crate::sys::unix_socket().unwrap();
+        let s = crate::sys::net::unix_socket().unwrap();
         assert_eq!(
             connect_by(&s, &path, deadline, &|| false, Some(me)).unwrap().uid,
             me
         );
         let other = me.wrapping_add(4242);
-        let s = crate::sys::unix_socket().unwrap();
+        let s = crate::sys::net::unix_socket().unwrap();
         let e = connect_by(&s, &path, deadline, &|| false, Some(other)).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
         assert_eq!(e.to_string(), identity_mismatch(&path, me, other));

@@ -70,7 +70,7 @@ impl Listener {
         self.stopping.store(true, Relaxed);
         // Shutting the socket down wakes the accept thread. The socket stays
         // open until both Arcs are gone, so the fd cannot be reused under us.
-        sys::shutdown_listener(&self.socket);
+        sys::net::shutdown_listener(&self.socket);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -141,7 +141,7 @@ fn accept_loop(
                     "--max-conns reached",
                 ));
             }
-            sys::reset(tcp);
+            sys::net::reset(tcp);
             continue;
         }
         relay::serve(tcp, client, local, pilot, data_path, conns);
@@ -183,7 +183,7 @@ const SHED_WAIT: Duration = Duration::from_millis(100);
 /// the wait (poll reports the hang-up). `false` if the reserve is gone or
 /// the socket failed (the caller then backs off).
 fn shed_one(socket: &TcpListener, data_path: &DataPath) -> bool {
-    match sys::wait_readable(socket, SHED_WAIT) {
+    match sys::net::wait_readable(socket, SHED_WAIT) {
         Ok(true) => {}
         Ok(false) => return true, // nobody came: try accept again
         Err(_) => return false,
@@ -205,7 +205,7 @@ fn shed_one(socket: &TcpListener, data_path: &DataPath) -> bool {
             "refused connection from {client} to {}: out of file descriptors ({n} refused so far)",
             local_name(socket)
         );
-        sys::reset(tcp);
+        sys::net::reset(tcp);
     }
     *reserve = File::open("/dev/null").ok();
     true
@@ -227,7 +227,7 @@ fn refuse_remote(
     conns: &Connections,
 ) {
     conns.refused_remote.fetch_add(1, Relaxed);
-    sys::reset(tcp);
+    sys::net::reset(tcp);
     warn_limited!(
         REFUSED_REMOTE,
         "refused connection from {client} to {local}: not a local client (start with --allow-remote to serve other hosts)"

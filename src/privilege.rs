@@ -18,7 +18,7 @@ use std::path::Path;
 
 use crate::error::{Code, Error, Result};
 use crate::ipc::Peer;
-use crate::sys::{self, User};
+use crate::sys::{self, user::User};
 
 /// The capabilities a switched gateway keeps, by name.
 pub const KEPT: [&str; 2] = ["cap_net_admin", "cap_net_bind_service"];
@@ -49,17 +49,17 @@ pub fn target_user(
     searched: bool,
     daemon: Peer,
 ) -> Result<Option<User>> {
-    let root = sys::euid() == 0;
+    let root = sys::user::euid() == 0;
     let named = flag
         .map(|name| {
-            sys::user_by_name(name)
-                .or_else(|| name.parse().ok().and_then(sys::user_by_uid))
+            sys::user::user_by_name(name)
+                .or_else(|| name.parse().ok().and_then(sys::user::user_by_uid))
                 .ok_or_else(|| Error::invalid(format!("--user {name}: no such user")))
         })
         .transpose()?;
     check_daemon(socket, searched, daemon.uid, named.as_ref())?;
     if let (Some(name), Some(user)) = (flag, named) {
-        if user.uid == sys::euid() {
+        if user.uid == sys::user::euid() {
             return Ok(None);
         }
         if !root {
@@ -74,7 +74,7 @@ pub fn target_user(
     if !root || no_switch || daemon.uid == 0 {
         return Ok(None);
     }
-    Ok(Some(sys::user_by_uid(daemon.uid).unwrap_or(User {
+    Ok(Some(sys::user::user_by_uid(daemon.uid).unwrap_or(User {
         name: daemon.uid.to_string(),
         uid: daemon.uid,
         gid: daemon.gid,
@@ -94,7 +94,7 @@ pub fn target_user(
 ///   root start it must be served by root or by `--user`'s uid.
 fn check_daemon(socket: &Path, searched: bool, daemon: u32, named: Option<&User>) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let me = sys::euid();
+    let me = sys::user::euid();
     if me != 0 && daemon != me && daemon != 0 && named.map(|u| u.uid) != Some(daemon) {
         return Err(Error::new(
             Code::PermissionDenied,
@@ -158,7 +158,7 @@ pub fn switch_to(user: &User) -> Result<Switched> {
         )
         .hint("run as root, or start the gateway as the daemon's user with --no-user-switch")
     };
-    if let Some(n @ 2..) = sys::thread_count() {
+    if let Some(n @ 2..) = sys::proc::thread_count() {
         return Err(Error::internal(format!(
             "cannot switch to user {} with {n} threads running: capabilities are per thread",
             user.name
@@ -185,10 +185,10 @@ pub fn switch_to(user: &User) -> Result<Switched> {
 /// every thread, but capabilities and KEEPCAPS are per thread, so it is
 /// checked rather than assumed.
 pub fn become_owner(uid: u32, gid: u32) -> Result<()> {
-    if uid == 0 || sys::euid() != 0 {
+    if uid == 0 || sys::user::euid() != 0 {
         return Ok(());
     }
-    if let Some(n @ 2..) = sys::thread_count() {
+    if let Some(n @ 2..) = sys::proc::thread_count() {
         return Err(Error::internal(format!(
             "cannot become uid {uid} with {n} threads running"
         )));
@@ -219,7 +219,7 @@ pub fn become_owner(uid: u32, gid: u32) -> Result<()> {
             return Err(fail("setresuid"));
         }
     }
-    if sys::euid() != uid {
+    if sys::user::euid() != uid {
         return Err(fail("the effective uid did not change"));
     }
     Ok(())

@@ -300,7 +300,7 @@ impl Conn {
     /// for a complete stream.
     fn fail(&self, ending: Ending) {
         let _ = self.ending.set(ending);
-        sys::set_linger_zero(&self.tcp);
+        sys::net::set_linger_zero(&self.tcp);
         let _ = self.tcp.shutdown(Shutdown::Read);
         let _ = self.ipc.shutdown(Shutdown::Both);
         self.wake_client_thread();
@@ -327,7 +327,7 @@ impl Conn {
     /// sees just the reset. (`close_all` asks again, for a write that
     /// started after this check.)
     fn unblock_writer(&self) {
-        if sys::unsent_bytes(&self.tcp).map_or(true, |n| n > 0) {
+        if sys::net::unsent_bytes(&self.tcp).map_or(true, |n| n > 0) {
             let _ = self.tcp.shutdown(Shutdown::Write);
         }
     }
@@ -416,7 +416,7 @@ pub fn serve(
     // Only the socket is made here; it is connected from the connection's
     // own thread (`connect_daemon`), so a stalled daemon never holds up the
     // accept thread. Failing here means we are out of descriptors.
-    let ipc = match sys::unix_socket() {
+    let ipc = match sys::net::unix_socket() {
         Ok(s) => s,
         Err(e) => {
             let why = format!("cannot open a socket for the daemon session: {e}");
@@ -436,7 +436,7 @@ pub fn serve(
                     &why,
                 ));
             }
-            sys::reset(tcp);
+            sys::net::reset(tcp);
             data_path.active.fetch_sub(1, Relaxed);
             return;
         }
@@ -635,7 +635,7 @@ fn client_to_agent(c: &Conn, limits: &ConnSettings) {
                 if ipc::DATA_HEADER + n == buf.len() && n < UP_BUFFER {
                     size = (size * 2).min(UP_BUFFER);
                     buf.resize(ipc::DATA_HEADER + size, 0);
-                } else if !sys::readable_now(&c.tcp) {
+                } else if !sys::net::readable_now(&c.tcp) {
                     // Drained: give the buffer back; a busy stream grows
                     // it again within a few reads.
                     size = (size / 2).max(BUFFER_START);
@@ -667,7 +667,7 @@ fn wait_readable(c: &Conn, fd: &impl AsRawFd, idle: Duration) -> bool {
             c.fail(Ending::IdleTimeout);
             return false;
         };
-        match sys::wait_readable(fd, left.max(Duration::from_millis(10))) {
+        match sys::net::wait_readable(fd, left.max(Duration::from_millis(10))) {
             Ok(true) => return true,
             Ok(false) => {} // timed out or interrupted: check the limits again
             Err(e) => {
@@ -849,7 +849,7 @@ fn fill_or_end(
     ranges: &mut Vec<Range<usize>>,
     idle: Duration,
 ) -> bool {
-    if !sys::readable_now(&c.ipc) {
+    if !sys::net::readable_now(&c.ipc) {
         reader.release();
         *ranges = Vec::new();
     }

@@ -30,7 +30,7 @@ use crate::address::PilotAddr;
 use crate::error::{Code, Error, Result};
 use crate::json::{self, Value};
 use crate::stats::Stats;
-use crate::sys::{self, FileLock, ProcId};
+use crate::sys::{self, fs::FileLock, proc::ProcId};
 
 /// Version of the state file format written. Version 2 added
 /// `exposures`; version 1 files (none) are still read. A file of any other
@@ -464,13 +464,13 @@ pub fn resolve_dir(flag: Option<&Path>) -> PathBuf {
         return PathBuf::from(p);
     }
     let run = Path::new("/run");
-    if run.is_dir() && sys::can_write(run) {
+    if run.is_dir() && sys::fs::can_write(run) {
         return run.join("pilot-gateway");
     }
     if let Some(p) = std::env::var_os("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
         return PathBuf::from(p).join("pilot-gateway");
     }
-    PathBuf::from(format!("/tmp/pilot-gateway-{}", sys::euid()))
+    PathBuf::from(format!("/tmp/pilot-gateway-{}", sys::user::euid()))
 }
 
 /// Largest stats file we read.
@@ -506,7 +506,7 @@ impl StateDir {
         let hint = "use a private directory: --state-dir DIR (mode 0700, owned by you)";
         let mut created = false;
         if create {
-            match sys::mkdir(path, 0o700) {
+            match sys::fs::mkdir(path, 0o700) {
                 Ok(()) => created = true,
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
                 Err(e) => {
@@ -517,14 +517,14 @@ impl StateDir {
                 }
             }
         }
-        let dir = sys::open_dir(path).map_err(|e| open_error(path, &e))?;
+        let dir = sys::fs::open_dir(path).map_err(|e| open_error(path, &e))?;
         if created {
             // The umask may have removed bits we want; set exactly 0700.
             dir.set_permissions(fs::Permissions::from_mode(0o700))
                 .map_err(|e| Error::io(path.display(), &e))?;
         }
         let meta = dir.metadata().map_err(|e| Error::io(path.display(), &e))?;
-        let me = sys::euid();
+        let me = sys::user::euid();
         if meta.uid() != me && me != 0 {
             return Err(Error::new(
                 Code::PermissionDenied,
@@ -599,8 +599,8 @@ impl StateDir {
         }
         if self.owner.0 == 0 {
             for f in ["lock", "state.json", "stats.json", "gateway.log"] {
-                if sys::stat_at(&self.dir, f).is_ok_and(|s| s.regular && s.nlink == 1) {
-                    let _ = sys::chown_at(&self.dir, f, uid, gid);
+                if sys::fs::stat_at(&self.dir, f).is_ok_and(|s| s.regular && s.nlink == 1) {
+                    let _ = sys::fs::chown_at(&self.dir, f, uid, gid);
                 }
             }
         }
@@ -664,7 +664,7 @@ impl StateDir {
     /// (`true`: created now). `None` if it does not exist (without
     /// O_CREAT, or removed between the two opens twice over).
     fn open_or_create(&self, name: &str, flags: i32, mode: u32) -> Result<Option<(File, bool)>> {
-        let open = |flags| sys::open_at(&self.dir, name, flags, mode);
+        let open = |flags| sys::fs::open_at(&self.dir, name, flags, mode);
         let create = flags & libc::O_CREAT != 0;
         for _ in 0..2 {
             let (opened, created) = match create {
@@ -707,7 +707,7 @@ impl StateDir {
     }
 
     fn give(&self, file: &File) {
-        if sys::euid() == 0 && self.owner.0 != 0 {
+        if sys::user::euid() == 0 && self.owner.0 != 0 {
             let _ = std::os::unix::fs::fchown(file, Some(self.owner.0), Some(self.owner.1));
         }
     }
@@ -802,16 +802,16 @@ impl StateDir {
         fill: impl FnOnce(&mut File) -> std::io::Result<()>,
     ) -> std::io::Result<File> {
         let tmp = format!(".{name}.{}.tmp", std::process::id());
-        let _ = sys::unlink_at(&self.dir, &tmp);
-        let mut f = sys::open_at(
+        let _ = sys::fs::unlink_at(&self.dir, &tmp);
+        let mut f = sys::fs::open_at(
             &self.dir,
             &tmp,
             libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
             0o600,
         )?;
         self.give(&f);
-        if let Err(e) = fill(&mut f).and_then(|_| sys::rename_at(&self.dir, &tmp, name)) {
-            let _ = sys::unlink_at(&self.dir, &tmp);
+        if let Err(e) = fill(&mut f).and_then(|_| sys::fs::rename_at(&self.dir, &tmp, name)) {
+            let _ = sys::fs::unlink_at(&self.dir, &tmp);
             return Err(e);
         }
         Ok(f)
@@ -831,7 +831,7 @@ impl StateDir {
     }
 
     pub fn remove(&self, name: &str) {
-        let _ = sys::unlink_at(&self.dir, name);
+        let _ = sys::fs::unlink_at(&self.dir, name);
     }
 
     /// Reads stats.json: `None` if there is none yet; an error that names
@@ -890,13 +890,13 @@ fn open_error(path: &Path, e: &std::io::Error) -> Error {
         )
         .hint("start one with: pilot-gateway start"),
         Some(libc::EACCES) => match fs::symlink_metadata(path) {
-            Ok(m) if m.uid() != sys::euid() => Error::new(
+            Ok(m) if m.uid() != sys::user::euid() => Error::new(
                 Code::PermissionDenied,
                 format!(
                     "state directory {} is owned by uid {}, not by you (uid {}); refusing to use it",
                     path.display(),
                     m.uid(),
-                    sys::euid()
+                    sys::user::euid()
                 ),
             )
             .hint(hint),
@@ -1089,7 +1089,7 @@ mod tests {
 
     #[test]
     fn chown_gives_away_only_plain_files_then_the_directory() {
-        if crate::sys::euid() != 0 {
+        if crate::sys::user::euid() != 0 {
             return; // needs root to give files away
         }
         let owner = |p: &Path| fs::symlink_metadata(p).unwrap().uid();
@@ -1113,7 +1113,7 @@ mod tests {
 
     #[test]
     fn a_hard_link_planted_as_the_lock_is_refused_and_its_target_never_given() {
-        if crate::sys::euid() != 0 {
+        if crate::sys::user::euid() != 0 {
             return; // needs root: only root gives files away
         }
         let owner = |p: &Path| fs::symlink_metadata(p).unwrap().uid();

@@ -190,7 +190,7 @@ pub fn format_ports(ports: &[u16]) -> String {
 /// interface name (from `getifaddrs`).
 pub fn non_loopback_addresses() -> std::io::Result<Vec<(String, Ipv4Network)>> {
     let mut out = Vec::new();
-    for a in crate::sys::interface_addresses()? {
+    for a in crate::sys::net::interface_addresses()? {
         if !a.loopback {
             if let Ok(net) = Ipv4Network::new(a.addr, a.prefix) {
                 out.push((a.interface, net));
@@ -202,7 +202,9 @@ pub fn non_loopback_addresses() -> std::io::Result<Vec<(String, Ipv4Network)>> {
 
 /// Whether `ip` is configured on any interface.
 pub fn is_local_address(ip: Ipv4Addr) -> std::io::Result<bool> {
-    Ok(crate::sys::interface_addresses()?.iter().any(|a| a.addr == ip))
+    Ok(crate::sys::net::interface_addresses()?
+        .iter()
+        .any(|a| a.addr == ip))
 }
 
 /// Refuses a subnet that overlaps an address of a non-loopback interface:
@@ -258,7 +260,7 @@ pub fn is_local_client(client: IpAddr, listener: IpAddr) -> bool {
         return false;
     }
     cache.read_at = Some(Instant::now());
-    if let Ok(all) = crate::sys::interface_addresses() {
+    if let Ok(all) = crate::sys::net::interface_addresses() {
         cache.addrs = all.into_iter().map(|a| a.addr).collect();
     }
     cache.addrs.contains(&ip)
@@ -347,7 +349,7 @@ mod tests {
             !is_local_client("::1".parse().unwrap(), listener),
             "we serve IPv4 only"
         );
-        if let Some(a) = crate::sys::interface_addresses()
+        if let Some(a) = crate::sys::net::interface_addresses()
             .unwrap()
             .iter()
             .find(|a| !a.loopback)

@@ -42,7 +42,7 @@ fn msg(v: &Value) -> &str {
 }
 
 fn alive(pid: u32) -> bool {
-    pilot_gateway::sys::start_time(pid).is_some()
+    pilot_gateway::sys::proc::start_time(pid).is_some()
 }
 
 /// devd with A4, A5, A6 routed to local services, plus a background gateway.
@@ -230,7 +230,7 @@ fn an_unrelated_live_pid_is_never_signalled() {
     std::fs::create_dir_all(&gw.state).unwrap();
     std::fs::set_permissions(&gw.state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     // The recorded start time is not the sleeper's: as if the pid was reused.
-    let start = pilot_gateway::sys::start_time(sleeper.pid()).unwrap();
+    let start = pilot_gateway::sys::proc::start_time(sleeper.pid()).unwrap();
     let state = format!(
         r#"{{"version":1,"pid":{},"start_time":{},"started_at":0,"socket":"/x","subnet":"10.4.0.0/16","ports":[80],"max_conns":10,"user":null,"generation":0,"applied":0,"mappings":[],"failures":[]}}"#,
         sleeper.pid(),

@@ -105,7 +105,7 @@ fn allow_list_refuses_unlisted_and_admits_listed() {
     );
     let entries = ["lab-a".to_string(), "0:0000.0000.0007".to_string()];
     // The gateway's resolver (the daemon's uid checked on its connect).
-    let resolve = |e: &[String]| daemon::resolve_peers(&d.socket, e, Some(pilot_gateway::sys::euid()));
+    let resolve = |e: &[String]| daemon::resolve_peers(&d.socket, e, Some(pilot_gateway::sys::user::euid()));
     let allow: HashSet<PilotAddr> = resolve(&entries).unwrap().into_iter().map(|(a, _)| a).collect();
     let want: HashSet<PilotAddr> = [P9.parse().unwrap(), "0:0000.0000.0007".parse().unwrap()].into();
     assert_eq!(allow, want);

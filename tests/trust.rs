@@ -123,7 +123,7 @@ fn mapping(ip: &str, addr: &str, alias_added: bool, generation: u64) -> Value {
 }
 
 fn alive(pid: u32) -> bool {
-    pilot_gateway::sys::start_time(pid).is_some()
+    pilot_gateway::sys::proc::start_time(pid).is_some()
 }
 
 fn owner(p: &Path) -> u32 {
@@ -257,7 +257,7 @@ fn a_forged_pid_is_never_signalled() {
     for victim in [&root_victim, &nobody_victim] {
         let mut st = state(&gw);
         set(&mut st, "pid", victim.pid().into());
-        let start_time = pilot_gateway::sys::start_time(victim.pid()).unwrap();
+        let start_time = pilot_gateway::sys::proc::start_time(victim.pid()).unwrap();
         set(&mut st, "start_time", start_time.into());
         attacker_ok("rm", &["-f", gw.state.join("state.json").to_str().unwrap()]);
         attacker_write(&gw.state.join("state.json"), format!("{st}\n").as_bytes());

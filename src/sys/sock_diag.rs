@@ -259,7 +259,7 @@ mod linux {
             tv_sec: TIMEOUT.as_secs() as _,
             tv_usec: TIMEOUT.subsec_micros() as _,
         };
-        crate::sys::set_sock_opt(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)?;
+        crate::sys::net::set_sock_opt(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)?;
         Ok(fd)
     }
 

@@ -270,7 +270,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         ports: Mutex::new(HashMap::new()),
         next_remote_port: AtomicU16::new(EPHEMERAL_START),
         started: Instant::now(),
-        euid: sys::euid(),
+        euid: sys::user::euid(),
     });
     for inbound in d.cfg.inbound.clone() {
         let tcp = TcpListener::bind(inbound.listen)?;
@@ -294,7 +294,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
             continue;
         };
         if !d.cfg.any_uid {
-            match sys::peer_uid(&stream) {
+            match sys::net::peer_uid(&stream) {
                 Some(uid) if uid == d.euid => {}
                 uid => {
                     say!(
@@ -603,7 +603,7 @@ fn inbound_conn(d: &Daemon, tcp: TcpStream, inbound: &Inbound) {
         if d.cfg.verbose {
             say!("inbound to port {}: nobody bound it, reset", inbound.port);
         }
-        return sys::reset(tcp);
+        return sys::net::reset(tcp);
     };
     let id = d.next_conn.fetch_add(1, Relaxed);
     let mut m = c.conns.lock().unwrap_or_else(|p| p.into_inner());
@@ -614,7 +614,7 @@ fn inbound_conn(d: &Daemon, tcp: TcpStream, inbound: &Inbound) {
             "inbound to port {}: client gone or at {MAX_CONNS_PER_CLIENT} connections, reset",
             inbound.port
         );
-        return sys::reset(tcp);
+        return sys::net::reset(tcp);
     }
     let tcp = Arc::new(tcp);
     m.insert(id, tcp.clone());

@@ -42,12 +42,12 @@ pub fn gate(listener: &UnixListener, client: Option<UnixStream>) -> Option<UnixS
     if !STALLED.load(Relaxed) {
         return client;
     }
-    let _ = sys::set_backlog(listener, 0);
+    let _ = sys::net::set_backlog(listener, 0);
     let held = client;
     while STALLED.load(Relaxed) {
         thread::sleep(Duration::from_millis(20));
     }
-    let _ = sys::set_backlog(listener, NORMAL_BACKLOG);
+    let _ = sys::net::set_backlog(listener, NORMAL_BACKLOG);
     drop(held);
     None
 }

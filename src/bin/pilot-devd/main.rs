@@ -158,7 +158,7 @@ fn main() {
     let cfg = parse().unwrap_or_else(|e| fail(format!("{e} (see --help)")));
     let socket = cfg.socket.clone();
     // Remove the socket on SIGTERM/SIGINT.
-    let signals = pilot_gateway::sys::Signals::install(&[libc::SIGTERM, libc::SIGINT, libc::SIGUSR1])
+    let signals = pilot_gateway::sys::signal::Signals::install(&[libc::SIGTERM, libc::SIGINT, libc::SIGUSR1])
         .unwrap_or_else(|e| fail(format!("signals: {e}")));
     std::thread::spawn(move || loop {
         for sig in signals.wait(Duration::from_secs(3600)) {

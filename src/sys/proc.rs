@@ -1,0 +1,194 @@
+//! Processes: identity that survives pid reuse (`ProcId`), what /proc says
+//! of a process, resource limits, detaching, memory release.
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// Identity of a process that survives pid reuse: its pid and its start
+/// time (clock ticks since boot, field 22 of `/proc/PID/stat`). On systems
+/// without `/proc` the start time is 0 and only the pid is compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcId {
+    pub pid: u32,
+    pub start_time: u64,
+}
+
+impl ProcId {
+    pub fn current() -> ProcId {
+        let pid = std::process::id();
+        ProcId {
+            pid,
+            start_time: start_time(pid).unwrap_or(0),
+        }
+    }
+
+    /// Whether this exact process is still alive (not a zombie, not a new
+    /// process that reuses the pid).
+    pub fn is_alive(self) -> bool {
+        if self.pid == 0 || self.pid > i32::MAX as u32 {
+            return false;
+        }
+        if cfg!(target_os = "linux") {
+            return start_time(self.pid) == Some(self.start_time);
+        }
+        // SAFETY: signal 0 only checks for existence and permission.
+        let r = unsafe { libc::kill(self.pid as libc::pid_t, 0) };
+        r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+
+    /// Sends `sig` to this process, but only if it is still this process.
+    pub fn signal(self, sig: i32) -> io::Result<()> {
+        if !self.is_alive() {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        // SAFETY: plain kill(2) on a pid we just verified.
+        if unsafe { libc::kill(self.pid as libc::pid_t, sig) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+/// Start time of a live, non-zombie process; `None` if it is gone.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_start_time(&stat)
+}
+
+/// Reads field 22 (starttime) of a `/proc/PID/stat` line. The command name
+/// (field 2) is in parentheses and may itself contain spaces and ')', so
+/// fields are counted from the last ')'. Zombies and dead tasks count as gone.
+pub fn parse_stat_start_time(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if matches!(fields.first(), Some(&"Z") | Some(&"X") | Some(&"x")) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// Raises the soft limit on open descriptors to the hard limit; returns
+/// the soft limit now in force.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    // SAFETY: rlimit is plain data; getrlimit fills it.
+    let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to an rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if rl.rlim_cur < rl.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: rl.rlim_max,
+            rlim_max: rl.rlim_max,
+        };
+        // SAFETY: a valid pointer to an rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            rl.rlim_cur = rl.rlim_max;
+        }
+    }
+    Ok(rl.rlim_cur as u64)
+}
+
+/// Hands freed heap memory back to the system. glibc keeps what thousands
+/// of connection threads freed in its per-thread arenas; without this, RSS
+/// after a burst stays near its peak. Other C libraries return memory on
+/// their own or offer no such call.
+pub fn release_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists, under
+    // the allocator's locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Makes `cmd`'s child a session leader (setsid), detaching it from our
+/// terminal and process group.
+pub fn new_session_on_spawn(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only setsid(2), which is async-signal-safe and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+}
+
+/// Points our stdout (fd 1) at `file`, e.g. /dev/null once nobody reads
+/// the pipe it was.
+pub fn redirect_stdout(file: &std::fs::File) -> io::Result<()> {
+    // SAFETY: dup2 onto fd 1 from a file that stays open for the call;
+    // std's stdout handle keeps using fd 1, which now names `file`.
+    if unsafe { libc::dup2(file.as_raw_fd(), 1) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The real and effective uid of a process, from the `Uid:` line of
+/// `/proc/PID/status` (readable by everyone).
+pub fn process_uids(pid: u32) -> Option<(u32, u32)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let mut ids = line.split_whitespace().map(|t| t.parse::<u32>().ok());
+    Some((ids.next()??, ids.next()??))
+}
+
+/// Whether process `pid` runs this same program: `/proc/PID/exe` names
+/// the same file as `/proc/self/exe` (device and inode), or — when the
+/// binary was replaced in place since the process started — the same
+/// path with " (deleted)" after it. `None` when we may not look
+/// (EACCES: the process is not dumpable and we lack CAP_SYS_PTRACE).
+pub fn runs_same_program(pid: u32) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let theirs = format!("/proc/{pid}/exe");
+    let ours = std::fs::metadata("/proc/self/exe").ok()?;
+    match std::fs::metadata(&theirs) {
+        Ok(m) if m.dev() == ours.dev() && m.ino() == ours.ino() => return Some(true),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return None,
+        Err(_) => return Some(false),
+    }
+    let (Ok(t), Ok(o)) = (std::fs::read_link(&theirs), std::fs::read_link("/proc/self/exe")) else {
+        return Some(false);
+    };
+    let t = t.to_string_lossy().into_owned();
+    let o = o.to_string_lossy().into_owned();
+    let o = o.strip_suffix(" (deleted)").unwrap_or(&o);
+    Some(t.strip_suffix(" (deleted)") == Some(o))
+}
+
+/// How many threads this process has (Linux: /proc/self/task); `None`
+/// where that cannot be seen.
+pub fn thread_count() -> Option<usize> {
+    std::fs::read_dir("/proc/self/task").ok().map(Iterator::count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_parsing() {
+        let line = "123 (a b) c) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 987654 20 21";
+        assert_eq!(parse_stat_start_time(line), Some(987654));
+        let zombie = "123 (x) Z 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 987654 20";
+        assert_eq!(parse_stat_start_time(zombie), None);
+        assert_eq!(parse_stat_start_time("garbage"), None);
+        assert_eq!(parse_stat_start_time("1 (x) S 1"), None);
+    }
+
+    #[test]
+    fn own_process_is_alive_and_pid_reuse_is_not() {
+        let me = ProcId::current();
+        assert!(me.is_alive());
+        let other = ProcId {
+            pid: me.pid,
+            start_time: me.start_time + 1,
+        };
+        assert!(!other.is_alive(), "same pid, other start time: not us");
+    }
+}

@@ -1,0 +1,103 @@
+//! Signals through a self-pipe, so the main loop can wait for them with a
+//! timeout (portable, unlike sigtimedwait).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+/// The signals the gateway handles, delivered through a self-pipe so the
+/// main loop can wait for them with a timeout (portable, unlike sigtimedwait).
+pub struct Signals {
+    read: OwnedFd,
+}
+
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
+    let b = sig as u8;
+    // SAFETY: errno_location returns this thread's errno slot; write(2) is
+    // async-signal-safe and a full pipe just drops the byte. errno is saved
+    // and restored, so the interrupted code never sees write's EAGAIN.
+    unsafe {
+        let errno = errno_location();
+        let saved = *errno;
+        libc::write(fd, (&b as *const u8).cast(), 1);
+        *errno = saved;
+    }
+}
+
+/// The calling thread's `errno`.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+unsafe fn errno_location() -> *mut libc::c_int {
+    libc::__errno_location()
+}
+
+/// The calling thread's `errno`.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+unsafe fn errno_location() -> *mut libc::c_int {
+    libc::__error()
+}
+
+impl Signals {
+    pub fn install(signals: &[i32]) -> io::Result<Signals> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: pipe fills two fds.
+        if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds were just created and are owned here.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        for fd in [&read, &write] {
+            set_flags(fd.as_raw_fd())?;
+        }
+        SIGNAL_PIPE.store(write.as_raw_fd(), Ordering::Relaxed);
+        std::mem::forget(write); // lives as long as the process
+        for &sig in signals {
+            // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the
+            // handler only saves errno, calls write(2) and restores errno, all
+            // async-signal-safe, on a pipe stored before it is installed.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+                sa.sa_flags = libc::SA_RESTART;
+                libc::sigemptyset(&mut sa.sa_mask);
+                if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+        }
+        Ok(Signals { read })
+    }
+
+    /// Waits up to `timeout` for signals; returns those that arrived.
+    pub fn wait(&self, timeout: Duration) -> Vec<i32> {
+        let mut pfd = libc::pollfd {
+            fd: self.read.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+        let mut buf = [0u8; 64];
+        // SAFETY: non-blocking read into a local buffer.
+        let n = unsafe { libc::read(self.read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        buf[..n.max(0) as usize].iter().map(|&b| i32::from(b)).collect()
+    }
+}
+
+fn set_flags(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on an fd we own.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl < 0 || libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
