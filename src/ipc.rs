@@ -379,7 +379,7 @@ pub fn error_text(payload: &[u8]) -> String {
         // The daemon's words reach logs and terminals: no raw control
         // characters (a newline would forge a log line, ESC a terminal
         // escape sequence).
-        crate::log::escape_control(text)
+        crate::escape::escape_control(text)
     }
 }
 

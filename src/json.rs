@@ -152,7 +152,7 @@ impl<T: Into<Value>> From<Vec<T>> for Value {
 
 /// Writes `s` as a JSON string literal. Besides what JSON requires, DEL,
 /// C1 controls, line separators and bidi controls are written as `\uXXXX`
-/// (see [`crate::log::is_terminal_hazard`]): people read JSON output on
+/// (see [`crate::escape::is_terminal_hazard`]): people read JSON output on
 /// terminals too, and its strings come from the state file and the daemon.
 pub fn write_str(out: &mut impl Write, s: &str) -> fmt::Result {
     out.write_char('"')?;
@@ -163,7 +163,7 @@ pub fn write_str(out: &mut impl Write, s: &str) -> fmt::Result {
             '\n' => out.write_str("\\n")?,
             '\r' => out.write_str("\\r")?,
             '\t' => out.write_str("\\t")?,
-            c if crate::log::is_terminal_hazard(c) => write!(out, "\\u{:04x}", c as u32)?,
+            c if crate::escape::is_terminal_hazard(c) => write!(out, "\\u{:04x}", c as u32)?,
             c => out.write_char(c)?,
         }
     }

@@ -32,6 +32,7 @@ pub mod stats;
 pub mod address;
 pub mod alias;
 pub mod error;
+pub mod escape;
 pub mod ipc;
 pub mod json;
 pub mod log;

@@ -5,9 +5,9 @@
 use std::io::Write;
 
 use crate::error::{Code, Error};
+use crate::escape::escape_control;
 use crate::gateway::Report;
 use crate::json::Value;
-use crate::log::escape_control;
 use crate::state::{Exposed, Mapping, State};
 use crate::stats::{ExposureStats, Stats};
 use crate::subnet;

@@ -1,0 +1,573 @@
+//! The state directory: the shared state between the running gateway and
+//! the commands that steer it.
+//!
+//! ```text
+//! STATE_DIR/            mode 0700, owned by the gateway's user
+//!   lock                flock(2) held around every read-modify-write
+//!   state.json          desired configuration + the gateway's identity (0600)
+//!   stats.json          live counters, written by the gateway on SIGUSR2 (0600)
+//!   gateway.log         the background gateway's stderr
+//! ```
+//!
+//! `state.json` is the single source of truth for what should be mapped.
+//! A command changes it under the lock, bumps `generation`, and signals the
+//! gateway (SIGHUP); the gateway applies the difference under the lock,
+//! records a result for each generation it could not apply, and sets
+//! `applied`. Writes are atomic (temporary file, fsync, rename), so readers
+//! that only look (list, status, waiting commands) need no lock.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnetwork::Ipv4Network;
+
+use crate::address::PilotAddr;
+use crate::error::{Code, Error};
+use crate::json::Value;
+use crate::sys::proc::ProcId;
+
+mod dir;
+pub use dir::{resolve_dir, StateDir};
+
+/// Version of the state file format written. Version 2 added
+/// `exposures`; version 1 files (none) are still read. A file of any other
+/// version is refused.
+pub const VERSION: u64 = 2;
+const READABLE: [u64; 2] = [1, 2];
+/// Largest state file we read. 1 MiB holds several thousand mappings; a
+/// bigger file is refused before it is read, so a planted one cannot make
+/// a command eat memory.
+const MAX_FILE: u64 = 1 << 20;
+/// How many apply results are kept for waiting commands.
+const MAX_RESULTS: usize = 256;
+
+/// One mapping as recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub local_ip: Ipv4Addr,
+    pub pilot_addr: PilotAddr,
+    /// The hostname it was mapped by, if any (shown in reports).
+    pub hostname: Option<String>,
+    /// Whether the gateway added the loopback alias (and so must remove it).
+    pub alias_added: bool,
+    /// The generation that added this mapping.
+    pub generation: u64,
+}
+
+/// One exposure as recorded: pilot port `port` of this node serves the
+/// local TCP service `target` (`pilot-gateway expose`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exposed {
+    pub port: u16,
+    pub target: SocketAddr,
+    /// Admit only these peers (`None`: whoever the daemon lets in), each
+    /// with the hostname it was given by, if any (for display only: the
+    /// address is what is enforced).
+    pub allow: Option<Vec<(PilotAddr, Option<String>)>>,
+    /// The target may be another host (`--allow-remote-target`).
+    pub allow_remote_target: bool,
+    /// The generation that added this exposure.
+    pub generation: u64,
+}
+
+impl Exposed {
+    /// The allow-list as the engine takes it.
+    pub fn allow_set(&self) -> Option<std::collections::HashSet<PilotAddr>> {
+        self.allow.as_ref().map(|l| l.iter().map(|(a, _)| *a).collect())
+    }
+
+    /// Whether `other` asks for the same service (target, peers, remote).
+    pub fn same_service(&self, other: &Exposed) -> bool {
+        self.port == other.port
+            && self.target == other.target
+            && self.allow_set() == other.allow_set()
+            && self.allow_remote_target == other.allow_remote_target
+    }
+
+    /// The exposure as the state file records it; commands report the same
+    /// without `generation` (`output::exposure_json`).
+    pub fn to_json(&self) -> Value {
+        let allow = self.allow.as_ref().map(|l| {
+            Value::Arr(
+                l.iter()
+                    .map(|(a, name)| {
+                        Value::obj([
+                            ("addr", Value::from(a.to_string())),
+                            ("name", name.clone().into()),
+                        ])
+                    })
+                    .collect(),
+            )
+        });
+        Value::obj([
+            ("port", Value::from(self.port)),
+            ("target", self.target.to_string().into()),
+            ("allow", allow.unwrap_or(Value::Null)),
+            ("allow_remote_target", self.allow_remote_target.into()),
+            ("generation", self.generation.into()),
+        ])
+    }
+
+    /// Reads one exposure; the error says which field is wrong.
+    pub fn from_json(e: &Value) -> std::result::Result<Exposed, String> {
+        let port = e
+            .get("port")
+            .and_then(Value::as_u64)
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or("an exposure has a bad \"port\"")?;
+        let target = text(e, "target")?
+            .parse()
+            .map_err(|_| "an exposure has a bad \"target\"".to_string())?;
+        let allow = match e.get("allow") {
+            None | Some(Value::Null) => None,
+            Some(list) => {
+                let mut peers = Vec::new();
+                for p in list.as_array().ok_or("an exposure's \"allow\" is not a list")? {
+                    let addr = text(p, "addr")?
+                        .parse::<PilotAddr>()
+                        .map_err(|e| format!("an exposure's allow entry: {e}"))?;
+                    peers.push((addr, p.get("name").and_then(Value::as_str).map(str::to_string)));
+                }
+                Some(peers)
+            }
+        };
+        Ok(Exposed {
+            port,
+            target,
+            allow,
+            allow_remote_target: e
+                .get("allow_remote_target")
+                .and_then(Value::as_bool)
+                .ok_or("an exposure lacks \"allow_remote_target\"")?,
+            generation: num(e, "generation")?,
+        })
+    }
+}
+
+/// The gateway's answer to a generation it could not apply: why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApplyFailure {
+    pub generation: u64,
+    pub error: Error,
+}
+
+/// An entry of the state file that fails [`State::validate`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    pub entry: Entry,
+    pub generation: u64,
+    pub why: String,
+}
+
+/// Which entry of the state file, by position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// `State::mappings[index]`, with its local IP.
+    Mapping { index: usize, local_ip: Ipv4Addr },
+    /// `State::exposures[index]`, with its pilot port.
+    Exposure { index: usize, port: u16 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct State {
+    pub gateway: ProcId,
+    /// Unix time the gateway started.
+    pub started_at: u64,
+    pub socket: PathBuf,
+    pub subnet: Ipv4Network,
+    pub ports: Vec<u16>,
+    pub max_conns: usize,
+    /// `--half-closed-timeout`; `None` in state written before it existed.
+    pub half_closed_timeout: Option<Duration>,
+    /// The user the gateway runs as, when it switched from root.
+    pub user: Option<String>,
+    /// The daemon's uid, from the peer credentials seen at start: commands
+    /// refuse a socket served by another uid (`ipc::connect_by`). `None`
+    /// in state written before it existed.
+    pub daemon_uid: Option<u32>,
+    pub generation: u64,
+    pub applied: u64,
+    pub mappings: Vec<Mapping>,
+    pub exposures: Vec<Exposed>,
+    pub failures: Vec<ApplyFailure>,
+}
+
+impl State {
+    pub fn find_exposure(&self, port: u16) -> Option<&Exposed> {
+        self.exposures.iter().find(|e| e.port == port)
+    }
+
+    pub fn used_ips(&self) -> BTreeSet<Ipv4Addr> {
+        self.mappings.iter().map(|m| m.local_ip).collect()
+    }
+
+    pub fn find_ip(&self, ip: Ipv4Addr) -> Option<&Mapping> {
+        self.mappings.iter().find(|m| m.local_ip == ip)
+    }
+
+    pub fn find_addr(&self, addr: PilotAddr) -> Option<&Mapping> {
+        self.mappings.iter().find(|m| m.pilot_addr == addr)
+    }
+
+    /// Checks everything in the file that could steer the system, against
+    /// `subnet` — the running gateway's own, from memory, never the file's.
+    /// Returns the mappings that must not be applied, each with why: an IP
+    /// that is not assignable in the subnet (outside it, its network or
+    /// broadcast address, 127.0.0.1) or that appears twice, or an address
+    /// mapped twice; and the exposures that must not be applied: port 0,
+    /// a port exposed twice, a target that is not a service address of
+    /// this host (unless the entry says `allow_remote_target`). Nothing in
+    /// the file is trusted before this; it is the one entry point for
+    /// validation.
+    pub fn validate(&self, subnet: Ipv4Network) -> Vec<Invalid> {
+        let mut bad = self.validate_mappings(subnet);
+        let mut ports = BTreeSet::new();
+        for (index, e) in self.exposures.iter().enumerate() {
+            let why = if e.port == 0 {
+                Some("pilot port 0 cannot be exposed".to_string())
+            } else if !ports.insert(e.port) {
+                Some(format!("pilot port {} is exposed twice", e.port))
+            } else {
+                crate::expose::check_target(e.target, e.allow_remote_target, Some(subnet))
+                    .err()
+                    .map(|err| format!("pilot port {}: {}", e.port, err.message))
+            };
+            if let Some(why) = why {
+                bad.push(Invalid {
+                    entry: Entry::Exposure { index, port: e.port },
+                    generation: e.generation,
+                    why,
+                });
+            }
+        }
+        bad
+    }
+
+    fn validate_mappings(&self, subnet: Ipv4Network) -> Vec<Invalid> {
+        let mut ips = BTreeSet::new();
+        let mut addrs = BTreeSet::new();
+        let mut bad = Vec::new();
+        for (index, m) in self.mappings.iter().enumerate() {
+            let why = if !crate::subnet::is_assignable(subnet, m.local_ip) {
+                Some(format!(
+                    "local IP {} is not an assignable address of the gateway's subnet {subnet}",
+                    m.local_ip
+                ))
+            } else if !ips.insert(m.local_ip) {
+                Some(format!("local IP {} is mapped twice", m.local_ip))
+            } else if !addrs.insert(m.pilot_addr) {
+                Some(format!("{} is mapped twice", m.pilot_addr))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                bad.push(Invalid {
+                    entry: Entry::Mapping {
+                        index,
+                        local_ip: m.local_ip,
+                    },
+                    generation: m.generation,
+                    why,
+                });
+            }
+        }
+        bad
+    }
+
+    /// Records that `generation` failed, keeping the list bounded.
+    pub fn record_failure(&mut self, generation: u64, error: Error) {
+        self.failures.push(ApplyFailure { generation, error });
+        let excess = self.failures.len().saturating_sub(MAX_RESULTS);
+        self.failures.drain(..excess);
+    }
+
+    pub fn failure(&self, generation: u64) -> Option<&Error> {
+        self.failures
+            .iter()
+            .find(|o| o.generation == generation)
+            .map(|o| &o.error)
+    }
+
+    pub fn to_json(&self) -> Value {
+        let mappings = self
+            .mappings
+            .iter()
+            .map(|m| {
+                Value::obj([
+                    ("local_ip", m.local_ip.to_string().into()),
+                    ("pilot_addr", m.pilot_addr.to_string().into()),
+                    ("hostname", m.hostname.clone().into()),
+                    ("alias_added", m.alias_added.into()),
+                    ("generation", m.generation.into()),
+                ])
+            })
+            .collect();
+        let failures = self
+            .failures
+            .iter()
+            .map(|o| {
+                Value::obj([
+                    ("generation", o.generation.into()),
+                    ("code", o.error.code.as_str().into()),
+                    ("message", o.error.message.clone().into()),
+                    ("hint", o.error.hint.clone().into()),
+                ])
+            })
+            .collect();
+        Value::obj([
+            ("version", VERSION.into()),
+            ("pid", self.gateway.pid.into()),
+            ("start_time", self.gateway.start_time.into()),
+            ("started_at", self.started_at.into()),
+            ("socket", self.socket.display().to_string().into()),
+            ("subnet", self.subnet.to_string().into()),
+            (
+                "ports",
+                Value::Arr(self.ports.iter().map(|&p| p.into()).collect()),
+            ),
+            ("max_conns", self.max_conns.into()),
+            (
+                "half_closed_timeout_secs",
+                self.half_closed_timeout.map(|d| d.as_secs_f64()).into(),
+            ),
+            ("user", self.user.clone().into()),
+            ("daemon_uid", self.daemon_uid.map(u64::from).into()),
+            ("generation", self.generation.into()),
+            ("applied", self.applied.into()),
+            ("mappings", Value::Arr(mappings)),
+            (
+                "exposures",
+                Value::Arr(self.exposures.iter().map(Exposed::to_json).collect()),
+            ),
+            ("failures", Value::Arr(failures)),
+        ])
+    }
+
+    /// Reads a state file's JSON; the error says which field is wrong.
+    pub fn from_json(v: &Value) -> std::result::Result<State, String> {
+        let version = num(v, "version")?;
+        if !READABLE.contains(&version) {
+            return Err(format!(
+                "format version {version}, but this pilot-gateway reads versions 1 and {VERSION}"
+            ));
+        }
+        // Version 1 had no exposures.
+        let exposures = match v.get("exposures") {
+            None if version == 1 => Vec::new(),
+            _ => arr(v, "exposures")?
+                .iter()
+                .map(Exposed::from_json)
+                .collect::<std::result::Result<_, _>>()?,
+        };
+        let mut mappings = Vec::new();
+        for m in arr(v, "mappings")? {
+            mappings.push(Mapping {
+                local_ip: text(m, "local_ip")?
+                    .parse()
+                    .map_err(|_| "a mapping has a bad \"local_ip\"".to_string())?,
+                pilot_addr: text(m, "pilot_addr")?.parse().map_err(|e| format!("{e}"))?,
+                hostname: m.get("hostname").and_then(Value::as_str).map(str::to_string),
+                alias_added: m
+                    .get("alias_added")
+                    .and_then(Value::as_bool)
+                    .ok_or("a mapping lacks \"alias_added\"")?,
+                generation: num(m, "generation")?,
+            });
+        }
+        let mut failures = Vec::new();
+        for f in arr(v, "failures")? {
+            let mut error = Error::new(Code::from_name(text(f, "code")?), text(f, "message")?);
+            error.hint = f.get("hint").and_then(Value::as_str).map(str::to_string);
+            failures.push(ApplyFailure {
+                generation: num(f, "generation")?,
+                error,
+            });
+        }
+        let ports = arr(v, "ports")?
+            .iter()
+            .map(|p| p.as_u64().and_then(|p| u16::try_from(p).ok()).filter(|&p| p > 0))
+            .collect::<Option<Vec<u16>>>()
+            .ok_or("\"ports\" holds a value that is not a port")?;
+        Ok(State {
+            gateway: ProcId {
+                pid: u32::try_from(num(v, "pid")?).map_err(|_| "\"pid\" is out of range")?,
+                start_time: num(v, "start_time")?,
+            },
+            started_at: num(v, "started_at")?,
+            socket: PathBuf::from(text(v, "socket")?),
+            subnet: text(v, "subnet")?
+                .parse()
+                .map_err(|_| "\"subnet\" is not a CIDR block".to_string())?,
+            ports,
+            max_conns: num(v, "max_conns")? as usize,
+            half_closed_timeout: match v.get("half_closed_timeout_secs") {
+                None | Some(Value::Null) => None,
+                Some(t) => Some(
+                    t.as_f64()
+                        .filter(|s| s.is_finite() && *s > 0.0)
+                        .map(Duration::from_secs_f64)
+                        .ok_or("\"half_closed_timeout_secs\" is not a positive number")?,
+                ),
+            },
+            user: v.get("user").and_then(Value::as_str).map(str::to_string),
+            daemon_uid: daemon_uid(v)?,
+            generation: num(v, "generation")?,
+            applied: num(v, "applied")?,
+            mappings,
+            exposures,
+            failures,
+        })
+    }
+}
+
+/// `daemon_uid`: absent (or null) in state written before it existed.
+fn daemon_uid(v: &Value) -> std::result::Result<Option<u32>, String> {
+    match v.get("daemon_uid") {
+        None | Some(Value::Null) => Ok(None),
+        Some(u) => u
+            .as_u64()
+            .and_then(|u| u32::try_from(u).ok())
+            .map(Some)
+            .ok_or_else(|| "\"daemon_uid\" is not a uid".to_string()),
+    }
+}
+
+fn num(v: &Value, key: &str) -> std::result::Result<u64, String> {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| format!("\"{key}\" is missing or not a whole number"))
+}
+
+fn text<'a>(v: &'a Value, key: &str) -> std::result::Result<&'a str, String> {
+    v.get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("\"{key}\" is missing or not a string"))
+}
+
+fn arr<'a>(v: &'a Value, key: &str) -> std::result::Result<&'a [Value], String> {
+    v.get(key)
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("\"{key}\" is missing or not a list"))
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::json;
+
+    pub(crate) fn sample() -> State {
+        State {
+            gateway: ProcId {
+                pid: 42,
+                start_time: 7,
+            },
+            started_at: 1,
+            socket: "/tmp/pilot.sock".into(),
+            subnet: "10.4.0.0/16".parse().unwrap(),
+            ports: vec![80, 443],
+            max_conns: 1000,
+            half_closed_timeout: Some(Duration::from_millis(2500)),
+            user: None,
+            daemon_uid: Some(65534),
+            generation: 3,
+            applied: 2,
+            mappings: vec![Mapping {
+                local_ip: Ipv4Addr::new(10, 4, 0, 1),
+                pilot_addr: PilotAddr::new(0, 4),
+                hostname: Some("lab-b".into()),
+                alias_added: true,
+                generation: 1,
+            }],
+            exposures: vec![Exposed {
+                port: 2222,
+                target: "127.0.0.1:22".parse().unwrap(),
+                allow: Some(vec![
+                    (PilotAddr::new(0, 7), Some("lab-a".into())),
+                    (PilotAddr::new(0, 8), None),
+                ]),
+                allow_remote_target: false,
+                generation: 2,
+            }],
+            failures: vec![ApplyFailure {
+                generation: 3,
+                error: Error::new(Code::AddressInUse, "port busy").hint("free it"),
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let s = sample();
+        assert_eq!(
+            State::from_json(&json::parse(&s.to_json().to_string()).unwrap()).unwrap(),
+            s
+        );
+    }
+
+    #[test]
+    fn version_1_files_are_read_without_exposures() {
+        let mut v1 = sample();
+        v1.exposures.clear();
+        let text = v1
+            .to_json()
+            .to_string()
+            .replace("\"version\":2", "\"version\":1")
+            .replace(",\"exposures\":[]", "");
+        assert!(
+            !text.contains("exposures") && text.contains("\"version\":1"),
+            "{text}"
+        );
+        assert_eq!(State::from_json(&json::parse(&text).unwrap()).unwrap(), v1);
+    }
+
+    #[test]
+    fn validate_checks_exposures() {
+        let mut s = sample();
+        let good = s.exposures[0].clone();
+        let with = |port: u16, target: &str, remote: bool| Exposed {
+            port,
+            target: target.parse().unwrap(),
+            allow_remote_target: remote,
+            generation: 9,
+            ..good.clone()
+        };
+        s.exposures = vec![
+            good.clone(),
+            with(0, "127.0.0.1:80", false),
+            with(2222, "127.0.0.1:80", false),
+            with(81, "192.0.2.1:80", false),
+            with(82, "192.0.2.1:80", true),
+            with(83, "127.0.0.1:0", false),
+            // The gateway's own mapped IPs: never, not even when remote.
+            with(84, "10.4.0.1:9090", true),
+            with(85, "[::ffff:10.4.0.1]:9090", true),
+            with(86, "[::ffff:0.0.0.0]:80", true),
+            with(87, "[::ffff:127.0.0.1]:80", false),
+        ];
+        let bad: Vec<(Entry, String)> = s
+            .validate(s.subnet)
+            .into_iter()
+            .map(|b| (b.entry, b.why))
+            .collect();
+        let ports: Vec<u16> = bad
+            .iter()
+            .map(|(e, _)| match e {
+                Entry::Exposure { port, .. } => *port,
+                Entry::Mapping { .. } => panic!("mapping flagged: {bad:?}"),
+            })
+            .collect();
+        assert_eq!(ports, vec![0, 2222, 81, 83, 84, 85, 86], "{bad:?}");
+        assert!(bad[1].1.contains("exposed twice"), "{bad:?}");
+        assert!(bad[2].1.contains("not on this host"), "{bad:?}");
+        assert!(bad[4].1.contains("inside the gateway's subnet"), "{bad:?}");
+        assert!(bad[5].1.contains("inside the gateway's subnet"), "{bad:?}");
+    }
+}
