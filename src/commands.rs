@@ -17,6 +17,7 @@ use crate::config::Settings;
 use crate::daemon;
 use crate::error::{Code, Error, Result};
 use crate::gateway;
+use crate::help;
 use crate::json::Value;
 use crate::log::{self, Format};
 use crate::output::{self, Output};
@@ -71,8 +72,8 @@ fn run(args: &Args, out: &Output, argv0: &str, raw: &[OsString]) -> Result<()> {
     match command {
         Command::Help(topic) => {
             let text = match topic.as_deref() {
-                None => cli::USAGE,
-                Some(t) => cli::command_help(t).ok_or_else(|| {
+                None => help::USAGE,
+                Some(t) => help::command_help(t).ok_or_else(|| {
                     Error::usage(format!("no help for unknown command {t:?}"))
                         .hint("see: pilot-gateway --help")
                 })?,

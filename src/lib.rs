@@ -17,6 +17,7 @@ pub mod background;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod help;
 pub mod output;
 
 // The running gateway and its data path.

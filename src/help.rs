@@ -1,0 +1,171 @@
+//! The help texts: `pilot-gateway help [COMMAND]`, `COMMAND --help`.
+//! Kept apart from the parser (`cli`) so that each reads as one thing.
+
+pub const USAGE: &str = "\
+pilot-gateway — reach Pilot Protocol agents from ordinary TCP clients
+
+Usage:
+  pilot-gateway [--json] [--socket PATH] [--state-dir DIR] COMMAND …
+  pilotctl [--json] gateway COMMAND …          (through a link named pilotctl)
+  pilot-gateway [-socket PATH] [-subnet CIDR] [-ports LIST] [-config FILE] run [ADDR [IP]]…
+
+Commands:
+  start [ADDR [IP]]…   start the gateway (in the background unless --foreground)
+  map ADDR [IP]        map an agent (address or hostname) to a local IP
+  unmap IP             remove a mapping, closing its connections
+  expose PORT [HOST:]TPORT  serve a local TCP service on pilot port PORT of this node
+  unexpose PORT        stop serving pilot port PORT, closing its connections
+  list                 show mappings and exposures with live counters
+  status               show the gateway, the daemon and totals
+  stop                 stop the gateway and remove its aliases
+  run [ADDR [IP]]…     upstream's form: start in the foreground
+
+Global flags:
+  --json               machine-readable output ({\"status\":\"ok\",\"data\":…})
+  --socket PATH        daemon socket (default: $PILOT_SOCKET, ~/.pilot/config.json,
+                       $XDG_RUNTIME_DIR/pilot.sock, /tmp/pilot.sock)
+  --state-dir DIR      state directory (default: $PILOT_GATEWAY_STATE_DIR,
+                       /run/pilot-gateway as root, $XDG_RUNTIME_DIR/pilot-gateway)
+  --config FILE        JSON object of flag values; command-line flags win
+  --log-level LEVEL    error, warn, info (default) or debug
+  --log-format FORMAT  text (default) or json
+  -h, --help           help (also: pilot-gateway help COMMAND)
+  -V, --version        version
+
+Run `pilot-gateway help COMMAND` for a command's flags. Manual: pilot-gateway(8).
+";
+
+const START_HELP: &str = "\
+Usage: pilot-gateway start [flags] [ADDR [LOCAL_IP]]…
+       pilot-gateway [flags] run [ADDR [LOCAL_IP]]…     (foreground, upstream's form)
+
+Maps each ADDR (a pilot address such as 0:0000.0000.0004, or a hostname the
+daemon resolves) to the next free IP of the subnet, or to LOCAL_IP, adds the
+loopback aliases, listens on every port of every mapped IP, and relays each
+connection to the same port of the agent through the daemon. Returns once
+everything is up, printing pid, subnet, ports and mappings.
+
+Flags:
+  --subnet CIDR          IPv4 subnet to hand out (default 10.4.0.0/16)
+  --ports LIST           comma-separated ports (default 80,443,1000,1001,1002,7,8080,8443)
+  --foreground           stay attached (for systemd); stop with SIGTERM/SIGINT
+  --max-conns N          concurrent bridged connections (default 1000)
+  --dial-timeout SECS    give up on a dial after SECS (default 10)
+  --idle-timeout SECS    close a connection idle for SECS (default 300)
+  --half-closed-timeout SECS
+                         close a client that shut down its sending side (but
+                         did not close) after SECS without data (default 10)
+  --access-log PATH      one line per finished connection (- for stderr)
+  --access-log-format F  text (default) or json
+  --user NAME            run as NAME, keeping only CAP_NET_ADMIN and CAP_NET_BIND_SERVICE
+  --no-user-switch       as root, do not switch to the daemon socket's owner
+  --allow-any-subnet     allow a subnet outside private, shared and loopback ranges
+  --allow-remote         also serve clients from other hosts (off: only this host's
+                         own clients; see SECURITY.md before turning it on)
+  --expose P=[HOST:]PORT[,allow=PEER+PEER…]
+                         also serve the local TCP service HOST:PORT (127.0.0.1 if
+                         no HOST) on pilot port P, as `expose` does; repeatable;
+                         allow= admits only the listed peers (addresses or hostnames)
+  --allow-remote-target  let every --expose target be another host's address
+
+A gateway may run with only exposures and no ADDR.
+";
+
+const EXPOSE_HELP: &str = "\
+Usage: pilot-gateway expose [--allow PEERS] [--allow-remote-target] PILOT_PORT [HOST:]PORT
+
+Serves the local TCP service HOST:PORT (a bare PORT means 127.0.0.1:PORT) on
+pilot port PILOT_PORT of this node, through the running gateway: each inbound
+pilot connection to that port becomes a TCP connection to the service. A
+gateway started with no mappings can serve exposures only.
+
+Fails with port_in_use when the daemon or another program holds the port (the
+daemon itself holds 7, 1001 and 1002), bad_target for a target that is not a
+service address of this host, already_exists when the port is exposed with
+another target.
+
+Flags:
+  --allow PEERS          admit only these peers: comma-separated pilot addresses
+                         or hostnames (resolved through the daemon now); others
+                         are closed at once, counted and logged
+  --allow-remote-target  allow a target on another host: every peer the daemon
+                         trusts then becomes a client of that host's network
+";
+
+const UNEXPOSE_HELP: &str = "\
+Usage: pilot-gateway unexpose [--drain SECS] PILOT_PORT
+
+Stops serving PILOT_PORT: the gateway releases the port (the daemon frees it
+and resets its live connections). Reports how many live connections were
+cut (`cut`). Fails with not_found for a port not exposed.
+
+Flags:
+  --drain SECS           refuse new connections at once, let live ones finish
+                         for up to SECS, then cut the rest
+";
+
+pub fn command_help(topic: &str) -> Option<&'static str> {
+    Some(match topic {
+        "start" | "run" => START_HELP,
+        "map" => {
+            "\
+Usage: pilot-gateway map ADDR [LOCAL_IP]
+
+Adds a mapping to the running gateway. ADDR is a pilot address or a
+hostname (resolved through the daemon). LOCAL_IP must lie in the gateway's
+subnet and be free; without it the next free IP is used. Mapping an address
+that is already mapped returns its existing IP.
+"
+        }
+        "unmap" => {
+            "\
+Usage: pilot-gateway unmap [--drain SECS] LOCAL_IP
+
+Removes a mapping from the running gateway: its listeners close, its live
+connections are closed and its loopback alias is removed (if the gateway added it).
+Reports how many live connections were cut (`cut`).
+
+Flags:
+  --drain SECS           stop accepting, let live connections finish for up to
+                         SECS, then cut the rest
+"
+        }
+        "expose" => EXPOSE_HELP,
+        "unexpose" => UNEXPOSE_HELP,
+        "list" => {
+            "\
+Usage: pilot-gateway list
+
+Shows the mappings of the running gateway with live counters: active and
+total connections, bytes each way (up: client to agent, down: agent to client).
+Then the exposures: pilot port, target, state (bound, or rebinding after the
+daemon went away), active and total connections, bytes in (peer to service)
+and out, peers refused by --allow, connections reset because the service
+stopped reading.
+"
+        }
+        "status" => {
+            "\
+Usage: pilot-gateway status
+
+Shows pid, uptime, socket, whether the daemon answers, subnet, ports,
+totals (connections, bytes, refused connections, failed dials), and each
+exposure with its state and counters.
+"
+        }
+        "stop" => {
+            "\
+Usage: pilot-gateway stop [--drain SECS]
+
+Stops the running gateway and waits until it has exited and removed its aliases.
+Reports how many live connections were cut (`cut`), forwarded and exposed.
+
+Flags:
+  --drain SECS           stop accepting (and refuse new inbound connections to
+                         exposed ports), let live connections of both kinds
+                         finish for up to SECS, then cut the rest
+"
+        }
+        _ => return None,
+    })
+}
