@@ -19,7 +19,10 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use ipnetwork::Ipv4Network;
+
 use crate::error::{Code, Error, Result};
+use crate::{subnet, sys, warn};
 
 /// What every gateway's label starts with on Linux (`ip addr show label
 /// 'lo:pgw*'`). It is also the whole label of aliases added by versions
@@ -295,6 +298,105 @@ fn classify(what: &str, tool_said: &str) -> Error {
     } else {
         Error::new(Code::Internal, format!("{what}: {tool_said}"))
     }
+}
+
+// ---- Forensics: whose is an alias we find on loopback? ----
+
+/// Whether a dead gateway's recorded alias may be removed, and the label
+/// to remove it with (`Err`: why not). The old state file was writable by
+/// the gateway's user, so nothing in it is taken on its word (its subnet
+/// least of all): the IP must be assignable in the *new* start's own
+/// subnet (which the operator chose), outside 127.0.0.0/8, and sit on a
+/// loopback interface as a /32. On Linux it must also carry this state
+/// directory's label (`alias::label_for`), which only our own `ip addr add`
+/// sets — an administrator's address (no label) or another gateway's
+/// (another directory's label) is never removed, and the removal names
+/// the label, so the kernel checks it again — or the plain `lo:pgw` of an
+/// older version. And no process may hold a TCP socket on it ([`in_use`]):
+/// a live gateway listens there. macOS has no labels: there the subnet
+/// rule alone applies.
+pub fn stale_alias_label(new: Ipv4Network, ip: Ipv4Addr, ours: &str) -> std::result::Result<String, String> {
+    if !subnet::is_assignable(new, ip) || ip.is_loopback() {
+        return Err(format!("it is not in this start's subnet {new}"));
+    }
+    let found = sys::net::interface_addresses()
+        .map_err(|e| format!("the interface addresses cannot be listed ({e})"))?
+        .into_iter()
+        .find(|a| a.addr == ip && a.loopback && a.prefix == 32)
+        .ok_or_else(|| "it is not a /32 alias on loopback".to_string())?;
+    if !cfg!(target_os = "linux") {
+        return Ok(String::new());
+    }
+    let label = found.interface;
+    match Label::of(&label, ours) {
+        Label::Ours => match in_use(ip) {
+            // Only this directory's gateway adds this label, and it is dead
+            // (we hold its lock): a kernel that cannot be asked does not
+            // keep our own leftover.
+            Some(Err(why)) => Err(why),
+            _ => Ok(label),
+        },
+        Label::Legacy => match in_use(ip) {
+            Some(Ok(())) => Ok(label),
+            Some(Err(why)) => Err(why),
+            None => Err(format!("it carries the {label} label of an older version (any gateway's), and whether a program uses it cannot be checked")),
+        },
+        Label::OtherGateway => Err(format!("it carries another gateway's label {label} (another state directory)")),
+        Label::Foreign => Err(format!("it does not carry this gateway's label {ours}")),
+    }
+}
+
+/// Whether no process holds a TCP socket on `ip` (`Some(Ok)`), some does
+/// (`Some(Err)`, why), or the kernel cannot tell (`None`, logged).
+fn in_use(ip: Ipv4Addr) -> Option<std::result::Result<(), String>> {
+    match sys::sock_diag::tcp_sockets_on(ip) {
+        Ok(0) => Some(Ok(())),
+        Ok(n) => Some(Err(format!(
+            "{n} TCP socket(s) are bound to it: another gateway or program is live there"
+        ))),
+        Err(e) => {
+            warn!("cannot ask the kernel which sockets use {ip}: {e}");
+            None
+        }
+    }
+}
+
+/// Refuses `ip` if it is on loopback with another gateway's label (another
+/// state directory's, or the plain `lo:pgw` of an older version) and that
+/// gateway is live: a process holds a TCP socket on it (its listeners), or
+/// the kernel cannot tell. Sharing it would mix the two gateways, and the
+/// other's `stop` would pull it from under this one. A labelled address
+/// nobody uses was left by a gateway that died: it is used as before, not
+/// ours (never removed by us), with a warning.
+pub fn check_not_another_gateways(ip: Ipv4Addr, ours: &str) -> Result<()> {
+    if !cfg!(target_os = "linux") {
+        return Ok(());
+    }
+    let addrs = sys::net::interface_addresses()
+        .map_err(|e| Error::internal(format!("cannot list interface addresses: {e}")))?;
+    let Some(other) = addrs.iter().find(|a| {
+        a.addr == ip
+            && a.loopback
+            && matches!(Label::of(&a.interface, ours), Label::OtherGateway | Label::Legacy)
+    }) else {
+        return Ok(());
+    };
+    let label = &other.interface;
+    let why = match sys::sock_diag::tcp_sockets_on(ip) {
+        Ok(0) => {
+            warn!("using {ip}, labelled {label} by a gateway that no longer runs (no socket on it): it is not this gateway's alias and stays after it stops (remove it with `ip addr del {ip}/32 dev lo label {label}`)");
+            return Ok(());
+        }
+        Ok(n) => format!("{n} TCP socket(s) are open on it"),
+        Err(e) => format!("whether it is in use cannot be checked ({e})"),
+    };
+    Err(Error::new(
+        Code::AddressInUse,
+        format!(
+            "local IP {ip} belongs to another gateway: it is on loopback with that gateway's label {label} (this one's is {ours}), and {why}"
+        ),
+    )
+    .hint("give this gateway a subnet no other gateway uses (--subnet, e.g. 10.5.0.0/16) or another local IP; `ip addr show label 'lo:pgw*'` lists every gateway's aliases"))
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ pub mod access;
 pub mod daemon;
 pub mod expose;
 pub mod gateway;
+pub mod limits;
 pub mod listener;
 pub mod relay;
 pub mod stats;

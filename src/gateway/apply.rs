@@ -1,0 +1,377 @@
+//! Applying `state.json` to what runs: the SIGHUP diff of mappings and
+//! exposures, and bringing each one up or tearing it down.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::alias::{self};
+use crate::error::{Code, Error, Result};
+use crate::expose::{self, Exposure};
+use crate::json::Value;
+use crate::listener::Listener;
+use crate::relay::Connections;
+use crate::state::{Entry, Exposed, Mapping, State};
+use crate::subnet::{self, needs_alias};
+use crate::{error, info, warn};
+
+use super::{
+    bind_error, Gateway, RunningExposure, RunningMapping, SessionSlot, SharedSlots, APPLY_BIND_BUDGET,
+    EXPOSE_STOP_WAIT, REBIND_WAIT,
+};
+
+impl Gateway {
+    /// Marks which of `mappings` will get an alias from us: those whose IP
+    /// is not configured yet.
+    pub(super) fn plan_aliases(&self, mappings: &mut [Mapping]) {
+        let alias = needs_alias(self.subnet);
+        for m in mappings
+            .iter_mut()
+            .filter(|m| !self.running.contains_key(&m.local_ip))
+        {
+            m.alias_added = alias && !subnet::is_local_address(m.local_ip).unwrap_or(false);
+        }
+    }
+
+    /// Refuses a mapping whose listeners (one descriptor per port) would
+    /// not fit the room the descriptor limit leaves (see [`limits::fit_max_conns`]).
+    pub(super) fn check_listener_room(&self, ip: Ipv4Addr) -> Result<()> {
+        let listening: usize = self.running.values().map(|r| r.listeners.len()).sum();
+        if (listening + self.ports.len()) as u64 <= self.listener_room {
+            return Ok(());
+        }
+        Err(Error::new(
+            Code::ConnectionFailed,
+            format!(
+                "cannot listen on {ip}: its {} listener(s) do not fit the open-file limit beside {listening} listening now, {} connection slots and the headroom",
+                self.ports.len(),
+                self.data_path.settings.max_conns
+            ),
+        )
+        .hint("raise the open-file limit (ulimit -n, or LimitNOFILE= in systemd) and restart the gateway, or unmap another address first"))
+    }
+
+    /// Adds the alias (if needed) and binds every port on `m.local_ip`.
+    /// On failure nothing of this mapping is left.
+    pub(super) fn bring_up(&mut self, m: &Mapping) -> Result<()> {
+        let ip = m.local_ip;
+        self.check_listener_room(ip)?;
+        let alias_ours = if needs_alias(self.subnet) {
+            alias::check_not_another_gateways(ip, &self.aliases.label)?;
+            // `plan_aliases` set alias_added exactly when the IP was not
+            // configured yet; otherwise it exists and is not ours.
+            self.aliases.add(ip, !m.alias_added)?
+        } else {
+            false
+        };
+        let conns = Arc::new(Connections::default());
+        let mut listeners = Vec::with_capacity(self.ports.len());
+        for &port in &self.ports {
+            match Listener::start(ip, port, m.pilot_addr, self.data_path.clone(), conns.clone()) {
+                Ok(l) => listeners.push(l),
+                Err(e) => {
+                    drop(listeners); // stops the ones already listening
+                    if alias_ours {
+                        let _ = self.aliases.remove(ip);
+                    }
+                    return Err(bind_error(ip, port, &e));
+                }
+            }
+        }
+        self.running.insert(
+            ip,
+            RunningMapping {
+                addr: m.pilot_addr,
+                alias_ours,
+                listeners,
+                conns,
+            },
+        );
+        Ok(())
+    }
+
+    /// Binds the exposure's pilot port and starts serving it, giving up by
+    /// `by`. `retry`: how long to retry a port the daemon still holds (a
+    /// restart).
+    pub(super) fn bring_up_exposure(&mut self, e: &Exposed, retry: Duration, by: Instant) -> Result<()> {
+        let session = SessionSlot::take(&self.data_path, e.port)?;
+        let dp = self.data_path.clone();
+        let on_end: expose::OnEnd = Arc::new(move |end: &expose::Ended| {
+            if let Some(a) = &dp.access {
+                a.write_inbound(&crate::access::Inbound {
+                    peer: end.peer,
+                    peer_port: end.peer_port,
+                    port: end.port,
+                    target: end.target,
+                    bytes_in: end.bytes_in,
+                    bytes_out: end.bytes_out,
+                    duration: end.duration,
+                    outcome: end.outcome.label(),
+                    reason: end.outcome.reason(),
+                });
+            }
+        });
+        let opts = expose::Options {
+            allow: e.allow_set(),
+            allow_remote_target: e.allow_remote_target,
+            own_subnet: Some(self.subnet),
+            daemon_uid: Some(self.data_path.settings.daemon_uid),
+            slots: Some(Arc::new(SharedSlots(self.data_path.clone()))),
+            on_end: Some(on_end),
+            ..expose::Options::default()
+        };
+        let socket = &self.data_path.settings.daemon_socket;
+        let deadline = (Instant::now() + retry).min(by);
+        let engine = loop {
+            let opts = expose::Options {
+                bind_timeout: by.saturating_duration_since(Instant::now()),
+                ..opts.clone()
+            };
+            match Exposure::start(socket, e.port, e.target, opts) {
+                Err(err) if err.code == Code::PortInUse && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                other => break other?,
+            }
+        };
+        self.exposed.insert(
+            e.port,
+            RunningExposure {
+                spec: e.clone(),
+                engine,
+                _session: session,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops serving `port`: the daemon frees it and its connections are
+    /// reset. Returns how many live connections were cut.
+    pub(super) fn tear_down_exposure(&mut self, port: u16) -> usize {
+        let Some(mut r) = self.exposed.remove(&port) else {
+            return 0;
+        };
+        let cut = r.engine.counters().active as usize;
+        r.engine.stop(EXPOSE_STOP_WAIT);
+        info!(
+            "stopped exposing pilot port {port} → {} ({cut} live connections cut)",
+            r.spec.target
+        );
+        cut
+    }
+
+    /// Applies the exposures of `st`: stops those no longer wanted (or
+    /// changed), starts the new ones, and fails the generation of each
+    /// that cannot start (removing it from `st`). Returns how many live
+    /// connections were cut.
+    pub(super) fn apply_exposures(&mut self, st: &mut State) -> usize {
+        let stale: Vec<u16> = self
+            .exposed
+            .iter()
+            .filter(|(port, r)| {
+                st.find_exposure(**port)
+                    .map_or(true, |e| !e.same_service(&r.spec))
+            })
+            .map(|(port, _)| *port)
+            .collect();
+        let mut cut = 0;
+        for &port in &stale {
+            cut += self.tear_down_exposure(port);
+        }
+        let mut failed = Vec::new();
+        let by = Instant::now() + APPLY_BIND_BUDGET;
+        for e in &st.exposures {
+            if self.exposed.contains_key(&e.port) {
+                continue;
+            }
+            let retry = if stale.contains(&e.port) {
+                REBIND_WAIT
+            } else {
+                Duration::ZERO
+            };
+            if let Err(err) = self.bring_up_exposure(e, retry, by) {
+                warn!("cannot expose pilot port {} → {}: {err}", e.port, e.target);
+                failed.push((e.port, e.generation, err));
+            }
+        }
+        for (port, generation, err) in failed {
+            st.exposures.retain(|e| e.port != port);
+            st.record_failure(generation, err);
+        }
+        cut
+    }
+
+    /// Stops a mapping: listeners, live connections, then our alias.
+    /// Returns how many live connections were cut.
+    pub(super) fn tear_down(&mut self, ip: Ipv4Addr) -> usize {
+        let Some(mut m) = self.running.remove(&ip) else {
+            return 0;
+        };
+        for l in &mut m.listeners {
+            l.stop();
+        }
+        let cut = m.conns.close_all(Duration::from_secs(5));
+        if m.alias_ours {
+            if let Err(e) = self.aliases.remove(ip) {
+                error!("{e}");
+            }
+        }
+        info!("unmapped {ip} → {} ({cut} live connections cut)", m.addr);
+        cut
+    }
+
+    /// Stops accepting on the listeners of `ips`.
+    pub(super) fn stop_listening(&mut self, ips: Vec<Ipv4Addr>) {
+        for (_, m) in self.running.iter_mut().filter(|(ip, _)| ips.contains(ip)) {
+            for l in &mut m.listeners {
+                l.stop();
+            }
+        }
+    }
+
+    /// Makes the exposures of `ports` refuse new connections (a drain).
+    pub(super) fn stop_admitting(&self, ports: &[u16]) {
+        for (_, r) in self.exposed.iter().filter(|(p, _)| ports.contains(p)) {
+            r.engine.stop_admitting();
+        }
+    }
+
+    /// Tears down the mappings `st` no longer wants (after a drain, if
+    /// `unmap --drain` asked for one) and those whose address changed (an
+    /// unmap and a map in one go). Exposures `st` no longer wants are
+    /// drained with them (`unexpose --drain`); `apply_exposures` then stops
+    /// them. Returns how many connections were cut.
+    pub(super) fn retire(&mut self, st: &State) -> usize {
+        let wanted: BTreeSet<Ipv4Addr> = st.mappings.iter().map(|m| m.local_ip).collect();
+        let gone: Vec<Ipv4Addr> = self
+            .running
+            .keys()
+            .filter(|ip| !wanted.contains(ip))
+            .copied()
+            .collect();
+        let unexposed: Vec<u16> = self
+            .exposed
+            .keys()
+            .filter(|p| st.find_exposure(**p).is_none())
+            .copied()
+            .collect();
+        let drain = self.take_drain();
+        self.stop_listening(gone.clone());
+        self.stop_admitting(&unexposed);
+        self.drain(drain);
+        let changed = st.mappings.iter().filter(|m| {
+            self.running
+                .get(&m.local_ip)
+                .is_some_and(|l| l.addr != m.pilot_addr)
+        });
+        let changed: Vec<Ipv4Addr> = changed.map(|m| m.local_ip).collect();
+        gone.into_iter().chain(changed).map(|ip| self.tear_down(ip)).sum()
+    }
+
+    /// Applies state.json to the running set (SIGHUP).
+    pub(super) fn apply(&mut self) {
+        let Ok(_lock) = self.dir.lock().map_err(|e| error!("cannot apply changes: {e}")) else {
+            return;
+        };
+        let mut st = match self.dir.read() {
+            Ok(Some(st)) if st.gateway == self.me => st,
+            Ok(_) => {
+                error!(
+                    "state file no longer names this gateway (pid {}); ignoring SIGHUP",
+                    self.me.pid
+                );
+                return;
+            }
+            Err(e) => {
+                error!("cannot apply changes: {e}");
+                return;
+            }
+        };
+        self.drop_invalid(&mut st);
+        let cut = self.retire(&st) + self.apply_exposures(&mut st);
+        let before = st.mappings.clone();
+        self.plan_aliases(&mut st.mappings);
+        if st.mappings != before {
+            if let Err(e) = self.dir.write(&st) {
+                error!("cannot apply changes: {e}");
+                return;
+            }
+        }
+        let mut failed = Vec::new();
+        for m in st.mappings.iter_mut() {
+            if self.running.contains_key(&m.local_ip) {
+                continue;
+            }
+            let m2 = m.clone();
+            match self.bring_up(&m2) {
+                Ok(()) => {
+                    m.alias_added = self.running.get(&m.local_ip).is_some_and(|l| l.alias_ours);
+                    info!("mapped {} → {}", m.local_ip, m.pilot_addr);
+                }
+                Err(e) => {
+                    warn!("cannot map {} → {}: {e}", m.local_ip, m.pilot_addr);
+                    failed.push((m.local_ip, m.generation, e));
+                }
+            }
+        }
+        for (ip, generation, e) in failed {
+            st.mappings.retain(|m| m.local_ip != ip);
+            st.record_failure(generation, e);
+        }
+        // Whether an alias is ours is what we know, not what the file says.
+        for m in st.mappings.iter_mut() {
+            if let Some(r) = self.running.get(&m.local_ip) {
+                m.alias_added = r.alias_ours;
+            }
+        }
+        st.applied = st.generation;
+        // For `unmap`, which reports how many were cut; written before the
+        // state, whose `applied` is what the command waits for.
+        let note = Value::obj([("generation", Value::from(st.generation)), ("cut", cut.into())]);
+        if let Err(e) = self.dir.write_atomic("applied.json", &format!("{note}\n")) {
+            warn!("{e}");
+        }
+        if let Err(e) = self.dir.write(&st) {
+            error!("cannot record applied changes: {e}");
+        }
+    }
+
+    /// The file is the user's to write: our own subnet, ports and daemon
+    /// uid (from memory) stand, and mappings that fail validation are dropped before
+    /// anything is touched, each failing its generation.
+    pub(super) fn drop_invalid(&self, st: &mut State) {
+        st.subnet = self.subnet;
+        st.ports = self.ports.clone();
+        st.daemon_uid = Some(self.data_path.settings.daemon_uid);
+        let invalid = st.validate(self.subnet);
+        retain_by_index(&mut st.mappings, |index| {
+            invalid
+                .iter()
+                .any(|b| matches!(b.entry, Entry::Mapping { index: i, .. } if i == index))
+        });
+        retain_by_index(&mut st.exposures, |index| {
+            invalid
+                .iter()
+                .any(|b| matches!(b.entry, Entry::Exposure { index: i, .. } if i == index))
+        });
+        for bad in invalid {
+            let what = match bad.entry {
+                Entry::Mapping { .. } => "mapping",
+                Entry::Exposure { .. } => "exposure",
+            };
+            warn!("refusing {what} from the state file: {}", bad.why);
+            st.record_failure(bad.generation, Error::invalid(bad.why));
+        }
+    }
+}
+
+/// Drops from `list` the entries whose index `dropped` names (indices as
+/// they were before any was dropped).
+fn retain_by_index<T>(list: &mut Vec<T>, dropped: impl Fn(usize) -> bool) {
+    let mut index = 0;
+    list.retain(|_| {
+        index += 1;
+        !dropped(index - 1)
+    });
+}

@@ -1,0 +1,263 @@
+//! Start-up: who the gateway runs as, its state directory, what a dead
+//! predecessor left, and the plan of mappings and exposures — all before
+//! anything on the system is touched.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use ipnetwork::Ipv4Network;
+
+use crate::access::AccessLog;
+use crate::address::PilotAddr;
+use crate::alias::{self, Aliases};
+use crate::cli::Target;
+use crate::daemon;
+use crate::error::{Code, Error, Result};
+use crate::ipc::Peer;
+use crate::privilege::{self, Switched};
+use crate::relay::ConnSettings;
+use crate::state::{Entry, Exposed, Mapping, StateDir};
+use crate::subnet::{self};
+use crate::sys::{self};
+use crate::{info, warn};
+
+use super::Config;
+
+/// Learns who serves the daemon socket (its peer credentials, as we are
+/// now: root before any switch), decides whom the gateway runs as, and
+/// opens (creating) the state directory. Used by the gateway and by the
+/// `start` that spawns it, so both refuse the same things before touching
+/// anything: a daemon that is not one we may use (`privilege::target_user`),
+/// and for a root start a directory owned by a user who is neither root
+/// nor the gateway's user (that user's gateway, or a directory planted
+/// for us).
+pub fn prepare_state_dir(cfg: &Config) -> Result<(StateDir, Option<sys::user::User>, Peer)> {
+    let daemon = daemon::identify(&cfg.socket, &cfg.socket_source, connect_budget(cfg))?;
+    let user = privilege::target_user(
+        cfg.user.as_deref(),
+        cfg.no_user_switch,
+        &cfg.socket,
+        cfg.socket_searched,
+        daemon,
+    )?;
+    let dir = StateDir::open(&cfg.state_dir, true)?;
+    let owner = dir.owner().0;
+    if owner != sys::user::euid() && owner != 0 && user.as_ref().map(|u| u.uid) != Some(owner) {
+        let who = sys::user::user_by_uid(owner).map_or_else(|| format!("uid {owner}"), |u| u.name);
+        return Err(Error::new(
+            Code::PermissionDenied,
+            format!(
+                "state directory {} belongs to {who}, who is not the user this gateway would run as",
+                cfg.state_dir.display()
+            ),
+        )
+        .hint(format!(
+            "stop that user's gateway, or remove {} (after checking what is in it), or pass --state-dir DIR",
+            cfg.state_dir.display()
+        )));
+    }
+    Ok((dir, user, daemon))
+}
+
+/// The budget of a start's exchanges with the daemon.
+pub(super) fn connect_budget(cfg: &Config) -> Duration {
+    cfg.dial_timeout.max(Duration::from_secs(2))
+}
+
+/// Opens the state directory and, when we should run as another user,
+/// gives it to that user and switches. No thread exists yet, which the
+/// switch needs (capabilities are per thread).
+pub(super) fn open_state_dir_as_user(cfg: &Config) -> Result<(StateDir, Option<Switched>, Peer)> {
+    let (mut dir, user, daemon) = prepare_state_dir(cfg)?;
+    let Some(user) = user else {
+        return Ok((dir, None, daemon));
+    };
+    dir.chown(user.uid, user.gid)?;
+    let switched = privilege::switch_to(&user)?;
+    info!(
+        "running as {} with capabilities {}",
+        user.name,
+        privilege::KEPT.join(",")
+    );
+    Ok((dir, Some(switched), daemon))
+}
+
+/// Refuses to start beside a live gateway; after a dead one, removes the
+/// aliases it recorded — only where it is safe (see `alias::stale_alias_label`) —
+/// and its files. Returns the aliases removed. Runs after the switch to
+/// the gateway's user, with only its two capabilities.
+pub(super) fn clean_up_after_dead_gateway(
+    dir: &StateDir,
+    aliases: &Aliases,
+    subnet: Ipv4Network,
+) -> Result<Vec<String>> {
+    let Some(prev) = dir.read()? else {
+        return Ok(Vec::new());
+    };
+    if prev.gateway.is_alive() {
+        return Err(Error::new(
+            Code::AlreadyExists,
+            format!("a gateway is already running (pid {})", prev.gateway.pid),
+        )
+        .hint("stop it first: pilot-gateway stop"));
+    }
+    let invalid: BTreeSet<Ipv4Addr> = prev
+        .validate(prev.subnet)
+        .iter()
+        .filter_map(|b| match b.entry {
+            Entry::Mapping { local_ip, .. } => Some(local_ip),
+            Entry::Exposure { .. } => None,
+        })
+        .collect();
+    let mut cleaned = Vec::new();
+    for m in prev.mappings.iter().filter(|m| m.alias_added) {
+        if !subnet::is_local_address(m.local_ip).unwrap_or(true) {
+            continue; // already gone
+        }
+        let label = if invalid.contains(&m.local_ip) {
+            Err(format!(
+                "it is not valid in the old state's subnet {}",
+                prev.subnet
+            ))
+        } else {
+            alias::stale_alias_label(subnet, m.local_ip, &aliases.label)
+        };
+        let label = match label {
+            Ok(label) => label,
+            Err(why) => {
+                warn!(
+                    "left address {} alone: the old state file says the gateway added it, but {why}",
+                    m.local_ip
+                );
+                continue;
+            }
+        };
+        match aliases.remove_labelled(m.local_ip, &label) {
+            Ok(()) => cleaned.push(m.local_ip.to_string()),
+            Err(e) => warn!("could not remove leftover alias {}: {e}", m.local_ip),
+        }
+    }
+    let removed = if cleaned.is_empty() {
+        "none".to_string()
+    } else {
+        cleaned.join(", ")
+    };
+    info!(
+        "cleaned up after gateway pid {} that exited without cleanup (aliases removed: {removed})",
+        prev.gateway.pid
+    );
+    dir.remove("state.json");
+    dir.remove("stats.json");
+    Ok(cleaned)
+}
+
+/// Asks the daemon about every target and allocates local IPs, before
+/// anything on the system is touched. Returns the mappings and the trust
+/// warnings.
+pub(super) fn plan_mappings(
+    cfg: &Config,
+    targets: &[Target],
+    daemon_uid: u32,
+) -> Result<(Vec<Mapping>, Vec<String>)> {
+    let (mut session, _) = daemon::probe(
+        &cfg.socket,
+        &cfg.socket_source,
+        connect_budget(cfg),
+        Some(daemon_uid),
+    )?;
+    let mut used = BTreeSet::new();
+    for ip in targets.iter().filter_map(|t| t.ip) {
+        if !subnet::is_assignable(cfg.subnet, ip) {
+            subnet::parse_local_ip(&ip.to_string(), cfg.subnet)?;
+        }
+        if !used.insert(ip) {
+            return Err(Error::new(
+                Code::AlreadyExists,
+                format!("local IP {ip} is given twice"),
+            ));
+        }
+    }
+    let mut mappings: Vec<Mapping> = Vec::new();
+    for t in targets {
+        let (addr, hostname) = daemon::resolve_target(Some(&mut session), &t.name)?;
+        if let Some(m) = mappings.iter().find(|m| m.pilot_addr == addr) {
+            if t.ip.is_some_and(|ip| ip != m.local_ip) {
+                return Err(Error::new(
+                    Code::AlreadyExists,
+                    format!("{addr} is given twice with different local IPs"),
+                ));
+            }
+            continue; // the same address twice maps once
+        }
+        let local_ip = match t.ip {
+            Some(ip) => ip,
+            None => {
+                let ip = subnet::next_free(cfg.subnet, &used)?;
+                used.insert(ip);
+                ip
+            }
+        };
+        mappings.push(Mapping {
+            local_ip,
+            pilot_addr: addr,
+            hostname,
+            alias_added: false,
+            generation: 0,
+        });
+    }
+    let addrs: Vec<PilotAddr> = mappings.iter().map(|m| m.pilot_addr).collect();
+    let warnings = if addrs.is_empty() {
+        Vec::new()
+    } else {
+        daemon::trust_warnings(&mut session, &addrs)
+    };
+    Ok((mappings, warnings))
+}
+
+/// The `--expose` requests as state entries: `--allow` hostnames resolved
+/// through the daemon now, before any thread exists.
+pub(super) fn plan_exposures(cfg: &Config, daemon_uid: u32) -> Result<Vec<Exposed>> {
+    let mut out: Vec<Exposed> = Vec::new();
+    for e in &cfg.exposures {
+        if out.iter().any(|x| x.port == e.port) {
+            return Err(Error::new(
+                Code::AlreadyExists,
+                format!("pilot port {} is given twice in --expose", e.port),
+            ));
+        }
+        let allow = match &e.allow {
+            Some(peers) => Some(daemon::resolve_peers(&cfg.socket, peers, Some(daemon_uid))?),
+            None => None,
+        };
+        out.push(Exposed {
+            port: e.port,
+            target: e.target,
+            allow,
+            allow_remote_target: e.allow_remote_target,
+            generation: 0,
+        });
+    }
+    Ok(out)
+}
+
+pub(super) fn open_access_log(cfg: &Config) -> Result<Option<AccessLog>> {
+    let Some((path, format)) = &cfg.access_log else {
+        return Ok(None);
+    };
+    AccessLog::open(path, *format).map(Some).map_err(|e| {
+        Error::io(format!("cannot open access log {path}"), &e).hint("check the path and its permissions")
+    })
+}
+
+pub(super) fn conn_settings(cfg: &Config, max_conns: usize, daemon_uid: u32) -> ConnSettings {
+    ConnSettings {
+        daemon_socket: cfg.socket.clone(),
+        daemon_uid,
+        max_conns,
+        dial_timeout: cfg.dial_timeout,
+        idle_timeout: cfg.idle_timeout,
+        half_closed_timeout: cfg.half_closed_timeout,
+        allow_remote: cfg.allow_remote,
+    }
+}
