@@ -40,6 +40,7 @@ pub mod json;
 pub mod log;
 #[allow(unsafe_code)]
 pub mod privilege;
+pub mod proxy;
 pub mod state;
 pub mod subnet;
 #[allow(unsafe_code)]
