@@ -241,6 +241,15 @@ impl Health {
         }
     }
 
+    /// Whether the checking thread finished a check within `d`; asks for
+    /// the next one without waiting (the watchdog's proof that it lives).
+    pub fn answered_within(&self, d: Duration) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.wanted = true;
+        self.changed.notify_all();
+        st.checked.is_some_and(|t| t.elapsed() <= d)
+    }
+
     /// Asks for a fresh check and waits for it at most `wait`; returns the
     /// last known health with `checked_secs_ago` (absent if never checked).
     pub fn current(&self, wait: Duration) -> Value {

@@ -27,6 +27,7 @@ pub mod expose;
 pub mod gateway;
 pub mod limits;
 pub mod listener;
+pub mod notify;
 pub mod relay;
 pub mod stats;
 

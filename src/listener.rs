@@ -65,6 +65,11 @@ impl Listener {
         self.thread.is_none()
     }
 
+    /// Whether the accept thread still runs (for systemd's watchdog).
+    pub fn is_alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Stops accepting and waits for the accept thread.
     pub fn stop(&mut self) {
         self.stopping.store(true, Relaxed);

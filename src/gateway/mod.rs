@@ -36,6 +36,7 @@ use crate::expose::{self, Exposure};
 use crate::json::Value;
 use crate::limits;
 use crate::listener::{self, Listener};
+use crate::notify::Notifier;
 use crate::privilege::Switched;
 use crate::relay::{Connections, DataPath};
 use crate::state::{self, Exposed, Mapping, State, StateDir};
@@ -175,6 +176,8 @@ const REBIND_WAIT: Duration = Duration::from_secs(3);
 const APPLY_BIND_BUDGET: Duration = Duration::from_secs(4);
 /// Bound on each exposure's Bind at start-up.
 const START_BIND_WAIT: Duration = Duration::from_secs(10);
+/// The main thread's longest wait for a signal (shorter with a watchdog).
+const SIGNAL_WAIT: Duration = Duration::from_secs(5);
 
 /// The running process: what runs, and what it needs to change it.
 struct Gateway {
@@ -194,12 +197,16 @@ struct Gateway {
     health: Option<Arc<daemon::Health>>,
     /// Descriptors left for listeners (see [`limits::fit_max_conns`]).
     listener_room: u64,
+    /// systemd's notification socket, when it started us (`Type=notify`).
+    notify: Option<Notifier>,
 }
 
 /// Runs the gateway until SIGTERM/SIGINT. `ready` is called once every
 /// alias and listener is up; errors before that are returned, with
 /// everything undone.
 pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) -> Result<()> {
+    // Before any thread: it takes NOTIFY_SOCKET out of the environment.
+    let notify = Notifier::from_env();
     // First, so that a SIGHUP from a fast `map` never hits the default action.
     let signals = Signals::install(&[
         libc::SIGHUP,
@@ -239,6 +246,7 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         max_conns_requested: cfg.max_conns,
         health: None,
         listener_room,
+        notify,
     };
     let st = gw.start_up(&cfg, (mappings, exposures), switched.as_ref())?;
     drop(lock);
@@ -272,6 +280,10 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         capabilities: switched.map(|s| s.capabilities).unwrap_or_default(),
         socket: cfg.socket,
     });
+    let status = gw.status_line();
+    if let Some(n) = &mut gw.notify {
+        n.ready(status);
+    }
     gw.serve(&signals);
     Ok(())
 }
@@ -329,6 +341,35 @@ impl Gateway {
         Ok(st)
     }
 
+    /// What systemd shows for the unit (`systemctl status`).
+    fn status_line(&self) -> String {
+        format!(
+            "{} mappings, {} exposures, {} connections",
+            self.running.len(),
+            self.exposed.len(),
+            self.data_path.active.load(Relaxed)
+        )
+    }
+
+    /// Keeps systemd's view current: the status line when it changed, and
+    /// a watchdog ping while every accept loop runs and the daemon health
+    /// thread still answers (a check requested at one ping must have been
+    /// done by the next).
+    fn tell_systemd(&mut self) {
+        let status = self.status_line();
+        let Some(n) = &mut self.notify else { return };
+        n.status(status);
+        let (running, health) = (&self.running, &self.health);
+        let within = n.watchdog_period().unwrap_or_default() + daemon::HEALTH_TIMEOUT;
+        n.watchdog(|| {
+            let listening = running
+                .values()
+                .flat_map(|m| &m.listeners)
+                .all(Listener::is_alive);
+            listening && health.as_ref().is_some_and(|h| h.answered_within(within))
+        });
+    }
+
     /// The main thread from here on: waits for signals and answers them,
     /// until SIGTERM/SIGINT has stopped everything.
     fn serve(&mut self, signals: &Signals) {
@@ -342,9 +383,20 @@ impl Gateway {
                 trimmed_at = finished;
             }
             last_seen = finished;
-            for sig in signals.wait(Duration::from_secs(5)) {
+            self.tell_systemd();
+            let wait = self.notify.as_ref().and_then(Notifier::watchdog_period);
+            for sig in signals.wait(wait.map_or(SIGNAL_WAIT, |w| w.min(SIGNAL_WAIT))) {
                 match sig {
-                    libc::SIGHUP => self.apply(),
+                    libc::SIGHUP => {
+                        if let Some(n) = &self.notify {
+                            n.reloading();
+                        }
+                        self.apply();
+                        let status = self.status_line();
+                        if let Some(n) = &mut self.notify {
+                            n.ready(status);
+                        }
+                    }
                     libc::SIGUSR2 => self.write_stats(),
                     libc::SIGUSR1 => {
                         if let Some(a) = &self.data_path.access {
@@ -353,6 +405,9 @@ impl Gateway {
                     }
                     libc::SIGTERM | libc::SIGINT => {
                         info!("stopping (signal {sig})");
+                        if let Some(n) = &self.notify {
+                            n.send("STOPPING=1");
+                        }
                         let drain = self.take_drain();
                         self.stop_listening(self.running.keys().copied().collect());
                         self.stop_admitting(&self.exposed.keys().copied().collect::<Vec<_>>());
