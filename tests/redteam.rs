@@ -16,24 +16,22 @@ use common::*;
 
 /// Runs `script` (bash) in a private mount and pid namespace, inside the
 /// calling thread's network namespace, with a private tmpfs on /tmp
-/// (mode 1777, like the real one) and on /run (0755). `$GW`, `$DEVD` and
-/// `$NB` (the prefix that runs a program as nobody) are set. Everything
+/// (mode 1777, like the real one: [`private_tmp_shell`]) and on /run
+/// (0755). `$GW`, `$DEVD` and `$NB` (the prefix that runs a program as
+/// nobody) are set. Everything
 /// the script starts is killed when it ends (it is the namespace's init).
 /// Returns its stdout and stderr, each under a heading.
 fn in_private_namespaces(script: &str) -> String {
     let prelude = format!(
         r#"set -u
-GW={gw}; DEVD={devd}
-NB="setpriv --reuid=65534 --regid=65534 --clear-groups"
-mount -t tmpfs -o mode=1777 tmpfs /tmp || exit 90
+{tmp}NB="setpriv --reuid=65534 --regid=65534 --clear-groups"
 mount -t tmpfs -o mode=0755 tmpfs /run || exit 90
 unset HOME XDG_RUNTIME_DIR PILOT_SOCKET PILOT_HOME PILOT_GATEWAY_STATE_DIR
 waitsock() {{ i=0; while [ ! -S "$1" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; }}
 # GET over bash's /dev/tcp; prints the body's marker word, if any
 fetch() {{ timeout 5 bash -c "exec 3<>/dev/tcp/$1/$2; printf 'GET / HTTP/1.0\r\n\r\n' >&3; cat <&3" 2>/dev/null | grep -o 'AGENT-[A-Z]*' | head -1; }}
 "#,
-        gw = GATEWAY,
-        devd = DEVD
+        tmp = private_tmp_shell()
     );
     let mut child = Command::new("timeout")
         .args(["-s", "KILL", "170"])

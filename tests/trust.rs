@@ -290,11 +290,10 @@ fn a_squatted_default_socket_is_not_trusted_by_root() {
     netns();
     let script = format!(
         r#"
-mount -t tmpfs -o mode=1777 tmpfs /tmp || exit 90
-setpriv --reuid=65534 --regid=65534 --clear-groups {devd} --socket /tmp/pilot.sock --any-uid --route {a4}=127.0.0.1 2>/dev/null &
+{tmp}setpriv --reuid=65534 --regid=65534 --clear-groups "$DEVD" --socket /tmp/pilot.sock --any-uid --route {a4}=127.0.0.1 2>/dev/null &
 squatter=$!
 i=0; while [ ! -S /tmp/pilot.sock ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
-run() {{ echo "== $*"; env -u HOME -u XDG_RUNTIME_DIR -u PILOT_SOCKET -u PILOT_HOME -u PILOT_GATEWAY_STATE_DIR timeout -s KILL 20 {gw} --state-dir /tmp/state "$@" 2>&1; echo "rc=$?"; }}
+run() {{ echo "== $*"; env -u HOME -u XDG_RUNTIME_DIR -u PILOT_SOCKET -u PILOT_HOME -u PILOT_GATEWAY_STATE_DIR timeout -s KILL 20 "$GW" --state-dir /tmp/state "$@" 2>&1; echo "rc=$?"; }}
 run start --foreground --ports 8080 {a4}
 run start --foreground --no-user-switch --ports 8080 {a4}
 run start --foreground --user daemon --ports 8080 {a4}
@@ -303,8 +302,7 @@ run start --user nobody --ports 8080 {a4}
 run stop
 kill $squatter; wait
 "#,
-        devd = DEVD,
-        gw = GATEWAY,
+        tmp = private_tmp_shell(),
         a4 = A4
     );
     let out = Command::new("unshare")

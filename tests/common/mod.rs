@@ -77,6 +77,25 @@ pub fn devd_as_nobody(dir: &TempDir, args: &[&str]) -> (PathBuf, Proc) {
     (socket, p)
 }
 
+/// Shell lines (sh or bash) for a script already in a private mount
+/// namespace: a private tmpfs on /tmp (mode 1777, like the real one), with
+/// `$GW` and `$DEVD` set to copies of the two binaries inside it. The build
+/// tree may itself live under /tmp (a clone there), which the mount hides:
+/// so both binaries are held open first and copied from those descriptors.
+pub fn private_tmp_shell() -> String {
+    format!(
+        r#"exec 8<'{gw}' 9<'{devd}' || exit 91
+mount -t tmpfs -o mode=1777 tmpfs /tmp || exit 90
+mkdir -m 0755 /tmp/.pgw-bin && cp /proc/self/fd/8 /tmp/.pgw-bin/pilot-gateway && cp /proc/self/fd/9 /tmp/.pgw-bin/pilot-devd || exit 91
+chmod 0755 /tmp/.pgw-bin/pilot-gateway /tmp/.pgw-bin/pilot-devd
+exec 8<&- 9<&-
+GW=/tmp/.pgw-bin/pilot-gateway; DEVD=/tmp/.pgw-bin/pilot-devd
+"#,
+        gw = GATEWAY,
+        devd = DEVD
+    )
+}
+
 /// Addresses on `lo`, as `ip -4 addr show dev lo` lists them.
 pub fn lo_addrs() -> String {
     run_ok("ip", &["-4", "addr", "show", "dev", "lo"])
