@@ -3,7 +3,7 @@ CARGO ?= cargo
 PREFIX ?= /usr/local
 DESTDIR ?=
 
-.PHONY: build test deps lint demo static bench fuzz clean install uninstall install-pilotctl-link
+.PHONY: build test deps lint demo static dist bench fuzz clean install uninstall install-pilotctl-link
 
 build:
 	$(CARGO) build --release
@@ -30,11 +30,20 @@ demo:
 	bash scripts/deps.sh demo
 	bash scripts/demo.sh
 
-# A statically linked, stripped binary: musl (scripts/static.sh adds the
-# x86_64-unknown-linux-musl target with rustup when it is missing), else,
-# with a loud warning, static glibc. STATIC_TARGET=TRIPLE picks one.
+# Statically linked, stripped binaries, each < 1 MiB, with no C cross
+# toolchain (musl from rustup, rust-lld, std rebuilt by nightly without its
+# backtrace symbolizer; see scripts/static.sh): by default x86_64 and
+# aarch64, into target/TRIPLE/static/pilot-gateway, each printed with its
+# size. STATIC_TARGETS="TRIPLE …" picks a subset.
+STATIC_TARGETS ?= x86_64-unknown-linux-musl aarch64-unknown-linux-musl
 static:
-	STATIC_TARGET="$(STATIC_TARGET)" CARGO="$(CARGO)" bash scripts/static.sh
+	STATIC_TARGETS="$(STATIC_TARGETS)" bash scripts/static.sh
+
+# Release tarballs (binary, man page, unit, /etc/default example, README,
+# LICENSE) and SHA256SUMS in target/dist, byte-for-byte reproducible
+# (SOURCE_DATE_EPOCH, default: the last commit's time). See scripts/dist.sh.
+dist:
+	STATIC_TARGETS="$(STATIC_TARGETS)" bash scripts/dist.sh
 
 # Fuzz each target for FUZZ_SECONDS (cargo-fuzz and the nightly toolchain).
 FUZZ_SECONDS ?= 60
@@ -48,19 +57,35 @@ fuzz:
 bench:
 	bash scripts/bench.sh
 
-# Installation, honouring PREFIX and DESTDIR. `uninstall` removes exactly
-# what `install` (and `install-pilotctl-link`) put there.
+# Installation, honouring PREFIX and DESTDIR: this machine's static binary
+# (built first: cargo rebuilds only what changed), or with DYNAMIC=1 the
+# glibc release build; the man page; the unit; and the example
+# /etc/default/pilot-gateway, never over an existing one. `uninstall`
+# removes exactly what `install` (and `install-pilotctl-link`) put there,
+# the default file only while it is still the unchanged example.
 BINDIR := $(PREFIX)/bin
 MANDIR := $(PREFIX)/share/man/man8
 UNITDIR := $(PREFIX)/lib/systemd/system
+SYSCONFDIR ?= /etc
+DEFAULTS := $(DESTDIR)$(SYSCONFDIR)/default/pilot-gateway
+HOST_STATIC := $(shell uname -m)-unknown-linux-musl
+ifeq ($(DYNAMIC),)
+GATEWAY_BIN ?= target/$(HOST_STATIC)/static/pilot-gateway
+BUILD_GATEWAY ?= STATIC_TARGETS=$(HOST_STATIC) bash scripts/static.sh
+else
 GATEWAY_BIN ?= target/release/pilot-gateway
+BUILD_GATEWAY ?= $(CARGO) build --release
+endif
 
-install: build
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR) $(DESTDIR)$(UNITDIR)
+install:
+	$(BUILD_GATEWAY)
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/default
 	install -m 0755 $(GATEWAY_BIN) $(DESTDIR)$(BINDIR)/pilot-gateway
 	install -m 0644 doc/pilot-gateway.8 $(DESTDIR)$(MANDIR)/pilot-gateway.8
 	sed 's|@BINDIR@|$(BINDIR)|g' dist/pilot-gateway.service > $(DESTDIR)$(UNITDIR)/pilot-gateway.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/pilot-gateway.service
+	if [ -e $(DEFAULTS) ] || [ -L $(DEFAULTS) ]; then echo "kept $(DEFAULTS)"; \
+	else install -m 0644 dist/pilot-gateway.default $(DEFAULTS); fi
 
 # A `pilotctl` link for scripts that call `pilotctl gateway …` (only on request:
 # it would shadow a real pilotctl).
@@ -70,6 +95,7 @@ install-pilotctl-link:
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/pilot-gateway $(DESTDIR)$(MANDIR)/pilot-gateway.8 $(DESTDIR)$(UNITDIR)/pilot-gateway.service
+	if [ -f $(DEFAULTS) ] && ! [ -L $(DEFAULTS) ] && cmp -s $(DEFAULTS) dist/pilot-gateway.default; then rm -f $(DEFAULTS); fi
 	if [ "$$(readlink $(DESTDIR)$(BINDIR)/pilotctl 2>/dev/null)" = pilot-gateway ]; then rm -f $(DESTDIR)$(BINDIR)/pilotctl; fi
 
 clean:

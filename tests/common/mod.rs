@@ -96,6 +96,31 @@ GW=/tmp/.pgw-bin/pilot-gateway; DEVD=/tmp/.pgw-bin/pilot-devd
     )
 }
 
+/// The static binary for `triple` (target/TRIPLE/static/pilot-gateway),
+/// built or brought up to date by scripts/static.sh (cargo rebuilds only
+/// what changed), once per test process.
+pub fn static_binary(triple: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if !built.iter().any(|t| t == triple) {
+        let out = Command::new("bash")
+            .arg(root.join("scripts/static.sh"))
+            .env("STATIC_TARGETS", triple)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/static.sh {triple}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        built.push(triple.to_string());
+    }
+    root.join("target").join(triple).join("static/pilot-gateway")
+}
+
 /// Addresses on `lo`, as `ip -4 addr show dev lo` lists them.
 pub fn lo_addrs() -> String {
     run_ok("ip", &["-4", "addr", "show", "dev", "lo"])
@@ -284,30 +309,23 @@ impl Gw {
     pub fn foreground_with(&self, dir: &TempDir, args: &[&str], prepare: impl FnOnce(&mut Command)) -> Proc {
         let mut c = self.cmd();
         prepare(&mut c);
-        c.args(["start", "--foreground"])
+        c.args(["start", "--foreground"]).args(args);
+        await_running(Proc::spawn(c.stdout(Stdio::piped()), dir.path("gateway.log")))
+    }
+
+    /// A foreground gateway run by `program` (e.g. another build of it,
+    /// or an emulator with that build as its first argument).
+    pub fn foreground_via(&self, dir: &TempDir, program: &[&Path], args: &[&str]) -> Proc {
+        let mut c = Command::new(program[0]);
+        c.args(&program[1..])
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["start", "--foreground"])
             .args(args)
-            .stdout(Stdio::piped());
-        let mut p = Proc::spawn(&mut c, dir.path("gateway.log"));
-        let mut stdout = p.child.stdout.take().unwrap();
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !String::from_utf8_lossy(&seen).contains("gateway running") {
-            assert!(Instant::now() < deadline, "gateway not ready: {}", p.stderr());
-            match stdout.read(&mut buf) {
-                Ok(0) | Err(_) => panic!("gateway exited: {}{}", String::from_utf8_lossy(&seen), p.stderr()),
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
-        }
-        // Keep draining stdout so the gateway never blocks on it.
-        thread::spawn(move || {
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-            }
-        });
-        p
+            .stdin(Stdio::null());
+        await_running(Proc::spawn(c.stdout(Stdio::piped()), dir.path("gateway.log")))
     }
 
     /// Runs `--json ARGS`, which must succeed; returns the `data` object.
@@ -336,6 +354,31 @@ impl Drop for Gw {
             let _ = self.cmd().arg("stop").output();
         }
     }
+}
+
+/// Waits (bounded) for a foreground gateway's "gateway running" report on
+/// its piped stdout, then keeps draining it so it never blocks.
+pub fn await_running(mut p: Proc) -> Proc {
+    let mut stdout = p.child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !String::from_utf8_lossy(&seen).contains("gateway running") {
+        assert!(Instant::now() < deadline, "gateway not ready: {}", p.stderr());
+        match stdout.read(&mut buf) {
+            Ok(0) | Err(_) => panic!("gateway exited: {}{}", String::from_utf8_lossy(&seen), p.stderr()),
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    // Keep draining stdout so the gateway never blocks on it.
+    thread::spawn(move || {
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    p
 }
 
 /// The `data` of a `{"status":"ok","data":…}` reply.
