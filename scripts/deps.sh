@@ -20,6 +20,10 @@ test)
     have make || need+=(make)
     have curl || need+=(curl)
     [ -x /usr/bin/chromium ] || need+=(chromium)
+    # tests/qemu.rs runs the aarch64 static binary under qemu-user
+    # (skipped without it); tests/dist.rs checks the unit with
+    # systemd-analyze when present.
+    [ -x /usr/bin/qemu-aarch64-static ] || need+=(qemu-user-static)
     ;;
 demo)
     have ip || need+=(iproute2)

@@ -64,7 +64,10 @@ fn the_aarch64_binary_relays_frees_and_stops_under_qemu() {
     let freed_after = |close: &dyn Fn(std::net::TcpStream)| {
         let mut s = connect("10.4.0.1:8080");
         assert!(still_echoes(&mut s));
-        assert!(proc_field(p.pid(), "Threads:") > base, "a connection has its threads");
+        assert!(
+            proc_field(p.pid(), "Threads:") > base,
+            "a connection has its threads"
+        );
         close(s);
         let closed = Instant::now();
         assert!(
@@ -76,7 +79,10 @@ fn the_aarch64_binary_relays_frees_and_stops_under_qemu() {
     };
     let reset = freed_after(&|s| {
         use std::os::fd::AsRawFd;
-        let l = libc::linger { l_onoff: 1, l_linger: 0 };
+        let l = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
         // SAFETY: setsockopt on a socket we own, with a linger struct.
         unsafe {
             libc::setsockopt(
@@ -88,7 +94,10 @@ fn the_aarch64_binary_relays_frees_and_stops_under_qemu() {
             )
         };
     });
-    assert!(reset < Duration::from_secs(1), "a reset client freed after {reset:?}");
+    assert!(
+        reset < Duration::from_secs(1),
+        "a reset client freed after {reset:?}"
+    );
     // A client that closes with FIN reads like a half-close; natively the
     // gateway asks the kernel (sock_diag) and frees it at once. qemu-user
     // emulates no NETLINK_SOCK_DIAG socket (only NETLINK_ROUTE, _AUDIT and
@@ -96,7 +105,10 @@ fn the_aarch64_binary_relays_frees_and_stops_under_qemu() {
     let fin = freed_after(&|s| {
         s.shutdown(Shutdown::Both).unwrap();
     });
-    assert!(fin < Duration::from_secs(4), "a closed client freed after {fin:?}");
+    assert!(
+        fin < Duration::from_secs(4),
+        "a closed client freed after {fin:?}"
+    );
     eprintln!("freed {reset:?} after a reset, {fin:?} after a close");
 
     // SIGTERM: a clean exit that removes the alias and the state file.

@@ -27,7 +27,11 @@ fn every_static_binary_is_static_stripped_and_under_one_mib() {
         let bin = static_binary(t);
         let elf = std::fs::read(&bin).unwrap();
         let size = elf.len() as u64;
-        eprintln!("{} {size} bytes ({} KiB under 1 MiB)", bin.display(), (LIMIT - size.min(LIMIT)) / 1024);
+        eprintln!(
+            "{} {size} bytes ({} KiB under 1 MiB)",
+            bin.display(),
+            (LIMIT - size.min(LIMIT)) / 1024
+        );
         assert!(size < LIMIT, "{}: {size} bytes, over 1 MiB", bin.display());
         let phdrs = program_headers(&elf);
         const PT_INTERP: u32 = 3;
