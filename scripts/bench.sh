@@ -8,19 +8,16 @@ if [ -z "${PGW_BENCH_INSIDE:-}" ]; then
     cargo build --release --quiet --bins --example bench
     # The binary we ship for small hosts (`make static`, musl) is measured
     # beside the glibc release build: their idle cost per connection
-    # differs (see src/relay.rs THREAD_STACK). Without the musl target the
+    # differs (see src/relay.rs THREAD_STACK). When it cannot be built the
     # bench says "not built" for its rows.
     musl=x86_64-unknown-linux-musl
     static_bin=
-    if rustup target list --installed 2>/dev/null | grep -qx "$musl"; then
-        # Its output (warnings included) only when it fails.
-        if out=$(RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet \
-            --profile static --target "$musl" --bin pilot-gateway 2>&1); then
-            static_bin=target/$musl/static/pilot-gateway
-        else
-            echo "$out" >&2
-            echo "note: the static musl build failed: its rows say not built" >&2
-        fi
+    # Its output (warnings included) only when it fails.
+    if out=$(STATIC_TARGETS=$musl bash scripts/static.sh 2>&1); then
+        static_bin=target/$musl/static/pilot-gateway
+    else
+        echo "$out" >&2
+        echo "note: the static musl build failed: its rows say not built" >&2
     fi
     exec env PGW_BENCH_INSIDE=1 BENCH_STATIC_BIN="$static_bin" unshare --net bash "$0"
 fi
