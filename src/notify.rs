@@ -11,6 +11,7 @@
 //! | `READY=1`                        | … and is done                          |
 //! | `STOPPING=1`                     | SIGTERM/SIGINT: stopping begins        |
 //! | `WATCHDOG=1`                     | every half `WATCHDOG_USEC`, while alive|
+//! | `WATCHDOG_USEC=`                 | longer for a drain's wait, then back   |
 //!
 //! A name starting with `@` is an abstract socket (Linux), the `@` standing
 //! for the leading NUL byte. The variables are removed from our
@@ -104,6 +105,27 @@ impl Notifier {
         }
         if alive() {
             self.send("WATCHDOG=1");
+            self.last_ping = Some(Instant::now());
+        }
+    }
+}
+
+impl Notifier {
+    /// Before the main thread blocks for up to `d` (a drain, which pings
+    /// nothing meanwhile): systemd's watchdog timeout grows by `d` for that
+    /// long (`WATCHDOG_USEC=`, systemd ≥ 236), so a drain is not taken for
+    /// a hang. [`Notifier::watchdog_back`] restores it.
+    pub fn watchdog_stretch(&self, d: Duration) {
+        if let Some(period) = self.watchdog {
+            let usec = (period * 2 + d).as_micros();
+            self.send(&format!("WATCHDOG_USEC={usec}\nWATCHDOG=1"));
+        }
+    }
+
+    /// The usual watchdog timeout again, with a ping.
+    pub fn watchdog_back(&mut self) {
+        if let Some(period) = self.watchdog {
+            self.send(&format!("WATCHDOG_USEC={}\nWATCHDOG=1", (period * 2).as_micros()));
             self.last_ping = Some(Instant::now());
         }
     }

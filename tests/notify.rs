@@ -95,7 +95,8 @@ fn readiness_on_an_abstract_socket() {
 }
 
 /// WATCHDOG_USEC=400000: a ping at least every 200 ms or so while the
-/// gateway is healthy; nothing once it is stopping.
+/// gateway is healthy, a longer timeout for the length of a drain, and no
+/// pings for a WATCHDOG_PID that is not ours.
 #[test]
 fn watchdog_pings_while_alive() {
     netns();
@@ -116,6 +117,19 @@ fn watchdog_pings_while_alive() {
     }
     // Five pings at a 200 ms period: about a second, never the 5 s wait.
     assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+
+    // A drain holds the main thread (no pings): the watchdog's timeout is
+    // stretched by the drain's length first, and restored after it.
+    let _agent = Service::start(8080, echo);
+    gw.ok(&["map", A5]);
+    let mut held = connect("10.4.0.2:8080");
+    assert!(still_echoes(&mut held));
+    let g2 = Gw::handle(gw.state.clone(), gw.socket.clone());
+    let unmap = std::thread::spawn(move || g2.ok(&["unmap", "--drain", "2", "10.4.0.2"]));
+    until(&sock, "WATCHDOG_USEC=2400000", Duration::from_secs(10));
+    let back = until(&sock, "WATCHDOG_USEC=400000", Duration::from_secs(10));
+    assert!(back.last().unwrap().contains("WATCHDOG=1"), "{back:?}");
+    unmap.join().unwrap();
     // A WATCHDOG_PID naming another process: no pings for us.
     p.signal(libc::SIGTERM);
     assert!(p.wait_exit(Duration::from_secs(20)).is_some());

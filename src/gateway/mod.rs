@@ -433,10 +433,20 @@ impl Gateway {
     /// `--drain`: lets the live connections (of mappings whose listeners
     /// have stopped, and of exposures that no longer admit) finish for up
     /// to `wait` in all.
-    fn drain(&self, wait: Duration) {
+    fn drain(&mut self, wait: Duration) {
         if wait.is_zero() {
             return;
         }
+        if let Some(n) = &self.notify {
+            n.watchdog_stretch(wait);
+        }
+        self.drain_for(wait);
+        if let Some(n) = &mut self.notify {
+            n.watchdog_back();
+        }
+    }
+
+    fn drain_for(&self, wait: Duration) {
         let deadline = Instant::now() + wait;
         for m in self
             .running
