@@ -69,6 +69,10 @@ UNITDIR := $(PREFIX)/lib/systemd/system
 SYSCONFDIR ?= /etc
 DEFAULTS := $(DESTDIR)$(SYSCONFDIR)/default/pilot-gateway
 HOST_STATIC := $(shell uname -m)-unknown-linux-musl
+# The static build is Linux's (musl); elsewhere the release build.
+ifneq ($(shell uname -s),Linux)
+DYNAMIC ?= 1
+endif
 ifeq ($(DYNAMIC),)
 GATEWAY_BIN ?= target/$(HOST_STATIC)/static/pilot-gateway
 BUILD_GATEWAY ?= STATIC_TARGETS=$(HOST_STATIC) bash scripts/static.sh
