@@ -19,8 +19,9 @@
 # rust-src component and the stable musl targets are added when missing).
 # armv7 (armv7-unknown-linux-musleabihf): rustup has no musl component for
 # it (stable and nightly answer 404), and -Zbuild-std still needs musl's
-# libc.a and crt objects for armhf, which only a C cross toolchain (or
-# Debian's musl-dev:armhf, a foreign architecture) provides: not built.
+# libc.a and crt objects (Debian's musl-dev:armhf, a foreign architecture)
+# and a libunwind.a, built from LLVM's C++ sources by an ARM C/C++
+# compiler (-Zbuild-std-features=llvm-libunwind): not built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 targets=${STATIC_TARGETS:-x86_64-unknown-linux-musl aarch64-unknown-linux-musl}
