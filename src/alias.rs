@@ -543,7 +543,7 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         let e = check_trusted(&tool).unwrap_err();
         assert!(e.contains("writable by group or others"), "{e}");
-        if crate::sys::user::euid() == 0 {
+        if crate::sys::user::euid().is_root() {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
             chown(&tool, Some(12345), None).unwrap();
             let e = check_trusted(&tool).unwrap_err();

@@ -243,7 +243,7 @@ fn running(args: &Args) -> Result<(StateDir, State)> {
 /// looking at a gateway that switched from root is not allowed to), the
 /// uid and start time must do: kill(2) from that user reaches only that
 /// user's own processes anyway.
-fn check_ours(st: &State, owner: u32) -> Result<()> {
+fn check_ours(st: &State, owner: sys::user::Uid) -> Result<()> {
     let pid = st.gateway.pid;
     let refuse = |why: String| {
         Error::new(
@@ -267,7 +267,7 @@ fn check_ours(st: &State, owner: u32) -> Result<()> {
     match sys::proc::runs_same_program(pid) {
         Some(true) => Ok(()),
         Some(false) => Err(refuse("is not a pilot-gateway process".into())),
-        None if sys::user::euid() != 0 => Ok(()),
+        None if !sys::user::euid().is_root() => Ok(()),
         None => Err(refuse("cannot be identified".into())),
     }
 }
@@ -425,7 +425,7 @@ fn ask_daemon(st: &State, target: &str, warnings: &mut Vec<String>) -> Result<(P
         &st.socket,
         "from the state file",
         Duration::from_secs(5),
-        Some(daemon_uid(st)),
+        Some(st.daemon_uid),
     )
     .map(|(s, _)| s);
     let (addr, hostname) = match &mut session {
@@ -438,13 +438,6 @@ fn ask_daemon(st: &State, target: &str, warnings: &mut Vec<String>) -> Result<(P
         Err(e) => warnings.push(format!("could not check trust: {}", e.message)),
     }
     Ok((addr, hostname))
-}
-
-/// The daemon's uid a command requires of the socket: the one the gateway
-/// saw at start. State written before it was recorded: our own (the
-/// command runs as the gateway's user by then), which fails closed.
-fn daemon_uid(st: &State) -> u32 {
-    st.daemon_uid.unwrap_or_else(sys::user::euid)
 }
 
 fn report_map(out: &Output, m: &Mapping, warnings: Vec<String>, existing: bool) -> Result<()> {
@@ -496,7 +489,7 @@ fn expose(args: &Args, out: &Output, req: &Expose) -> Result<()> {
     let allow = req
         .allow
         .as_ref()
-        .map(|peers| daemon::resolve_peers(&st.socket, peers, Some(daemon_uid(&st))))
+        .map(|peers| daemon::resolve_peers(&st.socket, peers, Some(st.daemon_uid)))
         .transpose()?;
     let mut e = Exposed {
         port: req.port,

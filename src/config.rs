@@ -191,8 +191,8 @@ fn read_checked(path: &Path) -> Result<Result<String>> {
 /// Refuses a config file owned by neither us nor root (see [`read_bounded`]).
 fn check_owner(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let (owner, me) = (meta.uid(), crate::sys::user::euid());
-    if owner == me || owner == 0 {
+    let (owner, me) = (crate::sys::user::Uid(meta.uid()), crate::sys::user::euid());
+    if owner == me || owner.is_root() {
         return Ok(());
     }
     let who = crate::sys::user::user_by_uid(owner).map_or_else(|| format!("uid {owner}"), |u| u.name);
@@ -321,7 +321,7 @@ mod tests {
     #[test]
     fn a_config_file_of_another_user_is_refused() {
         use std::os::unix::fs::chown;
-        if crate::sys::user::euid() != 0 {
+        if !crate::sys::user::euid().is_root() {
             return; // needs root to give a file away; the suite runs as root
         }
         let dir = std::env::temp_dir().join(format!("pgw-cfgowner-{}", std::process::id()));

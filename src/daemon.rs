@@ -11,6 +11,7 @@ use crate::address::PilotAddr;
 use crate::error::{Code, Error, Result};
 use crate::ipc::{IpcError, Peer, Session};
 use crate::json::Value;
+use crate::sys::user::Uid;
 
 /// Connects to the daemon and checks that it answers: Health on newer
 /// daemons, Info on older ones (which answer Health with an Error frame).
@@ -20,7 +21,7 @@ pub fn probe(
     socket: &Path,
     source: &str,
     timeout: Duration,
-    expect: Option<u32>,
+    expect: Option<Uid>,
 ) -> Result<(Session, Value)> {
     let unreachable = |e: &dyn std::fmt::Display| unreachable(socket, source, e);
     let mut s = Session::connect_within(socket, timeout, expect).map_err(|e| unreachable(&e))?;
@@ -108,7 +109,7 @@ pub fn trust_warnings(session: &mut Session, addrs: &[PilotAddr]) -> Vec<String>
 pub fn resolve_peers(
     socket: &Path,
     peers: &[String],
-    expect: Option<u32>,
+    expect: Option<Uid>,
 ) -> Result<Vec<(PilotAddr, Option<String>)>> {
     let mut session = None;
     let mut out: Vec<(PilotAddr, Option<String>)> = Vec::new();
@@ -201,7 +202,7 @@ impl Health {
     /// Starts the checking thread (after any user switch), with a first
     /// check under way. `daemon_uid`: the daemon's uid seen at start; a
     /// socket served by another uid is reported unreachable.
-    pub fn start(socket: PathBuf, daemon_uid: u32) -> std::io::Result<Arc<Health>> {
+    pub fn start(socket: PathBuf, daemon_uid: Uid) -> std::io::Result<Arc<Health>> {
         let h = Arc::new(Health {
             state: Mutex::new(HealthState {
                 last: Value::obj([
@@ -221,7 +222,7 @@ impl Health {
         Ok(h)
     }
 
-    fn run(&self, socket: &Path, daemon_uid: u32) {
+    fn run(&self, socket: &Path, daemon_uid: Uid) {
         loop {
             {
                 let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());

@@ -144,7 +144,7 @@ pub struct Options {
     /// The daemon's uid seen at start: every session (the first Bind and
     /// each re-bind) refuses a socket served by another uid. `None`: not
     /// checked (tests and tools; the gateway always sets it).
-    pub daemon_uid: Option<u32>,
+    pub daemon_uid: Option<crate::sys::user::Uid>,
     /// A budget shared with others: each admitted connection holds one
     /// slot of it until it ends (instead of `max_conns`).
     pub slots: Option<Arc<dyn Slots>>,
@@ -690,7 +690,7 @@ impl Recent {
 fn open(
     socket: &Path,
     port: u16,
-    expect: Option<u32>,
+    expect: Option<crate::sys::user::Uid>,
     deadline: Instant,
     abandoned: &dyn Fn() -> bool,
 ) -> Result<(FrameReader<UnixStream>, Arc<Link>)> {

@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use crate::address::PilotAddr;
 use crate::json;
+use crate::sys::user::{Gid, Uid};
 
 /// Largest message (command byte + payload) either side accepts.
 pub const MAX_MESSAGE: usize = 1 << 20;
@@ -391,8 +392,8 @@ pub fn error_text(payload: &[u8]) -> String {
 /// the uid seen at start (see [`connect_by`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Peer {
-    pub uid: u32,
-    pub gid: u32,
+    pub uid: Uid,
+    pub gid: Gid,
 }
 
 /// Connects a socket from `sys::net::unix_socket` to the daemon by `deadline`,
@@ -415,7 +416,7 @@ pub fn connect_by(
     path: &Path,
     deadline: Instant,
     abandoned: &dyn Fn() -> bool,
-    expect: Option<u32>,
+    expect: Option<Uid>,
 ) -> io::Result<Peer> {
     let mut pause = Duration::from_millis(1);
     loop {
@@ -442,17 +443,13 @@ pub fn connect_by(
 
 /// The peer credentials of a connected daemon socket, checked against
 /// the daemon's uid seen at start (see [`connect_by`]).
-fn check_peer(stream: &UnixStream, path: &Path, expect: Option<u32>) -> io::Result<Peer> {
-    let Some((uid, gid)) = crate::sys::net::peer_ids(stream) else {
-        return Err(io::Error::new(
+fn check_peer(stream: &UnixStream, path: &Path, expect: Option<Uid>) -> io::Result<Peer> {
+    let (uid, gid) = crate::sys::net::peer_ids(stream).map_err(|e| {
+        io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!(
-                "cannot read the peer credentials of {}: {}",
-                path.display(),
-                io::Error::last_os_error()
-            ),
-        ));
-    };
+            format!("cannot read the peer credentials of {}: {e}", path.display()),
+        )
+    })?;
     match expect {
         Some(want) if want != uid => Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
@@ -463,7 +460,7 @@ fn check_peer(stream: &UnixStream, path: &Path, expect: Option<u32>) -> io::Resu
 }
 
 /// The message for a daemon socket served by another uid than at start.
-pub fn identity_mismatch(path: &Path, uid: u32, want: u32) -> String {
+pub fn identity_mismatch(path: &Path, uid: Uid, want: Uid) -> String {
     format!(
         "the process now serving {} runs as uid {uid}, not the daemon's uid {want} seen at start: refusing it",
         path.display()
@@ -500,7 +497,7 @@ impl Session {
 
     /// Connects within `timeout`, to a daemon of uid `expect` (see
     /// [`connect_by`]).
-    pub fn connect_within(path: &Path, timeout: Duration, expect: Option<u32>) -> io::Result<Session> {
+    pub fn connect_within(path: &Path, timeout: Duration, expect: Option<Uid>) -> io::Result<Session> {
         let stream = crate::sys::net::unix_socket()?;
         let peer = connect_by(&stream, path, Instant::now() + timeout, &|| false, expect)?;
         let mut s = Session::from_stream(stream)?;
@@ -751,7 +748,7 @@ mod tests {
             connect_by(&s, &path, deadline, &|| false, Some(me)).unwrap().uid,
             me
         );
-        let other = me.wrapping_add(4242);
+        let other = Uid(me.0.wrapping_add(4242));
         let s = crate::sys::net::unix_socket().unwrap();
         let e = connect_by(&s, &path, deadline, &|| false, Some(other)).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);

@@ -14,11 +14,13 @@
 //! still has), set KEEPCAPS so setuid keeps the permitted set, change
 //! groups, gid, uid, then capset the two and raise them as ambient.
 
+use std::io;
 use std::path::Path;
 
 use crate::error::{Code, Error, Result};
 use crate::ipc::Peer;
-use crate::sys::{self, user::User};
+use crate::sys;
+use crate::sys::user::{Gid, Uid, User};
 
 /// The capabilities a switched gateway keeps, by name.
 pub const KEPT: [&str; 2] = ["cap_net_admin", "cap_net_bind_service"];
@@ -49,11 +51,11 @@ pub fn target_user(
     searched: bool,
     daemon: Peer,
 ) -> Result<Option<User>> {
-    let root = sys::user::euid() == 0;
+    let root = sys::user::euid().is_root();
     let named = flag
         .map(|name| {
             sys::user::user_by_name(name)
-                .or_else(|| name.parse().ok().and_then(sys::user::user_by_uid))
+                .or_else(|| name.parse().ok().map(Uid).and_then(sys::user::user_by_uid))
                 .ok_or_else(|| Error::invalid(format!("--user {name}: no such user")))
         })
         .transpose()?;
@@ -69,9 +71,9 @@ pub fn target_user(
             )
             .hint("run the command as root, or leave out --user"));
         }
-        return Ok((user.uid != 0).then_some(user));
+        return Ok((!user.uid.is_root()).then_some(user));
     }
-    if !root || no_switch || daemon.uid == 0 {
+    if !root || no_switch || daemon.uid.is_root() {
         return Ok(None);
     }
     Ok(Some(sys::user::user_by_uid(daemon.uid).unwrap_or(User {
@@ -92,10 +94,10 @@ pub fn target_user(
 /// - a socket found by the default search (`searched`) in a directory
 ///   others may write (sticky `/tmp`): anyone may have bound it, so for a
 ///   root start it must be served by root or by `--user`'s uid.
-fn check_daemon(socket: &Path, searched: bool, daemon: u32, named: Option<&User>) -> Result<()> {
+fn check_daemon(socket: &Path, searched: bool, daemon: Uid, named: Option<&User>) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let me = sys::user::euid();
-    if me != 0 && daemon != me && daemon != 0 && named.map(|u| u.uid) != Some(daemon) {
+    if !me.is_root() && daemon != me && !daemon.is_root() && named.map(|u| u.uid) != Some(daemon) {
         return Err(Error::new(
             Code::PermissionDenied,
             format!(
@@ -105,7 +107,7 @@ fn check_daemon(socket: &Path, searched: bool, daemon: u32, named: Option<&User>
         )
         .hint("name your daemon's socket with --socket PATH, or run the gateway as the daemon's user (as root, --user NAME)"));
     }
-    if me != 0 || !searched {
+    if !me.is_root() || !searched {
         return Ok(());
     }
     let parent = socket
@@ -114,7 +116,7 @@ fn check_daemon(socket: &Path, searched: bool, daemon: u32, named: Option<&User>
         .unwrap_or(Path::new("."));
     let open_dir = std::fs::metadata(parent).map_or(true, |m| m.mode() & 0o022 != 0);
     match named {
-        _ if !open_dir || daemon == 0 => Ok(()),
+        _ if !open_dir || daemon.is_root() => Ok(()),
         Some(u) if daemon == u.uid => Ok(()),
         Some(u) => Err(Error::new(
             Code::PermissionDenied,
@@ -147,14 +149,10 @@ fn check_daemon(socket: &Path, searched: bool, daemon: u32, named: Option<&User>
 /// after installing its signal pipe, which starts no thread, and checks.
 #[cfg(target_os = "linux")]
 pub fn switch_to(user: &User) -> Result<Switched> {
-    let fail = |what: &str| {
+    let fail = |e: Error| {
         Error::new(
             Code::PermissionDenied,
-            format!(
-                "cannot switch to user {}: {what}: {}",
-                user.name,
-                std::io::Error::last_os_error()
-            ),
+            format!("cannot switch to user {}: {}", user.name, e.message),
         )
         .hint("run as root, or start the gateway as the daemon's user with --no-user-switch")
     };
@@ -165,9 +163,9 @@ pub fn switch_to(user: &User) -> Result<Switched> {
         )));
     }
     let keep = (1u64 << CAP_NET_ADMIN) | (1u64 << CAP_NET_BIND_SERVICE);
-    drop_bounding_set(keep).map_err(|()| fail("dropping the capability bounding set"))?;
-    change_ids(user).map_err(&fail)?;
-    keep_capabilities(keep).map_err(&fail)?;
+    drop_bounding_set(keep).map_err(fail)?;
+    change_ids(user).map_err(fail)?;
+    keep_capabilities(keep).map_err(fail)?;
     Ok(Switched {
         user: user.name.clone(),
         capabilities: KEPT.iter().map(|s| s.to_string()).collect(),
@@ -184,8 +182,8 @@ pub fn switch_to(user: &User) -> Result<Switched> {
 /// Must run before the command starts a thread: glibc applies set*id to
 /// every thread, but capabilities and KEEPCAPS are per thread, so it is
 /// checked rather than assumed.
-pub fn become_owner(uid: u32, gid: u32) -> Result<()> {
-    if uid == 0 || sys::user::euid() != 0 {
+pub fn become_owner(uid: Uid, gid: Gid) -> Result<()> {
+    if uid.is_root() || !sys::user::euid().is_root() {
         return Ok(());
     }
     if let Some(n @ 2..) = sys::proc::thread_count() {
@@ -193,53 +191,55 @@ pub fn become_owner(uid: u32, gid: u32) -> Result<()> {
             "cannot become uid {uid} with {n} threads running"
         )));
     }
-    let fail = |what: &str| {
+    let fail = |e: Error| {
         Error::new(
             Code::PermissionDenied,
             format!(
-                "cannot become the state directory's owner (uid {uid}): {what}: {}",
-                std::io::Error::last_os_error()
+                "cannot become the state directory's owner (uid {uid}): {}",
+                e.message
             ),
         )
     };
-    // SAFETY: each call takes integers (or a NULL list of length 0) and
-    // its result is checked; they change only this process's credentials.
-    unsafe {
-        #[cfg(target_os = "linux")]
-        if libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) != 0 {
-            return Err(fail("prctl(PR_SET_KEEPCAPS)"));
-        }
-        if libc::setgroups(0, std::ptr::null()) != 0 {
-            return Err(fail("setgroups"));
-        }
-        if libc::setresgid(gid, gid, gid) != 0 {
-            return Err(fail("setresgid"));
-        }
-        if libc::setresuid(uid, uid, uid) != 0 {
-            return Err(fail("setresuid"));
-        }
-    }
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl with integer arguments; its result is checked.
+    sys::cerr(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) })
+        .map_err(|e| fail(step("prctl(PR_SET_KEEPCAPS)", e)))?;
+    set_ids(uid, gid).map_err(fail)?;
     if sys::user::euid() != uid {
-        return Err(fail("the effective uid did not change"));
+        return Err(fail(Error::internal("the effective uid did not change")));
     }
     Ok(())
+}
+
+/// Clears the supplementary groups, then sets gid and uid (real,
+/// effective, saved).
+fn set_ids(uid: Uid, gid: Gid) -> Result<()> {
+    sys::user::clear_groups().map_err(|e| step("setgroups", e))?;
+    sys::user::set_gid(gid).map_err(|e| step("setting the group id", e))?;
+    sys::user::set_uid(uid).map_err(|e| step("setting the user id", e))
+}
+
+/// A failed step of a switch: which, and what the system said.
+fn step(what: &str, err: io::Error) -> Error {
+    Error::new(Code::PermissionDenied, format!("{what}: {err}"))
 }
 
 /// Drops every capability but `keep` from the bounding set (needs
 /// CAP_SETPCAP, which root still has).
 #[cfg(target_os = "linux")]
-fn drop_bounding_set(keep: u64) -> std::result::Result<(), ()> {
+fn drop_bounding_set(keep: u64) -> Result<()> {
     for cap in 0..64u64 {
         if keep & (1 << cap) != 0 {
             continue;
         }
         // SAFETY: prctl(PR_CAPBSET_DROP, cap) takes integers only; the
         // result is checked.
-        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0
+        match sys::cerr(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) }) {
             // EINVAL: past the kernel's last capability.
-            && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
-        {
-            return Err(());
+            Err(e) if e.raw_os_error() != Some(libc::EINVAL) => {
+                return Err(step("dropping the capability bounding set", e))
+            }
+            _ => {}
         }
     }
     Ok(())
@@ -248,30 +248,17 @@ fn drop_bounding_set(keep: u64) -> std::result::Result<(), ()> {
 /// Sets KEEPCAPS (so setuid keeps the permitted set), clears the
 /// supplementary groups, then sets gid and uid (real, effective, saved).
 #[cfg(target_os = "linux")]
-fn change_ids(user: &User) -> std::result::Result<(), &'static str> {
-    // SAFETY: each call takes integers (or a NULL list of length 0) and
-    // its result is checked; they change only this process's credentials.
-    unsafe {
-        if libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0 {
-            return Err("prctl(PR_SET_KEEPCAPS)");
-        }
-        if libc::setgroups(0, std::ptr::null()) != 0 {
-            return Err("setgroups");
-        }
-        if libc::setresgid(user.gid, user.gid, user.gid) != 0 {
-            return Err("setresgid");
-        }
-        if libc::setresuid(user.uid, user.uid, user.uid) != 0 {
-            return Err("setresuid");
-        }
-    }
-    Ok(())
+fn change_ids(user: &User) -> Result<()> {
+    // SAFETY: prctl with integer arguments; its result is checked.
+    sys::cerr(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) })
+        .map_err(|e| step("prctl(PR_SET_KEEPCAPS)", e))?;
+    set_ids(user.uid, user.gid)
 }
 
 /// capset(2) to exactly `keep` (effective, permitted, inheritable), then
 /// raises the kept ones as ambient so the `ip` we exec inherits them.
 #[cfg(target_os = "linux")]
-fn keep_capabilities(keep: u64) -> std::result::Result<(), &'static str> {
+fn keep_capabilities(keep: u64) -> Result<()> {
     // capset(2) with the v3 layout: a header, then two 32-bit words per set.
     #[repr(C)]
     struct Header {
@@ -305,15 +292,13 @@ fn keep_capabilities(keep: u64) -> std::result::Result<(), &'static str> {
     ];
     // SAFETY: the header and the two data words have the v3 layout capset
     // reads; both outlive the call. The result is checked.
-    if unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) } != 0 {
-        return Err("capset");
-    }
+    sys::cerr(unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) })
+        .map_err(|e| step("capset", e))?;
     for cap in [CAP_NET_ADMIN, CAP_NET_BIND_SERVICE] {
         let raise = libc::PR_CAP_AMBIENT_RAISE as u64;
         // SAFETY: prctl with integer arguments; the result is checked.
-        if unsafe { libc::prctl(libc::PR_CAP_AMBIENT, raise, u64::from(cap), 0, 0) } != 0 {
-            return Err("raising ambient capabilities");
-        }
+        sys::cerr(unsafe { libc::prctl(libc::PR_CAP_AMBIENT, raise, u64::from(cap), 0, 0) })
+            .map_err(|e| step("raising ambient capabilities", e))?;
     }
     // SAFETY: prctl with integer arguments; clearing KEEPCAPS cannot fail
     // in a way that matters (the switch is done).

@@ -103,7 +103,7 @@ pub struct ConnSettings {
     pub daemon_socket: PathBuf,
     /// The daemon's uid seen at start: a connection whose peer is another
     /// uid is a failed dial (whoever serves the path now is not the daemon).
-    pub daemon_uid: u32,
+    pub daemon_uid: crate::sys::user::Uid,
     pub max_conns: usize,
     pub dial_timeout: Duration,
     pub idle_timeout: Duration,

@@ -359,7 +359,9 @@ fn exposures_in_the_state_file_are_checked_again() {
     std::fs::write(&path, text).unwrap();
     // SIGHUP, as a command would send it.
     let pid = gw.pid() as i32;
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    // SAFETY: signalling the gateway this test started.
+    let r = unsafe { libc::kill(pid, libc::SIGHUP) };
+    assert_eq!(r, 0);
     assert!(wait_until(Duration::from_secs(10), || {
         let v = pilot_gateway::json::parse(&std::fs::read_to_string(&path).unwrap()).unwrap();
         num(&v, "applied") > generation

@@ -343,7 +343,7 @@ impl Gateway {
     pub(super) fn drop_invalid(&self, st: &mut State) {
         st.subnet = self.subnet;
         st.ports = self.ports.clone();
-        st.daemon_uid = Some(self.data_path.settings.daemon_uid);
+        st.daemon_uid = self.data_path.settings.daemon_uid;
         let invalid = st.validate(self.subnet);
         retain_by_index(&mut st.mappings, |index| {
             invalid

@@ -306,7 +306,7 @@ impl Gateway {
             max_conns: cfg.max_conns,
             half_closed_timeout: Some(cfg.half_closed_timeout),
             user: switched.map(|s| s.user.clone()),
-            daemon_uid: Some(self.data_path.settings.daemon_uid),
+            daemon_uid: self.data_path.settings.daemon_uid,
             generation: 0,
             applied: 0,
             mappings,

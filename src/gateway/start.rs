@@ -19,7 +19,7 @@ use crate::privilege::{self, Switched};
 use crate::relay::ConnSettings;
 use crate::state::{Entry, Exposed, Mapping, StateDir};
 use crate::subnet::{self};
-use crate::sys::{self};
+use crate::sys::{self, user::Uid};
 use crate::{info, warn};
 
 use super::Config;
@@ -43,7 +43,7 @@ pub fn prepare_state_dir(cfg: &Config) -> Result<(StateDir, Option<sys::user::Us
     )?;
     let dir = StateDir::open(&cfg.state_dir, true)?;
     let owner = dir.owner().0;
-    if owner != sys::user::euid() && owner != 0 && user.as_ref().map(|u| u.uid) != Some(owner) {
+    if owner != sys::user::euid() && !owner.is_root() && user.as_ref().map(|u| u.uid) != Some(owner) {
         let who = sys::user::user_by_uid(owner).map_or_else(|| format!("uid {owner}"), |u| u.name);
         return Err(Error::new(
             Code::PermissionDenied,
@@ -158,7 +158,7 @@ pub(super) fn clean_up_after_dead_gateway(
 pub(super) fn plan_mappings(
     cfg: &Config,
     targets: &[Target],
-    daemon_uid: u32,
+    daemon_uid: Uid,
 ) -> Result<(Vec<Mapping>, Vec<String>)> {
     let (mut session, _) = daemon::probe(
         &cfg.socket,
@@ -217,7 +217,7 @@ pub(super) fn plan_mappings(
 
 /// The `--expose` requests as state entries: `--allow` hostnames resolved
 /// through the daemon now, before any thread exists.
-pub(super) fn plan_exposures(cfg: &Config, daemon_uid: u32) -> Result<Vec<Exposed>> {
+pub(super) fn plan_exposures(cfg: &Config, daemon_uid: Uid) -> Result<Vec<Exposed>> {
     let mut out: Vec<Exposed> = Vec::new();
     for e in &cfg.exposures {
         if out.iter().any(|x| x.port == e.port) {
@@ -250,7 +250,7 @@ pub(super) fn open_access_log(cfg: &Config) -> Result<Option<AccessLog>> {
     })
 }
 
-pub(super) fn conn_settings(cfg: &Config, max_conns: usize, daemon_uid: u32) -> ConnSettings {
+pub(super) fn conn_settings(cfg: &Config, max_conns: usize, daemon_uid: Uid) -> ConnSettings {
     ConnSettings {
         daemon_socket: cfg.socket.clone(),
         daemon_uid,

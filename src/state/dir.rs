@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Code, Error, Result};
 use crate::json::{self, Value};
 use crate::stats::Stats;
+use crate::sys::user::{Gid, Uid};
 use crate::sys::{self, fs::FileLock};
 
 use super::{State, MAX_FILE};
@@ -55,7 +56,7 @@ pub struct StateDir {
     dir: File,
     /// Owner of the directory; files we create are given to this user, so
     /// root and the gateway's own user can both work in it.
-    owner: (u32, u32),
+    owner: (Uid, Gid),
 }
 
 impl StateDir {
@@ -87,7 +88,7 @@ impl StateDir {
         }
         let meta = dir.metadata().map_err(|e| Error::io(path.display(), &e))?;
         let me = sys::user::euid();
-        if meta.uid() != me && me != 0 {
+        if Uid(meta.uid()) != me && !me.is_root() {
             return Err(Error::new(
                 Code::PermissionDenied,
                 format!(
@@ -112,7 +113,7 @@ impl StateDir {
         Ok(StateDir {
             path: path.to_path_buf(),
             dir,
-            owner: (meta.uid(), meta.gid()),
+            owner: (Uid(meta.uid()), Gid(meta.gid())),
         })
     }
 
@@ -128,7 +129,7 @@ impl StateDir {
     }
 
     /// The directory's owner (uid, gid): the gateway's user.
-    pub fn owner(&self) -> (u32, u32) {
+    pub fn owner(&self) -> (Uid, Gid) {
         self.owner
     }
 
@@ -151,22 +152,22 @@ impl StateDir {
     /// swap its entries between our check and the chown: only regular
     /// files with one link are given away (never through a link). Then
     /// the directory.
-    pub fn chown(&mut self, uid: u32, gid: u32) -> Result<()> {
-        if self.owner.0 != 0 && self.owner.0 != uid {
+    pub fn chown(&mut self, uid: Uid, gid: Gid) -> Result<()> {
+        if !self.owner.0.is_root() && self.owner.0 != uid {
             return Err(Error::internal(format!(
                 "refusing to give {} (owned by uid {}) to uid {uid}",
                 self.path.display(),
                 self.owner.0
             )));
         }
-        if self.owner.0 == 0 {
+        if self.owner.0.is_root() {
             for f in ["lock", "state.json", "stats.json", "gateway.log"] {
                 if sys::fs::stat_at(&self.dir, f).is_ok_and(|s| s.regular && s.nlink == 1) {
                     let _ = sys::fs::chown_at(&self.dir, f, uid, gid);
                 }
             }
         }
-        std::os::unix::fs::fchown(&self.dir, Some(uid), Some(gid))
+        std::os::unix::fs::fchown(&self.dir, Some(uid.0), Some(gid.0))
             .map_err(|e| Error::io(format!("cannot give {} to uid {uid}", self.path.display()), &e))?;
         self.owner = (uid, gid);
         Ok(())
@@ -209,7 +210,7 @@ impl StateDir {
         if meta.len() > limit {
             return Err(self.name_error(name, &format!("is larger than {limit} bytes")));
         }
-        if meta.uid() != self.owner.0 {
+        if Uid(meta.uid()) != self.owner.0 {
             if !created {
                 return Err(self.name_error(
                     name,
@@ -269,8 +270,8 @@ impl StateDir {
     }
 
     fn give(&self, file: &File) {
-        if sys::user::euid() == 0 && self.owner.0 != 0 {
-            let _ = std::os::unix::fs::fchown(file, Some(self.owner.0), Some(self.owner.1));
+        if sys::user::euid().is_root() && !self.owner.0.is_root() {
+            let _ = std::os::unix::fs::fchown(file, Some(self.owner.0 .0), Some(self.owner.1 .0));
         }
     }
 
@@ -302,7 +303,7 @@ impl StateDir {
                 Err(e) => format!("is not valid JSON ({e})"),
                 Ok(v) => match State::from_json(&v) {
                     Ok(s) => return Ok(Some(s)),
-                    Err(why) => format!("is not a pilot-gateway state file: {why}"),
+                    Err(why) => format!("is not a pilot-gateway state file: {}", why.message),
                 },
             },
         };
@@ -452,7 +453,7 @@ fn open_error(path: &Path, e: &std::io::Error) -> Error {
         )
         .hint("start one with: pilot-gateway start"),
         Some(libc::EACCES) => match fs::symlink_metadata(path) {
-            Ok(m) if m.uid() != sys::user::euid() => Error::new(
+            Ok(m) if Uid(m.uid()) != sys::user::euid() => Error::new(
                 Code::PermissionDenied,
                 format!(
                     "state directory {} is owned by uid {}, not by you (uid {}); refusing to use it",
@@ -517,7 +518,8 @@ mod tests {
             ("", "is empty"),
             ("{", "not valid JSON"),
             ("{\"version\":3}", "format version 3"),
-            ("{\"version\":1}", "\"mappings\" is missing"),
+            ("{\"version\":1}", "format version 1"),
+            ("{\"version\":2}", "\"exposures\" is missing"),
         ] {
             fs::write(d.state_file(), content).unwrap();
             let e = d.read().unwrap_err();
@@ -537,7 +539,7 @@ mod tests {
 
     #[test]
     fn chown_gives_away_only_plain_files_then_the_directory() {
-        if crate::sys::user::euid() != 0 {
+        if !crate::sys::user::euid().is_root() {
             return; // needs root to give files away
         }
         let owner = |p: &Path| fs::symlink_metadata(p).unwrap().uid();
@@ -548,26 +550,26 @@ mod tests {
         fs::write(&outside, "root's").unwrap();
         fs::hard_link(&outside, p.join("gateway.log")).unwrap();
         std::os::unix::fs::symlink(&outside, p.join("stats.json")).unwrap();
-        d.chown(12345, 12345).unwrap();
+        d.chown(Uid(12345), Gid(12345)).unwrap();
         assert_eq!(owner(&p), 12345);
         assert_eq!(owner(&d.state_file()), 12345);
         assert_eq!(owner(&outside), 0, "never through a hard or symbolic link");
         assert_eq!(owner(&p.join("stats.json")), 0, "the link itself stays root's");
         // Given away, it is never taken from its owner for another user.
-        assert!(d.chown(23456, 23456).is_err());
+        assert!(d.chown(Uid(23456), Gid(23456)).is_err());
         fs::remove_dir_all(&p).unwrap();
         fs::remove_file(&outside).unwrap();
     }
 
     #[test]
     fn a_hard_link_planted_as_the_lock_is_refused_and_its_target_never_given() {
-        if crate::sys::user::euid() != 0 {
+        if !crate::sys::user::euid().is_root() {
             return; // needs root: only root gives files away
         }
         let owner = |p: &Path| fs::symlink_metadata(p).unwrap().uid();
         let p = tempdir("lock-link");
         let mut d = StateDir::open(&p, true).unwrap();
-        d.chown(12345, 12345).unwrap();
+        d.chown(Uid(12345), Gid(12345)).unwrap();
         let outside = tempdir("lock-link-outside");
         fs::write(&outside, "root's").unwrap();
         fs::hard_link(&outside, p.join("lock")).unwrap();

@@ -27,15 +27,15 @@ use crate::address::PilotAddr;
 use crate::error::{Code, Error};
 use crate::json::Value;
 use crate::sys::proc::ProcId;
+use crate::sys::user::Uid;
 
 mod dir;
 pub use dir::{resolve_dir, StateDir};
 
-/// Version of the state file format written. Version 2 added
-/// `exposures`; version 1 files (none) are still read. A file of any other
-/// version is refused.
+/// Version of the state file format, written and read; a file of any
+/// other version is refused. (2: version 1, never released, had no
+/// `exposures`.)
 pub const VERSION: u64 = 2;
-const READABLE: [u64; 2] = [1, 2];
 /// Largest state file we read. 1 MiB holds several thousand mappings; a
 /// bigger file is refused before it is read, so a planted one cannot make
 /// a command eat memory.
@@ -111,23 +111,26 @@ impl Exposed {
     }
 
     /// Reads one exposure; the error says which field is wrong.
-    pub fn from_json(e: &Value) -> std::result::Result<Exposed, String> {
+    pub fn from_json(e: &Value) -> Result<Exposed, Error> {
         let port = e
             .get("port")
             .and_then(Value::as_u64)
             .and_then(|p| u16::try_from(p).ok())
-            .ok_or("an exposure has a bad \"port\"")?;
+            .ok_or_else(|| bad("an exposure has a bad \"port\""))?;
         let target = text(e, "target")?
             .parse()
-            .map_err(|_| "an exposure has a bad \"target\"".to_string())?;
+            .map_err(|_| bad("an exposure has a bad \"target\""))?;
         let allow = match e.get("allow") {
             None | Some(Value::Null) => None,
             Some(list) => {
                 let mut peers = Vec::new();
-                for p in list.as_array().ok_or("an exposure's \"allow\" is not a list")? {
+                for p in list
+                    .as_array()
+                    .ok_or_else(|| bad("an exposure's \"allow\" is not a list"))?
+                {
                     let addr = text(p, "addr")?
                         .parse::<PilotAddr>()
-                        .map_err(|e| format!("an exposure's allow entry: {e}"))?;
+                        .map_err(|e| bad(format!("an exposure's allow entry: {e}")))?;
                     peers.push((addr, p.get("name").and_then(Value::as_str).map(str::to_string)));
                 }
                 Some(peers)
@@ -140,7 +143,7 @@ impl Exposed {
             allow_remote_target: e
                 .get("allow_remote_target")
                 .and_then(Value::as_bool)
-                .ok_or("an exposure lacks \"allow_remote_target\"")?,
+                .ok_or_else(|| bad("an exposure lacks \"allow_remote_target\""))?,
             generation: num(e, "generation")?,
         })
     }
@@ -184,9 +187,8 @@ pub struct State {
     /// The user the gateway runs as, when it switched from root.
     pub user: Option<String>,
     /// The daemon's uid, from the peer credentials seen at start: commands
-    /// refuse a socket served by another uid (`ipc::connect_by`). `None`
-    /// in state written before it existed.
-    pub daemon_uid: Option<u32>,
+    /// refuse a socket served by another uid (`ipc::connect_by`).
+    pub daemon_uid: Uid,
     pub generation: u64,
     pub applied: u64,
     pub mappings: Vec<Mapping>,
@@ -333,7 +335,7 @@ impl State {
                 self.half_closed_timeout.map(|d| d.as_secs_f64()).into(),
             ),
             ("user", self.user.clone().into()),
-            ("daemon_uid", self.daemon_uid.map(u64::from).into()),
+            ("daemon_uid", self.daemon_uid.0.into()),
             ("generation", self.generation.into()),
             ("applied", self.applied.into()),
             ("mappings", Value::Arr(mappings)),
@@ -346,33 +348,31 @@ impl State {
     }
 
     /// Reads a state file's JSON; the error says which field is wrong.
-    pub fn from_json(v: &Value) -> std::result::Result<State, String> {
+    pub fn from_json(v: &Value) -> Result<State, Error> {
         let version = num(v, "version")?;
-        if !READABLE.contains(&version) {
-            return Err(format!(
-                "format version {version}, but this pilot-gateway reads versions 1 and {VERSION}"
-            ));
+        if version != VERSION {
+            return Err(bad(format!(
+                "format version {version}, but this pilot-gateway reads version {VERSION}"
+            )));
         }
-        // Version 1 had no exposures.
-        let exposures = match v.get("exposures") {
-            None if version == 1 => Vec::new(),
-            _ => arr(v, "exposures")?
-                .iter()
-                .map(Exposed::from_json)
-                .collect::<std::result::Result<_, _>>()?,
-        };
+        let exposures = arr(v, "exposures")?
+            .iter()
+            .map(Exposed::from_json)
+            .collect::<Result<_, _>>()?;
         let mut mappings = Vec::new();
         for m in arr(v, "mappings")? {
             mappings.push(Mapping {
                 local_ip: text(m, "local_ip")?
                     .parse()
-                    .map_err(|_| "a mapping has a bad \"local_ip\"".to_string())?,
-                pilot_addr: text(m, "pilot_addr")?.parse().map_err(|e| format!("{e}"))?,
+                    .map_err(|_| bad("a mapping has a bad \"local_ip\""))?,
+                pilot_addr: text(m, "pilot_addr")?
+                    .parse::<PilotAddr>()
+                    .map_err(|e| bad(e.to_string()))?,
                 hostname: m.get("hostname").and_then(Value::as_str).map(str::to_string),
                 alias_added: m
                     .get("alias_added")
                     .and_then(Value::as_bool)
-                    .ok_or("a mapping lacks \"alias_added\"")?,
+                    .ok_or_else(|| bad("a mapping lacks \"alias_added\""))?,
                 generation: num(m, "generation")?,
             });
         }
@@ -389,17 +389,17 @@ impl State {
             .iter()
             .map(|p| p.as_u64().and_then(|p| u16::try_from(p).ok()).filter(|&p| p > 0))
             .collect::<Option<Vec<u16>>>()
-            .ok_or("\"ports\" holds a value that is not a port")?;
+            .ok_or_else(|| bad("\"ports\" holds a value that is not a port"))?;
         Ok(State {
             gateway: ProcId {
-                pid: u32::try_from(num(v, "pid")?).map_err(|_| "\"pid\" is out of range")?,
+                pid: u32::try_from(num(v, "pid")?).map_err(|_| bad("\"pid\" is out of range"))?,
                 start_time: num(v, "start_time")?,
             },
             started_at: num(v, "started_at")?,
             socket: PathBuf::from(text(v, "socket")?),
             subnet: text(v, "subnet")?
                 .parse()
-                .map_err(|_| "\"subnet\" is not a CIDR block".to_string())?,
+                .map_err(|_| bad("\"subnet\" is not a CIDR block"))?,
             ports,
             max_conns: num(v, "max_conns")? as usize,
             half_closed_timeout: match v.get("half_closed_timeout_secs") {
@@ -408,11 +408,13 @@ impl State {
                     t.as_f64()
                         .filter(|s| s.is_finite() && *s > 0.0)
                         .map(Duration::from_secs_f64)
-                        .ok_or("\"half_closed_timeout_secs\" is not a positive number")?,
+                        .ok_or_else(|| bad("\"half_closed_timeout_secs\" is not a positive number"))?,
                 ),
             },
             user: v.get("user").and_then(Value::as_str).map(str::to_string),
-            daemon_uid: daemon_uid(v)?,
+            daemon_uid: Uid(
+                u32::try_from(num(v, "daemon_uid")?).map_err(|_| bad("\"daemon_uid\" is not a uid"))?
+            ),
             generation: num(v, "generation")?,
             applied: num(v, "applied")?,
             mappings,
@@ -422,34 +424,27 @@ impl State {
     }
 }
 
-/// `daemon_uid`: absent (or null) in state written before it existed.
-fn daemon_uid(v: &Value) -> std::result::Result<Option<u32>, String> {
-    match v.get("daemon_uid") {
-        None | Some(Value::Null) => Ok(None),
-        Some(u) => u
-            .as_u64()
-            .and_then(|u| u32::try_from(u).ok())
-            .map(Some)
-            .ok_or_else(|| "\"daemon_uid\" is not a uid".to_string()),
-    }
+/// What is wrong with a state file's content (the caller names the file).
+fn bad(why: impl Into<String>) -> Error {
+    Error::internal(why)
 }
 
-fn num(v: &Value, key: &str) -> std::result::Result<u64, String> {
+fn num(v: &Value, key: &str) -> Result<u64, Error> {
     v.get(key)
         .and_then(Value::as_u64)
-        .ok_or_else(|| format!("\"{key}\" is missing or not a whole number"))
+        .ok_or_else(|| bad(format!("\"{key}\" is missing or not a whole number")))
 }
 
-fn text<'a>(v: &'a Value, key: &str) -> std::result::Result<&'a str, String> {
+fn text<'a>(v: &'a Value, key: &str) -> Result<&'a str, Error> {
     v.get(key)
         .and_then(Value::as_str)
-        .ok_or_else(|| format!("\"{key}\" is missing or not a string"))
+        .ok_or_else(|| bad(format!("\"{key}\" is missing or not a string")))
 }
 
-fn arr<'a>(v: &'a Value, key: &str) -> std::result::Result<&'a [Value], String> {
+fn arr<'a>(v: &'a Value, key: &str) -> Result<&'a [Value], Error> {
     v.get(key)
         .and_then(Value::as_array)
-        .ok_or_else(|| format!("\"{key}\" is missing or not a list"))
+        .ok_or_else(|| bad(format!("\"{key}\" is missing or not a list")))
 }
 
 pub fn now_unix() -> u64 {
@@ -476,7 +471,7 @@ pub(crate) mod tests {
             max_conns: 1000,
             half_closed_timeout: Some(Duration::from_millis(2500)),
             user: None,
-            daemon_uid: Some(65534),
+            daemon_uid: Uid(65534),
             generation: 3,
             applied: 2,
             mappings: vec![Mapping {
@@ -513,19 +508,24 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn version_1_files_are_read_without_exposures() {
-        let mut v1 = sample();
-        v1.exposures.clear();
-        let text = v1
-            .to_json()
-            .to_string()
-            .replace("\"version\":2", "\"version\":1")
-            .replace(",\"exposures\":[]", "");
-        assert!(
-            !text.contains("exposures") && text.contains("\"version\":1"),
-            "{text}"
-        );
-        assert_eq!(State::from_json(&json::parse(&text).unwrap()).unwrap(), v1);
+    fn only_this_version_is_read_and_every_field_is_required() {
+        let s = sample();
+        let text = s.to_json().to_string();
+        let v1 = text.replace("\"version\":2", "\"version\":1");
+        let e = State::from_json(&json::parse(&v1).unwrap()).unwrap_err();
+        assert!(e.message.contains("format version 1"), "{}", e.message);
+        for field in ["exposures", "daemon_uid"] {
+            let mut v = json::parse(&text).unwrap();
+            if let Value::Obj(o) = &mut v {
+                o.retain(|(k, _)| k != field);
+            }
+            let e = State::from_json(&v).unwrap_err();
+            assert!(
+                e.message.contains(&format!("\"{field}\" is missing")),
+                "{}",
+                e.message
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,8 @@
 
 use std::os::fd::{AsRawFd, FromRawFd};
 
-use super::{c_name, c_path};
+use super::user::{Gid, Uid};
+use super::{c_name, c_path, cerr, cerr_retry};
 use std::io;
 
 /// An exclusive `flock` held until dropped.
@@ -13,16 +14,9 @@ pub struct FileLock {
 
 impl FileLock {
     pub fn acquire(file: std::fs::File) -> io::Result<FileLock> {
-        loop {
-            // SAFETY: flock on an open file.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                return Ok(FileLock { _file: file });
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        // SAFETY: flock on a file that is open for the call.
+        cerr_retry(|| unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) })?;
+        Ok(FileLock { _file: file })
     }
 }
 
@@ -41,11 +35,7 @@ pub fn can_write(path: &std::path::Path) -> bool {
 pub fn mkdir(path: &std::path::Path, mode: u32) -> io::Result<()> {
     let c = c_path(path)?;
     // SAFETY: mkdir(2) on a NUL-terminated path that outlives the call.
-    if unsafe { libc::mkdir(c.as_ptr(), mode as libc::mode_t) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    cerr(unsafe { libc::mkdir(c.as_ptr(), mode as libc::mode_t) }).map(drop)
 }
 
 /// Opens `path` as a directory descriptor, refusing a symlink as the
@@ -54,10 +44,7 @@ pub fn open_dir(path: &std::path::Path) -> io::Result<std::fs::File> {
     let c = c_path(path)?;
     let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
     // SAFETY: open(2) on a NUL-terminated path; the fd is owned below.
-    let fd = unsafe { libc::open(c.as_ptr(), flags) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = cerr(unsafe { libc::open(c.as_ptr(), flags) })?;
     // SAFETY: `fd` was just opened and nothing else owns it.
     Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
@@ -69,10 +56,7 @@ pub fn open_at(dir: &std::fs::File, name: &str, flags: i32, mode: u32) -> io::Re
     let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
     // SAFETY: openat(2) with a valid directory fd (borrowed for the call)
     // and a NUL-terminated name; the fd returned is owned below.
-    let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags, mode as libc::c_uint) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = cerr(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags, mode as libc::c_uint) })?;
     // SAFETY: `fd` was just opened and nothing else owns it.
     Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
@@ -82,11 +66,7 @@ pub fn rename_at(dir: &std::fs::File, from: &str, to: &str) -> io::Result<()> {
     let (f, t) = (c_name(from)?, c_name(to)?);
     let d = dir.as_raw_fd();
     // SAFETY: a valid directory fd and two NUL-terminated names.
-    if unsafe { libc::renameat(d, f.as_ptr(), d, t.as_ptr()) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    cerr(unsafe { libc::renameat(d, f.as_ptr(), d, t.as_ptr()) }).map(drop)
 }
 
 /// unlinkat(2) of a non-directory entry (a symlink itself is removed,
@@ -94,18 +74,14 @@ pub fn rename_at(dir: &std::fs::File, from: &str, to: &str) -> io::Result<()> {
 pub fn unlink_at(dir: &std::fs::File, name: &str) -> io::Result<()> {
     let c = c_name(name)?;
     // SAFETY: a valid directory fd and a NUL-terminated name.
-    if unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    cerr(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) }).map(drop)
 }
 
 /// What fstatat(AT_SYMLINK_NOFOLLOW) says of an entry.
 #[derive(Clone, Copy, Debug)]
 pub struct EntryStat {
     pub regular: bool,
-    pub uid: u32,
+    pub uid: Uid,
     pub nlink: u64,
 }
 
@@ -116,24 +92,18 @@ pub fn stat_at(dir: &std::fs::File, name: &str) -> io::Result<EntryStat> {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: a valid directory fd, a NUL-terminated name and a `stat` of
     // the right type that outlives the call.
-    if unsafe { libc::fstatat(dir.as_raw_fd(), c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    cerr(unsafe { libc::fstatat(dir.as_raw_fd(), c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
     Ok(EntryStat {
         regular: st.st_mode & libc::S_IFMT == libc::S_IFREG,
-        uid: st.st_uid,
+        uid: Uid(st.st_uid),
         nlink: st.st_nlink as u64,
     })
 }
 
 /// fchownat(2) with AT_SYMLINK_NOFOLLOW: changes the entry itself.
-pub fn chown_at(dir: &std::fs::File, name: &str, uid: u32, gid: u32) -> io::Result<()> {
+pub fn chown_at(dir: &std::fs::File, name: &str, uid: Uid, gid: Gid) -> io::Result<()> {
     let c = c_name(name)?;
+    let flags = libc::AT_SYMLINK_NOFOLLOW;
     // SAFETY: a valid directory fd and a NUL-terminated name.
-    let r = unsafe { libc::fchownat(dir.as_raw_fd(), c.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    cerr(unsafe { libc::fchownat(dir.as_raw_fd(), c.as_ptr(), uid.0, gid.0, flags) }).map(drop)
 }

@@ -2,19 +2,24 @@
 //! connects, readiness waits, interface addresses.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::time::Duration;
+
+use super::user::{Gid, Uid};
+use super::{cerr, cerr_retry};
 
 /// The uid of the process at the other end of a Unix stream socket
 /// (SO_PEERCRED on Linux, getpeereid elsewhere).
-pub fn peer_uid(s: &std::os::unix::net::UnixStream) -> Option<u32> {
-    peer_ids(s).map(|(uid, _)| uid)
+pub fn peer_uid(s: &std::os::unix::net::UnixStream) -> Option<Uid> {
+    peer_ids(s).ok().map(|(uid, _)| uid)
 }
 
 /// The uid and gid of the process at the other end of a Unix stream
 /// socket. For a client, that is the server as it was when it called
 /// listen(2): known right after connect(2), whatever the server does next.
-pub fn peer_ids(s: &std::os::unix::net::UnixStream) -> Option<(u32, u32)> {
+/// SO_PEERCRED on Linux; getpeereid (LOCAL_PEERCRED underneath) on macOS
+/// and FreeBSD, which gives the same ids.
+pub fn peer_ids(s: &std::os::unix::net::UnixStream) -> io::Result<(Uid, Gid)> {
     #[cfg(target_os = "linux")]
     {
         let mut cred = libc::ucred {
@@ -24,7 +29,7 @@ pub fn peer_ids(s: &std::os::unix::net::UnixStream) -> Option<(u32, u32)> {
         };
         let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
         // SAFETY: getsockopt writes at most `len` bytes into a ucred of that size.
-        let r = unsafe {
+        cerr(unsafe {
             libc::getsockopt(
                 s.as_raw_fd(),
                 libc::SOL_SOCKET,
@@ -32,14 +37,15 @@ pub fn peer_ids(s: &std::os::unix::net::UnixStream) -> Option<(u32, u32)> {
                 (&mut cred as *mut libc::ucred).cast(),
                 &mut len,
             )
-        };
-        (r == 0).then_some((cred.uid, cred.gid))
+        })?;
+        Ok((Uid(cred.uid), Gid(cred.gid)))
     }
     #[cfg(not(target_os = "linux"))]
     {
         let (mut uid, mut gid) = (0, 0);
-        // SAFETY: getpeereid fills two ids.
-        (unsafe { libc::getpeereid(s.as_raw_fd(), &mut uid, &mut gid) } == 0).then_some((uid, gid))
+        // SAFETY: getpeereid writes two ids through pointers to locals.
+        cerr(unsafe { libc::getpeereid(s.as_raw_fd(), &mut uid, &mut gid) })?;
+        Ok((Uid(uid), Gid(gid)))
     }
 }
 
@@ -71,7 +77,7 @@ pub(crate) fn set_sock_opt<T: Copy>(
 ) -> io::Result<()> {
     // SAFETY: a valid fd (borrowed for the call) and `v`, a live,
     // initialised value whose exact size we pass; the kernel only reads it.
-    let r = unsafe {
+    cerr(unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             level,
@@ -79,11 +85,23 @@ pub(crate) fn set_sock_opt<T: Copy>(
             (v as *const T).cast(),
             std::mem::size_of::<T>() as libc::socklen_t,
         )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    })
+    .map(drop)
+}
+
+/// Sets O_NONBLOCK on `fd` (fcntl: every platform has it, unlike
+/// SOCK_NONBLOCK at socket creation).
+pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl with integer arguments on a descriptor the caller holds.
+    let flags = cerr(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    // SAFETY: as above.
+    cerr(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) }).map(drop)
+}
+
+/// Sets FD_CLOEXEC on `fd`, so a program we exec does not inherit it.
+pub(crate) fn set_cloexec(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl with integer arguments on a descriptor the caller holds.
+    cerr(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) }).map(drop)
 }
 
 /// Bytes written to a TCP socket that its peer has not acknowledged yet
@@ -104,8 +122,10 @@ pub fn unsent_bytes(tcp: &std::net::TcpStream) -> Option<usize> {
     }
 }
 
-/// Shuts a listening socket down, which wakes a thread blocked in
-/// `accept` on it (EINVAL on Linux). std has no shutdown for listeners.
+/// Shuts a listening socket down. On Linux that wakes a thread waiting
+/// on it in `poll` (a hang-up) or `accept` (EINVAL); macOS and FreeBSD
+/// do neither (see `listener::Listener::stop`). std has no shutdown for
+/// listeners.
 pub fn shutdown_listener(socket: &std::net::TcpListener) {
     // SAFETY: the fd is valid while `socket` is borrowed; shutdown(2)
     // does not close it, so it cannot be reused under another thread.
@@ -117,19 +137,23 @@ pub fn shutdown_listener(socket: &std::net::TcpListener) {
 /// descriptor from the start) and connects it from the connection's own
 /// thread with [`unix_connect`].
 pub fn unix_socket() -> io::Result<std::os::unix::net::UnixStream> {
-    // SAFETY: plain socket(2); the fd it returns is owned at once below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // Linux and FreeBSD set both flags atomically with the socket; macOS
+    // has no SOCK_CLOEXEC, so there they are set right after (the gateway
+    // execs only at start, before any daemon connection exists).
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+    let flags = libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+    let flags = 0;
+    // SAFETY: plain socket(2) with integer arguments; the fd it returns is
+    // owned at once below.
+    let fd = cerr(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | flags, 0) })?;
     // SAFETY: `fd` is a new socket nobody else owns.
-    Ok(unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) })
+    let s = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+    if flags == 0 {
+        set_cloexec(fd)?;
+        set_nonblocking(fd)?;
+    }
+    Ok(s)
 }
 
 /// One connect(2) of a socket from [`unix_socket`] to `path`. A
@@ -151,24 +175,18 @@ pub fn unix_connect(s: &std::os::unix::net::UnixStream, path: &std::path::Path) 
     for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
         *d = b as libc::c_char;
     }
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-    loop {
-        // SAFETY: a valid fd (borrowed) and a sockaddr_un of at least `len` bytes.
-        let r = unsafe {
-            libc::connect(
-                s.as_raw_fd(),
-                (&addr as *const libc::sockaddr_un).cast(),
-                len as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    // The path and its NUL after the fields before it (the family; BSDs
+    // also have a length byte first).
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    // SAFETY: a valid fd (borrowed) and a sockaddr_un of at least `len` bytes.
+    cerr_retry(|| unsafe {
+        libc::connect(
+            s.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len as libc::socklen_t,
+        )
+    })
+    .map(drop)
 }
 
 /// Sets a listening socket's backlog (listen(2) again on a socket that
@@ -176,10 +194,7 @@ pub fn unix_connect(s: &std::os::unix::net::UnixStream, path: &std::path::Path) 
 /// its backlog fill at once, as a stalled daemon's does.
 pub fn set_backlog(fd: &impl AsRawFd, backlog: i32) -> io::Result<()> {
     // SAFETY: a valid fd, borrowed for the call.
-    if unsafe { libc::listen(fd.as_raw_fd(), backlog) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    cerr(unsafe { libc::listen(fd.as_raw_fd(), backlog) }).map(drop)
 }
 
 /// Waits until `fd` has something to read, or has hung up or failed
@@ -196,17 +211,10 @@ pub fn wait_readable(fd: &impl AsRawFd, timeout: Duration) -> io::Result<bool> {
     // Rounded up, so a short wait never becomes a busy loop of zeros.
     let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
     // SAFETY: one live pollfd, and we pass a count of exactly one.
-    match unsafe { libc::poll(&mut p, 1, ms) } {
-        n if n > 0 => Ok(true),
-        0 => Ok(false),
-        _ => {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(e)
-            }
-        }
+    match cerr(unsafe { libc::poll(&mut p, 1, ms) }) {
+        Ok(n) => Ok(n > 0),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -292,9 +300,7 @@ pub fn host_ips() -> io::Result<Vec<std::net::IpAddr>> {
 fn each_ifaddr(mut f: impl FnMut(&libc::ifaddrs)) -> io::Result<()> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    cerr(unsafe { libc::getifaddrs(&mut head) })?;
     let mut cur = head;
     while !cur.is_null() {
         // SAFETY: `cur` is a node of the list getifaddrs returned, which

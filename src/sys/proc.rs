@@ -4,6 +4,9 @@
 use std::io;
 use std::os::fd::AsRawFd;
 
+use super::cerr;
+use super::user::Uid;
+
 /// Identity of a process that survives pid reuse: its pid and its start
 /// time (clock ticks since boot, field 22 of `/proc/PID/stat`). On systems
 /// without `/proc` the start time is 0 and only the pid is compared.
@@ -32,8 +35,10 @@ impl ProcId {
             return start_time(self.pid) == Some(self.start_time);
         }
         // SAFETY: signal 0 only checks for existence and permission.
-        let r = unsafe { libc::kill(self.pid as libc::pid_t, 0) };
-        r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+        match cerr(unsafe { libc::kill(self.pid as libc::pid_t, 0) }) {
+            Ok(_) => true,
+            Err(e) => e.raw_os_error() == Some(libc::EPERM),
+        }
     }
 
     /// Sends `sig` to this process, but only if it is still this process.
@@ -42,11 +47,7 @@ impl ProcId {
             return Err(io::Error::from_raw_os_error(libc::ESRCH));
         }
         // SAFETY: plain kill(2) on a pid we just verified.
-        if unsafe { libc::kill(self.pid as libc::pid_t, sig) } == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        cerr(unsafe { libc::kill(self.pid as libc::pid_t, sig) }).map(drop)
     }
 }
 
@@ -74,9 +75,7 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     // SAFETY: rlimit is plain data; getrlimit fills it.
     let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
     // SAFETY: a valid pointer to an rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    cerr(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) })?;
     if rl.rlim_cur < rl.rlim_max {
         let raised = libc::rlimit {
             rlim_cur: rl.rlim_max,
@@ -122,18 +121,15 @@ pub fn new_session_on_spawn(cmd: &mut std::process::Command) {
 pub fn redirect_stdout(file: &std::fs::File) -> io::Result<()> {
     // SAFETY: dup2 onto fd 1 from a file that stays open for the call;
     // std's stdout handle keeps using fd 1, which now names `file`.
-    if unsafe { libc::dup2(file.as_raw_fd(), 1) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    cerr(unsafe { libc::dup2(file.as_raw_fd(), 1) }).map(drop)
 }
 
 /// The real and effective uid of a process, from the `Uid:` line of
 /// `/proc/PID/status` (readable by everyone).
-pub fn process_uids(pid: u32) -> Option<(u32, u32)> {
+pub fn process_uids(pid: u32) -> Option<(Uid, Uid)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
-    let mut ids = line.split_whitespace().map(|t| t.parse::<u32>().ok());
+    let mut ids = line.split_whitespace().map(|t| t.parse::<u32>().ok().map(Uid));
     Some((ids.next()??, ids.next()??))
 }
 

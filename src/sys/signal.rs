@@ -6,6 +6,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
+use super::cerr;
+
 /// The signals the gateway handles, delivered through a self-pipe so the
 /// main loop can wait for them with a timeout (portable, unlike sigtimedwait).
 pub struct Signals {
@@ -28,25 +30,27 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
-/// The calling thread's `errno`.
-#[cfg(any(target_os = "linux", target_os = "android"))]
-unsafe fn errno_location() -> *mut libc::c_int {
-    libc::__errno_location()
-}
-
-/// The calling thread's `errno`.
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-unsafe fn errno_location() -> *mut libc::c_int {
-    libc::__error()
+/// Where the calling thread's `errno` lives (glibc and musl name the
+/// function `__errno_location`, macOS and FreeBSD `__error`).
+fn errno_location() -> *mut libc::c_int {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    // SAFETY: takes nothing, cannot fail, async-signal-safe; returns the
+    // calling thread's own errno slot.
+    unsafe {
+        libc::__errno_location()
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    // SAFETY: as above.
+    unsafe {
+        libc::__error()
+    }
 }
 
 impl Signals {
     pub fn install(signals: &[i32]) -> io::Result<Signals> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe fills two fds.
-        if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        cerr(unsafe { libc::pipe(fds.as_mut_ptr()) })?;
         // SAFETY: both fds were just created and are owned here.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         for fd in [&read, &write] {
@@ -58,15 +62,13 @@ impl Signals {
             // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the
             // handler only saves errno, calls write(2) and restores errno, all
             // async-signal-safe, on a pipe stored before it is installed.
-            unsafe {
+            cerr(unsafe {
                 let mut sa: libc::sigaction = std::mem::zeroed();
                 sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
                 sa.sa_flags = libc::SA_RESTART;
                 libc::sigemptyset(&mut sa.sa_mask);
-                if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
+                libc::sigaction(sig, &sa, std::ptr::null_mut())
+            })?;
         }
         Ok(Signals { read })
     }
@@ -89,15 +91,6 @@ impl Signals {
 }
 
 fn set_flags(fd: RawFd) -> io::Result<()> {
-    // SAFETY: fcntl on an fd we own.
-    unsafe {
-        let fl = libc::fcntl(fd, libc::F_GETFL);
-        if fl < 0 || libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    super::net::set_nonblocking(fd)?;
+    super::net::set_cloexec(fd)
 }

@@ -108,6 +108,7 @@ pub fn tcp_sockets_on(_ip: std::net::Ipv4Addr) -> io::Result<usize> {
 #[cfg(target_os = "linux")]
 mod linux {
     use super::{PeerState, TIMEOUT};
+    use crate::sys::{cerr, cerr_retry};
     use std::io;
     use std::net::SocketAddrV4;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -185,9 +186,7 @@ mod linux {
         req[20..24].copy_from_slice(&(!(1u32 << 6)).to_ne_bytes());
         req[60..72].fill(0);
         // SAFETY: `req` is a live buffer of the length we pass.
-        if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        cerr(unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) })?;
         let deadline = Instant::now() + DUMP_TIME;
         let mut buf = vec![0u8; DUMP_BUF];
         let mut count = 0;
@@ -242,16 +241,13 @@ mod linux {
     /// A NETLINK_SOCK_DIAG socket whose receives time out after [`TIMEOUT`].
     pub(super) fn open() -> io::Result<OwnedFd> {
         // SAFETY: plain socket(2) with constant arguments; no pointers.
-        let raw = unsafe {
+        let raw = cerr(unsafe {
             libc::socket(
                 libc::AF_NETLINK,
                 libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
                 libc::NETLINK_SOCK_DIAG,
             )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        })?;
         // SAFETY: `raw` is a descriptor socket(2) just returned to us and
         // nothing else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -267,18 +263,9 @@ mod linux {
     /// `dst`, and waits for the answer (at most [`TIMEOUT`] in all).
     pub(super) fn lookup(fd: &OwnedFd, seq: u32, src: SocketAddrV4, dst: SocketAddrV4) -> io::Result<Answer> {
         let req = encode_request(seq, src, dst);
-        loop {
-            // No address: an unconnected netlink socket sends to the kernel.
-            // SAFETY: `req` is a live buffer of the length we pass.
-            let n = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
-            if n >= 0 {
-                break;
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        // No address: an unconnected netlink socket sends to the kernel.
+        // SAFETY: `req` is a live buffer of the length we pass.
+        cerr_retry(|| unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) })?;
         let deadline = Instant::now() + TIMEOUT;
         let mut buf = [0u8; RECV_BUF];
         for _ in 0..MAX_DATAGRAMS {
@@ -305,7 +292,7 @@ mod linux {
             let mut from_len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
             // SAFETY: `buf` and `from` are live and writable for the
             // lengths we pass; the kernel writes at most that much.
-            let n = unsafe {
+            let n = match cerr(unsafe {
                 libc::recvfrom(
                     fd.as_raw_fd(),
                     buf.as_mut_ptr().cast(),
@@ -314,10 +301,9 @@ mod linux {
                     (&mut from as *mut libc::sockaddr_nl).cast(),
                     &mut from_len,
                 )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
+            }) {
+                Ok(n) => n,
+                Err(e) => match e.kind() {
                     io::ErrorKind::Interrupted if Instant::now() < deadline => continue,
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
                         return Err(io::Error::new(
@@ -326,8 +312,8 @@ mod linux {
                         ))
                     }
                     _ => return Err(e),
-                }
-            }
+                },
+            };
             // Only the kernel may answer (another process could, if
             // privileged, unicast to our port id): skip anything else.
             if from.nl_pid == 0 {

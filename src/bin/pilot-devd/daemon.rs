@@ -245,7 +245,7 @@ struct Daemon {
     ports: Mutex<HashMap<u16, Arc<Client>>>,
     next_remote_port: AtomicU16,
     started: Instant,
-    euid: u32,
+    euid: sys::user::Uid,
 }
 
 /// Binds the socket (removing a stale one) and serves until the process ends.
