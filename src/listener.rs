@@ -1,5 +1,6 @@
 //! Listeners: one socket per mapped IP and port, bound to that IP only,
-//! each with a thread blocked in `accept` that hands every connection to
+//! each with a thread waiting for clients (see [`wait_for_client`]) that
+//! hands every connection to
 //! the relay (`relay.rs`), or resets it: a client from another host
 //! (unless `--allow-remote`), beyond `--max-conns`, or when the process is
 //! out of descriptors.
@@ -42,7 +43,12 @@ impl Listener {
         data_path: Arc<DataPath>,
         conns: Arc<Connections>,
     ) -> io::Result<Listener> {
-        let socket = Arc::new(TcpListener::bind((ip, port))?);
+        let socket = TcpListener::bind((ip, port))?;
+        // Accepts follow a poll that said a client waits; non-blocking, so
+        // a client that left the queue meanwhile never blocks the thread
+        // where no stop can reach it.
+        socket.set_nonblocking(true)?;
+        let socket = Arc::new(socket);
         let stopping = Arc::new(AtomicBool::new(false));
         let thread = {
             let (socket, stopping) = (socket.clone(), stopping.clone());
@@ -70,11 +76,13 @@ impl Listener {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
-    /// Stops accepting and waits for the accept thread.
+    /// Stops accepting and waits for the accept thread: at once on Linux,
+    /// within [`WAKE`] elsewhere (see [`wait_for_client`]).
     pub fn stop(&mut self) {
         self.stopping.store(true, Relaxed);
-        // Shutting the socket down wakes the accept thread. The socket stays
-        // open until both Arcs are gone, so the fd cannot be reused under us.
+        // On Linux, shutting the socket down wakes the thread's poll. The
+        // socket stays open until both Arcs are gone, so the fd cannot be
+        // reused under us.
         sys::net::shutdown_listener(&self.socket);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -99,14 +107,15 @@ fn accept_loop(
     let Ok(local) = socket.local_addr() else { return };
     let mut backoff = Duration::from_millis(5);
     loop {
-        let accepted = socket.accept();
-        if stopping.load(Relaxed) {
+        if !wait_for_client(socket, stopping, WAKE) {
             return;
         }
-        let (tcp, client) = match accepted {
+        let (tcp, client) = match socket.accept() {
             Ok(a) => a,
             Err(e)
-                if e.kind() == io::ErrorKind::Interrupted || e.kind() == io::ErrorKind::ConnectionAborted =>
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted
+                    || e.kind() == io::ErrorKind::ConnectionAborted =>
             {
                 continue
             }
@@ -126,6 +135,13 @@ fn accept_loop(
             }
         };
         backoff = Duration::from_millis(5);
+        // BSDs hand out accepted sockets with the listener's O_NONBLOCK;
+        // the relay's threads block on theirs (Linux never inherits it).
+        #[cfg(not(target_os = "linux"))]
+        if tcp.set_nonblocking(false).is_err() {
+            sys::net::reset(tcp);
+            continue;
+        }
         if !data_path.settings.allow_remote && !subnet::is_local_client(client.ip(), local.ip()) {
             refuse_remote(tcp, client, local, pilot, data_path, conns);
             continue;
@@ -150,6 +166,34 @@ fn accept_loop(
             continue;
         }
         relay::serve(tcp, client, local, pilot, data_path, conns);
+    }
+}
+
+/// How long an accept thread waits for a client before it looks at its
+/// stop flag again. On Linux `stop`'s shutdown(2) wakes the wait at once
+/// (poll reports the hang-up), so it never needs to look. macOS and
+/// FreeBSD report nothing on a listener's shutdown (nor wake a blocked
+/// accept): there the thread looks every 100 ms, which bounds how long a
+/// `stop` takes, at the cost of ten wake-ups a second per idle listener.
+const WAKE: Duration = if cfg!(target_os = "linux") {
+    Duration::MAX
+} else {
+    Duration::from_millis(100)
+};
+
+/// Waits until a client may be waiting on `socket` (`true`), or until
+/// `stopping` is set (`false`), checking the flag at least every `wake`.
+/// A failed poll counts as "may be waiting": the accept then says what
+/// failed, and the caller backs off.
+fn wait_for_client(socket: &TcpListener, stopping: &AtomicBool, wake: Duration) -> bool {
+    loop {
+        let ready = sys::net::wait_readable(socket, wake).unwrap_or(true);
+        if stopping.load(Relaxed) {
+            return false;
+        }
+        if ready {
+            return true;
+        }
     }
 }
 
@@ -180,13 +224,13 @@ pub fn open_reserve() {
 const SHED_WAIT: Duration = Duration::from_millis(100);
 
 /// Out of descriptors: waits up to [`SHED_WAIT`] for a client; if one
-/// comes, frees the reserve, accepts the client without blocking, resets
-/// it, and takes the reserve back. `accept(2)` claims a descriptor before
-/// it waits, so EMFILE comes back even when no client is waiting: only
-/// the bounded poll waits, and never with the reserve's lock held, so
-/// other listeners shed their clients meanwhile and `stop`'s shutdown ends
-/// the wait (poll reports the hang-up). `false` if the reserve is gone or
-/// the socket failed (the caller then backs off).
+/// comes, frees the reserve, accepts the client (the socket is
+/// non-blocking), resets it, and takes the reserve back. EMFILE comes back
+/// even when no client is waiting (Linux's accept(2) claims a descriptor
+/// first): only the bounded poll waits, and never with the reserve's lock
+/// held, so other listeners shed their clients meanwhile and a stop is
+/// seen within [`SHED_WAIT`]. `false` if the reserve is gone or the
+/// socket failed (the caller then backs off).
 fn shed_one(socket: &TcpListener, data_path: &DataPath) -> bool {
     match sys::net::wait_readable(socket, SHED_WAIT) {
         Ok(true) => {}
@@ -194,16 +238,11 @@ fn shed_one(socket: &TcpListener, data_path: &DataPath) -> bool {
         Err(_) => return false,
     }
     let mut reserve = RESERVE.lock().unwrap_or_else(|p| p.into_inner());
-    // Non-blocking for this one accept: a client that left the queue
-    // since the poll must not leave us blocked with the lock held. Only
-    // this thread accepts on the socket, so no other accept sees the flag.
-    if reserve.is_none() || socket.set_nonblocking(true).is_err() {
+    if reserve.is_none() {
         return false;
     }
     *reserve = None; // frees the descriptor the accept needs
-    let accepted = socket.accept();
-    let _ = socket.set_nonblocking(false);
-    if let Ok((tcp, client)) = accepted {
+    if let Ok((tcp, client)) = socket.accept() {
         let n = data_path.refused.fetch_add(1, Relaxed) + 1;
         warn_limited!(
             REFUSED_NO_FDS,
@@ -245,5 +284,52 @@ fn refuse_remote(
             "refused",
             "client from another host",
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// The wait every platform relies on: a client wakes it, and a stop
+    /// flag alone (no shutdown, as on macOS and FreeBSD) ends it within
+    /// the wake interval.
+    #[test]
+    fn a_waiting_accept_thread_sees_clients_and_a_stop_without_shutdown() {
+        let socket = Arc::new(TcpListener::bind("127.0.0.1:0").unwrap());
+        socket.set_nonblocking(true).unwrap();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let wake = Duration::from_millis(20);
+        let _client = std::net::TcpStream::connect(socket.local_addr().unwrap()).unwrap();
+        assert!(wait_for_client(&socket, &stopping, wake), "a client is waiting");
+        socket.accept().unwrap();
+        let (s, f) = (socket.clone(), stopping.clone());
+        let waiter = thread::spawn(move || {
+            let t = Instant::now();
+            (wait_for_client(&s, &f, wake), t.elapsed())
+        });
+        thread::sleep(Duration::from_millis(100));
+        stopping.store(true, Relaxed);
+        let (ready, waited) = waiter.join().unwrap();
+        assert!(!ready, "stopping");
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+    }
+
+    /// Linux: the wait never times out, and `stop`'s shutdown ends it.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn shutdown_wakes_an_endless_wait_on_linux() {
+        let socket = Arc::new(TcpListener::bind("127.0.0.1:0").unwrap());
+        socket.set_nonblocking(true).unwrap();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (s, f) = (socket.clone(), stopping.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || tx.send(wait_for_client(&s, &f, WAKE)));
+        thread::sleep(Duration::from_millis(100));
+        stopping.store(true, Relaxed);
+        sys::net::shutdown_listener(&socket);
+        // Bounded: a wait the shutdown did not end fails here, not hangs.
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(false));
     }
 }
