@@ -1,7 +1,8 @@
 //! Loopback aliases: giving `lo` the mapped IPs so that listeners can bind
 //! them and local clients can reach them.
 //!
-//! We run the platform's own tool (`ip` on Linux, `ifconfig` on macOS)
+//! We run the platform's own tool (`ip` on Linux, `ifconfig` on macOS and
+//! FreeBSD)
 //! with an argument vector — never a shell — rather than speaking netlink,
 //! so an auditor sees exactly the command an operator would type. The tool
 //! is taken from the usual sbin and bin directories, then from absolute
@@ -25,8 +26,7 @@ use crate::error::{Code, Error, Result};
 use crate::{subnet, sys, warn};
 
 /// What every gateway's label starts with on Linux (`ip addr show label
-/// 'lo:pgw*'`). It is also the whole label of aliases added by versions
-/// before labels per state directory (see [`Label::Legacy`]).
+/// 'lo:pgw*'`).
 pub const LABEL_PREFIX: &str = "lo:pgw";
 
 /// The label of the aliases of the gateway whose state directory has this
@@ -49,9 +49,8 @@ pub fn label_for((dev, ino): (u64, u64)) -> String {
 pub enum Label {
     /// This state directory's label: our gateway added it.
     Ours,
-    /// Plain `lo:pgw`: added by an older version, by some gateway.
-    Legacy,
-    /// Another state directory's label: another gateway's alias.
+    /// Another gateway's label (another state directory's, or any other
+    /// label that starts with [`LABEL_PREFIX`]): another gateway's alias.
     OtherGateway,
     /// No gateway label (an administrator's address, or none).
     Foreign,
@@ -63,8 +62,6 @@ impl Label {
     pub fn of(name: &str, ours: &str) -> Label {
         if name == ours {
             Label::Ours
-        } else if name == LABEL_PREFIX {
-            Label::Legacy
         } else if name.starts_with(LABEL_PREFIX) {
             Label::OtherGateway
         } else {
@@ -76,16 +73,18 @@ impl Label {
 /// Which command set to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Platform {
+    /// `ip addr add|del IP/32 dev lo label LABEL`.
     Linux,
-    MacOs,
+    /// `ifconfig lo0 alias|-alias IP`: macOS and FreeBSD (no labels).
+    Bsd,
 }
 
 impl Platform {
     pub fn current() -> Platform {
-        if cfg!(target_os = "macos") {
-            Platform::MacOs
-        } else {
+        if cfg!(target_os = "linux") {
             Platform::Linux
+        } else {
+            Platform::Bsd
         }
     }
 
@@ -108,7 +107,7 @@ impl Platform {
                     ],
                 )
             }
-            Platform::MacOs => {
+            Platform::Bsd => {
                 let verb = if add { "alias" } else { "-alias" };
                 ("ifconfig", vec!["lo0".into(), verb.into(), ip.to_string()])
             }
@@ -116,8 +115,9 @@ impl Platform {
     }
 }
 
-/// The outcome of one command: success, or the tool's own words.
-pub type RunResult = std::result::Result<(), String>;
+/// The outcome of one command: success, or an error whose message is the
+/// tool's own words (which [`classify`] reads).
+pub type RunResult = Result<()>;
 
 /// Runs a program with arguments. Substitutable so that the command lines
 /// can be tested without privilege.
@@ -137,17 +137,17 @@ impl Runner for System {
             .env("LC_ALL", "C")
             .stdin(std::process::Stdio::null())
             .output()
-            .map_err(|e| format!("cannot run {}: {e}", path.display()))?;
+            .map_err(|e| Error::internal(format!("cannot run {}: {e}", path.display())))?;
         if out.status.success() {
             Ok(())
         } else {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let stderr = stderr.trim();
-            Err(if stderr.is_empty() {
+            Err(Error::internal(if stderr.is_empty() {
                 format!("exited with {}", out.status)
             } else {
                 stderr.to_string()
-            })
+            }))
         }
     }
 }
@@ -162,7 +162,7 @@ const TOOL_DIRS: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
 /// capabilities (or as root), so a candidate is used only if it and every
 /// directory on its path, as written and as resolved, belong to root and
 /// are writable by no one else ([`check_trusted`]); else the next one.
-fn find_program(name: &str) -> std::result::Result<PathBuf, String> {
+fn find_program(name: &str) -> Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let mut refused = Vec::new();
     let dirs = TOOL_DIRS
@@ -172,17 +172,17 @@ fn find_program(name: &str) -> std::result::Result<PathBuf, String> {
     for candidate in dirs.map(|dir| dir.join(name)).filter(|p| p.is_file()) {
         match check_trusted(&candidate) {
             Ok(()) => return Ok(candidate),
-            Err(why) => refused.push(why),
+            Err(why) => refused.push(why.message),
         }
     }
-    Err(if refused.is_empty() {
+    Err(Error::internal(if refused.is_empty() {
         format!(
             "cannot run {name}: not found in {} or an absolute directory of PATH",
             TOOL_DIRS.join(", ")
         )
     } else {
         format!("cannot run {name}: refused {}", refused.join("; "))
-    })
+    }))
 }
 
 /// Whether `tool`, every directory above it, and the same for the path it
@@ -190,27 +190,33 @@ fn find_program(name: &str) -> std::result::Result<PathBuf, String> {
 /// then nobody but root can change what runs, between this check and the
 /// exec or later. We exec `tool` as found (not the resolved path), since a
 /// multi-call binary (busybox) dispatches on its name.
-fn check_trusted(tool: &Path) -> std::result::Result<(), String> {
+fn check_trusted(tool: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let real = std::fs::canonicalize(tool).map_err(|e| format!("{}: {e}", tool.display()))?;
+    let real = std::fs::canonicalize(tool).map_err(|e| Error::io(tool.display(), &e))?;
     for p in tool.ancestors().chain(real.ancestors()) {
         if p.as_os_str().is_empty() {
             continue;
         }
-        let meta = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let meta = std::fs::metadata(p).map_err(|e| Error::io(p.display(), &e))?;
         if meta.uid() != 0 {
-            return Err(format!(
-                "{} ({} is owned by uid {}, not root)",
-                tool.display(),
-                p.display(),
-                meta.uid()
+            return Err(Error::new(
+                Code::PermissionDenied,
+                format!(
+                    "{} ({} is owned by uid {}, not root)",
+                    tool.display(),
+                    p.display(),
+                    meta.uid()
+                ),
             ));
         }
         if meta.mode() & 0o022 != 0 {
-            return Err(format!(
-                "{} ({} is writable by group or others)",
-                tool.display(),
-                p.display()
+            return Err(Error::new(
+                Code::PermissionDenied,
+                format!(
+                    "{} ({} is writable by group or others)",
+                    tool.display(),
+                    p.display()
+                ),
             ));
         }
     }
@@ -245,38 +251,35 @@ impl Aliases {
         match self.runner.run(program, &args) {
             Ok(()) => Ok(true),
             // Someone added it between our look and our add: not ours.
-            Err(e) if e.contains("File exists") || e.contains("already assigned") => Ok(false),
+            Err(e) if e.message.contains("File exists") || e.message.contains("already assigned") => {
+                Ok(false)
+            }
             Err(e) => Err(classify(
                 &format!("cannot add loopback alias {ip} ({program} {})", args.join(" ")),
-                &e,
+                &e.message,
             )),
         }
     }
 
-    /// Removes an alias we added. A missing alias is not an error (someone
+    /// Removes an alias we added (on Linux: only if it carries our label,
+    /// which the kernel checks). A missing alias is not an error (someone
     /// removed it already).
     pub fn remove(&self, ip: Ipv4Addr) -> Result<()> {
-        self.remove_labelled(ip, &self.label)
-    }
-
-    /// Removes `ip` only if it carries `label` (a stale cleanup of an
-    /// alias an older version labelled [`LABEL_PREFIX`]).
-    pub fn remove_labelled(&self, ip: Ipv4Addr, label: &str) -> Result<()> {
-        let (program, args) = self.platform.command(ip, false, label);
+        let (program, args) = self.platform.command(ip, false, &self.label);
         match self.runner.run(program, &args) {
             Ok(()) => Ok(()),
             // Older kernels say "Cannot assign", newer "Address not found";
             // also what a del with our label gets for an unlabelled address.
             Err(e)
-                if e.contains("Cannot assign requested address")
-                    || e.contains("Address not found")
-                    || e.contains("Can't assign") =>
+                if e.message.contains("Cannot assign requested address")
+                    || e.message.contains("Address not found")
+                    || e.message.contains("Can't assign") =>
             {
                 Ok(())
             }
             Err(e) => Err(classify(
                 &format!("cannot remove loopback alias {ip} ({program} {})", args.join(" ")),
-                &e,
+                &e.message,
             )),
         }
     }
@@ -294,7 +297,7 @@ fn classify(what: &str, tool_said: &str) -> Error {
         )
     } else if lower.contains("cannot run") {
         Error::new(Code::Internal, format!("{what}: {tool_said}"))
-            .hint("install iproute2 (Linux) so that the `ip` command is available")
+            .hint("install iproute2 (Linux) so that the `ip` command is available (macOS and FreeBSD have `ifconfig`)")
     } else {
         Error::new(Code::Internal, format!("{what}: {tool_said}"))
     }
@@ -302,8 +305,9 @@ fn classify(what: &str, tool_said: &str) -> Error {
 
 // ---- Forensics: whose is an alias we find on loopback? ----
 
-/// Whether a dead gateway's recorded alias may be removed, and the label
-/// to remove it with (`Err`: why not). The old state file was writable by
+/// Whether a dead gateway's recorded alias may be removed (`Err`: why
+/// not, in its message); [`Aliases::remove`] then removes it with this
+/// gateway's label. The old state file was writable by
 /// the gateway's user, so nothing in it is taken on its word (its subnet
 /// least of all): the IP must be assignable in the *new* start's own
 /// subnet (which the operator chose), outside 127.0.0.0/8, and sit on a
@@ -311,58 +315,45 @@ fn classify(what: &str, tool_said: &str) -> Error {
 /// directory's label (`alias::label_for`), which only our own `ip addr add`
 /// sets — an administrator's address (no label) or another gateway's
 /// (another directory's label) is never removed, and the removal names
-/// the label, so the kernel checks it again — or the plain `lo:pgw` of an
-/// older version. And no process may hold a TCP socket on it ([`in_use`]):
-/// a live gateway listens there. macOS has no labels: there the subnet
-/// rule alone applies.
-pub fn stale_alias_label(new: Ipv4Network, ip: Ipv4Addr, ours: &str) -> std::result::Result<String, String> {
+/// the label, so the kernel checks it again. And no process may hold a
+/// TCP socket on it: a live gateway listens there. macOS and FreeBSD have
+/// no labels: there the subnet rule alone applies.
+pub fn check_stale_alias(new: Ipv4Network, ip: Ipv4Addr, ours: &str) -> Result<()> {
+    let no = |why: String| Error::new(Code::PermissionDenied, why);
     if !subnet::is_assignable(new, ip) || ip.is_loopback() {
-        return Err(format!("it is not in this start's subnet {new}"));
+        return Err(no(format!("it is not in this start's subnet {new}")));
     }
     let found = sys::net::interface_addresses()
-        .map_err(|e| format!("the interface addresses cannot be listed ({e})"))?
+        .map_err(|e| no(format!("the interface addresses cannot be listed ({e})")))?
         .into_iter()
         .find(|a| a.addr == ip && a.loopback && a.prefix == 32)
-        .ok_or_else(|| "it is not a /32 alias on loopback".to_string())?;
+        .ok_or_else(|| no("it is not a /32 alias on loopback".into()))?;
     if !cfg!(target_os = "linux") {
-        return Ok(String::new());
+        return Ok(());
     }
     let label = found.interface;
     match Label::of(&label, ours) {
-        Label::Ours => match in_use(ip) {
-            // Only this directory's gateway adds this label, and it is dead
-            // (we hold its lock): a kernel that cannot be asked does not
-            // keep our own leftover.
-            Some(Err(why)) => Err(why),
-            _ => Ok(label),
+        // Only this directory's gateway adds this label, and it is dead
+        // (we hold its lock): a kernel that cannot be asked which sockets
+        // use it does not keep our own leftover.
+        Label::Ours => match sys::sock_diag::tcp_sockets_on(ip) {
+            Ok(n @ 1..) => Err(no(format!(
+                "{n} TCP socket(s) are bound to it: another gateway or program is live there"
+            ))),
+            Ok(0) => Ok(()),
+            Err(e) => {
+                warn!("cannot ask the kernel which sockets use {ip}: {e}");
+                Ok(())
+            }
         },
-        Label::Legacy => match in_use(ip) {
-            Some(Ok(())) => Ok(label),
-            Some(Err(why)) => Err(why),
-            None => Err(format!("it carries the {label} label of an older version (any gateway's), and whether a program uses it cannot be checked")),
-        },
-        Label::OtherGateway => Err(format!("it carries another gateway's label {label} (another state directory)")),
-        Label::Foreign => Err(format!("it does not carry this gateway's label {ours}")),
-    }
-}
-
-/// Whether no process holds a TCP socket on `ip` (`Some(Ok)`), some does
-/// (`Some(Err)`, why), or the kernel cannot tell (`None`, logged).
-fn in_use(ip: Ipv4Addr) -> Option<std::result::Result<(), String>> {
-    match sys::sock_diag::tcp_sockets_on(ip) {
-        Ok(0) => Some(Ok(())),
-        Ok(n) => Some(Err(format!(
-            "{n} TCP socket(s) are bound to it: another gateway or program is live there"
+        Label::OtherGateway => Err(no(format!(
+            "it carries another gateway's label {label} (another state directory)"
         ))),
-        Err(e) => {
-            warn!("cannot ask the kernel which sockets use {ip}: {e}");
-            None
-        }
+        Label::Foreign => Err(no(format!("it does not carry this gateway's label {ours}"))),
     }
 }
 
-/// Refuses `ip` if it is on loopback with another gateway's label (another
-/// state directory's, or the plain `lo:pgw` of an older version) and that
+/// Refuses `ip` if it is on loopback with another gateway's label and that
 /// gateway is live: a process holds a TCP socket on it (its listeners), or
 /// the kernel cannot tell. Sharing it would mix the two gateways, and the
 /// other's `stop` would pull it from under this one. A labelled address
@@ -374,11 +365,10 @@ pub fn check_not_another_gateways(ip: Ipv4Addr, ours: &str) -> Result<()> {
     }
     let addrs = sys::net::interface_addresses()
         .map_err(|e| Error::internal(format!("cannot list interface addresses: {e}")))?;
-    let Some(other) = addrs.iter().find(|a| {
-        a.addr == ip
-            && a.loopback
-            && matches!(Label::of(&a.interface, ours), Label::OtherGateway | Label::Legacy)
-    }) else {
+    let Some(other) = addrs
+        .iter()
+        .find(|a| a.addr == ip && a.loopback && Label::of(&a.interface, ours) == Label::OtherGateway)
+    else {
         return Ok(());
     };
     let label = &other.interface;
@@ -449,11 +439,6 @@ mod tests {
                 "ip addr del 10.4.0.1/32 dev lo label lo:pgw0123abcd"
             ]
         );
-        a.remove_labelled(IP, LABEL_PREFIX).unwrap();
-        assert_eq!(
-            calls.lock().unwrap()[2],
-            "ip addr del 10.4.0.1/32 dev lo label lo:pgw"
-        );
     }
 
     #[test]
@@ -466,15 +451,19 @@ mod tests {
         assert_ne!(a, label_for((2049, 131_074)));
         assert_ne!(a, label_for((2050, 131_073)));
         assert_eq!(Label::of(&a, &a), Label::Ours);
-        assert_eq!(Label::of("lo:pgw", &a), Label::Legacy);
+        assert_eq!(
+            Label::of("lo:pgw", &a),
+            Label::OtherGateway,
+            "any gateway label but ours"
+        );
         assert_eq!(Label::of(&label_for((1, 2)), &a), Label::OtherGateway);
         assert_eq!(Label::of("lo", &a), Label::Foreign);
         assert_eq!(Label::of("lo:admin", &a), Label::Foreign);
     }
 
     #[test]
-    fn macos_commands() {
-        let (a, calls) = aliases(Platform::MacOs, |_| Ok(()));
+    fn macos_and_freebsd_commands() {
+        let (a, calls) = aliases(Platform::Bsd, |_| Ok(()));
         assert!(a.add(IP, false).unwrap());
         a.remove(IP).unwrap();
         assert_eq!(
@@ -491,14 +480,16 @@ mod tests {
             calls.lock().unwrap().is_empty(),
             "nothing runs for an alias that exists"
         );
-        let (raced, _) = aliases(Platform::Linux, |_| Err("RTNETLINK answers: File exists".into()));
+        let (raced, _) = aliases(Platform::Linux, |_| {
+            Err(Error::internal("RTNETLINK answers: File exists"))
+        });
         assert!(!raced.add(IP, false).unwrap());
     }
 
     #[test]
     fn errors_are_classified() {
         let (a, _) = aliases(Platform::Linux, |_| {
-            Err("RTNETLINK answers: Operation not permitted".into())
+            Err(Error::internal("RTNETLINK answers: Operation not permitted"))
         });
         let e = a.add(IP, false).unwrap_err();
         assert_eq!(e.code, Code::PermissionDenied);
@@ -510,16 +501,22 @@ mod tests {
         );
         assert!(e.hint.unwrap().contains("127.0.0.0/8"));
         let (gone, _) = aliases(Platform::Linux, |_| {
-            Err("RTNETLINK answers: Cannot assign requested address".into())
+            Err(Error::internal(
+                "RTNETLINK answers: Cannot assign requested address",
+            ))
         });
         assert!(gone.remove(IP).is_ok());
-        let (gone, _) = aliases(Platform::Linux, |_| Err("Error: ipv4: Address not found.".into()));
+        let (gone, _) = aliases(Platform::Linux, |_| {
+            Err(Error::internal("Error: ipv4: Address not found."))
+        });
         assert!(gone.remove(IP).is_ok());
         let (missing, _) = aliases(Platform::Linux, |_| {
-            Err("cannot run ip: No such file or directory".into())
+            Err(Error::internal("cannot run ip: No such file or directory"))
         });
         let (refused, _) = aliases(Platform::Linux, |_| {
-            Err("cannot run ip: refused /opt/ip (/opt/ip is owned by uid 12345, not root)".into())
+            Err(Error::internal(
+                "cannot run ip: refused /opt/ip (/opt/ip is owned by uid 12345, not root)",
+            ))
         });
         let e = refused.add(IP, false).unwrap_err();
         assert_eq!(e.code, Code::PermissionDenied);
@@ -542,18 +539,19 @@ mod tests {
         std::fs::write(&tool, "#!/bin/sh\n").unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         let e = check_trusted(&tool).unwrap_err();
-        assert!(e.contains("writable by group or others"), "{e}");
+        assert!(e.message.contains("writable by group or others"), "{e}");
         if crate::sys::user::euid().is_root() {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
             chown(&tool, Some(12345), None).unwrap();
             let e = check_trusted(&tool).unwrap_err();
-            assert!(e.contains("owned by uid 12345"), "{e}");
+            assert!(e.message.contains("owned by uid 12345"), "{e}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
         // `env` is found in the fixed directories whatever PATH holds.
         assert!(find_program("env").unwrap().is_absolute());
         assert!(find_program("no-such-tool-pgw")
             .unwrap_err()
+            .message
             .contains("not found"));
     }
 }

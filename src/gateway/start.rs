@@ -84,7 +84,7 @@ pub(super) fn open_state_dir_as_user(cfg: &Config) -> Result<(StateDir, Option<S
 }
 
 /// Refuses to start beside a live gateway; after a dead one, removes the
-/// aliases it recorded — only where it is safe (see `alias::stale_alias_label`) —
+/// aliases it recorded — only where it is safe (see `alias::check_stale_alias`) —
 /// and its files. Returns the aliases removed. Runs after the switch to
 /// the gateway's user, with only its two capabilities.
 pub(super) fn clean_up_after_dead_gateway(
@@ -115,25 +115,22 @@ pub(super) fn clean_up_after_dead_gateway(
         if !subnet::is_local_address(m.local_ip).unwrap_or(true) {
             continue; // already gone
         }
-        let label = if invalid.contains(&m.local_ip) {
-            Err(format!(
+        let removable = if invalid.contains(&m.local_ip) {
+            Err(Error::invalid(format!(
                 "it is not valid in the old state's subnet {}",
                 prev.subnet
-            ))
+            )))
         } else {
-            alias::stale_alias_label(subnet, m.local_ip, &aliases.label)
+            alias::check_stale_alias(subnet, m.local_ip, &aliases.label)
         };
-        let label = match label {
-            Ok(label) => label,
-            Err(why) => {
-                warn!(
-                    "left address {} alone: the old state file says the gateway added it, but {why}",
-                    m.local_ip
-                );
-                continue;
-            }
-        };
-        match aliases.remove_labelled(m.local_ip, &label) {
+        if let Err(why) = removable {
+            warn!(
+                "left address {} alone: the old state file says the gateway added it, but {}",
+                m.local_ip, why.message
+            );
+            continue;
+        }
+        match aliases.remove(m.local_ip) {
             Ok(()) => cleaned.push(m.local_ip.to_string()),
             Err(e) => warn!("could not remove leftover alias {}: {e}", m.local_ip),
         }
