@@ -29,7 +29,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use pilot_gateway::address::PilotAddr;
-use pilot_gateway::ipc::{self, cmd, FrameReader, Session};
+use pilot_gateway::ipc::{self, cmd, FrameReader};
 use pilot_gateway::json::Value;
 
 const AGENT: &str = "0:0000.0000.0004";
@@ -232,11 +232,15 @@ fn open(env: &Env, route: Route, port: u16) -> io::Result<Box<dyn Duplex>> {
         Route::Gateway => tcp(env.gateway_ip),
         Route::Socat => tcp(env.socat_ip),
         Route::Devd => {
-            let mut s = Session::connect(&env.socket)?;
-            s.set_timeout(Some(Duration::from_secs(30)))?;
+            // A data session as the relay opens one: a Dial, then frames.
+            let writer = UnixStream::connect(&env.socket)?;
+            writer.set_read_timeout(Some(Duration::from_secs(30)))?;
             let agent: PilotAddr = AGENT.parse().map_err(|e| io::Error::other(format!("{e}")))?;
-            let id = s.dial(agent, port).map_err(|e| io::Error::other(e.to_string()))?;
-            let (reader, writer) = s.into_parts();
+            (&writer).write_all(&ipc::encode(cmd::DIAL, &[&agent.to_wire(), &port.to_be_bytes()]))?;
+            let mut reader = FrameReader::new(writer.try_clone()?, ipc::READ_BUFFER);
+            let (c, range) = reader.read_frame().map_err(|e| io::Error::other(e.to_string()))?;
+            let id =
+                ipc::dial_reply(c, &reader.buffer()[range]).map_err(|e| io::Error::other(e.to_string()))?;
             Ok(Box::new(DevdConn {
                 reader,
                 writer,

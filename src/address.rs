@@ -23,8 +23,6 @@ pub struct PilotAddr {
 pub const BROADCAST_NODE: u32 = 0xFFFF_FFFF;
 
 impl PilotAddr {
-    pub const WIRE_LEN: usize = 6;
-
     pub fn new(network: u16, node: u32) -> PilotAddr {
         PilotAddr { network, node }
     }

@@ -489,12 +489,6 @@ pub struct Session {
 pub const READ_BUFFER: usize = 32 * 1024;
 
 impl Session {
-    /// Connects without a deadline of note and without an expected uid:
-    /// for tests and tools, never for the gateway's own connections.
-    pub fn connect(path: &Path) -> io::Result<Session> {
-        Session::connect_within(path, Duration::from_secs(10), None)
-    }
-
     /// Connects within `timeout`, to a daemon of uid `expect` (see
     /// [`connect_by`]).
     pub fn connect_within(path: &Path, timeout: Duration, expect: Option<Uid>) -> io::Result<Session> {
@@ -592,19 +586,6 @@ impl Session {
         json::parse_bytes(&reply).map_err(|e| IpcError::BadReply(format!("{name}: {e}")))
     }
 
-    /// Opens a stream to `port` of `addr`; returns the connection id.
-    pub fn dial(&mut self, addr: PilotAddr, port: u16) -> Result<u32, IpcError> {
-        self.send(cmd::DIAL, &[&addr.to_wire(), &port.to_be_bytes()])?;
-        let (command, range) = self.read_reply()?;
-        dial_reply(command, &self.reader.buffer()[range])
-    }
-
-    /// Abandons this session's pending dials (newer daemons; older ones
-    /// answer with an Error frame nobody reads, since we close right after).
-    pub fn cancel(&mut self) -> Result<(), IpcError> {
-        self.send(cmd::CANCEL, &[])
-    }
-
     pub fn info(&mut self) -> Result<json::Value, IpcError> {
         self.request_json(cmd::INFO, &[], cmd::INFO_OK, "InfoOK")
     }
@@ -637,12 +618,6 @@ impl Session {
             .and_then(json::Value::as_str)
             .ok_or_else(|| IpcError::BadReply("ResolveHostnameOK has no \"address\"".into()))?;
         text.parse().map_err(|e| IpcError::BadReply(format!("{e}")))
-    }
-
-    /// Hands the session over to the data path: the buffered reader (with
-    /// anything it already read) and a write handle.
-    pub fn into_parts(self) -> (FrameReader<UnixStream>, UnixStream) {
-        (self.reader, self.writer)
     }
 }
 

@@ -53,13 +53,6 @@ impl Value {
         }
     }
 
-    pub fn as_i64(&self) -> Option<i64> {
-        match self {
-            Value::Num(n) => n.parse().ok(),
-            _ => None,
-        }
-    }
-
     pub fn as_f64(&self) -> Option<f64> {
         match self {
             Value::Num(n) => n.parse().ok(),
@@ -77,13 +70,6 @@ impl Value {
     pub fn as_array(&self) -> Option<&[Value]> {
         match self {
             Value::Arr(a) => Some(a),
-            _ => None,
-        }
-    }
-
-    pub fn as_object(&self) -> Option<&[(String, Value)]> {
-        match self {
-            Value::Obj(o) => Some(o),
             _ => None,
         }
     }

@@ -18,9 +18,42 @@ fn a4() -> PilotAddr {
 }
 
 fn session(d: &Devd) -> Session {
-    let mut s = Session::connect(&d.socket).unwrap();
+    let mut s = Session::connect_within(&d.socket, Duration::from_secs(10), None).unwrap();
     s.set_timeout(Some(Duration::from_secs(10))).unwrap();
     s
+}
+
+/// A data session as the relay opens one (its own Dial frame, then frames
+/// both ways), where `Session` is the control client.
+struct Raw {
+    r: FrameReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Raw {
+    fn open(d: &Devd) -> Raw {
+        let s = UnixStream::connect(&d.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw {
+            w: s.try_clone().unwrap(),
+            r: FrameReader::new(s, 64 * 1024),
+        }
+    }
+
+    fn send(&mut self, command: u8, parts: &[&[u8]]) {
+        self.w.write_all(&ipc::encode(command, parts)).unwrap();
+    }
+
+    fn frame(&mut self) -> (u8, Vec<u8>) {
+        let (c, range) = self.r.read_frame().unwrap();
+        (c, self.r.buffer()[range].to_vec())
+    }
+
+    fn dial(&mut self, addr: PilotAddr, port: u16) -> Result<u32, IpcError> {
+        self.send(cmd::DIAL, &[&addr.to_wire(), &port.to_be_bytes()]);
+        let (c, payload) = self.frame();
+        ipc::dial_reply(c, &payload)
+    }
 }
 
 fn routes(extra: &[&'static str]) -> Vec<&'static str> {
@@ -56,9 +89,9 @@ fn dial_send_recv_and_unsolicited_close() {
     let dir = TempDir::new("devd-echo");
     let _svc = Service::start(7000, source);
     let d = Devd::start(&dir, &routes(&[]));
-    let mut s = session(&d);
+    let mut s = Raw::open(&d);
     let id = s.dial(a4(), 7000).unwrap();
-    let (mut r, mut w) = s.into_parts();
+    let Raw { mut r, mut w } = s;
     let mut frame = vec![0u8; 9 + 8];
     frame[9..].copy_from_slice(&(100_000u64).to_be_bytes());
     ipc::put_send_header(&mut frame, id, 8);
@@ -82,11 +115,10 @@ fn close_of_a_live_connection_is_answered() {
     let dir = TempDir::new("devd-close");
     let _svc = Service::start(7001, echo);
     let d = Devd::start(&dir, &routes(&[]));
-    let mut s = session(&d);
+    let mut s = Raw::open(&d);
     let id = s.dial(a4(), 7001).unwrap();
-    s.send(cmd::CLOSE, &[&id.to_be_bytes()]).unwrap();
-    let (mut r, _w) = s.into_parts();
-    let (c, _) = r.read_frame().unwrap();
+    s.send(cmd::CLOSE, &[&id.to_be_bytes()]);
+    let (c, _) = s.frame();
     assert_eq!(c, cmd::CLOSE_OK);
 }
 
@@ -103,7 +135,7 @@ fn errors_read_like_the_real_daemon() {
             "0:0000.0000.0006=127.0.0.1",
         ]),
     );
-    let mut s = session(&d);
+    let mut s = Raw::open(&d);
     let err = |r: Result<u32, IpcError>| match r {
         Err(IpcError::Daemon(m)) => m,
         other => panic!("{other:?}"),
@@ -114,13 +146,13 @@ fn errors_read_like_the_real_daemon() {
     );
     assert!(err(s.dial("0:0000.0000.0006".parse().unwrap(), 80)).contains("trust"));
     assert_eq!(err(s.dial(a4(), 1)), "dial: connection refused");
-    assert_eq!(s.resolve("lab-b").unwrap(), "0:0000.0000.0005".parse().unwrap());
-    assert!(matches!(s.resolve("nope"), Err(IpcError::Daemon(m)) if m.contains("not found")));
-    s.send(0x7F, &[]).unwrap();
-    let (mut r, _w) = s.into_parts();
-    let (c, range) = r.read_frame().unwrap();
+    let mut c = session(&d);
+    assert_eq!(c.resolve("lab-b").unwrap(), "0:0000.0000.0005".parse().unwrap());
+    assert!(matches!(c.resolve("nope"), Err(IpcError::Daemon(m)) if m.contains("not found")));
+    s.send(0x7F, &[]);
+    let (c, payload) = s.frame();
     assert_eq!(c, cmd::ERROR);
-    assert_eq!(ipc::error_text(&r.buffer()[range]), "unknown command: 0x7F");
+    assert_eq!(ipc::error_text(&payload), "unknown command: 0x7F");
 }
 
 #[test]
@@ -213,8 +245,13 @@ fn cancel_abandons_pending_dials_and_dials_run_concurrently() {
         ]),
     );
     // A slow dial on one session does not hold up another session's dial.
-    let mut slow_session = session(&d);
-    slow_session.info().unwrap(); // its client thread is serving
+    let mut slow_session = Raw::open(&d);
+    slow_session.send(cmd::INFO, &[]);
+    assert_eq!(
+        slow_session.frame().0,
+        cmd::INFO_OK,
+        "its client thread is serving"
+    );
     let serving = settled_threads(d.proc.pid());
     let slow = thread::spawn(move || slow_session.dial("0:0000.0000.0005".parse().unwrap(), 7002));
     // Each dial runs in a thread of its own: the slow one is pending once
@@ -224,7 +261,7 @@ fn cancel_abandons_pending_dials_and_dials_run_concurrently() {
             > serving),
         "the slow dial is pending in its own thread"
     );
-    session(&d).dial(a4(), 7002).unwrap();
+    Raw::open(&d).dial(a4(), 7002).unwrap();
     assert!(
         !slow.is_finished(),
         "the fast dial, started after the slow one, finished first"
@@ -241,7 +278,7 @@ fn cancel_abandons_pending_dials_and_dials_run_concurrently() {
     )
     .unwrap();
     thread::sleep(Duration::from_millis(100));
-    s.cancel().unwrap();
+    s.send(cmd::CANCEL, &[]).unwrap();
     assert!(
         wait_until(Duration::from_secs(5), || d
             .log()
@@ -271,7 +308,7 @@ fn other_uids_are_refused_unless_any_uid() {
         (sock, p)
     };
     let (sock, p) = run_as_nobody(&[]);
-    let mut s = Session::connect(&sock).unwrap();
+    let mut s = Session::connect_within(&sock, Duration::from_secs(10), None).unwrap();
     s.set_timeout(Some(Duration::from_secs(5))).unwrap();
     assert!(
         s.info().unwrap_err().is_closed(),
@@ -279,7 +316,7 @@ fn other_uids_are_refused_unless_any_uid() {
     );
     assert!(wait_until(Duration::from_secs(5), || p.stderr().contains("uid")));
     let (sock, _p2) = run_as_nobody(&["--any-uid"]);
-    let mut s = Session::connect(&sock).unwrap();
+    let mut s = Session::connect_within(&sock, Duration::from_secs(10), None).unwrap();
     s.set_timeout(Some(Duration::from_secs(5))).unwrap();
     assert!(s.info().is_ok());
 }
