@@ -15,8 +15,11 @@ build:
 # release profile's time); the shipped binary keeps LTO. --no-fail-fast: one
 # failing test binary must not hide the results of the others. deps runs
 # first even under make -j (lint needs the rustfmt and clippy it adds).
+# scripts/cross-check.sh type-checks and lints the macOS and FreeBSD builds
+# (adding their rustup targets when missing).
 test: deps
 	$(MAKE) --no-print-directory lint
+	CARGO="$(CARGO)" bash scripts/cross-check.sh
 	$(CARGO) test --profile test-opt --no-fail-fast -- --test-threads=2
 
 deps:
