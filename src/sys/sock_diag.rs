@@ -587,7 +587,7 @@ mod tests {
         // SAFETY: `raw` is a fresh descriptor nothing else owns.
         let c: TcpStream = unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) };
         // SAFETY: a live NUL-terminated name and its length.
-        let r = unsafe {
+        let r = crate::sys::cerr(unsafe {
             libc::setsockopt(
                 raw,
                 libc::SOL_SOCKET,
@@ -595,10 +595,10 @@ mod tests {
                 c"lo".as_ptr().cast(),
                 3,
             )
-        };
-        if r != 0 {
+        });
+        if let Err(e) = r {
             // Kernels before 5.7 want CAP_NET_RAW (the suite runs as root).
-            eprintln!("SO_BINDTODEVICE: {}; skipped", io::Error::last_os_error());
+            eprintln!("SO_BINDTODEVICE: {e}; skipped");
             return;
         }
         let sa = libc::sockaddr_in {
@@ -611,8 +611,8 @@ mod tests {
         };
         let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
         // SAFETY: `sa` is a live sockaddr_in of the length we pass.
-        let r = unsafe { libc::connect(raw, (&sa as *const libc::sockaddr_in).cast(), len) };
-        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        crate::sys::cerr(unsafe { libc::connect(raw, (&sa as *const libc::sockaddr_in).cast(), len) })
+            .unwrap();
         let (s, _) = l.accept().unwrap();
         assert_eq!(client_state(&s).unwrap(), PeerState::Open);
         drop(c);
