@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use crate::address::PilotAddr;
 use crate::json;
-use crate::sys::user::{Gid, Uid};
+use crate::sys::user::Uid;
 
 /// Largest message (command byte + payload) either side accepts.
 pub const MAX_MESSAGE: usize = 1 << 20;
@@ -385,16 +385,12 @@ pub fn error_text(payload: &[u8]) -> String {
 }
 
 /// The daemon's identity as the gateway knows it: the uid and gid of the
-/// process serving its socket (SO_PEERCRED), read on the first connection
-/// of a start. A path says nothing about who serves it now: anyone may
-/// bind a socket at a path in a directory they can write (`/tmp`) while
-/// the daemon is away. So every later connection checks its peer against
-/// the uid seen at start (see [`connect_by`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Peer {
-    pub uid: Uid,
-    pub gid: Gid,
-}
+/// process serving its socket (its peer credentials), read on the first
+/// connection of a start. A path says nothing about who serves it now:
+/// anyone may bind a socket at a path in a directory they can write
+/// (`/tmp`) while the daemon is away. So every later connection checks its
+/// peer against the uid seen at start (see [`connect_by`]).
+pub use crate::sys::net::Peer;
 
 /// Connects a socket from `sys::net::unix_socket` to the daemon by `deadline`,
 /// makes it blocking, and returns who serves it (its peer credentials).
@@ -444,18 +440,18 @@ pub fn connect_by(
 /// The peer credentials of a connected daemon socket, checked against
 /// the daemon's uid seen at start (see [`connect_by`]).
 fn check_peer(stream: &UnixStream, path: &Path, expect: Option<Uid>) -> io::Result<Peer> {
-    let (uid, gid) = crate::sys::net::peer_ids(stream).map_err(|e| {
+    let peer = crate::sys::net::peer_ids(stream).map_err(|e| {
         io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!("cannot read the peer credentials of {}: {e}", path.display()),
         )
     })?;
     match expect {
-        Some(want) if want != uid => Err(io::Error::new(
+        Some(want) if want != peer.uid => Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
-            identity_mismatch(path, uid, want),
+            identity_mismatch(path, peer.uid, want),
         )),
-        _ => Ok(Peer { uid, gid }),
+        _ => Ok(peer),
     }
 }
 

@@ -18,8 +18,8 @@ use std::io;
 use std::path::Path;
 
 use crate::error::{Code, Error, Result};
-use crate::ipc::Peer;
 use crate::sys;
+use crate::sys::net::Peer;
 use crate::sys::user::{Gid, Uid, User};
 
 /// The capabilities a switched gateway keeps, by name.

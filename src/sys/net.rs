@@ -8,10 +8,17 @@ use std::time::Duration;
 use super::user::{Gid, Uid};
 use super::{cerr, cerr_retry};
 
+/// Who is at the other end of a Unix stream socket: its uid and gid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: Uid,
+    pub gid: Gid,
+}
+
 /// The uid of the process at the other end of a Unix stream socket
 /// (SO_PEERCRED on Linux, getpeereid elsewhere).
 pub fn peer_uid(s: &std::os::unix::net::UnixStream) -> Option<Uid> {
-    peer_ids(s).ok().map(|(uid, _)| uid)
+    peer_ids(s).ok().map(|p| p.uid)
 }
 
 /// The uid and gid of the process at the other end of a Unix stream
@@ -19,7 +26,7 @@ pub fn peer_uid(s: &std::os::unix::net::UnixStream) -> Option<Uid> {
 /// listen(2): known right after connect(2), whatever the server does next.
 /// SO_PEERCRED on Linux; getpeereid (LOCAL_PEERCRED underneath) on macOS
 /// and FreeBSD, which gives the same ids.
-pub fn peer_ids(s: &std::os::unix::net::UnixStream) -> io::Result<(Uid, Gid)> {
+pub fn peer_ids(s: &std::os::unix::net::UnixStream) -> io::Result<Peer> {
     #[cfg(target_os = "linux")]
     {
         let mut cred = libc::ucred {
@@ -38,14 +45,20 @@ pub fn peer_ids(s: &std::os::unix::net::UnixStream) -> io::Result<(Uid, Gid)> {
                 &mut len,
             )
         })?;
-        Ok((Uid(cred.uid), Gid(cred.gid)))
+        Ok(Peer {
+            uid: Uid(cred.uid),
+            gid: Gid(cred.gid),
+        })
     }
     #[cfg(not(target_os = "linux"))]
     {
         let (mut uid, mut gid) = (0, 0);
         // SAFETY: getpeereid writes two ids through pointers to locals.
         cerr(unsafe { libc::getpeereid(s.as_raw_fd(), &mut uid, &mut gid) })?;
-        Ok((Uid(uid), Gid(gid)))
+        Ok(Peer {
+            uid: Uid(uid),
+            gid: Gid(gid),
+        })
     }
 }
 
