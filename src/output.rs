@@ -348,7 +348,7 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
         ("allow_remote", stats.allow_remote.into()),
         (
             "half_closed_timeout_secs",
-            st.half_closed_timeout.map(|d| d.as_secs_f64()).into(),
+            st.half_closed_timeout.as_secs_f64().into(),
         ),
     ];
     data.extend(t.json_pairs());
@@ -357,7 +357,7 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
     let daemon_text = daemon_text(stats, reachable);
     let (max, remote) = limits_text(stats);
     let text = format!(
-        "gateway running (pid {}, up {}s)\n  socket: {} (daemon {daemon_text})\n  subnet: {}\n  ports: {}\n  mappings: {}\n  connections: active {} (max {max}), total {}, refused {}, failed dials {}, idle timeouts {}, thread failures {}\n  clients from other hosts: {remote}\n  bytes: up {}, down {}\n{}",
+        "gateway running (pid {}, up {}s)\n  socket: {} (daemon {daemon_text})\n  subnet: {}\n  ports: {}\n  mappings: {}\n  connections: active {} (max {max}), total {}, refused {}, failed dials {}, idle timeouts {}, thread failures {}\n  clients from other hosts: {remote}\n  bytes: up {}, down {}\n  half-closed clients: closed at once when they close, else after {}s without data\n",
         st.gateway.pid,
         stats.uptime_secs,
         st.socket.display(),
@@ -372,10 +372,7 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
         t.spawn_failures,
         t.bytes_up,
         t.bytes_down,
-        st.half_closed_timeout.map_or(String::new(), |d| format!(
-            "  half-closed clients: closed at once when they close, else after {}s without data\n",
-            d.as_secs_f64()
-        )),
+        st.half_closed_timeout.as_secs_f64(),
     );
     let text = if exposures.is_empty() {
         text

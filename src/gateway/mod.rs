@@ -304,7 +304,7 @@ impl Gateway {
             subnet: cfg.subnet,
             ports: cfg.ports.clone(),
             max_conns: cfg.max_conns,
-            half_closed_timeout: Some(cfg.half_closed_timeout),
+            half_closed_timeout: cfg.half_closed_timeout,
             user: switched.map(|s| s.user.clone()),
             daemon_uid: self.data_path.settings.daemon_uid,
             generation: 0,

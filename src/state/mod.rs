@@ -182,8 +182,8 @@ pub struct State {
     pub subnet: Ipv4Network,
     pub ports: Vec<u16>,
     pub max_conns: usize,
-    /// `--half-closed-timeout`; `None` in state written before it existed.
-    pub half_closed_timeout: Option<Duration>,
+    /// `--half-closed-timeout`.
+    pub half_closed_timeout: Duration,
     /// The user the gateway runs as, when it switched from root.
     pub user: Option<String>,
     /// The daemon's uid, from the peer credentials seen at start: commands
@@ -332,7 +332,7 @@ impl State {
             ("max_conns", self.max_conns.into()),
             (
                 "half_closed_timeout_secs",
-                self.half_closed_timeout.map(|d| d.as_secs_f64()).into(),
+                self.half_closed_timeout.as_secs_f64().into(),
             ),
             ("user", self.user.clone().into()),
             ("daemon_uid", self.daemon_uid.0.into()),
@@ -402,15 +402,12 @@ impl State {
                 .map_err(|_| bad("\"subnet\" is not a CIDR block"))?,
             ports,
             max_conns: num(v, "max_conns")? as usize,
-            half_closed_timeout: match v.get("half_closed_timeout_secs") {
-                None | Some(Value::Null) => None,
-                Some(t) => Some(
-                    t.as_f64()
-                        .filter(|s| s.is_finite() && *s > 0.0)
-                        .map(Duration::from_secs_f64)
-                        .ok_or_else(|| bad("\"half_closed_timeout_secs\" is not a positive number"))?,
-                ),
-            },
+            half_closed_timeout: v
+                .get("half_closed_timeout_secs")
+                .and_then(Value::as_f64)
+                .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e9)
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| bad("\"half_closed_timeout_secs\" is missing or not a positive number"))?,
             user: v.get("user").and_then(Value::as_str).map(str::to_string),
             daemon_uid: Uid(
                 u32::try_from(num(v, "daemon_uid")?).map_err(|_| bad("\"daemon_uid\" is not a uid"))?
@@ -469,7 +466,7 @@ pub(crate) mod tests {
             subnet: "10.4.0.0/16".parse().unwrap(),
             ports: vec![80, 443],
             max_conns: 1000,
-            half_closed_timeout: Some(Duration::from_millis(2500)),
+            half_closed_timeout: Duration::from_millis(2500),
             user: None,
             daemon_uid: Uid(65534),
             generation: 3,
@@ -514,7 +511,7 @@ pub(crate) mod tests {
         let v1 = text.replace("\"version\":2", "\"version\":1");
         let e = State::from_json(&json::parse(&v1).unwrap()).unwrap_err();
         assert!(e.message.contains("format version 1"), "{}", e.message);
-        for field in ["exposures", "daemon_uid"] {
+        for field in ["exposures", "daemon_uid", "half_closed_timeout_secs"] {
             let mut v = json::parse(&text).unwrap();
             if let Value::Obj(o) = &mut v {
                 o.retain(|(k, _)| k != field);
