@@ -1,6 +1,6 @@
 //! Listeners: one socket per mapped IP and port, bound to that IP only,
-//! each with a thread waiting for clients (see [`wait_for_client`]) that
-//! hands every connection to
+//! each with a thread waiting for clients (see [`POLL`]) that hands every
+//! connection to
 //! the relay (`relay.rs`), or resets it: a client from another host
 //! (unless `--allow-remote`), beyond `--max-conns`, or when the process is
 //! out of descriptors.
@@ -44,10 +44,9 @@ impl Listener {
         conns: Arc<Connections>,
     ) -> io::Result<Listener> {
         let socket = TcpListener::bind((ip, port))?;
-        // Accepts follow a poll that said a client waits; non-blocking, so
-        // a client that left the queue meanwhile never blocks the thread
-        // where no stop can reach it.
-        socket.set_nonblocking(true)?;
+        // Where accepts follow a poll, non-blocking: a client that left the
+        // queue meanwhile must not block the thread where no stop reaches it.
+        socket.set_nonblocking(POLL.is_some())?;
         let socket = Arc::new(socket);
         let stopping = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -77,10 +76,10 @@ impl Listener {
     }
 
     /// Stops accepting and waits for the accept thread: at once on Linux,
-    /// within [`WAKE`] elsewhere (see [`wait_for_client`]).
+    /// within the [`POLL`] interval elsewhere.
     pub fn stop(&mut self) {
         self.stopping.store(true, Relaxed);
-        // On Linux, shutting the socket down wakes the thread's poll. The
+        // On Linux, shutting the socket down wakes the thread's accept. The
         // socket stays open until both Arcs are gone, so the fd cannot be
         // reused under us.
         sys::net::shutdown_listener(&self.socket);
@@ -107,10 +106,16 @@ fn accept_loop(
     let Ok(local) = socket.local_addr() else { return };
     let mut backoff = Duration::from_millis(5);
     loop {
-        if !wait_for_client(socket, stopping, WAKE) {
+        if let Some(wake) = POLL {
+            if !wait_for_client(socket, stopping, wake) {
+                return;
+            }
+        }
+        let accepted = socket.accept();
+        if stopping.load(Relaxed) {
             return;
         }
-        let (tcp, client) = match socket.accept() {
+        let (tcp, client) = match accepted {
             Ok(a) => a,
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock
@@ -169,16 +174,17 @@ fn accept_loop(
     }
 }
 
-/// How long an accept thread waits for a client before it looks at its
-/// stop flag again. On Linux `stop`'s shutdown(2) wakes the wait at once
-/// (poll reports the hang-up), so it never needs to look. macOS and
-/// FreeBSD report nothing on a listener's shutdown (nor wake a blocked
-/// accept): there the thread looks every 100 ms, which bounds how long a
-/// `stop` takes, at the cost of ten wake-ups a second per idle listener.
-const WAKE: Duration = if cfg!(target_os = "linux") {
-    Duration::MAX
+/// How an accept thread waits for clients so that `stop` can end it.
+/// Linux: blocked in accept(2), which `stop`'s shutdown(2) of the socket
+/// wakes at once (EINVAL); `None`. macOS and FreeBSD wake nothing on a
+/// listener's shutdown: there the thread waits in poll(2) on the
+/// (non-blocking) socket and looks at its stop flag every 100 ms, which
+/// bounds how long a `stop` takes, at the cost of ten wake-ups a second
+/// per idle listener.
+const POLL: Option<Duration> = if cfg!(target_os = "linux") {
+    None
 } else {
-    Duration::from_millis(100)
+    Some(Duration::from_millis(100))
 };
 
 /// Waits until a client may be waiting on `socket` (`true`), or until
@@ -224,13 +230,14 @@ pub fn open_reserve() {
 const SHED_WAIT: Duration = Duration::from_millis(100);
 
 /// Out of descriptors: waits up to [`SHED_WAIT`] for a client; if one
-/// comes, frees the reserve, accepts the client (the socket is
-/// non-blocking), resets it, and takes the reserve back. EMFILE comes back
-/// even when no client is waiting (Linux's accept(2) claims a descriptor
-/// first): only the bounded poll waits, and never with the reserve's lock
-/// held, so other listeners shed their clients meanwhile and a stop is
-/// seen within [`SHED_WAIT`]. `false` if the reserve is gone or the
-/// socket failed (the caller then backs off).
+/// comes, frees the reserve, accepts the client without blocking, resets
+/// it, and takes the reserve back. `accept(2)` claims a descriptor before
+/// it waits, so EMFILE comes back even when no client is waiting: only
+/// the bounded poll waits, and never with the reserve's lock held, so
+/// other listeners shed their clients meanwhile and `stop`'s shutdown ends
+/// the wait (poll reports the hang-up on Linux; elsewhere the wait is
+/// bounded anyway). `false` if the reserve is gone or the socket failed
+/// (the caller then backs off).
 fn shed_one(socket: &TcpListener, data_path: &DataPath) -> bool {
     match sys::net::wait_readable(socket, SHED_WAIT) {
         Ok(true) => {}
@@ -238,11 +245,16 @@ fn shed_one(socket: &TcpListener, data_path: &DataPath) -> bool {
         Err(_) => return false,
     }
     let mut reserve = RESERVE.lock().unwrap_or_else(|p| p.into_inner());
-    if reserve.is_none() {
+    // Non-blocking for this one accept: a client that left the queue
+    // since the poll must not leave us blocked with the lock held. Only
+    // this thread accepts on the socket, so no other accept sees the flag.
+    if reserve.is_none() || socket.set_nonblocking(true).is_err() {
         return false;
     }
     *reserve = None; // frees the descriptor the accept needs
-    if let Ok((tcp, client)) = socket.accept() {
+    let accepted = socket.accept();
+    let _ = socket.set_nonblocking(POLL.is_some());
+    if let Ok((tcp, client)) = accepted {
         let n = data_path.refused.fetch_add(1, Relaxed) + 1;
         warn_limited!(
             REFUSED_NO_FDS,
@@ -316,20 +328,18 @@ mod tests {
         assert!(waited < Duration::from_secs(5), "{waited:?}");
     }
 
-    /// Linux: the wait never times out, and `stop`'s shutdown ends it.
+    /// What Linux's `stop` relies on: shutdown(2) wakes a thread blocked
+    /// in accept on the socket.
     #[cfg(target_os = "linux")]
     #[test]
-    fn shutdown_wakes_an_endless_wait_on_linux() {
+    fn shutdown_wakes_a_blocked_accept_on_linux() {
         let socket = Arc::new(TcpListener::bind("127.0.0.1:0").unwrap());
-        socket.set_nonblocking(true).unwrap();
-        let stopping = Arc::new(AtomicBool::new(false));
-        let (s, f) = (socket.clone(), stopping.clone());
+        let s = socket.clone();
         let (tx, rx) = std::sync::mpsc::channel();
-        thread::spawn(move || tx.send(wait_for_client(&s, &f, WAKE)));
+        thread::spawn(move || tx.send(s.accept().is_err()));
         thread::sleep(Duration::from_millis(100));
-        stopping.store(true, Relaxed);
         sys::net::shutdown_listener(&socket);
-        // Bounded: a wait the shutdown did not end fails here, not hangs.
-        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(false));
+        // Bounded: an accept the shutdown did not end fails here, not hangs.
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(true));
     }
 }

@@ -98,7 +98,7 @@ g start --ports 8080 {a4} >/dev/null 2>&1 || echo "first-start-failed"
 g stop >/dev/null 2>&1 || echo "first-stop-failed"
 # nobody forges a dead gateway whose "alias" is the admin's address
 $NB sh -c 'cat > /run/pgw/state.json' <<'J'
-{{"version":2,"pid":999999,"start_time":1,"started_at":1,"socket":"/tmp/nb/devd.sock","subnet":"192.168.0.0/16","ports":[8080],"max_conns":10,"user":"nobody","daemon_uid":65534,"generation":1,"applied":1,"mappings":[{{"local_ip":"192.168.77.7","pilot_addr":"0:0000.0000.0009","hostname":null,"alias_added":true,"generation":1}}],"exposures":[],"failures":[]}}
+{{"version":2,"pid":999999,"start_time":1,"started_at":1,"socket":"/tmp/nb/devd.sock","subnet":"192.168.0.0/16","ports":[8080],"max_conns":10,"half_closed_timeout_secs":10,"user":"nobody","daemon_uid":65534,"generation":1,"applied":1,"mappings":[{{"local_ip":"192.168.77.7","pilot_addr":"0:0000.0000.0009","hostname":null,"alias_added":true,"generation":1}}],"exposures":[],"failures":[]}}
 J
 g start --ports 8080 {a4} 2>&1; echo "start-rc=$?"
 ip -4 addr show dev lo | grep -q 'inet 192.168.77.7/32' && echo "ADMIN-ADDRESS-KEPT" || echo "ADMIN-ADDRESS-GONE"
@@ -497,7 +497,7 @@ echo "a-before=$(fetch 10.4.0.1 9090)"
 gb start --subnet 10.5.0.0/24 --ports 9091 {a6} >/dev/null 2>&1 || echo "b-first-start-failed"
 gb stop >/dev/null 2>&1
 $U2 sh -c 'cat > /run/pgwB/state.json' <<'J'
-{{"version":2,"pid":999999,"start_time":1,"started_at":1,"socket":"/tmp/u2/b.sock","subnet":"10.4.0.0/24","ports":[9091],"max_conns":10,"user":"x","daemon_uid":4242,"generation":1,"applied":1,"mappings":[{{"local_ip":"10.4.0.1","pilot_addr":"{a6}","hostname":null,"alias_added":true,"generation":1}}],"exposures":[],"failures":[]}}
+{{"version":2,"pid":999999,"start_time":1,"started_at":1,"socket":"/tmp/u2/b.sock","subnet":"10.4.0.0/24","ports":[9091],"max_conns":10,"half_closed_timeout_secs":10,"user":"x","daemon_uid":4242,"generation":1,"applied":1,"mappings":[{{"local_ip":"10.4.0.1","pilot_addr":"{a6}","hostname":null,"alias_added":true,"generation":1}}],"exposures":[],"failures":[]}}
 J
 gb start --subnet 10.4.0.0/16 --ports 9091 {a6} >/dev/null 2>&1; echo "b-start-rc=$?"
 gb stop >/dev/null 2>&1

@@ -434,7 +434,7 @@ fn mappings_from_the_state_file_are_validated() {
 
 fn state_template(pid: u32, subnet: &str) -> Value {
     Value::obj([
-        ("version", Value::from(1u64)),
+        ("version", Value::from(2u64)),
         ("pid", pid.into()),
         ("start_time", 1u64.into()),
         ("started_at", 1u64.into()),
@@ -442,10 +442,13 @@ fn state_template(pid: u32, subnet: &str) -> Value {
         ("subnet", subnet.into()),
         ("ports", Value::Arr(vec![8080u64.into()])),
         ("max_conns", 10u64.into()),
+        ("half_closed_timeout_secs", 10u64.into()),
         ("user", Value::Null),
+        ("daemon_uid", 0u64.into()),
         ("generation", 1u64.into()),
         ("applied", 1u64.into()),
         ("mappings", Value::Arr(vec![])),
+        ("exposures", Value::Arr(vec![])),
         ("failures", Value::Arr(vec![])),
     ])
 }
