@@ -23,6 +23,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::{Duration, Instant};
 
+use crate::sys::proc::monotonic_usec;
+
 /// Where notifications go, and the watchdog's period if one is asked for.
 pub struct Notifier {
     socket: UnixDatagram,
@@ -154,20 +156,6 @@ fn abstract_address(name: &[u8]) -> Option<SocketAddr> {
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 fn abstract_address(_: &[u8]) -> Option<SocketAddr> {
     None
-}
-
-/// CLOCK_MONOTONIC in microseconds (what systemd compares with its own).
-#[allow(unsafe_code)]
-fn monotonic_usec() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec we own.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
-        return 0;
-    }
-    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
 }
 
 #[cfg(test)]

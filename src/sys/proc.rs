@@ -69,6 +69,20 @@ pub fn parse_stat_start_time(stat: &str) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
+/// CLOCK_MONOTONIC in microseconds (0 if it cannot be read), the clock
+/// systemd compares a `MONOTONIC_USEC=` with (see `notify`).
+pub fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, a local we own.
+    if cerr(unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) }).is_err() {
+        return 0;
+    }
+    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
+}
+
 /// Raises the soft limit on open descriptors to the hard limit; returns
 /// the soft limit now in force.
 pub fn raise_nofile_limit() -> io::Result<u64> {
