@@ -6,69 +6,14 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
-use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::*;
 use pilot_gateway::address::PilotAddr;
-use pilot_gateway::ipc::{self, cmd, FrameReader};
+use pilot_gateway::ipc::{self, cmd};
 
 const PEER: &str = "0:0000.0000.0009";
 const INBOUND: &str = "127.0.0.1:7100";
-
-struct Raw {
-    r: FrameReader<UnixStream>,
-    w: UnixStream,
-}
-
-impl Raw {
-    fn open(d: &Devd) -> Raw {
-        let s = UnixStream::connect(&d.socket).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Raw {
-            w: s.try_clone().unwrap(),
-            r: FrameReader::new(s, 64 * 1024),
-        }
-    }
-
-    fn send(&mut self, command: u8, parts: &[&[u8]]) {
-        self.w.write_all(&ipc::encode(command, parts)).unwrap();
-    }
-
-    fn frame(&mut self) -> (u8, Vec<u8>) {
-        let (c, range) = self.r.read_frame().unwrap();
-        (c, self.r.buffer()[range].to_vec())
-    }
-
-    /// Bind's answer: Ok(port) for BindOK, Err(text) for Error.
-    fn bind(&mut self, port: u16) -> Result<u16, String> {
-        self.send(cmd::BIND, &[&port.to_be_bytes()]);
-        match self.frame() {
-            (cmd::BIND_OK, p) => Ok(u16::from_be_bytes([p[0], p[1]])),
-            (cmd::ERROR, p) => Err(ipc::error_text(&p)),
-            (c, _) => panic!("unexpected 0x{c:02X} after Bind"),
-        }
-    }
-
-    fn accept(&mut self) -> ipc::Accept {
-        let (c, p) = self.frame();
-        assert_eq!(c, cmd::ACCEPT, "expected Accept");
-        ipc::parse_accept(&p).unwrap()
-    }
-
-    /// Recv data of `conn` until `len` bytes have come.
-    fn recv(&mut self, conn: u32, len: usize) -> Vec<u8> {
-        let mut data = Vec::new();
-        while data.len() < len {
-            let (c, p) = self.frame();
-            assert_eq!(c, cmd::RECV, "expected Recv");
-            assert_eq!(ipc::be_u32(&p), Some(conn));
-            assert!(p.len() - 4 <= 4096, "Recv frames carry at most 4096 data bytes");
-            data.extend_from_slice(&p[4..]);
-        }
-        data
-    }
-}
 
 fn devd(dir: &TempDir, extra: &[&str]) -> Devd {
     let mut args = vec!["--inbound", "127.0.0.1:7100=0:0000.0000.0009:80"];

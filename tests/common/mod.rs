@@ -9,12 +9,15 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use pilot_gateway::ipc::{self, cmd, FrameReader};
 
 pub const GATEWAY: &str = env!("CARGO_BIN_EXE_pilot-gateway");
 pub const DEVD: &str = env!("CARGO_BIN_EXE_pilot-devd");
@@ -739,7 +742,6 @@ pub fn can_bind(socket: &Path, port: u16) -> bool {
 /// One Bind attempt on a fresh session: whether it got BindOK. An error
 /// only when the daemon's socket takes no connection.
 pub fn try_bind(socket: &Path, port: u16) -> std::io::Result<bool> {
-    use pilot_gateway::ipc::{self, cmd, FrameReader};
     let s = std::os::unix::net::UnixStream::connect(socket)?;
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut w = s.try_clone().unwrap();
@@ -758,7 +760,6 @@ pub fn still_echoes(s: &mut TcpStream) -> bool {
 /// Binds `port` on a fresh session, as another program would; the
 /// session (holding the port while it lives) if the daemon said BindOK.
 pub fn hold_port(socket: &Path, port: u16) -> Option<std::os::unix::net::UnixStream> {
-    use pilot_gateway::ipc::{self, cmd, FrameReader};
     let s = std::os::unix::net::UnixStream::connect(socket).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut w = s.try_clone().unwrap();
@@ -932,5 +933,60 @@ pub fn echo_or_flood(mut c: TcpStream) {
     let mut n = n;
     while n > 0 && c.write_all(&buf[..n]).is_ok() {
         n = c.read(&mut buf).unwrap_or(0);
+    }
+}
+
+/// A raw IPC client of pilot-devd: frames written and read as they are.
+pub struct Raw {
+    pub r: FrameReader<UnixStream>,
+    pub w: UnixStream,
+}
+
+impl Raw {
+    pub fn open(d: &Devd) -> Raw {
+        let s = UnixStream::connect(&d.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw {
+            w: s.try_clone().unwrap(),
+            r: FrameReader::new(s, 64 * 1024),
+        }
+    }
+
+    pub fn send(&mut self, command: u8, parts: &[&[u8]]) {
+        self.w.write_all(&ipc::encode(command, parts)).unwrap();
+    }
+
+    pub fn frame(&mut self) -> (u8, Vec<u8>) {
+        let (c, range) = self.r.read_frame().unwrap();
+        (c, self.r.buffer()[range].to_vec())
+    }
+
+    /// Bind's answer: Ok(port) for BindOK, Err(text) for Error.
+    pub fn bind(&mut self, port: u16) -> Result<u16, String> {
+        self.send(cmd::BIND, &[&port.to_be_bytes()]);
+        match self.frame() {
+            (cmd::BIND_OK, p) => Ok(u16::from_be_bytes([p[0], p[1]])),
+            (cmd::ERROR, p) => Err(ipc::error_text(&p)),
+            (c, _) => panic!("unexpected 0x{c:02X} after Bind"),
+        }
+    }
+
+    pub fn accept(&mut self) -> ipc::Accept {
+        let (c, p) = self.frame();
+        assert_eq!(c, cmd::ACCEPT, "expected Accept");
+        ipc::parse_accept(&p).unwrap()
+    }
+
+    /// Recv data of `conn` until `len` bytes have come.
+    pub fn recv(&mut self, conn: u32, len: usize) -> Vec<u8> {
+        let mut data = Vec::new();
+        while data.len() < len {
+            let (c, p) = self.frame();
+            assert_eq!(c, cmd::RECV, "expected Recv");
+            assert_eq!(ipc::be_u32(&p), Some(conn));
+            assert!(p.len() - 4 <= 4096, "Recv frames carry at most 4096 data bytes");
+            data.extend_from_slice(&p[4..]);
+        }
+        data
     }
 }

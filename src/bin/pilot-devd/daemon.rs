@@ -34,6 +34,11 @@
 //! `--unbind` makes devd behave like newer daemons (UnbindOK; connections
 //! already accepted keep flowing).
 //!
+//! Info reports `conn_list` (every connection the daemon holds, in the
+//! real daemon's shape) unless `--no-conn-list`; `--lossy-close MS`
+//! delays every Send by MS and loses what a Close catches undelivered, as
+//! the Feb-2026 daemon does (see `conns.rs` for both).
+//!
 //! `--misbehave MODE` breaks the protocol on purpose, for fault tests.
 
 use std::collections::{HashMap, HashSet};
@@ -50,6 +55,8 @@ use pilot_gateway::address::PilotAddr;
 use pilot_gateway::ipc::{self, cmd, FrameReader, IpcError};
 use pilot_gateway::json::Value;
 use pilot_gateway::sys;
+
+use crate::conns::Conn;
 
 /// Largest data chunk per Recv frame, as the real daemon sends.
 pub const RECV_CHUNK: usize = 4096;
@@ -133,6 +140,10 @@ pub struct Config {
     pub inbound: Vec<Inbound>,
     /// Answer Unbind (0x37) as newer daemons do.
     pub unbind: bool,
+    /// `--lossy-close MS`: Sends delivered MS late, lost at Close.
+    pub lossy_close: Option<Duration>,
+    /// `--no-conn-list`: Info without `conn_list`, as older daemons.
+    pub no_conn_list: bool,
 }
 
 impl Default for Config {
@@ -154,6 +165,8 @@ impl Default for Config {
             verbose: false,
             inbound: Vec::new(),
             unbind: false,
+            lossy_close: None,
+            no_conn_list: false,
         }
     }
 }
@@ -244,6 +257,11 @@ struct Daemon {
     /// Bound ports and the client that holds each.
     ports: Mutex<HashMap<u16, Arc<Client>>>,
     next_remote_port: AtomicU16,
+    /// Local ports of dialed connections (ephemeral, as upstream's).
+    next_local_port: AtomicU16,
+    /// Every connection, of every client, for Info's `conn_list`; closed
+    /// ones stay (TIME_WAIT) until reaped.
+    all: Mutex<HashMap<u32, Arc<Conn>>>,
     started: Instant,
     euid: sys::user::Uid,
 }
@@ -269,6 +287,8 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         next_conn: AtomicU32::new(1),
         ports: Mutex::new(HashMap::new()),
         next_remote_port: AtomicU16::new(EPHEMERAL_START),
+        next_local_port: AtomicU16::new(EPHEMERAL_START),
+        all: Mutex::new(HashMap::new()),
         started: Instant::now(),
         euid: sys::user::euid(),
     });
@@ -329,7 +349,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
 /// lock keeps frames from several connection threads whole.
 struct Client {
     write_lock: Mutex<()>,
-    conns: Mutex<HashMap<u32, Arc<TcpStream>>>,
+    conns: Mutex<HashMap<u32, Arc<Conn>>>,
     /// Dials in flight; Cancel or the session's end sets their flag.
     pending: Mutex<Vec<Arc<AtomicBool>>>,
     closed: AtomicBool,
@@ -404,7 +424,7 @@ fn dispatch(d: &Arc<Daemon>, c: &Arc<Client>, command: u8, payload: &[u8]) {
     match command {
         cmd::DIAL => dial(d, c, payload),
         cmd::SEND => send(d, c, payload),
-        cmd::CLOSE => close(c, payload),
+        cmd::CLOSE => close(d, c, payload),
         cmd::BIND => bind(d, c, payload),
         cmd::UNBIND if d.cfg.unbind => unbind(d, c, payload),
         cmd::INFO => c.reply_json(cmd::INFO_OK, &info(d, c)),
@@ -442,10 +462,10 @@ fn dispatch(d: &Arc<Daemon>, c: &Arc<Client>, command: u8, payload: &[u8]) {
 /// Send: inline and in order; a failed send is only logged.
 fn send(d: &Daemon, c: &Client, payload: &[u8]) {
     let Some(id) = ipc::be_u32(payload) else { return };
-    let tcp = c.conns.lock().ok().and_then(|m| m.get(&id).cloned());
-    match tcp {
+    let conn = c.conns.lock().ok().and_then(|m| m.get(&id).cloned());
+    match conn {
         Some(t) => {
-            if let Err(e) = (&*t).write_all(&payload[4..]) {
+            if let Err(e) = t.send(&payload[4..], d.cfg.lossy_close, &c.closed) {
                 if d.cfg.verbose {
                     say!("send on connection {id}: {e}");
                 }
@@ -459,21 +479,21 @@ fn send(d: &Daemon, c: &Client, payload: &[u8]) {
 /// Close: idempotent, always answered with CloseOK; on a live connection
 /// with two identical CloseOK frames, as the real daemon does (PROTOCOL.md),
 /// so clients' tolerance of the second is exercised.
-fn close(c: &Client, payload: &[u8]) {
+fn close(d: &Daemon, c: &Client, payload: &[u8]) {
     let Some(id) = ipc::be_u32(payload) else {
         c.error("close: short payload");
         return;
     };
-    let tcp = c.conns.lock().ok().and_then(|mut m| m.remove(&id));
-    if let Some(t) = tcp {
-        // The TCP side sees the end (FIN after any data still queued).
+    let conn = c.conns.lock().ok().and_then(|mut m| m.remove(&id));
+    if let Some(t) = conn {
+        // The TCP side sees the end (FIN after what was delivered; with
+        // `--lossy-close`, nothing at all within the dial window).
         // Its relay thread reads and discards what the peer still sends
         // for a short while, as the overlay drops data sent to a closed
         // stream; shutting the reading side instead could leave a peer
         // that is still sending stuck on a zero window until the
         // kernel's FIN-WAIT-2 timeout.
-        let _ = t.shutdown(Shutdown::Write);
-        let _ = t.set_read_timeout(Some(CLOSED_DRAIN));
+        t.close(d.cfg.lossy_close, CLOSED_DRAIN);
         c.send(&ipc::encode(cmd::CLOSE_OK, &[&id.to_be_bytes()]));
     }
     c.send(&ipc::encode(cmd::CLOSE_OK, &[&id.to_be_bytes()]));
@@ -561,7 +581,8 @@ fn session_ended(d: &Daemon, c: &Arc<Client>) {
     }
     if let Ok(mut m) = c.conns.lock() {
         for (_, t) in m.drain() {
-            let _ = t.shutdown(Shutdown::Both);
+            t.end();
+            let _ = t.tcp.shutdown(Shutdown::Both);
         }
     }
     let _ = c.stream.shutdown(Shutdown::Both);
@@ -616,9 +637,6 @@ fn inbound_conn(d: &Daemon, tcp: TcpStream, inbound: &Inbound) {
         );
         return sys::net::reset(tcp);
     }
-    let tcp = Arc::new(tcp);
-    m.insert(id, tcp.clone());
-    drop(m);
     let _ = tcp.set_nodelay(true);
     let remote_port = d
         .next_remote_port
@@ -626,6 +644,10 @@ fn inbound_conn(d: &Daemon, tcp: TcpStream, inbound: &Inbound) {
             Some(p.checked_add(1).unwrap_or(EPHEMERAL_START))
         })
         .unwrap_or(EPHEMERAL_START);
+    let conn = Conn::new(id, tcp, (inbound.port, inbound.addr, remote_port), true);
+    m.insert(id, conn.clone());
+    drop(m);
+    d.register(&conn);
     if d.cfg.verbose {
         say!(
             "inbound connection {id} from {}:{remote_port} to port {}",
@@ -642,12 +664,38 @@ fn inbound_conn(d: &Daemon, tcp: TcpStream, inbound: &Inbound) {
             &remote_port.to_be_bytes(),
         ],
     ));
-    relay_to_client(&c, id, &tcp);
+    // `--lossy-close`: the far side's dial completes only MS after the
+    // Accept; a dialer cannot send before that.
+    if let Some(ms) = d.cfg.lossy_close {
+        thread::sleep(ms);
+    }
+    relay_to_client(&c, &conn);
+}
+
+impl Daemon {
+    /// Lists a new connection in `conn_list` (reaping the closed ones whose
+    /// TIME_WAIT has passed).
+    fn register(&self, conn: &Arc<Conn>) {
+        let mut all = self.all.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        all.retain(|_, c| !c.reaped(now));
+        all.insert(conn.id, conn.clone());
+    }
+
+    /// Info's `conn_list`: every connection, by id.
+    fn conn_list(&self) -> Value {
+        let mut all = self.all.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        all.retain(|_, c| !c.reaped(now));
+        let mut list: Vec<&Arc<Conn>> = all.values().collect();
+        list.sort_by_key(|c| c.id);
+        Value::Arr(list.iter().map(|c| c.entry()).collect())
+    }
 }
 
 fn info(d: &Daemon, c: &Client) -> Value {
     let addr = PilotAddr::new(0, d.cfg.node_id);
-    Value::obj([
+    let mut v = vec![
         ("node_id", Value::from(d.cfg.node_id)),
         ("address", addr.to_string().into()),
         ("hostname", d.cfg.hostname.clone().into()),
@@ -666,7 +714,11 @@ fn info(d: &Daemon, c: &Client) -> Value {
         ("transport", "devd".into()),
         ("endpoint", d.cfg.socket.display().to_string().into()),
         ("features", Value::Arr(vec!["dgram_confirm".into()])),
-    ])
+    ];
+    if !d.cfg.no_conn_list {
+        v.push(("conn_list", d.conn_list()));
+    }
+    Value::obj(v)
 }
 
 fn trusted(d: &Daemon) -> Value {
@@ -784,10 +836,17 @@ fn dial_blocking(
 fn established(d: &Daemon, c: &Arc<Client>, addr: PilotAddr, port: u16, tcp: TcpStream) {
     let id = d.next_conn.fetch_add(1, Relaxed);
     let _ = tcp.set_nodelay(true);
-    let tcp = Arc::new(tcp);
+    let local_port = d
+        .next_local_port
+        .fetch_update(Relaxed, Relaxed, |p| {
+            Some(p.checked_add(1).unwrap_or(EPHEMERAL_START))
+        })
+        .unwrap_or(EPHEMERAL_START);
+    let conn = Conn::new(id, tcp, (local_port, addr, port), false);
     if let Ok(mut m) = c.conns.lock() {
-        m.insert(id, tcp.clone());
+        m.insert(id, conn.clone());
     }
+    d.register(&conn);
     if d.cfg.verbose {
         say!("dial {addr}:{port} ok: connection {id}");
     }
@@ -805,7 +864,7 @@ fn established(d: &Daemon, c: &Arc<Client>, addr: PilotAddr, port: u16, tcp: Tcp
             c.send(&ipc::encode(cmd::DIAL_OK, &[&id.to_be_bytes()]));
         }
     }
-    relay_to_client(c, id, &tcp);
+    relay_to_client(c, &conn);
 }
 
 /// Service → client. Frames carry at most 4096 data bytes, as the real
@@ -813,7 +872,8 @@ fn established(d: &Daemon, c: &Arc<Client>, addr: PilotAddr, port: u16, tcp: Tcp
 /// written with one call, so the stand-in costs few syscalls per byte and
 /// does not limit the gateway's measurements. When the service closes,
 /// the remaining data has gone out, then an unsolicited CloseOK follows.
-fn relay_to_client(c: &Client, id: u32, tcp: &TcpStream) {
+fn relay_to_client(c: &Client, conn: &Conn) {
+    let (id, tcp) = (conn.id, &conn.tcp);
     let mut data = vec![0u8; 16 * RECV_CHUNK];
     let mut out = Vec::with_capacity(16 * (ipc::DATA_HEADER + RECV_CHUNK));
     loop {
@@ -824,6 +884,7 @@ fn relay_to_client(c: &Client, id: u32, tcp: &TcpStream) {
         if !c.conns.lock().is_ok_and(|m| m.contains_key(&id)) {
             continue; // closed by the client: discarded
         }
+        conn.received(n);
         out.clear();
         for chunk in data[..n].chunks(RECV_CHUNK) {
             out.extend_from_slice(&((chunk.len() + 5) as u32).to_be_bytes());
@@ -838,6 +899,7 @@ fn relay_to_client(c: &Client, id: u32, tcp: &TcpStream) {
     // Still registered: the remote side closed, so tell the client.
     let ours = c.conns.lock().ok().and_then(|mut m| m.remove(&id)).is_some();
     if ours {
+        conn.end();
         let _ = tcp.shutdown(Shutdown::Both);
         c.send(&ipc::encode(cmd::CLOSE_OK, &[&id.to_be_bytes()]));
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use lexopt::prelude::*;
 use pilot_gateway::address::PilotAddr;
+mod conns;
 mod daemon;
 mod faults;
 
@@ -41,6 +42,12 @@ Usage: pilot-devd [flags]
                            (nobody bound it: the TCP connection is reset); repeatable
   --unbind                 answer Unbind (0x37) as newer daemons do (default: unknown
                            command, like the Feb-2026 daemon)
+  --lossy-close MS         lose data at Close as the Feb-2026 daemon does: every Send
+                           reaches the peer MS later (in_flight/unacked in Info's
+                           conn_list until then), a Close drops what is undelivered,
+                           and a Close within MS of an Accept is lost (the dialer
+                           waits out its dial)
+  --no-conn-list           leave conn_list out of Info, as daemons before Feb-2026
   --verbose                log every client and dial
 
 Ports 7, 1001 and 1002 are held by the daemon's own services, as on the real daemon.
@@ -94,6 +101,11 @@ fn parse() -> Result<Config, lexopt::Error> {
                     .push(Config::parse_inbound(&v).unwrap_or_else(|e| fail(e)));
             }
             Long("unbind") => cfg.unbind = true,
+            Long("no-conn-list") => cfg.no_conn_list = true,
+            Long("lossy-close") => {
+                let ms: u64 = p.value()?.parse()?;
+                cfg.lossy_close = (ms > 0).then(|| Duration::from_millis(ms));
+            }
             Long("verbose") => cfg.verbose = true,
             Short('h') | Long("help") => {
                 print!("{HELP}");
