@@ -191,13 +191,19 @@ pub fn be_u32(b: &[u8]) -> Option<u32> {
 /// function serves the data path, the control client, `pilot-devd` and the
 /// fuzz target.
 pub fn split_frame(buf: &[u8]) -> Result<Option<(u8, Range<usize>, usize)>, IpcError> {
+    split_frame_within(buf, MAX_MESSAGE)
+}
+
+/// [`split_frame`] with another limit than the daemon's: a reader that
+/// must take a larger reply (see [`FrameReader::set_max_message`]).
+pub fn split_frame_within(buf: &[u8], max: usize) -> Result<Option<(u8, Range<usize>, usize)>, IpcError> {
     let mut at = 0;
     loop {
         let Some(len) = buf.get(at..at + 4) else {
             return Ok(None);
         };
         let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-        if len > MAX_MESSAGE {
+        if len > max {
             return Err(IpcError::TooLong(len));
         }
         if len == 0 {
@@ -227,6 +233,8 @@ pub struct FrameReader<R> {
     initial: usize,
     /// The size to allocate again after [`release`](FrameReader::release).
     regrow: usize,
+    /// The largest message taken ([`MAX_MESSAGE`] unless raised).
+    max: usize,
 }
 
 impl<R: Read> FrameReader<R> {
@@ -247,7 +255,15 @@ impl<R: Read> FrameReader<R> {
             limit: limit.max(initial.max(8)),
             initial: initial.max(8),
             regrow: initial.max(8),
+            max: MAX_MESSAGE,
         }
+    }
+
+    /// Takes messages up to `max` bytes. The daemon's writer has no limit
+    /// of its own (upstream `ipcutil.Write`), and an Info reply lists every
+    /// connection it holds, so it can outgrow the 1 MiB a request may have.
+    pub fn set_max_message(&mut self, max: usize) {
+        self.max = max.max(MAX_MESSAGE);
     }
 
     /// Gives the buffer back when no partial frame is pending in it, so an
@@ -283,7 +299,8 @@ impl<R: Read> FrameReader<R> {
         while self.buf.get(self.start..self.start + 4) == Some(&[0; 4]) && self.start + 4 <= self.end {
             self.start += 4;
         }
-        let Some((command, range, used)) = split_frame(&self.buf[self.start..self.end])? else {
+        let Some((command, range, used)) = split_frame_within(&self.buf[self.start..self.end], self.max)?
+        else {
             return Ok(None);
         };
         let base = self.start;
@@ -315,7 +332,7 @@ impl<R: Read> FrameReader<R> {
                     Some(h) => 4 + u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize,
                     None => self.buf.len() * 2,
                 };
-                self.buf.resize(want.min(4 + MAX_MESSAGE), 0);
+                self.buf.resize(want.min(4 + self.max), 0);
             }
         }
         loop {
@@ -504,6 +521,11 @@ impl Session {
             budget: None,
             deadline: None,
         })
+    }
+
+    /// Takes replies up to `max` bytes (see [`FrameReader::set_max_message`]).
+    pub fn set_max_reply(&mut self, max: usize) {
+        self.reader.set_max_message(max);
     }
 
     /// Who serves the daemon socket, as read when connecting.

@@ -22,6 +22,7 @@ pub mod output;
 
 // The running gateway and its data path.
 pub mod access;
+pub mod closing;
 pub mod daemon;
 pub mod expose;
 pub mod gateway;
