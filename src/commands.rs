@@ -170,6 +170,13 @@ fn start_config(args: &Args, targets: &[Target]) -> Result<gateway::Config> {
     // users often pick 1-30 s for `timeout client-fin`) frees such slots
     // three times faster than the old fixed 30 s.
     let half_closed_timeout = parse_secs("--half-closed-timeout", args.half_closed_timeout.as_deref(), 10.0)?;
+    // How long a Close waits for the daemon to report what was sent
+    // delivered (`closing`): a few seconds covers a retransmission or two.
+    let close_linger = parse_secs(
+        "--close-linger",
+        args.close_linger.as_deref(),
+        crate::closing::DEFAULT_LINGER.as_secs_f64(),
+    )?;
     let access_format = match &args.access_log_format {
         None => Format::Text,
         Some(f) => Format::parse(f).ok_or_else(|| {
@@ -202,6 +209,7 @@ fn start_config(args: &Args, targets: &[Target]) -> Result<gateway::Config> {
         dial_timeout,
         idle_timeout,
         half_closed_timeout,
+        close_linger,
         access_log: args.access_log.clone().map(|p| (p, access_format)),
         user: args.user.clone(),
         no_user_switch: args.no_user_switch,

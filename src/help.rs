@@ -55,6 +55,9 @@ Flags:
   --half-closed-timeout SECS
                          close a client that shut down its sending side (but
                          did not close) after SECS without data (default 10)
+  --close-linger SECS    before closing a pilot connection, wait until the daemon
+                         reports everything sent delivered, at most SECS without
+                         progress (default 5; longer while data still moves)
   --access-log PATH      one line per finished connection (- for stderr)
   --access-log-format F  text (default) or json
   --user NAME            run as NAME, keeping only CAP_NET_ADMIN and CAP_NET_BIND_SERVICE

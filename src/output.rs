@@ -350,6 +350,12 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
             "half_closed_timeout_secs",
             st.half_closed_timeout.as_secs_f64().into(),
         ),
+        ("close_mode", stats.close_mode.clone().into()),
+        (
+            "close_linger_secs",
+            (stats.close_linger_ms as f64 / 1000.0).into(),
+        ),
+        ("close_unconfirmed", stats.close_unconfirmed.into()),
     ];
     data.extend(t.json_pairs());
     data.push(("refused", stats.refused.into()));
@@ -374,6 +380,7 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
         t.bytes_down,
         st.half_closed_timeout.as_secs_f64(),
     );
+    let text = format!("{text}  closing: {}\n", close_text(stats));
     let text = if exposures.is_empty() {
         text
     } else {
@@ -400,6 +407,19 @@ fn daemon_text(stats: &Stats, reachable: bool) -> String {
         Some(age) => format!("{text}, checked {age}s ago"),
         None => text,
     }
+}
+
+/// How pilot connections are closed (`closing`), for `status`.
+fn close_text(stats: &Stats) -> String {
+    let linger = stats.close_linger_ms as f64 / 1000.0;
+    let how = match stats.close_mode.as_str() {
+        "confirmed" => format!(
+            "confirmed (each Close waits until the daemon reports the data delivered, up to {linger}s without progress)"
+        ),
+        "immediate" => "immediate (this daemon does not report what it has delivered)".to_string(),
+        other => format!("{other} (the daemon has not answered yet)"),
+    };
+    format!("{how}, {} closed unconfirmed", stats.close_unconfirmed)
 }
 
 /// `--max-conns` in force (and why it is lower than asked, if it is), and

@@ -20,6 +20,9 @@
 //! | `allow_remote`       | whether clients from other hosts are served       |
 //! | `access_log_dropped` | access-log lines dropped because the writer lagged |
 //! | `daemon`             | `{reachable, reply}` or `{reachable:false, error}`, with `checked_secs_ago` |
+//! | `close_mode`         | `confirmed`, `immediate` or `unknown` (see `closing`) |
+//! | `close_linger_ms`    | `--close-linger`                                  |
+//! | `close_unconfirmed`  | Closes sent before the daemon confirmed delivery (linger passed, daemon gone) |
 //! | `mappings`           | `[{local_ip, pilot_addr, …Counters keys}]`        |
 //! | `exposures`          | `[{port, target, state, reason, …exposure counter keys}]` (not in the totals: they count the other direction) |
 
@@ -178,6 +181,10 @@ pub struct Stats {
     /// The daemon's health as last checked (a thread of its own checks it,
     /// so writing the counters never waits for the daemon).
     pub daemon: Value,
+    /// How Closes are sent (`closing::Mode`, as text).
+    pub close_mode: String,
+    pub close_linger_ms: u64,
+    pub close_unconfirmed: u64,
     pub mappings: Vec<MappingStats>,
     pub exposures: Vec<ExposureStats>,
 }
@@ -224,6 +231,9 @@ impl Stats {
             ("allow_remote", self.allow_remote.into()),
             ("access_log_dropped", self.access_log_dropped.into()),
             ("daemon", self.daemon.clone()),
+            ("close_mode", self.close_mode.clone().into()),
+            ("close_linger_ms", self.close_linger_ms.into()),
+            ("close_unconfirmed", self.close_unconfirmed.into()),
             ("mappings", Value::Arr(mappings)),
             (
                 "exposures",
@@ -269,6 +279,13 @@ impl Stats {
                 .ok_or("\"allow_remote\" is missing or not true/false")?,
             access_log_dropped: num(v, "access_log_dropped")?,
             daemon: v.get("daemon").cloned().ok_or("\"daemon\" is missing")?,
+            close_mode: v
+                .get("close_mode")
+                .and_then(Value::as_str)
+                .ok_or("\"close_mode\" is missing or not text")?
+                .to_string(),
+            close_linger_ms: num(v, "close_linger_ms")?,
+            close_unconfirmed: num(v, "close_unconfirmed")?,
             mappings,
             exposures: v
                 .get("exposures")
@@ -317,6 +334,9 @@ mod tests {
             allow_remote: false,
             access_log_dropped: 0,
             daemon: Value::obj([("reachable", Value::from(true))]),
+            close_mode: "confirmed".into(),
+            close_linger_ms: 5000,
+            close_unconfirmed: 3,
             mappings: vec![MappingStats {
                 local_ip: Ipv4Addr::new(10, 4, 0, 1),
                 pilot_addr: PilotAddr::new(0, 4),

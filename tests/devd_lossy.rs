@@ -238,3 +238,71 @@ fn without_the_flag_nothing_is_lost_and_conn_list_is_reported() {
     assert!(v.get("conn_list").is_none(), "{v}");
     assert!(v.get("node_id").is_some());
 }
+
+/// The gateway's close poller against devd: waiting for what
+/// `conn_list` reports turns the truncated download above into a whole
+/// one; devd without `conn_list` gets immediate closes.
+#[test]
+fn the_close_poller_confirms_delivery_through_devd() {
+    use pilot_gateway::closing::{Closer, Mode, Outcome};
+    netns();
+    let dir = TempDir::new("lossy-closer");
+    let d = devd(&dir, &["--lossy-close", "200"]);
+    let me = pilot_gateway::sys::user::euid();
+    let closer = Closer::start(d.socket.clone(), me, Duration::from_secs(5)).unwrap();
+    let (mut s, conn, tcp) = accepted(&d, Duration::from_millis(300));
+    let reader = thread::spawn(move || read_all(tcp));
+    let data = pattern(23, FOUR_MIB);
+    send_all(&mut s, conn, &data);
+    let t = Instant::now();
+    assert_eq!(
+        closer.wait_delivered(conn, data.len() as u64, t),
+        Outcome::Delivered
+    );
+    close(&mut s, conn);
+    assert!(reader.join().unwrap() == data, "the confirmed close lost data");
+    for _ in 0..2 {
+        assert_eq!(s.frame(), (cmd::CLOSE_OK, conn.to_be_bytes().to_vec()));
+    }
+    assert_eq!(closer.mode(), Mode::Confirmed);
+
+    // Fail fast: a Close that waited for the dialer reaches it.
+    let mut tcp = connect(INBOUND);
+    let a = s.accept();
+    let accepted_at = Instant::now();
+    closer.wait_established(a.conn, accepted_at);
+    close(&mut s, a.conn);
+    tcp.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(tcp.read(&mut b).unwrap(), 0, "EOF within 1 s of the wait");
+    assert!(accepted_at.elapsed() < Duration::from_secs(1));
+
+    let dir2 = TempDir::new("lossy-closer-old");
+    let d2 = Devd::start(&dir2, &["--no-conn-list"]);
+    let old = Closer::start(d2.socket.clone(), me, Duration::from_secs(5)).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || old.mode() == Mode::Immediate));
+    assert_eq!(old.wait_delivered(1, 10, Instant::now()), Outcome::Immediate);
+}
+
+/// `status` shows how closes are sent, and `--close-linger`.
+#[test]
+fn status_shows_the_close_mode() {
+    netns();
+    for (extra, mode) in [(&[][..], "confirmed"), (&["--no-conn-list"][..], "immediate")] {
+        let dir = TempDir::new("lossy-status");
+        let d = Devd::start(&dir, extra);
+        let gw = Gw::new(&dir, &d.socket);
+        let _p = gw.foreground(&dir, &["--ports", "8080", "--close-linger", "2.5", A4]);
+        let mut st = status(&gw);
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                st = status(&gw);
+                st.get("close_mode").and_then(Value::as_str) == Some(mode)
+            }),
+            "{st}"
+        );
+        assert_eq!(st.get("close_linger_secs").and_then(Value::as_f64), Some(2.5));
+        assert_eq!(n(&st, "close_unconfirmed"), 0);
+        assert!(gw.ok(&["status"]).contains(&format!("closing: {mode}")));
+    }
+}

@@ -30,6 +30,7 @@ use ipnetwork::Ipv4Network;
 use crate::address::PilotAddr;
 use crate::alias::{self, Aliases};
 use crate::cli::{Expose, Target};
+use crate::closing::{Closer, Mode};
 use crate::daemon;
 use crate::error::{Code, Error, Result};
 use crate::expose::{self, Exposure};
@@ -70,6 +71,9 @@ pub struct Config {
     pub dial_timeout: Duration,
     pub idle_timeout: Duration,
     pub half_closed_timeout: Duration,
+    /// `--close-linger`: the bound of a Close waiting for delivery (the
+    /// gateway's [`Closer`] holds it; the connection engine asks that).
+    pub close_linger: Duration,
     /// `--access-log PATH` (`-` for stderr) and its format; opened after
     /// any user switch, so rotation reopens work as the same user.
     pub access_log: Option<(String, crate::log::Format)>,
@@ -195,6 +199,11 @@ struct Gateway {
     max_conns_requested: usize,
     /// Checks the daemon off the main thread; `None` until it runs.
     health: Option<Arc<daemon::Health>>,
+    /// Decides when connections may be closed (`closing`); `None` if its
+    /// thread could not start (every Close is then immediate).
+    // Hook for the connection engine: hand it `closer.clone()`, and call
+    // `wait_delivered` / `wait_established` before each Close.
+    closer: Option<Arc<Closer>>,
     /// Descriptors left for listeners (see [`limits::fit_max_conns`]).
     listener_room: u64,
     /// systemd's notification socket, when it started us (`Type=notify`).
@@ -245,6 +254,7 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         stats_seq: 0,
         max_conns_requested: cfg.max_conns,
         health: None,
+        closer: None,
         listener_room,
         notify,
     };
@@ -252,6 +262,10 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
     drop(lock);
     gw.health = daemon::Health::start(cfg.socket.clone(), daemon.uid)
         .map_err(|e| warn!("cannot start the daemon health thread: {e}"))
+        .ok();
+    gw.closer = Closer::start(cfg.socket.clone(), daemon.uid, cfg.close_linger)
+        .map(Arc::new)
+        .map_err(|e| warn!("cannot start the close poller (every close is immediate): {e}"))
         .ok();
     for m in &st.mappings {
         info!("mapped {} → {}", m.local_ip, m.pilot_addr);
@@ -519,6 +533,14 @@ impl Gateway {
             allow_remote: dp.settings.allow_remote,
             access_log_dropped: dp.access.as_ref().map_or(0, |a| a.dropped.load(Relaxed)),
             daemon,
+            close_mode: self
+                .closer
+                .as_ref()
+                .map_or(Mode::Immediate, |c| c.mode())
+                .as_str()
+                .into(),
+            close_linger_ms: self.closer.as_ref().map_or(0, |c| c.linger().as_millis() as u64),
+            close_unconfirmed: self.closer.as_ref().map_or(0, |c| c.unconfirmed()),
             mappings,
             exposures: self.exposure_stats(),
         };
