@@ -84,6 +84,15 @@ const STACK: usize = 128 * 1024;
 pub struct Conn {
     pub id: u32,
     pub tcp: TcpStream,
+    /// What `conn_list` shows. Info's list holds only this, so a closed
+    /// connection listed in TIME_WAIT does not keep its TCP socket open
+    /// (a peer still writing to it must see it gone).
+    pub track: Arc<Track>,
+}
+
+/// A connection's `conn_list` entry and what its Sends wait on.
+pub struct Track {
+    pub id: u32,
     pub local_port: u16,
     pub remote: PilotAddr,
     pub remote_port: u16,
@@ -123,29 +132,32 @@ impl Conn {
         Arc::new(Conn {
             id,
             tcp,
-            local_port,
-            remote,
-            remote_port,
-            accepted: accepted.then(Instant::now),
-            st: Mutex::new(St::default()),
-            cv: Condvar::new(),
+            track: Arc::new(Track {
+                id,
+                local_port,
+                remote,
+                remote_port,
+                accepted: accepted.then(Instant::now),
+                st: Mutex::new(St::default()),
+                cv: Condvar::new(),
+            }),
         })
     }
 
     fn st(&self) -> MutexGuard<'_, St> {
-        self.st.lock().unwrap_or_else(|p| p.into_inner())
+        self.track.st()
     }
 
-    /// Whether the far side's dial is still in progress (`--lossy-close`).
     pub fn dialing(&self, lossy: Option<Duration>) -> bool {
-        matches!((lossy, self.accepted), (Some(ms), Some(t)) if t.elapsed() < ms)
+        self.track.dialing(lossy)
     }
 
-    /// Data from the TCP peer, about to go out as Recv frames.
     pub fn received(&self, n: usize) {
-        let mut st = self.st();
-        st.bytes_recv += n as u64;
-        st.segs_recv += segments(n) as u64;
+        self.track.received(n)
+    }
+
+    pub fn end(&self) -> bool {
+        self.track.end()
     }
 
     /// A client's Send. Without `lossy`: written at once. With it: queued
@@ -165,6 +177,7 @@ impl Conn {
                 return Ok(());
             }
             st = self
+                .track
                 .cv
                 .wait_timeout(st, Duration::from_millis(100))
                 .map_or_else(|p| p.into_inner().0, |(g, _)| g);
@@ -187,7 +200,7 @@ impl Conn {
                 .spawn(move || me.deliver());
             st.delivering = spawned.is_ok();
         }
-        self.cv.notify_all();
+        self.track.cv.notify_all();
         Ok(())
     }
 
@@ -209,6 +222,7 @@ impl Conn {
                         None => Duration::from_secs(1),
                     };
                     st = self
+                        .track
                         .cv
                         .wait_timeout(st, wait)
                         .map_or_else(|p| p.into_inner().0, |(g, _)| g);
@@ -224,25 +238,12 @@ impl Conn {
             let mut st = self.st();
             st.in_flight = st.in_flight.saturating_sub(data.len());
             st.unacked = st.unacked.saturating_sub(segments(data.len()));
-            self.cv.notify_all();
+            self.track.cv.notify_all();
             if !ok {
                 st.delivering = false;
                 return;
             }
         }
-    }
-
-    /// Moves the connection to TIME_WAIT (either side closed) and drops
-    /// what was not delivered. Returns whether it was still ESTABLISHED.
-    pub fn end(&self) -> bool {
-        let mut st = self.st();
-        let was_open = st.closed_at.is_none();
-        if was_open {
-            st.closed_at = Some(Instant::now());
-        }
-        st.queue.clear();
-        self.cv.notify_all();
-        was_open
     }
 
     /// Our Close: the TCP peer sees EOF after what was delivered — or,
@@ -262,6 +263,37 @@ impl Conn {
             pilot_gateway::sys::net::set_linger_zero(&me.tcp);
             let _ = me.tcp.shutdown(Shutdown::Both);
         });
+    }
+}
+
+impl Track {
+    fn st(&self) -> MutexGuard<'_, St> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the far side's dial is still in progress (`--lossy-close`).
+    pub fn dialing(&self, lossy: Option<Duration>) -> bool {
+        matches!((lossy, self.accepted), (Some(ms), Some(t)) if t.elapsed() < ms)
+    }
+
+    /// Data from the TCP peer, about to go out as Recv frames.
+    pub fn received(&self, n: usize) {
+        let mut st = self.st();
+        st.bytes_recv += n as u64;
+        st.segs_recv += segments(n) as u64;
+    }
+
+    /// Moves the connection to TIME_WAIT (either side closed) and drops
+    /// what was not delivered. Returns whether it was still ESTABLISHED.
+    pub fn end(&self) -> bool {
+        let mut st = self.st();
+        let was_open = st.closed_at.is_none();
+        if was_open {
+            st.closed_at = Some(Instant::now());
+        }
+        st.queue.clear();
+        self.cv.notify_all();
+        was_open
     }
 
     /// Whether it has been in TIME_WAIT long enough to be reaped.

@@ -56,7 +56,7 @@ use pilot_gateway::ipc::{self, cmd, FrameReader, IpcError};
 use pilot_gateway::json::Value;
 use pilot_gateway::sys;
 
-use crate::conns::Conn;
+use crate::conns::{Conn, Track};
 
 /// Largest data chunk per Recv frame, as the real daemon sends.
 pub const RECV_CHUNK: usize = 4096;
@@ -261,7 +261,7 @@ struct Daemon {
     next_local_port: AtomicU16,
     /// Every connection, of every client, for Info's `conn_list`; closed
     /// ones stay (TIME_WAIT) until reaped.
-    all: Mutex<HashMap<u32, Arc<Conn>>>,
+    all: Mutex<HashMap<u32, Arc<Track>>>,
     started: Instant,
     euid: sys::user::Uid,
 }
@@ -675,11 +675,11 @@ fn inbound_conn(d: &Daemon, tcp: TcpStream, inbound: &Inbound) {
 impl Daemon {
     /// Lists a new connection in `conn_list` (reaping the closed ones whose
     /// TIME_WAIT has passed).
-    fn register(&self, conn: &Arc<Conn>) {
+    fn register(&self, conn: &Conn) {
         let mut all = self.all.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         all.retain(|_, c| !c.reaped(now));
-        all.insert(conn.id, conn.clone());
+        all.insert(conn.id, conn.track.clone());
     }
 
     /// Info's `conn_list`: every connection, by id.
@@ -687,7 +687,7 @@ impl Daemon {
         let mut all = self.all.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         all.retain(|_, c| !c.reaped(now));
-        let mut list: Vec<&Arc<Conn>> = all.values().collect();
+        let mut list: Vec<&Arc<Track>> = all.values().collect();
         list.sort_by_key(|c| c.id);
         Value::Arr(list.iter().map(|c| c.entry()).collect())
     }
