@@ -494,6 +494,9 @@ impl Closer {
     /// delivered, or the linger passed, or the daemon cannot tell. Call it
     /// after the last Send, then send Close whatever it returns.
     pub fn wait_delivered(&self, conn: u32, sent: u64, last_send: Instant) -> Outcome {
+        if sent == 0 {
+            return Outcome::Delivered; // nothing to lose
+        }
         {
             let sh = self.inner.lock();
             let recent = sh.checked.is_some_and(|t| t.elapsed() < REDETECT);
@@ -868,6 +871,8 @@ mod tests {
         let (connect, _asked) = scripted(|i| listing(7..8, if i < 2 { 4096 } else { 0 }, 5000));
         let c = Closer::with_connect(connect, Duration::from_secs(5)).unwrap();
         wait_mode(&c, Mode::Confirmed);
+        assert_eq!(c.wait_delivered(7, 0, Instant::now()), Outcome::Delivered);
+        assert_eq!(c.exchanges(), 1, "nothing sent: no need to ask");
         let t = Instant::now();
         assert_eq!(c.wait_delivered(7, 5000, t), Outcome::Delivered);
         assert!(c.exchanges() >= 4, "in flight, in flight, quiet, quiet");
