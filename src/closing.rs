@@ -54,6 +54,9 @@
 //!   measured to reach the dialer), or less once the daemon shows data
 //!   from the dialer (`bytes_recv > 0`: a dialer sends only once its dial
 //!   completed) or the connection gone or closed by the dialer.
+//!   [`Closer::close_when_established`] is the same without blocking, for
+//!   a thread that must not wait (an exposure's session reader refusing a
+//!   peer): the poller runs the given close when the time comes.
 //! - One poller for all: one thread and one IPC session of its own
 //!   (opened through `ipc::connect_by`, with the daemon's uid seen at
 //!   start, only while something is closing), one Info exchange per
@@ -98,6 +101,8 @@ pub const EXCHANGE_DEADLINE: Duration = Duration::from_secs(2);
 pub const ACCEPT_SETTLE: Duration = Duration::from_millis(300);
 /// The poller's session is closed after this long with nothing closing.
 const IDLE_KEEP: Duration = Duration::from_secs(5);
+/// Deferred closes held at most; beyond, a close goes out at once.
+pub const MAX_DEFERRED: usize = 4096;
 /// How often an `immediate` daemon is asked again (it may be upgraded).
 pub const REDETECT: Duration = Duration::from_secs(30);
 /// The largest Info reply read: ~500 bytes per connection, for the
@@ -370,6 +375,10 @@ enum Done {
     Settled(Settled),
 }
 
+/// What a deferred close runs once settled (see
+/// [`Closer::close_when_established`]).
+pub type Then = Box<dyn FnOnce() + Send>;
+
 /// One connection waiting, as the poller sees it.
 struct Slot {
     conn: u32,
@@ -377,6 +386,8 @@ struct Slot {
     since: Instant,
     kind: Kind,
     done: Option<Done>,
+    /// A deferred close: no thread waits, the poller runs this.
+    then: Option<Then>,
 }
 
 impl Slot {
@@ -536,6 +547,37 @@ impl Closer {
         }
     }
 
+    /// [`wait_established`](Closer::wait_established) without blocking,
+    /// for a thread that must not wait (an exposure's session reader):
+    /// the poller thread runs `close` once the Close would reach the
+    /// dialer, at most [`ACCEPT_SETTLE`] after `accepted`. `close` must be
+    /// quick and bounded (write the Close frame under the session's writer
+    /// lock, with its deadline). Beyond [`MAX_DEFERRED`] pending, or once
+    /// the closer stopped, `close` runs at once, here.
+    pub fn close_when_established(&self, conn: u32, accepted: Instant, close: Then) {
+        let mut sh = self.inner.lock();
+        let pending = sh.slots.values().filter(|s| s.then.is_some()).count();
+        if sh.stopped || pending >= MAX_DEFERRED {
+            drop(sh);
+            return close();
+        }
+        let ticket = sh.next;
+        sh.next += 1;
+        sh.slots.insert(
+            ticket,
+            Slot {
+                conn,
+                since: Instant::now(),
+                kind: Kind::Settle {
+                    until: accepted + ACCEPT_SETTLE,
+                },
+                done: None,
+                then: Some(close),
+            },
+        );
+        self.inner.poller.notify_one();
+    }
+
     /// Registers a slot and waits for its verdict or its deadline.
     fn wait(&self, conn: u32, kind: Kind) -> Option<Done> {
         let inner = &self.inner;
@@ -549,6 +591,7 @@ impl Closer {
                 since: Instant::now(),
                 kind,
                 done: None,
+                then: None,
             },
         );
         inner.poller.notify_one();
@@ -594,14 +637,53 @@ fn poll(inner: &Inner) {
             let mut sh = inner.lock();
             loop {
                 if sh.stopped {
+                    // Deferred closes go out now rather than never.
+                    let run: Vec<Then> = sh.slots.values_mut().filter_map(|s| s.then.take()).collect();
+                    drop(sh);
+                    for close in run {
+                        close();
+                    }
                     return;
                 }
                 let now = Instant::now();
-                let work = sh.detect || sh.slots.values().any(|s| s.done.is_none());
+                // Deferred closes that are settled or due: run them, unlocked.
+                let due: Vec<u64> = sh
+                    .slots
+                    .iter()
+                    .filter(|(_, s)| s.then.is_some() && (s.done.is_some() || now >= s.deadline()))
+                    .map(|(&t, _)| t)
+                    .collect();
+                if !due.is_empty() {
+                    let run: Vec<Then> = due
+                        .iter()
+                        .filter_map(|t| sh.slots.remove(t).and_then(|s| s.then))
+                        .collect();
+                    drop(sh);
+                    for close in run {
+                        close();
+                    }
+                    sh = inner.lock();
+                    continue;
+                }
+                // An `immediate` daemon has nothing to say about deferred
+                // closes: they only wait out their time.
+                let blind = sh.mode == Mode::Immediate;
+                let work = sh.detect
+                    || sh
+                        .slots
+                        .values()
+                        .any(|s| s.done.is_none() && !(blind && s.then.is_some()));
                 if work && now >= next_at {
                     break;
                 }
+                let earliest = sh
+                    .slots
+                    .values()
+                    .filter(|s| s.then.is_some())
+                    .map(Slot::deadline)
+                    .min();
                 let nap = if work { next_at - now } else { IDLE_KEEP };
+                let nap = earliest.map_or(nap, |e| nap.min(e.saturating_duration_since(now)));
                 let (g, timeout) = inner.poller.wait_timeout(sh, nap).map_or_else(
                     |p| {
                         let (g, t) = p.into_inner();
@@ -981,6 +1063,50 @@ mod tests {
         let t = Instant::now();
         assert!(matches!(c.wait_delivered(7, 10, t), Outcome::Unconfirmed(_)));
         assert!(t.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_deferred_close_runs_on_the_poller_once_settled() {
+        let when = |c: &Closer, conn: u32| {
+            let (tx, rx) = mpsc::channel();
+            let accepted = Instant::now();
+            c.close_when_established(
+                conn,
+                accepted,
+                Box::new(move || tx.send(accepted.elapsed()).unwrap()),
+            );
+            rx.recv_timeout(Duration::from_secs(5)).unwrap()
+        };
+        // A daemon without conn_list: the settle time, no exchange for it.
+        let (connect, _asked) = scripted(|_| info_ok(r#"{"node_id":1}"#));
+        let c = Closer::with_connect(connect, Duration::from_secs(5)).unwrap();
+        wait_mode(&c, Mode::Immediate);
+        let took = when(&c, 9);
+        assert!(took >= ACCEPT_SETTLE && took < ACCEPT_SETTLE * 2, "{took:?}");
+        assert_eq!(c.exchanges(), 1);
+        // Data from the dialer: at once.
+        let (connect, _asked) = scripted(|_| {
+            info_ok(
+                r#"{"conn_list":[{"id":9,"state":"ESTABLISHED","in_flight":0,"unacked":0,"bytes_recv":5}]}"#,
+            )
+        });
+        let c = Closer::with_connect(connect, Duration::from_secs(5)).unwrap();
+        wait_mode(&c, Mode::Confirmed);
+        assert!(when(&c, 9) < ACCEPT_SETTLE);
+        // A closer that stops runs what it holds rather than dropping it
+        // (here a daemon that cannot be reached, so nothing settles it).
+        let gone: Connect = Box::new(|| Err(io::ErrorKind::ConnectionRefused.into()));
+        let c = Closer::with_connect(gone, Duration::from_secs(5)).unwrap();
+        let (tx, rx) = mpsc::channel();
+        c.close_when_established(
+            9,
+            Instant::now() + Duration::from_secs(60),
+            Box::new(move || tx.send(()).unwrap()),
+        );
+        thread::sleep(Duration::from_millis(100));
+        assert!(rx.try_recv().is_err(), "ran before its time");
+        drop(c);
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
     }
 
     #[test]
