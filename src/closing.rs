@@ -705,6 +705,10 @@ fn poll(inner: &Inner) {
         };
         let asked = Instant::now();
         let answer = exchange(inner, &mut session).map(|v| parse_info(&v, &wanted));
+        if wanted.is_empty() {
+            // Only the mode was asked: hold no descriptor while idle.
+            session = None;
+        }
         let took = asked.elapsed();
         next_at = Instant::now() + MIN_INTERVAL.max(took * 3);
         let mut sh = inner.lock();

@@ -298,9 +298,13 @@ impl Track {
 
     /// Whether it has been in TIME_WAIT long enough to be reaped.
     pub fn reaped(&self, now: Instant) -> bool {
-        self.st()
-            .closed_at
+        self.closed_at()
             .is_some_and(|t| now.saturating_duration_since(t) >= TIME_WAIT)
+    }
+
+    /// When it went to TIME_WAIT (`None`: ESTABLISHED).
+    pub fn closed_at(&self) -> Option<Instant> {
+        self.st().closed_at
     }
 
     /// The connection's `conn_list` entry, in the real daemon's shape.

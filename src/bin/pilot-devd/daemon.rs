@@ -70,6 +70,8 @@ const STACK: usize = 128 * 1024;
 const SERVICE_PORTS: [u16; 3] = [7, 1001, 1002];
 /// How long a connection the client closed keeps draining its TCP peer.
 const CLOSED_DRAIN: Duration = Duration::from_secs(2);
+/// Closed connections listed in TIME_WAIT at most (see `Daemon::reap`).
+const MAX_TIME_WAIT: usize = 1024;
 /// First remote port of inbound connections (the ephemeral range).
 const EPHEMERAL_START: u16 = 49152;
 
@@ -262,6 +264,8 @@ struct Daemon {
     /// Every connection, of every client, for Info's `conn_list`; closed
     /// ones stay (TIME_WAIT) until reaped.
     all: Mutex<HashMap<u32, Arc<Track>>>,
+    /// When `all` was last reaped.
+    reaped_at: Mutex<Instant>,
     started: Instant,
     euid: sys::user::Uid,
 }
@@ -289,6 +293,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         next_remote_port: AtomicU16::new(EPHEMERAL_START),
         next_local_port: AtomicU16::new(EPHEMERAL_START),
         all: Mutex::new(HashMap::new()),
+        reaped_at: Mutex::new(Instant::now()),
         started: Instant::now(),
         euid: sys::user::euid(),
     });
@@ -673,20 +678,42 @@ fn inbound_conn(d: &Daemon, tcp: TcpStream, inbound: &Inbound) {
 }
 
 impl Daemon {
-    /// Lists a new connection in `conn_list` (reaping the closed ones whose
-    /// TIME_WAIT has passed).
+    /// Lists a new connection in `conn_list`.
     fn register(&self, conn: &Conn) {
         let mut all = self.all.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        all.retain(|_, c| !c.reaped(now));
+        self.reap(&mut all);
         all.insert(conn.id, conn.track.clone());
+    }
+
+    /// Drops the closed connections whose TIME_WAIT has passed, at most
+    /// once a second. Unlike the real daemon, which cannot open more than
+    /// about ten connections a second per peer, devd serves benchmarks
+    /// that open thousands: it lists at most [`MAX_TIME_WAIT`] closed
+    /// ones (the oldest go first), so Info stays small.
+    fn reap(&self, all: &mut HashMap<u32, Arc<Track>>) {
+        let now = Instant::now();
+        let mut last = self.reaped_at.lock().unwrap_or_else(|p| p.into_inner());
+        if now.saturating_duration_since(*last) < Duration::from_secs(1) {
+            return;
+        }
+        *last = now;
+        all.retain(|_, c| !c.reaped(now));
+        let mut closed: Vec<(Instant, u32)> = all
+            .values()
+            .filter_map(|c| c.closed_at().map(|t| (t, c.id)))
+            .collect();
+        if closed.len() > MAX_TIME_WAIT {
+            closed.sort_unstable();
+            for (_, id) in &closed[..closed.len() - MAX_TIME_WAIT] {
+                all.remove(id);
+            }
+        }
     }
 
     /// Info's `conn_list`: every connection, by id.
     fn conn_list(&self) -> Value {
         let mut all = self.all.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        all.retain(|_, c| !c.reaped(now));
+        self.reap(&mut all);
         let mut list: Vec<&Arc<Track>> = all.values().collect();
         list.sort_by_key(|c| c.id);
         Value::Arr(list.iter().map(|c| c.entry()).collect())
