@@ -405,8 +405,6 @@ struct Shared {
     mode: Mode,
     /// When the mode was last learnt from the daemon.
     checked: Option<Instant>,
-    /// Ask once even with nothing closing (the mode at start).
-    detect: bool,
     stopped: bool,
     /// Info exchanges made.
     exchanges: u64,
@@ -442,8 +440,10 @@ pub struct Closer {
 impl Closer {
     /// Starts the poller for the daemon at `socket`, served by `daemon_uid`
     /// (the uid seen at start: `ipc::connect_by` refuses any other). It
-    /// asks the daemon once at once, for the mode, then only while
-    /// something is closing.
+    /// asks the daemon once, here, for the mode (on a session closed right
+    /// after, so the running gateway's descriptors and daemon clients do
+    /// not change behind its back: at most [`EXCHANGE_DEADLINE`]), then
+    /// only while something is closing.
     pub fn start(socket: PathBuf, daemon_uid: u32, linger: Duration) -> io::Result<Closer> {
         Closer::with_connect(
             Box::new(move || {
@@ -458,17 +458,20 @@ impl Closer {
 
     /// [`start`](Closer::start) with another way to reach the daemon (tests).
     pub fn with_connect(connect: Connect, linger: Duration) -> io::Result<Closer> {
+        let (mode, checked) = match exchange(&connect, &mut None) {
+            Ok(v) => (parse_info(&v, &HashSet::new()).mode(), Some(Instant::now())),
+            Err(_) => (Mode::Unknown, None),
+        };
         let inner = Arc::new(Inner {
             connect,
             linger,
             shared: Mutex::new(Shared {
                 slots: HashMap::new(),
                 next: 0,
-                mode: Mode::Unknown,
-                checked: None,
-                detect: true,
+                mode,
+                checked,
                 stopped: false,
-                exchanges: 0,
+                exchanges: 1,
             }),
             poller: Condvar::new(),
             waiters: Condvar::new(),
@@ -668,11 +671,10 @@ fn poll(inner: &Inner) {
                 // An `immediate` daemon has nothing to say about deferred
                 // closes: they only wait out their time.
                 let blind = sh.mode == Mode::Immediate;
-                let work = sh.detect
-                    || sh
-                        .slots
-                        .values()
-                        .any(|s| s.done.is_none() && !(blind && s.then.is_some()));
+                let work = sh
+                    .slots
+                    .values()
+                    .any(|s| s.done.is_none() && !(blind && s.then.is_some()));
                 if work && now >= next_at {
                     break;
                 }
@@ -696,7 +698,6 @@ fn poll(inner: &Inner) {
                     session = None; // nothing closing for a while
                 }
             }
-            sh.detect = false;
             sh.slots
                 .values()
                 .filter(|s| s.done.is_none())
@@ -704,11 +705,7 @@ fn poll(inner: &Inner) {
                 .collect::<HashSet<u32>>()
         };
         let asked = Instant::now();
-        let answer = exchange(inner, &mut session).map(|v| parse_info(&v, &wanted));
-        if wanted.is_empty() {
-            // Only the mode was asked: hold no descriptor while idle.
-            session = None;
-        }
+        let answer = exchange(&inner.connect, &mut session).map(|v| parse_info(&v, &wanted));
         let took = asked.elapsed();
         next_at = Instant::now() + MIN_INTERVAL.max(took * 3);
         let mut sh = inner.lock();
@@ -738,9 +735,9 @@ fn poll(inner: &Inner) {
 }
 
 /// One Info exchange on the poller's session (opened if needed).
-fn exchange(inner: &Inner, session: &mut Option<Session>) -> Result<Value, String> {
+fn exchange(connect: &Connect, session: &mut Option<Session>) -> Result<Value, String> {
     if session.is_none() {
-        *session = Some((inner.connect)().map_err(|e| e.to_string())?);
+        *session = Some(connect().map_err(|e| e.to_string())?);
     }
     let s = session.as_mut().ok_or("no session")?;
     s.info().map_err(|e| e.to_string())
