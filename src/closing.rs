@@ -636,7 +636,9 @@ fn poll(inner: &Inner) {
     let mut session: Option<Session> = None;
     let mut next_at = Instant::now();
     loop {
-        let wanted = {
+        // `asked` is taken under the lock that registers slots, so a slot
+        // counts this answer only if it was among those asked about.
+        let (wanted, asked) = {
             let mut sh = inner.lock();
             loop {
                 if sh.stopped {
@@ -698,13 +700,14 @@ fn poll(inner: &Inner) {
                     session = None; // nothing closing for a while
                 }
             }
-            sh.slots
+            let wanted = sh
+                .slots
                 .values()
                 .filter(|s| s.done.is_none())
                 .map(|s| s.conn)
-                .collect::<HashSet<u32>>()
+                .collect::<HashSet<u32>>();
+            (wanted, Instant::now())
         };
-        let asked = Instant::now();
         let answer = exchange(&inner.connect, &mut session).map(|v| parse_info(&v, &wanted));
         let took = asked.elapsed();
         next_at = Instant::now() + MIN_INTERVAL.max(took * 3);
