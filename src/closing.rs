@@ -83,6 +83,7 @@ use std::time::{Duration, Instant};
 
 use crate::ipc::Session;
 use crate::json::Value;
+use crate::sys::user::Uid;
 
 /// Upstream's `NagleTimeout`: how long a small write may wait unsent.
 pub const NAGLE: Duration = Duration::from_millis(40);
@@ -444,7 +445,7 @@ impl Closer {
     /// after, so the running gateway's descriptors and daemon clients do
     /// not change behind its back: at most [`EXCHANGE_DEADLINE`]), then
     /// only while something is closing.
-    pub fn start(socket: PathBuf, daemon_uid: u32, linger: Duration) -> io::Result<Closer> {
+    pub fn start(socket: PathBuf, daemon_uid: Uid, linger: Duration) -> io::Result<Closer> {
         Closer::with_connect(
             Box::new(move || {
                 let mut s = Session::connect_within(&socket, EXCHANGE_DEADLINE, Some(daemon_uid))?;
