@@ -5,7 +5,8 @@
 //! or pipe is slower than the traffic, lines are dropped and counted (the
 //! count is logged), never buffered without bound and never blocking.
 //! SIGUSR1 makes the writer reopen the file, for log rotation. Callers
-//! hand it a plain [`Record`]; it knows nothing of the data path.
+//! hand it a plain [`Record`] (one type for both directions); it knows
+//! nothing of the data path.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -71,80 +72,50 @@ impl AccessLog {
         }
     }
 
-    /// Formats `r` and queues it for the writer; never blocks.
+    /// Formats `r` and queues it for the writer; never blocks. Inbound
+    /// text lines start with `inbound` so they never read as a map line.
     pub fn write(&self, r: &Record<'_>) {
         let time = rfc3339(SystemTime::now());
-        let local_ip = r.local.map_or_else(|| "-".to_string(), |a| a.ip().to_string());
-        let port = r.local.map_or(0, |a| a.port());
         let ms = r.duration.as_secs_f64() * 1000.0;
-        let (client, pilot, up, down, outcome) = (r.client, r.pilot, r.up, r.down, r.outcome);
-        let line = match self.format {
-            Format::Text => {
-                let reason = text_reason(r.reason);
+        let (pilot, to, from, outcome) = (r.pilot, r.to_pilot, r.from_pilot, r.outcome);
+        let line = match (self.format, &r.side) {
+            (Format::Text, Side::Map { client, local }) => {
+                let local_ip = local.map_or_else(|| "-".to_string(), |a| a.ip().to_string());
+                let port = local.map_or(0, |a| a.port());
                 format!(
-                    "{time} client={client} local={local_ip}:{port} pilot={pilot}:{port} up={up} down={down} duration_ms={ms:.1} outcome={outcome}{reason}\n"
+                    "{time} client={client} local={local_ip}:{port} pilot={pilot}:{port} up={to} down={from} duration_ms={ms:.1} outcome={outcome}{}\n",
+                    text_reason(r.reason)
                 )
             }
-            Format::Json => {
+            (Format::Text, Side::Expose { peer_port, port, target }) => format!(
+                "{time} inbound peer={pilot}:{peer_port} pilot_port={port} target={target} in={from} out={to} duration_ms={ms:.1} outcome={outcome}{}\n",
+                text_reason(r.reason)
+            ),
+            (Format::Json, Side::Map { client, local }) => {
+                let local_ip = local.map_or_else(|| "-".to_string(), |a| a.ip().to_string());
                 let v = vec![
                     ("time", Value::from(time)),
                     ("client", client.to_string().into()),
                     ("local_ip", local_ip.into()),
-                    ("port", port.into()),
+                    ("port", local.map_or(0, |a| a.port()).into()),
                     ("pilot_addr", pilot.to_string().into()),
-                    ("bytes_up", up.into()),
-                    ("bytes_down", down.into()),
+                    ("bytes_up", to.into()),
+                    ("bytes_down", from.into()),
                 ];
                 json_line(v, ms, outcome, r.reason)
             }
-        };
-        self.send(line);
-    }
-}
-
-/// One access-log line for an exposed port's inbound connection: a peer
-/// of the overlay reached the local service `target` on pilot `port`.
-#[derive(Clone, Debug)]
-pub struct Inbound<'a> {
-    pub peer: PilotAddr,
-    pub peer_port: u16,
-    pub port: u16,
-    pub target: SocketAddr,
-    /// Bytes peer→service and service→peer.
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub duration: Duration,
-    /// `ok`, `reset`, `connect_failed`, `refused`.
-    pub outcome: &'a str,
-    pub reason: &'a str,
-}
-
-impl AccessLog {
-    /// Formats an inbound record and queues it; never blocks. Text lines
-    /// start with `inbound` so they never read as a forward connection.
-    pub fn write_inbound(&self, r: &Inbound<'_>) {
-        let time = rfc3339(SystemTime::now());
-        let ms = r.duration.as_secs_f64() * 1000.0;
-        let line = match self.format {
-            Format::Text => {
-                let reason = text_reason(r.reason);
-                format!(
-                    "{time} inbound peer={}:{} pilot_port={} target={} in={} out={} duration_ms={ms:.1} outcome={}{reason}\n",
-                    r.peer, r.peer_port, r.port, r.target, r.bytes_in, r.bytes_out, r.outcome
-                )
-            }
-            Format::Json => {
+            (Format::Json, Side::Expose { peer_port, port, target }) => {
                 let v = vec![
                     ("time", Value::from(time)),
                     ("direction", "inbound".into()),
-                    ("peer", r.peer.to_string().into()),
-                    ("peer_port", r.peer_port.into()),
-                    ("pilot_port", r.port.into()),
-                    ("target", r.target.to_string().into()),
-                    ("bytes_in", r.bytes_in.into()),
-                    ("bytes_out", r.bytes_out.into()),
+                    ("peer", pilot.to_string().into()),
+                    ("peer_port", (*peer_port).into()),
+                    ("pilot_port", (*port).into()),
+                    ("target", target.to_string().into()),
+                    ("bytes_in", from.into()),
+                    ("bytes_out", to.into()),
                 ];
-                json_line(v, ms, r.outcome, r.reason)
+                json_line(v, ms, outcome, r.reason)
             }
         };
         self.send(line);
@@ -171,37 +142,41 @@ fn json_line(mut v: Vec<(&'static str, Value)>, ms: f64, outcome: &str, reason: 
     format!("{}\n", Value::obj(v))
 }
 
-/// One access-log line: a connection that ended, or one that never
-/// carried data (refused, failed dial).
+/// Which way a connection went, with what only that direction knows.
+#[derive(Clone, Debug)]
+pub enum Side {
+    /// A local client bridged to an agent: the client, and the mapped
+    /// address and port it arrived at (if known).
+    Map { client: SocketAddr, local: Option<SocketAddr> },
+    /// A peer of the overlay that reached the local service `target` on
+    /// pilot `port` (inbound).
+    Expose { peer_port: u16, port: u16, target: SocketAddr },
+}
+
+/// One access-log line, either direction: a connection that ended, or one
+/// that never carried data (refused, failed dial or connect).
 #[derive(Clone, Debug)]
 pub struct Record<'a> {
-    pub client: SocketAddr,
-    /// The mapped address and port it arrived at, if known.
-    pub local: Option<SocketAddr>,
+    pub side: Side,
+    /// The agent (map) or the peer (expose).
     pub pilot: PilotAddr,
-    pub up: u64,
-    pub down: u64,
+    /// Bytes towards the pilot side (map: up; expose: out) and from it.
+    pub to_pilot: u64,
+    pub from_pilot: u64,
     pub duration: Duration,
-    /// `ok`, `reset`, `idle_timeout`, `dial_failed`, `refused`.
+    /// The ending's label (`engine::Ending`): `ok`, `reset`, …
     pub outcome: &'a str,
     pub reason: &'a str,
 }
 
 impl<'a> Record<'a> {
     /// A connection that ended before any data moved.
-    pub fn without_data(
-        client: SocketAddr,
-        local: Option<SocketAddr>,
-        pilot: PilotAddr,
-        outcome: &'a str,
-        reason: &'a str,
-    ) -> Record<'a> {
+    pub fn without_data(side: Side, pilot: PilotAddr, outcome: &'a str, reason: &'a str) -> Record<'a> {
         Record {
-            client,
-            local,
+            side,
             pilot,
-            up: 0,
-            down: 0,
+            to_pilot: 0,
+            from_pilot: 0,
             duration: Duration::ZERO,
             outcome,
             reason,

@@ -24,6 +24,7 @@ pub mod output;
 pub mod access;
 pub mod closing;
 pub mod daemon;
+pub mod engine;
 pub mod expose;
 pub mod gateway;
 pub mod limits;
@@ -47,3 +48,5 @@ pub mod state;
 pub mod subnet;
 #[allow(unsafe_code)]
 pub mod sys;
+#[cfg(test)]
+mod testkit;

@@ -19,11 +19,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use crate::access::Record;
+use crate::access::{Record, Side};
 use crate::address::PilotAddr;
 use crate::log::RateLimit;
 use crate::relay::{self, Connections, DataPath, THREAD_STACK};
-use crate::{subnet, sys, warn_limited};
+use crate::{subnet, sys, warn_limited, warn_source};
 
 /// A listening socket on one mapped IP and port, with its accept thread.
 pub struct Listener {
@@ -153,19 +153,18 @@ fn accept_loop(
         }
         if !data_path.try_acquire() {
             let n = data_path.refused.fetch_add(1, Relaxed) + 1;
-            warn_limited!(
-                REFUSED_MAX_CONNS,
+            warn_source!(
+                "refused_max_conns",
+                client.ip(),
                 "refused connection from {client} to {local}: --max-conns {} reached ({n} refused so far)",
                 data_path.settings.max_conns
             );
             if let Some(log) = &data_path.access {
-                log.write(&Record::without_data(
+                let side = Side::Map {
                     client,
-                    Some(local),
-                    pilot,
-                    "refused",
-                    "--max-conns reached",
-                ));
+                    local: Some(local),
+                };
+                log.write(&Record::without_data(side, pilot, "refused", "--max-conns reached"));
             }
             sys::net::reset(tcp);
             continue;
@@ -256,8 +255,9 @@ fn shed_one(socket: &TcpListener, data_path: &DataPath) -> bool {
     let _ = socket.set_nonblocking(POLL.is_some());
     if let Ok((tcp, client)) = accepted {
         let n = data_path.refused.fetch_add(1, Relaxed) + 1;
-        warn_limited!(
-            REFUSED_NO_FDS,
+        warn_source!(
+            "refused_no_fds",
+            client.ip(),
             "refused connection from {client} to {}: out of file descriptors ({n} refused so far)",
             local_name(socket)
         );
@@ -267,12 +267,9 @@ fn shed_one(socket: &TcpListener, data_path: &DataPath) -> bool {
     true
 }
 
-// Per-connection warnings, one rate limit per kind: a flood of clients
-// must not flood the log (the counters still count every one).
+// Accept failures are not caused per client; refusals, which clients
+// cause at will, go through `engine::report` (per kind and per client).
 static ACCEPT_FAILED: RateLimit = RateLimit::new();
-static REFUSED_MAX_CONNS: RateLimit = RateLimit::new();
-static REFUSED_NO_FDS: RateLimit = RateLimit::new();
-static REFUSED_REMOTE: RateLimit = RateLimit::new();
 
 fn refuse_remote(
     tcp: std::net::TcpStream,
@@ -284,18 +281,17 @@ fn refuse_remote(
 ) {
     conns.refused_remote.fetch_add(1, Relaxed);
     sys::net::reset(tcp);
-    warn_limited!(
-        REFUSED_REMOTE,
+    warn_source!(
+        "refused_remote",
+        client.ip(),
         "refused connection from {client} to {local}: not a local client (start with --allow-remote to serve other hosts)"
     );
     if let Some(log) = &data_path.access {
-        log.write(&Record::without_data(
+        let side = Side::Map {
             client,
-            Some(local),
-            pilot,
-            "refused",
-            "client from another host",
-        ));
+            local: Some(local),
+        };
+        log.write(&Record::without_data(side, pilot, "refused", "client from another host"));
     }
 }
 

@@ -1,85 +1,57 @@
-//! The relay: one accepted TCP connection bridged to the same port of its
-//! agent, through its own IPC session (`listener.rs` accepts and hands
-//! connections here).
+//! The map direction: one accepted TCP client bridged to the same port of
+//! its agent, through a pilot session of its own (`listener.rs` accepts
+//! and hands connections here). What both directions share (endings, the
+//! copy loop, the idle timeout, Close, the cleanup, rate-limited lines)
+//! is in [`crate::engine`]; this is what only map does.
 //!
-//! Life of one connection:
-//!
-//! 1. [`serve`] registers it in its group's [`Connections`] and starts a
-//!    thread, which opens its *own* IPC session to the daemon and sends
-//!    Dial. A session per connection means a slow or dead agent (the daemon
-//!    retries for up to ~30 s) never stalls another connection. If the dial
-//!    fails or `--dial-timeout` passes (then Cancel is sent), the client is
-//!    reset and the daemon's reason logged.
+//! 1. [`serve`] registers the connection in its mapping's [`Connections`]
+//!    and starts a thread, which opens the connection's *own* IPC session
+//!    and sends Dial. A session per connection means a slow or dead agent
+//!    (the daemon retries for up to ~30 s) never stalls another
+//!    connection. If the dial fails or `--dial-timeout` passes (then
+//!    Cancel is sent), the client is reset and the reason logged.
 //! 2. That thread spawns the agent→client thread and itself copies
-//!    client→agent: two threads per connection, no queue, buffers only
-//!    while data moves (16 KiB, doubling up to 256 KiB while busy; an idle
-//!    thread waits in poll(2) without one).
-//!    - client→agent: `read` into `buf[9..]`, write the Send header into
-//!      `buf[..9]`, one `write` of the whole frame.
-//!    - agent→client: Recv frames are parsed in the session's read buffer
-//!      and their payloads written to the client with one `writev`, straight
-//!      from where the socket read put them.
+//!    client→agent ([`engine::copy_to_pilot`]). Agent→client: Recv frames
+//!    are parsed in the session's read buffer and their payloads written
+//!    to the client with one `writev`, straight from where the socket read
+//!    put them.
 //! 3. Endings. Pilot streams have no half-close:
 //!    - client's EOF ([`client_eof`]): if the kernel says the client closed
 //!      its socket, the stream ends at once (`client_closed`); if it only
 //!      shut its sending side, we stop sending and keep delivering the
 //!      agent's reply until the agent closes, the client closes (looked at
-//!      again every ≤ 500 ms) or `--half-closed-timeout` passes;
-//!    - agent closes (CloseOK): the client's side is shut for writing; the
-//!      client then has a short linger to close its side too;
+//!      again every ≤ 500 ms) or `--half-closed-timeout` passes
+//!      (`half_closed_timeout`);
+//!    - agent closes (CloseOK): [`engine::linger_after_remote_close`];
 //!    - anything else (daemon gone, protocol error, client reset, idle):
-//!      both sides are torn down and the client is *reset*, so it never
-//!      mistakes a cut stream for a complete one.
-//! 4. The last of the two threads to finish drops the [`ConnCleanup`]: it
-//!    sends Close, moves the byte counts into the group's totals, frees the
-//!    slot, logs, writes the access-log record and drops the session (the
-//!    daemon then frees everything that session held).
+//!      the client is *reset*, so it never mistakes a cut stream for a
+//!      complete one.
+//! 4. The last of the two threads to finish drops the [`ConnCleanup`]:
+//!    [`engine::finish`] (Close, slot, log line), then the group's totals
+//!    and the access-log record; dropping the session lets the daemon free
+//!    everything it held.
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::ops::Range;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::access::{AccessLog, Record};
+use crate::access::{AccessLog, Record, Side};
 use crate::address::PilotAddr;
+use crate::engine::{self, Bridge, Core, CopyEnd, Ending, Frame, PilotSide, Slot, Slots};
 use crate::ipc::{self, cmd, FrameReader, IpcError};
-use crate::log::RateLimit;
 use crate::stats::Counters;
 use crate::sys::sock_diag::{self, PeerState};
-use crate::{debug, subnet, sys, warn, warn_limited};
+use crate::{debug, subnet, sys, warn, warn_source};
 
-/// Stack of each connection thread. The threads keep their buffers on the
-/// heap and never recurse, so a small stack is plenty; it keeps thousands
-/// of connections cheap in address space. Measured: the integration tests
-/// (debug builds, which use far more stack than release) and `make bench`
-/// run with 16 KiB; four times that leaves margin. (A smaller size would
-/// not lower RSS, and glibc's cache of exited threads' stacks, 40 MiB,
-/// would hold more of them.) What an idle thread touches, measured with
-/// smaps and pagemap at 5,000 idle connections: with glibc, two pages,
-/// whatever our frames: glibc puts its thread descriptor (2,368 bytes)
-/// and the static TLS block (with its surplus for dlopen) at the top of
-/// the stack, so the first frame is already ~3.6 KiB down and std's start
-/// frames reach the second page; with musl (`make static`), one page.
-pub const THREAD_STACK: usize = 64 * 1024;
+pub use crate::engine::{BUFFER_START, THREAD_STACK};
 
-// Per-connection warnings clients can cause at will: rate-limited, one
-// limit per kind (the counters still count every one).
-static DIAL_FAILED: RateLimit = RateLimit::new();
-static SPAWN_FAILED: RateLimit = RateLimit::new();
-/// Buffers exist only while data moves: a thread waits for its socket in
-/// poll(2) without one, allocates it when the socket is readable, and
-/// gives it back once a read has drained the socket, so an idle connection
-/// holds none. They start small and double (up to the limit) whenever one
-/// read fills them, so a busy connection soon moves data in large gulps
-/// with few syscalls. Sizes chosen with `make bench` (see README).
-pub const BUFFER_START: usize = 16 * 1024;
 /// client→agent limit: one read, plus the 9-byte Send header in front, is
 /// one Send frame of at most 256 KiB (the daemon accepts up to 1 MiB).
 pub const UP_BUFFER: usize = 256 * 1024 - ipc::DATA_HEADER;
@@ -87,8 +59,6 @@ pub const UP_BUFFER: usize = 256 * 1024 - ipc::DATA_HEADER;
 pub const DOWN_BUFFER: usize = 256 * 1024;
 /// Most Recv payloads gathered into one `writev`.
 const MAX_IOVECS: usize = 64;
-/// How long a client may keep its side open after the agent has closed.
-const LINGER: Duration = Duration::from_secs(2);
 /// After the client's EOF, how soon its socket is first looked at again
 /// (the client's `close` may still be orphaning it as we read its FIN);
 /// the pause doubles up to [`RECHECK_MAX`]. A lookup costs ~10 µs (see
@@ -115,14 +85,16 @@ pub struct ConnSettings {
 }
 
 /// Gateway-wide state of the data path, shared by every listener and
-/// connection: settings, connection slots, the access log.
+/// connection (map and expose): settings, connection slots, the access log.
 pub struct DataPath {
     pub settings: ConnSettings,
-    /// Bridged connections alive now, for `--max-conns`.
+    /// Slots of `--max-conns` taken now (connections of both directions
+    /// and exposures' sessions).
     pub active: AtomicUsize,
     /// Connections refused because of `--max-conns`.
     pub refused: AtomicU64,
-    /// Connections that have ended (for deciding when to return memory).
+    /// Connections that have ended, either direction (for deciding when
+    /// to return memory).
     pub finished: AtomicU64,
     next_id: AtomicU64,
     pub access: Option<AccessLog>,
@@ -150,6 +122,18 @@ impl DataPath {
     }
 }
 
+/// A connection's slot: freeing it also counts a finished connection.
+impl Slots for DataPath {
+    fn try_acquire(&self) -> bool {
+        DataPath::try_acquire(self)
+    }
+
+    fn release(&self) {
+        self.active.fetch_sub(1, Relaxed);
+        self.finished.fetch_add(1, Relaxed);
+    }
+}
+
 /// The live connections of one mapping (or any other group that wants its
 /// own counters), plus what finished ones moved.
 #[derive(Default)]
@@ -171,8 +155,8 @@ impl Connections {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         let (mut up, mut down) = (self.done_up.load(Relaxed), self.done_down.load(Relaxed));
         for c in live.values() {
-            up += c.up.load(Relaxed);
-            down += c.down.load(Relaxed);
+            up += c.core.to_pilot.load(Relaxed);
+            down += c.core.from_pilot.load(Relaxed);
         }
         Counters {
             active: live.len() as u64,
@@ -186,150 +170,76 @@ impl Connections {
         }
     }
 
+    fn is_empty(&self) -> bool {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
     /// Waits up to `wait` for the live connections to end on their own
     /// (`--drain`: the listeners have stopped accepting already).
     pub fn drain(&self, wait: Duration) {
         let deadline = Instant::now() + wait;
-        while Instant::now() < deadline && !self.live.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+        while Instant::now() < deadline && !self.is_empty() {
             thread::sleep(Duration::from_millis(10));
         }
     }
 
     /// Tears down every live connection and waits (bounded) until their
-    /// threads have finished. Returns how many were cut.
+    /// threads have finished. Returns how many were cut. A thread blocked
+    /// writing to a client that does not read notices within
+    /// [`engine::WRITE_POLL`].
     pub fn close_all(&self, wait: Duration) -> usize {
         let conns: Vec<Arc<Conn>> = {
             let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
             live.values().cloned().collect()
         };
         for c in &conns {
-            c.abort("closed by the gateway");
+            c.fail(Ending::Reset("closed by the gateway".into()));
         }
         let deadline = Instant::now() + wait;
-        for round in 1.. {
-            if self.live.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
-                return conns.len();
-            }
+        while !self.is_empty() {
             if Instant::now() >= deadline {
+                warn!("connections still closing after {wait:?}");
                 break;
-            }
-            if round % 20 == 0 {
-                conns.iter().for_each(|c| c.unblock_writer());
             }
             thread::sleep(Duration::from_millis(5));
         }
-        warn!("connections still closing after {wait:?}");
         conns.len()
     }
 }
 
-/// How a connection ended, for the logs and the access log.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Ending {
-    Ok,
-    /// The client closed its socket (not just its sending side): nobody
-    /// can read a reply, so the stream is closed at once. A normal end.
-    ClientClosed,
-    DialFailed(String),
-    Reset(String),
-    IdleTimeout,
-}
-
-impl Ending {
-    pub fn label(&self) -> &'static str {
-        match self {
-            Ending::Ok => "ok",
-            Ending::ClientClosed => "client_closed",
-            Ending::DialFailed(_) => "dial_failed",
-            Ending::Reset(_) => "reset",
-            Ending::IdleTimeout => "idle_timeout",
-        }
-    }
-
-    pub fn reason(&self) -> &str {
-        match self {
-            Ending::DialFailed(r) | Ending::Reset(r) => r,
-            Ending::Ok | Ending::ClientClosed | Ending::IdleTimeout => "",
-        }
-    }
-}
-
 /// One bridged connection, shared by its two threads and its mapping's
-/// group's [`Connections`] (so `unmap` and `stop` can tear it down).
+/// [`Connections`] (so `unmap` and `stop` can tear it down).
 pub struct Conn {
     pub id: u64,
     pub client: SocketAddr,
     pub local: SocketAddr,
     pub pilot: PilotAddr,
-    tcp: TcpStream,
+    core: Core,
+    /// The connection's own session: one descriptor serves the dial, both
+    /// threads and the final Close.
     ipc: UnixStream,
-    started: Instant,
-    /// Milliseconds since `started` of the last byte moved either way.
-    last_active: AtomicU64,
-    pub up: AtomicU64,
-    pub down: AtomicU64,
-    /// The pilot connection id, once the dial succeeded.
-    pilot_conn: OnceLock<u32>,
-    agent_closed: AtomicBool,
-    client_done: AtomicBool,
-    /// The client→agent thread, woken from its half-closed wait when the
-    /// agent closes or the connection is torn down.
-    client_thread: OnceLock<thread::Thread>,
-    /// The first ending other than a plain `Ok`; none means it ended normally.
-    ending: OnceLock<Ending>,
 }
 
-impl Conn {
-    fn touch(&self) {
-        self.last_active
-            .store(self.started.elapsed().as_millis() as u64, Relaxed);
+impl PilotSide for Conn {
+    fn send(&self, frame: &[u8], what: Frame) -> Result<(), String> {
+        if what == Frame::Close {
+            let _ = self.ipc.set_write_timeout(Some(engine::close_write_bound()));
+        }
+        (&self.ipc)
+            .write_all(frame)
+            .map_err(|e| format!("writing to the daemon: {e}"))
+    }
+}
+
+impl Bridge for Conn {
+    fn core(&self) -> &Core {
+        &self.core
     }
 
-    /// How long until the idle limit passes; `None` if it has passed.
-    fn idle_left(&self, idle: Duration) -> Option<Duration> {
-        let since = self
-            .started
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.last_active.load(Relaxed)));
-        idle.checked_sub(since).filter(|d| !d.is_zero())
-    }
-
-    /// Ends the connection abnormally: the first reason wins, and the client
-    /// gets a reset when the socket closes. Shutting the reading sides wakes
-    /// both threads without sending the client a FIN, which it could take
-    /// for a complete stream.
+    /// Shutting the session wakes the agent→client thread too.
     fn fail(&self, ending: Ending) {
-        let _ = self.ending.set(ending);
-        sys::net::set_linger_zero(&self.tcp);
-        let _ = self.tcp.shutdown(Shutdown::Read);
+        self.core.fail_tcp(ending);
         let _ = self.ipc.shutdown(Shutdown::Both);
-        self.wake_client_thread();
-    }
-
-    fn wake_client_thread(&self) {
-        if let Some(t) = self.client_thread.get() {
-            t.unpark();
-        }
-    }
-
-    /// Tears the connection down from outside (unmap, stop): the client
-    /// gets a reset, never a FIN it could take for a complete stream.
-    pub fn abort(&self, why: &str) {
-        self.fail(Ending::Reset(why.to_string()));
-        self.unblock_writer();
-    }
-
-    /// Wakes the agent→client thread if it may be blocked writing to a
-    /// client that does not read. Only shutting the socket's writing side
-    /// does that, and it queues a FIN: behind unsent data the client cannot
-    /// read that FIN before the reset that follows at once, so it is done
-    /// only then. With nothing unsent no write is blocked, and the client
-    /// sees just the reset. (`close_all` asks again, for a write that
-    /// started after this check.)
-    fn unblock_writer(&self) {
-        if sys::net::unsent_bytes(&self.tcp).map_or(true, |n| n > 0) {
-            let _ = self.tcp.shutdown(Shutdown::Write);
-        }
     }
 }
 
@@ -344,58 +254,39 @@ pub struct ConnCleanup {
 impl Drop for ConnCleanup {
     fn drop(&mut self) {
         let c = &self.conn;
-        if let (Some(&id), false) = (c.pilot_conn.get(), c.agent_closed.load(Relaxed)) {
-            let mut w = &c.ipc;
-            let _ = w.set_write_timeout(Some(Duration::from_secs(1)));
-            let _ = w.write_all(&ipc::encode(cmd::CLOSE, &[&id.to_be_bytes()]));
-        }
-        {
-            let mut live = self.group.live.lock().unwrap_or_else(|p| p.into_inner());
-            self.group.done_up.fetch_add(c.up.load(Relaxed), Relaxed);
-            self.group.done_down.fetch_add(c.down.load(Relaxed), Relaxed);
-            live.remove(&c.id);
-        }
-        self.data_path.active.fetch_sub(1, Relaxed);
-        self.data_path.finished.fetch_add(1, Relaxed);
-        let ending = c.ending.get().cloned().unwrap_or(Ending::Ok);
-        if ending == Ending::IdleTimeout {
-            self.group.idle_timeouts.fetch_add(1, Relaxed);
-        }
-        self.report(&ending);
-    }
-}
-
-impl ConnCleanup {
-    /// Logs how the connection ended and writes its access-log record.
-    fn report(&self, ending: &Ending) {
-        let c = &self.conn;
-        let (up, down, duration) = (c.up.load(Relaxed), c.down.load(Relaxed), c.started.elapsed());
-        // Normal ends are debug detail; a cut stream is worth a warning.
-        let level = match ending {
-            Ending::Ok | Ending::ClientClosed | Ending::DialFailed(_) => crate::log::Level::Debug,
-            Ending::IdleTimeout => crate::log::Level::Info,
-            Ending::Reset(_) => crate::log::Level::Warn,
-        };
-        crate::log::log(
-            level,
+        let ending = engine::finish(
+            &**c,
             format_args!(
-                "connection {} from {} to {} port {} ended: {} {} (up {up} B, down {down} B, {duration:?})",
+                "connection {} from {} to {} port {}",
                 c.id,
                 c.client,
                 c.pilot,
-                c.local.port(),
-                ending.label(),
-                ending.reason(),
+                c.local.port()
             ),
+            &c.client.ip().to_string(),
         );
+        let (up, down) = (c.core.to_pilot.load(Relaxed), c.core.from_pilot.load(Relaxed));
+        {
+            let mut live = self.group.live.lock().unwrap_or_else(|p| p.into_inner());
+            self.group.done_up.fetch_add(up, Relaxed);
+            self.group.done_down.fetch_add(down, Relaxed);
+            live.remove(&c.id);
+        }
+        match ending {
+            Ending::DialFailed(_) => self.group.dial_failures.fetch_add(1, Relaxed),
+            ref e if e.is_timeout() => self.group.idle_timeouts.fetch_add(1, Relaxed),
+            _ => 0,
+        };
         if let Some(log) = &self.data_path.access {
             log.write(&Record {
-                client: c.client,
-                local: Some(c.local),
+                side: Side::Map {
+                    client: c.client,
+                    local: Some(c.local),
+                },
                 pilot: c.pilot,
-                up,
-                down,
-                duration,
+                to_pilot: up,
+                from_pilot: down,
+                duration: c.core.started().elapsed(),
                 outcome: ending.label(),
                 reason: ending.reason(),
             });
@@ -403,8 +294,9 @@ impl ConnCleanup {
     }
 }
 
-/// Registers the connection and starts its first thread. From here on the
-/// connection's slot in `data_path.active` is released exactly once, whatever fails.
+/// Registers the connection and starts its first thread. The listener
+/// took its slot in `data_path`; from here on it is freed exactly once,
+/// whatever fails.
 pub fn serve(
     tcp: TcpStream,
     client: SocketAddr,
@@ -413,50 +305,44 @@ pub fn serve(
     data_path: &Arc<DataPath>,
     group: &Arc<Connections>,
 ) {
+    let slot = Slot::adopt(data_path.clone());
     // Only the socket is made here; it is connected from the connection's
-    // own thread (`connect_daemon`), so a stalled daemon never holds up the
-    // accept thread. Failing here means we are out of descriptors.
+    // own thread (`dial`), so a stalled daemon never holds up the accept
+    // thread. Failing here means we are out of descriptors.
     let ipc = match sys::net::unix_socket() {
         Ok(s) => s,
         Err(e) => {
             let why = format!("cannot open a socket for the daemon session: {e}");
             group.dial_failures.fetch_add(1, Relaxed);
             group.total.fetch_add(1, Relaxed);
-            warn_limited!(
-                DIAL_FAILED,
+            warn_source!(
+                "dial_failed",
+                client.ip(),
                 "dial {pilot} port {} for {client} failed: {why}",
                 local.port()
             );
             if let Some(log) = &data_path.access {
-                log.write(&Record::without_data(
+                let side = Side::Map {
                     client,
-                    Some(local),
-                    pilot,
-                    "dial_failed",
-                    &why,
-                ));
+                    local: Some(local),
+                };
+                log.write(&Record::without_data(side, pilot, "dial_failed", &why));
             }
             sys::net::reset(tcp);
-            data_path.active.fetch_sub(1, Relaxed);
+            drop(slot);
             return;
         }
     };
+    let core = Core::new();
+    let _ = core.tcp.set(tcp);
+    core.hold(slot);
     let conn = Arc::new(Conn {
         id: data_path.next_id.fetch_add(1, Relaxed),
         client,
         local,
         pilot,
-        tcp,
+        core,
         ipc,
-        started: Instant::now(),
-        last_active: AtomicU64::new(0),
-        up: AtomicU64::new(0),
-        down: AtomicU64::new(0),
-        pilot_conn: OnceLock::new(),
-        agent_closed: AtomicBool::new(false),
-        client_done: AtomicBool::new(false),
-        client_thread: OnceLock::new(),
-        ending: OnceLock::new(),
     });
     group.total.fetch_add(1, Relaxed);
     group
@@ -477,9 +363,6 @@ pub fn serve(
         .spawn(move || dial_then_relay(cleanup));
     if let Err(e) = spawned {
         group.spawn_failures.fetch_add(1, Relaxed);
-        warn_limited!(SPAWN_FAILED, "cannot serve {client}: cannot start a thread: {e}");
-        // `fail`, not `abort`: no thread is blocked on the client, and
-        // shutting its writing side would send a FIN before the reset.
         conn.fail(Ending::Reset(format!("cannot start a thread: {e}")));
     }
     drop(ours);
@@ -490,15 +373,16 @@ pub fn serve(
 fn dial_then_relay(cleanup: Arc<ConnCleanup>) {
     let c = cleanup.conn.clone();
     let limits = &cleanup.data_path.settings;
-    let _ = c.tcp.set_nodelay(true);
+    let Some(tcp) = c.core.tcp() else { return };
+    let _ = tcp.set_nodelay(true);
     let port = c.local.port();
     let reader = match dial(&c, port, limits) {
         Ok(r) => r,
-        Err(_) if c.ending.get().is_some() => return, // torn down by unmap or stop
+        Err(_) if c.core.is_over() => return, // torn down by unmap or stop
         Err(why) => {
-            cleanup.group.dial_failures.fetch_add(1, Relaxed);
-            warn_limited!(
-                DIAL_FAILED,
+            warn_source!(
+                "dial_failed",
+                c.client.ip(),
                 "dial {} port {port} for {} failed: {why}",
                 c.pilot,
                 c.client
@@ -511,30 +395,33 @@ fn dial_then_relay(cleanup: Arc<ConnCleanup>) {
         "connection {} from {} bridged to {} port {port}",
         c.id, c.client, c.pilot
     );
-    c.touch();
-    let _ = c.tcp.set_read_timeout(Some(limits.idle_timeout));
-    let _ = c.tcp.set_write_timeout(Some(limits.idle_timeout));
+    c.core.touch();
+    let _ = tcp.set_read_timeout(Some(limits.idle_timeout));
+    let _ = tcp.set_write_timeout(Some(engine::WRITE_POLL));
     let _ = c.ipc.set_read_timeout(Some(limits.idle_timeout));
     let _ = c.ipc.set_write_timeout(Some(limits.idle_timeout));
     let down = {
         let (c2, idle) = (c.clone(), limits.idle_timeout);
         let cleanup2 = cleanup.clone();
         thread::Builder::new().stack_size(THREAD_STACK).spawn(move || {
+            c2.core.register_writer();
             agent_to_client(&c2, reader, idle);
             drop(cleanup2);
         })
     };
-    let down = match down {
-        Ok(t) => t,
-        Err(e) => {
-            cleanup.group.spawn_failures.fetch_add(1, Relaxed);
-            c.fail(Ending::Reset(format!("cannot start a thread: {e}")));
-            return;
-        }
-    };
-    client_to_agent(&c, limits);
-    c.client_done.store(true, Relaxed);
-    down.thread().unpark();
+    if let Err(e) = down {
+        cleanup.group.spawn_failures.fetch_add(1, Relaxed);
+        c.fail(Ending::Reset(format!("cannot start a thread: {e}")));
+        return;
+    }
+    match engine::copy_to_pilot(&*c, limits.idle_timeout, UP_BUFFER, false) {
+        CopyEnd::Eof => client_eof(&c, limits),
+        // The agent is gone; these bytes can never be delivered.
+        CopyEnd::LateData => c.fail(Ending::Reset("client sent data after the agent closed".into())),
+        CopyEnd::Over => {}
+    }
+    c.core.local_done.store(true, Relaxed);
+    c.core.wake();
     drop(cleanup);
 }
 
@@ -561,7 +448,7 @@ fn dial(c: &Arc<Conn>, port: u16, limits: &ConnSettings) -> Result<FrameReader<I
     // same deadline as the dial: a stalled daemon costs this connection a
     // few retries, never a listener or another connection.
     let socket = &limits.daemon_socket;
-    let abandoned = || c.ending.get().is_some();
+    let abandoned = || c.core.is_over();
     ipc::connect_by(&c.ipc, socket, deadline, &abandoned, Some(limits.daemon_uid)).map_err(|e| {
         if e.kind() == io::ErrorKind::PermissionDenied {
             e.to_string() // the daemon's identity: says it all
@@ -585,7 +472,7 @@ fn dial(c: &Arc<Conn>, port: u16, limits: &ConnSettings) -> Result<FrameReader<I
         .and_then(|(command, range)| ipc::dial_reply(command, &reader.buffer()[range]));
     match reply {
         Ok(id) => {
-            let _ = c.pilot_conn.set(id);
+            let _ = c.core.pilot_conn.set(id);
             Ok(reader)
         }
         Err(e) if e.is_timeout() => {
@@ -601,83 +488,6 @@ fn dial(c: &Arc<Conn>, port: u16, limits: &ConnSettings) -> Result<FrameReader<I
     }
 }
 
-/// Copies client→agent until the client stops sending or something fails.
-/// While the client is quiet the thread waits in poll(2) and holds no
-/// buffer (see [`BUFFER_START`]).
-fn client_to_agent(c: &Conn, limits: &ConnSettings) {
-    let Some(&id) = c.pilot_conn.get() else { return };
-    let _ = c.client_thread.set(thread::current());
-    let mut buf = Vec::new();
-    let mut size = BUFFER_START;
-    let mut tcp = &c.tcp;
-    loop {
-        if buf.is_empty() {
-            if !wait_readable(c, &c.tcp, limits.idle_timeout) {
-                return;
-            }
-            buf = vec![0u8; ipc::DATA_HEADER + size];
-        }
-        match tcp.read(&mut buf[ipc::DATA_HEADER..]) {
-            Ok(0) => return client_eof(c, limits),
-            Ok(n) => {
-                if c.agent_closed.load(Relaxed) {
-                    // The agent is gone; these bytes can never be delivered.
-                    c.fail(Ending::Reset("client sent data after the agent closed".into()));
-                    return;
-                }
-                ipc::put_send_header(&mut buf, id, n);
-                if let Err(e) = (&c.ipc).write_all(&buf[..ipc::DATA_HEADER + n]) {
-                    c.fail(Ending::Reset(format!("writing to the daemon: {e}")));
-                    return;
-                }
-                c.up.fetch_add(n as u64, Relaxed);
-                c.touch();
-                if ipc::DATA_HEADER + n == buf.len() && n < UP_BUFFER {
-                    size = (size * 2).min(UP_BUFFER);
-                    buf.resize(ipc::DATA_HEADER + size, 0);
-                } else if !sys::net::readable_now(&c.tcp) {
-                    // Drained: give the buffer back; a busy stream grows
-                    // it again within a few reads.
-                    size = (size / 2).max(BUFFER_START);
-                    buf = Vec::new();
-                }
-            }
-            // poll said readable, so a timeout is a spurious wake-up: wait
-            // again (and check the idle limit) without the buffer.
-            Err(e) if ipc::is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => buf = Vec::new(),
-            Err(e) => {
-                // Shut down by the other thread or by unmap, or a client reset.
-                if c.ending.get().is_none() && !c.agent_closed.load(Relaxed) {
-                    c.fail(Ending::Reset(format!("client: {e}")));
-                }
-                return;
-            }
-        }
-    }
-}
-
-/// Waits, without a buffer, until `fd` has something to read. `false` once
-/// the connection is over: torn down elsewhere, or idle past `idle`.
-fn wait_readable(c: &Conn, fd: &impl AsRawFd, idle: Duration) -> bool {
-    loop {
-        if c.ending.get().is_some() {
-            return false;
-        }
-        let Some(left) = c.idle_left(idle) else {
-            c.fail(Ending::IdleTimeout);
-            return false;
-        };
-        match sys::net::wait_readable(fd, left.max(Duration::from_millis(10))) {
-            Ok(true) => return true,
-            Ok(false) => {} // timed out or interrupted: check the limits again
-            Err(e) => {
-                c.fail(Ending::Reset(format!("poll: {e}")));
-                return false;
-            }
-        }
-    }
-}
-
 /// The client shut its sending side, or closed its socket: from a read
 /// the two look the same, so ask the kernel about the client's own socket
 /// (`sys::sock_diag`). Closed: nobody can read a reply, so end now (the
@@ -685,20 +495,25 @@ fn wait_readable(c: &Conn, fd: &impl AsRawFd, idle: Duration) -> bool {
 /// client slot and a `--max-conns` slot. Only half-closed: keep relaying
 /// the agent's reply (pilot streams cannot pass a half-close on), looking
 /// again now and then, so a client that closes later is freed then too,
-/// until the agent closes or `half_closed` passes without a byte. Where
-/// the kernel cannot be asked, only that timer ends it.
+/// until the agent closes or `--half-closed-timeout` passes without a byte
+/// (`half_closed_timeout`; the idle limit, if shorter, still applies).
+/// Where the kernel cannot be asked, only the timers end it.
 fn client_eof(c: &Conn, limits: &ConnSettings) {
-    let half_closed = limits.half_closed_timeout.min(limits.idle_timeout);
+    let (limit, ending) = if limits.half_closed_timeout <= limits.idle_timeout {
+        (limits.half_closed_timeout, Ending::HalfClosedTimeout)
+    } else {
+        (limits.idle_timeout, Ending::IdleTimeout)
+    };
     let mut ask = true;
     let mut pause = RECHECK_FIRST;
     loop {
-        if c.agent_closed.load(Relaxed) || c.ending.get().is_some() {
+        if c.core.remote_closed.load(Relaxed) || c.core.is_over() {
             return;
         }
         if ask {
             match client_closed(c, limits.allow_remote) {
                 Some(true) => {
-                    let _ = c.ending.set(Ending::ClientClosed);
+                    let _ = c.core.ending.set(Ending::ClientClosed);
                     // Wakes the agent→client thread; our write side stays
                     // open for the cleanup's Close.
                     let _ = c.ipc.shutdown(Shutdown::Read);
@@ -708,8 +523,8 @@ fn client_eof(c: &Conn, limits: &ConnSettings) {
                 None => ask = false,
             }
         }
-        let Some(left) = c.idle_left(half_closed) else {
-            c.fail(Ending::IdleTimeout);
+        let Some(left) = c.core.idle_left(limit) else {
+            c.fail(ending);
             return;
         };
         thread::park_timeout(if ask { left.min(pause) } else { left });
@@ -740,6 +555,7 @@ fn client_closed(c: &Conn, allow_remote: bool) -> Option<bool> {
 }
 
 /// What one pass over the buffered frames found.
+#[derive(Debug, PartialEq, Eq)]
 struct Gathered {
     /// Payload ranges (in the reader's buffer) ready for the client.
     ranges: usize,
@@ -751,7 +567,7 @@ struct Gathered {
 
 /// Collects the payloads of every complete frame already buffered (up to
 /// [`MAX_IOVECS`]) into `ranges`, which it empties first.
-fn gather(reader: &mut FrameReader<IpcRead>, id: u32, ranges: &mut Vec<Range<usize>>) -> Gathered {
+fn gather<R: Read>(reader: &mut FrameReader<R>, id: u32, ranges: &mut Vec<Range<usize>>) -> Gathered {
     ranges.clear();
     let mut g = Gathered {
         ranges: 0,
@@ -800,35 +616,33 @@ fn gather(reader: &mut FrameReader<IpcRead>, id: u32, ranges: &mut Vec<Range<usi
 
 /// Copies agent→client until the agent closes or something fails.
 ///
-/// The payload ranges (and, in [`write_ranges`], the iovecs) live on the
-/// heap, and only while data moves (like the read buffer): as 64-entry
-/// arrays in these frames they pushed an idle thread's stack onto a second
-/// page (measured with smaps on a musl build; see `fill_or_end`).
+/// The payload ranges (and the iovecs) live on the heap, and only while
+/// data moves (like the read buffer): as 64-entry arrays in these frames
+/// they pushed an idle thread's stack onto a second page (measured with
+/// smaps on a musl build; see `fill_or_end`).
 fn agent_to_client(c: &Conn, mut reader: FrameReader<IpcRead>, idle: Duration) {
-    let Some(&id) = c.pilot_conn.get() else { return };
+    let Some(&id) = c.core.pilot_conn.get() else { return };
     let mut ranges = Vec::new();
     loop {
         let g = gather(&mut reader, id, &mut ranges);
         if g.ranges > 0 {
-            if let Err(e) = write_ranges(&c.tcp, reader.buffer(), &ranges, c) {
-                let why = if ipc::is_timeout(&e) {
-                    Ending::IdleTimeout
-                } else {
-                    Ending::Reset(format!("client: {e}"))
-                };
-                if c.ending.get().is_none() {
+            let buf = reader.buffer();
+            // One small allocation per batch of up to MAX_IOVECS frames,
+            // next to the writev it feeds.
+            let mut slices: Vec<IoSlice<'_>> = ranges.iter().map(|r| IoSlice::new(&buf[r.clone()])).collect();
+            if let Err(why) = engine::write_to_local(&c.core, &mut slices, idle, &mut |_| {}) {
+                if !c.core.is_over() {
                     c.fail(why);
                 }
                 return;
             }
-            c.touch();
         }
         if let Some(why) = g.failure {
             c.fail(Ending::Reset(why));
             return;
         }
         if g.closed {
-            agent_closed(c);
+            engine::linger_after_remote_close(&c.core);
             return;
         }
         if g.ranges == MAX_IOVECS {
@@ -853,7 +667,7 @@ fn fill_or_end(
         reader.release();
         *ranges = Vec::new();
     }
-    if !wait_readable(c, &c.ipc, idle) {
+    if !engine::wait_readable(c, &c.ipc, idle) {
         return false;
     }
     match reader.fill() {
@@ -861,7 +675,7 @@ fn fill_or_end(
         // poll said readable, so a timeout is a spurious wake-up.
         Err(e) if e.is_timeout() => true,
         Err(e) => {
-            if c.ending.get().is_none() {
+            if !c.core.is_over() {
                 let why = match e {
                     IpcError::Truncated => "the daemon closed the session in the middle of a frame".to_string(),
                     e if e.is_closed() => "the daemon closed the session (daemon restarted, or it dropped us: newer daemons drop a client that has not read for 10 s, which happens when the TCP client reads slowly)".to_string(),
@@ -874,43 +688,3 @@ fn fill_or_end(
     }
 }
 
-/// Writes the payload ranges to the client with as few `writev`s as the
-/// kernel allows, counting the bytes.
-fn write_ranges(tcp: &TcpStream, buf: &[u8], ranges: &[Range<usize>], c: &Conn) -> io::Result<()> {
-    // One small allocation per batch of up to MAX_IOVECS frames, next to
-    // the writev it feeds.
-    let mut slices: Vec<IoSlice<'_>> = ranges.iter().map(|r| IoSlice::new(&buf[r.clone()])).collect();
-    let mut slices = &mut slices[..];
-    let mut w = tcp;
-    while !slices.is_empty() {
-        match w.write_vectored(slices) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                c.down.fetch_add(n as u64, Relaxed);
-                IoSlice::advance_slices(&mut slices, n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// The agent closed its stream: everything it sent has been written to the
-/// client. Shut the client's side for writing (it reads EOF), give it a
-/// short linger to close its own side, then let both threads end.
-fn agent_closed(c: &Conn) {
-    c.agent_closed.store(true, Relaxed);
-    let _ = c.tcp.shutdown(Shutdown::Write);
-    c.wake_client_thread(); // it may be waiting half-closed
-    let deadline = Instant::now() + LINGER;
-    while !c.client_done.load(Relaxed) {
-        let now = Instant::now();
-        if now >= deadline {
-            // Wakes the client→agent thread; no reset, the data is complete.
-            let _ = c.tcp.shutdown(Shutdown::Read);
-            return;
-        }
-        thread::park_timeout(deadline - now);
-    }
-}

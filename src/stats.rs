@@ -88,7 +88,7 @@ json_counters!(Counters, counter_fields, counters_from_json:
 
 json_counters!(ExposureCounters, exposure_fields, exposure_counters_from_json:
     active, total, bytes_in, bytes_out, refused, over_limit, refused_draining,
-    slow_resets, connect_failures, rebinds, session_stalls);
+    slow_resets, connect_failures, idle_timeouts, rebinds, session_stalls);
 
 impl Counters {
     /// The counters under their JSON keys, in output order.
@@ -129,7 +129,7 @@ pub struct ExposureStats {
 
 impl ExposureStats {
     /// The counters under their JSON keys, in output order.
-    pub fn fields(&self) -> [(&'static str, u64); 11] {
+    pub fn fields(&self) -> [(&'static str, u64); 12] {
         exposure_fields(&self.counters)
     }
 
@@ -357,6 +357,7 @@ mod tests {
                     refused_draining: 8,
                     slow_resets: 7,
                     connect_failures: 8,
+                    idle_timeouts: 11,
                     rebinds: 9,
                     session_stalls: 10,
                 },

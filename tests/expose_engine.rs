@@ -15,7 +15,8 @@ use common::*;
 use pilot_gateway::address::PilotAddr;
 use pilot_gateway::daemon;
 use pilot_gateway::error::Code;
-use pilot_gateway::expose::{self, Ended, Exposure, Options, Outcome, State};
+use pilot_gateway::engine::Ending;
+use pilot_gateway::expose::{self, Ended, Exposure, Options, State};
 use pilot_gateway::ipc::{self, cmd, FrameReader};
 
 const P9: &str = "0:0000.0000.0009";
@@ -135,13 +136,13 @@ fn allow_list_refuses_unlisted_and_admits_listed() {
     let ended = ended.lock().unwrap();
     let refused: Vec<_> = ended
         .iter()
-        .filter(|e| matches!(e.outcome, Outcome::Refused(_)))
+        .filter(|e| matches!(e.outcome, Ending::Refused(_)))
         .collect();
     assert_eq!(refused.len(), 1);
     assert_eq!(refused[0].peer, P8.parse().unwrap());
     assert!(ended
         .iter()
-        .any(|e| e.outcome == Outcome::Ok && e.peer == P9.parse().unwrap() && e.bytes_in == 5));
+        .any(|e| e.outcome == Ending::Ok && e.peer == P9.parse().unwrap() && e.bytes_in == 5));
 }
 
 #[test]

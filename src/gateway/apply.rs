@@ -99,17 +99,7 @@ impl Gateway {
         let dp = self.data_path.clone();
         let on_end: expose::OnEnd = Arc::new(move |end: &expose::Ended| {
             if let Some(a) = &dp.access {
-                a.write_inbound(&crate::access::Inbound {
-                    peer: end.peer,
-                    peer_port: end.peer_port,
-                    port: end.port,
-                    target: end.target,
-                    bytes_in: end.bytes_in,
-                    bytes_out: end.bytes_out,
-                    duration: end.duration,
-                    outcome: end.outcome.label(),
-                    reason: end.outcome.reason(),
-                });
+                a.write(&end.record());
             }
         });
         let opts = expose::Options {
@@ -118,6 +108,7 @@ impl Gateway {
             own_subnet: Some(self.subnet),
             daemon_uid: Some(self.data_path.settings.daemon_uid),
             slots: Some(Arc::new(SharedSlots(self.data_path.clone()))),
+            idle_timeout: self.data_path.settings.idle_timeout,
             on_end: Some(on_end),
             ..expose::Options::default()
         };

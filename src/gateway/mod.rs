@@ -32,6 +32,7 @@ use crate::alias::{self, Aliases};
 use crate::cli::{Expose, Target};
 use crate::closing::{Closer, Mode};
 use crate::daemon;
+use crate::engine;
 use crate::error::{Code, Error, Result};
 use crate::expose::{self, Exposure};
 use crate::json::Value;
@@ -128,7 +129,7 @@ struct RunningExposure {
 /// together therefore never need more descriptors than the fit allows.
 struct SharedSlots(Arc<DataPath>);
 
-impl expose::Slots for SharedSlots {
+impl engine::Slots for SharedSlots {
     fn try_acquire(&self) -> bool {
         let ok = self.0.try_acquire();
         if !ok {
@@ -137,8 +138,10 @@ impl expose::Slots for SharedSlots {
         ok
     }
 
+    /// Also counts a finished connection, so memory is trimmed after a
+    /// burst of exposed connections as after forwarded ones.
     fn release(&self) {
-        self.0.active.fetch_sub(1, Relaxed);
+        engine::Slots::release(&*self.0);
     }
 }
 
@@ -396,6 +399,8 @@ impl Gateway {
                 sys::proc::release_memory();
                 trimmed_at = finished;
             }
+            // How many lines the rate limiter kept back lately, per kind.
+            engine::flush_suppressed();
             last_seen = finished;
             self.tell_systemd();
             let wait = self.notify.as_ref().and_then(Notifier::watchdog_period);
