@@ -75,10 +75,16 @@ impl AccessLog {
     /// Formats `r` and queues it for the writer; never blocks. Inbound
     /// text lines start with `inbound` so they never read as a map line.
     pub fn write(&self, r: &Record<'_>) {
-        let time = rfc3339(SystemTime::now());
-        let ms = r.duration.as_secs_f64() * 1000.0;
-        let (pilot, to, from, outcome) = (r.pilot, r.to_pilot, r.from_pilot, r.outcome);
-        let line = match (self.format, &r.side) {
+        self.send(line(self.format, r));
+    }
+}
+
+/// The line for `r` in `format`, ending in a newline.
+fn line(format: Format, r: &Record<'_>) -> String {
+    let time = rfc3339(SystemTime::now());
+    let ms = r.duration.as_secs_f64() * 1000.0;
+    let (pilot, to, from, outcome) = (r.pilot, r.to_pilot, r.from_pilot, r.outcome);
+    match (format, &r.side) {
             (Format::Text, Side::Map { client, local }) => {
                 let local_ip = local.map_or_else(|| "-".to_string(), |a| a.ip().to_string());
                 let port = local.map_or(0, |a| a.port());
@@ -117,9 +123,7 @@ impl AccessLog {
                 ];
                 json_line(v, ms, outcome, r.reason)
             }
-        };
-        self.send(line);
-    }
+        }
 }
 
 /// The text line's tail: ` reason="…"`, or nothing when there is none.
@@ -147,10 +151,17 @@ fn json_line(mut v: Vec<(&'static str, Value)>, ms: f64, outcome: &str, reason: 
 pub enum Side {
     /// A local client bridged to an agent: the client, and the mapped
     /// address and port it arrived at (if known).
-    Map { client: SocketAddr, local: Option<SocketAddr> },
+    Map {
+        client: SocketAddr,
+        local: Option<SocketAddr>,
+    },
     /// A peer of the overlay that reached the local service `target` on
     /// pilot `port` (inbound).
-    Expose { peer_port: u16, port: u16, target: SocketAddr },
+    Expose {
+        peer_port: u16,
+        port: u16,
+        target: SocketAddr,
+    },
 }
 
 /// One access-log line, either direction: a connection that ended, or one
@@ -213,5 +224,77 @@ fn writer(rx: Receiver<String>, target: Option<PathBuf>, mut file: Option<File>,
         if let Err(e) = result {
             crate::warn!("cannot write the access log: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(outcome: &'static str, reason: &'static str) -> Record<'static> {
+        Record {
+            side: Side::Map {
+                client: "127.0.0.1:5000".parse().unwrap(),
+                local: Some("10.4.0.1:80".parse().unwrap()),
+            },
+            pilot: PilotAddr::new(0, 4),
+            to_pilot: 3,
+            from_pilot: 5,
+            duration: Duration::from_millis(12),
+            outcome,
+            reason,
+        }
+    }
+
+    fn inbound() -> Record<'static> {
+        Record {
+            side: Side::Expose {
+                peer_port: 4000,
+                port: 80,
+                target: "127.0.0.1:8000".parse().unwrap(),
+            },
+            pilot: PilotAddr::new(0, 9),
+            to_pilot: 7,
+            from_pilot: 11,
+            duration: Duration::ZERO,
+            outcome: "idle_timeout",
+            reason: "",
+        }
+    }
+
+    #[test]
+    fn a_map_line_in_text() {
+        let l = line(Format::Text, &map("reset", "cut"));
+        assert!(l.contains(" client=127.0.0.1:5000 local=10.4.0.1:80 pilot=0:0000.0000.0004:80 up=3 down=5 duration_ms=12.0 outcome=reset reason=\"cut\"\n"), "{l}");
+    }
+
+    #[test]
+    fn an_inbound_line_in_text_says_inbound() {
+        let l = line(Format::Text, &inbound());
+        assert!(l.contains(" inbound peer=0:0000.0000.0009:4000 pilot_port=80 target=127.0.0.1:8000 in=11 out=7 duration_ms=0.0 outcome=idle_timeout\n"), "{l}");
+    }
+
+    #[test]
+    fn json_lines_keep_their_keys() {
+        let v = crate::json::parse(line(Format::Json, &map("ok", "")).trim()).unwrap();
+        assert_eq!(v.get("bytes_up").and_then(Value::as_u64), Some(3));
+        assert_eq!(v.get("bytes_down").and_then(Value::as_u64), Some(5));
+        assert_eq!(v.get("outcome").and_then(Value::as_str), Some("ok"));
+        assert!(v.get("reason").is_none(), "no empty reason");
+        let v = crate::json::parse(line(Format::Json, &inbound()).trim()).unwrap();
+        assert_eq!(v.get("direction").and_then(Value::as_str), Some("inbound"));
+        assert_eq!(v.get("bytes_in").and_then(Value::as_u64), Some(11));
+        assert_eq!(v.get("bytes_out").and_then(Value::as_u64), Some(7));
+    }
+
+    #[test]
+    fn a_record_without_data_moved_nothing() {
+        let side = Side::Map {
+            client: "127.0.0.1:1".parse().unwrap(),
+            local: None,
+        };
+        let r = Record::without_data(side, PilotAddr::new(0, 4), "refused", "x");
+        let l = line(Format::Text, &r);
+        assert!(l.contains("local=-:0") && l.contains("up=0 down=0"), "{l}");
     }
 }

@@ -327,6 +327,8 @@ pub fn copy_to_pilot(b: &dyn Bridge, idle: Duration, max: usize, drop_late: bool
             buf = vec![0u8; ipc::DATA_HEADER + size];
         }
         match r.read(&mut buf[ipc::DATA_HEADER..]) {
+            // A teardown shuts the reading side: that EOF is not the TCP side's.
+            Ok(0) if c.is_over() => return CopyEnd::Over,
             Ok(0) => return CopyEnd::Eof,
             Ok(n) => {
                 if c.remote_closed.load(Relaxed) {
@@ -527,7 +529,10 @@ struct Bucket {
 
 impl Bucket {
     fn full(burst: u64, now: Instant) -> Bucket {
-        Bucket { credit: burst * 1000, at: now }
+        Bucket {
+            credit: burst * 1000,
+            at: now,
+        }
     }
 
     /// Refills for the time passed (`per`: the time one line takes to
@@ -555,11 +560,14 @@ static KINDS: Mutex<Option<HashMap<&'static str, Kind>>> = Mutex::new(None);
 /// ([`SOURCE_BURST`], then one per [`SOURCE_REFILL`]).
 fn allow(kind: &'static str, source: &str, now: Instant) -> Option<u64> {
     let mut kinds = KINDS.lock().unwrap_or_else(|p| p.into_inner());
-    let k = kinds.get_or_insert_with(HashMap::new).entry(kind).or_insert_with(|| Kind {
-        bucket: Bucket::full(RateLimit::BURST, now),
-        sources: HashMap::new(),
-        suppressed: 0,
-    });
+    let k = kinds
+        .get_or_insert_with(HashMap::new)
+        .entry(kind)
+        .or_insert_with(|| Kind {
+            bucket: Bucket::full(RateLimit::BURST, now),
+            sources: HashMap::new(),
+            suppressed: 0,
+        });
     let kind_ok = k.bucket.refill(RateLimit::BURST, Duration::from_secs(1), now);
     if k.sources.len() >= SOURCES && !k.sources.contains_key(source) {
         let oldest = k.sources.iter().min_by_key(|(_, b)| b.at).map(|(s, _)| s.clone());
@@ -641,7 +649,9 @@ mod tests {
             if what == Frame::Close {
                 self.sent_close.fetch_add(1, Relaxed);
             }
-            (&self.pilot).write_all(frame).map_err(|e| format!("writing to the daemon: {e}"))
+            (&self.pilot)
+                .write_all(frame)
+                .map_err(|e| format!("writing to the daemon: {e}"))
         }
     }
 
@@ -793,10 +803,14 @@ mod tests {
     fn a_silent_connection_ends_at_the_idle_timeout() {
         let (b, mut tcp, _d) = bridge();
         let start = Instant::now();
-        assert_eq!(copy_to_pilot(&*b, Duration::from_millis(200), 1024, false), CopyEnd::Over);
+        assert_eq!(
+            copy_to_pilot(&*b, Duration::from_millis(200), 1024, false),
+            CopyEnd::Over
+        );
         assert_eq!(b.core.ending.get(), Some(&Ending::IdleTimeout));
         assert!(start.elapsed() < Duration::from_secs(3));
         // The TCP side is reset, not closed with a FIN.
+        drop(b);
         let mut buf = [0u8; 4];
         assert!(tcp.read(&mut buf).is_err(), "reset, not EOF");
     }
@@ -806,7 +820,10 @@ mod tests {
         let (b, mut tcp, _d) = bridge();
         b.core.mark_remote_closed();
         tcp.write_all(b"late").unwrap();
-        assert_eq!(copy_to_pilot(&*b, Duration::from_secs(5), 1024, false), CopyEnd::LateData);
+        assert_eq!(
+            copy_to_pilot(&*b, Duration::from_secs(5), 1024, false),
+            CopyEnd::LateData
+        );
         assert_eq!(b.core.to_pilot.load(Relaxed), 0, "nothing sent after CloseOK");
     }
 
@@ -815,7 +832,10 @@ mod tests {
         let (b, mut tcp, d) = bridge();
         drop(d);
         tcp.write_all(b"x").unwrap();
-        assert_eq!(copy_to_pilot(&*b, Duration::from_secs(5), 1024, false), CopyEnd::Over);
+        assert_eq!(
+            copy_to_pilot(&*b, Duration::from_secs(5), 1024, false),
+            CopyEnd::Over
+        );
         assert!(matches!(b.core.ending.get(), Some(Ending::Reset(r)) if r.contains("daemon")));
     }
 
@@ -845,7 +865,11 @@ mod tests {
     #[test]
     fn a_stalled_writer_gives_up_at_the_idle_limit() {
         let (b, _tcp, _d) = bridge();
-        b.core.tcp().unwrap().set_write_timeout(Some(Duration::from_millis(50))).unwrap();
+        b.core
+            .tcp()
+            .unwrap()
+            .set_write_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         let big = vec![0u8; 64 << 20];
         let mut slices = [io::IoSlice::new(&big)];
         let r = write_to_local(&b.core, &mut slices, Duration::from_millis(300), &mut |_| {});
@@ -856,7 +880,11 @@ mod tests {
     #[test]
     fn a_stalled_writer_notices_a_cut() {
         let (b, _tcp, _d) = bridge();
-        b.core.tcp().unwrap().set_write_timeout(Some(Duration::from_millis(50))).unwrap();
+        b.core
+            .tcp()
+            .unwrap()
+            .set_write_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         let b2 = b.clone();
         let t = thread::spawn(move || {
             let big = vec![0u8; 64 << 20];
@@ -897,7 +925,9 @@ mod tests {
     struct Budget(AtomicU64, u64);
     impl Slots for Budget {
         fn try_acquire(&self) -> bool {
-            self.0.fetch_update(Relaxed, Relaxed, |n| (n < self.1).then_some(n + 1)).is_ok()
+            self.0
+                .fetch_update(Relaxed, Relaxed, |n| (n < self.1).then_some(n + 1))
+                .is_ok()
         }
         fn release(&self) {
             self.0.fetch_sub(1, Relaxed);
@@ -921,7 +951,10 @@ mod tests {
         let (b, _tcp, mut d) = bridge();
         b.core.hold(Slot::take(&dyn_budget).unwrap());
         b.fail(Ending::Reset("x".into()));
-        assert_eq!(finish(&*b, format_args!("test"), "src"), Ending::Reset("x".into()));
+        assert_eq!(
+            finish(&*b, format_args!("test"), "src"),
+            Ending::Reset("x".into())
+        );
         assert_eq!(budget.0.load(Relaxed), 0, "slot freed");
         assert_eq!(frame(&mut d).0, cmd::CLOSE);
         // A normal end is `ok`.

@@ -164,7 +164,12 @@ fn accept_loop(
                     client,
                     local: Some(local),
                 };
-                log.write(&Record::without_data(side, pilot, "refused", "--max-conns reached"));
+                log.write(&Record::without_data(
+                    side,
+                    pilot,
+                    "refused",
+                    "--max-conns reached",
+                ));
             }
             sys::net::reset(tcp);
             continue;
@@ -291,7 +296,12 @@ fn refuse_remote(
             client,
             local: Some(local),
         };
-        log.write(&Record::without_data(side, pilot, "refused", "client from another host"));
+        log.write(&Record::without_data(
+            side,
+            pilot,
+            "refused",
+            "client from another host",
+        ));
     }
 }
 

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use crate::access::{AccessLog, Record, Side};
 use crate::address::PilotAddr;
-use crate::engine::{self, Bridge, Core, CopyEnd, Ending, Frame, PilotSide, Slot, Slots};
+use crate::engine::{self, Bridge, CopyEnd, Core, Ending, Frame, PilotSide, Slot, Slots};
 use crate::ipc::{self, cmd, FrameReader, IpcError};
 use crate::stats::Counters;
 use crate::sys::sock_diag::{self, PeerState};
@@ -621,7 +621,9 @@ fn gather<R: Read>(reader: &mut FrameReader<R>, id: u32, ranges: &mut Vec<Range<
 /// they pushed an idle thread's stack onto a second page (measured with
 /// smaps on a musl build; see `fill_or_end`).
 fn agent_to_client(c: &Conn, mut reader: FrameReader<IpcRead>, idle: Duration) {
-    let Some(&id) = c.core.pilot_conn.get() else { return };
+    let Some(&id) = c.core.pilot_conn.get() else {
+        return;
+    };
     let mut ranges = Vec::new();
     loop {
         let g = gather(&mut reader, id, &mut ranges);
@@ -688,3 +690,344 @@ fn fill_or_end(
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::AccessLog;
+    use crate::log::Format;
+    use crate::testkit::{self, expect_frame, recv, send, session, tcp_pair, wait_until};
+    use std::os::unix::net::UnixListener;
+
+    const ID: u32 = 5;
+
+    struct Rig {
+        dir: PathBuf,
+        dp: Arc<DataPath>,
+        group: Arc<Connections>,
+        daemon: UnixListener,
+    }
+
+    fn rig(idle_ms: u64, half_ms: u64) -> Rig {
+        let dir = testkit::scratch();
+        let (path, daemon) = testkit::daemon(&dir);
+        let settings = ConnSettings {
+            daemon_socket: path,
+            daemon_uid: sys::user::euid(),
+            max_conns: 8,
+            dial_timeout: Duration::from_millis(500),
+            idle_timeout: Duration::from_millis(idle_ms),
+            half_closed_timeout: Duration::from_millis(half_ms),
+            allow_remote: false,
+        };
+        let access = AccessLog::open(dir.join("access.log").to_str().unwrap(), Format::Json).unwrap();
+        Rig {
+            dp: DataPath::new(settings, Some(access)),
+            group: Arc::new(Connections::default()),
+            dir,
+            daemon,
+        }
+    }
+
+    impl Rig {
+        /// A client connection handed to the relay, as the listener does.
+        fn client(&self) -> TcpStream {
+            let (ours, theirs) = tcp_pair();
+            let (client, local) = (ours.peer_addr().unwrap(), ours.local_addr().unwrap());
+            assert!(self.dp.try_acquire());
+            serve(ours, client, local, PilotAddr::new(0, 4), &self.dp, &self.group);
+            theirs.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            theirs
+        }
+
+        /// The daemon's side of a dial that succeeds.
+        fn dialled(&self) -> UnixStream {
+            let mut s = session(&self.daemon);
+            let dial = expect_frame(&mut s, cmd::DIAL).expect("Dial");
+            assert_eq!(&dial[..6], &PilotAddr::new(0, 4).to_wire());
+            send(&mut s, cmd::DIAL_OK, &[&ID.to_be_bytes()]);
+            s
+        }
+
+        fn ended(&self) -> bool {
+            wait_until(Duration::from_secs(10), || {
+                self.group.counters().active == 0 && self.dp.active.load(Relaxed) == 0
+            })
+        }
+
+        /// The outcome the access log recorded for the one connection.
+        fn outcome(&self) -> String {
+            let path = self.dir.join("access.log");
+            let read = || std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(wait_until(Duration::from_secs(5), || read().contains("outcome")));
+            let v = crate::json::parse(read().lines().next().unwrap()).unwrap();
+            v.get("outcome")
+                .and_then(crate::json::Value::as_str)
+                .unwrap()
+                .to_string()
+        }
+    }
+
+    fn is_reset(c: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 64];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) => return false,
+                Ok(_) => {}
+                Err(e) => return e.kind() == io::ErrorKind::ConnectionReset,
+            }
+        }
+    }
+
+    #[test]
+    fn bytes_flow_both_ways_and_closeok_ends_it_normally() {
+        let r = rig(5000, 5000);
+        let mut c = r.client();
+        let mut d = r.dialled();
+        c.write_all(b"ping").unwrap();
+        let send_frame = expect_frame(&mut d, cmd::SEND).unwrap();
+        assert_eq!(&send_frame[4..], b"ping");
+        recv(&mut d, ID, b"pong");
+        send(&mut d, cmd::CLOSE_OK, &[&ID.to_be_bytes()]);
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"pong", "data, then EOF");
+        drop(c);
+        assert!(r.ended());
+        let n = r.group.counters();
+        assert_eq!((n.total, n.bytes_up, n.bytes_down), (1, 4, 4));
+        assert_eq!(r.outcome(), "ok");
+    }
+
+    #[test]
+    fn a_duplicate_closeok_is_harmless() {
+        let r = rig(5000, 5000);
+        let mut c = r.client();
+        let mut d = r.dialled();
+        recv(&mut d, ID, b"x");
+        send(&mut d, cmd::CLOSE_OK, &[&ID.to_be_bytes()]);
+        send(&mut d, cmd::CLOSE_OK, &[&ID.to_be_bytes()]);
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"x");
+        drop(c);
+        assert!(r.ended());
+        assert_eq!(r.outcome(), "ok");
+    }
+
+    #[test]
+    fn a_client_that_closes_gets_close_sent_and_closeok_after_it_is_fine() {
+        let r = rig(5000, 5000);
+        let c = r.client();
+        let mut d = r.dialled();
+        drop(c);
+        let close = expect_frame(&mut d, cmd::CLOSE).expect("Close");
+        assert_eq!(close, ID.to_be_bytes());
+        send(&mut d, cmd::CLOSE_OK, &[&ID.to_be_bytes()]);
+        assert!(r.ended());
+        let outcome = r.outcome();
+        // Where the kernel can be asked, a closed client ends at once.
+        assert!(
+            outcome == "client_closed" || outcome == "half_closed_timeout",
+            "{outcome}"
+        );
+    }
+
+    #[test]
+    fn an_error_frame_resets_the_client() {
+        let r = rig(5000, 5000);
+        let mut c = r.client();
+        let mut d = r.dialled();
+        send(&mut d, cmd::ERROR, &[&[0, 1], b"connection lost"]);
+        assert!(is_reset(&mut c));
+        assert!(r.ended());
+        assert_eq!(r.outcome(), "reset");
+    }
+
+    #[test]
+    fn data_for_another_connection_resets() {
+        let r = rig(5000, 5000);
+        let mut c = r.client();
+        let mut d = r.dialled();
+        recv(&mut d, ID + 1, b"not yours");
+        assert!(is_reset(&mut c));
+        assert!(r.ended());
+        assert_eq!(r.outcome(), "reset");
+    }
+
+    #[test]
+    fn an_unexpected_frame_resets() {
+        let r = rig(5000, 5000);
+        let mut c = r.client();
+        let mut d = r.dialled();
+        send(&mut d, cmd::BIND_OK, &[&[0, 80]]);
+        assert!(is_reset(&mut c));
+        assert!(r.ended());
+    }
+
+    #[test]
+    fn a_refused_dial_resets_and_counts() {
+        let r = rig(5000, 5000);
+        let mut c = r.client();
+        let mut d = session(&r.daemon);
+        expect_frame(&mut d, cmd::DIAL).unwrap();
+        send(&mut d, cmd::ERROR, &[&[0, 1], b"dial: not trusted"]);
+        assert!(is_reset(&mut c));
+        assert!(r.ended());
+        assert_eq!(r.group.counters().dial_failures, 1);
+        assert_eq!(r.outcome(), "dial_failed");
+    }
+
+    #[test]
+    fn a_dial_without_answer_sends_cancel_and_fails_in_time() {
+        let r = rig(5000, 5000);
+        let mut c = r.client();
+        let mut d = session(&r.daemon);
+        expect_frame(&mut d, cmd::DIAL).unwrap();
+        assert!(
+            expect_frame(&mut d, cmd::CANCEL).is_some(),
+            "Cancel after --dial-timeout"
+        );
+        assert!(is_reset(&mut c));
+        assert!(r.ended());
+        assert_eq!(r.group.counters().dial_failures, 1);
+    }
+
+    #[test]
+    fn no_daemon_is_a_failed_dial() {
+        let r = rig(5000, 5000);
+        let _ = std::fs::remove_file(&r.dp.settings.daemon_socket);
+        let mut c = r.client();
+        assert!(is_reset(&mut c));
+        assert!(r.ended());
+        assert_eq!(r.outcome(), "dial_failed");
+    }
+
+    #[test]
+    fn an_idle_connection_ends_at_the_idle_timeout() {
+        let r = rig(300, 5000);
+        let mut c = r.client();
+        let mut d = r.dialled();
+        assert!(is_reset(&mut c));
+        assert!(r.ended());
+        assert_eq!(r.group.counters().idle_timeouts, 1);
+        assert_eq!(r.outcome(), "idle_timeout");
+        // The session is closed: the daemon frees the connection with it.
+        assert!(expect_frame(&mut d, cmd::CLOSE).is_none());
+    }
+
+    #[test]
+    fn a_half_closed_client_gets_the_reply_then_its_own_timeout() {
+        let r = rig(5000, 300);
+        let mut c = r.client();
+        let mut d = r.dialled();
+        c.write_all(b"q").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        expect_frame(&mut d, cmd::SEND).unwrap();
+        recv(&mut d, ID, b"answer");
+        let mut buf = [0u8; 6];
+        c.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"answer", "the reply still flows after a half-close");
+        assert!(is_reset(&mut c));
+        assert!(r.ended());
+        assert_eq!(r.outcome(), "half_closed_timeout");
+        assert_eq!(r.group.counters().idle_timeouts, 1);
+    }
+
+    #[test]
+    fn close_all_resets_live_connections() {
+        let r = rig(5000, 5000);
+        let mut c = r.client();
+        let _d = r.dialled();
+        assert!(wait_until(Duration::from_secs(5), || r.group.counters().active == 1));
+        assert_eq!(r.group.close_all(Duration::from_secs(5)), 1);
+        assert!(is_reset(&mut c));
+        assert!(r.ended());
+        assert_eq!(r.outcome(), "reset");
+    }
+
+    #[test]
+    fn a_client_that_does_not_read_is_cut_by_close_all_in_time() {
+        let r = rig(60_000, 60_000);
+        let _c = r.client();
+        let mut d = r.dialled();
+        // Far more than the socket buffers hold: the writer blocks (and
+        // so does this daemon's writer, until the session is closed).
+        let _daemon = thread::spawn(move || {
+            let chunk = vec![7u8; 60_000];
+            for _ in 0..200 {
+                recv(&mut d, ID, &chunk);
+            }
+        });
+        thread::sleep(Duration::from_millis(500));
+        let start = Instant::now();
+        r.group.close_all(Duration::from_secs(5));
+        assert!(r.ended());
+        assert!(start.elapsed() < Duration::from_secs(3));
+    }
+
+    #[test]
+    fn the_slot_is_freed_exactly_once() {
+        let r = rig(5000, 5000);
+        for _ in 0..3 {
+            let c = r.client();
+            let d = r.dialled();
+            drop((c, d));
+        }
+        assert!(r.ended());
+        assert_eq!(r.dp.finished.load(Relaxed), 3);
+        assert_eq!(r.group.counters().total, 3);
+    }
+
+    fn frames(bytes: Vec<u8>) -> FrameReader<io::Cursor<Vec<u8>>> {
+        let mut r = FrameReader::growing(io::Cursor::new(bytes), 1024, 1 << 20);
+        r.fill().unwrap();
+        r
+    }
+
+    #[test]
+    fn gather_collects_payloads_up_to_closeok() {
+        let mut bytes = ipc::encode(cmd::RECV, &[&ID.to_be_bytes(), b"ab"]);
+        bytes.extend(ipc::encode(cmd::RECV, &[&ID.to_be_bytes()])); // empty: skipped
+        bytes.extend(ipc::encode(cmd::RECV, &[&ID.to_be_bytes(), b"cd"]));
+        bytes.extend(ipc::encode(cmd::CLOSE_OK, &[&ID.to_be_bytes()]));
+        let mut r = frames(bytes);
+        let mut ranges = Vec::new();
+        let g = gather(&mut r, ID, &mut ranges);
+        assert_eq!((g.ranges, g.closed, g.failure), (2, true, None));
+        let text: Vec<&[u8]> = ranges.iter().map(|x| &r.buffer()[x.clone()]).collect();
+        assert_eq!(text, [b"ab", b"cd"]);
+    }
+
+    #[test]
+    fn gather_stops_at_max_iovecs() {
+        let mut bytes = Vec::new();
+        for _ in 0..MAX_IOVECS + 5 {
+            bytes.extend(ipc::encode(cmd::RECV, &[&ID.to_be_bytes(), b"z"]));
+        }
+        let mut r = frames(bytes);
+        let mut ranges = Vec::new();
+        assert_eq!(gather(&mut r, ID, &mut ranges).ranges, MAX_IOVECS);
+        assert_eq!(gather(&mut r, ID, &mut ranges).ranges, 5);
+    }
+
+    #[test]
+    fn gather_names_what_went_wrong() {
+        let cases: [(Vec<u8>, &str); 4] = [
+            (ipc::encode(cmd::ERROR, &[&[0, 1], b"boom"]), "daemon error: boom"),
+            (
+                ipc::encode(cmd::RECV, &[&9u32.to_be_bytes(), b"x"]),
+                "for connection 9",
+            ),
+            (ipc::encode(cmd::RECV, &[&[1, 2]]), "without a connection id"),
+            (ipc::encode(0x7F, &[]), "unexpected message 0x7F"),
+        ];
+        for (bytes, want) in cases {
+            let mut r = frames(bytes);
+            let g = gather(&mut r, ID, &mut Vec::new());
+            assert!(
+                g.failure.as_deref().is_some_and(|f| f.contains(want)),
+                "{want}: {g:?}"
+            );
+        }
+    }
+}

@@ -73,7 +73,8 @@ pub fn daemon(dir: &std::path::Path) -> (PathBuf, UnixListener) {
 /// Accepts one session with a read timeout, so no test can hang.
 pub fn session(l: &UnixListener) -> UnixStream {
     let (s, _) = l.accept().expect("accept session");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     s
 }
 

@@ -14,8 +14,8 @@ use std::time::Duration;
 use common::*;
 use pilot_gateway::address::PilotAddr;
 use pilot_gateway::daemon;
-use pilot_gateway::error::Code;
 use pilot_gateway::engine::Ending;
+use pilot_gateway::error::Code;
 use pilot_gateway::expose::{self, Ended, Exposure, Options, State};
 use pilot_gateway::ipc::{self, cmd, FrameReader};
 

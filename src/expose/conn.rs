@@ -31,7 +31,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::address::PilotAddr;
-use crate::engine::{self, Bridge, Core, CopyEnd, Ending, Frame, PilotSide, THREAD_STACK};
+use crate::engine::{self, Bridge, CopyEnd, Core, Ending, Frame, PilotSide, THREAD_STACK};
 
 use super::session::Link;
 use super::{lock, Ended, Shared};
@@ -253,7 +253,10 @@ pub fn connect_then_relay(finish: Finish) {
         Ok(t) => t,
         Err(e) => {
             ex.connect_failures.fetch_add(1, Relaxed);
-            let _ = c.core.ending.set(Ending::ConnectFailed(format!("{}: {e}", ex.target)));
+            let _ = c
+                .core
+                .ending
+                .set(Ending::ConnectFailed(format!("{}: {e}", ex.target)));
             return;
         }
     };
@@ -270,7 +273,9 @@ pub fn connect_then_relay(finish: Finish) {
     let f2 = finish.clone();
     let spawned = thread::Builder::new().stack_size(THREAD_STACK).spawn(move || {
         let c = &f2.conn;
-        if engine::copy_to_pilot(&**c, f2.ex.opts.idle_timeout, SEND_CHUNK, true) == CopyEnd::Eof && !c.is_cut() {
+        if engine::copy_to_pilot(&**c, f2.ex.opts.idle_timeout, SEND_CHUNK, true) == CopyEnd::Eof
+            && !c.is_cut()
+        {
             c.core.close_once(&**c);
         }
         c.core.local_done.store(true, Relaxed);
@@ -306,5 +311,121 @@ fn remote_to_local(c: &Conn, idle: Duration) {
             }
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::tcp_pair;
+    use std::os::unix::net::UnixStream;
+
+    fn conn() -> (Arc<Conn>, UnixStream) {
+        let (ours, daemon) = UnixStream::pair().unwrap();
+        let link = Arc::new(Link::new(ours));
+        (Arc::new(Conn::new(3, PilotAddr::new(0, 9), 4000, link)), daemon)
+    }
+
+    #[test]
+    fn data_under_the_bound_is_queued_and_coalesced() {
+        let (c, _d) = conn();
+        for _ in 0..100 {
+            assert!(c.push(&[1u8; 1000], 512 * 1024, Duration::from_secs(1)));
+        }
+        assert_eq!(c.queued(), 100_000);
+        let q = lock(&c.queue);
+        assert!(q.chunks.len() <= 2 && q.chunks.iter().all(|ch| ch.len() <= COALESCE));
+    }
+
+    #[test]
+    fn a_connected_service_that_takes_nothing_is_given_up_after_the_stall() {
+        let (c, _d) = conn();
+        let (ours, _service) = tcp_pair();
+        let _ = c.core.tcp.set(ours);
+        assert!(c.push(&[0u8; 1000], 1000, Duration::from_millis(100)));
+        let start = Instant::now();
+        assert!(
+            !c.push(&[0u8; 10], 1000, Duration::from_millis(100)),
+            "no progress: give up"
+        );
+        assert!(start.elapsed() >= Duration::from_millis(100));
+        assert_eq!(c.queued(), 1000, "the queue never exceeds its bound");
+    }
+
+    #[test]
+    fn progress_keeps_a_full_queue_waiting_not_failing() {
+        let (c, _d) = conn();
+        let (ours, _service) = tcp_pair();
+        let _ = c.core.tcp.set(ours);
+        assert!(c.push(&[0u8; 1000], 1000, Duration::from_millis(100)));
+        let c2 = c.clone();
+        let taker = thread::spawn(move || {
+            // Takes a little every 50 ms: slower than the stall, but progress.
+            for _ in 0..6 {
+                thread::sleep(Duration::from_millis(50));
+                c2.took(1);
+            }
+            c2.next_chunk()
+        });
+        assert!(
+            c.push(&[0u8; 10], 1000, Duration::from_millis(100)),
+            "paced, not reset"
+        );
+        assert!(matches!(taker.join().unwrap(), Ok(Some(_))));
+    }
+
+    #[test]
+    fn before_the_service_is_connected_a_full_queue_waits_until_cut() {
+        let (c, _d) = conn();
+        assert!(c.push(&[0u8; 1000], 1000, Duration::from_millis(50)));
+        let c2 = c.clone();
+        let t = thread::spawn(move || c2.push(&[0u8; 10], 1000, Duration::from_millis(50)));
+        thread::sleep(Duration::from_millis(200));
+        assert!(!t.is_finished(), "no stall clock while connecting");
+        c.fail(Ending::Reset("stop".into()));
+        assert!(t.join().unwrap(), "a cut connection takes (and drops) data");
+    }
+
+    #[test]
+    fn after_closeok_the_queue_drains_then_ends() {
+        let (c, _d) = conn();
+        assert!(c.push(b"abc", 1000, Duration::from_secs(1)));
+        c.remote_closed();
+        c.remote_closed(); // a duplicate CloseOK changes nothing
+        assert_eq!(c.next_chunk(), Ok(Some(b"abc".to_vec())));
+        assert_eq!(c.next_chunk(), Ok(None));
+        assert!(c.core.remote_closed.load(Relaxed));
+    }
+
+    #[test]
+    fn a_cut_queue_gives_nothing_more() {
+        let (c, _d) = conn();
+        assert!(c.push(b"abc", 1000, Duration::from_secs(1)));
+        c.fail(Ending::Reset("x".into()));
+        assert_eq!(c.next_chunk(), Err(()));
+        assert_eq!(c.core.ending.get(), Some(&Ending::Reset("x".into())));
+    }
+
+    #[test]
+    fn its_frames_go_out_on_the_shared_session() {
+        let (c, mut d) = conn();
+        d.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut frame = vec![0u8; crate::ipc::DATA_HEADER + 2];
+        frame[crate::ipc::DATA_HEADER..].copy_from_slice(b"hi");
+        crate::ipc::put_send_header(&mut frame, 3, 2);
+        c.send(&frame, Frame::Data).unwrap();
+        let (cmd, body) = crate::testkit::read_frame(&mut d).unwrap();
+        assert_eq!((cmd, &body[4..]), (crate::ipc::cmd::SEND, &b"hi"[..]));
+        c.core.close_once(&*c);
+        let (cmd, body) = crate::testkit::read_frame(&mut d).unwrap();
+        assert_eq!((cmd, body), (crate::ipc::cmd::CLOSE, 3u32.to_be_bytes().to_vec()));
+    }
+
+    #[test]
+    fn a_lost_session_is_a_reset_reason() {
+        let (c, d) = conn();
+        drop(d);
+        let frame = crate::ipc::encode(crate::ipc::cmd::SEND, &[&[0u8; 8]]);
+        assert!(c.send(&frame, Frame::Data).unwrap_err().contains("session lost"));
     }
 }

@@ -67,17 +67,17 @@ use ipnetwork::Ipv4Network;
 
 use crate::access::{Record, Side};
 use crate::address::PilotAddr;
+use crate::engine::Bridge;
 use crate::engine::{self, Ending, Slot};
 use crate::error::{Code, Error, Result};
 use crate::ipc::{self, cmd, FrameReader};
 use crate::log::RateLimit;
-use crate::engine::Bridge;
 use crate::{debug, info, warn, warn_limited, warn_source};
 use std::os::unix::net::UnixStream;
 
+pub use crate::engine::Slots;
 use conn::{Conn, Finish};
 use session::{open, Link, Unbind, IPC_TIMEOUT};
-pub use crate::engine::Slots;
 pub use target::{canonical, check_target};
 
 /// Stack of the session's reader thread: buffers live on the heap,
@@ -334,7 +334,9 @@ impl Exposure {
         let s = &self.shared;
         let (mut bytes_in, mut bytes_out) = {
             let conns = lock(&s.conns);
-            let live = conns.values().map(|c| (c.core.from_pilot.load(Relaxed), c.core.to_pilot.load(Relaxed)));
+            let live = conns
+                .values()
+                .map(|c| (c.core.from_pilot.load(Relaxed), c.core.to_pilot.load(Relaxed)));
             live.fold((0, 0), |(i, o), (a, b)| (i + a, o + b))
         };
         bytes_in += s.done_in.load(Relaxed);
@@ -686,12 +688,278 @@ fn recv(ex: &Shared, payload: &[u8]) {
     }
 }
 
-
 impl Shared {
     /// Hands a finished or refused connection to `on_end`.
     fn ended(&self, e: &Ended) {
         if let Some(f) = &self.opts.on_end {
             f(e);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{self, expect_frame, read_frame, recv, send, wait_until};
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::unix::net::UnixListener;
+
+    fn peer() -> PilotAddr {
+        PilotAddr::new(0, 9)
+    }
+
+    struct Rig {
+        ex: Exposure,
+        daemon: UnixStream,
+        service: TcpListener,
+        ended: Arc<Mutex<Vec<Ended>>>,
+        _listener: UnixListener,
+    }
+
+    /// An exposure of port 80 on a scripted daemon, serving a loopback
+    /// listener the test accepts on.
+    fn rig(opts: Options) -> Rig {
+        let dir = testkit::scratch();
+        let (path, l) = testkit::daemon(&dir);
+        let service = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = service.local_addr().unwrap();
+        let bind = thread::spawn(move || {
+            let mut s = testkit::session(&l);
+            assert_eq!(read_frame(&mut s).map(|f| f.0), Some(cmd::BIND));
+            send(&mut s, cmd::BIND_OK, &[&[0, 80]]);
+            (s, l)
+        });
+        let ended: Arc<Mutex<Vec<Ended>>> = Arc::default();
+        let e2 = ended.clone();
+        let opts = Options {
+            on_end: Some(Arc::new(move |e: &Ended| lock(&e2).push(e.clone()))),
+            ..opts
+        };
+        let ex = Exposure::start(&path, 80, target, opts).unwrap();
+        let (daemon, listener) = bind.join().unwrap();
+        Rig {
+            ex,
+            daemon,
+            service,
+            ended,
+            _listener: listener,
+        }
+    }
+
+    impl Rig {
+        fn accept(&mut self, conn: u32, from: PilotAddr) {
+            send(
+                &mut self.daemon,
+                cmd::ACCEPT,
+                &[
+                    &80u16.to_be_bytes(),
+                    &conn.to_be_bytes(),
+                    &from.to_wire(),
+                    &4000u16.to_be_bytes(),
+                ],
+            );
+        }
+
+        fn service_conn(&self) -> TcpStream {
+            let (s, _) = self.service.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        }
+
+        fn ending(&self) -> Ending {
+            assert!(wait_until(Duration::from_secs(10), || !lock(&self.ended).is_empty()));
+            lock(&self.ended)[0].outcome.clone()
+        }
+    }
+
+    #[test]
+    fn an_exposed_connection_carries_bytes_both_ways_and_ends_ok() {
+        let mut r = rig(Options::default());
+        r.accept(1, peer());
+        let mut svc = r.service_conn();
+        recv(&mut r.daemon, 1, b"request");
+        let mut buf = [0u8; 7];
+        svc.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"request");
+        svc.write_all(b"reply").unwrap();
+        let body = expect_frame(&mut r.daemon, cmd::SEND).unwrap();
+        assert_eq!((&body[..4], &body[4..]), (&1u32.to_be_bytes()[..], &b"reply"[..]));
+        send(&mut r.daemon, cmd::CLOSE_OK, &[&1u32.to_be_bytes()]);
+        send(&mut r.daemon, cmd::CLOSE_OK, &[&1u32.to_be_bytes()]); // duplicate
+        let mut rest = Vec::new();
+        svc.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "EOF after the peer closed");
+        drop(svc);
+        assert_eq!(r.ending(), Ending::Ok);
+        let c = r.ex.counters();
+        assert_eq!((c.total, c.bytes_in, c.bytes_out, c.active), (1, 7, 5, 0));
+    }
+
+    #[test]
+    fn the_services_end_sends_close() {
+        let mut r = rig(Options::default());
+        r.accept(2, peer());
+        let svc = r.service_conn();
+        drop(svc);
+        assert_eq!(
+            expect_frame(&mut r.daemon, cmd::CLOSE),
+            Some(2u32.to_be_bytes().to_vec())
+        );
+        send(&mut r.daemon, cmd::CLOSE_OK, &[&2u32.to_be_bytes()]);
+        assert_eq!(r.ending(), Ending::Ok);
+    }
+
+    #[test]
+    fn a_silent_exposed_connection_ends_at_the_idle_timeout() {
+        let mut r = rig(Options {
+            idle_timeout: Duration::from_millis(300),
+            ..Options::default()
+        });
+        r.accept(3, peer());
+        let mut svc = r.service_conn();
+        assert_eq!(
+            expect_frame(&mut r.daemon, cmd::CLOSE),
+            Some(3u32.to_be_bytes().to_vec())
+        );
+        assert_eq!(r.ending(), Ending::IdleTimeout);
+        assert_eq!(r.ex.counters().idle_timeouts, 1);
+        let mut buf = [0u8; 1];
+        assert!(
+            svc.read(&mut buf).is_err(),
+            "the service is reset, not sent a FIN"
+        );
+    }
+
+    #[test]
+    fn a_peer_outside_the_allow_list_is_closed_and_counted() {
+        let mut r = rig(Options {
+            allow: Some([PilotAddr::new(0, 5)].into_iter().collect()),
+            ..Options::default()
+        });
+        r.accept(4, peer());
+        assert_eq!(
+            expect_frame(&mut r.daemon, cmd::CLOSE),
+            Some(4u32.to_be_bytes().to_vec())
+        );
+        assert!(matches!(r.ending(), Ending::Refused(why) if why.contains("allow")));
+        assert_eq!(r.ex.counters().refused, 1);
+    }
+
+    #[test]
+    fn a_target_that_is_down_is_connect_failed_and_closed() {
+        let mut r = rig(Options::default());
+        // Nothing listens there any more.
+        let gone = std::mem::replace(&mut r.service, TcpListener::bind("127.0.0.1:0").unwrap());
+        drop(gone);
+        r.accept(5, peer());
+        assert_eq!(
+            expect_frame(&mut r.daemon, cmd::CLOSE),
+            Some(5u32.to_be_bytes().to_vec())
+        );
+        assert!(matches!(r.ending(), Ending::ConnectFailed(_)));
+        assert_eq!(r.ex.counters().connect_failures, 1);
+    }
+
+    #[test]
+    fn beyond_max_conns_an_accept_is_refused() {
+        let mut r = rig(Options {
+            max_conns: 1,
+            ..Options::default()
+        });
+        r.accept(6, peer());
+        let _svc = r.service_conn();
+        assert!(wait_until(Duration::from_secs(5), || r.ex.counters().active == 1));
+        r.accept(7, peer());
+        assert_eq!(
+            expect_frame(&mut r.daemon, cmd::CLOSE),
+            Some(7u32.to_be_bytes().to_vec())
+        );
+        assert_eq!(r.ex.counters().over_limit, 1);
+    }
+
+    #[test]
+    fn an_accept_for_another_port_is_closed_unserved() {
+        let mut r = rig(Options::default());
+        send(
+            &mut r.daemon,
+            cmd::ACCEPT,
+            &[
+                &81u16.to_be_bytes(),
+                &8u32.to_be_bytes(),
+                &peer().to_wire(),
+                &4000u16.to_be_bytes(),
+            ],
+        );
+        assert_eq!(
+            expect_frame(&mut r.daemon, cmd::CLOSE),
+            Some(8u32.to_be_bytes().to_vec())
+        );
+        assert_eq!(r.ex.counters().total, 0);
+    }
+
+    #[test]
+    fn an_error_frame_does_not_end_the_connections() {
+        let mut r = rig(Options::default());
+        r.accept(9, peer());
+        let mut svc = r.service_conn();
+        send(&mut r.daemon, cmd::ERROR, &[&[0, 1], b"send: no such connection"]);
+        recv(&mut r.daemon, 9, b"still");
+        let mut buf = [0u8; 5];
+        svc.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"still");
+        assert_eq!(r.ex.state(), State::Bound);
+    }
+
+    #[test]
+    fn a_service_that_stops_reading_is_reset_and_the_session_goes_on() {
+        let mut r = rig(Options {
+            queue_bytes: 64 * 1024,
+            stall: Duration::from_millis(200),
+            ..Options::default()
+        });
+        r.accept(10, peer());
+        let _stuck = r.service_conn(); // never reads
+        let chunk = vec![1u8; 60_000];
+        for _ in 0..200 {
+            recv(&mut r.daemon, 10, &chunk);
+        }
+        assert!(matches!(r.ending(), Ending::Reset(why) if why.contains("stopped reading")));
+        assert_eq!(r.ex.counters().slow_resets, 1);
+        // Another connection is served at once.
+        r.accept(11, peer());
+        let mut svc = r.service_conn();
+        recv(&mut r.daemon, 11, b"ok");
+        let mut buf = [0u8; 2];
+        svc.read_exact(&mut buf).unwrap();
+    }
+
+    #[test]
+    fn a_lost_session_cuts_every_connection_and_rebinds() {
+        let mut r = rig(Options::default());
+        r.accept(12, peer());
+        let mut svc = r.service_conn();
+        assert!(wait_until(Duration::from_secs(5), || r.ex.counters().active == 1));
+        r.daemon.shutdown(std::net::Shutdown::Both).unwrap();
+        assert!(matches!(r.ending(), Ending::Reset(why) if why.contains("session lost")));
+        let mut buf = [0u8; 1];
+        assert!(svc.read(&mut buf).is_err(), "reset");
+        assert!(wait_until(Duration::from_secs(5), || matches!(
+            r.ex.state(),
+            State::Rebinding(_)
+        )));
+    }
+
+    #[test]
+    fn a_drain_refuses_new_connections() {
+        let mut r = rig(Options::default());
+        r.ex.shared.draining.store(true, Relaxed);
+        r.accept(13, peer());
+        assert_eq!(
+            expect_frame(&mut r.daemon, cmd::CLOSE),
+            Some(13u32.to_be_bytes().to_vec())
+        );
+        assert_eq!(r.ex.counters().refused_draining, 1);
+        assert!(!r.ex.is_admitting());
     }
 }

@@ -307,3 +307,129 @@ fn bind_reply(
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::read_frame;
+
+    fn link() -> (Arc<Link>, UnixStream) {
+        let (ours, daemon) = UnixStream::pair().unwrap();
+        daemon.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        (Arc::new(Link::new(ours)), daemon)
+    }
+
+    #[test]
+    fn unbind_is_sent_once_and_its_answer_wakes_the_asker() {
+        let (l, mut d) = link();
+        let l2 = l.clone();
+        let t = thread::spawn(move || l2.unbind(80, Duration::from_secs(5)));
+        assert_eq!(read_frame(&mut d), Some((cmd::UNBIND, vec![0, 80])));
+        assert!(wait(|| l.unbind_asked()));
+        l.unbind_answer(Unbind::Released);
+        assert!(t.join().unwrap());
+        // Asked again: no second frame, the same answer.
+        assert!(l.unbind(80, Duration::from_millis(50)));
+    }
+
+    fn wait(f: impl Fn() -> bool) -> bool {
+        crate::testkit::wait_until(Duration::from_secs(5), f)
+    }
+
+    #[test]
+    fn an_unbind_without_answer_gives_up_in_time() {
+        let (l, _d) = link();
+        let start = Instant::now();
+        assert!(!l.unbind(80, Duration::from_millis(100)));
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_daemon_without_unbind_answers_unknown() {
+        let (l, _d) = link();
+        let l2 = l.clone();
+        let t = thread::spawn(move || l2.unbind(80, Duration::from_secs(5)));
+        assert!(wait(|| l.unbind_asked()));
+        l.unbind_answer(Unbind::Unknown);
+        assert!(!t.join().unwrap());
+    }
+
+    #[test]
+    fn an_answer_nobody_asked_for_is_ignored() {
+        let (l, _d) = link();
+        l.unbind_answer(Unbind::Released);
+        assert!(!l.unbind_asked());
+        assert_eq!(*lock(&l.unbind), Unbind::Bound);
+    }
+
+    #[test]
+    fn a_daemon_that_stops_reading_stalls_the_session_naming_the_culprit() {
+        let (l, _d) = link();
+        l.stream
+            .set_write_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let frame = vec![0u8; 64 * 1024];
+        let peer = PilotAddr::new(0, 9);
+        let mut sent = 0;
+        while l.send(&frame, Some((42, peer))) {
+            sent += 1;
+            assert!(sent < 10_000, "the socket buffer is bounded");
+        }
+        let why = l.stalled.get().expect("stalled");
+        assert!(
+            why.contains("connection 42") && why.contains("0:0000.0000.0009"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn the_culprit_is_who_sent_most_in_the_window() {
+        let mut r = Recent::default();
+        r.count(1, PilotAddr::new(0, 1), 10);
+        r.count(2, PilotAddr::new(0, 2), 500);
+        r.count(1, PilotAddr::new(0, 1), 10);
+        assert!(r.culprit().starts_with("likely culprit: connection 2"));
+        assert_eq!(Recent::default().culprit(), "no connection sent data lately");
+    }
+
+    #[test]
+    fn bind_is_answered_or_refused() {
+        let dir = crate::testkit::scratch();
+        let (path, l) = crate::testkit::daemon(&dir);
+        let daemon = thread::spawn(move || {
+            for answer in [&[cmd::BIND_OK][..], &[cmd::ERROR]] {
+                let mut s = crate::testkit::session(&l);
+                assert_eq!(read_frame(&mut s).map(|f| f.0), Some(cmd::BIND));
+                if answer[0] == cmd::BIND_OK {
+                    crate::testkit::send(&mut s, cmd::BIND_OK, &[&[0, 80]]);
+                } else {
+                    crate::testkit::send(&mut s, cmd::ERROR, &[&[0, 1], b"port 80 already bound"]);
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let by = Instant::now() + Duration::from_secs(5);
+        assert!(open(&path, 80, Some(crate::sys::user::euid()), by, &|| false).is_ok());
+        let err = open(&path, 80, None, by, &|| false).err().unwrap();
+        assert_eq!(err.code, Code::PortInUse);
+        daemon.join().unwrap();
+        let gone = dir.join("nobody.sock");
+        let err = open(&gone, 80, None, by, &|| false).err().unwrap();
+        assert_eq!(err.code, Code::DaemonUnreachable);
+    }
+
+    #[test]
+    fn a_silent_daemon_fails_bind_by_the_deadline() {
+        let dir = crate::testkit::scratch();
+        let (path, l) = crate::testkit::daemon(&dir);
+        let _hold = thread::spawn(move || {
+            let s = l.accept();
+            thread::sleep(Duration::from_secs(3));
+            drop(s);
+        });
+        let start = Instant::now();
+        let by = start + Duration::from_millis(300);
+        let err = open(&path, 80, None, by, &|| false).err().unwrap();
+        assert_eq!(err.code, Code::DaemonUnreachable);
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
+}

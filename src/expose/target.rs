@@ -76,3 +76,50 @@ fn on_this_host(ip: IpAddr) -> bool {
     ip.is_loopback() || sys::net::host_ips().is_ok_and(|all| all.contains(&ip))
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_target_must_be_a_tcp_service_address() {
+        for bad in [
+            "127.0.0.1:0",
+            "0.0.0.0:80",
+            "224.0.0.1:80",
+            "255.255.255.255:80",
+            "[::]:80",
+        ] {
+            let e = check_target(addr(bad), true, None).unwrap_err();
+            assert_eq!(e.code, Code::BadTarget, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_gateways_own_subnet_is_refused_even_with_allow_remote() {
+        let own = Some("127.77.0.0/16".parse().unwrap());
+        assert!(check_target(addr("127.77.0.5:80"), true, own).is_err());
+        assert!(
+            check_target(addr("[::ffff:127.77.0.5]:80"), true, own).is_err(),
+            "no bypass by spelling"
+        );
+        assert!(check_target(addr("127.0.0.1:80"), false, Some("127.0.0.0/8".parse().unwrap())).is_ok());
+    }
+
+    #[test]
+    fn another_host_needs_allow_remote_target() {
+        assert!(check_target(addr("192.0.2.1:80"), false, None).is_err());
+        assert!(check_target(addr("192.0.2.1:80"), true, None).is_ok());
+        assert!(check_target(addr("127.0.0.1:8000"), false, None).is_ok());
+        assert!(check_target(addr("[::1]:8000"), false, None).is_ok());
+    }
+
+    #[test]
+    fn an_ipv4_mapped_target_is_served_as_ipv4() {
+        assert_eq!(canonical(addr("[::ffff:127.0.0.1]:80")), addr("127.0.0.1:80"));
+        assert_eq!(canonical(addr("[::1]:80")), addr("[::1]:80"));
+    }
+}
