@@ -610,3 +610,32 @@ fn a_stalled_daemon_fails_expose_in_time_and_stop_still_works() {
     let out = pending.join().unwrap();
     assert!(!out.status.success(), "{out:?}");
 }
+
+/// Issue 18: a peer that opens exposed connections and sends nothing no
+/// longer holds them (and the `--max-conns` slots they take) forever:
+/// `--idle-timeout` ends them as it ends mapped ones, counted.
+#[test]
+fn idle_exposed_connections_end_at_the_idle_timeout() {
+    netns();
+    let dir = TempDir::new("x-idle");
+    let _svc = Service::start(8000, echo);
+    let d = devd(&dir, &[]);
+    let gw = Gw::new(&dir, &d.socket);
+    gw.data(&["start", "--expose", "80=8000", "--idle-timeout", "1"]);
+    let held: Vec<TcpStream> = (0..10).map(|_| connect(IN80)).collect();
+    assert!(wait_until(Duration::from_secs(5), || num(
+        &exposure(&gw, 80),
+        "total"
+    ) == 10));
+    assert!(
+        wait_until(Duration::from_secs(8), || {
+            let row = exposure(&gw, 80);
+            num(&row, "active") == 0 && num(&row, "idle_timeouts") == 10
+        }),
+        "{}",
+        exposure(&gw, 80)
+    );
+    drop(held);
+    assert!(short_exchange(IN80), "the exposure still serves");
+    gw.ok(&["stop"]);
+}
