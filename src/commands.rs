@@ -666,9 +666,43 @@ fn list(args: &Args, out: &Output) -> Result<()> {
 fn status(args: &Args, out: &Output) -> Result<()> {
     let (dir, st) = running(args)?;
     let stats = fetch_stats(&dir, &st)?;
-    let (data, text) = output::status(&st, &stats);
+    let (mut data, mut text) = output::status(&st, &stats);
+    add_privileges(&mut data, &mut text, st.gateway.pid);
     out.ok(data, &text);
     Ok(())
+}
+
+/// `status`: the uid and capabilities the gateway runs with, as the kernel
+/// shows them for the live process (`/proc/PID/status`), not as recorded.
+fn add_privileges(data: &mut Value, text: &mut String, pid: u32) {
+    let Some(p) = privilege::describe(pid) else {
+        return;
+    };
+    let caps = p.names();
+    if let Value::Obj(pairs) = data {
+        pairs.push(("uid".into(), p.uid.into()));
+        pairs.push(("capabilities".into(), caps.clone().into()));
+        pairs.push((
+            "capabilities_permitted".into(),
+            format!("{:016x}", p.permitted).into(),
+        ));
+        pairs.push((
+            "capabilities_bounding".into(),
+            format!("{:016x}", p.bounding).into(),
+        ));
+        pairs.push((
+            "capabilities_ambient".into(),
+            format!("{:016x}", p.ambient).into(),
+        ));
+        pairs.push(("no_new_privs".into(), p.no_new_privs.into()));
+    }
+    let caps = if caps.is_empty() {
+        "none".to_string()
+    } else {
+        caps.join(", ")
+    };
+    let nnp = if p.no_new_privs { ", no new privileges" } else { "" };
+    *text += &format!("  runs as uid {} with capabilities {caps}{nnp}\n", p.uid);
 }
 
 fn stop(args: &Args, out: &Output) -> Result<()> {

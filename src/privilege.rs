@@ -10,12 +10,17 @@
 //! for aliases inherits them across exec. Everything else is dropped,
 //! including from the bounding set, and supplementary groups are cleared.
 //!
-//! The order matters: drop the bounding set (needs CAP_SETPCAP, which root
-//! still has), set KEEPCAPS so setuid keeps the permitted set, change
-//! groups, gid, uid, then capset the two and raise them as ambient.
+//! The same whether it switches to a user or stays uid 0 (a root daemon):
+//! see [`restrict`]. The order matters: drop the bounding set and set the
+//! securebits (both need CAP_SETPCAP, which root still has; NO_SETUID_FIXUP
+//! keeps the permitted set across the uid change), change groups, gid,
+//! uid, then capset the two, raise them as ambient, and set NO_NEW_PRIVS.
 
 use std::io;
 use std::path::Path;
+
+#[cfg(target_os = "linux")]
+use libc::c_ulong;
 
 use crate::error::{Code, Error, Result};
 use crate::sys;
@@ -33,6 +38,7 @@ const CAP_NET_ADMIN: u32 = 12;
 #[derive(Clone, Debug)]
 pub struct Switched {
     pub user: String,
+    pub uid: Uid,
     pub capabilities: Vec<String>,
 }
 
@@ -72,6 +78,21 @@ pub fn target_user(
             .hint("run the command as root, or leave out --user"));
         }
         return Ok((!user.uid.is_root()).then_some(user));
+    }
+    if root && no_switch && !daemon.uid.is_root() {
+        // A root gateway keeps only its two capabilities (no
+        // CAP_DAC_OVERRIDE), so it could not even open another user's
+        // socket; and newer daemons serve only their own uid anyway.
+        let owner =
+            sys::user::user_by_uid(daemon.uid).map_or_else(|| format!("uid {}", daemon.uid), |u| u.name);
+        return Err(Error::new(
+            Code::PermissionDenied,
+            format!(
+                "the daemon at {} runs as {owner}, and --no-user-switch keeps the gateway root: newer daemons accept only clients running as their own user, and a root gateway keeps no capability to reach another user's socket",
+                socket.display()
+            ),
+        )
+        .hint("leave out --no-user-switch (the gateway then runs as the daemon's user)"));
     }
     if !root || no_switch || daemon.uid.is_root() {
         return Ok(None);
@@ -140,34 +161,72 @@ fn check_daemon(socket: &Path, searched: bool, daemon: Uid, named: Option<&User>
     }
 }
 
-/// Becomes `user`, keeping only [`KEPT`] (see the module docs).
+/// Restricts a root-started gateway to [`KEPT`], becoming `user` if one is
+/// given, else staying uid 0 (a root daemon, `--user root`,
+/// `--no-user-switch`). Either way, afterwards:
 ///
-/// Must run before the process has a second thread: the capability calls
-/// (prctl, capset) act on the calling thread only, so a thread that
-/// existed before would keep root's capabilities. (glibc's set*id apply
-/// to every thread; capabilities do not.) The gateway calls this right
-/// after installing its signal pipe, which starts no thread, and checks.
+/// - the bounding set holds only the two, so no exec can gain more;
+/// - securebits are set and locked: NOROOT (uid 0 gets no capabilities
+///   from exec), NO_SETUID_FIXUP (uid changes neither add nor remove any),
+///   KEEP_CAPS cleared and locked; so being uid 0 is worth nothing more;
+/// - permitted, effective and inheritable hold exactly the two, and they
+///   are raised as ambient so the `ip` we exec keeps them;
+/// - NO_NEW_PRIVS is on (no setuid binary or file capability grants more).
+///
+/// The result is checked with capget, and refused if anything else is
+/// left. Must run before the process has a second thread: the capability
+/// calls act on the calling thread only. (glibc's set*id apply to every
+/// thread; capabilities do not.) The gateway calls this right after
+/// installing its signal pipe, which starts no thread, and checks.
 #[cfg(target_os = "linux")]
-pub fn switch_to(user: &User) -> Result<Switched> {
+pub fn restrict(user: Option<&User>) -> Result<Switched> {
+    let name = user.map_or_else(|| "root".to_string(), |u| u.name.clone());
     let fail = |e: Error| {
         Error::new(
             Code::PermissionDenied,
-            format!("cannot switch to user {}: {}", user.name, e.message),
+            format!(
+                "cannot restrict the gateway to {} as user {name}: {}",
+                KEPT.join(","),
+                e.message
+            ),
         )
         .hint("run as root, or start the gateway as the daemon's user with --no-user-switch")
     };
     if let Some(n @ 2..) = sys::proc::thread_count() {
         return Err(Error::internal(format!(
-            "cannot switch to user {} with {n} threads running: capabilities are per thread",
-            user.name
+            "cannot switch to user {name} with {n} threads running: capabilities are per thread"
         )));
     }
     let keep = (1u64 << CAP_NET_ADMIN) | (1u64 << CAP_NET_BIND_SERVICE);
     drop_bounding_set(keep).map_err(fail)?;
-    change_ids(user).map_err(fail)?;
+    set_securebits().map_err(fail)?;
+    if let Some(user) = user {
+        set_ids(user.uid, user.gid).map_err(fail)?;
+    }
     keep_capabilities(keep).map_err(fail)?;
+    // SAFETY: prctl with integer arguments (unsigned long, as the variadic
+    // prototype reads them); the result is checked.
+    sys::cerr(unsafe {
+        libc::prctl(
+            libc::PR_SET_NO_NEW_PRIVS,
+            1 as c_ulong,
+            0 as c_ulong,
+            0 as c_ulong,
+            0 as c_ulong,
+        )
+    })
+    .map_err(|e| fail(step("prctl(PR_SET_NO_NEW_PRIVS)", e)))?;
+    match capabilities_now() {
+        Some((eff, prm)) if eff == keep && prm == keep => {}
+        got => {
+            return Err(Error::internal(format!(
+                "after dropping capabilities the gateway still holds {got:x?} (effective, permitted), not {keep:#x}"
+            )))
+        }
+    }
     Ok(Switched {
-        user: user.name.clone(),
+        user: name,
+        uid: sys::user::euid(),
         capabilities: KEPT.iter().map(|s| s.to_string()).collect(),
     })
 }
@@ -202,8 +261,16 @@ pub fn become_owner(uid: Uid, gid: Gid) -> Result<()> {
     };
     #[cfg(target_os = "linux")]
     // SAFETY: prctl with integer arguments; its result is checked.
-    sys::cerr(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) })
-        .map_err(|e| fail(step("prctl(PR_SET_KEEPCAPS)", e)))?;
+    sys::cerr(unsafe {
+        libc::prctl(
+            libc::PR_SET_KEEPCAPS,
+            0 as c_ulong,
+            0 as c_ulong,
+            0 as c_ulong,
+            0 as c_ulong,
+        )
+    })
+    .map_err(|e| fail(step("prctl(PR_SET_KEEPCAPS)", e)))?;
     set_ids(uid, gid).map_err(fail)?;
     if sys::user::euid() != uid {
         return Err(fail(Error::internal("the effective uid did not change")));
@@ -228,13 +295,22 @@ fn step(what: &str, err: io::Error) -> Error {
 /// CAP_SETPCAP, which root still has).
 #[cfg(target_os = "linux")]
 fn drop_bounding_set(keep: u64) -> Result<()> {
-    for cap in 0..64u64 {
+    for cap in 0..64u32 {
         if keep & (1 << cap) != 0 {
             continue;
         }
-        // SAFETY: prctl(PR_CAPBSET_DROP, cap) takes integers only; the
-        // result is checked.
-        match sys::cerr(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) }) {
+        // SAFETY: prctl(PR_CAPBSET_DROP, cap) takes integers only (as
+        // unsigned long: prctl is variadic); the result is checked.
+        let dropped = unsafe {
+            libc::prctl(
+                libc::PR_CAPBSET_DROP,
+                c_ulong::from(cap),
+                0 as c_ulong,
+                0 as c_ulong,
+                0 as c_ulong,
+            )
+        };
+        match sys::cerr(dropped) {
             // EINVAL: past the kernel's last capability.
             Err(e) if e.raw_os_error() != Some(libc::EINVAL) => {
                 return Err(step("dropping the capability bounding set", e))
@@ -245,14 +321,68 @@ fn drop_bounding_set(keep: u64) -> Result<()> {
     Ok(())
 }
 
-/// Sets KEEPCAPS (so setuid keeps the permitted set), clears the
-/// supplementary groups, then sets gid and uid (real, effective, saved).
+/// The securebits a restricted gateway runs with, each with its lock:
+/// NOROOT (exec as uid 0 grants nothing), NO_SETUID_FIXUP (uid changes
+/// leave capabilities alone, so returning to uid 0 gives none back; and
+/// the switch to the user keeps them until they are cut to the two), and
+/// KEEP_CAPS locked off.
 #[cfg(target_os = "linux")]
-fn change_ids(user: &User) -> Result<()> {
-    // SAFETY: prctl with integer arguments; its result is checked.
-    sys::cerr(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) })
-        .map_err(|e| step("prctl(PR_SET_KEEPCAPS)", e))?;
-    set_ids(user.uid, user.gid)
+const SECUREBITS: c_ulong = {
+    const NOROOT: c_ulong = 1 << 0;
+    const NOROOT_LOCKED: c_ulong = 1 << 1;
+    const NO_SETUID_FIXUP: c_ulong = 1 << 2;
+    const NO_SETUID_FIXUP_LOCKED: c_ulong = 1 << 3;
+    const KEEP_CAPS_LOCKED: c_ulong = 1 << 5;
+    NOROOT | NOROOT_LOCKED | NO_SETUID_FIXUP | NO_SETUID_FIXUP_LOCKED | KEEP_CAPS_LOCKED
+};
+
+/// Sets and locks [`SECUREBITS`] (needs CAP_SETPCAP, which root still has).
+#[cfg(target_os = "linux")]
+fn set_securebits() -> Result<()> {
+    let zero = 0 as c_ulong;
+    // SAFETY: prctl with integer arguments; the result is checked.
+    sys::cerr(unsafe { libc::prctl(libc::PR_SET_SECUREBITS, SECUREBITS, zero, zero, zero) })
+        .map_err(|e| step("prctl(PR_SET_SECUREBITS)", e))?;
+    // SAFETY: as above; PR_GET_SECUREBITS takes no argument.
+    let now = sys::cerr(unsafe { libc::prctl(libc::PR_GET_SECUREBITS, zero, zero, zero, zero) })
+        .map_err(|e| step("prctl(PR_GET_SECUREBITS)", e))?;
+    if now as c_ulong & SECUREBITS != SECUREBITS {
+        return Err(Error::internal(format!(
+            "securebits are {now:#x} after setting {SECUREBITS:#x}"
+        )));
+    }
+    Ok(())
+}
+
+/// This thread's effective and permitted capability sets (capget, v3).
+#[cfg(target_os = "linux")]
+fn capabilities_now() -> Option<(u64, u64)> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget writes two v3 data words into `data`, which has room
+    // for them; both pointers outlive the call. The result is checked.
+    sys::cerr(unsafe { libc::syscall(libc::SYS_capget, &mut header as *mut Header, data.as_mut_ptr()) })
+        .ok()?;
+    let join = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
+    Some((
+        join(data[0].effective, data[1].effective),
+        join(data[0].permitted, data[1].permitted),
+    ))
 }
 
 /// capset(2) to exactly `keep` (effective, permitted, inheritable), then
@@ -295,25 +425,118 @@ fn keep_capabilities(keep: u64) -> Result<()> {
     sys::cerr(unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) })
         .map_err(|e| step("capset", e))?;
     for cap in [CAP_NET_ADMIN, CAP_NET_BIND_SERVICE] {
-        let raise = libc::PR_CAP_AMBIENT_RAISE as u64;
-        // SAFETY: prctl with integer arguments; the result is checked.
-        sys::cerr(unsafe { libc::prctl(libc::PR_CAP_AMBIENT, raise, u64::from(cap), 0, 0) })
+        let raise = libc::PR_CAP_AMBIENT_RAISE as c_ulong;
+        let zero = 0 as c_ulong;
+        // SAFETY: prctl with integer arguments (unsigned long, as the
+        // variadic prototype reads them); the result is checked.
+        sys::cerr(unsafe { libc::prctl(libc::PR_CAP_AMBIENT, raise, c_ulong::from(cap), zero, zero) })
             .map_err(|e| step("raising ambient capabilities", e))?;
     }
-    // SAFETY: prctl with integer arguments; clearing KEEPCAPS cannot fail
-    // in a way that matters (the switch is done).
-    unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
     Ok(())
 }
 
+/// What a running process holds, as `/proc/PID/status` shows it (readable
+/// by everyone): its uid, its effective, permitted, bounding and ambient
+/// capability sets, and NoNewPrivs. For `status`, which asks about the
+/// live gateway rather than trusting a record of it. `None` without
+/// `/proc` or once the process is gone.
+pub fn describe(pid: u32) -> Option<Privileges> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+    let caps = |name: &str| field(name).and_then(|v| u64::from_str_radix(v, 16).ok());
+    Some(Privileges {
+        uid: field("Uid:")?.split_whitespace().nth(1)?.parse().ok()?,
+        effective: caps("CapEff:")?,
+        permitted: caps("CapPrm:")?,
+        bounding: caps("CapBnd:")?,
+        ambient: caps("CapAmb:").unwrap_or(0),
+        no_new_privs: field("NoNewPrivs:") == Some("1"),
+    })
+}
+
+/// A process's privileges (see [`describe`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Privileges {
+    /// The effective uid.
+    pub uid: u32,
+    pub effective: u64,
+    pub permitted: u64,
+    pub bounding: u64,
+    pub ambient: u64,
+    pub no_new_privs: bool,
+}
+
+impl Privileges {
+    /// The effective set by name (`cap_net_admin`, …; unknown ones as
+    /// `cap_N`).
+    pub fn names(&self) -> Vec<String> {
+        const NAMES: [&str; 41] = [
+            "cap_chown",
+            "cap_dac_override",
+            "cap_dac_read_search",
+            "cap_fowner",
+            "cap_fsetid",
+            "cap_kill",
+            "cap_setgid",
+            "cap_setuid",
+            "cap_setpcap",
+            "cap_linux_immutable",
+            "cap_net_bind_service",
+            "cap_net_broadcast",
+            "cap_net_admin",
+            "cap_net_raw",
+            "cap_ipc_lock",
+            "cap_ipc_owner",
+            "cap_sys_module",
+            "cap_sys_rawio",
+            "cap_sys_chroot",
+            "cap_sys_ptrace",
+            "cap_sys_pacct",
+            "cap_sys_admin",
+            "cap_sys_boot",
+            "cap_sys_nice",
+            "cap_sys_resource",
+            "cap_sys_time",
+            "cap_sys_tty_config",
+            "cap_mknod",
+            "cap_lease",
+            "cap_audit_write",
+            "cap_audit_control",
+            "cap_setfcap",
+            "cap_mac_override",
+            "cap_mac_admin",
+            "cap_syslog",
+            "cap_wake_alarm",
+            "cap_block_suspend",
+            "cap_audit_read",
+            "cap_perfmon",
+            "cap_bpf",
+            "cap_checkpoint_restore",
+        ];
+        (0..64usize)
+            .filter(|&c| self.effective & (1 << c) != 0)
+            .map(|c| NAMES.get(c).map_or_else(|| format!("cap_{c}"), |n| n.to_string()))
+            .collect()
+    }
+}
+
 #[cfg(not(target_os = "linux"))]
-pub fn switch_to(user: &User) -> Result<Switched> {
-    Err(Error::new(
-        Code::NotSupported,
-        format!(
-            "switching to user {} with kept capabilities is supported on Linux only",
-            user.name
-        ),
-    )
-    .hint("start the gateway as the daemon's user"))
+pub fn restrict(user: Option<&User>) -> Result<Switched> {
+    // Elsewhere there are no capabilities to drop: a root gateway stays
+    // root (SECURITY.md says so).
+    match user {
+        None => Ok(Switched {
+            user: "root".into(),
+            uid: Uid(0),
+            capabilities: Vec::new(),
+        }),
+        Some(user) => Err(Error::new(
+            Code::NotSupported,
+            format!(
+                "switching to user {} with kept capabilities is supported on Linux only",
+                user.name
+            ),
+        )
+        .hint("start the gateway as the daemon's user")),
+    }
 }

@@ -176,3 +176,58 @@ fn dial_timeout_resets_the_client_and_sends_cancel() {
         devd.log()
     );
 }
+
+/// Issue 18: a daemon run by root used to leave the gateway with every
+/// capability (CapEff 000001fffeffffff). Now it stays uid 0 but holds the
+/// two it needs, with the bounding set cut, securebits locked and
+/// NO_NEW_PRIVS on; `status` says so. The same for `--no-user-switch`.
+#[test]
+fn root_daemon_gateway_keeps_two_capabilities() {
+    for extra in [&[][..], &["--no-user-switch"][..], &["--user", "root"][..]] {
+        netns();
+        let dir = TempDir::new("rootcaps");
+        let _svc = Service::start(8080, http);
+        let devd = Devd::start(&dir, &ROUTE_A4);
+        let gw = Gw::new(&dir, &devd.socket);
+        let mut args = vec!["start", "--ports", "80,8080"];
+        args.extend_from_slice(extra);
+        args.push(A4);
+        gw.ok(&args);
+        let pid = gw.pid();
+        let st = proc_status(pid);
+        assert!(field(&st, "Uid:").starts_with("0\t0\t0\t0"), "{st}");
+        for f in ["CapEff:", "CapPrm:", "CapAmb:", "CapBnd:", "CapInh:"] {
+            let v = u64::from_str_radix(field(&st, f), 16).unwrap();
+            assert_eq!(v & !0x1400, 0, "{f} in {st} ({extra:?})");
+        }
+        assert_eq!(field(&st, "CapEff:"), "0000000000001400", "{st}");
+        assert_eq!(field(&st, "NoNewPrivs:"), "1", "{st}");
+        // Securebits locked: check through /proc/PID/status is not
+        // possible, so the gateway works and its `ip` children can add
+        // aliases (CAP_NET_ADMIN kept as ambient).
+        assert!(http_get("10.4.0.1:8080", "/rootcaps").contains("GET /rootcaps"));
+        assert!(gw.ok(&["map", A5]).contains("10.4.0.2"));
+        assert!(has_alias("10.4.0.2"));
+        let s = status(&gw);
+        assert_eq!(s.get("uid").and_then(Value::as_u64), Some(0), "{s}");
+        assert_eq!(
+            s.get("capabilities").unwrap().to_string(),
+            r#"["cap_net_bind_service","cap_net_admin"]"#,
+            "{s}"
+        );
+        assert_eq!(
+            s.get("capabilities_bounding").and_then(Value::as_str),
+            Some("0000000000001400")
+        );
+        assert_eq!(s.get("no_new_privs").and_then(Value::as_bool), Some(true));
+        let text = gw.ok(&["status"]);
+        assert!(
+            text.contains(
+                "runs as uid 0 with capabilities cap_net_bind_service, cap_net_admin, no new privileges"
+            ),
+            "{text}"
+        );
+        assert!(gw.ok(&["stop"]).contains("stopped"));
+        assert!(!has_alias("10.4.0.1") && !has_alias("10.4.0.2"));
+    }
+}

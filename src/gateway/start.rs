@@ -65,20 +65,25 @@ pub(super) fn connect_budget(cfg: &Config) -> Duration {
     cfg.dial_timeout.max(Duration::from_secs(2))
 }
 
-/// Opens the state directory and, when we should run as another user,
-/// gives it to that user and switches. No thread exists yet, which the
-/// switch needs (capabilities are per thread).
+/// Opens the state directory and, when started as root, gives it to the
+/// user we run as and restricts the process to its two capabilities,
+/// switching to that user or staying uid 0 (a root daemon, `--user root`,
+/// `--no-user-switch`): root keeps nothing else either way. No thread
+/// exists yet, which this needs (capabilities are per thread).
 pub(super) fn open_state_dir_as_user(cfg: &Config) -> Result<(StateDir, Option<Switched>, Peer)> {
     let (mut dir, user, daemon) = prepare_state_dir(cfg)?;
-    let Some(user) = user else {
+    if !sys::user::euid().is_root() {
         return Ok((dir, None, daemon));
-    };
-    dir.chown(user.uid, user.gid)?;
-    let switched = privilege::switch_to(&user)?;
+    }
+    if let Some(user) = &user {
+        dir.chown(user.uid, user.gid)?;
+    }
+    let switched = privilege::restrict(user.as_ref())?;
     info!(
-        "running as {} with capabilities {}",
-        user.name,
-        privilege::KEPT.join(",")
+        "running as {} (uid {}) with capabilities {}",
+        switched.user,
+        switched.uid,
+        switched.capabilities.join(",")
     );
     Ok((dir, Some(switched), daemon))
 }
