@@ -24,6 +24,17 @@ const READY_WAIT: Duration = Duration::from_secs(60);
 /// Set in the environment of the background gateway that `start` spawns.
 const DETACHED_ENV: &str = "PILOT_GATEWAY_DETACHED";
 
+/// The value of [`DETACHED_ENV`] that asks the gateway to create its own
+/// gateway.log once it runs as the directory's owner.
+const OWN_LOG: &str = "own-log";
+
+/// Whether we are a background gateway whose `start` left gateway.log to
+/// us: the directory is another user's, and a root `start` opens no file
+/// in it. Setting this by hand only makes a gateway write its log itself.
+pub fn creates_own_log() -> bool {
+    std::env::var_os(DETACHED_ENV).is_some_and(|v| v == OWN_LOG)
+}
+
 /// Whether we are the background gateway that a `start` spawned.
 pub fn is_detached() -> bool {
     std::env::var_os(DETACHED_ENV).is_some()
@@ -55,22 +66,28 @@ pub fn run_detached(cfg: Config, targets: Vec<Target>) -> Result<()> {
 pub fn spawn(cfg: &Config, argv0: &str, raw: &[OsString]) -> Result<Value> {
     // Same checks as the gateway will make, before we touch anything.
     // Unlike the other commands we stay root here: the gateway we spawn
-    // must start as root to keep its two capabilities. So we only read
-    // through the checked descriptor, create gateway.log fresh (see
-    // StateDir::create_log, never through a planted name), and signal
+    // must start as root to keep its two capabilities. So in a directory
+    // of another user (the gateway's) we open nothing at all: the gateway
+    // checks for a live predecessor and creates its own gateway.log once
+    // it has become that user. In our own (root's) directory we read the
+    // state through the checked descriptor and create gateway.log fresh
+    // (see StateDir::create_log, never through a planted name). We signal
     // nothing; the reader thread below holds no privilege worth taking.
     let (dir, _, _) = gateway::prepare_state_dir(cfg)?;
-    if let Some(st) = dir.read()? {
-        if st.gateway.is_alive() {
-            return Err(Error::new(
-                Code::AlreadyExists,
-                format!("a gateway is already running (pid {})", st.gateway.pid),
-            )
-            .hint("stop it first: pilot-gateway stop"));
+    let ours = dir.owner().0 == sys::user::euid();
+    if ours {
+        if let Some(st) = dir.read()? {
+            if st.gateway.is_alive() {
+                return Err(Error::new(
+                    Code::AlreadyExists,
+                    format!("a gateway is already running (pid {})", st.gateway.pid),
+                )
+                .hint("stop it first: pilot-gateway stop"));
+            }
         }
     }
     let log_path = dir.log_file();
-    let log = dir.create_log()?;
+    let log = if ours { Some(dir.create_log()?) } else { None };
     let mut child = spawn_child(argv0, raw, log)?;
     let stdout = child
         .stdout
@@ -92,20 +109,22 @@ pub fn spawn(cfg: &Config, argv0: &str, raw: &[OsString]) -> Result<Value> {
         )
         .hint(see_log));
     };
-    readiness(&line, &mut child, &dir)
+    readiness(&line, &mut child, ours.then_some(&dir), &log_path)
 }
 
-/// Runs our own executable again, as `argv0 raw…`, detached.
-fn spawn_child(argv0: &str, raw: &[OsString], log: File) -> Result<Child> {
+/// Runs our own executable again, as `argv0 raw…`, detached, its stderr
+/// to `log`; without one, to /dev/null and the gateway creates its own
+/// (see [`creates_own_log`]).
+fn spawn_child(argv0: &str, raw: &[OsString], log: Option<File>) -> Result<Child> {
     let exe = std::env::current_exe()
         .map_err(|e| Error::internal(format!("cannot find our own executable: {e}")))?;
     let mut cmd = Command::new(exe);
     cmd.arg0(argv0)
         .args(raw)
-        .env(DETACHED_ENV, "1")
+        .env(DETACHED_ENV, if log.is_some() { "1" } else { OWN_LOG })
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::from(log));
+        .stderr(log.map_or_else(Stdio::null, Stdio::from));
     sys::proc::new_session_on_spawn(&mut cmd);
     cmd.spawn()
         .map_err(|e| Error::internal(format!("cannot start the gateway process: {e}")))
@@ -113,7 +132,12 @@ fn spawn_child(argv0: &str, raw: &[OsString], log: File) -> Result<Child> {
 
 /// Reads the child's one line: its start report, its error, or nothing
 /// (it died; the last line of its log says why).
-fn readiness(line: &str, child: &mut Child, dir: &StateDir) -> Result<Value> {
+fn readiness(
+    line: &str,
+    child: &mut Child,
+    dir: Option<&StateDir>,
+    log_path: &std::path::Path,
+) -> Result<Value> {
     match json::parse(line.trim()).ok() {
         Some(v) if v.get("status").and_then(Value::as_str) == Some("ok") => {
             Ok(v.get("data").cloned().unwrap_or(Value::Null))
@@ -124,12 +148,13 @@ fn readiness(line: &str, child: &mut Child, dir: &StateDir) -> Result<Value> {
         }
         None => {
             let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
-            let tail = dir.log_tail();
+            // Another user's log is not read as root.
+            let tail = dir.map(StateDir::log_tail).unwrap_or_default();
             let last = tail.lines().last().unwrap_or("").to_string();
             Err(Error::internal(format!(
                 "the gateway exited before it was ready ({status}): {last}"
             ))
-            .hint(format!("see {}", dir.log_file().display())))
+            .hint(format!("see {}", log_path.display())))
         }
     }
 }

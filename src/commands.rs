@@ -221,15 +221,19 @@ fn start_config(args: &Args, targets: &[Target]) -> Result<gateway::Config> {
 /// Opens the state directory and returns the running gateway's state, or
 /// `not_running` (saying so when a dead gateway left state behind).
 ///
-/// As root with a directory that belongs to another user (the gateway's),
-/// it reads what it needs through the checked descriptor, verifies as root
-/// that the recorded pid is our gateway, and then becomes that user for
-/// good, before writing anything there or sending any signal: whatever the
-/// user planted in the directory, the command can do no more than the user
-/// could. No thread exists yet (the switch needs that).
+/// Drop first, then read: as root with a directory that belongs to another
+/// user (the gateway's), the only things done as root are opening the
+/// directory itself (`O_DIRECTORY|O_NOFOLLOW`) and an fstat of it for its
+/// owner; then the command becomes that owner for good (no groups, no
+/// capabilities) before it opens any file inside, reads a byte of it,
+/// writes, signals or talks to the daemon. Whatever the user planted in
+/// the directory, root never parses it and the command can do no more than
+/// the user could. No thread exists yet (the switch needs that).
 fn running(args: &Args) -> Result<(StateDir, State)> {
     let s = settings(args)?;
     let dir = StateDir::open(&s.state_dir, false)?;
+    let (uid, gid) = dir.owner();
+    privilege::become_owner(uid, gid)?;
     let st = dir.read()?.ok_or_else(|| {
         Error::new(
             Code::NotRunning,
@@ -238,9 +242,7 @@ fn running(args: &Args) -> Result<(StateDir, State)> {
         .hint("start one with: pilot-gateway start")
     })?;
     check_alive(&st)?;
-    check_ours(&st, dir.owner().0)?;
-    let (uid, gid) = dir.owner();
-    privilege::become_owner(uid, gid)?;
+    check_ours(&st, uid)?;
     Ok((dir, st))
 }
 

@@ -231,3 +231,113 @@ fn root_daemon_gateway_keeps_two_capabilities() {
         assert!(!has_alias("10.4.0.1") && !has_alias("10.4.0.2"));
     }
 }
+
+/// Every `openat` a process made before its first `setresuid`, from a
+/// `strace -f` log, that reached into `state`: by path, or relative to a
+/// directory descriptor (the state directory's: nothing else in the
+/// program opens relative to one).
+fn opens_before_switch(log: &str, state: &str) -> Vec<String> {
+    let mut switched = std::collections::BTreeSet::new();
+    let mut bad = Vec::new();
+    for line in log.lines() {
+        let Some((pid, call)) = line.split_once(' ') else {
+            continue;
+        };
+        let call = call.trim_start();
+        if call.starts_with("setresuid(") {
+            switched.insert(pid.to_string());
+        }
+        if switched.contains(pid) || !call.starts_with("openat(") {
+            continue;
+        }
+        let relative = !call.starts_with("openat(AT_FDCWD");
+        let inside = call.contains(&format!("\"{state}/"));
+        if relative || inside {
+            bad.push(line.to_string());
+        }
+    }
+    bad
+}
+
+/// Runs `pilot-gateway ARGS` under `strace -f`; returns the trace.
+fn traced(gw: &Gw, dir: &TempDir, tag: &str, args: &[&str]) -> (std::process::Output, String) {
+    let log = dir.path(&format!("strace-{tag}"));
+    let mut c = std::process::Command::new("strace");
+    c.args(["-f", "-qq", "-e", "trace=openat,open,setresuid", "-o"])
+        .arg(&log);
+    c.arg(GATEWAY)
+        .arg("--state-dir")
+        .arg(&gw.state)
+        .arg("--socket")
+        .arg(&gw.socket)
+        .args(args)
+        .stdin(std::process::Stdio::null());
+    let out = c.output().unwrap();
+    (out, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+/// Issue 18, "drop first, then read": root commands on a state directory
+/// owned by the gateway's user open no file in it before they become that
+/// user: map, list, status, expose, unexpose, unmap, stop, and start on the
+/// existing directory (its parent opens nothing there; the gateway it
+/// spawns switches first).
+#[test]
+fn root_commands_open_nothing_in_the_users_directory_before_switching() {
+    netns();
+    let dir = TempDir::new("dropfirst");
+    let (socket, _devd) = devd_as_nobody(&dir, &ROUTE_A4);
+    let gw = Gw::new(&dir, &socket);
+    gw.ok(&["start", "--ports", "8080", A4]);
+    gw.ok(&["stop"]);
+    // The directory is nobody's now; every command below starts from it.
+    let state = gw.state.display().to_string();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&gw.state).unwrap().uid(), NOBODY);
+    // `start` under strace: the gateway stays traced until it stops, so
+    // the trace is read after `stop`.
+    let log = dir.path("strace-start");
+    let mut c = std::process::Command::new("strace");
+    c.args(["-f", "-qq", "-e", "trace=openat,open,setresuid", "-o"])
+        .arg(&log);
+    c.arg(GATEWAY)
+        .arg("--state-dir")
+        .arg(&gw.state)
+        .arg("--socket")
+        .arg(&gw.socket)
+        .args(["start", "--ports", "8080", A4]);
+    let mut start = Proc::spawn(&mut c, dir.path("strace-start.err"));
+    assert!(
+        wait_until(Duration::from_secs(20), || gw.run(&["status"]).status.success()),
+        "start under strace: {}",
+        start.stderr()
+    );
+    let mut checks = vec![("start".to_string(), String::new())];
+    for (tag, args) in [
+        ("map", &["map", A5][..]),
+        ("list", &["list"][..]),
+        ("status", &["status"][..]),
+        ("expose", &["expose", "7001", "127.0.0.1:9"][..]),
+        ("unexpose", &["unexpose", "7001"][..]),
+        ("unmap", &["unmap", "10.4.0.2"][..]),
+        ("stop", &["stop"][..]),
+    ] {
+        let (out, trace) = traced(&gw, &dir, tag, args);
+        assert!(
+            out.status.success(),
+            "{tag}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(trace.contains("setresuid("), "{tag} never switched: {trace}");
+        checks.push((tag.to_string(), trace));
+    }
+    assert!(
+        start.wait_exit(Duration::from_secs(20)).is_some(),
+        "strace of start ended"
+    );
+    checks[0].1 = std::fs::read_to_string(&log).unwrap();
+    assert!(checks[0].1.contains("setresuid("), "{}", checks[0].1);
+    for (tag, trace) in &checks {
+        let bad = opens_before_switch(trace, &state);
+        assert!(bad.is_empty(), "{tag} opened as root: {bad:#?}");
+    }
+}

@@ -230,6 +230,19 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
     .map_err(|e| Error::internal(format!("cannot install signal handlers: {e}")))?;
     let (dir, switched, daemon) = open_state_dir_as_user(&cfg)?;
     let lock = dir.lock()?;
+    if crate::background::creates_own_log() {
+        // A root `start` opened nothing in this (our user's) directory:
+        // refuse beside a live gateway before replacing its log.
+        if let Some(prev) = dir.read()?.filter(|p| p.gateway.is_alive()) {
+            return Err(Error::new(
+                Code::AlreadyExists,
+                format!("a gateway is already running (pid {})", prev.gateway.pid),
+            )
+            .hint("stop it first: pilot-gateway stop"));
+        }
+        let log = dir.create_log()?;
+        sys::proc::redirect_stderr(&log).map_err(|e| Error::io("cannot write gateway.log", &e))?;
+    }
     let aliases = Aliases::labelled(alias::label_for(dir.identity()?));
     let cleaned = clean_up_after_dead_gateway(&dir, &aliases, cfg.subnet)?;
     let (mappings, mut warnings) = plan_mappings(&cfg, &targets, daemon.uid)?;

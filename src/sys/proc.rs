@@ -133,9 +133,18 @@ pub fn new_session_on_spawn(cmd: &mut std::process::Command) {
 /// Points our stdout (fd 1) at `file`, e.g. /dev/null once nobody reads
 /// the pipe it was.
 pub fn redirect_stdout(file: &std::fs::File) -> io::Result<()> {
-    // SAFETY: dup2 onto fd 1 from a file that stays open for the call;
-    // std's stdout handle keeps using fd 1, which now names `file`.
-    cerr(unsafe { libc::dup2(file.as_raw_fd(), 1) }).map(drop)
+    redirect(file, 1)
+}
+
+/// Points our stderr (fd 2) at `file`.
+pub fn redirect_stderr(file: &std::fs::File) -> io::Result<()> {
+    redirect(file, 2)
+}
+
+fn redirect(file: &std::fs::File, fd: i32) -> io::Result<()> {
+    // SAFETY: dup2 onto fd 1 or 2 from a file that stays open for the
+    // call; std's handle keeps using that fd, which now names `file`.
+    cerr(unsafe { libc::dup2(file.as_raw_fd(), fd) }).map(drop)
 }
 
 /// The real and effective uid of a process, from the `Uid:` line of
