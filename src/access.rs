@@ -8,7 +8,7 @@
 //! hand it a plain [`Record`] (one type for both directions); it knows
 //! nothing of the data path.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -196,12 +196,11 @@ impl<'a> Record<'a> {
 }
 
 fn open_append(path: &PathBuf) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .open(path)
+    crate::sys::fs::open_secure_file(
+        path,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_NONBLOCK,
+        0o640,
+    )
 }
 
 fn writer(rx: Receiver<String>, target: Option<PathBuf>, mut file: Option<File>, reopen: &AtomicBool) {

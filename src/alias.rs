@@ -131,11 +131,12 @@ pub struct System;
 impl Runner for System {
     fn run(&self, program: &str, args: &[String]) -> RunResult {
         let path = find_program(program)?;
-        // `classify` reads the tool's English messages: keep them English.
-        let out = Command::new(&path)
-            .args(args)
-            .env("LC_ALL", "C")
-            .stdin(std::process::Stdio::null())
+        // A cleared environment: the tool runs with our capabilities, and
+        // nothing the caller's environment holds (LD_*, IPROUTE2 variables,
+        // locale files, a PATH) may steer it. `classify` reads the tool's
+        // English messages: LC_ALL=C keeps them English. `/` as the working
+        // directory, so it never looks at the caller's.
+        let out = tool_command(&path, args)
             .output()
             .map_err(|e| Error::internal(format!("cannot run {}: {e}", path.display())))?;
         if out.status.success() {
@@ -152,9 +153,24 @@ impl Runner for System {
     }
 }
 
+/// The command line of a tool run: see [`System::run`] for the cleared
+/// environment.
+fn tool_command(path: &Path, args: &[String]) -> Command {
+    let mut c = Command::new(path);
+    c.args(args)
+        .env_clear()
+        .env("LC_ALL", "C")
+        .env("PATH", TOOL_PATH)
+        .current_dir("/")
+        .stdin(std::process::Stdio::null());
+    c
+}
+
 /// Where the tool is looked for first: root's `PATH` under systemd or sudo
 /// does not always contain the sbin directories.
 const TOOL_DIRS: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
+/// The `PATH` the tool runs with (the same directories).
+pub const TOOL_PATH: &str = "/usr/sbin:/sbin:/usr/bin:/bin";
 
 /// Finds the tool: in [`TOOL_DIRS`], then in the *absolute* entries of
 /// `PATH` (an empty or relative entry means some current directory, where
@@ -547,6 +563,14 @@ mod tests {
             assert!(e.message.contains("owned by uid 12345"), "{e}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
+        // The tool sees LC_ALL=C and the fixed PATH, nothing of ours.
+        let out = tool_command(&find_program("env").unwrap(), &[]).output().unwrap();
+        let mut env: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        env.sort();
+        assert_eq!(env, ["LC_ALL=C", &format!("PATH={TOOL_PATH}")]);
         // `env` is found in the fixed directories whatever PATH holds.
         assert!(find_program("env").unwrap().is_absolute());
         assert!(find_program("no-such-tool-pgw")

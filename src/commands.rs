@@ -89,6 +89,11 @@ fn run(args: &Args, out: &Output, argv0: &str, raw: &[OsString]) -> Result<()> {
             );
             Ok(())
         }
+        _ if !sys::proc::proc_available() => Err(Error::new(
+            Code::NotSupported,
+            "/proc is not mounted (or not this system's): pilot-gateway needs it to tell a live gateway from a dead one, and refuses to guess",
+        )
+        .hint("mount proc on /proc (mount -t proc proc /proc), or run the command where it is mounted")),
         Command::Start { targets, legacy } => start(args, out, targets, legacy, argv0, raw),
         Command::Map { target, ip } => map(args, out, &target, ip.as_deref()),
         Command::Unmap { ip } => unmap(args, out, &ip),

@@ -153,16 +153,21 @@ pub fn read_bounded(path: &Path) -> Result<String> {
 /// search passes over an unreadable `config.json`, never over a foreign one.
 fn read_checked(path: &Path) -> Result<Result<String>> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
     let name = path.display();
     let cannot = |e: &std::io::Error| Error::io(format!("cannot read config file {name}"), e);
-    // O_NONBLOCK: opening a FIFO must not wait for a writer.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path);
+    // Component by component, no link another user could place followed
+    // (sys::fs::open_secure). O_NONBLOCK: opening a FIFO must not wait
+    // for a writer.
+    let file = crate::sys::fs::open_secure(path, libc::O_RDONLY | libc::O_NONBLOCK, 0);
     let file = match file {
         Ok(f) => f,
+        Err(e) if crate::sys::fs::is_refusal(&e) => {
+            return Err(Error::new(
+                Code::PermissionDenied,
+                format!("config file {name} is not taken for our settings: {e}"),
+            )
+            .hint("use a config file of your own (or root's) in directories only root or you can write"))
+        }
         Err(e) => return Ok(Err(cannot(&e))),
     };
     let meta = match file.metadata() {

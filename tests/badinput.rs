@@ -128,7 +128,9 @@ fn environment_failures_say_what_to_do() {
 fn unprivileged_users_get_permission_errors_with_hints() {
     netns();
     let dir = TempDir::new("bad-priv");
-    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    // Sticky like /tmp: a state directory under a directory anyone may
+    // write without it is refused (sys::fs::open_secure).
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
     // Daemon and gateway both run as nobody: talking works, privilege does not.
     let sock = dir.path("devd.sock");
     let mut c = as_nobody(DEVD);

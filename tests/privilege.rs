@@ -233,11 +233,14 @@ fn root_daemon_gateway_keeps_two_capabilities() {
 }
 
 /// Every `openat` a process made before its first `setresuid`, from a
-/// `strace -f` log, that reached into `state`: by path, or relative to a
-/// directory descriptor (the state directory's: nothing else in the
-/// program opens relative to one).
+/// `strace -f` log (openat, setresuid and close traced), that reached into
+/// `state`: by its path, or relative to a descriptor of the state
+/// directory itself (opened by its full path, or as the last step of a
+/// component-by-component walk, whose last name is `state`).
 fn opens_before_switch(log: &str, state: &str) -> Vec<String> {
-    let mut switched = std::collections::BTreeSet::new();
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut switched = BTreeSet::new();
+    let mut state_fds: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut bad = Vec::new();
     for line in log.lines() {
         let Some((pid, call)) = line.split_once(' ') else {
@@ -247,13 +250,26 @@ fn opens_before_switch(log: &str, state: &str) -> Vec<String> {
         if call.starts_with("setresuid(") {
             switched.insert(pid.to_string());
         }
-        if switched.contains(pid) || !call.starts_with("openat(") {
+        let fds = state_fds.entry(pid.to_string()).or_default();
+        if let Some(fd) = call.strip_prefix("close(").and_then(|r| r.split(')').next()) {
+            fds.remove(fd);
             continue;
         }
-        let relative = !call.starts_with("openat(AT_FDCWD");
-        let inside = call.contains(&format!("\"{state}/"));
-        if relative || inside {
+        if !call.starts_with("openat(") {
+            continue;
+        }
+        let dirfd = call["openat(".len()..].split(',').next().unwrap_or("");
+        let result = call.rsplit("= ").next().unwrap_or("").trim().to_string();
+        let names_state =
+            call.contains(&format!("\"{state}\"")) || (dirfd != "AT_FDCWD" && call.contains(", \"state\", "));
+        if switched.contains(pid) {
+            continue;
+        }
+        if fds.contains(dirfd) || call.contains(&format!("\"{state}/")) {
             bad.push(line.to_string());
+        }
+        if names_state && call.contains("O_DIRECTORY") {
+            fds.insert(result);
         }
     }
     bad
@@ -263,7 +279,7 @@ fn opens_before_switch(log: &str, state: &str) -> Vec<String> {
 fn traced(gw: &Gw, dir: &TempDir, tag: &str, args: &[&str]) -> (std::process::Output, String) {
     let log = dir.path(&format!("strace-{tag}"));
     let mut c = std::process::Command::new("strace");
-    c.args(["-f", "-qq", "-e", "trace=openat,open,setresuid", "-o"])
+    c.args(["-f", "-qq", "-e", "trace=openat,open,setresuid,close", "-o"])
         .arg(&log);
     c.arg(GATEWAY)
         .arg("--state-dir")
@@ -297,7 +313,7 @@ fn root_commands_open_nothing_in_the_users_directory_before_switching() {
     // the trace is read after `stop`.
     let log = dir.path("strace-start");
     let mut c = std::process::Command::new("strace");
-    c.args(["-f", "-qq", "-e", "trace=openat,open,setresuid", "-o"])
+    c.args(["-f", "-qq", "-e", "trace=openat,open,setresuid,close", "-o"])
         .arg(&log);
     c.arg(GATEWAY)
         .arg("--state-dir")

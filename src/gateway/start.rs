@@ -79,11 +79,21 @@ pub(super) fn open_state_dir_as_user(cfg: &Config) -> Result<(StateDir, Option<S
         dir.chown(user.uid, user.gid)?;
     }
     let switched = privilege::restrict(user.as_ref())?;
-    info!(
-        "running as {} (uid {}) with capabilities {}",
-        switched.user,
-        switched.uid,
-        switched.capabilities.join(",")
+    // The start report and `status` say it too; a root gateway that only
+    // dropped capabilities logs it at debug level, as before.
+    let level = if user.is_some() {
+        crate::log::Level::Info
+    } else {
+        crate::log::Level::Debug
+    };
+    crate::log::log(
+        level,
+        format_args!(
+            "running as {} (uid {}) with capabilities {}",
+            switched.user,
+            switched.uid,
+            switched.capabilities.join(",")
+        ),
     );
     Ok((dir, Some(switched), daemon))
 }

@@ -67,20 +67,25 @@ impl StateDir {
     /// and the same checks then decide whether it is acceptable.
     pub fn open(path: &Path, create: bool) -> Result<StateDir> {
         let hint = "use a private directory: --state-dir DIR (mode 0700, owned by you)";
-        let mut created = false;
-        if create {
-            match sys::fs::mkdir(path, 0o700) {
-                Ok(()) => created = true,
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => {
-                    return Err(
-                        Error::io(format!("cannot create state directory {}", path.display()), &e)
-                            .hint("pass --state-dir DIR for a directory you may create"),
-                    )
-                }
+        // Component by component: no directory on the way another user
+        // may write or owns, no link they could place (sys::fs::open_secure).
+        let (dir, created) = match sys::fs::open_dir_secure(path, create.then_some(0o700)) {
+            Ok(x) => x,
+            Err(e) if sys::fs::is_refusal(&e) => {
+                return Err(Error::new(
+                    Code::PermissionDenied,
+                    format!("refusing state directory {}: {e}", path.display()),
+                )
+                .hint(hint))
             }
-        }
-        let dir = sys::fs::open_dir(path).map_err(|e| open_error(path, &e))?;
+            Err(e) if create && e.raw_os_error() == Some(libc::ENOENT) => {
+                return Err(
+                    Error::io(format!("cannot create state directory {}", path.display()), &e)
+                        .hint("pass --state-dir DIR for a directory you may create"),
+                )
+            }
+            Err(e) => return Err(open_error(path, &e)),
+        };
         if created {
             // The umask may have removed bits we want; set exactly 0700.
             dir.set_permissions(fs::Permissions::from_mode(0o700))

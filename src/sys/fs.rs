@@ -107,3 +107,269 @@ pub fn chown_at(dir: &std::fs::File, name: &str, uid: Uid, gid: Gid) -> io::Resu
     // SAFETY: a valid directory fd and a NUL-terminated name.
     cerr(unsafe { libc::fchownat(dir.as_raw_fd(), c.as_ptr(), uid.0, gid.0, flags) }).map(drop)
 }
+
+/// How many symlinks [`open_secure`] follows on the way (as the kernel's
+/// own limit, MAXSYMLINKS).
+const MAX_LINKS: usize = 40;
+
+/// Opens `path` component by component, like sudo's secure open, for the
+/// files the operator names (`--config`, `--access-log`, the state
+/// directory), so that nobody but root and we can redirect the open:
+///
+/// - every directory on the way is opened relative to the one before
+///   (`openat`, `O_NOFOLLOW`), then fstat-checked: owned by root or by us
+///   (the effective uid), and writable by nobody else — unless it is
+///   sticky (`/tmp`), and then what we open in it must be root's or ours;
+/// - a symlink on the way is followed only where such a directory holds
+///   it (a root-owned `/var/run` → `/run` is fine; a link another user
+///   could have placed is refused), at most [`MAX_LINKS`] of them;
+/// - the last component is never followed (`O_NOFOLLOW` added to `flags`,
+///   with `O_CLOEXEC`): a link there is refused (ELOOP).
+///
+/// The last component's owner and type are the caller's to check (a
+/// state directory of another user is opened by root; see
+/// [`open_secure_file`] for files). Errors name the component refused.
+pub fn open_secure(path: &std::path::Path, flags: i32, mode: u32) -> io::Result<std::fs::File> {
+    let (dir, last) = walk_to_parent(path)?;
+    let fd_flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    open_at(&dir.file, &last, fd_flags, mode).map_err(|e| refine(path, e))
+}
+
+/// [`open_secure`] for a file: it must then be a regular file owned by
+/// root or by us (so a FIFO, a device or another user's file is refused;
+/// pass `O_NONBLOCK` when reading, so a FIFO cannot hold the open).
+pub fn open_secure_file(path: &std::path::Path, flags: i32, mode: u32) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::MetadataExt;
+    let f = open_secure(path, flags, mode)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(refused(format!("{} is not a regular file", path.display())));
+    }
+    if meta.uid() != 0 && meta.uid() != super::user::euid() {
+        return Err(refused(format!(
+            "{} belongs to uid {}, neither root nor us (uid {})",
+            path.display(),
+            meta.uid(),
+            super::user::euid()
+        )));
+    }
+    Ok(f)
+}
+
+/// [`open_secure`] for a directory, creating it with `mode` first if
+/// `create` (EEXIST is fine: the caller checks what it got). Returns the
+/// directory and whether we created it.
+pub fn open_dir_secure(path: &std::path::Path, create: Option<u32>) -> io::Result<(std::fs::File, bool)> {
+    let (dir, last) = walk_to_parent(path)?;
+    let mut created = false;
+    if let Some(mode) = create {
+        let c = c_name(&last)?;
+        // SAFETY: mkdirat(2) with a valid directory fd and a NUL-terminated
+        // name; it creates, never follows, a link.
+        if unsafe { libc::mkdirat(dir.file.as_raw_fd(), c.as_ptr(), mode as libc::mode_t) } == 0 {
+            created = true;
+        } else {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(e);
+            }
+        }
+    }
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    let f = open_at(&dir.file, &last, flags, 0).map_err(|e| refine(path, e))?;
+    Ok((f, created))
+}
+
+/// A directory reached by [`walk_to_parent`], and whether entries in it
+/// must be root's or ours (it is sticky and others may write it).
+struct Checked {
+    file: std::fs::File,
+    sticky_open: bool,
+}
+
+/// An ELOOP on the last component says "a symlink": say so in words.
+fn refine(path: &std::path::Path, e: io::Error) -> io::Error {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        return refused(format!(
+            "{} is a symbolic link, which is not followed",
+            path.display()
+        ));
+    }
+    e
+}
+
+/// A refusal of [`open_secure`] (not an error of the system): callers
+/// tell it apart with [`is_refusal`].
+fn refused(why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, Refusal(why))
+}
+
+#[derive(Debug)]
+struct Refusal(String);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// Whether `e` is [`open_secure`] refusing a path it does not trust
+/// (rather than the system failing to open it).
+pub fn is_refusal(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|r| r.is::<Refusal>())
+}
+
+/// The flags a directory on the way is opened with: only to look up
+/// names in it (O_PATH needs no read permission, as path lookup does not).
+#[cfg(target_os = "linux")]
+const WALK_FLAGS: i32 = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+#[cfg(not(target_os = "linux"))]
+const WALK_FLAGS: i32 = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+
+/// Walks every directory of `path` but the last component (see
+/// [`open_secure`]); returns the checked parent and that last name.
+fn walk_to_parent(path: &std::path::Path) -> io::Result<(Checked, String)> {
+    use std::collections::VecDeque;
+    use std::path::Component;
+    let text = |c: &std::ffi::OsStr| {
+        c.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| refused(format!("{} is not UTF-8", path.display())))
+    };
+    let mut todo: VecDeque<String> = VecDeque::new();
+    for c in path.components() {
+        match c {
+            Component::RootDir | Component::Prefix(_) => {}
+            Component::CurDir => {}
+            Component::ParentDir => todo.push_back("..".into()),
+            Component::Normal(n) => todo.push_back(text(n)?),
+        }
+    }
+    let Some(last) = todo.pop_back() else {
+        return Err(refused(format!("{} names no file", path.display())));
+    };
+    if last == ".." {
+        return Err(refused(format!("{} ends in ..", path.display())));
+    }
+    let start = if path.is_absolute() { "/" } else { "." };
+    let mut here = std::path::PathBuf::from(start);
+    let mut dir = check_dir(open_dir_path(start)?, &here, false)?;
+    let mut links = 0;
+    while let Some(name) = todo.pop_front() {
+        let next = here.join(&name);
+        // Errors of the system keep their errno (callers match on it).
+        let st = stat_any(&dir.file, &name)?;
+        if st.mode & libc::S_IFMT == libc::S_IFLNK {
+            links += 1;
+            if links > MAX_LINKS || dir.sticky_open || (st.uid != 0 && st.uid != super::user::euid()) {
+                return Err(refused(format!(
+                    "{} is a symbolic link in a directory others may write, or not root's or ours; it is not followed",
+                    next.display()
+                )));
+            }
+            let target = read_link_at(&dir.file, &name)?;
+            let mut parts: Vec<String> = Vec::new();
+            for c in target.components() {
+                match c {
+                    Component::Normal(n) => parts.push(text(n)?),
+                    Component::ParentDir => parts.push("..".into()),
+                    _ => {}
+                }
+            }
+            for p in parts.into_iter().rev() {
+                todo.push_front(p);
+            }
+            if target.is_absolute() {
+                here = std::path::PathBuf::from("/");
+                dir = check_dir(open_dir_path("/")?, &here, false)?;
+            }
+            continue;
+        }
+        let f = open_at(&dir.file, &name, WALK_FLAGS, 0)?;
+        dir = check_dir(f, &next, dir.sticky_open)?;
+        here = next;
+    }
+    Ok((dir, last))
+}
+
+/// Checks a directory on the way: root's or ours (always, when its parent
+/// is sticky and open to others, else as below), and writable by nobody
+/// else unless sticky.
+fn check_dir(file: std::fs::File, path: &std::path::Path, in_sticky: bool) -> io::Result<Checked> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata()?;
+    let me = super::user::euid();
+    let trusted_owner = meta.uid() == 0 || meta.uid() == me;
+    if !trusted_owner {
+        let why = if in_sticky {
+            "in a sticky directory others may write"
+        } else {
+            "on the way"
+        };
+        return Err(refused(format!(
+            "{} belongs to uid {}, neither root nor us (uid {me}); a directory {why} must be",
+            path.display(),
+            meta.uid()
+        )));
+    }
+    let open = meta.mode() & 0o022 != 0;
+    let sticky = meta.mode() & 0o1000 != 0;
+    if open && !sticky {
+        return Err(refused(format!(
+            "{} may be written by others (mode {:o}); refusing to open anything through it",
+            path.display(),
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(Checked {
+        file,
+        sticky_open: open,
+    })
+}
+
+fn open_dir_path(path: &str) -> io::Result<std::fs::File> {
+    let c = c_name(path)?;
+    // SAFETY: open(2) on a NUL-terminated path; the fd is owned below.
+    let fd = unsafe { libc::open(c.as_ptr(), WALK_FLAGS) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// The mode and owner of an entry itself (fstatat, AT_SYMLINK_NOFOLLOW).
+struct AnyStat {
+    mode: u32,
+    uid: u32,
+}
+
+fn stat_any(dir: &std::fs::File, name: &str) -> io::Result<AnyStat> {
+    let c = c_name(name)?;
+    // SAFETY: all-zero is a valid `stat`; fstatat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid directory fd, a NUL-terminated name and a `stat` of
+    // the right type that outlives the call.
+    if unsafe { libc::fstatat(dir.as_raw_fd(), c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(AnyStat {
+        mode: st.st_mode as u32,
+        uid: st.st_uid,
+    })
+}
+
+fn read_link_at(dir: &std::fs::File, name: &str) -> io::Result<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = c_name(name)?;
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: readlinkat writes at most buf.len() bytes into `buf`.
+    let n = unsafe { libc::readlinkat(dir.as_raw_fd(), c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&buf)))
+}

@@ -51,6 +51,14 @@ impl ProcId {
     }
 }
 
+/// Whether `/proc` answers for this process (Linux). Without it every
+/// liveness check (`ProcId::is_alive`) would answer "dead", and a second
+/// `start` would take a live gateway's state for a dead one's and remove
+/// it; so commands refuse to run instead of guessing.
+pub fn proc_available() -> bool {
+    !cfg!(target_os = "linux") || start_time(std::process::id()).is_some()
+}
+
 /// Start time of a live, non-zombie process; `None` if it is gone.
 pub fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
