@@ -228,3 +228,175 @@ fn no_shell_anywhere() {
         }
     }
 }
+
+/// Runs `pilot-gateway ARGS` (with the state directory and socket of `gw`)
+/// in a private mount namespace whose /proc is an empty tmpfs.
+fn without_proc(gw: &Gw, args: &[&str]) -> std::process::Output {
+    let mut c = Command::new("unshare");
+    c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg("mount -t tmpfs none /proc && exec \"$@\"")
+        .arg("sh")
+        .arg(GATEWAY)
+        .arg("--state-dir")
+        .arg(&gw.state)
+        .arg("--socket")
+        .arg(&gw.socket)
+        .args(args);
+    c.output().unwrap()
+}
+
+/// Issue 18: without /proc every liveness check answered "dead", so a
+/// second `start` removed a live gateway's state. Now every command
+/// refuses with a clear error, and the live gateway is untouched.
+#[test]
+fn without_proc_commands_refuse_instead_of_guessing() {
+    netns();
+    let dir = TempDir::new("sec-noproc");
+    let devd = Devd::start(&dir, &["--route", "0:0000.0000.0004=127.0.0.1"]);
+    let gw = Gw::new(&dir, &devd.socket);
+    gw.ok(&["start", "--ports", "8080", A4]);
+    let pid = gw.pid();
+    for args in [
+        &["--json", "start", "--ports", "8080", A4][..],
+        &["--json", "status"][..],
+        &["--json", "stop"][..],
+    ] {
+        let out = without_proc(&gw, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let v = json::parse(err.trim()).unwrap_or_else(|e| panic!("{e}: {err}"));
+        assert_eq!(
+            v.get("code").and_then(Value::as_str),
+            Some("not_supported"),
+            "{v}"
+        );
+        assert!(
+            v.get("message")
+                .and_then(Value::as_str)
+                .unwrap()
+                .contains("/proc is not mounted"),
+            "{v}"
+        );
+    }
+    assert_eq!(gw.pid(), pid, "the live gateway's state is still there");
+    assert!(gw.ok(&["status"]).contains(&format!("pid {pid}")));
+    gw.ok(&["stop"]);
+}
+
+/// Issue 18, secure opens: `--access-log` and `--config` are opened
+/// component by component. A symlink as the last component, a FIFO, a
+/// directory on the way that another user owns (holding a link they
+/// control) or that anyone may write without the sticky bit: each is
+/// refused with a message naming it, never followed or waited on.
+#[test]
+fn access_log_and_config_are_opened_securely() {
+    use std::os::unix::fs::{chown, symlink, PermissionsExt};
+    netns();
+    let dir = TempDir::new("sec-open");
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let devd = Devd::start(&dir, &["--route", "0:0000.0000.0004=127.0.0.1"]);
+    let gw = Gw::new(&dir, &devd.socket);
+    let victim = dir.path("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    // A directory of nobody's with a link to the victim's directory.
+    let theirs = dir.path("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    chown(&theirs, Some(NOBODY), Some(NOBODY)).unwrap();
+    symlink(&dir.0, theirs.join("up")).unwrap();
+    // A directory anyone may write, without the sticky bit.
+    let open = dir.path("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    symlink(&victim, dir.path("link.log")).unwrap();
+    run_ok("mkfifo", &[dir.path("fifo.log").to_str().unwrap()]);
+    let cases = [
+        (dir.path("link.log"), "symbolic link"),
+        (dir.path("fifo.log"), "not a regular file"),
+        (theirs.join("up").join("victim"), "belongs to uid 65534"),
+        (open.join("access.log"), "may be written by others"),
+    ];
+    for (path, why) in &cases {
+        let out = gw
+            .cmd()
+            .args([
+                "--json",
+                "start",
+                "--foreground",
+                "--ports",
+                "8080",
+                "--access-log",
+            ])
+            .arg(path)
+            .arg(A4)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{path:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{path:?}: {err}");
+        assert!(!gw.state.join("state.json").exists());
+    }
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    // --config: the same walk (the file itself must be root's or ours).
+    std::fs::write(dir.path("cfg.json"), "{\"subnet\": \"10.9.0.0/16\"}").unwrap();
+    symlink(dir.path("cfg.json"), dir.path("cfg-link.json")).unwrap();
+    for (path, why) in [
+        (dir.path("cfg-link.json"), "symbolic link"),
+        (theirs.join("up").join("cfg.json"), "belongs to uid 65534"),
+        (dir.path("fifo.log"), "not a regular file"),
+    ] {
+        let out = gw
+            .cmd()
+            .args(["--json", "--config"])
+            .arg(&path)
+            .arg("status")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{path:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{path:?}: {err}");
+    }
+    // A good access log still works, created 0640 and appended to.
+    let log = dir.path("ok.log");
+    gw.ok(&[
+        "start",
+        "--ports",
+        "8080",
+        "--access-log",
+        log.to_str().unwrap(),
+        A4,
+    ]);
+    assert!(log.exists());
+    gw.ok(&["stop"]);
+}
+
+/// Issue 18, secure opens: a state directory reached through a directory
+/// anyone may write (no sticky bit), or through another user's link, is
+/// refused before anything is created or read.
+#[test]
+fn state_directory_path_is_walked_securely() {
+    use std::os::unix::fs::{chown, symlink, PermissionsExt};
+    netns();
+    let dir = TempDir::new("sec-statepath");
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let devd = Devd::start(&dir, &[]);
+    let open = dir.path("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let theirs = dir.path("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    chown(&theirs, Some(NOBODY), Some(NOBODY)).unwrap();
+    std::fs::create_dir(dir.path("real")).unwrap();
+    symlink(dir.path("real"), theirs.join("up")).unwrap();
+    for (state, why) in [
+        (open.join("state"), "may be written by others"),
+        (theirs.join("up").join("state"), "belongs to uid 65534"),
+    ] {
+        let gw = Gw::handle(state.clone(), devd.socket.clone());
+        let out = gw.run(&["--json", "start", "--foreground", "--ports", "8080"]);
+        assert_eq!(out.status.code(), Some(1), "{state:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{state:?}: {err}");
+        assert!(!state.exists(), "nothing created: {state:?}");
+    }
+    assert!(!dir.path("real").join("state").exists());
+}

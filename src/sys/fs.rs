@@ -140,7 +140,11 @@ pub fn open_secure(path: &std::path::Path, flags: i32, mode: u32) -> io::Result<
 /// pass `O_NONBLOCK` when reading, so a FIFO cannot hold the open).
 pub fn open_secure_file(path: &std::path::Path, flags: i32, mode: u32) -> io::Result<std::fs::File> {
     use std::os::unix::fs::MetadataExt;
-    let f = open_secure(path, flags, mode)?;
+    let f = open_secure(path, flags, mode).map_err(|e| match e.raw_os_error() {
+        // A FIFO without a reader, opened O_NONBLOCK for writing; a socket.
+        Some(libc::ENXIO | libc::EOPNOTSUPP) => refused(format!("{} is not a regular file", path.display())),
+        _ => e,
+    })?;
     let meta = f.metadata()?;
     if !meta.is_file() {
         return Err(refused(format!("{} is not a regular file", path.display())));
