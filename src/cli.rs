@@ -150,7 +150,7 @@ const START_FLAGS: &[&str] = &[
 const EXPOSE_FLAGS: &[&str] = &["allow", "allow-remote-target"];
 
 /// Flags that only `stop`, `unmap` and `unexpose` take.
-const STOP_FLAGS: &[&str] = &["drain"];
+const STOP_FLAGS: &[&str] = &["drain", "wait"];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
@@ -212,6 +212,8 @@ pub struct Args {
     pub allow_remote_target: bool,
     /// `stop`/`unmap`/`unexpose --drain SECS`.
     pub drain: Option<String>,
+    /// `stop`/`unmap`/`unexpose --wait`: wait for the drain to end.
+    pub wait: bool,
     pub command: Option<Command>,
     /// Invoked as `pilotctl` (affects help text only).
     pub pilotctl: bool,
@@ -322,14 +324,14 @@ pub fn parse(argv0: &str, args: Vec<OsString>) -> Result<Args> {
             );
         }
     }
-    if a.drain.is_some()
+    if (a.drain.is_some() || a.wait)
         && !matches!(
             command,
             Command::Stop | Command::Unmap { .. } | Command::Unexpose { .. }
         )
     {
         return Err(Error::usage(format!(
-            "--drain is an option of stop, unmap and unexpose, not of {cmd}"
+            "--drain and --wait are options of stop, unmap and unexpose, not of {cmd}"
         ))
         .hint(format!("see: pilot-gateway {cmd} --help")));
     }
@@ -393,6 +395,7 @@ fn read_flags(a: &mut Args, args: Vec<OsString>) -> Result<(Vec<String>, bool)> 
             Long("allow-any-subnet") => a.allow_any_subnet = flag_bool(&mut p, "allow-any-subnet")?,
             Long("allow-remote") => a.allow_remote = flag_bool(&mut p, "allow-remote")?,
             Long("drain") => a.drain = Some(text(&mut p)?),
+            Long("wait") => a.wait = flag_bool(&mut p, "wait")?,
             Long("expose") => a.expose.push(text(&mut p)?),
             Long("allow") => a.allow = Some(text(&mut p)?),
             Long("allow-remote-target") => a.allow_remote_target = flag_bool(&mut p, "allow-remote-target")?,

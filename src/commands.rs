@@ -411,7 +411,25 @@ fn map(args: &Args, out: &Output, target: &str, ip: Option<&str>) -> Result<()> 
             }
             ip
         }
-        None => subnet::next_free(st.subnet, &st.used_ips())?,
+        None => {
+            // An address still draining is not handed out again (that
+            // would end its drain); named explicitly, it may be.
+            let mut used = st.used_ips();
+            let note = dir.read_note_max(gateway::DRAINING_NOTE, gateway::DRAINING_NOTE_MAX);
+            used.extend(
+                note.as_ref()
+                    .and_then(|n| n.get("mappings").and_then(Value::as_array))
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|e| {
+                        e.get("local_ip")
+                            .and_then(Value::as_str)?
+                            .parse::<Ipv4Addr>()
+                            .ok()
+                    }),
+            );
+            subnet::next_free(st.subnet, &used)?
+        }
     };
     st.generation += 1;
     let m = Mapping {
@@ -486,10 +504,11 @@ fn unmap(args: &Args, out: &Output, ip_text: &str) -> Result<()> {
     };
     let drain = drain_secs(args)?;
     st.mappings.retain(|x| x.local_ip != ip);
-    let cut = apply_removal(&dir, lock, st, drain)?;
+    let what = ip.to_string();
+    let removal = apply_removal(&dir, lock, st, drain, &what, args.wait.then_some(out))?;
     out.ok(
-        with_cut(output::mapping_json(&m), cut),
-        &format!("unmapped {} → {}{}\n", m.local_ip, m.pilot_addr, cut_note(cut)),
+        removal.json(output::mapping_json(&m)),
+        &format!("unmapped {} → {}{}\n", m.local_ip, m.pilot_addr, removal.note()),
     );
     Ok(())
 }
@@ -572,41 +591,178 @@ fn unexpose(args: &Args, out: &Output, port: &str) -> Result<()> {
     };
     let drain = drain_secs(args)?;
     st.exposures.retain(|x| x.port != port);
-    let cut = apply_removal(&dir, lock, st, drain)?;
+    let what = format!("port {port}");
+    let removal = apply_removal(&dir, lock, st, drain, &what, args.wait.then_some(out))?;
     out.ok(
-        with_cut(output::exposure_json(&e), cut),
-        &format!("unexposed pilot port {port} → {}{}\n", e.target, cut_note(cut)),
+        removal.json(output::exposure_json(&e)),
+        &format!("unexposed pilot port {port} → {}{}\n", e.target, removal.note()),
     );
     Ok(())
 }
 
 /// Records a removal (an unmap or unexpose) already made to `st`, read
 /// under `lock`: a new generation, written with the drain request; then has
-/// the gateway apply it and waits up to `drain` longer for it. Returns how
-/// many live connections the apply cut.
-fn apply_removal(dir: &StateDir, lock: FileLock, mut st: State, drain: Duration) -> Result<u64> {
+/// the gateway apply it. Without a drain the apply cuts what is live, and
+/// the count is reported. With one the gateway drains in the background
+/// (`gateway/drain.rs`) and answers at once: the removal reports what is
+/// draining, or with `--wait` (`wait`: the output for progress lines and
+/// what drains, the IP or `port N`) waits for the drain to end, without
+/// the lock, and reports how many were cut.
+fn apply_removal(
+    dir: &StateDir,
+    lock: FileLock,
+    mut st: State,
+    drain: Duration,
+    what: &str,
+    wait: Option<&Output>,
+) -> Result<Removal> {
     st.generation += 1;
     let generation = st.generation;
     request_drain(dir, drain)?;
     dir.write(&st)?;
     drop(lock);
     signal(&st, libc::SIGHUP)?;
-    wait_applied(dir, st.gateway, generation, APPLY_WAIT + drain)?;
-    // The gateway notes how many connections the apply that handled this
-    // change cut (several removals applied at once share one count).
-    Ok(dir
-        .read_note("applied.json")
-        .filter(|v| v.get("generation").and_then(Value::as_u64) >= Some(generation))
-        .and_then(|v| v.get("cut").and_then(Value::as_u64))
-        .unwrap_or(0))
+    wait_applied(dir, st.gateway, generation, APPLY_WAIT)?;
+    if drain.is_zero() {
+        // The gateway notes how many connections the apply that handled
+        // this change cut (several removals applied at once share one count).
+        let cut = dir
+            .read_note("applied.json")
+            .filter(|v| v.get("generation").and_then(Value::as_u64) >= Some(generation))
+            .and_then(|v| v.get("cut").and_then(Value::as_u64))
+            .unwrap_or(0);
+        return Ok(Removal::Cut(cut));
+    }
+    let Some(out) = wait else {
+        let entry = draining_entry(dir, st.gateway.pid, what);
+        return Ok(Removal::Draining(entry));
+    };
+    let deadline = Instant::now() + drain + APPLY_WAIT;
+    let mut last_progress = Instant::now();
+    loop {
+        let note = dir.read_note_max(gateway::DRAINING_NOTE, gateway::DRAINING_NOTE_MAX);
+        if let Some(cut) = note.as_ref().and_then(|n| drain_done(n, what, generation)) {
+            return Ok(Removal::Cut(cut));
+        }
+        if !st.gateway.is_alive() {
+            return Err(Error::new(
+                Code::NotRunning,
+                format!("the gateway (pid {}) exited during the drain", st.gateway.pid),
+            )
+            .hint(format!("see {}", dir.log_file().display())));
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::new(
+                Code::Timeout,
+                format!("the drain of {what} did not end within {:?}", drain + APPLY_WAIT),
+            )
+            .hint(format!("see {}", dir.log_file().display())));
+        }
+        if last_progress.elapsed() >= Duration::from_secs(1) {
+            last_progress = Instant::now();
+            if let Some(e) = note.as_ref().and_then(|n| find_draining(n, what)) {
+                // Progress on stderr, so stdout holds the one result.
+                if !out.json {
+                    eprintln!("draining {what}: {}", draining_text(&e));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
-/// A removal's report: `data` with the `cut` count appended.
-fn with_cut(mut data: Value, cut: u64) -> Value {
-    if let Value::Obj(pairs) = &mut data {
-        pairs.push(("cut".into(), cut.into()));
+/// How a removal ended: cut (none or some), or draining in the background.
+enum Removal {
+    Cut(u64),
+    /// The `draining.json` entry of the removal, if the gateway listed it
+    /// (not when nothing was live: then the drain ended at once).
+    Draining(Option<Value>),
+}
+
+impl Removal {
+    /// The removal's report: `data` with `cut`, and `draining` (the entry:
+    /// live connections, seconds left) when it drains in the background.
+    fn json(&self, mut data: Value) -> Value {
+        if let Value::Obj(pairs) = &mut data {
+            match self {
+                Removal::Cut(cut) => pairs.push(("cut".into(), (*cut).into())),
+                Removal::Draining(entry) => {
+                    pairs.push(("cut".into(), 0u64.into()));
+                    pairs.push(("draining".into(), entry.clone().unwrap_or(Value::Null)));
+                }
+            }
+        }
+        data
     }
-    data
+
+    fn note(&self) -> String {
+        match self {
+            Removal::Cut(cut) => cut_note(*cut),
+            Removal::Draining(Some(e)) => format!(" (draining: {})", draining_text(e)),
+            Removal::Draining(None) => String::new(),
+        }
+    }
+}
+
+/// The entry of `draining.json` of `what`, as the gateway `pid` wrote it.
+fn draining_entry(dir: &StateDir, pid: u32, what: &str) -> Option<Value> {
+    let note = dir.read_note_max(gateway::DRAINING_NOTE, gateway::DRAINING_NOTE_MAX)?;
+    if note.get("pid").and_then(Value::as_u64) != Some(u64::from(pid)) {
+        return None;
+    }
+    find_draining(&note, what)
+}
+
+/// The draining entry (mapping or exposure) named `what` (an IP, or
+/// `port N`).
+fn find_draining(note: &Value, what: &str) -> Option<Value> {
+    let maps = note.get("mappings").and_then(Value::as_array).unwrap_or_default();
+    let exposures = note
+        .get("exposures")
+        .and_then(Value::as_array)
+        .unwrap_or_default();
+    maps.iter()
+        .find(|e| e.get("local_ip").and_then(Value::as_str) == Some(what))
+        .or_else(|| {
+            exposures.iter().find(|e| {
+                e.get("port")
+                    .and_then(Value::as_u64)
+                    .map(|p| format!("port {p}"))
+                    .as_deref()
+                    == Some(what)
+            })
+        })
+        .cloned()
+}
+
+/// The cut count of the ended drain of `what` started at `generation` or
+/// later; `None` while it drains.
+fn drain_done(note: &Value, what: &str, generation: u64) -> Option<u64> {
+    if find_draining(note, what).is_some() {
+        return None;
+    }
+    note.get("done")
+        .and_then(Value::as_array)
+        .unwrap_or_default()
+        .iter()
+        .rev()
+        .find(|d| {
+            d.get("what").and_then(Value::as_str) == Some(what)
+                && d.get("generation").and_then(Value::as_u64) >= Some(generation)
+        })
+        .and_then(|d| d.get("cut").and_then(Value::as_u64))
+}
+
+/// "1 live connection, 4.2s left".
+fn draining_text(e: &Value) -> String {
+    let active = e.get("active").and_then(Value::as_u64).unwrap_or(0);
+    let left = e.get("secs_left").and_then(Value::as_f64).unwrap_or(0.0);
+    let conns = if active == 1 {
+        "1 live connection".to_string()
+    } else {
+        format!("{active} live connections")
+    };
+    format!("{conns}, {left:.1}s left")
 }
 
 /// The text form of a `cut` count: nothing when none was cut.
@@ -674,8 +830,115 @@ fn status(args: &Args, out: &Output) -> Result<()> {
     let (dir, st) = running(args)?;
     let stats = fetch_stats(&dir, &st)?;
     let (mut data, mut text) = output::status(&st, &stats);
+    add_draining(&dir, &mut data, &mut text, st.gateway.pid);
     add_privileges(&mut data, &mut text, st.gateway.pid);
     out.ok(data, &text);
+    Ok(())
+}
+
+/// `status`: what drains in the background, with live connections and time
+/// left (the gateway rewrites `draining.json` before the counters that
+/// `status` has just asked for, so it is as fresh).
+fn add_draining(dir: &StateDir, data: &mut Value, text: &mut String, pid: u32) {
+    let note = dir
+        .read_note_max(gateway::DRAINING_NOTE, gateway::DRAINING_NOTE_MAX)
+        .filter(|n| n.get("pid").and_then(Value::as_u64) == Some(u64::from(pid)));
+    let field = |k: &str| {
+        note.as_ref()
+            .and_then(|n| n.get(k).cloned())
+            .unwrap_or(Value::Arr(Vec::new()))
+    };
+    let stopping = note
+        .as_ref()
+        .and_then(|n| n.get("stopping").and_then(Value::as_bool))
+        .unwrap_or(false);
+    if let Value::Obj(pairs) = data {
+        pairs.push((
+            "draining".into(),
+            Value::obj([
+                ("stopping", Value::from(stopping)),
+                ("mappings", field("mappings")),
+                ("exposures", field("exposures")),
+            ]),
+        ));
+    }
+    if stopping {
+        *text += "  stopping: draining, then exiting (`pilot-gateway stop` cuts at once)\n";
+    }
+    for line in note.as_ref().map(draining_lines).unwrap_or_default() {
+        *text += &format!("  draining {line}\n");
+    }
+}
+
+/// One line per draining mapping or exposure of a `draining.json` note.
+fn draining_lines(note: &Value) -> Vec<String> {
+    let list = |k: &str| note.get(k).and_then(Value::as_array).unwrap_or_default().to_vec();
+    let maps = list("mappings").into_iter().map(|e| {
+        let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+        format!("{} → {}: {}", s("local_ip"), s("pilot_addr"), draining_text(&e))
+    });
+    let exposures = list("exposures").into_iter().map(|e| {
+        let port = e.get("port").and_then(Value::as_u64).unwrap_or(0);
+        let target = e.get("target").and_then(Value::as_str).unwrap_or("?");
+        format!("pilot port {port} → {target}: {}", draining_text(&e))
+    });
+    maps.chain(exposures).collect()
+}
+
+/// After `stop --drain`'s SIGTERM: waits (bounded) until the gateway says
+/// it is stopping, and returns its `draining.json`; `None` if it has
+/// exited already (nothing was live).
+fn await_stopping(dir: &StateDir, st: &State) -> Result<Option<Value>> {
+    let deadline = Instant::now() + APPLY_WAIT;
+    loop {
+        if !st.gateway.is_alive() {
+            return Ok(None);
+        }
+        if let Some(note) = dir
+            .read_note_max(gateway::DRAINING_NOTE, gateway::DRAINING_NOTE_MAX)
+            .filter(|n| n.get("pid").and_then(Value::as_u64) == Some(u64::from(st.gateway.pid)))
+            .filter(|n| n.get("stopping").and_then(Value::as_bool) == Some(true))
+        {
+            return Ok(Some(note));
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::new(
+                Code::Timeout,
+                format!(
+                    "the gateway (pid {}) did not start stopping within {APPLY_WAIT:?}",
+                    st.gateway.pid
+                ),
+            )
+            .hint(format!("see {}", dir.log_file().display())));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `stop --drain` without `--wait`: the gateway drains in the background
+/// and exits when done; the report says what drains.
+fn report_stopping(out: &Output, st: &State, drain: Duration, note: &Value) -> Result<()> {
+    let field = |k: &str| note.get(k).cloned().unwrap_or(Value::Arr(Vec::new()));
+    let lines = draining_lines(note);
+    out.ok(
+        Value::obj([
+            ("pid", Value::from(st.gateway.pid)),
+            ("stopped", false.into()),
+            ("stopping", true.into()),
+            ("drain_secs", drain.as_secs_f64().into()),
+            (
+                "draining",
+                Value::obj([("mappings", field("mappings")), ("exposures", field("exposures"))]),
+            ),
+            ("cut", 0u64.into()),
+        ]),
+        &format!(
+            "gateway stopping (pid {}): draining for up to {:.1}s, then it exits; `pilot-gateway status` shows the drain, `pilot-gateway stop` cuts at once\n{}",
+            st.gateway.pid,
+            drain.as_secs_f64(),
+            lines.iter().map(|l| format!("  draining {l}\n")).collect::<String>()
+        ),
+    );
     Ok(())
 }
 
@@ -717,8 +980,22 @@ fn stop(args: &Args, out: &Output) -> Result<()> {
     let drain = drain_secs(args)?;
     request_drain(&dir, drain)?;
     signal(&st, libc::SIGTERM)?;
+    if !drain.is_zero() && !args.wait {
+        if let Some(note) = await_stopping(&dir, &st)? {
+            return report_stopping(out, &st, drain, &note);
+        }
+    }
     let deadline = Instant::now() + STOP_WAIT + drain;
+    let mut last_progress = Instant::now();
     while st.gateway.is_alive() {
+        if !drain.is_zero() && !out.json && last_progress.elapsed() >= Duration::from_secs(1) {
+            last_progress = Instant::now();
+            if let Some(note) = dir.read_note_max(gateway::DRAINING_NOTE, gateway::DRAINING_NOTE_MAX) {
+                for line in draining_lines(&note) {
+                    eprintln!("draining {line}");
+                }
+            }
+        }
         if Instant::now() >= deadline {
             return Err(Error::new(
                 Code::Timeout,

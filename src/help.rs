@@ -96,7 +96,7 @@ Flags:
 ";
 
 const UNEXPOSE_HELP: &str = "\
-Usage: pilot-gateway unexpose [--drain SECS] PILOT_PORT
+Usage: pilot-gateway unexpose [--drain SECS [--wait]] PILOT_PORT
 
 Stops serving PILOT_PORT: the gateway releases the port (the daemon frees it
 and resets its live connections). Reports how many live connections were
@@ -104,7 +104,10 @@ cut (`cut`). Fails with not_found for a port not exposed.
 
 Flags:
   --drain SECS           refuse new connections at once, let live ones finish
-                         for up to SECS, then cut the rest
+                         for up to SECS in the background, then cut the rest;
+                         returns at once with what is draining (status shows it)
+  --wait                 with --drain: wait until the drain is over, printing
+                         progress, and report how many were cut
 ";
 
 pub fn command_help(topic: &str) -> Option<&'static str> {
@@ -122,7 +125,7 @@ that is already mapped returns its existing IP.
         }
         "unmap" => {
             "\
-Usage: pilot-gateway unmap [--drain SECS] LOCAL_IP
+Usage: pilot-gateway unmap [--drain SECS [--wait]] LOCAL_IP
 
 Removes a mapping from the running gateway: its listeners close, its live
 connections are closed and its loopback alias is removed (if the gateway added it).
@@ -130,7 +133,10 @@ Reports how many live connections were cut (`cut`).
 
 Flags:
   --drain SECS           stop accepting, let live connections finish for up to
-                         SECS, then cut the rest
+                         SECS in the background, then cut the rest; returns at
+                         once with what is draining (status shows it)
+  --wait                 with --drain: wait until the drain is over, printing
+                         progress, and report how many were cut
 "
         }
         "expose" => EXPOSE_HELP,
@@ -152,21 +158,27 @@ stopped reading.
 Usage: pilot-gateway status
 
 Shows pid, uptime, socket, whether the daemon answers, subnet, ports,
-totals (connections, bytes, refused connections, failed dials), and each
-exposure with its state and counters.
+totals (connections, bytes, refused connections, failed dials), each
+exposure with its state and counters, what is draining and for how long
+still, and the uid and capabilities the gateway runs with.
 "
         }
         "stop" => {
             "\
-Usage: pilot-gateway stop [--drain SECS]
+Usage: pilot-gateway stop [--drain SECS [--wait]]
 
 Stops the running gateway and waits until it has exited and removed its aliases.
 Reports how many live connections were cut (`cut`), forwarded and exposed.
+A stop during a drain ends the drain and cuts what is left.
 
 Flags:
   --drain SECS           stop accepting (and refuse new inbound connections to
                          exposed ports), let live connections of both kinds
-                         finish for up to SECS, then cut the rest
+                         finish for up to SECS in the background, then cut
+                         the rest and exit; returns at once (status shows the
+                         drain; another stop cuts at once)
+  --wait                 with --drain: wait until the gateway has exited,
+                         printing progress
 "
         }
         _ => return None,

@@ -435,7 +435,7 @@ fn drain_lets_live_connections_finish() {
     let mut p = gw.foreground(&dir, &["--ports", "8081", A4, A5]);
     let client = slow_client("10.4.0.2:8081");
     assert!(wait_until(Duration::from_secs(5), || n(&status(&gw), "active") == 1));
-    let d = gw.data(&["unmap", "--drain", "5", "10.4.0.2"]);
+    let d = gw.data(&["unmap", "--drain", "5", "--wait", "10.4.0.2"]);
     assert_eq!(n(&d, "cut"), 0, "{d}");
     assert_eq!(
         client.join().unwrap().unwrap(),
@@ -445,7 +445,7 @@ fn drain_lets_live_connections_finish() {
 
     let client = slow_client("10.4.0.1:8081");
     assert!(wait_until(Duration::from_secs(5), || n(&status(&gw), "active") == 1));
-    let d = gw.data(&["stop", "--drain", "5"]);
+    let d = gw.data(&["stop", "--drain", "5", "--wait"]);
     assert_eq!(n(&d, "cut"), 0, "{d}");
     assert_eq!(
         client.join().unwrap().unwrap(),

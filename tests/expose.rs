@@ -435,7 +435,7 @@ fn stop_and_unexpose_drain_exposed_connections() {
     // goes on; once it ends, the port is released with nothing cut.
     let mut a = live(IN80);
     let gw2 = Gw::handle(gw.state.clone(), gw.socket.clone());
-    let unexposing = thread::spawn(move || gw2.data(&["unexpose", "--drain", "30", "80"]));
+    let unexposing = thread::spawn(move || gw2.data(&["unexpose", "--drain", "30", "--wait", "80"]));
     assert!(until_refused(IN80), "new connections are refused while draining");
     assert!(
         still_echoes(&mut a),
@@ -450,7 +450,7 @@ fn stop_and_unexpose_drain_exposed_connections() {
     // when the drain is over is cut and counted.
     let mut b = live("127.0.0.1:7101");
     let gw2 = Gw::handle(gw.state.clone(), gw.socket.clone());
-    let stopping = thread::spawn(move || gw2.data(&["stop", "--drain", "5"]));
+    let stopping = thread::spawn(move || gw2.data(&["stop", "--drain", "5", "--wait"]));
     assert!(until_refused("127.0.0.1:7101"), "refused while stopping");
     assert!(still_echoes(&mut b), "not cut while draining");
     let stopped = stopping.join().unwrap();
@@ -485,7 +485,7 @@ fn unexpose_drain_releases_the_port_at_once_where_the_daemon_has_unbind() {
     gw.ok(&["start", "--expose", "80=8000"]);
     let mut a = live(IN80);
     let gw2 = Gw::handle(gw.state.clone(), gw.socket.clone());
-    let unexposing = thread::spawn(move || gw2.data(&["unexpose", "--drain", "5", "80"]));
+    let unexposing = thread::spawn(move || gw2.data(&["unexpose", "--drain", "5", "--wait", "80"]));
     let mut other = None;
     assert!(
         wait_until(Duration::from_secs(4), || {

@@ -140,9 +140,15 @@ impl Gateway {
     /// Stops serving `port`: the daemon frees it and its connections are
     /// reset. Returns how many live connections were cut.
     pub(super) fn tear_down_exposure(&mut self, port: u16) -> usize {
-        let Some(mut r) = self.exposed.remove(&port) else {
+        let Some(r) = self.exposed.remove(&port) else {
             return 0;
         };
+        Self::close_exposure(port, r)
+    }
+
+    /// Stops a running (or draining) exposure; returns how many live
+    /// connections were cut.
+    pub(super) fn close_exposure(port: u16, mut r: RunningExposure) -> usize {
         let cut = r.engine.counters().active as usize;
         r.engine.stop(EXPOSE_STOP_WAIT);
         info!(
@@ -181,6 +187,9 @@ impl Gateway {
             } else {
                 Duration::ZERO
             };
+            // The port of a drain under way: that drain ends now (the
+            // daemon would hold the port for it).
+            self.end_drain_of_port(e.port);
             if let Err(err) = self.bring_up_exposure(e, retry, by) {
                 warn!("cannot expose pilot port {} → {}: {err}", e.port, e.target);
                 failed.push((e.port, e.generation, err));
@@ -196,9 +205,15 @@ impl Gateway {
     /// Stops a mapping: listeners, live connections, then our alias.
     /// Returns how many live connections were cut.
     pub(super) fn tear_down(&mut self, ip: Ipv4Addr) -> usize {
-        let Some(mut m) = self.running.remove(&ip) else {
+        let Some(m) = self.running.remove(&ip) else {
             return 0;
         };
+        self.close_mapping(ip, m)
+    }
+
+    /// Stops a running (or draining) mapping: listeners, live connections,
+    /// then our alias. Returns how many live connections were cut.
+    pub(super) fn close_mapping(&mut self, ip: Ipv4Addr, mut m: RunningMapping) -> usize {
         for l in &mut m.listeners {
             l.stop();
         }
@@ -221,18 +236,12 @@ impl Gateway {
         }
     }
 
-    /// Makes the exposures of `ports` refuse new connections (a drain).
-    pub(super) fn stop_admitting(&self, ports: &[u16]) {
-        for (_, r) in self.exposed.iter().filter(|(p, _)| ports.contains(p)) {
-            r.engine.stop_admitting();
-        }
-    }
-
-    /// Tears down the mappings `st` no longer wants (after a drain, if
-    /// `unmap --drain` asked for one) and those whose address changed (an
-    /// unmap and a map in one go). Exposures `st` no longer wants are
-    /// drained with them (`unexpose --drain`); `apply_exposures` then stops
-    /// them. Returns how many connections were cut.
+    /// Tears down the mappings `st` no longer wants and those whose
+    /// address changed (an unmap and a map in one go). With a drain
+    /// (`unmap --drain`, `unexpose --drain`), the mappings and exposures `st`
+    /// no longer wants drain in the background instead (see `drain.rs`);
+    /// without one, `apply_exposures` stops the exposures. Returns how many
+    /// connections were cut.
     pub(super) fn retire(&mut self, st: &State) -> usize {
         let wanted: BTreeSet<Ipv4Addr> = st.mappings.iter().map(|m| m.local_ip).collect();
         let gone: Vec<Ipv4Addr> = self
@@ -248,9 +257,18 @@ impl Gateway {
             .copied()
             .collect();
         let drain = self.take_drain();
-        self.stop_listening(gone.clone());
-        self.stop_admitting(&unexposed);
-        self.drain(drain);
+        let gone = if drain.is_zero() {
+            gone
+        } else {
+            for ip in gone {
+                self.drain_mapping(ip, drain, st.generation);
+            }
+            for port in unexposed {
+                self.drain_exposure(port, drain, st.generation);
+            }
+            self.write_draining_note();
+            Vec::new()
+        };
         let changed = st.mappings.iter().filter(|m| {
             self.running
                 .get(&m.local_ip)
@@ -295,6 +313,9 @@ impl Gateway {
                 continue;
             }
             let m2 = m.clone();
+            // The address of a drain under way: that drain ends now (its
+            // alias and listeners are the old mapping's).
+            self.end_drain_of_ip(m2.local_ip);
             match self.bring_up(&m2) {
                 Ok(()) => {
                     m.alias_added = self.running.get(&m.local_ip).is_some_and(|l| l.alias_ours);

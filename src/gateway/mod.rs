@@ -48,7 +48,10 @@ use crate::sys::{self, proc::ProcId, signal::Signals};
 use crate::{error, info, warn};
 
 mod apply;
+mod drain;
 mod start;
+
+pub use drain::{NOTE as DRAINING_NOTE, NOTE_MAX as DRAINING_NOTE_MAX};
 
 pub use start::prepare_state_dir;
 use start::{
@@ -211,6 +214,8 @@ struct Gateway {
     listener_room: u64,
     /// systemd's notification socket, when it started us (`Type=notify`).
     notify: Option<Notifier>,
+    /// Mappings and exposures draining in the background (`drain.rs`).
+    draining: drain::Draining,
 }
 
 /// Runs the gateway until SIGTERM/SIGINT. `ready` is called once every
@@ -273,6 +278,7 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         closer: None,
         listener_room,
         notify,
+        draining: drain::Draining::default(),
     };
     let st = gw.start_up(&cfg, (mappings, exposures), switched.as_ref())?;
     drop(lock);
@@ -401,7 +407,10 @@ impl Gateway {
     }
 
     /// The main thread from here on: waits for signals and answers them,
-    /// until SIGTERM/SIGINT has stopped everything.
+    /// until SIGTERM/SIGINT has stopped everything. Drains run in the
+    /// background (`drain.rs`): while any runs, the loop wakes every
+    /// [`drain::POLL`] to end those that are over, and every signal is
+    /// still answered at once.
     fn serve(&mut self, signals: &Signals) {
         let (mut trimmed_at, mut last_seen) = (0, 0);
         loop {
@@ -416,9 +425,17 @@ impl Gateway {
             engine::flush_suppressed();
             last_seen = finished;
             self.tell_systemd();
-            let wait = self.notify.as_ref().and_then(Notifier::watchdog_period);
-            for sig in signals.wait(wait.map_or(SIGNAL_WAIT, |w| w.min(SIGNAL_WAIT))) {
+            let watchdog = self.notify.as_ref().and_then(Notifier::watchdog_period);
+            let wait = if self.draining.is_empty() {
+                SIGNAL_WAIT
+            } else {
+                drain::POLL
+            };
+            for sig in signals.wait(watchdog.map_or(wait, |w| w.min(wait))) {
                 match sig {
+                    libc::SIGHUP if self.draining.stopping.is_some() => {
+                        warn!("stopping: changes to the state file are not applied any more");
+                    }
                     libc::SIGHUP => {
                         if let Some(n) = &self.notify {
                             n.reloading();
@@ -429,67 +446,63 @@ impl Gateway {
                             n.ready(status);
                         }
                     }
-                    libc::SIGUSR2 => self.write_stats(),
+                    libc::SIGUSR2 => {
+                        if !self.draining.is_empty() {
+                            self.write_draining_note();
+                        }
+                        self.write_stats();
+                    }
                     libc::SIGUSR1 => {
                         if let Some(a) = &self.data_path.access {
                             a.reopen();
                         }
                     }
                     libc::SIGTERM | libc::SIGINT => {
-                        info!("stopping (signal {sig})");
                         if let Some(n) = &self.notify {
                             n.send("STOPPING=1");
                         }
                         let drain = self.take_drain();
-                        self.stop_listening(self.running.keys().copied().collect());
-                        self.stop_admitting(&self.exposed.keys().copied().collect::<Vec<_>>());
-                        self.drain(drain);
-                        let _lock = self.dir.lock();
-                        let cut = self.shutdown();
-                        // For `stop`, which reports how many were cut.
-                        let note = Value::obj([("pid", Value::from(self.me.pid)), ("cut", cut.into())]);
-                        if let Err(e) = self.dir.write_atomic("stopped.json", &format!("{note}\n")) {
-                            warn!("{e}");
+                        if !drain.is_zero() && self.draining.stopping.is_none() {
+                            info!(
+                                "stopping (signal {sig}) after a drain of up to {:.1}s",
+                                drain.as_secs_f64()
+                            );
+                            self.start_stopping(drain);
+                            continue;
                         }
-                        self.dir.remove("state.json");
-                        self.dir.remove("stats.json");
-                        info!("stopped ({cut} live connections cut)");
+                        info!("stopping (signal {sig})");
+                        self.stop_now();
                         return;
                     }
                     _ => {}
                 }
             }
+            if !self.draining.is_empty() {
+                self.finish_drains(false);
+            }
+            if self.draining.stopping.is_some() && self.draining.is_empty() {
+                self.stop_now();
+                return;
+            }
         }
     }
 
-    /// `--drain`: lets the live connections (of mappings whose listeners
-    /// have stopped, and of exposures that no longer admit) finish for up
-    /// to `wait` in all.
-    fn drain(&mut self, wait: Duration) {
-        if wait.is_zero() {
-            return;
+    /// Stops everything now (ending any drain), notes how many live
+    /// connections were cut for `stop`, and removes the state.
+    fn stop_now(&mut self) {
+        let drained_cut = self.draining.stopping.unwrap_or(0);
+        let cut_drains = self.finish_drains(true);
+        let _lock = self.dir.lock();
+        let cut = self.shutdown() + cut_drains + drained_cut;
+        // For `stop`, which reports how many were cut.
+        let note = Value::obj([("pid", Value::from(self.me.pid)), ("cut", cut.into())]);
+        if let Err(e) = self.dir.write_atomic("stopped.json", &format!("{note}\n")) {
+            warn!("{e}");
         }
-        if let Some(n) = &self.notify {
-            n.watchdog_stretch(wait);
-        }
-        self.drain_for(wait);
-        if let Some(n) = &mut self.notify {
-            n.watchdog_back();
-        }
-    }
-
-    fn drain_for(&self, wait: Duration) {
-        let deadline = Instant::now() + wait;
-        for m in self
-            .running
-            .values()
-            .filter(|m| m.listeners.iter().all(Listener::is_stopped))
-        {
-            m.conns.drain(deadline.saturating_duration_since(Instant::now()));
-        }
-        for r in self.exposed.values().filter(|r| !r.engine.is_admitting()) {
-            r.engine.drain(deadline.saturating_duration_since(Instant::now()));
-        }
+        self.dir.remove("state.json");
+        self.dir.remove("stats.json");
+        self.dir.remove(drain::NOTE);
+        info!("stopped ({cut} live connections cut)");
     }
 
     /// The drain time `stop`/`unmap --drain` asked for (in the `drain`

@@ -428,9 +428,13 @@ impl StateDir {
     /// (`drain`, `stopped.json`, `applied.json`): `None` if it is missing,
     /// too large, or not JSON. Opened like every file here (no symlinks).
     pub fn read_note(&self, name: &str) -> Option<Value> {
-        const MAX_NOTE: u64 = 4096;
-        let bytes = self.read_file(name, MAX_NOTE).ok()??;
-        if bytes.len() as u64 > MAX_NOTE {
+        self.read_note_max(name, 4096)
+    }
+
+    /// [`read_note`](Self::read_note) of a note up to `max` bytes.
+    pub fn read_note_max(&self, name: &str, max: u64) -> Option<Value> {
+        let bytes = self.read_file(name, max).ok()??;
+        if bytes.len() as u64 > max {
             return None;
         }
         json::parse_bytes(&bytes).ok()
