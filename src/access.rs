@@ -42,7 +42,7 @@ impl AccessLog {
         } else {
             Some(PathBuf::from(path))
         };
-        let file = target.as_ref().map(open_append).transpose()?;
+        let file = target.as_deref().map(open_append).transpose()?;
         let (tx, rx) = sync_channel(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let reopen = Arc::new(AtomicBool::new(false));
@@ -195,7 +195,7 @@ impl<'a> Record<'a> {
     }
 }
 
-fn open_append(path: &PathBuf) -> std::io::Result<File> {
+fn open_append(path: &std::path::Path) -> std::io::Result<File> {
     crate::sys::fs::open_secure_file(
         path,
         libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_NONBLOCK,
