@@ -44,6 +44,7 @@ pub mod log;
 #[allow(unsafe_code)]
 pub mod privilege;
 pub mod proxy;
+pub mod registry;
 pub mod state;
 pub mod subnet;
 #[allow(unsafe_code)]

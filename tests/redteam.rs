@@ -667,3 +667,65 @@ echo "done"
         "a peer that never reads stalled or cut another connection: {t}"
     );
 }
+
+/// Hole (issue 18): a gateway on a 127.x subnet adds no labelled alias, so
+/// `expose 80 127.77.0.1:9090` — gateway B's mapping — was accepted by
+/// gateway A: an overlay peer reached B's agent with this node's identity.
+///
+/// Safe outcome: every running gateway is known through the registry
+/// (`registry.rs`: an abstract socket per gateway), and an exposure target
+/// inside any running gateway's subnet is refused (`expose` and
+/// `start --expose`), 127.x included; once B has stopped it is accepted.
+#[test]
+fn an_exposure_never_relays_into_another_127_gateways_mapping() {
+    netns();
+    let _agent = Service::start(9090, real_agent);
+    let script = format!(
+        r#"
+ip link set lo up
+mkdir -p /tmp/nb && chown 65534:65534 /tmp/nb
+$NB $DEVD --socket /tmp/nb/devd.sock --route {a5}=127.0.0.1 --inbound 127.0.0.1:7100=0:0000.0000.0009:80 2>/dev/null &
+waitsock /tmp/nb/devd.sock
+a() {{ timeout -s KILL 30 $GW --socket /tmp/nb/devd.sock --state-dir /run/pgw-a "$@"; }}
+b() {{ timeout -s KILL 30 $GW --socket /tmp/nb/devd.sock --state-dir /run/pgw-b "$@"; }}
+b start --subnet 127.77.0.0/16 --ports 9090 {a5} >/dev/null 2>&1; echo "b-rc=$?"
+echo "direct=$(fetch 127.77.0.1 9090)"
+a start --subnet 127.88.0.0/16 --ports 9191 >/dev/null 2>&1; echo "a-rc=$?"
+a --json expose 80 127.77.0.1:9090 2>&1 | grep -q bad_target && echo "refused-expose"
+echo "bounce=$(fetch 127.0.0.1 7100)."
+a stop >/dev/null 2>&1
+a start --subnet 127.88.0.0/16 --ports 9191 --expose 80=127.77.0.1:9090 --json 2>&1 | grep -q bad_target && echo "refused-start"
+a stop >/dev/null 2>&1
+b stop >/dev/null 2>&1
+a start --subnet 127.88.0.0/16 --ports 9191 >/dev/null 2>&1
+a expose 80 127.77.0.1:9090 >/dev/null 2>&1 && echo "accepted-after-b-stopped"
+a stop >/dev/null 2>&1
+echo "done"
+"#,
+        a5 = A5
+    );
+    let t = in_private_namespaces(&script);
+    assert!(t.contains("done") && t.contains("b-rc=0") && t.contains("a-rc=0"), "{t}");
+    assert!(t.contains("direct=AGENT-REAL"), "B's mapping itself works: {t}");
+    assert!(t.contains("refused-expose") && t.contains("refused-start"), "{t}");
+    assert!(!t.contains("bounce=AGENT-REAL"), "a peer reached B's agent through A: {t}");
+    assert!(t.contains("accepted-after-b-stopped"), "no stale entry: {t}");
+}
+
+/// A forged registry entry (any local user may bind an abstract name) by
+/// a process that is not a gateway counts for nothing; one that claims a
+/// gateway's pid of a dead process neither.
+#[test]
+fn a_forged_registry_entry_counts_for_nothing() {
+    netns();
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("pilot-gateway/1/{}/127.66.0.0_16/0123456789abcdef", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let _forged = std::os::unix::net::UnixDatagram::bind_addr(&addr).unwrap();
+    let dead = "pilot-gateway/1/999999/127.65.0.0_16/0123456789abcdef";
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(dead.as_bytes()).unwrap();
+    let _dead = std::os::unix::net::UnixDatagram::bind_addr(&addr).unwrap();
+    // This thread's namespace is the test's own: only the forged names.
+    assert!(pilot_gateway::registry::running().is_empty());
+    assert!(pilot_gateway::registry::is_gateway_listener("127.66.0.1:80".parse().unwrap()).is_none());
+}

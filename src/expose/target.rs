@@ -49,6 +49,7 @@ pub fn check_target(target: SocketAddr, allow_remote: bool, own: Option<Ipv4Netw
         )
         .hint("expose the service itself (e.g. 127.0.0.1:PORT); --allow-remote-target does not allow this"));
     }
+    crate::registry::check_not_gateway_listener(target)?; // any running gateway's subnet, 127.x included
     if !allow_remote && !on_this_host(ip) {
         return Err(
             Error::new(Code::BadTarget, format!("target {target} is not on this host"))

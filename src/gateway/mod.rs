@@ -216,6 +216,8 @@ struct Gateway {
     notify: Option<Notifier>,
     /// Mappings and exposures draining in the background (`drain.rs`).
     draining: drain::Draining,
+    /// Our entry in the registry of running gateways, held until we exit.
+    _registration: crate::registry::Registration,
 }
 
 /// Runs the gateway until SIGTERM/SIGINT. `ready` is called once every
@@ -250,6 +252,10 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
     }
     let aliases = Aliases::labelled(alias::label_for(dir.identity()?));
     let cleaned = clean_up_after_dead_gateway(&dir, &aliases, cfg.subnet)?;
+    // Known to every other gateway of this namespace from now on, so none
+    // exposes a target in our subnet (`registry.rs`).
+    let registration = crate::registry::register(cfg.subnet)
+        .map_err(|e| Error::internal(format!("cannot register the gateway (abstract socket): {e}")))?;
     let (mappings, mut warnings) = plan_mappings(&cfg, &targets, daemon.uid)?;
     let exposures = plan_exposures(&cfg, daemon.uid)?;
     if needs_alias(cfg.subnet) {
@@ -279,6 +285,7 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         listener_room,
         notify,
         draining: drain::Draining::default(),
+        _registration: registration,
     };
     let st = gw.start_up(&cfg, (mappings, exposures), switched.as_ref())?;
     drop(lock);

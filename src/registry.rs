@@ -1,0 +1,188 @@
+//! Which pilot gateways run in this network namespace, and on which
+//! subnets: so an exposure never relays overlay peers into another
+//! gateway's mappings — 127.x gateways included, which add no labelled
+//! alias (`alias.rs`) that would give them away.
+//!
+//! How: every running gateway holds one Linux *abstract* Unix socket (no
+//! file anywhere, nothing in /run to create, clean or trust) named
+//!
+//! ```text
+//! pilot-gateway/1/PID/SUBNET/NONCE     e.g. pilot-gateway/1/4242/127.77.0.0_16/9f3c…
+//! ```
+//!
+//! (SUBNET with `_` for `/`; NONCE 16 random hex digits, so nobody can bind
+//! a gateway's name before it does). The kernel removes the name when the
+//! process exits, however it exits: an entry is never stale. Abstract
+//! names belong to a network namespace, exactly the scope in which a
+//! gateway's listeners can be reached. Anyone lists them in
+//! `/proc/net/unix` (no privilege needed, whatever user the gateways run as).
+//!
+//! Trust: any local user may bind such a name. An entry counts only while
+//! its PID is alive and is a process named `pilot-gateway` or `pilotctl`
+//! (`/proc/PID/comm`, readable by everyone); a forged one can therefore
+//! only make exposures into the subnet it claims be refused (a refusal,
+//! never a relay), and cannot hide a real gateway (which holds its own
+//! name). Not Linux: no abstract names; only the checks of `expose.rs`
+//! apply there.
+//!
+//! API (also meant for a subnet-clash check at start):
+//! - [`register`]: the gateway's own entry, held for its lifetime;
+//! - [`running`]: every live gateway's pid and subnet;
+//! - [`is_gateway_listener`] / [`check_not_gateway_listener`]: whether an
+//!   address is (could be) one of their mapped addresses.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use ipnetwork::Ipv4Network;
+
+use crate::error::{Code, Error, Result};
+
+/// The name's prefix, with the format's version.
+const PREFIX: &str = "pilot-gateway/1/";
+
+/// A running gateway, as its registry name says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub pid: u32,
+    pub subnet: Ipv4Network,
+}
+
+/// Our own entry: the bound abstract socket (its name goes with it).
+#[derive(Debug)]
+pub struct Registration {
+    #[cfg(target_os = "linux")]
+    _socket: std::os::unix::net::UnixDatagram,
+}
+
+/// Registers this process as a gateway on `subnet` (see the module docs).
+#[cfg(target_os = "linux")]
+pub fn register(subnet: Ipv4Network) -> std::io::Result<Registration> {
+    use std::hash::{BuildHasher, Hasher};
+    use std::os::linux::net::SocketAddrExt;
+    // RandomState is seeded from the system's random source per process.
+    let nonce = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    let name = format!(
+        "{PREFIX}{}/{}_{}/{nonce:016x}",
+        std::process::id(),
+        subnet.network(),
+        subnet.prefix()
+    );
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    let socket = std::os::unix::net::UnixDatagram::bind_addr(&addr)?;
+    Ok(Registration { _socket: socket })
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn register(_subnet: Ipv4Network) -> std::io::Result<Registration> {
+    Ok(Registration {})
+}
+
+/// Every live gateway of this network namespace (see the module docs for
+/// what "live" means), ours included.
+pub fn running() -> Vec<Entry> {
+    // This thread's namespace (a thread may have its own), else the
+    // process's.
+    let Ok(table) =
+        std::fs::read_to_string("/proc/thread-self/net/unix").or_else(|_| std::fs::read_to_string("/proc/net/unix"))
+    else {
+        return Vec::new();
+    };
+    let mut out: Vec<Entry> = table
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(7))
+        .filter_map(|path| parse_name(path.strip_prefix('@')?))
+        .filter(|e| is_gateway_process(e.pid))
+        .collect();
+    out.sort_by_key(|e| (e.pid, e.subnet));
+    out.dedup();
+    out
+}
+
+/// An entry from a registry name (without the leading `@`).
+fn parse_name(name: &str) -> Option<Entry> {
+    let mut parts = name.strip_prefix(PREFIX)?.split('/');
+    let pid = parts.next()?.parse().ok()?;
+    let (net, prefix) = parts.next()?.split_once('_')?;
+    let subnet = Ipv4Network::new(net.parse().ok()?, prefix.parse().ok()?).ok()?;
+    let nonce = parts.next()?;
+    (nonce.len() == 16 && parts.next().is_none()).then_some(Entry { pid, subnet })
+}
+
+/// Whether `pid` is alive and runs this program: named `pilot-gateway`,
+/// or `pilotctl` (the name of the compatibility link, which the kernel
+/// takes for the process name when it is what was run).
+fn is_gateway_process(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|c| matches!(c.trim_end(), "pilot-gateway" | "pilotctl"))
+}
+
+/// The running gateway `addr` would lead into: one whose subnet holds it
+/// (any port: mappings may listen on any), 127.0.0.1, the network and the
+/// broadcast address aside (never mapped).
+pub fn is_gateway_listener(addr: SocketAddr) -> Option<Entry> {
+    let IpAddr::V4(ip) = addr.ip() else {
+        return None;
+    };
+    if ip == Ipv4Addr::LOCALHOST {
+        return None;
+    }
+    running()
+        .into_iter()
+        .find(|e| e.subnet.contains(ip) && ip != e.subnet.network() && ip != e.subnet.broadcast())
+}
+
+/// [`is_gateway_listener`] as the refusal `expose` gives.
+pub fn check_not_gateway_listener(target: SocketAddr) -> Result<()> {
+    match is_gateway_listener(target) {
+        None => Ok(()),
+        Some(e) => Err(Error::new(
+            Code::BadTarget,
+            format!(
+                "target {target} is inside the subnet {} of the pilot gateway running as pid {}: it would relay inbound peers to a mapped agent",
+                e.subnet, e.pid
+            ),
+        )
+        .hint("expose the service itself (e.g. 127.0.0.1:PORT); --allow-remote-target does not allow this")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_strictly() {
+        let e = parse_name("pilot-gateway/1/42/127.77.0.0_16/0123456789abcdef").unwrap();
+        assert_eq!(e.pid, 42);
+        assert_eq!(e.subnet.to_string(), "127.77.0.0/16");
+        for bad in [
+            "pilot-gateway/2/42/127.77.0.0_16/0123456789abcdef",
+            "pilot-gateway/1/x/127.77.0.0_16/0123456789abcdef",
+            "pilot-gateway/1/42/127.77.0.0/16/0123456789abcdef",
+            "pilot-gateway/1/42/127.77.0.0_16/short",
+            "pilot-gateway/1/42/127.77.0.0_99/0123456789abcdef",
+            "pilot-gateway/1/42/127.77.0.0_16/0123456789abcdef/more",
+        ] {
+            assert!(parse_name(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_registration_is_listed_while_held() {
+        // The test binary is not named pilot-gateway: parse the table
+        // directly rather than through `running`.
+        let net: Ipv4Network = "127.99.0.0/16".parse().unwrap();
+        let listed = || {
+            std::fs::read_to_string("/proc/thread-self/net/unix")
+                .unwrap()
+                .lines()
+                .filter_map(|l| parse_name(l.split_whitespace().nth(7)?.strip_prefix('@')?))
+                .any(|e| e.pid == std::process::id() && e.subnet == net)
+        };
+        let r = register(net).unwrap();
+        assert!(listed());
+        drop(r);
+        assert!(!listed());
+    }
+}
