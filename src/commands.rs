@@ -831,6 +831,7 @@ fn status(args: &Args, out: &Output) -> Result<()> {
     let stats = fetch_stats(&dir, &st)?;
     let (mut data, mut text) = output::status(&st, &stats);
     add_draining(&dir, &mut data, &mut text, st.gateway.pid);
+    add_limits(&dir, &mut data, &mut text);
     add_privileges(&mut data, &mut text, st.gateway.pid);
     out.ok(data, &text);
     Ok(())
@@ -867,6 +868,25 @@ fn add_draining(dir: &StateDir, data: &mut Value, text: &mut String, pid: u32) {
     }
     for line in note.as_ref().map(draining_lines).unwrap_or_default() {
         *text += &format!("  draining {line}\n");
+    }
+}
+
+/// `status`: the thread limit (RLIMIT_NPROC) the gateway fitted
+/// `--max-conns` to at start, beside the descriptor limit `output.rs` shows.
+fn add_limits(dir: &StateDir, data: &mut Value, text: &mut String) {
+    let Some(note) = dir.read_note(gateway::LIMITS_NOTE) else {
+        return;
+    };
+    let limit = note.get("nproc_limit").and_then(Value::as_u64);
+    let fit = note.get("max_conns_nproc_fit").and_then(Value::as_u64);
+    if let Value::Obj(pairs) = data {
+        pairs.push(("nproc_limit".into(), limit.into()));
+        pairs.push(("max_conns_nproc_fit".into(), fit.into()));
+    }
+    if let (Some(limit), Some(fit)) = (limit, fit) {
+        *text += &format!(
+            "  threads: at most {limit} for the gateway's user (RLIMIT_NPROC): room for {fit} connections\n"
+        );
     }
 }
 

@@ -4,12 +4,44 @@
 use crate::sys;
 use crate::warn;
 
-/// Descriptors kept apart from connections: standard streams, the signal
-/// pipe, the lock, state and counters files being written, the access log,
-/// the reserve descriptor, a daemon health session, and slack. Listeners
-/// come on top. This headroom is what keeps `stats.json` writable when
-/// every connection slot is taken.
-const FD_HEADROOM: u64 = 32;
+/// Every descriptor the gateway holds apart from connections and
+/// listeners, counted one by one (issue 18: the sock_diag sockets and
+/// `ip`'s pipes were left out). This headroom is what keeps `stats.json`
+/// writable and `ip` runnable when every connection slot is taken.
+pub const FD_ITEMS: [(&str, u64); 14] = [
+    ("standard streams", 3),
+    ("signal pipe", 2),
+    ("state directory", 1),
+    ("state lock", 1),
+    // a write's temporary file and the file read meanwhile (state.json,
+    // stats.json, a note, gateway.log)
+    ("state files being written or read", 3),
+    ("access log", 1),
+    ("reserve descriptor (EMFILE)", 1),
+    ("daemon health session", 1),
+    ("registry socket", 1),
+    // NETLINK_SOCK_DIAG: at most sock_diag::MAX_OPEN lookups at once
+    ("sock_diag lookups", crate::sys::sock_diag::MAX_OPEN as u64),
+    // Command::output: stdin /dev/null, stdout and stderr pipes (2 each),
+    // the exec-error pipe (2); one `ip` at a time (the main thread)
+    ("ip child: pipes and /dev/null", 7),
+    // /proc reads (liveness, thread count, interfaces) on the main thread
+    // while a connection thread reads too
+    ("/proc and /etc reads", 2),
+    ("a command's daemon session (resolve, trust) during an apply", 1),
+    ("slack", 4),
+];
+
+/// The sum of [`FD_ITEMS`].
+pub const FD_HEADROOM: u64 = {
+    let mut sum = 0;
+    let mut i = 0;
+    while i < FD_ITEMS.len() {
+        sum += FD_ITEMS[i].1;
+        i += 1;
+    }
+    sum
+};
 
 /// Raises the descriptor limit as far as allowed and returns the
 /// `--max-conns` that fits it (2 descriptors per slot: a forwarded
@@ -51,4 +83,100 @@ pub fn fit_max_conns(
     warn!("{w}");
     warnings.push(w);
     (fit as usize, room(fit))
+}
+
+/// Threads the gateway runs apart from connections and listeners: the
+/// main thread, the access-log writer, the daemon health thread, and slack
+/// for an exposure's session reader and short-lived helpers.
+pub const THREAD_HEADROOM: u64 = 8;
+/// How many processes [`fit_threads`] looks at, at most.
+const PROC_SCAN: usize = 65_536;
+
+/// What [`fit_threads`] found, for `status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Threads {
+    /// The RLIMIT_NPROC in force (after lowering it to the user's own).
+    pub limit: Option<u64>,
+    /// Threads the user's other processes ran at start.
+    pub others: u64,
+    /// The `--max-conns` that fits (`None`: no limit applies).
+    pub fit: Option<usize>,
+}
+
+/// RLIMIT_NPROC counts every thread of a uid, ours included, against the
+/// limit of the process that starts a thread (uid 0 is exempt). A gateway
+/// switched from root kept root's limit while its threads count against
+/// its user's; so here, running as `uid`: our limit is lowered to the
+/// user's own (the lowest soft limit among their processes, the daemon's
+/// among them), and `--max-conns` to what fits beside the threads those
+/// processes run (2 threads per connection, 1 per listener, plus
+/// [`THREAD_HEADROOM`]), with a warning, as for descriptors.
+pub fn fit_threads(
+    max_conns: usize,
+    listeners: u64,
+    uid: u32,
+    warnings: &mut Vec<String>,
+) -> (usize, Threads) {
+    if uid == 0 || !cfg!(target_os = "linux") {
+        return (max_conns, Threads::default());
+    }
+    let (others, theirs) = sys::proc::user_threads_and_nproc(uid, PROC_SCAN);
+    let limit = match sys::proc::lower_nproc_limit(theirs) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("cannot read the process limit: {e}");
+            return (max_conns, Threads::default());
+        }
+    };
+    let Some(limit) = limit else {
+        return (
+            max_conns,
+            Threads {
+                limit,
+                others,
+                fit: None,
+            },
+        );
+    };
+    let fit = (limit.saturating_sub(others + THREAD_HEADROOM + listeners) / 2).max(1) as usize;
+    if fit < max_conns {
+        let w = format!(
+            "--max-conns {max_conns} does not fit the process limit (RLIMIT_NPROC, ulimit -u) of {limit} threads for uid {uid}, who runs {others} already (2 per connection, plus {} for listeners and the gateway's own): serving at most {fit} at once; raise that user's limit (limits.conf, or LimitNPROC= in systemd) to serve more",
+            THREAD_HEADROOM + listeners
+        );
+        warn!("{w}");
+        warnings.push(w);
+    }
+    (
+        max_conns.min(fit),
+        Threads {
+            limit: Some(limit),
+            others,
+            fit: Some(fit),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_headroom_counts_every_descriptor_kind() {
+        let names: Vec<&str> = FD_ITEMS.iter().map(|(n, _)| *n).collect();
+        for kind in [
+            "sock_diag lookups",
+            "ip child: pipes and /dev/null",
+            "registry socket",
+            "access log",
+        ] {
+            assert!(names.contains(&kind), "{kind} is not counted");
+        }
+        let diag = FD_ITEMS
+            .iter()
+            .find(|(n, _)| *n == "sock_diag lookups")
+            .map(|x| x.1);
+        assert_eq!(diag, Some(sys::sock_diag::MAX_OPEN as u64));
+        assert_eq!(FD_HEADROOM, FD_ITEMS.iter().map(|x| x.1).sum::<u64>());
+    }
 }

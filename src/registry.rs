@@ -60,7 +60,9 @@ pub fn register(subnet: Ipv4Network) -> std::io::Result<Registration> {
     use std::hash::{BuildHasher, Hasher};
     use std::os::linux::net::SocketAddrExt;
     // RandomState is seeded from the system's random source per process.
-    let nonce = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    let nonce = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
     let name = format!(
         "{PREFIX}{}/{}_{}/{nonce:016x}",
         std::process::id(),
@@ -82,8 +84,8 @@ pub fn register(_subnet: Ipv4Network) -> std::io::Result<Registration> {
 pub fn running() -> Vec<Entry> {
     // This thread's namespace (a thread may have its own), else the
     // process's.
-    let Ok(table) =
-        std::fs::read_to_string("/proc/thread-self/net/unix").or_else(|_| std::fs::read_to_string("/proc/net/unix"))
+    let Ok(table) = std::fs::read_to_string("/proc/thread-self/net/unix")
+        .or_else(|_| std::fs::read_to_string("/proc/net/unix"))
     else {
         return Vec::new();
     };

@@ -705,10 +705,16 @@ echo "done"
         a5 = A5
     );
     let t = in_private_namespaces(&script);
-    assert!(t.contains("done") && t.contains("b-rc=0") && t.contains("a-rc=0"), "{t}");
+    assert!(
+        t.contains("done") && t.contains("b-rc=0") && t.contains("a-rc=0"),
+        "{t}"
+    );
     assert!(t.contains("direct=AGENT-REAL"), "B's mapping itself works: {t}");
     assert!(t.contains("refused-expose") && t.contains("refused-start"), "{t}");
-    assert!(!t.contains("bounce=AGENT-REAL"), "a peer reached B's agent through A: {t}");
+    assert!(
+        !t.contains("bounce=AGENT-REAL"),
+        "a peer reached B's agent through A: {t}"
+    );
     assert!(t.contains("accepted-after-b-stopped"), "no stale entry: {t}");
 }
 
@@ -719,7 +725,10 @@ echo "done"
 fn a_forged_registry_entry_counts_for_nothing() {
     netns();
     use std::os::linux::net::SocketAddrExt;
-    let name = format!("pilot-gateway/1/{}/127.66.0.0_16/0123456789abcdef", std::process::id());
+    let name = format!(
+        "pilot-gateway/1/{}/127.66.0.0_16/0123456789abcdef",
+        std::process::id()
+    );
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     let _forged = std::os::unix::net::UnixDatagram::bind_addr(&addr).unwrap();
     let dead = "pilot-gateway/1/999999/127.65.0.0_16/0123456789abcdef";

@@ -53,6 +53,10 @@ mod start;
 
 pub use drain::{NOTE as DRAINING_NOTE, NOTE_MAX as DRAINING_NOTE_MAX};
 
+/// The note of the limits the gateway fitted `--max-conns` to at start
+/// (`limits.rs`): `{nproc_limit, nproc_others, max_conns_nproc_fit}`.
+pub const LIMITS_NOTE: &str = "limits.json";
+
 pub use start::prepare_state_dir;
 use start::{
     clean_up_after_dead_gateway, conn_settings, open_access_log, open_state_dir_as_user, plan_exposures,
@@ -267,6 +271,17 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
     let access = open_access_log(&cfg)?;
     let (max_conns, listener_room) =
         limits::fit_max_conns(cfg.max_conns, cfg.ports.len(), mappings.len(), &mut warnings);
+    let listeners = (cfg.ports.len() * mappings.len().max(1)) as u64;
+    let (max_conns, threads) = limits::fit_threads(max_conns, listeners, sys::user::euid().0, &mut warnings);
+    // For `status`, which shows both limits beside --max-conns.
+    let note = Value::obj([
+        ("nproc_limit", threads.limit.into()),
+        ("nproc_others", threads.others.into()),
+        ("max_conns_nproc_fit", threads.fit.map(|f| f as u64).into()),
+    ]);
+    if let Err(e) = dir.write_atomic(LIMITS_NOTE, &format!("{note}\n")) {
+        warn!("{e}");
+    }
     listener::open_reserve();
     let mut gw = Gateway {
         me: ProcId::current(),
@@ -509,6 +524,7 @@ impl Gateway {
         self.dir.remove("state.json");
         self.dir.remove("stats.json");
         self.dir.remove(drain::NOTE);
+        self.dir.remove(LIMITS_NOTE);
         info!("stopped ({cut} live connections cut)");
     }
 

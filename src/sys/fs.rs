@@ -149,7 +149,7 @@ pub fn open_secure_file(path: &std::path::Path, flags: i32, mode: u32) -> io::Re
     if !meta.is_file() {
         return Err(refused(format!("{} is not a regular file", path.display())));
     }
-    if meta.uid() != 0 && meta.uid() != super::user::euid() {
+    if meta.uid() != 0 && meta.uid() != super::user::euid().0 {
         return Err(refused(format!(
             "{} belongs to uid {}, neither root nor us (uid {})",
             path.display(),
@@ -267,7 +267,7 @@ fn walk_to_parent(path: &std::path::Path) -> io::Result<(Checked, String)> {
         let st = stat_any(&dir.file, &name)?;
         if st.mode & libc::S_IFMT == libc::S_IFLNK {
             links += 1;
-            if links > MAX_LINKS || dir.sticky_open || (st.uid != 0 && st.uid != super::user::euid()) {
+            if links > MAX_LINKS || dir.sticky_open || (st.uid != 0 && st.uid != super::user::euid().0) {
                 return Err(refused(format!(
                     "{} is a symbolic link in a directory others may write, or not root's or ours; it is not followed",
                     next.display()
@@ -304,7 +304,7 @@ fn walk_to_parent(path: &std::path::Path) -> io::Result<(Checked, String)> {
 fn check_dir(file: std::fs::File, path: &std::path::Path, in_sticky: bool) -> io::Result<Checked> {
     use std::os::unix::fs::MetadataExt;
     let meta = file.metadata()?;
-    let me = super::user::euid();
+    let me = super::user::euid().0;
     let trusted_owner = meta.uid() == 0 || meta.uid() == me;
     if !trusted_owner {
         let why = if in_sticky {

@@ -91,6 +91,68 @@ pub fn monotonic_usec() -> u64 {
     (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
 }
 
+/// Lowers our soft RLIMIT_NPROC to `n` (never raises it; lowering needs
+/// no privilege); returns the soft limit now in force (`None`: unlimited).
+pub fn lower_nproc_limit(n: Option<u64>) -> io::Result<Option<u64>> {
+    // SAFETY: rlimit is plain data; getrlimit fills it.
+    let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to an rlimit.
+    cerr(unsafe { libc::getrlimit(libc::RLIMIT_NPROC, &mut rl) })?;
+    if let Some(n) = n {
+        if rl.rlim_cur == libc::RLIM_INFINITY || (rl.rlim_cur as u64) > n {
+            let lowered = libc::rlimit {
+                rlim_cur: n as libc::rlim_t,
+                rlim_max: rl.rlim_max,
+            };
+            // SAFETY: a valid pointer to an rlimit.
+            cerr(unsafe { libc::setrlimit(libc::RLIMIT_NPROC, &lowered) })?;
+            rl.rlim_cur = lowered.rlim_cur;
+        }
+    }
+    Ok((rl.rlim_cur != libc::RLIM_INFINITY).then_some(rl.rlim_cur as u64))
+}
+
+/// What the processes of `uid` (ours aside) say of that user, from /proc
+/// (readable by everyone): how many threads they run, and the lowest soft
+/// "Max processes" limit among them — the user's own `ulimit -u`, as their
+/// sessions (the daemon's among them) got it. At most `scan` processes.
+pub fn user_threads_and_nproc(uid: u32, scan: usize) -> (u64, Option<u64>) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return (0, None);
+    };
+    let me = std::process::id();
+    let (mut threads, mut limit): (u64, Option<u64>) = (0, None);
+    for pid in entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| p != me)
+        .take(scan)
+    {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+        let real_uid = field("Uid:").and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok());
+        if real_uid != Some(uid) {
+            continue;
+        }
+        threads += field("Threads:").and_then(|v| v.parse().ok()).unwrap_or(1);
+        let soft = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+            .ok()
+            .and_then(|l| {
+                let line = l.lines().find(|l| l.starts_with("Max processes"))?;
+                line["Max processes".len()..]
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            });
+        if let Some(s) = soft {
+            limit = Some(limit.map_or(s, |l| l.min(s)));
+        }
+    }
+    (threads, limit)
+}
+
 /// Raises the soft limit on open descriptors to the hard limit; returns
 /// the soft limit now in force.
 pub fn raise_nofile_limit() -> io::Result<u64> {

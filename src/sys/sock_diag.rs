@@ -60,6 +60,50 @@ impl PeerState {
 /// How long one lookup waits for the kernel's reply at most.
 pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How many netlink sockets lookups hold at once at most (each opens one
+/// for its duration): a fixed number the descriptor budget counts
+/// (`limits.rs`), however many connections ask at the same time. A lookup
+/// that finds none free within [`SLOT_WAIT`] fails ("could not tell").
+pub const MAX_OPEN: usize = 4;
+const SLOT_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// One of the [`MAX_OPEN`] lookup slots, given back when dropped.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+struct Slot;
+
+static SLOTS_IN_USE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+impl Slot {
+    fn take() -> io::Result<Slot> {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        let deadline = std::time::Instant::now() + SLOT_WAIT;
+        loop {
+            let now = SLOTS_IN_USE.load(Acquire);
+            if now < MAX_OPEN
+                && SLOTS_IN_USE
+                    .compare_exchange(now, now + 1, AcqRel, Acquire)
+                    .is_ok()
+            {
+                return Ok(Slot);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "every sock_diag lookup slot is busy",
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        SLOTS_IN_USE.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// [`peer_state`] for an accepted connection: its peer is the client, its
 /// local address the listener's. `Unknown` for IPv6 (listeners are IPv4).
 pub fn client_state(tcp: &TcpStream) -> io::Result<PeerState> {
@@ -145,6 +189,7 @@ mod linux {
     }
 
     pub fn peer_state(peer: SocketAddrV4, local: SocketAddrV4) -> io::Result<PeerState> {
+        let _slot = super::Slot::take()?;
         let fd = open()?;
         match lookup(&fd, 1, peer, local)? {
             Answer::Found { inode: 0, .. } => Ok(PeerState::Closed),
@@ -170,6 +215,7 @@ mod linux {
     const DUMP_DATAGRAMS: usize = 100_000;
 
     pub fn tcp_sockets_on(ip: std::net::Ipv4Addr) -> io::Result<usize> {
+        let _slot = super::Slot::take()?;
         let fd = open()?;
         let seq = 3;
         // The request of `encode_request`, made a dump: NLM_F_DUMP, id all
