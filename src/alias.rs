@@ -321,6 +321,11 @@ fn classify(what: &str, tool_said: &str) -> Error {
 
 // ---- Forensics: whose is an alias we find on loopback? ----
 
+/// Part of the reason [`check_stale_alias`] gives when a process holds a
+/// socket on the address: a refusal that may pass (the gateway retries
+/// such leftovers later, `gateway::Gateway::retry_stale_aliases`).
+pub const BUSY: &str = "TCP socket(s) are bound to it";
+
 /// Whether a dead gateway's recorded alias may be removed (`Err`: why
 /// not, in its message); [`Aliases::remove`] then removes it with this
 /// gateway's label. The old state file was writable by
@@ -354,7 +359,7 @@ pub fn check_stale_alias(new: Ipv4Network, ip: Ipv4Addr, ours: &str) -> Result<(
         // use it does not keep our own leftover.
         Label::Ours => match sys::sock_diag::tcp_sockets_on(ip) {
             Ok(n @ 1..) => Err(no(format!(
-                "{n} TCP socket(s) are bound to it: another gateway or program is live there"
+                "{n} {BUSY}: another gateway or program is live there"
             ))),
             Ok(0) => Ok(()),
             Err(e) => {

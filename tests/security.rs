@@ -5,6 +5,7 @@
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 use pilot_gateway::json::{self, Value};
@@ -399,4 +400,48 @@ fn state_directory_path_is_walked_securely() {
         assert!(!state.exists(), "nothing created: {state:?}");
     }
     assert!(!dir.path("real").join("state").exists());
+}
+
+/// Issue 18: a dead gateway's alias that some process held a socket on
+/// when the next gateway started was left, and never removed later. Now
+/// it is tried again on every SIGHUP and idle tick, and goes once unused.
+#[test]
+fn a_stale_alias_in_use_at_start_is_removed_once_unused() {
+    netns();
+    let dir = TempDir::new("sec-stale");
+    let devd = Devd::start(
+        &dir,
+        &[
+            "--route",
+            "0:0000.0000.0004=127.0.0.1",
+            "--route",
+            "0:0000.0000.0005=127.0.0.1",
+        ],
+    );
+    let gw = Gw::new(&dir, &devd.socket);
+    let mut p = gw.foreground(&dir, &["--ports", "8080", A4]);
+    assert!(has_alias("10.4.0.1"));
+    p.signal(libc::SIGKILL);
+    assert!(p.wait_exit(Duration::from_secs(5)).is_some());
+    // Someone holds a socket on the leftover address.
+    let holder = std::net::TcpListener::bind("10.4.0.1:9999").unwrap();
+    let mut p = gw.foreground(&dir, &["--ports", "8080", A5, "10.4.0.2"]);
+    assert!(has_alias("10.4.0.1"), "kept while in use");
+    assert!(
+        p.stderr().contains("tried again once it is unused"),
+        "{}",
+        p.stderr()
+    );
+    drop(holder);
+    // A SIGHUP (any `map`/`unmap`) tries again at once; idle ticks too.
+    let _ = gw.run(&["unmap", "10.4.0.9"]);
+    assert!(
+        wait_until(Duration::from_secs(8), || !has_alias("10.4.0.1")),
+        "removed once unused: {}",
+        p.stderr()
+    );
+    assert!(has_alias("10.4.0.2"));
+    assert!(p.stderr().contains("removed leftover alias 10.4.0.1"));
+    gw.ok(&["stop"]);
+    assert!(p.wait_exit(Duration::from_secs(5)).is_some());
 }

@@ -57,6 +57,11 @@ impl Draining {
 }
 
 impl Gateway {
+    /// Whether mapping `ip` drains now.
+    pub(super) fn draining_has(&self, ip: Ipv4Addr) -> bool {
+        self.draining.maps.contains_key(&ip)
+    }
+
     /// Stops accepting on mapping `ip` and lets its connections finish in
     /// the background for up to `wait`.
     pub(super) fn drain_mapping(&mut self, ip: Ipv4Addr, wait: Duration, generation: u64) {

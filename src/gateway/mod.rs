@@ -222,6 +222,10 @@ struct Gateway {
     draining: drain::Draining,
     /// Our entry in the registry of running gateways, held until we exit.
     _registration: crate::registry::Registration,
+    /// A dead predecessor's aliases left because a process held a socket
+    /// on them: tried again on every SIGHUP and every idle tick.
+    stale_aliases: Vec<Ipv4Addr>,
+    stale_tried: Instant,
 }
 
 /// Runs the gateway until SIGTERM/SIGINT. `ready` is called once every
@@ -255,7 +259,7 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         sys::proc::redirect_stderr(&log).map_err(|e| Error::io("cannot write gateway.log", &e))?;
     }
     let aliases = Aliases::labelled(alias::label_for(dir.identity()?));
-    let cleaned = clean_up_after_dead_gateway(&dir, &aliases, cfg.subnet)?;
+    let (cleaned, stale_aliases) = clean_up_after_dead_gateway(&dir, &aliases, cfg.subnet)?;
     // Known to every other gateway of this namespace from now on, so none
     // exposes a target in our subnet (`registry.rs`).
     let registration = crate::registry::register(cfg.subnet)
@@ -301,6 +305,8 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         notify,
         draining: drain::Draining::default(),
         _registration: registration,
+        stale_aliases,
+        stale_tried: Instant::now(),
     };
     let st = gw.start_up(&cfg, (mappings, exposures), switched.as_ref())?;
     drop(lock);
@@ -453,7 +459,13 @@ impl Gateway {
             } else {
                 drain::POLL
             };
-            for sig in signals.wait(watchdog.map_or(wait, |w| w.min(wait))) {
+            let sigs = signals.wait(watchdog.map_or(wait, |w| w.min(wait)));
+            let tick = sigs.is_empty() && self.stale_tried.elapsed() >= Duration::from_secs(5);
+            if tick || sigs.contains(&libc::SIGHUP) {
+                self.stale_tried = Instant::now();
+                self.retry_stale_aliases();
+            }
+            for sig in sigs {
                 match sig {
                     libc::SIGHUP if self.draining.stopping.is_some() => {
                         warn!("stopping: changes to the state file are not applied any more");
@@ -507,6 +519,35 @@ impl Gateway {
                 return;
             }
         }
+    }
+
+    /// Removes the leftover aliases of a dead predecessor that were in use
+    /// at start, once nobody holds a socket on them any more (same checks
+    /// as at start: `alias::check_stale_alias`). An address we map
+    /// ourselves meanwhile, or one that now fails for another reason, is
+    /// dropped from the list.
+    fn retry_stale_aliases(&mut self) {
+        if self.stale_aliases.is_empty() {
+            return;
+        }
+        let mut keep = Vec::new();
+        for ip in std::mem::take(&mut self.stale_aliases) {
+            if self.running.contains_key(&ip) || self.draining_has(ip) {
+                continue;
+            }
+            if !subnet::is_local_address(ip).unwrap_or(true) {
+                continue; // gone meanwhile
+            }
+            match alias::check_stale_alias(self.subnet, ip, &self.aliases.label) {
+                Ok(()) => match self.aliases.remove(ip) {
+                    Ok(()) => info!("removed leftover alias {ip} of a dead gateway, unused now"),
+                    Err(e) => warn!("could not remove leftover alias {ip}: {e}"),
+                },
+                Err(why) if why.message.contains(alias::BUSY) => keep.push(ip),
+                Err(why) => warn!("left address {ip} alone: {}", why.message),
+            }
+        }
+        self.stale_aliases = keep;
     }
 
     /// Stops everything now (ending any drain), notes how many live

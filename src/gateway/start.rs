@@ -100,15 +100,16 @@ pub(super) fn open_state_dir_as_user(cfg: &Config) -> Result<(StateDir, Option<S
 
 /// Refuses to start beside a live gateway; after a dead one, removes the
 /// aliases it recorded — only where it is safe (see `alias::check_stale_alias`) —
-/// and its files. Returns the aliases removed. Runs after the switch to
-/// the gateway's user, with only its two capabilities.
+/// and its files. Returns the aliases removed, and those left only because
+/// a process held a socket on them (retried later: `Gateway::retry_stale_aliases`).
+/// Runs after the switch to the gateway's user, with only its two capabilities.
 pub(super) fn clean_up_after_dead_gateway(
     dir: &StateDir,
     aliases: &Aliases,
     subnet: Ipv4Network,
-) -> Result<Vec<String>> {
+) -> Result<(Vec<String>, Vec<Ipv4Addr>)> {
     let Some(prev) = dir.read()? else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     };
     if prev.gateway.is_alive() {
         return Err(Error::new(
@@ -126,6 +127,7 @@ pub(super) fn clean_up_after_dead_gateway(
         })
         .collect();
     let mut cleaned = Vec::new();
+    let mut busy = Vec::new();
     for m in prev.mappings.iter().filter(|m| m.alias_added) {
         if !subnet::is_local_address(m.local_ip).unwrap_or(true) {
             continue; // already gone
@@ -139,8 +141,14 @@ pub(super) fn clean_up_after_dead_gateway(
             alias::check_stale_alias(subnet, m.local_ip, &aliases.label)
         };
         if let Err(why) = removable {
+            let later = if why.message.contains(alias::BUSY) {
+                busy.push(m.local_ip);
+                " (tried again once it is unused)"
+            } else {
+                ""
+            };
             warn!(
-                "left address {} alone: the old state file says the gateway added it, but {}",
+                "left address {} alone: the old state file says the gateway added it, but {}{later}",
                 m.local_ip, why.message
             );
             continue;
@@ -161,7 +169,7 @@ pub(super) fn clean_up_after_dead_gateway(
     );
     dir.remove("state.json");
     dir.remove("stats.json");
-    Ok(cleaned)
+    Ok((cleaned, busy))
 }
 
 /// Asks the daemon about every target and allocates local IPs, before
