@@ -445,3 +445,44 @@ fn a_stale_alias_in_use_at_start_is_removed_once_unused() {
     gw.ok(&["stop"]);
     assert!(p.wait_exit(Duration::from_secs(5)).is_some());
 }
+
+/// SECURITY.md is true line by line only if every test its table names
+/// exists: each `path.rs` cell names a file, each name after it a `fn` in
+/// that file.
+#[test]
+fn security_md_names_only_tests_that_exist() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("SECURITY.md")).unwrap();
+    let table = &doc[doc.find("## What the tests prove").unwrap()..];
+    let mut named = 0;
+    for line in table
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| claim"))
+    {
+        let cell = line.split('|').nth(2).unwrap_or("");
+        let mut file: Option<String> = None;
+        for (i, tok) in cell.split('`').enumerate() {
+            if i % 2 == 0 {
+                continue;
+            }
+            if tok.ends_with(".rs") {
+                assert!(
+                    root.join(tok).exists(),
+                    "SECURITY.md names {tok}, which does not exist"
+                );
+                file = Some(std::fs::read_to_string(root.join(tok)).unwrap());
+                continue;
+            }
+            let Some(src) = &file else { continue };
+            if !tok.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                continue;
+            }
+            assert!(
+                src.contains(&format!("fn {tok}(")),
+                "SECURITY.md names test {tok}, not in its file: {line}"
+            );
+            named += 1;
+        }
+    }
+    assert!(named > 50, "only {named} tests named");
+}
