@@ -8,7 +8,7 @@ use crate::warn;
 /// listeners, counted one by one (issue 18: the sock_diag sockets and
 /// `ip`'s pipes were left out). This headroom is what keeps `stats.json`
 /// writable and `ip` runnable when every connection slot is taken.
-pub const FD_ITEMS: [(&str, u64); 14] = [
+pub const FD_ITEMS: [(&str, u64); 15] = [
     ("standard streams", 3),
     ("signal pipe", 2),
     ("state directory", 1),
@@ -20,6 +20,7 @@ pub const FD_ITEMS: [(&str, u64); 14] = [
     ("reserve descriptor (EMFILE)", 1),
     ("daemon health session", 1),
     ("registry socket", 1),
+    ("systemd notify socket", 1),
     // NETLINK_SOCK_DIAG: at most sock_diag::MAX_OPEN lookups at once
     ("sock_diag lookups", crate::sys::sock_diag::MAX_OPEN as u64),
     // Command::output: stdin /dev/null, stdout and stderr pipes (2 each),
@@ -29,7 +30,7 @@ pub const FD_ITEMS: [(&str, u64); 14] = [
     // while a connection thread reads too
     ("/proc and /etc reads", 2),
     ("a command's daemon session (resolve, trust) during an apply", 1),
-    ("slack", 4),
+    ("slack", 3),
 ];
 
 /// The sum of [`FD_ITEMS`].
