@@ -19,10 +19,12 @@
 //!
 //! Trust: any local user may bind such a name. An entry counts only while
 //! its PID is alive and is a process named `pilot-gateway` or `pilotctl`
-//! (`/proc/PID/comm`, readable by everyone); a forged one can therefore
-//! only make exposures into the subnet it claims be refused (a refusal,
-//! never a relay), and cannot hide a real gateway (which holds its own
-//! name). Not Linux: no abstract names; only the checks of `expose.rs`
+//! (`/proc/PID/comm`, readable by everyone), and outside 127.0.0.0/8 only
+//! for addresses on loopback (see [`is_gateway_listener`]); a forged one
+//! can therefore only make exposures into a loopback subnet, or onto
+//! loopback addresses, be refused — what any local user may cause anyway
+//! by running a real gateway on a 127.x subnet (a refusal, never a relay)
+//! — and cannot hide a real gateway (which holds its own name). Not Linux: no abstract names; only the checks of `expose.rs`
 //! apply there.
 //!
 //! API (also meant for a subnet-clash check at start):
@@ -120,7 +122,13 @@ fn is_gateway_process(pid: u32) -> bool {
 
 /// The running gateway `addr` would lead into: one whose subnet holds it
 /// (any port: mappings may listen on any), 127.0.0.1, the network and the
-/// broadcast address aside (never mapped).
+/// broadcast address aside (never mapped). Outside 127.0.0.0/8 a mapped
+/// address is a loopback alias, so there the address must also be one
+/// (most carry a gateway's label and are refused for that already; this
+/// catches an address that was configured before the gateway used it).
+/// So a forged entry can cost at most what a real gateway any local user
+/// may run costs: exposures into its loopback subnet, or onto loopback
+/// addresses inside the subnet it claims.
 pub fn is_gateway_listener(addr: SocketAddr) -> Option<Entry> {
     let IpAddr::V4(ip) = addr.ip() else {
         return None;
@@ -128,9 +136,16 @@ pub fn is_gateway_listener(addr: SocketAddr) -> Option<Entry> {
     if ip == Ipv4Addr::LOCALHOST {
         return None;
     }
-    running()
-        .into_iter()
-        .find(|e| e.subnet.contains(ip) && ip != e.subnet.network() && ip != e.subnet.broadcast())
+    let loopback: Ipv4Network = Ipv4Network::new(Ipv4Addr::new(127, 0, 0, 0), 8).ok()?;
+    let on_lo = || {
+        crate::sys::net::interface_addresses().is_ok_and(|all| all.iter().any(|a| a.addr == ip && a.loopback))
+    };
+    running().into_iter().find(|e| {
+        e.subnet.contains(ip)
+            && ip != e.subnet.network()
+            && ip != e.subnet.broadcast()
+            && (loopback.contains(e.subnet.network()) || on_lo())
+    })
 }
 
 /// [`is_gateway_listener`] as the refusal `expose` gives.

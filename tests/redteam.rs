@@ -738,3 +738,46 @@ fn a_forged_registry_entry_counts_for_nothing() {
     assert!(pilot_gateway::registry::running().is_empty());
     assert!(pilot_gateway::registry::is_gateway_listener("127.66.0.1:80".parse().unwrap()).is_none());
 }
+
+/// Attack (red-team pass of issue 18): a local user binds a registry name
+/// of their own, from a process they name `pilot-gateway`, claiming
+/// 0.0.0.0/0, to have every exposure refused. Safe outcome: outside
+/// 127.0.0.0/8 an entry counts only for addresses on loopback, so
+/// exposures of other addresses go on (claims inside 127/8 cost what a
+/// real gateway any user may run costs).
+#[test]
+fn a_forged_registry_entry_for_every_address_blocks_nothing_off_loopback() {
+    netns();
+    let script = format!(
+        r#"
+ip link set lo up
+ip link add v0 type veth peer name v1 && ip addr add 10.9.0.1/24 dev v0 && ip link set v0 up
+mkdir -p /tmp/nb /tmp/fake && chown 65534:65534 /tmp/nb /tmp/fake
+$NB $DEVD --socket /tmp/nb/devd.sock 2>/dev/null &
+waitsock /tmp/nb/devd.sock
+# nobody's "gateway": python under the name pilot-gateway holding a forged name
+ln -s "$(readlink -f /usr/bin/python3)" /tmp/fake/pilot-gateway
+$NB /tmp/fake/pilot-gateway -c '
+import socket, os, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind("\0pilot-gateway/1/%d/0.0.0.0_0/0123456789abcdef" % os.getpid())
+open("/tmp/nb/ready", "w").close()
+time.sleep(60)' &
+i=0; while [ ! -e /tmp/nb/ready ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
+[ -e /tmp/nb/ready ] && grep -q '@pilot-gateway/1/.*/0.0.0.0_0/' /proc/net/unix && echo "forged-entry-up"
+g() {{ timeout -s KILL 30 $GW --socket /tmp/nb/devd.sock --state-dir /run/pgw "$@"; }}
+g start --subnet 127.88.0.0/16 --ports 9191 >/dev/null 2>&1; echo "start-rc=$?"
+g expose --allow-remote-target 81 10.9.0.1:22 >/dev/null 2>&1 && echo "lan-accepted"
+g expose 82 127.0.0.1:22 >/dev/null 2>&1 && echo "localhost-accepted"
+g stop >/dev/null 2>&1
+echo "done"
+"#
+    );
+    let t = in_private_namespaces(&script);
+    assert!(
+        t.contains("done") && t.contains("start-rc=0") && t.contains("forged-entry-up"),
+        "{t}"
+    );
+    assert!(t.contains("lan-accepted"), "{t}");
+    assert!(t.contains("localhost-accepted"), "{t}");
+}
