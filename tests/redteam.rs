@@ -748,8 +748,7 @@ fn a_forged_registry_entry_counts_for_nothing() {
 #[test]
 fn a_forged_registry_entry_for_every_address_blocks_nothing_off_loopback() {
     netns();
-    let script = format!(
-        r#"
+    let script = r#"
 ip link set lo up
 ip link add v0 type veth peer name v1 && ip addr add 10.9.0.1/24 dev v0 && ip link set v0 up
 mkdir -p /tmp/nb /tmp/fake && chown 65534:65534 /tmp/nb /tmp/fake
@@ -765,15 +764,14 @@ open("/tmp/nb/ready", "w").close()
 time.sleep(60)' &
 i=0; while [ ! -e /tmp/nb/ready ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
 [ -e /tmp/nb/ready ] && grep -q '@pilot-gateway/1/.*/0.0.0.0_0/' /proc/net/unix && echo "forged-entry-up"
-g() {{ timeout -s KILL 30 $GW --socket /tmp/nb/devd.sock --state-dir /run/pgw "$@"; }}
+g() { timeout -s KILL 30 $GW --socket /tmp/nb/devd.sock --state-dir /run/pgw "$@"; }
 g start --subnet 127.88.0.0/16 --ports 9191 >/dev/null 2>&1; echo "start-rc=$?"
 g expose --allow-remote-target 81 10.9.0.1:22 >/dev/null 2>&1 && echo "lan-accepted"
 g expose 82 127.0.0.1:22 >/dev/null 2>&1 && echo "localhost-accepted"
 g stop >/dev/null 2>&1
 echo "done"
-"#
-    );
-    let t = in_private_namespaces(&script);
+"#;
+    let t = in_private_namespaces(script);
     assert!(
         t.contains("done") && t.contains("start-rc=0") && t.contains("forged-entry-up"),
         "{t}"
