@@ -663,7 +663,8 @@ fn apply_removal(
             if let Some(e) = note.as_ref().and_then(|n| find_draining(n, what)) {
                 // Progress on stderr, so stdout holds the one result.
                 if !out.json {
-                    eprintln!("draining {what}: {}", draining_text(&e));
+                    let line = format!("draining {what}: {}", draining_text(&e));
+                    eprintln!("{}", crate::escape::escape_control(&line));
                 }
             }
         }
@@ -1011,8 +1012,9 @@ fn stop(args: &Args, out: &Output) -> Result<()> {
         if !drain.is_zero() && !out.json && last_progress.elapsed() >= Duration::from_secs(1) {
             last_progress = Instant::now();
             if let Some(note) = dir.read_note_max(gateway::DRAINING_NOTE, gateway::DRAINING_NOTE_MAX) {
+                // Text from a file the gateway's user writes: escaped.
                 for line in draining_lines(&note) {
-                    eprintln!("draining {line}");
+                    eprintln!("draining {}", crate::escape::escape_control(&line));
                 }
             }
         }

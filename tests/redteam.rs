@@ -779,3 +779,54 @@ echo "done"
     assert!(t.contains("lan-accepted"), "{t}");
     assert!(t.contains("localhost-accepted"), "{t}");
 }
+
+/// Attack (red-team pass of issue 18): the gateway's user forges
+/// `draining.json` while root waits in `stop --drain S --wait`, putting an
+/// escape sequence where the progress lines show a mapping's agent.
+/// Safe outcome: the progress lines are escaped like every other line.
+#[test]
+fn drain_progress_carries_no_terminal_controls_from_the_state_directory() {
+    netns();
+    let dir = TempDir::new("rt-drainesc");
+    let _svc = Service::start(8080, echo_service);
+    let (socket, _devd) = devd_as_nobody(&dir, &routes());
+    let gw = Gw::new(&dir, &socket);
+    gw.ok(&["start", "--ports", "8080", A4]);
+    let mut c = TcpStream::connect("10.4.0.1:8080").unwrap();
+    c.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    std::io::Read::read_exact(&mut c, &mut b).unwrap();
+    let mut stop = gw.cmd();
+    stop.args(["stop", "--drain", "30", "--wait"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let stopping = stop.spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let pid = gw.pid();
+    let forged = format!(
+        "{{\"pid\":{pid},\"stopping\":true,\"mappings\":[{{\"local_ip\":\"10.4.0.1\",\"pilot_addr\":\"\\u001b]0;owned\\u0007\\u001b[2J\",\"active\":1,\"secs_left\":29,\"generation\":0}}],\"exposures\":[],\"done\":[]}}\n"
+    );
+    let tmp = gw.state.join(".forged.tmp");
+    std::fs::write(&tmp, forged).unwrap();
+    std::os::unix::fs::chown(&tmp, Some(NOBODY), Some(NOBODY)).unwrap();
+    std::fs::rename(&tmp, gw.state.join("draining.json")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    drop(c);
+    let out = stopping.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("draining 10.4.0.1"), "progress shown: {err}");
+    assert!(
+        !err.contains('\u{1b}') && !err.contains('\u{7}'),
+        "raw controls reached the terminal: {err:?}"
+    );
+}
+
+fn echo_service(mut c: TcpStream) {
+    let mut b = [0u8; 1024];
+    while let Ok(n) = std::io::Read::read(&mut c, &mut b) {
+        if n == 0 || c.write_all(&b[..n]).is_err() {
+            break;
+        }
+    }
+}
