@@ -346,7 +346,7 @@ fn open_dir_path(path: &str) -> io::Result<std::fs::File> {
 
 /// The mode and owner of an entry itself (fstatat, AT_SYMLINK_NOFOLLOW).
 struct AnyStat {
-    mode: u32,
+    mode: libc::mode_t,
     uid: u32,
 }
 
@@ -360,7 +360,7 @@ fn stat_any(dir: &std::fs::File, name: &str) -> io::Result<AnyStat> {
         return Err(io::Error::last_os_error());
     }
     Ok(AnyStat {
-        mode: st.st_mode as u32,
+        mode: st.st_mode,
         uid: st.st_uid,
     })
 }
