@@ -34,6 +34,12 @@ const CAP_NET_BIND_SERVICE: u32 = 10;
 #[cfg(target_os = "linux")]
 const CAP_NET_ADMIN: u32 = 12;
 
+/// Set to `1` by whoever runs the gateway under a user-mode emulator
+/// (qemu-user), which adds threads of its own to our process: then
+/// [`restrict`] goes on beside them (they keep their capabilities) instead
+/// of refusing. Only the operator who starts the gateway sets it.
+pub const EMULATED_ENV: &str = "PILOT_GATEWAY_EMULATED";
+
 /// The result of a switch, for the start report.
 #[derive(Clone, Debug)]
 pub struct Switched {
@@ -193,9 +199,15 @@ pub fn restrict(user: Option<&User>) -> Result<Switched> {
         .hint("run as root, or start the gateway as the daemon's user with --no-user-switch")
     };
     if let Some(n @ 2..) = sys::proc::thread_count() {
-        return Err(Error::internal(format!(
-            "cannot switch to user {name} with {n} threads running: capabilities are per thread"
-        )));
+        // A user-mode emulator (qemu-user) runs threads of its own in our
+        // process, which we cannot restrict; only its operator may say so.
+        if std::env::var_os(EMULATED_ENV).is_none_or(|v| v != "1") {
+            return Err(Error::internal(format!(
+                "cannot switch to user {name} with {n} threads running: capabilities are per thread"
+            ))
+            .hint(format!("under a user-mode emulator (qemu-user), whose own threads keep their capabilities, set {EMULATED_ENV}=1")));
+        }
+        crate::warn!("{n} threads before the privilege drop ({EMULATED_ENV}=1): the emulator's own threads keep their capabilities");
     }
     let keep = (1u64 << CAP_NET_ADMIN) | (1u64 << CAP_NET_BIND_SERVICE);
     drop_bounding_set(keep).map_err(fail)?;

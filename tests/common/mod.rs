@@ -320,7 +320,10 @@ impl Gw {
     /// or an emulator with that build as its first argument).
     pub fn foreground_via(&self, dir: &TempDir, program: &[&Path], args: &[&str]) -> Proc {
         let mut c = Command::new(program[0]);
+        // The emulator's own threads cannot be restricted (see
+        // privilege::EMULATED_ENV).
         c.args(&program[1..])
+            .env("PILOT_GATEWAY_EMULATED", "1")
             .arg("--state-dir")
             .arg(&self.state)
             .arg("--socket")
