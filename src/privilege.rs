@@ -201,7 +201,7 @@ pub fn restrict(user: Option<&User>) -> Result<Switched> {
     if let Some(n @ 2..) = sys::proc::thread_count() {
         // A user-mode emulator (qemu-user) runs threads of its own in our
         // process, which we cannot restrict; only its operator may say so.
-        if std::env::var_os(EMULATED_ENV).is_none_or(|v| v != "1") {
+        if !matches!(std::env::var_os(EMULATED_ENV), Some(v) if v == "1") {
             return Err(Error::internal(format!(
                 "cannot switch to user {name} with {n} threads running: capabilities are per thread"
             ))
