@@ -56,7 +56,7 @@ fuzz:
 		mkdir -p corpus/$$t && cargo +nightly fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; \
 	done
 
-# Side-by-side measurements (network namespace; installs socat). See README.
+# Side-by-side measurements (network namespace; installs socat). See docs/PERFORMANCE.md.
 bench:
 	bash scripts/bench.sh
 
