@@ -61,7 +61,7 @@ pub const THREAD_STACK: usize = 64 * 1024;
 /// gives it back once a read has drained the socket, so an idle connection
 /// holds none. They start small and double (up to the limit) whenever one
 /// read fills them, so a busy connection soon moves data in large gulps
-/// with few syscalls. Sizes chosen with `make bench` (see README).
+/// with few syscalls. Sizes chosen with `make bench` (see docs/PERFORMANCE.md).
 pub const BUFFER_START: usize = 16 * 1024;
 
 /// How long the TCP side may keep its socket open after the pilot side
