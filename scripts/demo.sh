@@ -6,6 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ -z "${PGW_DEMO_INSIDE:-}" ]; then
+    # A first build takes a while (~25 s); say so instead of sitting silent.
+    if [ -x target/release/pilot-gateway ] && [ -x target/release/pilot-devd ]; then
+        echo "demo: checking that target/release/pilot-gateway and pilot-devd are up to date (cargo build --release)…" >&2
+    else
+        echo "demo: building pilot-gateway and pilot-devd (cargo build --release; the first build takes about 25 s)…" >&2
+    fi
     cargo build --release --quiet
     if [ "$(id -u)" -ne 0 ]; then
         echo "make demo needs root (it creates a private network namespace): sudo make demo" >&2

@@ -19,11 +19,65 @@ use lexopt::prelude::*;
 use crate::error::{Code, Error, Result};
 
 /// A mapping the user asked for on `start`: an address or a hostname, and
-/// perhaps a chosen local IP.
+/// perhaps a chosen local IP and its own ports (`--map`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     pub name: String,
     pub ip: Option<Ipv4Addr>,
+    /// The mapping's own ports; `None`: the gateway's `--ports`.
+    pub ports: Option<Vec<u16>>,
+}
+
+impl Target {
+    /// `start --map ADDR[,ip=IP][,ports=P+P…]`: one mapping with its own
+    /// local IP and ports. `,` separates the options, so ports are joined
+    /// with `+` (as `--expose`'s peers are); bare numbers after `ports=`
+    /// continue its list too (`ports=80,9000`).
+    pub fn parse_map(spec: &str) -> Result<Target> {
+        let hint = "for example: --map lab-b,ports=80+9000 or --map 0:0000.0000.0004,ip=10.4.0.7,ports=22";
+        let mut parts = spec.split(',');
+        let name = parts.next().unwrap_or_default().trim();
+        if name.is_empty() || name.contains('=') {
+            return Err(Error::usage(format!(
+                "--map {spec:?} does not start with a pilot address or hostname"
+            ))
+            .hint(hint));
+        }
+        let mut t = Target {
+            name: name.to_string(),
+            ip: None,
+            ports: None,
+        };
+        let mut in_ports = false;
+        for opt in parts {
+            match opt.split_once('=') {
+                Some(("ip", ip)) => {
+                    in_ports = false;
+                    t.ip = Some(ip.parse().map_err(|_| {
+                        Error::usage(format!("--map {spec:?}: ip={ip:?} is not an IPv4 address")).hint(hint)
+                    })?);
+                }
+                Some(("ports", list)) => {
+                    in_ports = true;
+                    t.ports = Some(crate::subnet::parse_ports(&list.replace('+', ","))?);
+                }
+                None if in_ports && !opt.is_empty() => {
+                    let more = crate::subnet::parse_ports(&opt.replace('+', ","))?;
+                    let ports = t.ports.get_or_insert_with(Vec::new);
+                    for p in more {
+                        if !ports.contains(&p) {
+                            ports.push(p);
+                        }
+                    }
+                }
+                _ => {
+                    return Err(Error::usage(format!("--map {spec:?}: unknown option {opt:?}"))
+                        .hint(format!("the options are ip=IP and ports=P+P…; {hint}")))
+                }
+            }
+        }
+        Ok(t)
+    }
 }
 
 /// An exposure the user asked for (`expose`, `start --expose`): pilot port
@@ -113,44 +167,111 @@ pub fn split_peers(text: &str, sep: char) -> Result<Vec<String>> {
     Ok(peers)
 }
 
-/// Flags every command accepts (`--subnet` and `--ports` too: upstream's
-/// `map` is called with them). Go-style `-flag` forms of these and of
-/// [`START_FLAGS`] are accepted as well.
-const GLOBAL_FLAGS: &[&str] = &[
-    "json",
-    "socket",
-    "state-dir",
-    "config",
-    "log-level",
-    "log-format",
-    "subnet",
-    "ports",
-    "help",
-    "version",
+/// Every flag and the commands that use it (`*`: every command), in one
+/// table: a flag given to a command not listed is refused, naming the
+/// commands it belongs to; an unknown flag gets the nearest known one.
+/// `run` counts as `start`. Go-style `-flag` forms are accepted too.
+/// `map` takes `--subnet` because upstream's `map` is called with it
+/// (checked against the running gateway's), and `--ports` as the
+/// mapping's own ports.
+const FLAGS: &[(&str, &[&str])] = &[
+    ("json", &["*"]),
+    ("socket", &["*"]),
+    ("state-dir", &["*"]),
+    ("config", &["*"]),
+    ("log-level", &["*"]),
+    ("log-format", &["*"]),
+    ("help", &["*"]),
+    ("version", &["*"]),
+    ("subnet", &["start", "map"]),
+    ("ports", &["start", "map"]),
+    ("map", &["start"]),
+    ("foreground", &["start"]),
+    ("max-conns", &["start"]),
+    ("dial-timeout", &["start"]),
+    ("idle-timeout", &["start"]),
+    ("half-closed-timeout", &["start"]),
+    ("close-linger", &["start"]),
+    ("access-log", &["start"]),
+    ("access-log-format", &["start"]),
+    ("user", &["start"]),
+    ("no-user-switch", &["start"]),
+    ("allow-any-subnet", &["start"]),
+    ("allow-remote", &["start"]),
+    ("expose", &["start"]),
+    ("allow", &["expose"]),
+    ("allow-remote-target", &["expose", "start"]),
+    ("drain", &["stop", "unmap", "unexpose"]),
+    ("wait", &["stop", "unmap", "unexpose"]),
 ];
 
-/// Flags that only `start` (and `run`) take.
-const START_FLAGS: &[&str] = &[
-    "foreground",
-    "max-conns",
-    "dial-timeout",
-    "idle-timeout",
-    "half-closed-timeout",
-    "close-linger",
-    "access-log",
-    "access-log-format",
-    "user",
-    "no-user-switch",
-    "allow-any-subnet",
-    "allow-remote",
-    "expose",
-];
+/// The commands a flag belongs to, if it is one.
+fn flag_commands(name: &str) -> Option<&'static [&'static str]> {
+    FLAGS.iter().find(|(f, _)| *f == name).map(|(_, c)| *c)
+}
 
-/// Flags that only `expose` takes (`--allow-remote-target` also `start`).
-const EXPOSE_FLAGS: &[&str] = &["allow", "allow-remote-target"];
+fn is_flag(name: &str) -> bool {
+    flag_commands(name).is_some()
+}
 
-/// Flags that only `stop`, `unmap` and `unexpose` take.
-const STOP_FLAGS: &[&str] = &["drain", "wait"];
+/// `a`, `a and b`, `a, b and c`.
+fn and_list(items: &[&str]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => (*one).to_string(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    }
+}
+
+/// Refuses the first flag given that `cmd` does not use.
+fn check_flags_fit(given: &[String], cmd: &str) -> Result<()> {
+    let as_cmd = if cmd == "run" { "start" } else { cmd };
+    for name in given {
+        let Some(cmds) = flag_commands(name) else {
+            continue;
+        };
+        if !cmds.contains(&"*") && !cmds.contains(&as_cmd) {
+            return Err(Error::usage(format!(
+                "--{name} is an option of {}, not of {cmd}",
+                and_list(cmds)
+            ))
+            .hint(format!("see: pilot-gateway {cmd} --help")));
+        }
+    }
+    Ok(())
+}
+
+/// The known flag nearest to an unknown one (`--port` → `--ports`), if
+/// one is close: a prefix either way, or at most two edits apart.
+fn nearest_flag(unknown: &str) -> Option<&'static str> {
+    let unknown = unknown.trim_start_matches('-');
+    let unknown = unknown.split('=').next().unwrap_or_default();
+    if unknown.len() < 2 {
+        return None;
+    }
+    FLAGS
+        .iter()
+        .map(|(f, _)| (*f, edit_distance(unknown, f)))
+        .filter(|(f, d)| *d <= 2 || f.starts_with(unknown) || unknown.starts_with(f))
+        .min_by_key(|(_, d)| *d)
+        .map(|(f, _)| f)
+}
+
+/// Levenshtein distance (flag names are short: the table is tiny).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
@@ -217,15 +338,11 @@ pub struct Args {
     pub command: Option<Command>,
     /// Invoked as `pilotctl` (affects help text only).
     pub pilotctl: bool,
-    /// Start flags that were given, to refuse them on other commands.
-    given_start_flags: Vec<String>,
-}
-
-fn is_flag(name: &str) -> bool {
-    GLOBAL_FLAGS.contains(&name)
-        || START_FLAGS.contains(&name)
-        || STOP_FLAGS.contains(&name)
-        || EXPOSE_FLAGS.contains(&name)
+    /// `start --map SPEC`, repeatable, as given.
+    pub map: Vec<String>,
+    /// The flags given (names without dashes), to refuse those the
+    /// command does not use.
+    given: Vec<String>,
 }
 
 /// Rewrites Go-style `-flag` / `-flag=value` to `--flag…` for known flags.
@@ -233,11 +350,21 @@ fn normalize(args: Vec<OsString>) -> Vec<OsString> {
     let mut out = Vec::with_capacity(args.len());
     let mut done = false;
     for a in args {
+        // Known flags, and any other `-word` of two letters or more, so
+        // that an unknown one is named as a whole (with a suggestion)
+        // rather than as a bundle of short options.
         let rewrite = !done
             && a.to_str().is_some_and(|s| {
+                let name = s
+                    .get(1..)
+                    .unwrap_or_default()
+                    .split('=')
+                    .next()
+                    .unwrap_or_default();
                 s.starts_with('-')
                     && !s.starts_with("--")
-                    && is_flag(s[1..].split('=').next().unwrap_or_default())
+                    && (is_flag(name)
+                        || (name.len() >= 2 && name.chars().all(|c| c.is_ascii_lowercase() || c == '-')))
             });
         if a == "--" {
             done = true;
@@ -254,12 +381,27 @@ fn normalize(args: Vec<OsString>) -> Vec<OsString> {
 }
 
 fn usage_err(e: lexopt::Error) -> Error {
-    let msg = match e {
-        lexopt::Error::UnexpectedOption(o) => format!("unknown flag {o}"),
-        lexopt::Error::MissingValue { option: Some(o) } => format!("flag {o} needs a value"),
-        other => other.to_string(),
+    let (msg, near) = match e {
+        lexopt::Error::UnexpectedOption(o) => {
+            let near = nearest_flag(&o);
+            (format!("unknown flag {o}"), near)
+        }
+        lexopt::Error::MissingValue { option: Some(o) } => (format!("flag {o} needs a value"), None),
+        other => (other.to_string(), None),
     };
-    Error::usage(msg).hint("see: pilot-gateway --help")
+    match near {
+        Some(f) => Error::usage(format!("{msg}: did you mean --{f}?")).hint(format!(
+            "--{f} is an option of {}; see: pilot-gateway --help",
+            flag_commands(f).map_or_else(String::new, |c| {
+                if c.contains(&"*") {
+                    "every command".into()
+                } else {
+                    and_list(c)
+                }
+            })
+        )),
+        None => Error::usage(msg).hint("see: pilot-gateway --help"),
+    }
 }
 
 /// A boolean flag: `--json`, or Go's `-json=true` / `-json=false`.
@@ -314,49 +456,32 @@ pub fn parse(argv0: &str, args: Vec<OsString>) -> Result<Args> {
         return Err(Error::usage("no command given")
             .hint("usage: pilot-gateway start|stop|map|unmap|expose|unexpose|list|status (see --help)"));
     };
-    let mut command = parse_command(&cmd, &rest)?;
-    check_expose_flags(&mut a, &mut command, &cmd)?;
-    if !matches!(command, Command::Start { .. }) {
-        if let Some(flag) = a.given_start_flags.first() {
-            return Err(
-                Error::usage(format!("{flag} is an option of start, not of {cmd}"))
-                    .hint(format!("see: pilot-gateway {cmd} --help")),
-            );
-        }
+    // Known commands only: an unknown one is named as such below.
+    if command_words().contains(&cmd.as_str()) {
+        check_flags_fit(&a.given, &cmd)?;
     }
-    if (a.drain.is_some() || a.wait)
-        && !matches!(
-            command,
-            Command::Stop | Command::Unmap { .. } | Command::Unexpose { .. }
-        )
-    {
-        return Err(Error::usage(format!(
-            "--drain and --wait are options of stop, unmap and unexpose, not of {cmd}"
-        ))
-        .hint(format!("see: pilot-gateway {cmd} --help")));
+    let mut command = parse_command(&cmd, &rest)?;
+    match &mut command {
+        Command::Expose(e) => {
+            e.allow = a.allow.as_deref().map(|t| split_peers(t, ',')).transpose()?;
+            e.allow_remote_target = a.allow_remote_target;
+        }
+        Command::Start { targets, .. } => {
+            for spec in &a.map {
+                targets.push(Target::parse_map(spec)?);
+            }
+        }
+        _ => {}
     }
     a.command = Some(command);
     Ok(a)
 }
 
-/// Refuses `--allow`/`--allow-remote-target` where they mean nothing and
-/// moves them into the `expose` command.
-fn check_expose_flags(a: &mut Args, command: &mut Command, cmd: &str) -> Result<()> {
-    let misplaced = |flag: &str, of: &str| {
-        Err(Error::usage(format!("{flag} is an option of {of}, not of {cmd}"))
-            .hint(format!("see: pilot-gateway {cmd} --help")))
-    };
-    match command {
-        Command::Expose(e) => {
-            e.allow = a.allow.as_deref().map(|t| split_peers(t, ',')).transpose()?;
-            e.allow_remote_target = a.allow_remote_target;
-        }
-        _ if a.allow.is_some() => return misplaced("--allow", "expose"),
-        Command::Start { .. } => {}
-        _ if a.allow_remote_target => return misplaced("--allow-remote-target", "expose and start"),
-        _ => {}
-    }
-    Ok(())
+/// The command words `parse_command` knows.
+fn command_words() -> &'static [&'static str] {
+    &[
+        "start", "run", "map", "unmap", "expose", "unexpose", "list", "status", "stop", "version",
+    ]
 }
 
 /// Reads every flag into `a`; returns the other words and whether help
@@ -367,9 +492,7 @@ fn read_flags(a: &mut Args, args: Vec<OsString>) -> Result<(Vec<String>, bool)> 
     let mut p = lexopt::Parser::from_args(normalize(args));
     while let Some(arg) = p.next().map_err(usage_err)? {
         if let Long(name) = &arg {
-            if START_FLAGS.contains(name) {
-                a.given_start_flags.push(format!("--{name}"));
-            }
+            a.given.push((*name).to_string());
         }
         match arg {
             Long("json") => a.json = flag_bool(&mut p, "json")?,
@@ -397,6 +520,7 @@ fn read_flags(a: &mut Args, args: Vec<OsString>) -> Result<(Vec<String>, bool)> 
             Long("drain") => a.drain = Some(text(&mut p)?),
             Long("wait") => a.wait = flag_bool(&mut p, "wait")?,
             Long("expose") => a.expose.push(text(&mut p)?),
+            Long("map") => a.map.push(text(&mut p)?),
             Long("allow") => a.allow = Some(text(&mut p)?),
             Long("allow-remote-target") => a.allow_remote_target = flag_bool(&mut p, "allow-remote-target")?,
             Value(v) => words.push(
@@ -504,6 +628,7 @@ fn parse_targets(words: &[String]) -> Result<Vec<Target>> {
             targets.push(Target {
                 name: w.clone(),
                 ip: None,
+                ports: None,
             });
         }
     }
@@ -523,6 +648,7 @@ mod tests {
         Target {
             name: name.into(),
             ip: ip.map(Ipv4Addr::from),
+            ports: None,
         }
     }
 
@@ -640,6 +766,140 @@ mod tests {
     }
 
     #[test]
+    fn unused_flags_are_refused_naming_their_commands() {
+        for (argv, want) in [
+            (
+                &["pilot-gateway", "list", "--subnet", "10.9.0.0/16"][..],
+                "--subnet is an option of start and map, not of list",
+            ),
+            (
+                &["pilot-gateway", "status", "--ports", "80"],
+                "--ports is an option of start and map, not of status",
+            ),
+            (
+                &["pilot-gateway", "unmap", "10.4.0.1", "-ports=80"],
+                "--ports is an option of start and map, not of unmap",
+            ),
+            (
+                &["pilot-gateway", "list", "--max-conns", "5"],
+                "--max-conns is an option of start, not of list",
+            ),
+            (
+                &["pilot-gateway", "map", "x", "--map", "y"],
+                "--map is an option of start, not of map",
+            ),
+            (
+                &["pilot-gateway", "stop", "--allow", "a"],
+                "--allow is an option of expose, not of stop",
+            ),
+            (
+                &["pilotctl", "gateway", "list", "--drain", "1"],
+                "--drain is an option of stop, unmap and unexpose, not of list",
+            ),
+        ] {
+            let e = p(argv).unwrap_err();
+            assert_eq!(e.code, crate::error::Code::Usage, "{argv:?}");
+            assert!(e.message.contains(want), "{argv:?}: {}", e.message);
+        }
+        // What each command does use stays accepted.
+        for argv in [
+            &[
+                "pilot-gateway",
+                "map",
+                "x",
+                "--ports",
+                "80",
+                "--subnet",
+                "10.4.0.0/16",
+            ][..],
+            &[
+                "pilot-gateway",
+                "-ports",
+                "80",
+                "-subnet",
+                "10.9.0.0/16",
+                "run",
+                "x",
+            ],
+            &[
+                "pilot-gateway",
+                "--socket",
+                "/s",
+                "--state-dir",
+                "/d",
+                "--json",
+                "list",
+            ],
+            &["pilot-gateway", "unexpose", "80", "--drain", "2"],
+        ] {
+            assert!(p(argv).is_ok(), "{argv:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_flags_get_the_nearest_one() {
+        for (argv, want) in [
+            (
+                &["pilot-gateway", "start", "--port", "80"][..],
+                "unknown flag --port: did you mean --ports?",
+            ),
+            (
+                &["pilot-gateway", "-port", "80", "run"],
+                "unknown flag --port: did you mean --ports?",
+            ),
+            (
+                &["pilot-gateway", "start", "--forground"],
+                "did you mean --foreground?",
+            ),
+            (
+                &["pilot-gateway", "stop", "--drian", "1"],
+                "did you mean --drain?",
+            ),
+        ] {
+            let e = p(argv).unwrap_err();
+            assert_eq!(e.code, crate::error::Code::Usage, "{argv:?}");
+            assert!(e.message.contains(want), "{argv:?}: {}", e.message);
+        }
+        let e = p(&["pilot-gateway", "--zzzzzzzz", "list"]).unwrap_err();
+        assert!(!e.message.contains("did you mean"), "{}", e.message);
+    }
+
+    #[test]
+    fn start_map_specs() {
+        let a = p(&[
+            "pilot-gateway",
+            "start",
+            "0:0000.0000.0004",
+            "--map",
+            "lab-b,ports=80,9000",
+            "-map=0:0000.0000.0006,ip=10.4.0.9,ports=22+80",
+        ])
+        .unwrap();
+        let want = |name: &str, ip: Option<[u8; 4]>, ports: Option<Vec<u16>>| Target { ports, ..t(name, ip) };
+        assert_eq!(
+            a.command,
+            Some(Command::Start {
+                targets: vec![
+                    t("0:0000.0000.0004", None),
+                    want("lab-b", None, Some(vec![80, 9000])),
+                    want("0:0000.0000.0006", Some([10, 4, 0, 9]), Some(vec![22, 80])),
+                ],
+                legacy: false
+            })
+        );
+        for bad in [
+            "",
+            "ip=10.4.0.1",
+            "lab-b,ip=x",
+            "lab-b,ports=0",
+            "lab-b,bogus=1",
+            "lab-b,80",
+        ] {
+            assert!(Target::parse_map(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn every_flag_in_both_spellings() {
         // (flag, a value or None for booleans, what it sets)
         let value_flags = [
@@ -724,12 +984,7 @@ mod tests {
             command_help("start").unwrap_or_default(),
             command_help("stop").unwrap_or_default(),
         ) + command_help("expose").unwrap_or_default();
-        for flag in GLOBAL_FLAGS
-            .iter()
-            .chain(START_FLAGS)
-            .chain(STOP_FLAGS)
-            .chain(EXPOSE_FLAGS)
-        {
+        for (flag, _) in FLAGS {
             let roff = format!("\\-\\-{}", flag.replace('-', "\\-"));
             assert!(manual.contains(&roff), "manual lacks --{flag}");
             assert!(help.contains(&format!("--{flag}")), "help lacks --{flag}");

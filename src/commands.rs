@@ -29,6 +29,9 @@ use crate::sys::{self, fs::FileLock, proc::ProcId};
 
 /// How long a command waits for the gateway to apply a change.
 const APPLY_WAIT: Duration = Duration::from_secs(10);
+/// How long `map ADDR` waits for the daemon's trust list before it maps
+/// without it (with a warning saying trust could not be checked).
+const MAP_CHECK_WAIT: Duration = Duration::from_secs(2);
 /// How long `stop` waits for the gateway to exit.
 const STOP_WAIT: Duration = Duration::from_secs(30);
 
@@ -236,19 +239,56 @@ fn start_config(args: &Args, targets: &[Target]) -> Result<gateway::Config> {
 /// the user could. No thread exists yet (the switch needs that).
 fn running(args: &Args) -> Result<(StateDir, State)> {
     let s = settings(args)?;
-    let dir = StateDir::open(&s.state_dir, false)?;
+    let dir = StateDir::open(&s.state_dir, false).map_err(|e| roots_gateway_hint(e, args))?;
     let (uid, gid) = dir.owner();
     privilege::become_owner(uid, gid)?;
     let st = dir.read()?.ok_or_else(|| {
-        Error::new(
-            Code::NotRunning,
-            format!("no gateway is running (state directory {})", dir.path.display()),
+        roots_gateway_hint(
+            Error::new(
+                Code::NotRunning,
+                format!("no gateway is running (state directory {})", dir.path.display()),
+            )
+            .hint("start one with: pilot-gateway start"),
+            args,
         )
-        .hint("start one with: pilot-gateway start")
     })?;
     check_alive(&st)?;
     check_ours(&st, uid)?;
     Ok((dir, st))
+}
+
+/// Where root's gateway keeps its state (`state::resolve_dir` as root).
+const ROOT_STATE_DIR: &str = "/run/pilot-gateway";
+
+/// A non-root command that found no gateway of its own, where the default
+/// directory was used: if root's state directory exists, says so and
+/// suggests sudo (the README's commands run as root).
+fn roots_gateway_hint(e: Error, args: &Args) -> Error {
+    let default_dir = args.state_dir.is_none()
+        && !std::env::var_os("PILOT_GATEWAY_STATE_DIR").is_some_and(|v| !v.is_empty());
+    let roots = std::path::Path::new(ROOT_STATE_DIR);
+    // lstat: a link planted there is not root's directory.
+    let exists = std::fs::symlink_metadata(roots).is_ok_and(|m| m.is_dir());
+    if e.code != Code::NotRunning || sys::user::euid().is_root() || !default_dir || !exists {
+        return e;
+    }
+    let cmd = match &args.command {
+        Some(Command::Status) => "status",
+        Some(Command::Stop) => "stop",
+        Some(Command::Map { .. }) => "map …",
+        Some(Command::Unmap { .. }) => "unmap …",
+        Some(Command::Expose(_)) => "expose …",
+        Some(Command::Unexpose { .. }) => "unexpose …",
+        _ => "list",
+    };
+    let mut e = e;
+    e.message = format!(
+        "{}; root's gateway keeps its state in {ROOT_STATE_DIR}",
+        e.message
+    );
+    e.hint(format!(
+        "to see or steer root's gateway, run the command as root: sudo pilot-gateway {cmd}"
+    ))
 }
 
 /// Whether the recorded pid is our gateway: a process of the directory's
@@ -281,7 +321,13 @@ fn check_ours(st: &State, owner: sys::user::Uid) -> Result<()> {
     }
     match sys::proc::runs_same_program(pid) {
         Some(true) => Ok(()),
-        Some(false) => Err(refuse("is not a pilot-gateway process".into())),
+        // Say what differs: a copy with the same bytes elsewhere would
+        // have passed, so this is another program.
+        Some(false) => Err(refuse(format!(
+            "runs {}, whose contents differ from this program ({})",
+            sys::proc::exe_path(pid).map_or_else(|| "an unknown program".into(), |p| p.display().to_string()),
+            std::env::current_exe().map_or_else(|_| "?".into(), |p| p.display().to_string()),
+        ))),
         None if !sys::user::euid().is_root() => Ok(()),
         None => Err(refuse("cannot be identified".into())),
     }
@@ -376,6 +422,11 @@ fn map(args: &Args, out: &Output, target: &str, ip: Option<&str>) -> Result<()> 
             ));
         }
     }
+    // `--ports` of `map` are the mapping's own ports.
+    let ports = args.ports.as_deref().map(subnet::parse_ports).transpose()?;
+    // The gateway's own list means "the gateway's ports" (upstream's
+    // wrapper passes -ports to every command).
+    let ports = ports.map(|p| (p != st.ports).then_some(p));
     let (addr, hostname) = ask_daemon(&st, target, &mut warnings)?;
     let wanted_ip = ip.map(|t| subnet::parse_local_ip(t, st.subnet)).transpose()?;
 
@@ -385,7 +436,6 @@ fn map(args: &Args, out: &Output, target: &str, ip: Option<&str>) -> Result<()> 
         .ok_or_else(|| Error::new(Code::NotRunning, "the gateway stopped meanwhile"))?;
     check_alive(&st)?;
     if let Some(m) = st.find_addr(addr).cloned() {
-        drop(lock);
         if wanted_ip.is_some_and(|ip| ip != m.local_ip) {
             return Err(Error::new(
                 Code::AlreadyExists,
@@ -393,12 +443,16 @@ fn map(args: &Args, out: &Output, target: &str, ip: Option<&str>) -> Result<()> 
             )
             .hint(format!("unmap it first: pilot-gateway unmap {}", m.local_ip)));
         }
+        if let Some(ports) = ports.clone().filter(|p| *p != m.ports) {
+            return change_ports(&dir, lock, st, m, ports, out, warnings);
+        }
+        drop(lock);
         // Already mapped (perhaps by a command still waiting): same answer.
         let st = wait_applied(&dir, st.gateway, m.generation, APPLY_WAIT)?;
         if let Some(e) = st.failure(m.generation) {
             return Err(e.clone());
         }
-        return report_map(out, &m, warnings, true);
+        return report_map(out, &m, &st.ports, warnings, MapOutcome::Existing);
     }
     let local_ip = match wanted_ip {
         Some(ip) => {
@@ -409,6 +463,7 @@ fn map(args: &Args, out: &Output, target: &str, ip: Option<&str>) -> Result<()> 
                 )
                 .hint("choose another IP, or leave it out to get the next free one"));
             }
+            subnet::check_ip_free(ip, &crate::alias::label_for(dir.identity()?))?;
             ip
         }
         None => {
@@ -428,7 +483,7 @@ fn map(args: &Args, out: &Output, target: &str, ip: Option<&str>) -> Result<()> 
                             .ok()
                     }),
             );
-            subnet::next_free(st.subnet, &used)?
+            subnet::next_unused(st.subnet, &used, &crate::alias::label_for(dir.identity()?))?
         }
     };
     st.generation += 1;
@@ -437,6 +492,7 @@ fn map(args: &Args, out: &Output, target: &str, ip: Option<&str>) -> Result<()> 
         pilot_addr: addr,
         hostname,
         alias_added: false,
+        ports: ports.flatten(),
         generation: st.generation,
     };
     st.mappings.push(m.clone());
@@ -447,20 +503,54 @@ fn map(args: &Args, out: &Output, target: &str, ip: Option<&str>) -> Result<()> 
     if let Some(e) = st.failure(m.generation) {
         return Err(e.clone());
     }
-    report_map(out, &m, warnings, false)
+    report_map(out, &m, &st.ports, warnings, MapOutcome::New)
+}
+
+/// `map ADDR --ports L` on an existing mapping with other ports: records
+/// the new ports under a new generation and has the gateway open the added
+/// ports and close the removed ones (live connections stay).
+fn change_ports(
+    dir: &StateDir,
+    lock: FileLock,
+    mut st: State,
+    old: Mapping,
+    ports: Option<Vec<u16>>,
+    out: &Output,
+    warnings: Vec<String>,
+) -> Result<()> {
+    st.generation += 1;
+    let generation = st.generation;
+    let Some(m) = st.mappings.iter_mut().find(|m| m.local_ip == old.local_ip) else {
+        return Err(Error::internal("the mapping vanished under the lock"));
+    };
+    m.ports = ports;
+    m.generation = generation;
+    let m = m.clone();
+    dir.write(&st)?;
+    drop(lock);
+    signal(&st, libc::SIGHUP)?;
+    let st = wait_applied(dir, st.gateway, generation, APPLY_WAIT)?;
+    if let Some(e) = st.failure(generation) {
+        return Err(e.clone());
+    }
+    let before = old.ports_or(&st.ports).to_vec();
+    report_map(out, &m, &st.ports, warnings, MapOutcome::PortsChanged(before))
 }
 
 /// Resolves `target` and checks trust, before the lock is taken: these
 /// ask the daemon. A pilot address needs no daemon to resolve, so an
 /// unreachable daemon only costs the trust check then.
 fn ask_daemon(st: &State, target: &str, warnings: &mut Vec<String>) -> Result<(PilotAddr, Option<String>)> {
-    let mut session = daemon::probe(
-        &st.socket,
-        "from the state file",
-        Duration::from_secs(5),
-        Some(st.daemon_uid),
-    )
-    .map(|(s, _)| s);
+    // An address needs the daemon only for the trust warning: a short
+    // wait keeps `map` fast when the daemon is slow (the mapping is made
+    // anyway). A hostname cannot be mapped without its answer.
+    let wait = if PilotAddr::looks_like_address(target) {
+        MAP_CHECK_WAIT
+    } else {
+        Duration::from_secs(5)
+    };
+    let mut session =
+        daemon::probe(&st.socket, "from the state file", wait, Some(st.daemon_uid)).map(|(s, _)| s);
     let (addr, hostname) = match &mut session {
         Ok(s) => daemon::resolve_target(Some(s), target)?,
         Err(e) if !PilotAddr::looks_like_address(target) => return Err(e.clone()),
@@ -473,14 +563,40 @@ fn ask_daemon(st: &State, target: &str, warnings: &mut Vec<String>) -> Result<(P
     Ok((addr, hostname))
 }
 
-fn report_map(out: &Output, m: &Mapping, warnings: Vec<String>, existing: bool) -> Result<()> {
-    let mut data = output::mapping_json(m);
+/// What `map` did.
+enum MapOutcome {
+    New,
+    Existing,
+    /// The mapping's ports changed, from these.
+    PortsChanged(Vec<u16>),
+}
+
+fn report_map(
+    out: &Output,
+    m: &Mapping,
+    gateway_ports: &[u16],
+    warnings: Vec<String>,
+    outcome: MapOutcome,
+) -> Result<()> {
+    let mut data = output::mapping_json(m, gateway_ports);
     if let Value::Obj(pairs) = &mut data {
-        pairs.push(("already_mapped".into(), existing.into()));
+        pairs.push((
+            "already_mapped".into(),
+            (!matches!(outcome, MapOutcome::New)).into(),
+        ));
+        if let MapOutcome::PortsChanged(before) = &outcome {
+            pairs.push(("ports_before".into(), crate::state::ports_json(before)));
+        }
         pairs.push(("warnings".into(), warnings.clone().into()));
     }
     out.warnings(&warnings);
-    let note = if existing { " (already mapped)" } else { "" };
+    let note = match &outcome {
+        MapOutcome::New => String::new(),
+        MapOutcome::Existing => " (already mapped)".into(),
+        MapOutcome::PortsChanged(before) => {
+            format!(" (ports changed from {})", subnet::format_ports(before))
+        }
+    };
     out.ok(data.clone(), &format!("{}{note}\n", output::mapping_line(&data)));
     Ok(())
 }
@@ -503,11 +619,12 @@ fn unmap(args: &Args, out: &Output, ip_text: &str) -> Result<()> {
             .hint("see the mapped IPs with: pilot-gateway list"));
     };
     let drain = drain_secs(args)?;
+    let st_ports = st.ports.clone();
     st.mappings.retain(|x| x.local_ip != ip);
     let what = ip.to_string();
     let removal = apply_removal(&dir, lock, st, drain, &what, args.wait.then_some(out))?;
     out.ok(
-        removal.json(output::mapping_json(&m)),
+        removal.json(output::mapping_json(&m, &st_ports)),
         &format!("unmapped {} → {}{}\n", m.local_ip, m.pilot_addr, removal.note()),
     );
     Ok(())

@@ -52,14 +52,30 @@ pub fn probe(
 }
 
 fn unreachable(socket: &Path, source: &str, e: &dyn std::fmt::Display) -> Error {
-    Error::new(
-        Code::DaemonUnreachable,
-        format!(
-            "cannot reach the Pilot daemon at {} ({source}): {e}",
-            socket.display()
-        ),
-    )
-    .hint("start the Pilot daemon, or point to its socket with --socket PATH (or PILOT_SOCKET)")
+    let text = e.to_string();
+    let message = format!(
+        "cannot reach the Pilot daemon at {} ({source}): {text}",
+        socket.display()
+    );
+    // EACCES: the socket is there but not ours to open; starting a daemon
+    // would not help, the daemon's user would.
+    if text.contains("os error 13") || text.contains("Permission denied") {
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(socket).ok().map(|m| {
+            let who = crate::sys::user::user_by_uid(crate::sys::user::Uid(m.uid()))
+                .map_or(format!("uid {}", m.uid()), |u| u.name);
+            (who, m.mode() & 0o777)
+        });
+        let (who, mode) = owner.map_or_else(
+            || ("the daemon's user".to_string(), String::new()),
+            |(w, m)| (w, format!(", mode {m:o}")),
+        );
+        return Error::new(Code::PermissionDenied, message).hint(format!(
+            "the socket belongs to {who}{mode}, the user the Pilot daemon runs as: run the command as that user (sudo -u {who} pilot-gateway …) or as root"
+        ));
+    }
+    Error::new(Code::DaemonUnreachable, message)
+        .hint("start the Pilot daemon, or point to its socket with --socket PATH (or PILOT_SOCKET)")
 }
 
 /// Who serves the daemon socket: the peer credentials of one connection,

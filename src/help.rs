@@ -11,7 +11,9 @@ Usage:
 
 Commands:
   start [ADDR [IP]]…   start the gateway (in the background unless --foreground)
-  map ADDR [IP]        map an agent (address or hostname) to a local IP
+  map ADDR [IP] [--ports LIST]
+                       map an agent (address or hostname) to a local IP, on its
+                       own ports if given (again with other ports: changed live)
   unmap IP             remove a mapping, closing its connections
   expose PORT [HOST:]TPORT  serve a local TCP service on pilot port PORT of this node
   unexpose PORT        stop serving pilot port PORT, closing its connections
@@ -36,7 +38,7 @@ Run `pilot-gateway help COMMAND` for a command's flags. Manual: pilot-gateway(8)
 ";
 
 const START_HELP: &str = "\
-Usage: pilot-gateway start [flags] [ADDR [LOCAL_IP]]…
+Usage: pilot-gateway start [flags] [ADDR [LOCAL_IP]]… [--map ADDR[,ip=IP][,ports=P+P…]]…
        pilot-gateway [flags] run [ADDR [LOCAL_IP]]…     (foreground, upstream's form)
 
 Maps each ADDR (a pilot address such as 0:0000.0000.0004, or a hostname the
@@ -47,7 +49,12 @@ everything is up, printing pid, subnet, ports and mappings.
 
 Flags:
   --subnet CIDR          IPv4 subnet to hand out (default 10.4.0.0/16)
-  --ports LIST           comma-separated ports (default 80,443,1000,1001,1002,7,8080,8443)
+  --ports LIST           the gateway's ports, for every mapping without its own
+                         (default 80,443,1000,1001,1002,7,8080,8443)
+  --map ADDR[,ip=IP][,ports=P+P…]
+                         one mapping with its own local IP and/or ports
+                         (repeatable; ports=80,9000 works too), e.g.
+                         --map lab-b,ports=80+9000
   --foreground           stay attached (for systemd); stop with SIGTERM/SIGINT
   --max-conns N          concurrent bridged connections (default 1000)
   --dial-timeout SECS    give up on a dial after SECS (default 10)
@@ -115,12 +122,20 @@ pub fn command_help(topic: &str) -> Option<&'static str> {
         "start" | "run" => START_HELP,
         "map" => {
             "\
-Usage: pilot-gateway map ADDR [LOCAL_IP]
+Usage: pilot-gateway map ADDR [LOCAL_IP] [--ports LIST]
 
 Adds a mapping to the running gateway. ADDR is a pilot address or a
 hostname (resolved through the daemon). LOCAL_IP must lie in the gateway's
-subnet and be free; without it the next free IP is used. Mapping an address
-that is already mapped returns its existing IP.
+subnet and be free (no other program's socket on it); without it the next
+free IP is used, skipping addresses others use. Mapping an address that is
+already mapped returns its existing IP. Warns at once when the daemon does
+not trust the node (connections would fail).
+
+Flags:
+  --ports LIST           the mapping's own ports (default: the gateway's).
+                         For an address already mapped with other ports, its
+                         listeners change live: added ports open, removed ones
+                         stop accepting, live connections stay.
 "
         }
         "unmap" => {
@@ -145,8 +160,10 @@ Flags:
             "\
 Usage: pilot-gateway list
 
-Shows the mappings of the running gateway with live counters: active and
-total connections, bytes each way (up: client to agent, down: agent to client).
+Shows the mappings of the running gateway with their ports (marked (own) when
+the mapping has its own) and live counters: active and total connections,
+bytes each way (up: client to agent, down: agent to client), failed dials,
+and the last failed dial's reason under the mapping.
 Then the exposures: pilot port, target, state (bound, or rebinding after the
 daemon went away), active and total connections, bytes in (peer to service)
 and out, peers refused by --allow, connections reset because the service
@@ -158,7 +175,8 @@ stopped reading.
 Usage: pilot-gateway status
 
 Shows pid, uptime, socket, whether the daemon answers, subnet, ports,
-totals (connections, bytes, refused connections, failed dials), each
+totals (connections, bytes, refused connections, failed dials), the
+mappings with their own ports, the last few distinct failed dials, each
 exposure with its state and counters, what is draining and for how long
 still, and the uid and capabilities the gateway runs with.
 "

@@ -9,7 +9,7 @@ use crate::escape::escape_control;
 use crate::gateway::Report;
 use crate::json::Value;
 use crate::state::{Exposed, Mapping, State};
-use crate::stats::{ExposureStats, Stats};
+use crate::stats::{DialError, ExposureStats, Stats};
 use crate::subnet;
 
 /// Prints results and errors in the chosen form.
@@ -151,7 +151,24 @@ pub fn mapping_line(m: &Value) -> String {
         .and_then(Value::as_str)
         .map(|h| format!(" ({h})"))
         .unwrap_or_default();
-    format!("mapped {} → {}{host}", s("local_ip"), s("pilot_addr"))
+    // Only a mapping's own ports are named: the gateway's are in its report.
+    let own = if m.get("own_ports").and_then(Value::as_bool) == Some(true) {
+        format!(", ports {}", ports_text(m))
+    } else {
+        String::new()
+    };
+    format!("mapped {} → {}{host}{own}", s("local_ip"), s("pilot_addr"))
+}
+
+/// `ports` of a JSON object as `80,443`.
+fn ports_text(v: &Value) -> String {
+    v.get("ports")
+        .and_then(Value::as_array)
+        .unwrap_or_default()
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The JSON form of a start report.
@@ -162,7 +179,7 @@ pub fn report_json(r: &Report) -> Value {
         ("ports", Value::Arr(r.ports.iter().map(|&p| p.into()).collect())),
         (
             "mappings",
-            Value::Arr(r.mappings.iter().map(mapping_json).collect()),
+            Value::Arr(r.mappings.iter().map(|m| mapping_json(m, &r.ports)).collect()),
         ),
         (
             "exposures",
@@ -176,11 +193,14 @@ pub fn report_json(r: &Report) -> Value {
     ])
 }
 
-/// A mapping as commands report it.
-pub fn mapping_json(m: &Mapping) -> Value {
+/// A mapping as commands report it: with the ports it listens on (its
+/// own, or the gateway's `gateway_ports`) and whether they are its own.
+pub fn mapping_json(m: &Mapping, gateway_ports: &[u16]) -> Value {
     let mut v = vec![
         ("local_ip", Value::from(m.local_ip.to_string())),
         ("pilot_addr", m.pilot_addr.to_string().into()),
+        ("ports", crate::state::ports_json(m.ports_or(gateway_ports))),
+        ("own_ports", m.ports.is_some().into()),
     ];
     if let Some(h) = &m.hostname {
         v.push(("hostname", h.clone().into()));
@@ -286,7 +306,7 @@ pub fn list(st: &State, stats: &Stats) -> (Value, String) {
     let mut rows = Vec::new();
     for m in &st.mappings {
         let c = stats.mapping(m.local_ip);
-        let mut row = mapping_json(m);
+        let mut row = mapping_json(m, &st.ports);
         if let Value::Obj(pairs) = &mut row {
             for (k, n) in c.fields().into_iter().filter(|(k, _)| *k != "idle_timeouts") {
                 pairs.push((k.into(), n.into()));
@@ -297,10 +317,30 @@ pub fn list(st: &State, stats: &Stats) -> (Value, String) {
             .as_ref()
             .map(|h| format!(" ({})", escape_control(h)))
             .unwrap_or_default();
+        let last = stats.errors.last_on(m.local_ip);
+        if let Value::Obj(pairs) = &mut row {
+            pairs.push(("last_error".into(), last.map_or(Value::Null, dial_error_json)));
+        }
         text += &format!(
-            "{} → {}{host}  active {} total {} up {} B down {} B\n",
-            m.local_ip, m.pilot_addr, c.active, c.total, c.bytes_up, c.bytes_down
+            "{} → {}{host}  ports {}{}  active {} total {} up {} B down {} B failed dials {}\n",
+            m.local_ip,
+            m.pilot_addr,
+            subnet::format_ports(m.ports_or(&st.ports)),
+            if m.ports.is_some() { " (own)" } else { "" },
+            c.active,
+            c.total,
+            c.bytes_up,
+            c.bytes_down,
+            c.dial_failures
         );
+        if let Some(e) = last {
+            text += &format!(
+                "    last error ({}s ago, port {}): {}\n",
+                crate::state::now_unix().saturating_sub(e.at),
+                e.port,
+                escape_control(&e.error)
+            );
+        }
         rows.push(row);
     }
     let (exposures, exposed_text) = exposure_rows(st, stats);
@@ -321,6 +361,50 @@ pub fn list(st: &State, stats: &Stats) -> (Value, String) {
         ]),
         text,
     )
+}
+
+/// A failed dial as commands report it.
+fn dial_error_json(e: &DialError) -> Value {
+    Value::obj([
+        ("local_ip", Value::from(e.local_ip.to_string())),
+        ("port", e.port.into()),
+        ("error", e.error.clone().into()),
+        ("at", e.at.into()),
+        ("count", e.count.into()),
+    ])
+}
+
+/// `status`'s lines for the mappings with their own ports, and for the
+/// last few distinct failed dials.
+fn status_extra_text(st: &State, stats: &Stats) -> String {
+    let mut text = String::new();
+    for m in st.mappings.iter().filter(|m| m.ports.is_some()) {
+        text += &format!(
+            "  own ports: {} → {}: {}\n",
+            m.local_ip,
+            m.pilot_addr,
+            subnet::format_ports(m.ports_or(&st.ports))
+        );
+    }
+    if !stats.errors.recent.is_empty() {
+        text += "  recent errors:\n";
+        let now = crate::state::now_unix();
+        for e in &stats.errors.recent {
+            let times = if e.count > 1 {
+                format!(", {} times", e.count)
+            } else {
+                String::new()
+            };
+            text += &format!(
+                "    {}:{} ({}s ago{times}): {}\n",
+                e.local_ip,
+                e.port,
+                now.saturating_sub(e.at),
+                escape_control(&e.error)
+            );
+        }
+    }
+    text
 }
 
 /// `status`: the gateway, its daemon and its totals, as JSON data and text.
@@ -381,6 +465,15 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
         st.half_closed_timeout.as_secs_f64(),
     );
     let text = format!("{text}  closing: {}\n", close_text(stats));
+    let text = text + &status_extra_text(st, stats);
+    data.push((
+        "mapping_ports",
+        Value::Arr(st.mappings.iter().map(|m| mapping_json(m, &st.ports)).collect()),
+    ));
+    data.push((
+        "recent_errors",
+        Value::Arr(stats.errors.recent.iter().map(dial_error_json).collect()),
+    ));
     let text = if exposures.is_empty() {
         text
     } else {

@@ -314,6 +314,7 @@ pub fn serve(
         Err(e) => {
             let why = format!("cannot open a socket for the daemon session: {e}");
             group.dial_failures.fetch_add(1, Relaxed);
+            crate::stats::note_dial_failure(local.ip(), local.port(), &why);
             group.total.fetch_add(1, Relaxed);
             warn_source!(
                 "dial_failed",
@@ -380,6 +381,7 @@ fn dial_then_relay(cleanup: Arc<ConnCleanup>) {
         Ok(r) => r,
         Err(_) if c.core.is_over() => return, // torn down by unmap or stop
         Err(why) => {
+            crate::stats::note_dial_failure(c.local.ip(), port, &why.to_string());
             warn_source!(
                 "dial_failed",
                 c.client.ip(),

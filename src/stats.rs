@@ -25,6 +25,7 @@
 //! | `close_unconfirmed`  | Closes sent before the daemon confirmed delivery (linger passed, daemon gone) |
 //! | `mappings`           | `[{local_ip, pilot_addr, …Counters keys}]`        |
 //! | `exposures`          | `[{port, target, state, reason, …exposure counter keys}]` (not in the totals: they count the other direction) |
+//! | `errors`             | `{last: [{local_ip, port, error, at}], recent: [{local_ip, port, error, at, count}]}`: failed dials, see [`Errors`] |
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::AddAssign;
@@ -187,6 +188,8 @@ pub struct Stats {
     pub close_unconfirmed: u64,
     pub mappings: Vec<MappingStats>,
     pub exposures: Vec<ExposureStats>,
+    /// The last failed dial per mapping and the last few distinct ones.
+    pub errors: Errors,
 }
 
 impl Stats {
@@ -239,6 +242,7 @@ impl Stats {
                 "exposures",
                 Value::Arr(self.exposures.iter().map(ExposureStats::to_json).collect()),
             ),
+            ("errors", self.errors.to_json()),
         ]);
         Value::obj(v)
     }
@@ -294,6 +298,7 @@ impl Stats {
                 .iter()
                 .map(ExposureStats::from_json)
                 .collect::<Result<_, _>>()?,
+            errors: Errors::from_json(v.get("errors").ok_or("\"errors\" is missing")?)?,
         })
     }
 }
@@ -302,6 +307,138 @@ fn num(v: &Value, key: &str) -> Result<u64, String> {
     v.get(key)
         .and_then(Value::as_u64)
         .ok_or_else(|| format!("\"{key}\" is missing or not a whole number"))
+}
+
+// ---- Failed dials: where people look (`list`, `status`) ----
+
+/// One failed dial as shown: on which mapped IP and port, why, when (Unix
+/// seconds), and how often this same error happened (in `recent`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DialError {
+    pub local_ip: Ipv4Addr,
+    pub port: u16,
+    pub error: String,
+    pub at: u64,
+    pub count: u64,
+}
+
+/// The last failed dial of each mapped IP, and the last [`RECENT`]
+/// distinct errors (the same text again moves to the front and counts).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Errors {
+    pub last: Vec<DialError>,
+    pub recent: Vec<DialError>,
+}
+
+/// How many distinct recent errors `status` shows.
+pub const RECENT: usize = 5;
+/// Bound on the per-IP table (a mapping that goes away leaves its entry
+/// until the table is full; then it starts afresh).
+const MAX_LAST: usize = 4096;
+/// Bound on one error's text (it can carry the daemon's words).
+const MAX_TEXT: usize = 300;
+
+static ERRORS: std::sync::Mutex<Errors> = std::sync::Mutex::new(Errors {
+    last: Vec::new(),
+    recent: Vec::new(),
+});
+
+/// Records a failed dial (called by the relay where it counts one).
+pub fn note_dial_failure(local_ip: std::net::IpAddr, port: u16, why: &str) {
+    let std::net::IpAddr::V4(local_ip) = local_ip else {
+        return;
+    };
+    let mut error: String = why.chars().take(MAX_TEXT).collect();
+    if error.len() < why.len() {
+        error.push('…');
+    }
+    let at = crate::state::now_unix();
+    let Ok(mut e) = ERRORS.lock() else {
+        return;
+    };
+    if e.last.len() >= MAX_LAST {
+        e.last.clear();
+    }
+    let entry = DialError {
+        local_ip,
+        port,
+        error,
+        at,
+        count: 1,
+    };
+    e.last.retain(|x| x.local_ip != local_ip);
+    e.last.push(entry.clone());
+    let count = match e.recent.iter().position(|x| x.error == entry.error) {
+        Some(i) => e.recent.remove(i).count + 1,
+        None => 1,
+    };
+    e.recent.insert(0, DialError { count, ..entry });
+    e.recent.truncate(RECENT);
+}
+
+/// What has been recorded, for `stats.json`.
+pub fn dial_errors() -> Errors {
+    ERRORS.lock().map(|e| e.clone()).unwrap_or_default()
+}
+
+impl Errors {
+    /// The last failed dial on `ip`, if any.
+    pub fn last_on(&self, ip: Ipv4Addr) -> Option<&DialError> {
+        self.last.iter().find(|e| e.local_ip == ip)
+    }
+
+    fn to_json(&self) -> Value {
+        let list = |l: &[DialError]| {
+            Value::Arr(
+                l.iter()
+                    .map(|e| {
+                        Value::obj([
+                            ("local_ip", Value::from(e.local_ip.to_string())),
+                            ("port", e.port.into()),
+                            ("error", e.error.clone().into()),
+                            ("at", e.at.into()),
+                            ("count", e.count.into()),
+                        ])
+                    })
+                    .collect(),
+            )
+        };
+        Value::obj([("last", list(&self.last)), ("recent", list(&self.recent))])
+    }
+
+    fn from_json(v: &Value) -> Result<Errors, String> {
+        let list = |key: &str| -> Result<Vec<DialError>, String> {
+            let items = v
+                .get(key)
+                .and_then(Value::as_array)
+                .ok_or_else(|| format!("\"errors\".\"{key}\" is missing or not a list"))?;
+            items
+                .iter()
+                .take(MAX_LAST)
+                .map(|e| {
+                    Ok(DialError {
+                        local_ip: e
+                            .get("local_ip")
+                            .and_then(Value::as_str)
+                            .and_then(|t| t.parse().ok())
+                            .ok_or("an error lacks \"local_ip\"")?,
+                        port: u16::try_from(num(e, "port")?).map_err(|_| "an error has a bad \"port\"")?,
+                        error: e
+                            .get("error")
+                            .and_then(Value::as_str)
+                            .ok_or("an error lacks \"error\"")?
+                            .to_string(),
+                        at: num(e, "at")?,
+                        count: num(e, "count")?,
+                    })
+                })
+                .collect()
+        };
+        Ok(Errors {
+            last: list("last")?,
+            recent: list("recent")?,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -362,6 +499,22 @@ mod tests {
                     session_stalls: 10,
                 },
             }],
+            errors: Errors {
+                last: vec![DialError {
+                    local_ip: Ipv4Addr::new(10, 4, 0, 1),
+                    port: 80,
+                    error: "resolve node 4: registry: request failed".into(),
+                    at: 1_700_000_000,
+                    count: 1,
+                }],
+                recent: vec![DialError {
+                    local_ip: Ipv4Addr::new(10, 4, 0, 1),
+                    port: 80,
+                    error: "resolve node 4: registry: request failed".into(),
+                    at: 1_700_000_000,
+                    count: 3,
+                }],
+            },
         }
     }
 
@@ -374,6 +527,24 @@ mod tests {
         assert_eq!(s.mapping(Ipv4Addr::new(10, 4, 0, 1)).total, 2);
         assert_eq!(s.mapping(Ipv4Addr::new(10, 4, 0, 2)), Counters::default());
         assert_eq!(s.exposure(80).map(|e| e.counters.slow_resets), Some(7));
+    }
+
+    #[test]
+    fn dial_errors_keep_the_last_per_ip_and_distinct_recent_ones() {
+        let ip = |n| std::net::IpAddr::from([10, 99, 0, n]);
+        for i in 0..8u8 {
+            note_dial_failure(ip(1), 80, &format!("error {}", i % 2));
+        }
+        note_dial_failure(ip(2), 9000, &"x".repeat(1000));
+        let e = dial_errors();
+        let on1 = e.last_on(Ipv4Addr::new(10, 99, 0, 1)).unwrap();
+        assert_eq!(on1.error, "error 1");
+        let two = e.last_on(Ipv4Addr::new(10, 99, 0, 2)).unwrap();
+        assert!(two.error.chars().count() <= MAX_TEXT + 1 && two.port == 9000);
+        let mine: Vec<&DialError> = e.recent.iter().filter(|d| d.error.starts_with("error")).collect();
+        assert_eq!(mine.len(), 2, "{e:?}");
+        assert_eq!(mine.iter().map(|d| d.count).sum::<u64>(), 8);
+        assert!(e.recent.len() <= RECENT);
     }
 
     #[test]

@@ -111,6 +111,137 @@ pub fn next_free(net: Ipv4Network, used: &BTreeSet<Ipv4Addr>) -> Result<Ipv4Addr
         })
 }
 
+/// Most addresses an automatic allocation looks past because someone else
+/// uses them, so that a host full of squatters costs a bounded number of
+/// socket dumps.
+const MAX_SKIPPED: usize = 1024;
+
+/// Why `ip` is in use by someone other than this gateway, if it is: a
+/// TCP socket some process holds is bound to it (another gateway's
+/// listeners, any program's, or a socket bound with IP_FREEBIND before the
+/// address even exists: no privilege needed), or it is on loopback with
+/// another gateway's label ([`alias::Label`]) and the kernel cannot tell
+/// whether it is used. `ours`: this gateway's alias label. An alias nobody
+/// holds a socket on (an administrator's, or one a dead gateway left) is
+/// not in use: the gateway uses it and leaves it, as
+/// `alias::check_not_another_gateways` does.
+pub fn in_use_by_other(ip: Ipv4Addr, ours: &str) -> Option<String> {
+    use crate::alias::Label;
+    let label = crate::sys::net::interface_addresses()
+        .ok()
+        .and_then(|addrs| {
+            addrs.into_iter().find(|a| {
+                a.addr == ip && a.loopback && matches!(Label::of(&a.interface, ours), Label::OtherGateway)
+            })
+        })
+        .map(|a| a.interface);
+    match (crate::sys::sock_diag::tcp_sockets_on(ip), label) {
+        (Ok(0), _) | (Err(_), None) => None,
+        (Ok(n), None) => Some(format!("{n} TCP socket(s) of another program are bound to it")),
+        (Ok(n), Some(label)) => Some(format!(
+            "it belongs to another gateway (its alias, label {label}, with {n} TCP socket(s) open)"
+        )),
+        (Err(e), Some(label)) => Some(format!(
+            "it belongs to another gateway (its alias, label {label}; whether it is in use cannot be checked: {e})"
+        )),
+    }
+}
+
+/// The lowest assignable address of `net` that is neither in `used` (this
+/// gateway's mappings) nor in use by anyone else ([`in_use_by_other`]):
+/// automatic addresses step past a squatted IP to the next.
+pub fn next_unused(net: Ipv4Network, used: &BTreeSet<Ipv4Addr>, ours: &str) -> Result<Ipv4Addr> {
+    let mut skip = used.clone();
+    for _ in 0..=MAX_SKIPPED {
+        let ip = next_free(net, &skip)?;
+        match in_use_by_other(ip, ours) {
+            None => return Ok(ip),
+            Some(why) => {
+                crate::debug!("skipping {ip} for an automatic address: {why}");
+                skip.insert(ip);
+            }
+        }
+    }
+    Err(Error::new(
+        Code::SubnetExhausted,
+        format!("no free address in {net}: the first {MAX_SKIPPED} candidates are used by other programs"),
+    )
+    .hint("give the gateway a subnet of its own with --subnet, e.g. 10.5.0.0/16"))
+}
+
+/// Refuses an explicitly chosen `ip` that someone else uses
+/// ([`in_use_by_other`]), with `address_in_use`.
+pub fn check_ip_free(ip: Ipv4Addr, ours: &str) -> Result<()> {
+    match in_use_by_other(ip, ours) {
+        None => Ok(()),
+        Some(why) => Err(Error::new(
+            Code::AddressInUse,
+            format!("local IP {ip} is in use: {why}"),
+        )
+        .hint("choose another local IP, or leave it out to get the next free one (`ss -tlnp` shows who holds it); beside another gateway, give this one a subnet of its own (--subnet)")),
+    }
+}
+
+/// Refuses `net` when a running gateway (another state directory's)
+/// already uses an overlapping subnet: the registry of root's gateways
+/// says so ([`crate::registry`]), or one has an address in it (its alias
+/// carries a gateway label other than `ours` and a process holds sockets
+/// on it; a dead gateway's leftover alias, with none, does not count). A
+/// non-root gateway with no mapping yet is seen by neither; its first
+/// `map` of a shared IP is still refused
+/// (`alias::check_not_another_gateways`). The hint names a free subnet.
+pub fn check_no_other_gateway(net: Ipv4Network, ours: &str) -> Result<()> {
+    use crate::alias::Label;
+    let me = std::process::id();
+    let registered: Vec<crate::registry::Entry> = crate::registry::running()
+        .into_iter()
+        // Any local user may bind a registry name, so an entry counts here
+        // only inside 127.0.0.0/8 (gateways there add no alias, and a
+        // forged one blocks no more than a real user gateway could);
+        // elsewhere the labelled aliases, which only root adds, are the
+        // evidence.
+        .filter(|e| e.pid != me && e.subnet.prefix() >= 8 && e.subnet.network().is_loopback())
+        .collect();
+    let addrs = crate::sys::net::interface_addresses().unwrap_or_default();
+    let why = if let Some(e) = registered.iter().find(|e| e.subnet.overlaps(net)) {
+        format!(
+            "subnet {net} overlaps {} of the running gateway pid {}",
+            e.subnet, e.pid
+        )
+    } else if let Some(other) = addrs.iter().find(|a| {
+        cfg!(target_os = "linux")
+            && a.loopback
+            && net.contains(a.addr)
+            && matches!(Label::of(&a.interface, ours), Label::OtherGateway)
+            && !matches!(crate::sys::sock_diag::tcp_sockets_on(a.addr), Ok(0))
+    }) {
+        format!(
+            "subnet {net} overlaps a running gateway's: its alias {} (label {}) is in it",
+            other.addr, other.interface
+        )
+    } else {
+        return Ok(());
+    };
+    let taken: Vec<Ipv4Network> = addrs
+        .iter()
+        .filter_map(|a| Ipv4Network::new(a.addr, 32).ok())
+        .chain(registered.iter().map(|e| e.subnet))
+        .collect();
+    let free = free_subnet(&taken).map_or_else(|| "another private /16".to_string(), |n| n.to_string());
+    Err(Error::new(Code::AddressInUse, why).hint(format!(
+        "give this gateway its own subnet: --subnet {free} (free on this host); `ip addr show label 'lo:pgw*'` lists every gateway's aliases"
+    )))
+}
+
+/// The first 10.N.0.0/16 (N from 4) overlapping none of `taken` and no
+/// interface's network.
+fn free_subnet(taken: &[Ipv4Network]) -> Option<Ipv4Network> {
+    let nets = non_loopback_addresses().unwrap_or_default();
+    (4..=255u8)
+        .filter_map(|n| Ipv4Network::new(Ipv4Addr::new(10, n, 0, 0), 16).ok())
+        .find(|net| !taken.iter().any(|t| net.overlaps(*t)) && !nets.iter().any(|(_, i)| net.overlaps(*i)))
+}
+
 /// Parses a local IP for `map ADDR IP`, checked against the subnet.
 pub fn parse_local_ip(text: &str, net: Ipv4Network) -> Result<Ipv4Addr> {
     let ip: IpAddr = text.parse().map_err(|_| {

@@ -110,11 +110,26 @@ fn environment_failures_say_what_to_do() {
 
     let devd = Devd::start(&dir, &["--route", "0:0000.0000.0004=127.0.0.1"]);
     let gw = Gw::new(&dir, &devd.socket);
-    // A port in use: a listener already holds 10.4.0.1:8080 on an alias
-    // that existed before (and must survive).
+    // A port in use: a listener already holds port 8080 (on every
+    // address, so no socket sits on 10.4.0.1 itself and nothing tells
+    // in advance), 10.4.0.1 is an alias that existed before (and must
+    // survive), and the first mapping (10.4.0.2:8081) comes up before the
+    // second fails. (A listener on 10.4.0.1 itself makes an automatic
+    // address step past it and an explicit one fail before anything is
+    // touched: tests/firstuse.rs.)
     run_ok("ip", &["addr", "add", "10.4.0.1/32", "dev", "lo"]);
-    let busy = std::net::TcpListener::bind("10.4.0.1:8080").unwrap();
-    let (status, code, msg, _) = start_fails(&gw, &["--ports", "8080", A4, A5]);
+    let busy = std::net::TcpListener::bind("0.0.0.0:8080").unwrap();
+    let (status, code, msg, _) = start_fails(
+        &gw,
+        &[
+            "--ports",
+            "8080",
+            "--map",
+            "0:0000.0000.0004,ip=10.4.0.2,ports=8081",
+            "--map",
+            "0:0000.0000.0005,ip=10.4.0.1",
+        ],
+    );
     assert_eq!((status, code.as_str()), (1, "address_in_use"), "{msg}");
     assert!(msg.contains("10.4.0.1:8080"), "{msg}");
     assert!(has_alias("10.4.0.1"), "the pre-existing alias stays");

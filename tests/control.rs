@@ -232,7 +232,7 @@ fn an_unrelated_live_pid_is_never_signalled() {
     // The recorded start time is not the sleeper's: as if the pid was reused.
     let start = pilot_gateway::sys::proc::start_time(sleeper.pid()).unwrap();
     let state = format!(
-        r#"{{"version":2,"pid":{},"start_time":{},"started_at":0,"socket":"/x","subnet":"10.4.0.0/16","ports":[80],"max_conns":10,"half_closed_timeout_secs":10,"user":null,"daemon_uid":0,"generation":0,"applied":0,"mappings":[],"exposures":[],"failures":[]}}"#,
+        r#"{{"version":3,"pid":{},"start_time":{},"started_at":0,"socket":"/x","subnet":"10.4.0.0/16","ports":[80],"max_conns":10,"half_closed_timeout_secs":10,"user":null,"daemon_uid":0,"generation":0,"applied":0,"mappings":[],"exposures":[],"failures":[]}}"#,
         sleeper.pid(),
         start + 1
     );

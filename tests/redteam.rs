@@ -98,7 +98,7 @@ g start --ports 8080 {a4} >/dev/null 2>&1 || echo "first-start-failed"
 g stop >/dev/null 2>&1 || echo "first-stop-failed"
 # nobody forges a dead gateway whose "alias" is the admin's address
 $NB sh -c 'cat > /run/pgw/state.json' <<'J'
-{{"version":2,"pid":999999,"start_time":1,"started_at":1,"socket":"/tmp/nb/devd.sock","subnet":"192.168.0.0/16","ports":[8080],"max_conns":10,"half_closed_timeout_secs":10,"user":"nobody","daemon_uid":65534,"generation":1,"applied":1,"mappings":[{{"local_ip":"192.168.77.7","pilot_addr":"0:0000.0000.0009","hostname":null,"alias_added":true,"generation":1}}],"exposures":[],"failures":[]}}
+{{"version":3,"pid":999999,"start_time":1,"started_at":1,"socket":"/tmp/nb/devd.sock","subnet":"192.168.0.0/16","ports":[8080],"max_conns":10,"half_closed_timeout_secs":10,"user":"nobody","daemon_uid":65534,"generation":1,"applied":1,"mappings":[{{"local_ip":"192.168.77.7","pilot_addr":"0:0000.0000.0009","hostname":null,"alias_added":true,"ports":null,"generation":1}}],"exposures":[],"failures":[]}}
 J
 g start --ports 8080 {a4} 2>&1; echo "start-rc=$?"
 ip -4 addr show dev lo | grep -q 'inet 192.168.77.7/32' && echo "ADMIN-ADDRESS-KEPT" || echo "ADMIN-ADDRESS-GONE"
@@ -497,7 +497,7 @@ echo "a-before=$(fetch 10.4.0.1 9090)"
 gb start --subnet 10.5.0.0/24 --ports 9091 {a6} >/dev/null 2>&1 || echo "b-first-start-failed"
 gb stop >/dev/null 2>&1
 $U2 sh -c 'cat > /run/pgwB/state.json' <<'J'
-{{"version":2,"pid":999999,"start_time":1,"started_at":1,"socket":"/tmp/u2/b.sock","subnet":"10.4.0.0/24","ports":[9091],"max_conns":10,"half_closed_timeout_secs":10,"user":"x","daemon_uid":4242,"generation":1,"applied":1,"mappings":[{{"local_ip":"10.4.0.1","pilot_addr":"{a6}","hostname":null,"alias_added":true,"generation":1}}],"exposures":[],"failures":[]}}
+{{"version":3,"pid":999999,"start_time":1,"started_at":1,"socket":"/tmp/u2/b.sock","subnet":"10.4.0.0/24","ports":[9091],"max_conns":10,"half_closed_timeout_secs":10,"user":"x","daemon_uid":4242,"generation":1,"applied":1,"mappings":[{{"local_ip":"10.4.0.1","pilot_addr":"{a6}","hostname":null,"alias_added":true,"ports":null,"generation":1}}],"exposures":[],"failures":[]}}
 J
 gb start --subnet 10.4.0.0/16 --ports 9091 {a6} >/dev/null 2>&1; echo "b-start-rc=$?"
 gb stop >/dev/null 2>&1
@@ -540,9 +540,19 @@ ga start --subnet 10.4.0.0/24 --ports 9090 {a5} >/dev/null 2>&1; echo "a-start-r
 ip -4 -o addr show dev lo | grep -o 'inet 10.4.0.1/32 .*lo:pgw[0-9a-f]*' | sed 's/^/A-LABEL: /'
 gb start --subnet 10.4.0.0/24 --ports 9091 {a6} 10.4.0.1 2>&1; echo "b-start-rc=$?"
 echo "a-mid=$(fetch 10.4.0.1 9090)."
-gb start --subnet 10.4.0.0/24 --ports 9091 {a6} 10.4.0.2 >/dev/null 2>&1; echo "b-start2-rc=$?"
+gb start --subnet 10.4.0.0/24 --ports 9091 {a6} 10.4.0.2 2>&1; echo "b-start2-rc=$?"
+gb start --subnet 10.5.0.0/24 --ports 9091 {a6} >/dev/null 2>&1; echo "b-start3-rc=$?"
 gb map {a4} 10.4.0.1 2>&1; echo "b-map-rc=$?"
 gb stop >/dev/null 2>&1
+# C starts beside D before D has an alias (neither under /run: not in the
+# registry), so only the map of D's address meets D's label.
+gd() {{ timeout -s KILL 30 $GW --socket /tmp/nb/a.sock --state-dir /tmp/pgwD "$@"; }}
+gc() {{ timeout -s KILL 30 $GW --socket /tmp/nb/b.sock --state-dir /tmp/pgwC "$@"; }}
+gd start --subnet 10.4.8.0/24 --ports 9093 >/dev/null 2>&1; echo "d-start-rc=$?"
+gc start --subnet 10.4.8.0/24 --ports 9094 >/dev/null 2>&1; echo "c-start-rc=$?"
+gd map {a5} 10.4.8.1 >/dev/null 2>&1; echo "d-map-rc=$?"
+gc map {a4} 10.4.8.1 2>&1; echo "c-map-rc=$?"
+gc stop >/dev/null 2>&1; gd stop >/dev/null 2>&1
 ip -4 addr show dev lo | grep -q 'inet 10.4.0.1/32' && echo "A-ALIAS-KEPT" || echo "A-ALIAS-GONE"
 echo "a-after=$(fetch 10.4.0.1 9090)."
 ga stop >/dev/null 2>&1
@@ -563,8 +573,20 @@ echo "done"
         t.contains("belongs to another gateway") && t.contains("--subnet"),
         "{t}"
     );
-    assert!(t.contains("b-start2-rc=0"), "B on its own address starts: {t}");
+    // Issue 20: B on A's subnet is refused even on an address of its own
+    // (the subnets overlap), naming a free subnet, on which it starts.
+    assert!(!t.contains("b-start2-rc=0"), "B started on A's subnet: {t}");
+    assert!(
+        t.contains("overlaps a running gateway's") && t.contains("--subnet 10.5.0.0/16"),
+        "{t}"
+    );
+    assert!(t.contains("b-start3-rc=0"), "B on its own subnet starts: {t}");
     assert!(!t.contains("b-map-rc=0"), "B mapped A's address: {t}");
+    assert!(
+        t.contains("d-start-rc=0") && t.contains("c-start-rc=0") && t.contains("d-map-rc=0"),
+        "{t}"
+    );
+    assert!(!t.contains("c-map-rc=0"), "C mapped D's address: {t}");
     assert!(
         t.contains("a-mid=AGENT-REAL.") && t.contains("a-after=AGENT-REAL."),
         "{t}"

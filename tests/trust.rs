@@ -118,6 +118,7 @@ fn mapping(ip: &str, addr: &str, alias_added: bool, generation: u64) -> Value {
         ("pilot_addr", addr.into()),
         ("hostname", Value::Null),
         ("alias_added", alias_added.into()),
+        ("ports", Value::Null),
         ("generation", generation.into()),
     ])
 }

@@ -36,16 +36,15 @@ impl Gateway {
 
     /// Refuses a mapping whose listeners (one descriptor per port) would
     /// not fit the room the descriptor limit leaves (see [`limits::fit_max_conns`]).
-    pub(super) fn check_listener_room(&self, ip: Ipv4Addr) -> Result<()> {
+    pub(super) fn check_listener_room(&self, ip: Ipv4Addr, more: usize) -> Result<()> {
         let listening: usize = self.running.values().map(|r| r.listeners.len()).sum();
-        if (listening + self.ports.len()) as u64 <= self.listener_room {
+        if (listening + more) as u64 <= self.listener_room {
             return Ok(());
         }
         Err(Error::new(
             Code::ConnectionFailed,
             format!(
-                "cannot listen on {ip}: its {} listener(s) do not fit the open-file limit beside {listening} listening now, {} connection slots and the headroom",
-                self.ports.len(),
+                "cannot listen on {ip}: {more} more listener(s) do not fit the open-file limit beside {listening} listening now, {} connection slots and the headroom",
                 self.data_path.settings.max_conns
             ),
         )
@@ -56,7 +55,8 @@ impl Gateway {
     /// On failure nothing of this mapping is left.
     pub(super) fn bring_up(&mut self, m: &Mapping) -> Result<()> {
         let ip = m.local_ip;
-        self.check_listener_room(ip)?;
+        let ports = m.ports_or(&self.ports).to_vec();
+        self.check_listener_room(ip, ports.len())?;
         let alias_ours = if needs_alias(self.subnet) {
             alias::check_not_another_gateways(ip, &self.aliases.label)?;
             // `plan_aliases` set alias_added exactly when the IP was not
@@ -66,8 +66,8 @@ impl Gateway {
             false
         };
         let conns = Arc::new(Connections::default());
-        let mut listeners = Vec::with_capacity(self.ports.len());
-        for &port in &self.ports {
+        let mut listeners = Vec::with_capacity(ports.len());
+        for &port in &ports {
             match Listener::start(ip, port, m.pilot_addr, self.data_path.clone(), conns.clone()) {
                 Ok(l) => listeners.push(l),
                 Err(e) => {
@@ -84,11 +84,98 @@ impl Gateway {
             RunningMapping {
                 addr: m.pilot_addr,
                 alias_ours,
+                own_ports: m.ports.clone(),
                 listeners,
                 conns,
             },
         );
         Ok(())
+    }
+
+    /// Makes a running mapping listen on the ports `m` asks for now: opens
+    /// the added ones first (on failure closes those again and changes
+    /// nothing), then stops the listeners of removed ones. Connections stay
+    /// as they are, on kept and removed ports alike: they end on their own.
+    /// Returns the ports opened and closed (both empty: nothing to do).
+    pub(super) fn change_ports(&mut self, m: &Mapping) -> Result<(Vec<u16>, Vec<u16>)> {
+        let ip = m.local_ip;
+        let wanted = m.ports_or(&self.ports).to_vec();
+        let Some(r) = self.running.get(&ip) else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let have: Vec<u16> = r.listeners.iter().map(|l| l.port).collect();
+        let added: Vec<u16> = wanted.iter().copied().filter(|p| !have.contains(p)).collect();
+        let removed: Vec<u16> = have.iter().copied().filter(|p| !wanted.contains(p)).collect();
+        if added.is_empty() && removed.is_empty() {
+            if let Some(r) = self.running.get_mut(&ip) {
+                r.own_ports = m.ports.clone();
+            }
+            return Ok((added, removed));
+        }
+        self.check_listener_room(ip, added.len())?;
+        let (addr, conns) = (r.addr, r.conns.clone());
+        let mut opened = Vec::with_capacity(added.len());
+        for &port in &added {
+            match Listener::start(ip, port, addr, self.data_path.clone(), conns.clone()) {
+                Ok(l) => opened.push(l),
+                Err(e) => return Err(bind_error(ip, port, &e)), // `opened` stop as dropped
+            }
+        }
+        let Some(r) = self.running.get_mut(&ip) else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        for l in r.listeners.iter_mut().filter(|l| removed.contains(&l.port)) {
+            l.stop();
+        }
+        r.listeners.retain(|l| !removed.contains(&l.port));
+        r.listeners.extend(opened);
+        r.own_ports = m.ports.clone();
+        Ok((added, removed))
+    }
+
+    /// Applies changed ports of mappings that run; a change that fails
+    /// fails its generation and the mapping keeps the ports it has.
+    fn apply_port_changes(&mut self, st: &mut State) {
+        let mut failed = Vec::new();
+        for m in st.mappings.iter_mut() {
+            let Some(r) = self.running.get(&m.local_ip) else {
+                continue;
+            };
+            if r.addr != m.pilot_addr || r.own_ports == m.ports {
+                continue;
+            }
+            let before = r.own_ports.clone();
+            match self.change_ports(m) {
+                Ok((opened, closed)) if opened.is_empty() && closed.is_empty() => {}
+                Ok((opened, closed)) => info!(
+                    "ports of {} → {} now {} (opened {}, closed {})",
+                    m.local_ip,
+                    m.pilot_addr,
+                    subnet::format_ports(m.ports_or(&self.ports)),
+                    if opened.is_empty() {
+                        "none".into()
+                    } else {
+                        subnet::format_ports(&opened)
+                    },
+                    if closed.is_empty() {
+                        "none".into()
+                    } else {
+                        subnet::format_ports(&closed)
+                    },
+                ),
+                Err(e) => {
+                    warn!(
+                        "cannot change the ports of {} → {}: {e}",
+                        m.local_ip, m.pilot_addr
+                    );
+                    failed.push((m.generation, e));
+                    m.ports = before;
+                }
+            }
+        }
+        for (generation, e) in failed {
+            st.record_failure(generation, e);
+        }
     }
 
     /// Binds the exposure's pilot port and starts serving it, giving up by
@@ -299,6 +386,7 @@ impl Gateway {
         };
         self.drop_invalid(&mut st);
         let cut = self.retire(&st) + self.apply_exposures(&mut st);
+        self.apply_port_changes(&mut st);
         let before = st.mappings.clone();
         self.plan_aliases(&mut st.mappings);
         if st.mappings != before {

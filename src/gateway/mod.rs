@@ -116,6 +116,8 @@ struct RunningMapping {
     addr: PilotAddr,
     /// Whether we added the alias (and so remove it).
     alias_ours: bool,
+    /// The mapping's own ports as they run (`None`: the gateway's).
+    own_ports: Option<Vec<u16>>,
     listeners: Vec<Listener>,
     conns: Arc<Connections>,
 }
@@ -260,11 +262,14 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
     }
     let aliases = Aliases::labelled(alias::label_for(dir.identity()?));
     let (cleaned, stale_aliases) = clean_up_after_dead_gateway(&dir, &aliases, cfg.subnet)?;
+    // After the cleanup of our own leftovers: a running gateway on an
+    // overlapping subnet (the registry, or its live aliases).
+    subnet::check_no_other_gateway(cfg.subnet, &aliases.label)?;
     // Known to every other gateway of this namespace from now on, so none
     // exposes a target in our subnet (`registry.rs`).
     let registration = crate::registry::register(cfg.subnet)
         .map_err(|e| Error::internal(format!("cannot register the gateway (abstract socket): {e}")))?;
-    let (mappings, mut warnings) = plan_mappings(&cfg, &targets, daemon.uid)?;
+    let (mappings, mut warnings) = plan_mappings(&cfg, &targets, daemon.uid, &aliases.label)?;
     let exposures = plan_exposures(&cfg, daemon.uid)?;
     if needs_alias(cfg.subnet) {
         subnet::check_no_overlap(cfg.subnet)?;
@@ -273,9 +278,11 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         warn!("{w}");
     }
     let access = open_access_log(&cfg)?;
+    // Each mapping listens on its own ports or the gateway's.
+    let listeners: usize = mappings.iter().map(|m| m.ports_or(&cfg.ports).len()).sum();
     let (max_conns, listener_room) =
-        limits::fit_max_conns(cfg.max_conns, cfg.ports.len(), mappings.len(), &mut warnings);
-    let listeners = (cfg.ports.len() * mappings.len().max(1)) as u64;
+        limits::fit_max_conns(cfg.max_conns, listeners.max(cfg.ports.len()), 1, &mut warnings);
+    let listeners = listeners.max(cfg.ports.len()) as u64;
     let (max_conns, threads) = limits::fit_threads(max_conns, listeners, sys::user::euid().0, &mut warnings);
     // For `status`, which shows both limits beside --max-conns.
     let note = Value::obj([
@@ -638,6 +645,7 @@ impl Gateway {
             close_unconfirmed: self.closer.as_ref().map_or(0, |c| c.unconfirmed()),
             mappings,
             exposures: self.exposure_stats(),
+            errors: crate::stats::dial_errors(),
         };
         if let Err(e) = self.dir.write_stats(&stats) {
             error!("cannot write counters: {e}");

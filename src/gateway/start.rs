@@ -179,6 +179,7 @@ pub(super) fn plan_mappings(
     cfg: &Config,
     targets: &[Target],
     daemon_uid: Uid,
+    label: &str,
 ) -> Result<(Vec<Mapping>, Vec<String>)> {
     let (mut session, _) = daemon::probe(
         &cfg.socket,
@@ -197,6 +198,7 @@ pub(super) fn plan_mappings(
                 format!("local IP {ip} is given twice"),
             ));
         }
+        subnet::check_ip_free(ip, label)?;
     }
     let mut mappings: Vec<Mapping> = Vec::new();
     for t in targets {
@@ -208,12 +210,19 @@ pub(super) fn plan_mappings(
                     format!("{addr} is given twice with different local IPs"),
                 ));
             }
+            if t.ports.is_some() && t.ports != m.ports {
+                return Err(Error::new(
+                    Code::AlreadyExists,
+                    format!("{addr} is given twice with different ports"),
+                )
+                .hint("give each address once, with all its ports: --map ADDR,ports=P+P…"));
+            }
             continue; // the same address twice maps once
         }
         let local_ip = match t.ip {
             Some(ip) => ip,
             None => {
-                let ip = subnet::next_free(cfg.subnet, &used)?;
+                let ip = subnet::next_unused(cfg.subnet, &used, label)?;
                 used.insert(ip);
                 ip
             }
@@ -223,6 +232,8 @@ pub(super) fn plan_mappings(
             pilot_addr: addr,
             hostname,
             alias_added: false,
+            // The gateway's own list is the gateway's ports, not a copy.
+            ports: t.ports.clone().filter(|p| *p != cfg.ports),
             generation: 0,
         });
     }

@@ -526,9 +526,9 @@ mod tests {
         for (content, want) in [
             ("", "is empty"),
             ("{", "not valid JSON"),
-            ("{\"version\":3}", "format version 3"),
-            ("{\"version\":1}", "format version 1"),
-            ("{\"version\":2}", "\"exposures\" is missing"),
+            ("{\"version\":4}", "format version 4"),
+            ("{\"version\":2}", "format version 2"),
+            ("{\"version\":3}", "\"exposures\" is missing"),
         ] {
             fs::write(d.state_file(), content).unwrap();
             let e = d.read().unwrap_err();

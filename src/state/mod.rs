@@ -33,9 +33,13 @@ mod dir;
 pub use dir::{resolve_dir, StateDir};
 
 /// Version of the state file format, written and read; a file of any
-/// other version is refused. (2: version 1, never released, had no
-/// `exposures`.)
-pub const VERSION: u64 = 2;
+/// other version is refused. (3: version 2 had no `ports` per mapping,
+/// version 1, never released, no `exposures`.)
+pub const VERSION: u64 = 3;
+/// Most ports one mapping (or the gateway) listens on: a listener is a
+/// descriptor and a thread, and a planted state file must not make the
+/// gateway open thousands.
+pub const MAX_PORTS: usize = 256;
 /// Largest state file we read. 1 MiB holds several thousand mappings; a
 /// bigger file is refused before it is read, so a planted one cannot make
 /// a command eat memory.
@@ -52,8 +56,37 @@ pub struct Mapping {
     pub hostname: Option<String>,
     /// Whether the gateway added the loopback alias (and so must remove it).
     pub alias_added: bool,
-    /// The generation that added this mapping.
+    /// The mapping's own ports (`map … --ports`); `None`: the gateway's.
+    pub ports: Option<Vec<u16>>,
+    /// The generation that added this mapping, or last changed its ports.
     pub generation: u64,
+}
+
+impl Mapping {
+    /// The ports this mapping listens on: its own, else the gateway's.
+    pub fn ports_or<'a>(&'a self, gateway: &'a [u16]) -> &'a [u16] {
+        self.ports.as_deref().unwrap_or(gateway)
+    }
+}
+
+/// Why a port list (the gateway's or a mapping's) cannot be used: empty,
+/// port 0, a port twice, or more than [`MAX_PORTS`].
+pub fn check_ports(ports: &[u16]) -> Option<String> {
+    let distinct: BTreeSet<u16> = ports.iter().copied().collect();
+    if ports.is_empty() {
+        Some("the port list is empty".into())
+    } else if ports.contains(&0) {
+        Some("port 0 is not a valid port".into())
+    } else if distinct.len() != ports.len() {
+        Some("a port is listed twice".into())
+    } else if ports.len() > MAX_PORTS {
+        Some(format!(
+            "{} ports are more than the {MAX_PORTS} allowed",
+            ports.len()
+        ))
+    } else {
+        None
+    }
 }
 
 /// One exposure as recorded: pilot port `port` of this node serves the
@@ -262,7 +295,10 @@ impl State {
             } else if !addrs.insert(m.pilot_addr) {
                 Some(format!("{} is mapped twice", m.pilot_addr))
             } else {
-                None
+                m.ports
+                    .as_deref()
+                    .and_then(check_ports)
+                    .map(|why| format!("local IP {}: {why}", m.local_ip))
             };
             if let Some(why) = why {
                 bad.push(Invalid {
@@ -302,6 +338,7 @@ impl State {
                     ("pilot_addr", m.pilot_addr.to_string().into()),
                     ("hostname", m.hostname.clone().into()),
                     ("alias_added", m.alias_added.into()),
+                    ("ports", m.ports.as_deref().map(ports_json).into()),
                     ("generation", m.generation.into()),
                 ])
             })
@@ -325,10 +362,7 @@ impl State {
             ("started_at", self.started_at.into()),
             ("socket", self.socket.display().to_string().into()),
             ("subnet", self.subnet.to_string().into()),
-            (
-                "ports",
-                Value::Arr(self.ports.iter().map(|&p| p.into()).collect()),
-            ),
+            ("ports", ports_json(&self.ports)),
             ("max_conns", self.max_conns.into()),
             (
                 "half_closed_timeout_secs",
@@ -373,6 +407,12 @@ impl State {
                     .get("alias_added")
                     .and_then(Value::as_bool)
                     .ok_or_else(|| bad("a mapping lacks \"alias_added\""))?,
+                // null: the gateway's ports; a list: the mapping's own.
+                ports: match m.get("ports") {
+                    None => return Err(bad("a mapping lacks \"ports\"")),
+                    Some(Value::Null) => None,
+                    Some(_) => Some(ports(m).map_err(|e| bad(format!("a mapping's {}", e.message)))?),
+                },
                 generation: num(m, "generation")?,
             });
         }
@@ -385,11 +425,7 @@ impl State {
                 error,
             });
         }
-        let ports = arr(v, "ports")?
-            .iter()
-            .map(|p| p.as_u64().and_then(|p| u16::try_from(p).ok()).filter(|&p| p > 0))
-            .collect::<Option<Vec<u16>>>()
-            .ok_or_else(|| bad("\"ports\" holds a value that is not a port"))?;
+        let ports = ports(v)?;
         Ok(State {
             gateway: ProcId {
                 pid: u32::try_from(num(v, "pid")?).map_err(|_| bad("\"pid\" is out of range"))?,
@@ -424,6 +460,22 @@ impl State {
 /// What is wrong with a state file's content (the caller names the file).
 fn bad(why: impl Into<String>) -> Error {
     Error::internal(why)
+}
+
+/// A port list as the state file writes it.
+pub fn ports_json(ports: &[u16]) -> Value {
+    Value::Arr(ports.iter().map(|&p| p.into()).collect())
+}
+
+/// `"ports"` of `v`: a list of ports from 1 to 65535 (the rest of the
+/// checks are [`check_ports`], in `validate`, so that a bad list fails only
+/// its own mapping).
+fn ports(v: &Value) -> Result<Vec<u16>, Error> {
+    arr(v, "ports")?
+        .iter()
+        .map(|p| p.as_u64().and_then(|p| u16::try_from(p).ok()).filter(|&p| p > 0))
+        .collect::<Option<Vec<u16>>>()
+        .ok_or_else(|| bad("\"ports\" holds a value that is not a port"))
 }
 
 fn num(v: &Value, key: &str) -> Result<u64, Error> {
@@ -476,6 +528,7 @@ pub(crate) mod tests {
                 pilot_addr: PilotAddr::new(0, 4),
                 hostname: Some("lab-b".into()),
                 alias_added: true,
+                ports: Some(vec![9000, 80]),
                 generation: 1,
             }],
             exposures: vec![Exposed {
@@ -508,9 +561,18 @@ pub(crate) mod tests {
     fn only_this_version_is_read_and_every_field_is_required() {
         let s = sample();
         let text = s.to_json().to_string();
-        let v1 = text.replace("\"version\":2", "\"version\":1");
-        let e = State::from_json(&json::parse(&v1).unwrap()).unwrap_err();
-        assert!(e.message.contains("format version 1"), "{}", e.message);
+        for old in ["1", "2"] {
+            let v = text.replace("\"version\":3", &format!("\"version\":{old}"));
+            let e = State::from_json(&json::parse(&v).unwrap()).unwrap_err();
+            assert!(
+                e.message.contains(&format!("format version {old}")),
+                "{}",
+                e.message
+            );
+        }
+        let no_ports = text.replace(",\"ports\":[9000,80]", "");
+        let e = State::from_json(&json::parse(&no_ports).unwrap()).unwrap_err();
+        assert!(e.message.contains("a mapping lacks \"ports\""), "{}", e.message);
         for field in ["exposures", "daemon_uid", "half_closed_timeout_secs"] {
             let mut v = json::parse(&text).unwrap();
             if let Value::Obj(o) = &mut v {
@@ -523,6 +585,36 @@ pub(crate) mod tests {
                 e.message
             );
         }
+    }
+
+    #[test]
+    fn mapping_ports_are_validated() {
+        let mut s = sample();
+        let good = s.mappings[0].clone();
+        let with = |last: u8, ports: Option<Vec<u16>>| Mapping {
+            local_ip: Ipv4Addr::new(10, 4, 0, last),
+            pilot_addr: PilotAddr::new(0, u32::from(last) + 100),
+            ports,
+            ..good.clone()
+        };
+        s.mappings = vec![
+            good.clone(),
+            with(2, None),
+            with(3, Some(vec![])),
+            with(4, Some(vec![80, 80])),
+            with(5, Some((1..=MAX_PORTS as u16 + 1).collect())),
+            with(6, Some(vec![0])),
+        ];
+        let bad: Vec<String> = s.validate(s.subnet).into_iter().map(|b| b.why).collect();
+        assert_eq!(bad.len(), 4, "{bad:?}");
+        assert!(bad[0].contains("10.4.0.3") && bad[0].contains("empty"), "{bad:?}");
+        assert!(bad[1].contains("twice"), "{bad:?}");
+        assert!(bad[2].contains("more than"), "{bad:?}");
+        assert!(bad[3].contains("port 0"), "{bad:?}");
+        // Reading refuses what is not a port at all.
+        let text = s.to_json().to_string().replace("[9000,80]", "[9000,\"x\"]");
+        let e = State::from_json(&json::parse(&text).unwrap()).unwrap_err();
+        assert!(e.message.contains("a mapping's \"ports\""), "{}", e.message);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::path::Path;
 
 use super::cerr;
 use super::user::Uid;
@@ -229,7 +230,8 @@ pub fn process_uids(pid: u32) -> Option<(Uid, Uid)> {
 /// Whether process `pid` runs this same program: `/proc/PID/exe` names
 /// the same file as `/proc/self/exe` (device and inode), or — when the
 /// binary was replaced in place since the process started — the same
-/// path with " (deleted)" after it. `None` when we may not look
+/// path with " (deleted)" after it, or another file with the same bytes
+/// (an identical copy elsewhere). `None` when we may not look
 /// (EACCES: the process is not dumpable and we lack CAP_SYS_PTRACE).
 pub fn runs_same_program(pid: u32) -> Option<bool> {
     use std::os::unix::fs::MetadataExt;
@@ -247,7 +249,47 @@ pub fn runs_same_program(pid: u32) -> Option<bool> {
     let t = t.to_string_lossy().into_owned();
     let o = o.to_string_lossy().into_owned();
     let o = o.strip_suffix(" (deleted)").unwrap_or(&o);
-    Some(t.strip_suffix(" (deleted)") == Some(o))
+    if t.strip_suffix(" (deleted)") == Some(o) {
+        return Some(true);
+    }
+    // Another file (the installed copy beside target/release, say): the
+    // same program if its bytes are ours. `/proc/PID/exe` opens the very
+    // file the process runs, whatever became of its path.
+    Some(same_contents(Path::new(&theirs), Path::new("/proc/self/exe")))
+}
+
+/// Largest binary compared byte for byte (ours is a few MiB).
+const MAX_EXE: u64 = 256 << 20;
+
+/// Whether two files hold the same bytes (both readable, same size, at
+/// most [`MAX_EXE`]); compared in chunks, so memory stays small.
+fn same_contents(a: &Path, b: &Path) -> bool {
+    use std::io::Read;
+    let (Ok(mut fa), Ok(mut fb)) = (std::fs::File::open(a), std::fs::File::open(b)) else {
+        return false;
+    };
+    let (Ok(ma), Ok(mb)) = (fa.metadata(), fb.metadata()) else {
+        return false;
+    };
+    if ma.len() != mb.len() || ma.len() > MAX_EXE {
+        return false;
+    }
+    let (mut ba, mut bb) = (vec![0u8; 64 << 10], vec![0u8; 64 << 10]);
+    loop {
+        let n = match fa.read(&mut ba) {
+            Ok(0) => return fb.read(&mut bb[..1]).is_ok_and(|m| m == 0),
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        if fb.read_exact(&mut bb[..n]).is_err() || ba[..n] != bb[..n] {
+            return false;
+        }
+    }
+}
+
+/// The path of the program process `pid` runs, as the kernel names it.
+pub fn exe_path(pid: u32) -> Option<std::path::PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/exe")).ok()
 }
 
 /// How many threads this process has (Linux: /proc/self/task); `None`
@@ -259,6 +301,26 @@ pub fn thread_count() -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_identical_copy_is_the_same_program_and_another_file_is_not() {
+        let dir = std::env::temp_dir().join(format!("pgw-exe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let copy = dir.join("copy");
+        std::fs::copy("/proc/self/exe", &copy).unwrap();
+        assert!(same_contents(&copy, Path::new("/proc/self/exe")));
+        // One byte changed, or one byte more: not ours.
+        let mut bytes = std::fs::read(&copy).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 1;
+        std::fs::write(&copy, &bytes).unwrap();
+        assert!(!same_contents(&copy, Path::new("/proc/self/exe")));
+        bytes[mid] ^= 1;
+        bytes.push(0);
+        std::fs::write(&copy, &bytes).unwrap();
+        assert!(!same_contents(&copy, Path::new("/proc/self/exe")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn stat_parsing() {
