@@ -435,7 +435,7 @@ fn mappings_from_the_state_file_are_validated() {
 
 fn state_template(pid: u32, subnet: &str) -> Value {
     Value::obj([
-        ("version", Value::from(2u64)),
+        ("version", Value::from(3u64)),
         ("pid", pid.into()),
         ("start_time", 1u64.into()),
         ("started_at", 1u64.into()),
