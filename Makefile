@@ -20,6 +20,7 @@ build:
 test: deps
 	$(MAKE) --no-print-directory lint
 	CARGO="$(CARGO)" bash scripts/cross-check.sh
+	CARGO="$(CARGO)" bash scripts/lib-as-user.sh
 	$(CARGO) test --profile test-opt --no-fail-fast -- --test-threads=2
 
 deps:
