@@ -562,7 +562,11 @@ mod tests {
         let e = check_trusted(&tool).unwrap_err();
         // As an ordinary user the tool is ours, not root's: refused for that first.
         let root = crate::sys::user::euid().is_root();
-        let why = if root { "writable by group or others" } else { "not root" };
+        let why = if root {
+            "writable by group or others"
+        } else {
+            "not root"
+        };
         assert!(e.message.contains(why), "{e}");
         if root {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();

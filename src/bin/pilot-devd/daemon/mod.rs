@@ -43,7 +43,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicUsize, Ordering::Relaxed};
@@ -57,6 +57,9 @@ use pilot_gateway::json::Value;
 use pilot_gateway::sys;
 
 use crate::conns::{Conn, Track};
+
+use dial::*;
+use ports::*;
 
 /// Largest data chunk per Recv frame, as the real daemon sends.
 pub const RECV_CHUNK: usize = 4096;
@@ -521,162 +524,6 @@ fn resolve(d: &Daemon, c: &Client, payload: &[u8]) {
     }
 }
 
-fn port_of(payload: &[u8]) -> Option<u16> {
-    payload.get(..2).map(|p| u16::from_be_bytes([p[0], p[1]]))
-}
-
-/// Bind: one owner per port; the daemon's own services hold theirs.
-fn bind(d: &Daemon, c: &Arc<Client>, payload: &[u8]) {
-    let Some(port) = port_of(payload) else {
-        c.error("bind: short payload");
-        return;
-    };
-    let taken = {
-        let mut ports = d.ports.lock().unwrap_or_else(|p| p.into_inner());
-        let taken = SERVICE_PORTS.contains(&port) || ports.contains_key(&port);
-        if !taken {
-            ports.insert(port, c.clone());
-        }
-        taken
-    };
-    if taken {
-        c.error(&format!("port {port} already bound"));
-    } else {
-        if d.cfg.verbose {
-            say!("bind {port}");
-        }
-        c.send(&ipc::encode(cmd::BIND_OK, &[&port.to_be_bytes()]));
-    }
-}
-
-/// Unbind (newer daemons, `--unbind`): frees the port; connections
-/// already accepted on it keep flowing.
-fn unbind(d: &Daemon, c: &Arc<Client>, payload: &[u8]) {
-    let Some(port) = port_of(payload) else {
-        c.error("unbind: short payload");
-        return;
-    };
-    let owned = {
-        let mut ports = d.ports.lock().unwrap_or_else(|p| p.into_inner());
-        let owned = ports.get(&port).is_some_and(|o| Arc::ptr_eq(o, c));
-        if owned {
-            ports.remove(&port);
-        }
-        owned
-    };
-    if owned {
-        c.send(&ipc::encode(cmd::UNBIND_OK, &[&port.to_be_bytes()]));
-    } else {
-        c.error("unbind: port is not owned by this client");
-    }
-}
-
-/// The session ended: free its ports, abandon its dials, close its
-/// connections.
-fn session_ended(d: &Daemon, c: &Arc<Client>) {
-    c.closed.store(true, Relaxed);
-    d.ports
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .retain(|_, owner| !Arc::ptr_eq(owner, c));
-    if let Ok(p) = c.pending.lock() {
-        for flag in p.iter() {
-            flag.store(true, Relaxed);
-        }
-    }
-    if let Ok(mut m) = c.conns.lock() {
-        for (_, t) in m.drain() {
-            t.end();
-            let _ = t.tcp.shutdown(Shutdown::Both);
-        }
-    }
-    let _ = c.stream.shutdown(Shutdown::Both);
-    if d.cfg.verbose {
-        say!("client disconnected");
-    }
-}
-
-/// Accepts TCP connections standing in for remote peers of `--inbound`.
-fn accept_inbound(d: &Arc<Daemon>, listener: &TcpListener, inbound: &Inbound) {
-    for tcp in listener.incoming() {
-        let tcp = match tcp {
-            Ok(t) => t,
-            Err(e) => {
-                say!("inbound accept: {e}");
-                thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-        };
-        let (d2, inbound) = (d.clone(), inbound.clone());
-        let spawned = thread::Builder::new()
-            .stack_size(STACK)
-            .spawn(move || inbound_conn(&d2, tcp, &inbound));
-        if spawned.is_err() {
-            say!("inbound: out of threads");
-        }
-    }
-}
-
-/// One inbound connection: Accept to the port's owner, then relay.
-fn inbound_conn(d: &Daemon, tcp: TcpStream, inbound: &Inbound) {
-    let owner = d
-        .ports
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&inbound.port)
-        .cloned();
-    let Some(c) = owner.filter(|c| !c.closed.load(Relaxed)) else {
-        if d.cfg.verbose {
-            say!("inbound to port {}: nobody bound it, reset", inbound.port);
-        }
-        return sys::net::reset(tcp);
-    };
-    let id = d.next_conn.fetch_add(1, Relaxed);
-    let mut m = c.conns.lock().unwrap_or_else(|p| p.into_inner());
-    // A session that ended meanwhile has already closed its connections.
-    if m.len() >= MAX_CONNS_PER_CLIENT || c.closed.load(Relaxed) {
-        drop(m);
-        say!(
-            "inbound to port {}: client gone or at {MAX_CONNS_PER_CLIENT} connections, reset",
-            inbound.port
-        );
-        return sys::net::reset(tcp);
-    }
-    let _ = tcp.set_nodelay(true);
-    let remote_port = d
-        .next_remote_port
-        .fetch_update(Relaxed, Relaxed, |p| {
-            Some(p.checked_add(1).unwrap_or(EPHEMERAL_START))
-        })
-        .unwrap_or(EPHEMERAL_START);
-    let conn = Conn::new(id, tcp, (inbound.port, inbound.addr, remote_port), true);
-    m.insert(id, conn.clone());
-    drop(m);
-    d.register(&conn);
-    if d.cfg.verbose {
-        say!(
-            "inbound connection {id} from {}:{remote_port} to port {}",
-            inbound.addr,
-            inbound.port
-        );
-    }
-    c.send(&ipc::encode(
-        cmd::ACCEPT,
-        &[
-            &inbound.port.to_be_bytes(),
-            &id.to_be_bytes(),
-            &inbound.addr.to_wire(),
-            &remote_port.to_be_bytes(),
-        ],
-    ));
-    // `--lossy-close`: the far side's dial completes only MS after the
-    // Accept; a dialer cannot send before that.
-    if let Some(ms) = d.cfg.lossy_close {
-        thread::sleep(ms);
-    }
-    relay_to_client(&c, &conn);
-}
-
 impl Daemon {
     /// Lists a new connection in `conn_list`.
     fn register(&self, conn: &Conn) {
@@ -772,166 +619,6 @@ fn trusted(d: &Daemon) -> Value {
     Value::obj([("trusted", Value::Arr(peers))])
 }
 
-/// Handles a Dial in its own thread (newer daemons dispatch concurrently).
-fn dial(d: &Arc<Daemon>, c: &Arc<Client>, payload: &[u8]) {
-    let (Some(addr), Some(port)) = (
-        PilotAddr::from_wire(payload),
-        payload.get(6..8).map(|p| u16::from_be_bytes([p[0], p[1]])),
-    ) else {
-        c.error("dial: short payload");
-        return;
-    };
-    let cancelled = Arc::new(AtomicBool::new(false));
-    if let Ok(mut p) = c.pending.lock() {
-        p.push(cancelled.clone());
-    }
-    let (d2, c2) = (d.clone(), c.clone());
-    let spawned = thread::Builder::new().stack_size(STACK).spawn(move || {
-        let (d, c) = (d2, c2);
-        let result = dial_blocking(&d, &c, addr, port, &cancelled);
-        if let Ok(mut p) = c.pending.lock() {
-            p.retain(|f| !Arc::ptr_eq(f, &cancelled));
-        }
-        if cancelled.load(Relaxed) {
-            return; // abandoned: nothing is sent
-        }
-        match result {
-            Ok(tcp) => established(&d, &c, addr, port, tcp),
-            Err(msg) => {
-                if d.cfg.verbose {
-                    say!("dial {addr}:{port} failed: {msg}");
-                }
-                c.error(&msg);
-            }
-        }
-    });
-    if spawned.is_err() {
-        c.error("dial: out of threads");
-    }
-}
-
-fn dial_blocking(
-    d: &Daemon,
-    c: &Client,
-    addr: PilotAddr,
-    port: u16,
-    cancelled: &AtomicBool,
-) -> Result<TcpStream, String> {
-    let delay = d
-        .cfg
-        .dial_delay_for
-        .get(&addr)
-        .copied()
-        .unwrap_or(d.cfg.dial_delay);
-    let until = Instant::now() + delay;
-    // Bounded by `delay`; wakes every 10 ms to honour Cancel.
-    while Instant::now() < until {
-        if cancelled.load(Relaxed) || c.closed.load(Relaxed) {
-            return Err("dial cancelled".into());
-        }
-        thread::sleep((until - Instant::now()).min(Duration::from_millis(10)));
-    }
-    if c.conns.lock().map_or(0, |m| m.len()) >= MAX_CONNS_PER_CLIENT {
-        return Err(format!(
-            "dial: too many connections (limit {MAX_CONNS_PER_CLIENT} per client)"
-        ));
-    }
-    if let Some(text) = d.cfg.dial_error.get(&addr) {
-        return Err(text.clone());
-    }
-    if d.cfg.untrusted.contains(&addr) {
-        return Err(format!(
-            "dial {addr}: node has not established trust with us (run: pilotctl handshake {addr})"
-        ));
-    }
-    let Some(target) = d.cfg.target(addr, port) else {
-        return Err(if d.cfg.known(addr) {
-            "dial: connection refused".into()
-        } else {
-            format!("resolve node {}: registry: request failed", addr.node)
-        });
-    };
-    match TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
-        Ok(t) => Ok(t),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Err("dial: connection refused".into()),
-        Err(e) if e.kind() == io::ErrorKind::TimedOut => Err("dial timeout".into()),
-        Err(e) => Err(format!("dial: {e}")),
-    }
-}
-
-/// The dial succeeded: answer DialOK and relay service → client.
-fn established(d: &Daemon, c: &Arc<Client>, addr: PilotAddr, port: u16, tcp: TcpStream) {
-    let id = d.next_conn.fetch_add(1, Relaxed);
-    let _ = tcp.set_nodelay(true);
-    let local_port = d
-        .next_local_port
-        .fetch_update(Relaxed, Relaxed, |p| {
-            Some(p.checked_add(1).unwrap_or(EPHEMERAL_START))
-        })
-        .unwrap_or(EPHEMERAL_START);
-    let conn = Conn::new(id, tcp, (local_port, addr, port), false);
-    if let Ok(mut m) = c.conns.lock() {
-        m.insert(id, conn.clone());
-    }
-    d.register(&conn);
-    if d.cfg.verbose {
-        say!("dial {addr}:{port} ok: connection {id}");
-    }
-    match d.cfg.misbehaviour(addr) {
-        Some(Misbehave::ShortDialOk) => {
-            c.send(&ipc::encode(cmd::DIAL_OK, &[&id.to_be_bytes()[..2]]));
-            return;
-        }
-        Some(m) => {
-            c.send(&ipc::encode(cmd::DIAL_OK, &[&id.to_be_bytes()]));
-            misbehave(c, m, id);
-            return;
-        }
-        None => {
-            c.send(&ipc::encode(cmd::DIAL_OK, &[&id.to_be_bytes()]));
-        }
-    }
-    relay_to_client(c, &conn);
-}
-
-/// Service → client. Frames carry at most 4096 data bytes, as the real
-/// daemon's do; a read of up to 16 of them is framed into one buffer and
-/// written with one call, so the stand-in costs few syscalls per byte and
-/// does not limit the gateway's measurements. When the service closes,
-/// the remaining data has gone out, then an unsolicited CloseOK follows.
-fn relay_to_client(c: &Client, conn: &Conn) {
-    let (id, tcp) = (conn.id, &conn.tcp);
-    let mut data = vec![0u8; 16 * RECV_CHUNK];
-    let mut out = Vec::with_capacity(16 * (ipc::DATA_HEADER + RECV_CHUNK));
-    loop {
-        let n = match (&*tcp).read(&mut data) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if !c.conns.lock().is_ok_and(|m| m.contains_key(&id)) {
-            continue; // closed by the client: discarded
-        }
-        conn.received(n);
-        out.clear();
-        for chunk in data[..n].chunks(RECV_CHUNK) {
-            out.extend_from_slice(&((chunk.len() + 5) as u32).to_be_bytes());
-            out.push(cmd::RECV);
-            out.extend_from_slice(&id.to_be_bytes());
-            out.extend_from_slice(chunk);
-        }
-        if !c.send(&out) {
-            break;
-        }
-    }
-    // Still registered: the remote side closed, so tell the client.
-    let ours = c.conns.lock().ok().and_then(|mut m| m.remove(&id)).is_some();
-    if ours {
-        conn.end();
-        let _ = tcp.shutdown(Shutdown::Both);
-        c.send(&ipc::encode(cmd::CLOSE_OK, &[&id.to_be_bytes()]));
-    }
-}
-
 fn misbehave(c: &Client, m: Misbehave, id: u32) {
     match m {
         Misbehave::Oversize => {
@@ -960,6 +647,10 @@ fn misbehave(c: &Client, m: Misbehave, id: u32) {
         Misbehave::ShortDialOk => {}
     }
 }
+
+// After `say!`, which the parts use (macro_rules scope is textual).
+mod dial;
+mod ports;
 
 #[cfg(test)]
 mod tests {
