@@ -319,7 +319,7 @@ pub fn list(st: &State, stats: &Stats) -> (Value, String) {
             .unwrap_or_default();
         let last = stats.errors.last_on(m.local_ip);
         if let Value::Obj(pairs) = &mut row {
-            pairs.push(("last_error".into(), last.map_or(Value::Null, dial_error_json)));
+            pairs.push(("last_error".into(), last.map_or(Value::Null, DialError::to_json)));
         }
         text += &format!(
             "{} → {}{host}  ports {}{}  active {} total {} up {} B down {} B failed dials {}\n",
@@ -361,17 +361,6 @@ pub fn list(st: &State, stats: &Stats) -> (Value, String) {
         ]),
         text,
     )
-}
-
-/// A failed dial as commands report it.
-fn dial_error_json(e: &DialError) -> Value {
-    Value::obj([
-        ("local_ip", Value::from(e.local_ip.to_string())),
-        ("port", e.port.into()),
-        ("error", e.error.clone().into()),
-        ("at", e.at.into()),
-        ("count", e.count.into()),
-    ])
 }
 
 /// `status`'s lines for the mappings with their own ports, and for the
@@ -472,7 +461,7 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
     ));
     data.push((
         "recent_errors",
-        Value::Arr(stats.errors.recent.iter().map(dial_error_json).collect()),
+        Value::Arr(stats.errors.recent.iter().map(DialError::to_json).collect()),
     ));
     let text = if exposures.is_empty() {
         text

@@ -366,29 +366,44 @@ fn set_securebits() -> Result<()> {
     Ok(())
 }
 
+/// capget(2)/capset(2)'s header, version 3 (`_LINUX_CAPABILITY_VERSION_3`):
+/// then two [`CapData`] words per set, bits 0–31 and 32–63.
+#[cfg(target_os = "linux")]
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[cfg(target_os = "linux")]
+impl CapHeader {
+    /// This thread (pid 0), layout version 3.
+    fn v3() -> CapHeader {
+        CapHeader {
+            version: 0x2008_0522,
+            pid: 0,
+        }
+    }
+}
+
+/// One 32-bit word of each capability set, as capget/capset use it.
+#[cfg(target_os = "linux")]
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
 /// This thread's effective and permitted capability sets (capget, v3).
 #[cfg(target_os = "linux")]
 fn capabilities_now() -> Option<(u64, u64)> {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let mut header = Header {
-        version: 0x2008_0522,
-        pid: 0,
-    };
-    let mut data = [Data::default(); 2];
+    let mut header = CapHeader::v3();
+    let mut data = [CapData::default(); 2];
     // SAFETY: capget writes two v3 data words into `data`, which has room
     // for them; both pointers outlive the call. The result is checked.
-    sys::cerr(unsafe { libc::syscall(libc::SYS_capget, &mut header as *mut Header, data.as_mut_ptr()) })
+    sys::cerr(unsafe { libc::syscall(libc::SYS_capget, &mut header as *mut CapHeader, data.as_mut_ptr()) })
         .ok()?;
     let join = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
     Some((
@@ -401,31 +416,15 @@ fn capabilities_now() -> Option<(u64, u64)> {
 /// raises the kept ones as ambient so the `ip` we exec inherits them.
 #[cfg(target_os = "linux")]
 fn keep_capabilities(keep: u64) -> Result<()> {
-    // capset(2) with the v3 layout: a header, then two 32-bit words per set.
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let mut header = Header {
-        version: 0x2008_0522,
-        pid: 0,
-    };
+    let mut header = CapHeader::v3();
     let lo = keep as u32;
-    let empty = Data {
+    let empty = CapData {
         effective: 0,
         permitted: 0,
         inheritable: 0,
     };
     let data = [
-        Data {
+        CapData {
             effective: lo,
             permitted: lo,
             inheritable: lo,
@@ -434,7 +433,7 @@ fn keep_capabilities(keep: u64) -> Result<()> {
     ];
     // SAFETY: the header and the two data words have the v3 layout capset
     // reads; both outlive the call. The result is checked.
-    sys::cerr(unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) })
+    sys::cerr(unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut CapHeader, data.as_ptr()) })
         .map_err(|e| step("capset", e))?;
     for cap in [CAP_NET_ADMIN, CAP_NET_BIND_SERVICE] {
         let raise = libc::PR_CAP_AMBIENT_RAISE as c_ulong;

@@ -381,6 +381,19 @@ pub fn dial_errors() -> Errors {
     ERRORS.lock().map(|e| e.clone()).unwrap_or_default()
 }
 
+impl DialError {
+    /// One failed dial, as stats.json and the commands' JSON show it.
+    pub fn to_json(&self) -> Value {
+        Value::obj([
+            ("local_ip", Value::from(self.local_ip.to_string())),
+            ("port", self.port.into()),
+            ("error", self.error.clone().into()),
+            ("at", self.at.into()),
+            ("count", self.count.into()),
+        ])
+    }
+}
+
 impl Errors {
     /// The last failed dial on `ip`, if any.
     pub fn last_on(&self, ip: Ipv4Addr) -> Option<&DialError> {
@@ -388,21 +401,7 @@ impl Errors {
     }
 
     fn to_json(&self) -> Value {
-        let list = |l: &[DialError]| {
-            Value::Arr(
-                l.iter()
-                    .map(|e| {
-                        Value::obj([
-                            ("local_ip", Value::from(e.local_ip.to_string())),
-                            ("port", e.port.into()),
-                            ("error", e.error.clone().into()),
-                            ("at", e.at.into()),
-                            ("count", e.count.into()),
-                        ])
-                    })
-                    .collect(),
-            )
-        };
+        let list = |l: &[DialError]| Value::Arr(l.iter().map(DialError::to_json).collect());
         Value::obj([("last", list(&self.last)), ("recent", list(&self.recent))])
     }
 
