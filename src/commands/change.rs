@@ -37,11 +37,7 @@ pub(super) fn map(args: &Args, out: &Output, target: &str, ip: Option<&str>) -> 
     let (addr, hostname) = ask_daemon(&st, target, &mut warnings)?;
     let wanted_ip = ip.map(|t| subnet::parse_local_ip(t, st.subnet)).transpose()?;
 
-    let lock = dir.lock()?;
-    let mut st = dir
-        .read()?
-        .ok_or_else(|| Error::new(Code::NotRunning, "the gateway stopped meanwhile"))?;
-    check_alive(&st)?;
+    let (lock, mut st) = lock_live_state(&dir)?;
     if let Some(m) = st.find_addr(addr).cloned() {
         if wanted_ip.is_some_and(|ip| ip != m.local_ip) {
             return Err(Error::new(
@@ -220,11 +216,7 @@ pub(super) fn unmap(args: &Args, out: &Output, ip_text: &str) -> Result<()> {
         .hint("see the mapped IPs with: pilot-gateway list")
     })?;
     let (dir, _) = running(args)?;
-    let lock = dir.lock()?;
-    let mut st = dir
-        .read()?
-        .ok_or_else(|| Error::new(Code::NotRunning, "the gateway stopped meanwhile"))?;
-    check_alive(&st)?;
+    let (lock, mut st) = lock_live_state(&dir)?;
     let Some(m) = st.find_ip(ip).cloned() else {
         return Err(Error::new(Code::NotFound, format!("no mapping for {ip}"))
             .hint("see the mapped IPs with: pilot-gateway list"));
@@ -260,11 +252,7 @@ pub(super) fn expose(args: &Args, out: &Output, req: &Expose) -> Result<()> {
         allow_remote_target: req.allow_remote_target,
         generation: 0,
     };
-    let lock = dir.lock()?;
-    let mut st = dir
-        .read()?
-        .ok_or_else(|| Error::new(Code::NotRunning, "the gateway stopped meanwhile"))?;
-    check_alive(&st)?;
+    let (lock, mut st) = lock_live_state(&dir)?;
     if let Some(x) = st.find_exposure(e.port).cloned() {
         drop(lock);
         if !x.same_service(&e) {
@@ -305,11 +293,7 @@ pub(super) fn unexpose(args: &Args, out: &Output, port: &str) -> Result<()> {
             .hint("see the exposed ports with: pilot-gateway list")
     })?;
     let (dir, _) = running(args)?;
-    let lock = dir.lock()?;
-    let mut st = dir
-        .read()?
-        .ok_or_else(|| Error::new(Code::NotRunning, "the gateway stopped meanwhile"))?;
-    check_alive(&st)?;
+    let (lock, mut st) = lock_live_state(&dir)?;
     let Some(e) = st.find_exposure(port).cloned() else {
         drop(lock);
         return Err(
@@ -431,4 +415,15 @@ impl Removal {
             Removal::Draining(None) => String::new(),
         }
     }
+}
+
+/// Takes the state lock and reads the state under it, which must still be
+/// a live gateway's: what every change starts from.
+fn lock_live_state(dir: &StateDir) -> Result<(FileLock, State)> {
+    let lock = dir.lock()?;
+    let st = dir
+        .read()?
+        .ok_or_else(|| Error::new(Code::NotRunning, "the gateway stopped meanwhile"))?;
+    check_alive(&st)?;
+    Ok((lock, st))
 }
