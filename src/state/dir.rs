@@ -49,7 +49,7 @@ const LOG_TAIL: u64 = 64 << 10;
 /// bounded size) before a byte of it is used. The directory belongs to the
 /// gateway's user, who may plant anything in it; these checks are what
 /// lets a root-run command look inside without acting as root on a name
-/// that user controls (see SECURITY.md, "Trust boundaries").
+/// that user controls (see docs/THREAT_MODEL.md, "The state directory").
 #[derive(Debug)]
 pub struct StateDir {
     pub path: PathBuf,
