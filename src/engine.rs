@@ -16,7 +16,8 @@
 //! - [`copy_to_pilot`]: the TCP→pilot copy loop, with the idle timeout;
 //!   [`write_to_local`] and [`linger_after_remote_close`]: the pilot→TCP
 //!   side's writes and its end;
-//! - [`send_close`]: the ONE place a pilot Close is sent for a connection;
+//! - [`send_close`] / [`Core::close_once`]: the ONE place a pilot Close is
+//!   sent for a connection, after what must happen first (see "Closing");
 //! - [`finish`]: the cleanup both directions run exactly once (Close,
 //!   log line, access-log record through the direction's hook);
 //! - [`warn_source`]: the rate limiter for every line a client or a peer
@@ -27,6 +28,35 @@
 //! a session per connection vs Accept on the shared session, with its
 //! bounded queue and pacing), the local-client check vs the allow-list,
 //! what a TCP EOF means (a client's half-close vs a service's end).
+//!
+//! # Closing (issue 19; the daemon's side is in `closing`'s module notes)
+//!
+//! The Feb-2026 daemon (upstream `pkg/daemon/daemon.go`,
+//! `CloseConnection`) sends FIN at once on Close and stops retransmitting
+//! (`retxLoop` serves ESTABLISHED connections only), so whatever is still
+//! unacknowledged or in its Nagle buffer is lost: the reader gets a prefix.
+//! And a Close within a few ms of an Accept reaches the dialer before its
+//! dial completed, so it waits out its whole dial timeout. Hence
+//! [`Core::close_once`], the one way a connection's Close goes out:
+//!
+//! - a *normal* ending (no ending recorded, `Ok` or `ClientClosed`: the
+//!   TCP side finished sending and every byte read from it was Sent) with
+//!   bytes sent waits in [`Closer::wait_delivered`] until the daemon lists
+//!   them delivered (bounded by `--close-linger`; past it the Close goes
+//!   out anyway and a rate-limited `close_unconfirmed` line is logged);
+//! - any connection Accepted less than `closing::ACCEPT_SETTLE` ago (an
+//!   exposure's target down, a service that closes at once, a reset right
+//!   away) waits in [`Closer::wait_established`] so the dialer sees the
+//!   close at once instead of after its dial timeout; refusals decided on
+//!   the exposure's session reader use [`Closer::close_when_established`]
+//!   (`expose::accept`), which must not block;
+//! - everything else (resets, teardown by `unmap`/`stop`, the peer already
+//!   closed) closes at once: nothing more is worth delivering.
+//!
+//! Without a closer (its thread could not start; unit tests) or on a daemon
+//! whose Info cannot tell (`closing::Mode::Immediate`: no `conn_list`, as
+//! before Feb-2026, or devd `--no-conn-list`), every Close is immediate,
+//! as it always was.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -38,6 +68,7 @@ use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::closing::{self, Closer, Outcome};
 use crate::ipc::{self, cmd};
 use crate::log::{suppressed_note, Level, RateLimit};
 use crate::sys;
@@ -153,9 +184,11 @@ pub trait PilotSide: Send + Sync {
 
 /// Sends Close for pilot connection `id` on `side`. This is the one
 /// function through which the engine closes a pilot connection, in both
-/// directions (cleanup, a service's end, refused Accepts): whatever must
-/// happen before a Close (e.g. waiting until the daemon reports the
-/// connection's bytes delivered) belongs here.
+/// directions (cleanup, a service's end, refused Accepts). What must
+/// happen before a Close (waiting until the daemon reports the
+/// connection's bytes delivered, or its Accept settled) is done by the
+/// callers: [`Core::close_once`] and `expose::accept` (module notes,
+/// "Closing").
 pub fn send_close(side: &dyn PilotSide, id: u32) -> bool {
     side.send(&ipc::encode(cmd::CLOSE, &[&id.to_be_bytes()]), Frame::Close)
         .is_ok()
@@ -180,6 +213,12 @@ pub struct Core {
     /// When the first CloseOK came: the TCP side's [`LINGER`] counts from it.
     remote_closed_at: OnceLock<Instant>,
     close_sent: AtomicBool,
+    /// Microseconds since `started` of the end of the last Send.
+    last_send: AtomicU64,
+    /// Decides when the Close may go out (see "Closing"); none: at once.
+    pub closer: OnceLock<std::sync::Arc<Closer>>,
+    /// When the daemon Accepted this (inbound) connection.
+    pub accepted: OnceLock<Instant>,
     /// The connection's `--max-conns` slot, freed by [`finish`].
     slot: Mutex<Option<Slot>>,
     /// The TCP→pilot thread has ended.
@@ -256,9 +295,50 @@ impl Core {
     /// Sends Close once, unless the daemon has ended the connection.
     pub fn close_once(&self, side: &dyn PilotSide) {
         let Some(&id) = self.pilot_conn.get() else { return };
-        if !self.remote_closed.load(Relaxed) && !self.close_sent.swap(true, Relaxed) {
-            send_close(side, id);
+        if self.remote_closed.load(Relaxed) || self.close_sent.swap(true, Relaxed) {
+            return;
         }
+        if let Some(closer) = self.closer.get() {
+            self.before_close(closer, id);
+            if self.remote_closed.load(Relaxed) {
+                return; // the peer closed meanwhile: the daemon forgot it
+            }
+        }
+        send_close(side, id);
+    }
+
+    /// Waits, as the module notes ("Closing") say, until a Close of `id`
+    /// loses nothing; bounded by the closer (`--close-linger`, or
+    /// `closing::ACCEPT_SETTLE` after an Accept).
+    fn before_close(&self, closer: &Closer, id: u32) {
+        let normal = matches!(self.ending.get(), None | Some(Ending::Ok | Ending::ClientClosed));
+        let sent = self.to_pilot.load(Relaxed);
+        if normal && sent > 0 {
+            if let Outcome::Unconfirmed(why) = closer.wait_delivered(id, sent, self.last_send()) {
+                report(
+                    Level::Warn,
+                    "close_unconfirmed",
+                    "",
+                    format_args!("pilot connection {id}: closed before the daemon confirmed delivery ({sent} B sent): {why}"),
+                );
+            }
+            return;
+        }
+        if let Some(&at) = self.accepted.get() {
+            if at.elapsed() < closing::ACCEPT_SETTLE {
+                closer.wait_established(id, at);
+            }
+        }
+    }
+
+    /// When the last Send ended (the start, before any).
+    pub fn last_send(&self) -> Instant {
+        self.started() + Duration::from_micros(self.last_send.load(Relaxed))
+    }
+
+    fn sent_now(&self) {
+        self.last_send
+            .store(self.started().elapsed().as_micros() as u64, Relaxed);
     }
 }
 
@@ -343,6 +423,7 @@ pub fn copy_to_pilot(b: &dyn Bridge, idle: Duration, max: usize, drop_late: bool
                     return CopyEnd::Over;
                 }
                 c.to_pilot.fetch_add(n as u64, Relaxed);
+                c.sent_now();
                 c.touch();
                 if ipc::DATA_HEADER + n == buf.len() && n < max {
                     size = (size * 2).min(max);

@@ -98,6 +98,9 @@ pub struct DataPath {
     pub finished: AtomicU64,
     next_id: AtomicU64,
     pub access: Option<AccessLog>,
+    /// The gateway's closer (see `engine`, "Closing"), once started; every
+    /// connection, mapped or exposed, hands its Close to it.
+    pub closer: std::sync::OnceLock<Arc<crate::closing::Closer>>,
 }
 
 impl DataPath {
@@ -109,6 +112,7 @@ impl DataPath {
             finished: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             access,
+            closer: std::sync::OnceLock::new(),
         })
     }
 
@@ -336,6 +340,9 @@ pub fn serve(
     };
     let core = Core::new();
     let _ = core.tcp.set(tcp);
+    if let Some(closer) = data_path.closer.get() {
+        let _ = core.closer.set(closer.clone());
+    }
     core.hold(slot);
     let conn = Arc::new(Conn {
         id: data_path.next_id.fetch_add(1, Relaxed),

@@ -67,6 +67,7 @@ use ipnetwork::Ipv4Network;
 
 use crate::access::{Record, Side};
 use crate::address::PilotAddr;
+use crate::closing::Closer;
 use crate::engine::Bridge;
 use crate::engine::{self, Ending, Slot};
 use crate::error::{Code, Error, Result};
@@ -143,6 +144,13 @@ pub struct Options {
     /// It must not block: refusals are reported from the session's reader
     /// thread (the access log's `try_send` queue fits).
     pub on_end: Option<OnEnd>,
+    /// The gateway's closer: Closes wait until they lose nothing (see
+    /// `engine`, "Closing"); `None`: every Close at once.
+    pub closer: Option<Arc<Closer>>,
+    /// Send a PROXY protocol v2 header to the service before any data.
+    pub proxy_protocol: bool,
+    /// This node's own pilot address, for the PROXY header's destination.
+    pub local_addr: Option<PilotAddr>,
 }
 
 impl Default for Options {
@@ -160,6 +168,9 @@ impl Default for Options {
             slots: None,
             bind_timeout: IPC_TIMEOUT,
             on_end: None,
+            closer: None,
+            proxy_protocol: false,
+            local_addr: None,
         }
     }
 }
@@ -599,6 +610,7 @@ fn admit(ex: &Shared, peer: PilotAddr) -> std::result::Result<Option<Slot>, Stri
 }
 
 fn accept(ex: &Arc<Shared>, link: &Arc<Link>, payload: &[u8]) {
+    let accepted = Instant::now();
     let Some(a) = ipc::parse_accept(payload) else {
         warn_limited!(
             MALFORMED_ACCEPT,
@@ -624,7 +636,25 @@ fn accept(ex: &Arc<Shared>, link: &Arc<Link>, payload: &[u8]) {
     let slot = match admit(ex, a.remote) {
         Ok(slot) => slot,
         Err(why) => {
-            engine::send_close(&**link, a.conn);
+            // Not at once: a Close this soon after the Accept is lost on
+            // its way to the dialer, which then waits out its dial
+            // (`engine` "Closing"); the closer's poller sends it once it
+            // reaches the dialer (≤ ACCEPT_SETTLE). This thread never waits.
+            match &ex.opts.closer {
+                Some(closer) => {
+                    let (link, conn) = (link.clone(), a.conn);
+                    closer.close_when_established(
+                        a.conn,
+                        accepted,
+                        Box::new(move || {
+                            engine::send_close(&*link, conn);
+                        }),
+                    );
+                }
+                None => {
+                    engine::send_close(&**link, a.conn);
+                }
+            }
             warn_source!(
                 "refused_peer",
                 a.remote,
@@ -648,6 +678,10 @@ fn accept(ex: &Arc<Shared>, link: &Arc<Link>, payload: &[u8]) {
         }
     };
     let conn = Arc::new(Conn::new(a.conn, a.remote, a.remote_port, link.clone()));
+    let _ = conn.core.accepted.set(accepted);
+    if let Some(closer) = &ex.opts.closer {
+        let _ = conn.core.closer.set(closer.clone());
+    }
     if let Some(slot) = slot {
         conn.core.hold(slot);
     }

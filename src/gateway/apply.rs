@@ -197,6 +197,7 @@ impl Gateway {
             slots: Some(Arc::new(SharedSlots(self.data_path.clone()))),
             idle_timeout: self.data_path.settings.idle_timeout,
             on_end: Some(on_end),
+            closer: self.data_path.closer.get().cloned(),
             ..expose::Options::default()
         };
         let socket = &self.data_path.settings.daemon_socket;

@@ -212,9 +212,8 @@ struct Gateway {
     /// Checks the daemon off the main thread; `None` until it runs.
     health: Option<Arc<daemon::Health>>,
     /// Decides when connections may be closed (`closing`); `None` if its
-    /// thread could not start (every Close is then immediate).
-    // Hook for the connection engine: hand it `closer.clone()`, and call
-    // `wait_delivered` / `wait_established` before each Close.
+    /// thread could not start (every Close is then immediate). The data
+    /// path holds it too, for every connection (`engine`, "Closing").
     closer: Option<Arc<Closer>>,
     /// Descriptors left for listeners (see [`limits::fit_max_conns`]).
     listener_room: u64,
@@ -315,14 +314,19 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         stale_aliases,
         stale_tried: Instant::now(),
     };
+    // Before the listeners and exposures: every connection's Close goes
+    // through it from the first one (`engine`, "Closing").
+    gw.closer = Closer::start(cfg.socket.clone(), daemon.uid, cfg.close_linger)
+        .map(Arc::new)
+        .map_err(|e| warn!("cannot start the close poller (every close is immediate): {e}"))
+        .ok();
+    if let Some(c) = &gw.closer {
+        let _ = gw.data_path.closer.set(c.clone());
+    }
     let st = gw.start_up(&cfg, (mappings, exposures), switched.as_ref())?;
     drop(lock);
     gw.health = daemon::Health::start(cfg.socket.clone(), daemon.uid)
         .map_err(|e| warn!("cannot start the daemon health thread: {e}"))
-        .ok();
-    gw.closer = Closer::start(cfg.socket.clone(), daemon.uid, cfg.close_linger)
-        .map(Arc::new)
-        .map_err(|e| warn!("cannot start the close poller (every close is immediate): {e}"))
         .ok();
     for m in &st.mappings {
         info!("mapped {} → {}", m.local_ip, m.pilot_addr);
