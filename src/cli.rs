@@ -90,6 +90,8 @@ pub struct Expose {
     /// list, whoever the daemon lets in.
     pub allow: Option<Vec<String>>,
     pub allow_remote_target: bool,
+    /// `--proxy-protocol` / `,proxy`: a PROXY v2 header before any data.
+    pub proxy_protocol: bool,
 }
 
 impl Expose {
@@ -122,10 +124,11 @@ impl Expose {
             target,
             allow: None,
             allow_remote_target: false,
+            proxy_protocol: false,
         })
     }
 
-    /// `start --expose P=[HOST:]PORT[,allow=PEER+PEER…]`: `+` separates
+    /// `start --expose P=[HOST:]PORT[,allow=PEER+PEER…][,proxy]`: `+` separates
     /// peers because `,` separates the exposure's options.
     pub fn parse_start(spec: &str) -> Result<Expose> {
         let mut parts = spec.split(',');
@@ -139,9 +142,10 @@ impl Expose {
         for opt in parts {
             match opt.split_once('=') {
                 Some(("allow", peers)) => e.allow = Some(split_peers(peers, '+')?),
+                None if opt == "proxy" => e.proxy_protocol = true,
                 _ => {
                     return Err(Error::usage(format!("--expose {spec:?}: unknown option {opt:?}"))
-                        .hint("the one option is allow=PEER+PEER…"))
+                        .hint("the options are allow=PEER+PEER… and proxy"))
                 }
             }
         }
@@ -201,6 +205,7 @@ const FLAGS: &[(&str, &[&str])] = &[
     ("expose", &["start"]),
     ("allow", &["expose"]),
     ("allow-remote-target", &["expose", "start"]),
+    ("proxy-protocol", &["expose"]),
     ("drain", &["stop", "unmap", "unexpose"]),
     ("wait", &["stop", "unmap", "unexpose"]),
 ];
@@ -331,6 +336,8 @@ pub struct Args {
     pub allow: Option<String>,
     /// `expose`/`start --allow-remote-target`.
     pub allow_remote_target: bool,
+    /// `expose --proxy-protocol`.
+    pub proxy_protocol: bool,
     /// `stop`/`unmap`/`unexpose --drain SECS`.
     pub drain: Option<String>,
     /// `stop`/`unmap`/`unexpose --wait`: wait for the drain to end.
@@ -465,6 +472,7 @@ pub fn parse(argv0: &str, args: Vec<OsString>) -> Result<Args> {
         Command::Expose(e) => {
             e.allow = a.allow.as_deref().map(|t| split_peers(t, ',')).transpose()?;
             e.allow_remote_target = a.allow_remote_target;
+            e.proxy_protocol = a.proxy_protocol;
         }
         Command::Start { targets, .. } => {
             for spec in &a.map {
@@ -523,6 +531,7 @@ fn read_flags(a: &mut Args, args: Vec<OsString>) -> Result<(Vec<String>, bool)> 
             Long("map") => a.map.push(text(&mut p)?),
             Long("allow") => a.allow = Some(text(&mut p)?),
             Long("allow-remote-target") => a.allow_remote_target = flag_bool(&mut p, "allow-remote-target")?,
+            Long("proxy-protocol") => a.proxy_protocol = flag_bool(&mut p, "proxy-protocol")?,
             Value(v) => words.push(
                 v.into_string()
                     .map_err(|v| Error::usage(format!("argument {v:?} is not valid UTF-8")))?,
@@ -1019,6 +1028,7 @@ mod tests {
             target: target.parse().unwrap(),
             allow: allow.map(|l| l.into_iter().map(String::from).collect()),
             allow_remote_target: remote,
+            proxy_protocol: false,
         };
         assert_eq!(
             a.command,
@@ -1068,6 +1078,23 @@ mod tests {
             p(&["pilot-gateway", "unexpose", "80"]).unwrap().command,
             Some(Command::Unexpose { port: "80".into() })
         );
+    }
+
+    #[test]
+    fn proxy_protocol_forms() {
+        let a = p(&["pilot-gateway", "expose", "80", "8000", "--proxy-protocol"]).unwrap();
+        assert!(matches!(a.command, Some(Command::Expose(e)) if e.proxy_protocol));
+        let e = Expose::parse_start("80=8000,allow=lab-a,proxy").unwrap();
+        assert!(e.proxy_protocol && e.allow == Some(vec!["lab-a".to_string()]));
+        assert!(!Expose::parse_start("80=8000").unwrap().proxy_protocol);
+        assert!(Expose::parse_start("80=8000,proxy=1").is_err());
+        for argv in [
+            &["pilot-gateway", "map", "0:0000.0000.0004", "--proxy-protocol"][..],
+            &["pilot-gateway", "start", "--proxy-protocol"][..],
+        ] {
+            let err = p(argv).unwrap_err();
+            assert!(err.to_string().contains("--proxy-protocol is an option of expose"), "{err}");
+        }
     }
 
     #[test]

@@ -423,6 +423,8 @@ struct Inner {
     /// Wakes the waiting connection threads: an answer came.
     waiters: Condvar,
     unconfirmed: AtomicU64,
+    /// This node's own address (Info's `address`), from the first answer.
+    local: Option<crate::address::PilotAddr>,
 }
 
 impl Inner {
@@ -459,9 +461,13 @@ impl Closer {
 
     /// [`start`](Closer::start) with another way to reach the daemon (tests).
     pub fn with_connect(connect: Connect, linger: Duration) -> io::Result<Closer> {
-        let (mode, checked) = match exchange(&connect, &mut None) {
-            Ok(v) => (parse_info(&v, &HashSet::new()).mode(), Some(Instant::now())),
-            Err(_) => (Mode::Unknown, None),
+        let (mode, checked, local) = match exchange(&connect, &mut None) {
+            Ok(v) => (
+                parse_info(&v, &HashSet::new()).mode(),
+                Some(Instant::now()),
+                v.get("address").and_then(Value::as_str).and_then(|a| a.parse().ok()),
+            ),
+            Err(_) => (Mode::Unknown, None, None),
         };
         let inner = Arc::new(Inner {
             connect,
@@ -477,6 +483,7 @@ impl Closer {
             poller: Condvar::new(),
             waiters: Condvar::new(),
             unconfirmed: AtomicU64::new(0),
+            local,
         });
         let i2 = inner.clone();
         thread::Builder::new()
@@ -488,6 +495,12 @@ impl Closer {
 
     pub fn mode(&self) -> Mode {
         self.inner.lock().mode
+    }
+
+    /// This node's own pilot address, if the daemon's first Info gave it
+    /// (PROXY headers name it as the destination).
+    pub fn local_addr(&self) -> Option<crate::address::PilotAddr> {
+        self.inner.local
     }
 
     pub fn linger(&self) -> Duration {

@@ -72,17 +72,18 @@ Flags:
   --allow-any-subnet     allow a subnet outside private, shared and loopback ranges
   --allow-remote         also serve clients from other hosts (off: only this host's
                          own clients; see SECURITY.md before turning it on)
-  --expose P=[HOST:]PORT[,allow=PEER+PEER…]
+  --expose P=[HOST:]PORT[,allow=PEER+PEER…][,proxy]
                          also serve the local TCP service HOST:PORT (127.0.0.1 if
                          no HOST) on pilot port P, as `expose` does; repeatable;
-                         allow= admits only the listed peers (addresses or hostnames)
+                         allow= admits only the listed peers (addresses or hostnames);
+                         proxy sends a PROXY v2 header first (--proxy-protocol)
   --allow-remote-target  let every --expose target be another host's address
 
 A gateway may run with only exposures and no ADDR.
 ";
 
 const EXPOSE_HELP: &str = "\
-Usage: pilot-gateway expose [--allow PEERS] [--allow-remote-target] PILOT_PORT [HOST:]PORT
+Usage: pilot-gateway expose [--allow PEERS] [--allow-remote-target] [--proxy-protocol] PILOT_PORT [HOST:]PORT
 
 Serves the local TCP service HOST:PORT (a bare PORT means 127.0.0.1:PORT) on
 pilot port PILOT_PORT of this node, through the running gateway: each inbound
@@ -100,6 +101,11 @@ Flags:
                          are closed at once, counted and logged
   --allow-remote-target  allow a target on another host: every peer the daemon
                          trusts then becomes a client of that host's network
+  --proxy-protocol       send the service a PROXY protocol v2 header before any
+                         data: the peer's pilot address as source (IPv6
+                         fd70:696c:6f74::NNNN:HHHH:LLLL, and as text in TLV 0xE0)
+                         and port; for nginx: listen … proxy_protocol and
+                         $proxy_protocol_addr
 ";
 
 const UNEXPOSE_HELP: &str = "\

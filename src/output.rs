@@ -210,7 +210,7 @@ pub fn mapping_json(m: &Mapping, gateway_ports: &[u16]) -> Value {
 
 /// An exposure as commands report it: as the state file records it (port,
 /// target, the allow-list (null: none) with the hostname each peer was given
-/// by, allow_remote_target) without the generation, which is internal.
+/// by, allow_remote_target, proxy_protocol) without the generation, which is internal.
 pub fn exposure_json(e: &Exposed) -> Value {
     let mut v = e.to_json();
     if let Value::Obj(pairs) = &mut v {
@@ -238,10 +238,15 @@ fn allow_text(e: &Exposed) -> String {
 pub fn exposure_line(e: &Exposed, already: bool) -> String {
     let already = if already { " (already exposed)" } else { "" };
     format!(
-        "exposed pilot port {} → {}{already}\n  allowed: {}\n",
+        "exposed pilot port {} → {}{already}\n  allowed: {}\n{}",
         e.port,
         e.target,
-        allow_text(e)
+        allow_text(e),
+        if e.proxy_protocol {
+            "  PROXY protocol v2 header sent to the service first\n"
+        } else {
+            ""
+        }
     )
 }
 
@@ -271,7 +276,7 @@ fn exposure_row(e: &Exposed, stats: &Stats) -> (Value, String) {
         format!("{} ({})", x.state, escape_control(&x.reason))
     };
     let text = format!(
-        "pilot port {} → {}  {state}  active {} total {} in {} B out {} B refused {} slow resets {}  allowed: {}\n",
+        "pilot port {} → {}  {state}  active {} total {} in {} B out {} B refused {} slow resets {}  allowed: {}{}\n",
         e.port,
         e.target,
         c.active,
@@ -281,6 +286,7 @@ fn exposure_row(e: &Exposed, stats: &Stats) -> (Value, String) {
         c.refused,
         c.slow_resets,
         escape_control(&allow_text(e)),
+        if e.proxy_protocol { "  proxy-protocol" } else { "" },
     );
     (row, text)
 }

@@ -250,6 +250,7 @@ pub(super) fn expose(args: &Args, out: &Output, req: &Expose) -> Result<()> {
         target: req.target,
         allow,
         allow_remote_target: req.allow_remote_target,
+        proxy_protocol: req.proxy_protocol,
         generation: 0,
     };
     let (lock, mut st) = lock_live_state(&dir)?;

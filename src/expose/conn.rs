@@ -23,7 +23,7 @@
 //!   nowhere to go and is dropped until the linger is over.
 
 use std::collections::VecDeque;
-use std::io::IoSlice;
+use std::io::{IoSlice, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Condvar, Mutex};
@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use crate::address::PilotAddr;
 use crate::engine::{self, Bridge, CopyEnd, Core, Ending, Frame, PilotSide, THREAD_STACK};
+use crate::{proxy, sys};
 
 use super::session::Link;
 use super::{lock, Ended, Shared};
@@ -262,6 +263,19 @@ pub fn connect_then_relay(finish: Finish) {
     };
     let _ = tcp.set_nodelay(true);
     let _ = tcp.set_write_timeout(Some(engine::WRITE_POLL));
+    if ex.opts.proxy_protocol {
+        // Before any data, and before the writer thread exists: the first
+        // bytes the service reads are the header (`proxy`, wire layout
+        // there). ~70 bytes always fit a fresh socket's send buffer.
+        let header = proxy::header(c.peer, c.peer_port, ex.opts.local_addr, ex.port);
+        if let Err(e) = (&tcp).write_all(&header) {
+            ex.connect_failures.fetch_add(1, Relaxed);
+            let why = format!("{}: writing the PROXY header: {e}", ex.target);
+            let _ = c.core.ending.set(Ending::ConnectFailed(why));
+            sys::net::reset(tcp);
+            return;
+        }
+    }
     let _ = c.core.tcp.set(tcp);
     c.core.touch();
     // A cut that came while we connected could not reach the socket.

@@ -198,6 +198,8 @@ impl Gateway {
             idle_timeout: self.data_path.settings.idle_timeout,
             on_end: Some(on_end),
             closer: self.data_path.closer.get().cloned(),
+            proxy_protocol: e.proxy_protocol,
+            local_addr: self.data_path.closer.get().and_then(|c| c.local_addr()),
             ..expose::Options::default()
         };
         let socket = &self.data_path.settings.daemon_socket;

@@ -266,6 +266,7 @@ pub(super) fn plan_exposures(cfg: &Config, daemon_uid: Uid) -> Result<Vec<Expose
             target: e.target,
             allow,
             allow_remote_target: e.allow_remote_target,
+            proxy_protocol: e.proxy_protocol,
             generation: 0,
         });
     }

@@ -101,6 +101,8 @@ pub struct Exposed {
     pub allow: Option<Vec<(PilotAddr, Option<String>)>>,
     /// The target may be another host (`--allow-remote-target`).
     pub allow_remote_target: bool,
+    /// Send the service a PROXY protocol v2 header first (`--proxy-protocol`).
+    pub proxy_protocol: bool,
     /// The generation that added this exposure.
     pub generation: u64,
 }
@@ -117,6 +119,7 @@ impl Exposed {
             && self.target == other.target
             && self.allow_set() == other.allow_set()
             && self.allow_remote_target == other.allow_remote_target
+            && self.proxy_protocol == other.proxy_protocol
     }
 
     /// The exposure as the state file records it; commands report the same
@@ -139,6 +142,7 @@ impl Exposed {
             ("target", self.target.to_string().into()),
             ("allow", allow.unwrap_or(Value::Null)),
             ("allow_remote_target", self.allow_remote_target.into()),
+            ("proxy_protocol", self.proxy_protocol.into()),
             ("generation", self.generation.into()),
         ])
     }
@@ -177,6 +181,13 @@ impl Exposed {
                 .get("allow_remote_target")
                 .and_then(Value::as_bool)
                 .ok_or_else(|| bad("an exposure lacks \"allow_remote_target\""))?,
+            // Absent in state files written before it existed: off.
+            proxy_protocol: match e.get("proxy_protocol") {
+                None => false,
+                Some(v) => v
+                    .as_bool()
+                    .ok_or_else(|| bad("an exposure's \"proxy_protocol\" is not true or false"))?,
+            },
             generation: num(e, "generation")?,
         })
     }
@@ -539,6 +550,7 @@ pub(crate) mod tests {
                     (PilotAddr::new(0, 8), None),
                 ]),
                 allow_remote_target: false,
+                proxy_protocol: true,
                 generation: 2,
             }],
             failures: vec![ApplyFailure {
