@@ -24,6 +24,8 @@ test)
     # (skipped without it); tests/dist.rs checks the unit with
     # systemd-analyze when present.
     [ -x /usr/bin/qemu-aarch64-static ] || need+=(qemu-user-static)
+    # tests/proxy.rs runs nginx as a real PROXY protocol v2 consumer.
+    [ -x /usr/sbin/nginx ] || have nginx || need+=(nginx-light)
     ;;
 demo)
     have ip || need+=(iproute2)

@@ -1093,7 +1093,11 @@ mod tests {
             &["pilot-gateway", "start", "--proxy-protocol"][..],
         ] {
             let err = p(argv).unwrap_err();
-            assert!(err.to_string().contains("--proxy-protocol is an option of expose"), "{err}");
+            assert!(
+                err.to_string()
+                    .contains("--proxy-protocol is an option of expose"),
+                "{err}"
+            );
         }
     }
 

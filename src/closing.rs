@@ -465,7 +465,9 @@ impl Closer {
             Ok(v) => (
                 parse_info(&v, &HashSet::new()).mode(),
                 Some(Instant::now()),
-                v.get("address").and_then(Value::as_str).and_then(|a| a.parse().ok()),
+                v.get("address")
+                    .and_then(Value::as_str)
+                    .and_then(|a| a.parse().ok()),
             ),
             Err(_) => (Mode::Unknown, None, None),
         };
