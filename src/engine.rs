@@ -567,8 +567,13 @@ impl Drop for Slot {
 /// and its access-log record.
 pub fn finish(b: &dyn Bridge, what: fmt::Arguments<'_>, source: &str) -> Ending {
     let c = b.core();
-    c.close_once(b);
+    // The `--max-conns` slot goes back before the Close, which may wait
+    // for the daemon to confirm delivery (up to `--close-linger`): a client
+    // that closed must free its slot at once (lifecycle tests; the churn
+    // row of `make bench`), as it did before the close waited. The
+    // waiting connection still holds its two descriptors meanwhile.
     drop(c.slot.lock().unwrap_or_else(|p| p.into_inner()).take());
+    c.close_once(b);
     let ending = c.ending.get().cloned().unwrap_or(Ending::Ok);
     let (to, from) = (c.to_pilot.load(Relaxed), c.from_pilot.load(Relaxed));
     report(
