@@ -317,7 +317,11 @@ impl Delivery {
         }
         if delivered {
             self.quiet += 1;
-            if self.quiet >= 2 {
+            // Twice, or once when the daemon counts bytes sent and was
+            // asked at least the Nagle interval after the last Send: by then
+            // nothing can still sit in its Nagle buffer, uncounted by
+            // `in_flight` (one Info round less per close under churn).
+            if self.quiet >= 2 || (e.bytes_sent.is_some() && at >= self.last_send + NAGLE) {
                 return Some(Outcome::Delivered);
             }
         } else {
@@ -712,8 +716,10 @@ fn poll(inner: &Inner) {
                     |(g, t)| (g, t.timed_out()),
                 );
                 sh = g;
-                if !work && timeout && sh.slots.is_empty() {
-                    session = None; // nothing closing for a while
+                if !work && timeout && sh.slots.is_empty() && session.take().is_some() {
+                    // Nothing closing for a while: the session and the large
+                    // Info replies it read go, and so does the heap they grew.
+                    crate::sys::proc::release_memory();
                 }
             }
             let wanted = sh
@@ -821,19 +827,31 @@ mod tests {
         let mut d = Delivery::new(1000, t0, t0, Duration::from_secs(5));
         // The daemon has not read all our Sends yet.
         assert_eq!(
-            d.decide(Seen::Entry(&entry(ESTABLISHED, 0, 0, 600)), ms(30)),
+            d.decide(Seen::Entry(&entry(ESTABLISHED, 0, 0, 600)), ms(10)),
             None
         );
         assert_eq!(
-            d.decide(Seen::Entry(&entry(ESTABLISHED, 400, 1, 1000)), ms(60)),
+            d.decide(Seen::Entry(&entry(ESTABLISHED, 400, 1, 1000)), ms(20)),
+            None
+        );
+        // Within the Nagle interval of the last Send, one quiet answer is
+        // not enough; two are.
+        assert_eq!(
+            d.decide(Seen::Entry(&entry(ESTABLISHED, 0, 0, 1000)), ms(25)),
             None
         );
         assert_eq!(
-            d.decide(Seen::Entry(&entry(ESTABLISHED, 0, 0, 1000)), ms(90)),
+            d.decide(Seen::Entry(&entry(ESTABLISHED, 0, 0, 1000)), ms(30)),
+            Some(Outcome::Delivered)
+        );
+        // Past it, one quiet answer is, once everything was sent.
+        let mut d = Delivery::new(1000, t0, t0, Duration::from_secs(5));
+        assert_eq!(
+            d.decide(Seen::Entry(&entry(ESTABLISHED, 0, 0, 600)), ms(50)),
             None
         );
         assert_eq!(
-            d.decide(Seen::Entry(&entry(ESTABLISHED, 0, 0, 1000)), ms(120)),
+            d.decide(Seen::Entry(&entry(ESTABLISHED, 0, 0, 1000)), ms(60)),
             Some(Outcome::Delivered)
         );
         // Without bytes_sent: the Nagle interval after the last Send.
