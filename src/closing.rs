@@ -760,12 +760,14 @@ fn poll(inner: &Inner) {
 }
 
 /// One Info exchange on the poller's session (opened if needed).
-fn exchange(connect: &Connect, session: &mut Option<Session>) -> Result<Value, String> {
-    if session.is_none() {
-        *session = Some(connect().map_err(|e| e.to_string())?);
-    }
-    let s = session.as_mut().ok_or("no session")?;
-    s.info().map_err(|e| e.to_string())
+fn exchange(connect: &Connect, session: &mut Option<Session>) -> crate::error::Result<Value> {
+    use crate::error::{Code, Error};
+    let s = match session {
+        Some(s) => s,
+        None => session.insert(connect().map_err(|e| Error::io("connecting to the daemon", &e))?),
+    };
+    s.info()
+        .map_err(|e| Error::new(Code::DaemonUnreachable, e.to_string()))
 }
 
 #[cfg(test)]

@@ -179,7 +179,7 @@ pub enum Frame {
 /// or the exposure's shared one (expose).
 pub trait PilotSide: Send + Sync {
     /// Writes one whole frame; `Err` says why the session cannot go on.
-    fn send(&self, frame: &[u8], what: Frame) -> Result<(), String>;
+    fn send(&self, frame: &[u8], what: Frame) -> crate::error::Result<()>;
 }
 
 /// Sends Close for pilot connection `id` on `side`. This is the one
@@ -419,7 +419,7 @@ pub fn copy_to_pilot(b: &dyn Bridge, idle: Duration, max: usize, drop_late: bool
                 }
                 ipc::put_send_header(&mut buf, id, n);
                 if let Err(why) = b.send(&buf[..ipc::DATA_HEADER + n], Frame::Data) {
-                    b.fail(Ending::Reset(why));
+                    b.fail(Ending::Reset(why.message));
                     return CopyEnd::Over;
                 }
                 c.to_pilot.fetch_add(n as u64, Relaxed);
@@ -731,13 +731,13 @@ mod tests {
     }
 
     impl PilotSide for TestBridge {
-        fn send(&self, frame: &[u8], what: Frame) -> Result<(), String> {
+        fn send(&self, frame: &[u8], what: Frame) -> crate::error::Result<()> {
             if what == Frame::Close {
                 self.sent_close.fetch_add(1, Relaxed);
             }
             (&self.pilot)
                 .write_all(frame)
-                .map_err(|e| format!("writing to the daemon: {e}"))
+                .map_err(|e| crate::error::Error::io("writing to the daemon", &e))
         }
     }
 

@@ -225,13 +225,13 @@ pub struct Conn {
 }
 
 impl PilotSide for Conn {
-    fn send(&self, frame: &[u8], what: Frame) -> Result<(), String> {
+    fn send(&self, frame: &[u8], what: Frame) -> crate::error::Result<()> {
         if what == Frame::Close {
             let _ = self.ipc.set_write_timeout(Some(engine::close_write_bound()));
         }
         (&self.ipc)
             .write_all(frame)
-            .map_err(|e| format!("writing to the daemon: {e}"))
+            .map_err(|e| crate::error::Error::io("writing to the daemon", &e))
     }
 }
 

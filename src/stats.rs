@@ -31,6 +31,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::AddAssign;
 
 use crate::address::PilotAddr;
+use crate::error::Error;
 use crate::expose::Counters as ExposureCounters;
 use crate::json::Value;
 
@@ -77,7 +78,7 @@ macro_rules! json_counters {
             [$((stringify!($f), c.$f)),+]
         }
 
-        fn $read(v: &Value) -> Result<$ty, String> {
+        fn $read(v: &Value) -> Result<$ty, Error> {
             Ok($ty { $($f: num(v, stringify!($f))?),+ })
         }
     };
@@ -103,7 +104,7 @@ impl Counters {
     }
 
     /// Reads the counters from an object that holds their keys.
-    pub fn from_json(v: &Value) -> Result<Counters, String> {
+    pub fn from_json(v: &Value) -> Result<Counters, Error> {
         counters_from_json(v)
     }
 }
@@ -145,18 +146,18 @@ impl ExposureStats {
         Value::obj(v)
     }
 
-    pub fn from_json(e: &Value) -> Result<ExposureStats, String> {
+    pub fn from_json(e: &Value) -> Result<ExposureStats, Error> {
         let text = |k: &str| {
             e.get(k)
                 .and_then(Value::as_str)
                 .map(str::to_string)
-                .ok_or_else(|| format!("an exposure lacks \"{k}\""))
+                .ok_or_else(|| bad(format!("an exposure lacks \"{k}\"")))
         };
         Ok(ExposureStats {
-            port: u16::try_from(num(e, "port")?).map_err(|_| "an exposure has a bad \"port\"")?,
+            port: u16::try_from(num(e, "port")?).map_err(|_| bad("an exposure has a bad \"port\""))?,
             target: text("target")?
                 .parse()
-                .map_err(|_| "an exposure has a bad \"target\"".to_string())?,
+                .map_err(|_| bad("an exposure has a bad \"target\""))?,
             state: text("state")?,
             reason: text("reason")?,
             counters: exposure_counters_from_json(e)?,
@@ -248,29 +249,31 @@ impl Stats {
     }
 
     /// Reads a snapshot; the error names the field that is wrong.
-    pub fn from_json(v: &Value) -> Result<Stats, String> {
+    pub fn from_json(v: &Value) -> Result<Stats, Error> {
         let mut mappings = Vec::new();
         for m in v
             .get("mappings")
             .and_then(Value::as_array)
-            .ok_or("\"mappings\" is missing or not a list")?
+            .ok_or_else(|| bad("\"mappings\" is missing or not a list"))?
         {
             let text = |k: &str| {
                 m.get(k)
                     .and_then(Value::as_str)
-                    .ok_or_else(|| format!("a mapping lacks \"{k}\""))
+                    .ok_or_else(|| bad(format!("a mapping lacks \"{k}\"")))
             };
             mappings.push(MappingStats {
                 local_ip: text("local_ip")?
                     .parse()
-                    .map_err(|_| "a mapping has a bad \"local_ip\"".to_string())?,
-                pilot_addr: text("pilot_addr")?.parse().map_err(|e| format!("{e}"))?,
+                    .map_err(|_| bad("a mapping has a bad \"local_ip\""))?,
+                pilot_addr: text("pilot_addr")?
+                    .parse()
+                    .map_err(|e: crate::address::AddrError| bad(e.to_string()))?,
                 counters: Counters::from_json(m)?,
             });
         }
         Ok(Stats {
             seq: num(v, "seq")?,
-            pid: u32::try_from(num(v, "pid")?).map_err(|_| "\"pid\" is out of range")?,
+            pid: u32::try_from(num(v, "pid")?).map_err(|_| bad("\"pid\" is out of range"))?,
             uptime_secs: num(v, "uptime_secs")?,
             totals: Counters::from_json(v)?,
             refused: num(v, "refused")?,
@@ -280,13 +283,16 @@ impl Stats {
             allow_remote: v
                 .get("allow_remote")
                 .and_then(Value::as_bool)
-                .ok_or("\"allow_remote\" is missing or not true/false")?,
+                .ok_or_else(|| bad("\"allow_remote\" is missing or not true/false"))?,
             access_log_dropped: num(v, "access_log_dropped")?,
-            daemon: v.get("daemon").cloned().ok_or("\"daemon\" is missing")?,
+            daemon: v
+                .get("daemon")
+                .cloned()
+                .ok_or_else(|| bad("\"daemon\" is missing"))?,
             close_mode: v
                 .get("close_mode")
                 .and_then(Value::as_str)
-                .ok_or("\"close_mode\" is missing or not text")?
+                .ok_or_else(|| bad("\"close_mode\" is missing or not text"))?
                 .to_string(),
             close_linger_ms: num(v, "close_linger_ms")?,
             close_unconfirmed: num(v, "close_unconfirmed")?,
@@ -294,19 +300,24 @@ impl Stats {
             exposures: v
                 .get("exposures")
                 .and_then(Value::as_array)
-                .ok_or("\"exposures\" is missing or not a list")?
+                .ok_or_else(|| bad("\"exposures\" is missing or not a list"))?
                 .iter()
                 .map(ExposureStats::from_json)
                 .collect::<Result<_, _>>()?,
-            errors: Errors::from_json(v.get("errors").ok_or("\"errors\" is missing")?)?,
+            errors: Errors::from_json(v.get("errors").ok_or_else(|| bad("\"errors\" is missing"))?)?,
         })
     }
 }
 
-fn num(v: &Value, key: &str) -> Result<u64, String> {
+/// What is wrong with a stats file's content (the caller names the file).
+fn bad(why: impl Into<String>) -> Error {
+    Error::internal(why)
+}
+
+fn num(v: &Value, key: &str) -> Result<u64, Error> {
     v.get(key)
         .and_then(Value::as_u64)
-        .ok_or_else(|| format!("\"{key}\" is missing or not a whole number"))
+        .ok_or_else(|| bad(format!("\"{key}\" is missing or not a whole number")))
 }
 
 // ---- Failed dials: where people look (`list`, `status`) ----
@@ -405,12 +416,12 @@ impl Errors {
         Value::obj([("last", list(&self.last)), ("recent", list(&self.recent))])
     }
 
-    fn from_json(v: &Value) -> Result<Errors, String> {
-        let list = |key: &str| -> Result<Vec<DialError>, String> {
+    fn from_json(v: &Value) -> Result<Errors, Error> {
+        let list = |key: &str| -> Result<Vec<DialError>, Error> {
             let items = v
                 .get(key)
                 .and_then(Value::as_array)
-                .ok_or_else(|| format!("\"errors\".\"{key}\" is missing or not a list"))?;
+                .ok_or_else(|| bad(format!("\"errors\".\"{key}\" is missing or not a list")))?;
             items
                 .iter()
                 .take(MAX_LAST)
@@ -420,12 +431,13 @@ impl Errors {
                             .get("local_ip")
                             .and_then(Value::as_str)
                             .and_then(|t| t.parse().ok())
-                            .ok_or("an error lacks \"local_ip\"")?,
-                        port: u16::try_from(num(e, "port")?).map_err(|_| "an error has a bad \"port\"")?,
+                            .ok_or_else(|| bad("an error lacks \"local_ip\""))?,
+                        port: u16::try_from(num(e, "port")?)
+                            .map_err(|_| bad("an error has a bad \"port\""))?,
                         error: e
                             .get("error")
                             .and_then(Value::as_str)
-                            .ok_or("an error lacks \"error\"")?
+                            .ok_or_else(|| bad("an error lacks \"error\""))?
                             .to_string(),
                         at: num(e, "at")?,
                         count: num(e, "count")?,
@@ -553,6 +565,6 @@ mod tests {
             .to_string()
             .replace("\"bytes_up\"", "\"bytes_upp\"");
         let e = Stats::from_json(&crate::json::parse(&text).unwrap()).unwrap_err();
-        assert!(e.contains("bytes_up"), "{e}");
+        assert!(e.message.contains("bytes_up"), "{e}");
     }
 }

@@ -71,12 +71,12 @@ pub struct Conn {
 /// A connection's data frames name it, so a stalled session can name the
 /// connection that sent the most lately.
 impl PilotSide for Conn {
-    fn send(&self, frame: &[u8], what: Frame) -> Result<(), String> {
+    fn send(&self, frame: &[u8], what: Frame) -> crate::error::Result<()> {
         let from = (what == Frame::Data).then_some((self.id, self.peer));
         if self.link.send(frame, from) {
             Ok(())
         } else {
-            Err("daemon session lost while sending".into())
+            Err(super::session::lost_while_sending())
         }
     }
 }
@@ -440,6 +440,10 @@ mod tests {
         let (c, d) = conn();
         drop(d);
         let frame = crate::ipc::encode(crate::ipc::cmd::SEND, &[&[0u8; 8]]);
-        assert!(c.send(&frame, Frame::Data).unwrap_err().contains("session lost"));
+        assert!(c
+            .send(&frame, Frame::Data)
+            .unwrap_err()
+            .message
+            .contains("session lost"));
     }
 }

@@ -186,13 +186,18 @@ impl Link {
 /// is in (the Close of an Accept that is refused): they name no culprit.
 /// A connection's own frames go through its `Conn`, which names it.
 impl PilotSide for Link {
-    fn send(&self, frame: &[u8], _what: Frame) -> std::result::Result<(), String> {
+    fn send(&self, frame: &[u8], _what: Frame) -> Result<()> {
         if Link::send(self, frame, None) {
             Ok(())
         } else {
-            Err("daemon session lost while sending".into())
+            Err(lost_while_sending())
         }
     }
+}
+
+/// Why a frame could not go out on an exposure's session.
+pub(super) fn lost_while_sending() -> Error {
+    Error::new(Code::DaemonUnreachable, "daemon session lost while sending")
 }
 
 impl Recent {

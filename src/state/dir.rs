@@ -414,7 +414,7 @@ impl StateDir {
         }
         json::parse_bytes(&bytes)
             .map_err(|e| e.to_string())
-            .and_then(|v| Stats::from_json(&v))
+            .and_then(|v| Stats::from_json(&v).map_err(|e| e.message))
             .map(Some)
             .map_err(|why| Error::internal(format!("counters file {} is unreadable: {why}", path.display())))
     }
