@@ -315,16 +315,30 @@ fn an_identical_binary_elsewhere_is_the_same_program() {
     let copy = dir.path("pilot-gateway-installed");
     std::fs::copy(GATEWAY, &copy).unwrap();
     let gw = Gw::new(&dir, &devd.socket);
-    // Started by the copy, steered by the original.
-    let out = Command::new(&copy)
-        .arg("--state-dir")
-        .arg(&gw.state)
-        .arg("--socket")
-        .arg(&gw.socket)
-        .args(["start", "--ports", "8080", A4])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    // Started by the copy, steered by the original. Another test thread's
+    // fork may briefly hold the copy's write descriptor (until its exec):
+    // exec then fails with ETXTBSY, so it is retried, a bounded number of times.
+    let run = || {
+        Command::new(&copy)
+            .arg("--state-dir")
+            .arg(&gw.state)
+            .arg("--socket")
+            .arg(&gw.socket)
+            .args(["start", "--ports", "8080", A4])
+            .stdin(Stdio::null())
+            .output()
+    };
+    let mut out = run();
+    for _ in 0..50 {
+        match &out {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                out = run();
+            }
+            _ => break,
+        }
+    }
+    let out = out.unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let list = gw.ok(&["list"]);
     assert!(list.contains("10.4.0.1 → 0:0000.0000.0004"), "{list}");
