@@ -136,6 +136,9 @@ fn accept_loop(
                 );
                 thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(1));
+                // A reserve used up while nothing was free comes back
+                // once something is.
+                open_reserve();
                 continue;
             }
         };
@@ -221,7 +224,8 @@ fn is_out_of_fds(e: &io::Error) -> bool {
 /// Process-wide, as the descriptor table is. Opened by [`open_reserve`].
 static RESERVE: Mutex<Option<File>> = Mutex::new(None);
 
-/// Opens the reserve descriptor (at start, and again after each use).
+/// Opens the reserve descriptor (first thing at start, again after each
+/// use, and after an accept that failed without it).
 pub fn open_reserve() {
     let mut r = RESERVE.lock().unwrap_or_else(|p| p.into_inner());
     if r.is_none() {

@@ -244,6 +244,11 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         libc::SIGUSR2,
     ])
     .map_err(|e| Error::internal(format!("cannot install signal handlers: {e}")))?;
+    // Before anything else opens a file: the reserve gets the lowest free
+    // number, below any limit the gateway can later run into (even one
+    // lowered under it by prlimit), so giving it up always lets one
+    // accept through.
+    listener::open_reserve();
     let (dir, switched, daemon) = open_state_dir_as_user(&cfg)?;
     let lock = dir.lock()?;
     if crate::background::creates_own_log() {
@@ -292,7 +297,6 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
     if let Err(e) = dir.write_atomic(LIMITS_NOTE, &format!("{note}\n")) {
         warn!("{e}");
     }
-    listener::open_reserve();
     let mut gw = Gateway {
         me: ProcId::current(),
         dir,
