@@ -538,6 +538,14 @@ pub trait Slots: Send + Sync {
     fn release(&self);
 }
 
+/// Why a budget refused a connection: the kind its warning is
+/// rate-limited under (see [`report`]), and the reason.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub kind: &'static str,
+    pub why: String,
+}
+
 /// One slot taken from a [`Slots`]; given back when dropped.
 pub struct Slot(std::sync::Arc<dyn Slots>);
 

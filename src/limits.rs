@@ -47,7 +47,7 @@ pub const FD_HEADROOM: u64 = {
 /// Raises the descriptor limit as far as allowed and returns the
 /// `--max-conns` that fits it (2 descriptors per slot: a forwarded
 /// connection's client and daemon session, an exposed connection's local
-/// socket, or an exposure's daemon session; see `gateway::SharedSlots`), with a
+/// socket, or an exposure's daemon session; see `gateway::ExposedSlots`), with a
 /// warning when that is lower than asked, and the descriptors left for
 /// listeners (one each).
 ///
@@ -158,6 +158,42 @@ pub fn fit_threads(
     )
 }
 
+/// The expose side's share of `--max-conns` when `--max-exposed` is not
+/// given: half. Overlay peers (anyone the daemon lets dial this node) can
+/// then never hold more than half of the slots, so local clients keep at
+/// least the other half; and an exposure still gets half the budget
+/// without any tuning, which serves a gateway used mostly to expose.
+pub const DEFAULT_EXPOSED_SHARE: usize = 2;
+/// `--max-per-peer` when not given: a tenth of `--max-exposed` (at least
+/// 1), so one peer node holds at most a tenth of what peers may hold:
+/// at least ten distinct nodes are needed to fill the expose side, while
+/// one peer still gets ample concurrency (50 with the default 1000 slots).
+pub const DEFAULT_PER_PEER_SHARE: usize = 10;
+
+/// The expose side's budgets in force: `--max-exposed` and `--max-per-peer`
+/// as asked (`None`: the defaults, from the cap in force), fitted to the
+/// `--max-conns` in force (`max_conns`, which the descriptor and thread
+/// limits may have lowered from `requested`). An explicit `--max-exposed`
+/// keeps its proportion of the cap (at least 1), so the map side keeps
+/// its share too; `--max-per-peer` never exceeds `--max-exposed`.
+pub fn fit_exposed(
+    max_conns: usize,
+    requested: usize,
+    max_exposed: Option<usize>,
+    max_per_peer: Option<usize>,
+) -> (usize, usize) {
+    let exposed = match max_exposed {
+        None => max_conns / DEFAULT_EXPOSED_SHARE,
+        Some(e) if max_conns >= requested => e,
+        Some(e) => (e as u128 * max_conns as u128 / requested.max(1) as u128) as usize,
+    }
+    .clamp(1, max_conns.max(1));
+    let per_peer = max_per_peer
+        .unwrap_or(exposed / DEFAULT_PER_PEER_SHARE)
+        .clamp(1, exposed);
+    (exposed, per_peer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +215,20 @@ mod tests {
             .map(|x| x.1);
         assert_eq!(diag, Some(sys::sock_diag::MAX_OPEN as u64));
         assert_eq!(FD_HEADROOM, FD_ITEMS.iter().map(|x| x.1).sum::<u64>());
+    }
+
+    #[test]
+    fn exposed_budgets_default_to_shares_and_follow_a_lowered_cap() {
+        assert_eq!(fit_exposed(1000, 1000, None, None), (500, 50));
+        assert_eq!(fit_exposed(10, 10, None, None), (5, 1));
+        assert_eq!(fit_exposed(1, 1, None, None), (1, 1));
+        assert_eq!(fit_exposed(1000, 1000, Some(800), Some(3)), (800, 3));
+        // Lowered from 1000 to 100: the defaults follow the cap in force,
+        // an explicit share keeps its proportion, the per-peer cap stays
+        // within it.
+        assert_eq!(fit_exposed(100, 1000, None, None), (50, 5));
+        assert_eq!(fit_exposed(100, 1000, Some(800), Some(300)), (80, 80));
+        assert_eq!(fit_exposed(100, 1000, Some(1), None), (1, 1));
+        assert_eq!(fit_exposed(3, 1_000_000, Some(1_000_000), Some(7)), (3, 3));
     }
 }

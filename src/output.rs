@@ -424,6 +424,11 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
         ("max_conns", stats.max_conns.into()),
         ("max_conns_requested", stats.max_conns_requested.into()),
         ("conns_in_use", stats.conns_in_use.into()),
+        ("max_exposed", stats.max_exposed.into()),
+        ("max_per_peer", stats.max_per_peer.into()),
+        ("exposed_in_use", stats.exposed_in_use.into()),
+        ("refused_max_exposed", stats.refused_max_exposed.into()),
+        ("refused_per_peer", stats.refused_per_peer.into()),
         ("allow_remote", stats.allow_remote.into()),
         (
             "half_closed_timeout_secs",
@@ -459,7 +464,15 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
         t.bytes_down,
         st.half_closed_timeout.as_secs_f64(),
     );
-    let text = format!("{text}  closing: {}\n", close_text(stats));
+    let text = format!(
+        "{text}  exposed side: {} of {} slots in use (the rest stays local clients'), at most {} per peer; refused at --max-exposed {}, at --max-per-peer {}\n  closing: {}\n",
+        stats.exposed_in_use,
+        stats.max_exposed,
+        stats.max_per_peer,
+        stats.refused_max_exposed,
+        stats.refused_per_peer,
+        close_text(stats)
+    );
     let text = text + &status_extra_text(st, stats);
     data.push((
         "mapping_ports",

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use crate::access::{AccessLog, Record, Side};
 use crate::address::PilotAddr;
-use crate::engine::{self, Bridge, CopyEnd, Core, Ending, Frame, PilotSide, Slot, Slots};
+use crate::engine::{self, Bridge, CopyEnd, Core, Ending, Frame, PilotSide, Refusal, Slot, Slots};
 use crate::ipc::{self, cmd, FrameReader, IpcError};
 use crate::stats::Counters;
 use crate::sys::sock_diag::{self, PeerState};
@@ -75,6 +75,12 @@ pub struct ConnSettings {
     /// uid is a failed dial (whoever serves the path now is not the daemon).
     pub daemon_uid: crate::sys::user::Uid,
     pub max_conns: usize,
+    /// `--max-exposed`: slots of `max_conns` the expose side (exposures'
+    /// daemon sessions and exposed connections together) may hold; the
+    /// rest is the map side's, whatever overlay peers do.
+    pub max_exposed: usize,
+    /// `--max-per-peer`: exposed connections one peer node may hold.
+    pub max_per_peer: usize,
     pub dial_timeout: Duration,
     pub idle_timeout: Duration,
     /// `--half-closed-timeout`: idle limit once the client has shut its
@@ -93,6 +99,12 @@ pub struct DataPath {
     pub active: AtomicUsize,
     /// Connections refused because of `--max-conns`.
     pub refused: AtomicU64,
+    /// What the expose side holds (see [`ConnSettings::max_exposed`]).
+    exposed: Mutex<ExposedUse>,
+    /// Exposed connections refused at `--max-exposed`.
+    pub refused_max_exposed: AtomicU64,
+    /// Exposed connections refused at `--max-per-peer`.
+    pub refused_per_peer: AtomicU64,
     /// Connections that have ended, either direction (for deciding when
     /// to return memory).
     pub finished: AtomicU64,
@@ -109,6 +121,9 @@ impl DataPath {
             settings,
             active: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
+            exposed: Mutex::new(ExposedUse::default()),
+            refused_max_exposed: AtomicU64::new(0),
+            refused_per_peer: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             access,
@@ -124,6 +139,89 @@ impl DataPath {
             })
             .is_ok()
     }
+
+    /// Takes a slot for the expose side: an exposure's daemon session
+    /// (`peer` `None`) or a connection from `peer`. In this order: the
+    /// peer's own cap (`--max-per-peer`; its cause whatever others hold),
+    /// the expose side's share (`--max-exposed`), the whole budget
+    /// (`--max-conns`). A connection's refusal is counted under its
+    /// reason; a session's is the caller's error to report.
+    pub fn take_exposed(&self, peer: Option<PilotAddr>) -> Result<(), Refusal> {
+        let s = &self.settings;
+        let mut used = self.exposed.lock().unwrap_or_else(|p| p.into_inner());
+        let count = |n: &AtomicU64| {
+            if peer.is_some() {
+                n.fetch_add(1, Relaxed);
+            }
+        };
+        if let Some(p) = peer {
+            let held = used.per_peer.get(&p).copied().unwrap_or(0);
+            if held >= s.max_per_peer {
+                count(&self.refused_per_peer);
+                return Err(Refusal {
+                    kind: "refused_per_peer",
+                    why: format!("--max-per-peer {} reached: {p} holds {held}", s.max_per_peer),
+                });
+            }
+        }
+        if used.taken >= s.max_exposed {
+            count(&self.refused_max_exposed);
+            return Err(Refusal {
+                kind: "refused_max_exposed",
+                why: format!(
+                    "--max-exposed {} reached ({} exposed connections and exposures' sessions)",
+                    s.max_exposed, used.taken
+                ),
+            });
+        }
+        if !self.try_acquire() {
+            count(&self.refused);
+            return Err(Refusal {
+                kind: "refused_max_conns",
+                why: format!("--max-conns {} reached", s.max_conns),
+            });
+        }
+        used.taken += 1;
+        if let Some(p) = peer {
+            *used.per_peer.entry(p).or_insert(0) += 1;
+        }
+        Ok(())
+    }
+
+    /// Gives back what [`take_exposed`](DataPath::take_exposed) took for
+    /// `peer` (a finished connection is counted as one, for trimming).
+    pub fn release_exposed(&self, peer: Option<PilotAddr>) {
+        {
+            let mut used = self.exposed.lock().unwrap_or_else(|p| p.into_inner());
+            used.taken = used.taken.saturating_sub(1);
+            if let Some(p) = peer {
+                if let Some(n) = used.per_peer.get_mut(&p) {
+                    *n -= 1;
+                    if *n == 0 {
+                        used.per_peer.remove(&p);
+                    }
+                }
+            }
+        }
+        self.active.fetch_sub(1, Relaxed);
+        if peer.is_some() {
+            self.finished.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Slots the expose side holds now (sessions and connections).
+    pub fn exposed_in_use(&self) -> usize {
+        self.exposed.lock().unwrap_or_else(|p| p.into_inner()).taken
+    }
+}
+
+/// The expose side's share of the slots: how many it holds, and how many
+/// connections each peer node holds (an entry only while it holds one, so
+/// at most `max_exposed` entries).
+#[derive(Default)]
+struct ExposedUse {
+    taken: usize,
+    per_peer: HashMap<PilotAddr, usize>,
 }
 
 /// A connection's slot: freeing it also counts a finished connection.
@@ -723,6 +821,8 @@ mod tests {
             daemon_socket: path,
             daemon_uid: sys::user::euid(),
             max_conns: 8,
+            max_exposed: 4,
+            max_per_peer: 2,
             dial_timeout: Duration::from_millis(500),
             idle_timeout: Duration::from_millis(idle_ms),
             half_closed_timeout: Duration::from_millis(half_ms),
@@ -785,6 +885,36 @@ mod tests {
                 Err(e) => return e.kind() == io::ErrorKind::ConnectionReset,
             }
         }
+    }
+
+    /// Issue 18: peers cannot take the map side's room, nor one peer the
+    /// others' (8 slots, 4 for the expose side, 2 per peer).
+    #[test]
+    fn the_expose_side_keeps_to_its_share_and_each_peer_to_its_cap() {
+        let r = rig(1000, 1000);
+        let (p, q, x) = (PilotAddr::new(0, 9), PilotAddr::new(0, 8), PilotAddr::new(0, 7));
+        r.dp.take_exposed(None).unwrap(); // an exposure's session
+        r.dp.take_exposed(Some(p)).unwrap();
+        r.dp.take_exposed(Some(p)).unwrap();
+        let e = r.dp.take_exposed(Some(p)).unwrap_err();
+        assert_eq!(e.kind, "refused_per_peer", "{e:?}");
+        r.dp.take_exposed(Some(q)).unwrap();
+        let e = r.dp.take_exposed(Some(x)).unwrap_err();
+        assert_eq!(e.kind, "refused_max_exposed", "{e:?}");
+        assert_eq!(r.dp.refused_per_peer.load(Relaxed), 1);
+        assert_eq!(r.dp.refused_max_exposed.load(Relaxed), 1);
+        // The map side's 4 slots are all there.
+        for _ in 0..4 {
+            assert!(r.dp.try_acquire());
+        }
+        assert!(!r.dp.try_acquire());
+        // A freed exposed slot serves another peer.
+        r.dp.release_exposed(Some(p));
+        r.dp.take_exposed(Some(x)).unwrap();
+        assert_eq!(r.dp.exposed_in_use(), 4);
+        // A session's refusal is not counted as a peer's.
+        assert!(r.dp.take_exposed(None).is_err());
+        assert_eq!(r.dp.refused_max_exposed.load(Relaxed), 1);
     }
 
     #[test]

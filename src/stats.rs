@@ -17,6 +17,11 @@
 //! | `max_conns`          | the limit in force (lowered to fit the descriptor limit), one budget for forwarded connections, exposed connections and exposures' daemon sessions |
 //! | `conns_in_use`       | slots of that budget taken now                    |
 //! | `max_conns_requested`| the limit asked for with `--max-conns`            |
+//! | `max_exposed`        | `--max-exposed` in force: slots the expose side (exposures' sessions and exposed connections) may hold |
+//! | `max_per_peer`       | `--max-per-peer` in force: exposed connections one peer node may hold |
+//! | `exposed_in_use`     | slots the expose side holds now                   |
+//! | `refused_max_exposed`| exposed connections refused at `--max-exposed`    |
+//! | `refused_per_peer`   | exposed connections refused at `--max-per-peer`   |
 //! | `allow_remote`       | whether clients from other hosts are served       |
 //! | `access_log_dropped` | access-log lines dropped because the writer lagged |
 //! | `daemon`             | `{reachable, reply}` or `{reachable:false, error}`, with `checked_secs_ago` |
@@ -178,6 +183,11 @@ pub struct Stats {
     pub max_conns_requested: u64,
     /// Slots of the shared `max_conns` budget taken now.
     pub conns_in_use: u64,
+    pub max_exposed: u64,
+    pub max_per_peer: u64,
+    pub exposed_in_use: u64,
+    pub refused_max_exposed: u64,
+    pub refused_per_peer: u64,
     pub allow_remote: bool,
     pub access_log_dropped: u64,
     /// The daemon's health as last checked (a thread of its own checks it,
@@ -232,6 +242,11 @@ impl Stats {
             ("max_conns", self.max_conns.into()),
             ("max_conns_requested", self.max_conns_requested.into()),
             ("conns_in_use", self.conns_in_use.into()),
+            ("max_exposed", self.max_exposed.into()),
+            ("max_per_peer", self.max_per_peer.into()),
+            ("exposed_in_use", self.exposed_in_use.into()),
+            ("refused_max_exposed", self.refused_max_exposed.into()),
+            ("refused_per_peer", self.refused_per_peer.into()),
             ("allow_remote", self.allow_remote.into()),
             ("access_log_dropped", self.access_log_dropped.into()),
             ("daemon", self.daemon.clone()),
@@ -280,6 +295,11 @@ impl Stats {
             max_conns: num(v, "max_conns")?,
             max_conns_requested: num(v, "max_conns_requested")?,
             conns_in_use: num(v, "conns_in_use")?,
+            max_exposed: num(v, "max_exposed")?,
+            max_per_peer: num(v, "max_per_peer")?,
+            exposed_in_use: num(v, "exposed_in_use")?,
+            refused_max_exposed: num(v, "refused_max_exposed")?,
+            refused_per_peer: num(v, "refused_per_peer")?,
             allow_remote: v
                 .get("allow_remote")
                 .and_then(Value::as_bool)
@@ -479,6 +499,11 @@ mod tests {
             max_conns: 1000,
             max_conns_requested: 1000,
             conns_in_use: 3,
+            max_exposed: 500,
+            max_per_peer: 50,
+            exposed_in_use: 2,
+            refused_max_exposed: 4,
+            refused_per_peer: 5,
             allow_remote: false,
             access_log_dropped: 0,
             daemon: Value::obj([("reachable", Value::from(true))]),

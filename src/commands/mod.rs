@@ -156,6 +156,23 @@ fn start(
     Ok(())
 }
 
+/// `--max-exposed` or `--max-per-peer`: a number from 1 to `most` (the
+/// budget it is a share of, named `of`); `None` when not given.
+fn parse_budget(flag: &str, text: Option<&str>, most: usize, of: &str) -> Result<Option<usize>> {
+    let Some(t) = text else { return Ok(None) };
+    match t.parse::<usize>() {
+        Ok(n) if (1..=most).contains(&n) => Ok(Some(n)),
+        Ok(n) if n > most => Err(Error::invalid(format!(
+            "{flag} {n} is larger than {of} ({most}): it is a share of it"
+        ))
+        .hint(format!("give {flag} a number from 1 to {most}, or raise {of}"))),
+        _ => Err(
+            Error::invalid(format!("{flag} {t:?} is not a number from 1 to {most}"))
+                .hint(format!("for example: {flag} {}", (most / 2).max(1))),
+        ),
+    }
+}
+
 /// Checks every argument of `start` before anything is touched.
 fn start_config(args: &Args, targets: &[Target]) -> Result<gateway::Config> {
     let s = settings(args)?;
@@ -172,6 +189,21 @@ fn start_config(args: &Args, targets: &[Target]) -> Result<gateway::Config> {
                     .hint("for example: --max-conns 1000")
             })?,
     };
+    let max_exposed = parse_budget(
+        "--max-exposed",
+        args.max_exposed.as_deref(),
+        max_conns,
+        "--max-conns",
+    )?;
+    // Checked against the --max-exposed it would run with (its default
+    // when not given), so an impossible pair is refused here, not capped.
+    let exposed_cap = max_exposed.unwrap_or(crate::limits::fit_exposed(max_conns, max_conns, None, None).0);
+    let over = if max_exposed.is_some() {
+        "--max-exposed"
+    } else {
+        "--max-exposed (by default half of --max-conns)"
+    };
+    let max_per_peer = parse_budget("--max-per-peer", args.max_per_peer.as_deref(), exposed_cap, over)?;
     let dial_timeout = parse_secs("--dial-timeout", args.dial_timeout.as_deref(), 10.0)?;
     let idle_timeout = parse_secs("--idle-timeout", args.idle_timeout.as_deref(), 300.0)?;
     // A client that only shut down writing normally reads its reply within
@@ -217,6 +249,8 @@ fn start_config(args: &Args, targets: &[Target]) -> Result<gateway::Config> {
         subnet,
         ports,
         max_conns,
+        max_exposed,
+        max_per_peer,
         dial_timeout,
         idle_timeout,
         half_closed_timeout,

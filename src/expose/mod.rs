@@ -11,8 +11,9 @@
 //! 1. The session's reader thread gets Accept `[port][conn][addr][port]`.
 //!    A peer outside `allow` (when set) is refused at once: Close, counted,
 //!    logged with its address. So is every Accept once the exposure stops
-//!    admitting (a drain), and one for which no connection slot is free
-//!    (`max_conns`, or the gateway's shared [`Slots`]).
+//!    admitting (a drain), and one its [`Budget`] refuses (the gateway's:
+//!    `--max-per-peer`, `--max-exposed`, `--max-conns`; or `max_conns`).
+//!    Each refusal's warning is rate-limited under its own kind and peer.
 //! 2. It registers the connection and spawns its thread, which connects to
 //!    the target (never on the reader thread: a slow target must not stall
 //!    the session). A failed connect is logged and answered with Close.
@@ -69,7 +70,7 @@ use crate::access::{Record, Side};
 use crate::address::PilotAddr;
 use crate::closing::Closer;
 use crate::engine::Bridge;
-use crate::engine::{self, Ending, Slot};
+use crate::engine::{self, Ending, Refusal, Slot};
 use crate::error::{Code, Error, Result};
 use crate::ipc::{self, cmd, FrameReader};
 use crate::log::RateLimit;
@@ -128,15 +129,16 @@ pub struct Options {
     /// ended (`idle_timeout`), as a mapped one is (`--idle-timeout`).
     pub idle_timeout: Duration,
     /// Live connections at most (newer daemons cap a client at 4096);
-    /// only when `slots` is `None`.
+    /// only when `budget` is `None`.
     pub max_conns: usize,
     /// The daemon's uid seen at start: every session (the first Bind and
     /// each re-bind) refuses a socket served by another uid. `None`: not
     /// checked (tests and tools; the gateway always sets it).
     pub daemon_uid: Option<crate::sys::user::Uid>,
-    /// A budget shared with others: each admitted connection holds one
-    /// slot of it until it ends (instead of `max_conns`).
-    pub slots: Option<Arc<dyn Slots>>,
+    /// A budget shared with others (the gateway's `--max-conns`,
+    /// `--max-exposed`, `--max-per-peer`): each admitted connection holds
+    /// one slot of it until it ends (instead of `max_conns`).
+    pub budget: Option<Arc<dyn Budget>>,
     /// Bound on the whole first Bind (connect, request, answer), so a
     /// stalled daemon costs the caller at most this long.
     pub bind_timeout: Duration,
@@ -165,7 +167,7 @@ impl Default for Options {
             idle_timeout: IDLE,
             max_conns: 4096,
             daemon_uid: None,
-            slots: None,
+            budget: None,
             bind_timeout: IPC_TIMEOUT,
             on_end: None,
             closer: None,
@@ -173,6 +175,13 @@ impl Default for Options {
             local_addr: None,
         }
     }
+}
+
+/// A budget exposed connections are admitted from, per peer.
+pub trait Budget: Send + Sync {
+    /// The slot a connection from `peer` holds until it ends, or why it
+    /// is refused (the budget counts the refusal).
+    fn admit(&self, peer: PilotAddr) -> std::result::Result<Slot, Refusal>;
 }
 
 /// Whether the port is held now.
@@ -584,23 +593,26 @@ fn cut_all(ex: &Shared, why: &str) {
 }
 
 /// Why a new connection from `peer` is not admitted, counted; `Ok`
-/// admits it, with the slot (of `slots`) its cleanup gives back.
-fn admit(ex: &Shared, peer: PilotAddr) -> std::result::Result<Option<Slot>, String> {
+/// admits it, with the slot (of the budget) its cleanup gives back.
+fn admit(ex: &Shared, peer: PilotAddr) -> std::result::Result<Option<Slot>, Refusal> {
+    let refusal = |kind, why: &str| Refusal {
+        kind,
+        why: why.to_string(),
+    };
     if ex.opts.allow.as_ref().is_some_and(|set| !set.contains(&peer)) {
         ex.refused.fetch_add(1, Relaxed);
-        return Err("not in the allow-list".into());
+        return Err(refusal("refused_peer", "not in the allow-list"));
     }
     if ex.draining.load(Relaxed) {
         ex.refused_draining.fetch_add(1, Relaxed);
-        return Err("draining: no new connections".into());
+        return Err(refusal("refused_draining", "draining: no new connections"));
     }
-    let admitted = match &ex.opts.slots {
-        Some(slots) => Slot::take(slots)
-            .map(Some)
-            .ok_or_else(|| "no connection slot free (--max-conns)".to_string()),
-        None if ex.active.load(Relaxed) >= ex.opts.max_conns as u64 => {
-            Err(format!("{} connections already live", ex.opts.max_conns))
-        }
+    let admitted = match &ex.opts.budget {
+        Some(budget) => budget.admit(peer).map(Some),
+        None if ex.active.load(Relaxed) >= ex.opts.max_conns as u64 => Err(Refusal {
+            kind: "refused_max_conns",
+            why: format!("{} connections already live", ex.opts.max_conns),
+        }),
         None => Ok(None),
     };
     if admitted.is_err() {
@@ -635,7 +647,7 @@ fn accept(ex: &Arc<Shared>, link: &Arc<Link>, payload: &[u8]) {
     }
     let slot = match admit(ex, a.remote) {
         Ok(slot) => slot,
-        Err(why) => {
+        Err(Refusal { kind, why }) => {
             // Not at once: a Close this soon after the Accept is lost on
             // its way to the dialer, which then waits out its dial
             // (`engine` "Closing"); the closer's poller sends it once it
@@ -656,7 +668,7 @@ fn accept(ex: &Arc<Shared>, link: &Arc<Link>, payload: &[u8]) {
                 }
             }
             warn_source!(
-                "refused_peer",
+                kind,
                 a.remote,
                 "exposed port {}: refused {}:{} ({why})",
                 ex.port,

@@ -17,7 +17,7 @@ use crate::subnet::{self, needs_alias};
 use crate::{error, info, warn};
 
 use super::{
-    bind_error, Gateway, RunningExposure, RunningMapping, SessionSlot, SharedSlots, APPLY_BIND_BUDGET,
+    bind_error, ExposedSlots, Gateway, RunningExposure, RunningMapping, SessionSlot, APPLY_BIND_BUDGET,
     EXPOSE_STOP_WAIT, REBIND_WAIT,
 };
 
@@ -194,7 +194,7 @@ impl Gateway {
             allow_remote_target: e.allow_remote_target,
             own_subnet: Some(self.subnet),
             daemon_uid: Some(self.data_path.settings.daemon_uid),
-            slots: Some(Arc::new(SharedSlots(self.data_path.clone()))),
+            budget: Some(Arc::new(ExposedSlots(self.data_path.clone()))),
             idle_timeout: self.data_path.settings.idle_timeout,
             on_end: Some(on_end),
             closer: self.data_path.closer.get().cloned(),

@@ -76,6 +76,10 @@ pub struct Config {
     pub subnet: Ipv4Network,
     pub ports: Vec<u16>,
     pub max_conns: usize,
+    /// `--max-exposed` and `--max-per-peer` as given (`None`: the
+    /// defaults, see [`limits::fit_exposed`]).
+    pub max_exposed: Option<usize>,
+    pub max_per_peer: Option<usize>,
     pub dial_timeout: Duration,
     pub idle_timeout: Duration,
     pub half_closed_timeout: Duration,
@@ -136,21 +140,33 @@ struct RunningExposure {
 /// exposure's own daemon session (its socket and the writer's duplicate),
 /// for as long as the exposure runs. Forwarded and exposed connections
 /// together therefore never need more descriptors than the fit allows.
-struct SharedSlots(Arc<DataPath>);
+///
+/// Overlay peers must not take local clients' room (issue 18): the expose
+/// side (sessions and connections) holds at most `--max-exposed` slots,
+/// so `max_conns - max_exposed` always remain for forwarded connections,
+/// and one peer node at most `--max-per-peer` connections
+/// ([`DataPath::take_exposed`]).
+struct ExposedSlots(Arc<DataPath>);
 
-impl engine::Slots for SharedSlots {
+impl expose::Budget for ExposedSlots {
+    fn admit(&self, peer: PilotAddr) -> std::result::Result<engine::Slot, engine::Refusal> {
+        self.0.take_exposed(Some(peer))?;
+        Ok(engine::Slot::adopt(Arc::new(PeerSlot(self.0.clone(), peer))))
+    }
+}
+
+/// One exposed connection's slot, for its peer.
+struct PeerSlot(Arc<DataPath>, PilotAddr);
+
+impl engine::Slots for PeerSlot {
     fn try_acquire(&self) -> bool {
-        let ok = self.0.try_acquire();
-        if !ok {
-            self.0.refused.fetch_add(1, Relaxed);
-        }
-        ok
+        self.0.take_exposed(Some(self.1)).is_ok()
     }
 
     /// Also counts a finished connection, so memory is trimmed after a
     /// burst of exposed connections as after forwarded ones.
     fn release(&self) {
-        engine::Slots::release(&*self.0);
+        self.0.release_exposed(Some(self.1));
     }
 }
 
@@ -159,23 +175,23 @@ struct SessionSlot(Arc<DataPath>);
 
 impl SessionSlot {
     fn take(dp: &Arc<DataPath>, port: u16) -> Result<SessionSlot> {
-        if dp.try_acquire() {
-            return Ok(SessionSlot(dp.clone()));
+        match dp.take_exposed(None) {
+            Ok(()) => Ok(SessionSlot(dp.clone())),
+            Err(refusal) => Err(Error::new(
+                Code::ConnectionFailed,
+                format!(
+                    "no connection slot for the daemon session of pilot port {port}: {}",
+                    refusal.why
+                ),
+            )
+            .hint("each exposure's session takes one slot of --max-exposed (and of --max-conns): raise them (and the open-file limit), or wait for connections to end")),
         }
-        Err(Error::new(
-            Code::ConnectionFailed,
-            format!(
-                "no connection slot for the daemon session of pilot port {port}: all {} are in use",
-                dp.settings.max_conns
-            ),
-        )
-        .hint("each exposure's session takes one --max-conns slot: raise --max-conns (and the open-file limit), or wait for connections to end"))
     }
 }
 
 impl Drop for SessionSlot {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Relaxed);
+        self.0.release_exposed(None);
     }
 }
 
@@ -640,6 +656,11 @@ impl Gateway {
             max_conns: dp.settings.max_conns as u64,
             max_conns_requested: self.max_conns_requested as u64,
             conns_in_use: dp.active.load(Relaxed) as u64,
+            max_exposed: dp.settings.max_exposed as u64,
+            max_per_peer: dp.settings.max_per_peer as u64,
+            exposed_in_use: dp.exposed_in_use() as u64,
+            refused_max_exposed: dp.refused_max_exposed.load(Relaxed),
+            refused_per_peer: dp.refused_per_peer.load(Relaxed),
             allow_remote: dp.settings.allow_remote,
             access_log_dropped: dp.access.as_ref().map_or(0, |a| a.dropped.load(Relaxed)),
             daemon,

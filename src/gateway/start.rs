@@ -282,11 +282,17 @@ pub(super) fn open_access_log(cfg: &Config) -> Result<Option<AccessLog>> {
     })
 }
 
+/// The data path's settings, with `--max-conns` as fitted to the limits
+/// (`max_conns`) and the expose side's budgets fitted to it.
 pub(super) fn conn_settings(cfg: &Config, max_conns: usize, daemon_uid: Uid) -> ConnSettings {
+    let (max_exposed, max_per_peer) =
+        crate::limits::fit_exposed(max_conns, cfg.max_conns, cfg.max_exposed, cfg.max_per_peer);
     ConnSettings {
         daemon_socket: cfg.socket.clone(),
         daemon_uid,
         max_conns,
+        max_exposed,
+        max_per_peer,
         dial_timeout: cfg.dial_timeout,
         idle_timeout: cfg.idle_timeout,
         half_closed_timeout: cfg.half_closed_timeout,
