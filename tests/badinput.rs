@@ -72,6 +72,43 @@ fn malformed_arguments_are_refused_before_anything_happens() {
             "is full",
         ),
         (&["--max-conns", "0", A4], "invalid_argument", "--max-conns"),
+        // Issue 18: the expose side's budgets (exit 1 with invalid_argument,
+        // as every bad value of start; exit 2 is for a malformed line).
+        (
+            &["--max-exposed", "0", A4],
+            "invalid_argument",
+            "--max-exposed \"0\" is not a number from 1 to 1000",
+        ),
+        (
+            &["--max-exposed", "half", A4],
+            "invalid_argument",
+            "--max-exposed \"half\" is not a number",
+        ),
+        (
+            &["--max-conns", "10", "--max-exposed", "11", A4],
+            "invalid_argument",
+            "--max-exposed 11 is larger than --max-conns (10)",
+        ),
+        (
+            &["--max-per-peer", "0", A4],
+            "invalid_argument",
+            "--max-per-peer \"0\" is not a number from 1 to 500",
+        ),
+        (
+            &["--max-per-peer", "-3", A4],
+            "invalid_argument",
+            "--max-per-peer \"-3\" is not a number",
+        ),
+        (
+            &["--max-conns", "10", "--max-per-peer", "6", A4],
+            "invalid_argument",
+            "--max-per-peer 6 is larger than --max-exposed (by default half of --max-conns) (5)",
+        ),
+        (
+            &["--max-exposed", "4", "--max-per-peer", "5", A4],
+            "invalid_argument",
+            "--max-per-peer 5 is larger than --max-exposed (4)",
+        ),
         (
             &["--dial-timeout", "soon", A4],
             "invalid_argument",

@@ -515,10 +515,16 @@ fn forwarded_and_exposed_connections_share_the_max_conns_budget() {
     let _svc = Service::start(8000, echo);
     let d = devd(&dir, &["--route", "0:0000.0000.0004=127.0.0.1"]);
     let gw = Gw::new(&dir, &d.socket);
+    // The expose side may take the whole budget here (its own share and
+    // the per-peer cap are tested below): this is the shared budget.
     let args = [
         "--ports",
         "8080",
         "--max-conns",
+        "1000",
+        "--max-exposed",
+        "1000",
+        "--max-per-peer",
         "1000",
         "--expose",
         "80=8000",
@@ -638,4 +644,166 @@ fn idle_exposed_connections_end_at_the_idle_timeout() {
     drop(held);
     assert!(short_exchange(IN80), "the exposure still serves");
     gw.ok(&["stop"]);
+}
+
+/// Whether a new inbound connection through `via` is refused within a
+/// second of its first byte (the dialer sees the close that soon).
+fn refused_within_a_second(via: &str) -> bool {
+    let t = std::time::Instant::now();
+    refused_at_once(via) && t.elapsed() < Duration::from_secs(1)
+}
+
+/// Issue 18: overlay peers holding every slot of `--max-exposed` do not
+/// lock local clients out: the `--max-conns - --max-exposed` other slots
+/// stay theirs. Further inbound connections are closed at once, counted
+/// apart (`refused_max_exposed`) and shown in `status`.
+#[test]
+fn peers_holding_every_exposed_slot_do_not_lock_out_local_clients() {
+    netns();
+    let dir = TempDir::new("x-share");
+    let _fwd = Service::start(8080, echo);
+    let _svc = Service::start(8000, echo);
+    let d = devd(
+        &dir,
+        &[
+            "--route",
+            "0:0000.0000.0004=127.0.0.1",
+            "--inbound",
+            "127.0.0.1:7102=0:0000.0000.0008:80",
+        ],
+    );
+    let gw = Gw::new(&dir, &d.socket);
+    let args = [
+        "--ports",
+        "8080",
+        "--max-conns",
+        "10",
+        "--max-exposed",
+        "4",
+        "--max-per-peer",
+        "4",
+        "--expose",
+        "80=8000",
+        A4,
+    ];
+    let mut p = gw.foreground(&dir, &args);
+    let st = gw.data(&["status"]);
+    assert_eq!(
+        (
+            num(&st, "max_exposed"),
+            num(&st, "max_per_peer"),
+            num(&st, "exposed_in_use")
+        ),
+        (4, 4, 1),
+        "the exposure's session holds one slot of the expose side: {st}"
+    );
+    // Peers take every exposed slot (3: the session holds the fourth).
+    let mut peers: Vec<TcpStream> = (0..3).map(|_| live(IN80)).collect();
+    assert!(refused_within_a_second(IN80), "a 4th exposed connection");
+    assert!(
+        refused_within_a_second("127.0.0.1:7102"),
+        "another peer, too: the expose side is full"
+    );
+    // Local clients still get every one of the other 6 slots.
+    let locals: Vec<TcpStream> = (0..6).map(|_| live("10.4.0.1:8080")).collect();
+    let st = gw.data(&["status"]);
+    assert_eq!(
+        (
+            num(&st, "conns_in_use"),
+            num(&st, "exposed_in_use"),
+            num(&st, "refused_max_exposed"),
+            num(&st, "refused_per_peer"),
+            num(&st, "refused")
+        ),
+        (10, 4, 2, 0, 0),
+        "{st}"
+    );
+    assert_eq!(num(&exposure(&gw, 80), "over_limit"), 2);
+    let text = gw.ok(&["status"]);
+    assert!(
+        text.contains("exposed side: 4 of 4 slots in use")
+            && text.contains("refused at --max-exposed 2, at --max-per-peer 0"),
+        "{text}"
+    );
+    // The whole budget is in use now: the next of either kind is refused.
+    assert!(reset_soon("10.4.0.1:8080", Duration::from_secs(5)));
+    // A local client that leaves frees its slot for local clients only:
+    // peers still hold their whole share and get no more.
+    drop(locals);
+    assert!(wait_until(Duration::from_secs(10), || num(
+        &gw.data(&["status"]),
+        "conns_in_use"
+    ) == 4));
+    assert!(refused_within_a_second(IN80), "the expose side is still full");
+    // A peer that leaves frees an exposed slot for any peer.
+    drop(peers.pop());
+    assert!(wait_until(Duration::from_secs(10), || num(
+        &gw.data(&["status"]),
+        "exposed_in_use"
+    ) == 3));
+    peers.push(live("127.0.0.1:7102"));
+    p.signal(libc::SIGTERM);
+    assert!(p.wait_exit(Duration::from_secs(15)).is_some());
+    drop(peers);
+}
+
+/// Issue 18: one peer node cannot hold more than `--max-per-peer`
+/// exposed connections (over all exposures), while another peer still
+/// gets in; its refusals are prompt and counted (`refused_per_peer`).
+#[test]
+fn one_peer_is_held_to_max_per_peer_while_another_gets_in() {
+    netns();
+    let dir = TempDir::new("x-peer");
+    let _svc = Service::start(8000, echo);
+    let d = devd(
+        &dir,
+        &[
+            "--inbound",
+            "127.0.0.1:7101=0:0000.0000.0009:81",
+            "--inbound",
+            "127.0.0.1:7102=0:0000.0000.0008:80",
+        ],
+    );
+    let gw = Gw::new(&dir, &d.socket);
+    gw.data(&[
+        "start",
+        "--max-per-peer",
+        "2",
+        "--expose",
+        "80=8000",
+        "--expose",
+        "81=8000",
+    ]);
+    let st = gw.data(&["status"]);
+    assert_eq!(
+        (num(&st, "max_exposed"), num(&st, "max_per_peer")),
+        (500, 2),
+        "{st}"
+    );
+    // P9 on port 80 and on port 81: one cap over both exposures.
+    let mut p9 = vec![live(IN80), live("127.0.0.1:7101")];
+    assert!(refused_within_a_second(IN80), "P9's third connection");
+    assert!(refused_within_a_second("127.0.0.1:7101"), "on the other port too");
+    let p8: Vec<TcpStream> = (0..2).map(|_| live("127.0.0.1:7102")).collect();
+    assert!(refused_within_a_second("127.0.0.1:7102"), "P8's third");
+    let st = gw.data(&["status"]);
+    assert_eq!(
+        (
+            num(&st, "refused_per_peer"),
+            num(&st, "refused_max_exposed"),
+            num(&st, "exposed_in_use")
+        ),
+        (3, 0, 6),
+        "{st}"
+    );
+    assert!(gw.ok(&["status"]).contains("at most 2 per peer"));
+    // P9's slot comes back when one of its connections ends.
+    drop(p9.pop());
+    assert!(wait_until(Duration::from_secs(10), || num(
+        &gw.data(&["status"]),
+        "exposed_in_use"
+    ) == 5));
+    p9.push(live(IN80));
+    gw.ok(&["stop"]);
+    drop((p9, p8));
 }
