@@ -705,10 +705,30 @@ macro_rules! warn_source {
     };
 }
 
+/// The least time between two rounds of "N similar lines suppressed"
+/// lines: the main thread calls [`flush_suppressed`] on every signal too
+/// (each `status` is one), so without it a loop of `status` calls during
+/// a flood would write one summary per kind each time.
+const FLUSH_EVERY: Duration = Duration::from_secs(5);
+static FLUSHED: Mutex<Option<Instant>> = Mutex::new(None);
+
 /// Writes one "N similar lines suppressed" line per kind that suppressed
-/// any since its last line, so a flood that stops still shows its size.
-/// The gateway's main thread calls it every few seconds.
+/// any since its last line, so a flood that stops still shows its size;
+/// at most once per [`FLUSH_EVERY`]. The gateway's main thread calls it
+/// every few seconds and on every signal.
 pub fn flush_suppressed() {
+    let now = Instant::now();
+    let mut flushed = FLUSHED.lock().unwrap_or_else(|p| p.into_inner());
+    if flushed.is_some_and(|at| now.duration_since(at) < FLUSH_EVERY) {
+        return;
+    }
+    if write_suppressed() > 0 {
+        *flushed = Some(now);
+    }
+}
+
+/// Writes the summaries [`flush_suppressed`] writes, now; how many.
+fn write_suppressed() -> usize {
     let pending: Vec<(&'static str, u64)> = {
         let mut kinds = KINDS.lock().unwrap_or_else(|p| p.into_inner());
         kinds
@@ -718,9 +738,10 @@ pub fn flush_suppressed() {
             .map(|(name, k)| (*name, std::mem::take(&mut k.suppressed)))
             .collect()
     };
-    for (kind, n) in pending {
+    for (kind, n) in &pending {
         crate::warn!("{n} similar lines ({kind}) suppressed");
     }
+    pending.len()
 }
 
 #[cfg(test)]
@@ -1127,7 +1148,7 @@ mod tests {
         for _ in 0..20 {
             allow("t_flush", "a", t0);
         }
-        flush_suppressed();
+        assert!(write_suppressed() >= 1);
         let kinds = KINDS.lock().unwrap();
         assert_eq!(kinds.as_ref().unwrap()["t_flush"].suppressed, 0);
     }

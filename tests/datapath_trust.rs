@@ -6,75 +6,14 @@
 
 mod common;
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::thread;
 use std::time::Duration;
 
 use common::*;
 use pilot_gateway::json::Value;
-
-/// Another host: a network namespace (held open by a `sleep` child) with
-/// a veth link to ours, 192.168.77.2 there and 192.168.77.1 here, that
-/// routes the gateway's subnet to us, as a neighbour on the LAN could.
-struct OtherHost {
-    _holder: Proc,
-    ns: PathBuf,
-}
-
-impl OtherHost {
-    fn new(dir: &TempDir) -> OtherHost {
-        let holder = Proc::spawn(
-            Command::new("unshare").args(["--net", "sleep", "120"]),
-            dir.path("other-host.log"),
-        );
-        let pid = holder.pid().to_string();
-        let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
-        let ours = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
-        assert!(
-            wait_until(Duration::from_secs(5), || std::fs::read_link(&ns)
-                .is_ok_and(|l| l != ours)),
-            "the other host's namespace did not appear"
-        );
-        run_ok(
-            "ip",
-            &["link", "add", "pgw-a", "type", "veth", "peer", "name", "pgw-b"],
-        );
-        run_ok("ip", &["link", "set", "pgw-b", "netns", &pid]);
-        run_ok("ip", &["addr", "add", "192.168.77.1/24", "dev", "pgw-a"]);
-        run_ok("ip", &["link", "set", "pgw-a", "up"]);
-        let net = format!("--net={}", ns.display());
-        for args in [
-            &["link", "set", "lo", "up"][..],
-            &["addr", "add", "192.168.77.2/24", "dev", "pgw-b"],
-            &["link", "set", "pgw-b", "up"],
-            &["route", "add", "10.4.0.0/16", "via", "192.168.77.1"],
-        ] {
-            let mut a = vec![net.as_str(), "ip"];
-            a.extend_from_slice(args);
-            run_ok("nsenter", &a);
-        }
-        OtherHost { _holder: holder, ns }
-    }
-
-    /// Runs `f` on a thread inside the other host's namespace.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let ns = self.ns.clone();
-        thread::spawn(move || {
-            let file = File::open(&ns).unwrap();
-            // SAFETY: setns moves only this thread into the namespace.
-            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-}
 
 #[test]
 fn a_client_from_another_host_is_refused_before_any_dial_unless_allowed() {

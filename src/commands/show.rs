@@ -73,7 +73,11 @@ pub(super) fn draining_text(e: &Value) -> String {
     } else {
         format!("{active} live connections")
     };
-    format!("{conns}, {left:.1}s left")
+    let refused = match e.get("refused").and_then(Value::as_u64) {
+        Some(n) if n > 0 => format!(", {n} new refused"),
+        _ => String::new(),
+    };
+    format!("{conns}, {left:.1}s left{refused}")
 }
 
 /// The text form of a `cut` count: nothing when none was cut.

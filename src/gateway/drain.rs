@@ -18,7 +18,7 @@
 //! | `pid`       | the gateway that wrote it                                |
 //! | `stopping`  | whether a `stop --drain` is under way                    |
 //! | `mappings`  | `[{local_ip, pilot_addr, active, secs_left, generation}]`|
-//! | `exposures` | `[{port, target, active, secs_left, generation}]`        |
+//! | `exposures` | `[{port, target, active, refused, secs_left, generation}]` (`refused`: Accepts refused while draining) |
 //! | `done`      | the last [`DONE_KEPT`] drains that ended: `[{what, generation, cut}]` (`what`: the local IP, or `port N`) |
 
 use std::collections::{BTreeMap, VecDeque};
@@ -218,6 +218,9 @@ impl Gateway {
                     ("port", Value::from(*port)),
                     ("target", r.spec.target.to_string().into()),
                     ("active", r.engine.counters().active.into()),
+                    // Accepts still arriving, refused (peers can cause
+                    // them at will: counted, as every refusal is).
+                    ("refused", r.engine.counters().refused_draining.into()),
                     ("secs_left", left(by)),
                     ("generation", (*generation).into()),
                 ])

@@ -993,3 +993,61 @@ impl Raw {
         data
     }
 }
+
+/// Another host: a network namespace (held open by a `sleep` child) with
+/// a veth link to ours, 192.168.77.2 there and 192.168.77.1 here, that
+/// routes the gateway's subnet to us, as a neighbour on the LAN could.
+pub struct OtherHost {
+    _holder: Proc,
+    ns: PathBuf,
+}
+
+impl OtherHost {
+    pub fn new(dir: &TempDir) -> OtherHost {
+        let holder = Proc::spawn(
+            Command::new("unshare").args(["--net", "sleep", "120"]),
+            dir.path("other-host.log"),
+        );
+        let pid = holder.pid().to_string();
+        let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let ours = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || std::fs::read_link(&ns)
+                .is_ok_and(|l| l != ours)),
+            "the other host's namespace did not appear"
+        );
+        run_ok(
+            "ip",
+            &["link", "add", "pgw-a", "type", "veth", "peer", "name", "pgw-b"],
+        );
+        run_ok("ip", &["link", "set", "pgw-b", "netns", &pid]);
+        run_ok("ip", &["addr", "add", "192.168.77.1/24", "dev", "pgw-a"]);
+        run_ok("ip", &["link", "set", "pgw-a", "up"]);
+        let net = format!("--net={}", ns.display());
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["addr", "add", "192.168.77.2/24", "dev", "pgw-b"],
+            &["link", "set", "pgw-b", "up"],
+            &["route", "add", "10.4.0.0/16", "via", "192.168.77.1"],
+        ] {
+            let mut a = vec![net.as_str(), "ip"];
+            a.extend_from_slice(args);
+            run_ok("nsenter", &a);
+        }
+        OtherHost { _holder: holder, ns }
+    }
+
+    /// Runs `f` on a thread inside the other host's namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let ns = self.ns.clone();
+        thread::spawn(move || {
+            let file = std::fs::File::open(&ns).unwrap();
+            // SAFETY: setns moves only this thread into the namespace.
+            let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+}
