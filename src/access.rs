@@ -203,6 +203,8 @@ fn open_append(path: &std::path::Path) -> std::io::Result<File> {
     )
 }
 
+static WRITE_FAILED: crate::log::RateLimit = crate::log::RateLimit::new();
+
 fn writer(rx: Receiver<String>, target: Option<PathBuf>, mut file: Option<File>, reopen: &AtomicBool) {
     for line in rx {
         if reopen.swap(false, Relaxed) {
@@ -220,8 +222,11 @@ fn writer(rx: Receiver<String>, target: Option<PathBuf>, mut file: Option<File>,
             Some(f) => f.write_all(line.as_bytes()),
             None => std::io::stderr().lock().write_all(line.as_bytes()),
         };
+        // Every connection writes a record, so a failing file (its disk
+        // full, which clients' records can bring about) would otherwise
+        // cost one warning per connection: rate-limited.
         if let Err(e) = result {
-            crate::warn!("cannot write the access log: {e}");
+            crate::warn_limited!(WRITE_FAILED, "cannot write the access log: {e}");
         }
     }
 }

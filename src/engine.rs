@@ -1117,6 +1117,10 @@ mod tests {
             "refused_peer",
             "refused_remote",
             "refused_max_conns",
+            "refused_max_exposed",
+            "refused_per_peer",
+            "refused_draining",
+            "half_closed_timeout",
         ] {
             // Unique names per test run: the limiter is process-wide.
             let name: &'static str = Box::leak(format!("t_{kind}").into_boxed_str());

@@ -69,8 +69,11 @@ fn flood(host: Option<&OtherHost>, event: fn()) {
     }
 }
 
+/// One flood: from where (this namespace, or another host's), and its event.
+type Flood<'a> = (Option<&'a OtherHost>, fn());
+
 /// Floods several kinds at once.
-fn flood_all(floods: &[(Option<&OtherHost>, fn())]) {
+fn flood_all(floods: &[Flood]) {
     thread::scope(|s| {
         for &(host, event) in floods {
             s.spawn(move || flood(host, event));
@@ -172,7 +175,9 @@ fn peer_7102() {
 /// summaries of the kind.
 fn lines_of(log: &str, mark: &str, kind: &str) -> usize {
     let summary = format!("similar lines ({kind}) suppressed");
-    log.lines().filter(|l| l.contains(mark) || l.contains(&summary)).count()
+    log.lines()
+        .filter(|l| l.contains(mark) || l.contains(&summary))
+        .count()
 }
 
 fn num(v: &Value, key: &str) -> u64 {
@@ -202,7 +207,11 @@ fn check(gw: &Gw, p: &Proc, kinds: &[(&str, &str, Counter)]) {
     });
     let log = p.stderr();
     let counts: Vec<u64> = kinds.iter().map(|(_, _, counted)| counted(gw)).collect();
-    assert!(settled, "counters {counts:?} or summaries missing:\n{}", tail(&log));
+    assert!(
+        settled,
+        "counters {counts:?} or summaries missing:\n{}",
+        tail(&log)
+    );
     for ((kind, mark, _), n) in kinds.iter().zip(counts) {
         assert_eq!(n, EVENTS as u64, "{kind}: every event counted");
         let lines = lines_of(&log, mark, kind);
@@ -211,7 +220,11 @@ fn check(gw: &Gw, p: &Proc, kinds: &[(&str, &str, Counter)]) {
             "{kind}: {EVENTS} events wrote {lines} lines:\n{}",
             tail(&log)
         );
-        assert!(lines >= 2, "{kind}: its lines are not recognised ({mark:?}):\n{}", tail(&log));
+        assert!(
+            lines >= 2,
+            "{kind}: its lines are not recognised ({mark:?}):\n{}",
+            tail(&log)
+        );
     }
 }
 
@@ -255,7 +268,10 @@ fn resets_and_failed_dials() {
         ],
     );
     let gw = Gw::new(&dir, &d.socket);
-    let p = gw.foreground(&dir, &["--ports", "8080", "--half-closed-timeout", "0.3", A4, A5, A6]);
+    let p = gw.foreground(
+        &dir,
+        &["--ports", "8080", "--half-closed-timeout", "0.3", A4, A5, A6],
+    );
     flood_all(&[
         (None, send_a_byte_and_reset),
         (None, client_whose_dial_fails),
@@ -267,12 +283,20 @@ fn resets_and_failed_dials() {
     let all: [(&str, &str, Counter); 3] = [
         ("reset", " ended: reset ", &resets),
         ("dial_failed", " failed: ", &dials),
-        ("half_closed_timeout", " ended: half_closed_timeout ", &half_closed),
+        (
+            "half_closed_timeout",
+            " ended: half_closed_timeout ",
+            &half_closed,
+        ),
     ];
     check(&gw, &p, &all);
     let st = gw.data(&["status"]);
     assert_eq!(
-        (num(&st, "total"), num(&st, "dial_failures"), num(&st, "idle_timeouts")),
+        (
+            num(&st, "total"),
+            num(&st, "dial_failures"),
+            num(&st, "idle_timeouts")
+        ),
         (3 * EVENTS as u64, EVENTS as u64, EVENTS as u64),
         "{st}"
     );
@@ -423,7 +447,10 @@ fn peers_over_the_exposed_budgets_and_a_draining_exposure() {
         ],
     );
     drop(held);
-    assert!(wait_until(Duration::from_secs(10), || status_num(&gw, "exposed_in_use") == 2));
+    assert!(wait_until(Duration::from_secs(10), || status_num(
+        &gw,
+        "exposed_in_use"
+    ) == 2));
     // Port 82 drains (a peer's connection keeps it draining); every
     // Accept still arriving is refused.
     let _on82 = live("127.0.0.1:7103");
@@ -436,7 +463,11 @@ fn peers_over_the_exposed_budgets_and_a_draining_exposure() {
         st.get("draining")
             .and_then(|d| d.get("exposures"))
             .and_then(Value::as_array)
-            .and_then(|rs| rs.iter().find(|r| r.get("port").and_then(Value::as_u64) == Some(82)).cloned())
+            .and_then(|rs| {
+                rs.iter()
+                    .find(|r| r.get("port").and_then(Value::as_u64) == Some(82))
+                    .cloned()
+            })
             .map_or(0, |r| num(&r, "refused"))
     };
     check(
