@@ -1,5 +1,7 @@
 //! The descriptor budget: how many connections fit the process's limit
-//! on open files, and what is left for listeners.
+//! on open files, and what is left for listeners; the thread budget; and
+//! the expose side's share of the connection slots (`--max-exposed`,
+//! `--max-per-peer`) fitted to the cap in force.
 
 use crate::sys;
 use crate::warn;
