@@ -57,9 +57,9 @@ Flags:
                          --map lab-b,ports=80+9000
   --foreground           stay attached (for systemd); stop with SIGTERM/SIGINT
   --max-conns N          concurrent bridged connections (default 1000)
-  --max-exposed N        of those, slots exposures and their connections may hold,
-                         so overlay peers never take local clients' room
-                         (default half of --max-conns)
+  --max-exposed N        of those, slots exposures and their connections may hold;
+                         while one runs, forwarded connections hold at most the
+                         rest: neither side takes the other's (default half)
   --max-per-peer N       exposed connections one peer node may hold
                          (default a tenth of --max-exposed, at least 1)
   --dial-timeout SECS    give up on a dial after SECS (default 10)

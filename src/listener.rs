@@ -156,11 +156,20 @@ fn accept_loop(
         }
         if !data_path.try_acquire() {
             let n = data_path.refused.fetch_add(1, Relaxed) + 1;
+            let s = &data_path.settings;
+            let share = data_path.forwarded_share();
+            let reached = if share < s.max_conns {
+                format!(
+                    "the forwarded share of --max-conns reached ({share}: --max-exposed {} is kept for exposures)",
+                    s.max_exposed
+                )
+            } else {
+                format!("--max-conns {} reached", s.max_conns)
+            };
             warn_source!(
                 "refused_max_conns",
                 client.ip(),
-                "refused connection from {client} to {local}: --max-conns {} reached ({n} refused so far)",
-                data_path.settings.max_conns
+                "refused connection from {client} to {local}: {reached} ({n} refused so far)"
             );
             if let Some(log) = &data_path.access {
                 let side = Side::Map {

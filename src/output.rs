@@ -465,7 +465,7 @@ pub fn status(st: &State, stats: &Stats) -> (Value, String) {
         st.half_closed_timeout.as_secs_f64(),
     );
     let text = format!(
-        "{text}  exposed side: {} of {} slots in use (the rest stays local clients'), at most {} per peer; refused at --max-exposed {}, at --max-per-peer {}\n  closing: {}\n",
+        "{text}  exposed side: {} of {} slots in use (while an exposure runs, the rest is local clients' and theirs only), at most {} per peer; refused at --max-exposed {}, at --max-per-peer {}\n  closing: {}\n",
         stats.exposed_in_use,
         stats.max_exposed,
         stats.max_per_peer,
@@ -535,9 +535,9 @@ fn limits_text(stats: &Stats) -> (String, String) {
         )
     };
     // One budget: forwarded and exposed connections and each exposure's
-    // daemon session all take slots of it.
+    // daemon session all take slots of it, each side within its share.
     let max = format!(
-        "{max}, shared with exposed ports: {} slots in use",
+        "{max}, split with exposed ports: {} slots in use",
         stats.conns_in_use
     );
     let remote = if stats.allow_remote {

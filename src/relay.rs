@@ -76,8 +76,9 @@ pub struct ConnSettings {
     pub daemon_uid: crate::sys::user::Uid,
     pub max_conns: usize,
     /// `--max-exposed`: slots of `max_conns` the expose side (exposures'
-    /// daemon sessions and exposed connections together) may hold; the
-    /// rest is the map side's, whatever overlay peers do.
+    /// daemon sessions and exposed connections together) may hold; while
+    /// any exposure runs, forwarded connections hold at most the rest, so
+    /// neither side can take the other's share (issue 18).
     pub max_exposed: usize,
     /// `--max-per-peer`: exposed connections one peer node may hold.
     pub max_per_peer: usize,
@@ -97,6 +98,8 @@ pub struct DataPath {
     /// Slots of `--max-conns` taken now (connections of both directions
     /// and exposures' sessions).
     pub active: AtomicUsize,
+    /// Of those, the forwarded (map side) connections'.
+    forwarded: AtomicUsize,
     /// Connections refused because of `--max-conns`.
     pub refused: AtomicU64,
     /// What the expose side holds (see [`ConnSettings::max_exposed`]).
@@ -120,6 +123,7 @@ impl DataPath {
         Arc::new(DataPath {
             settings,
             active: AtomicUsize::new(0),
+            forwarded: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
             exposed: Mutex::new(ExposedUse::default()),
             refused_max_exposed: AtomicU64::new(0),
@@ -131,8 +135,37 @@ impl DataPath {
         })
     }
 
-    /// Takes a connection slot, or `false` when `--max-conns` are in use.
+    /// Takes a forwarded connection's slot, or `false` when the map side's
+    /// share ([`forwarded_share`](DataPath::forwarded_share)) or the
+    /// whole `--max-conns` is in use.
     pub fn try_acquire(&self) -> bool {
+        let share = self.forwarded_share();
+        let taken = self
+            .forwarded
+            .fetch_update(Relaxed, Relaxed, |n| (n < share).then_some(n + 1))
+            .is_ok();
+        if taken && !self.take_any() {
+            self.forwarded.fetch_sub(1, Relaxed);
+            return false;
+        }
+        taken
+    }
+
+    /// Slots forwarded connections may hold now: all of `--max-conns`
+    /// while nothing is exposed (a map-only gateway loses nothing), the
+    /// rest after `--max-exposed` while an exposure runs (its daemon
+    /// session holds an exposed slot for as long as it runs).
+    pub fn forwarded_share(&self) -> usize {
+        let s = &self.settings;
+        if self.exposed_in_use() > 0 {
+            s.max_conns.saturating_sub(s.max_exposed)
+        } else {
+            s.max_conns
+        }
+    }
+
+    /// Takes a slot of the whole `--max-conns`, or `false` when none is free.
+    fn take_any(&self) -> bool {
         self.active
             .fetch_update(Relaxed, Relaxed, |n| {
                 (n < self.settings.max_conns).then_some(n + 1)
@@ -174,7 +207,7 @@ impl DataPath {
                 ),
             });
         }
-        if !self.try_acquire() {
+        if !self.take_any() {
             count(&self.refused);
             return Err(Refusal {
                 kind: "refused_max_conns",
@@ -231,6 +264,7 @@ impl Slots for DataPath {
     }
 
     fn release(&self) {
+        self.forwarded.fetch_sub(1, Relaxed);
         self.active.fetch_sub(1, Relaxed);
         self.finished.fetch_add(1, Relaxed);
     }
@@ -915,6 +949,40 @@ mod tests {
         // A session's refusal is not counted as a peer's.
         assert!(r.dp.take_exposed(None).is_err());
         assert_eq!(r.dp.refused_max_exposed.load(Relaxed), 1);
+    }
+
+    /// Issue 18, the other way: local clients cannot take the expose
+    /// side's share while an exposure runs; with none running, a map-only
+    /// gateway keeps its whole budget.
+    #[test]
+    fn local_clients_keep_to_their_share_while_an_exposure_runs() {
+        let r = rig(1000, 1000);
+        let slots: Arc<dyn engine::Slots> = r.dp.clone();
+        let all: Vec<_> = (0..8)
+            .map(|_| engine::Slot::take(&slots).expect("a slot"))
+            .collect();
+        assert!(!r.dp.try_acquire(), "--max-conns 8 in use");
+        drop(all);
+        assert_eq!(r.dp.active.load(Relaxed), 0);
+        r.dp.take_exposed(None).unwrap(); // an exposure starts
+        let held: Vec<_> = (0..4)
+            .map(|_| engine::Slot::take(&slots).expect("a slot"))
+            .collect();
+        assert_eq!(r.dp.forwarded_share(), 4);
+        assert!(!r.dp.try_acquire(), "the rest is the expose side's");
+        let p = PilotAddr::new(0, 9);
+        r.dp.take_exposed(Some(p)).unwrap();
+        r.dp.take_exposed(Some(p)).unwrap();
+        drop(held);
+        assert_eq!(r.dp.active.load(Relaxed), 3);
+        // The exposure stops: its share is the map side's again.
+        r.dp.release_exposed(None);
+        r.dp.release_exposed(Some(p));
+        r.dp.release_exposed(Some(p));
+        let all: Vec<_> = (0..8)
+            .map(|_| engine::Slot::take(&slots).expect("a slot"))
+            .collect();
+        assert_eq!(all.len(), 8);
     }
 
     #[test]

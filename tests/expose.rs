@@ -507,25 +507,30 @@ fn unexpose_drain_releases_the_port_at_once_where_the_daemon_has_unbind() {
     gw.ok(&["stop"]);
 }
 
+/// One budget, split: with the open-file limit lowering `--max-conns`,
+/// forwarded and exposed connections and the exposure's daemon session
+/// draw on the lowered cap, each side within its share (`--max-exposed`
+/// keeps its proportion), and a slot one side frees never serves the
+/// other while an exposure runs.
 #[test]
-fn forwarded_and_exposed_connections_share_the_max_conns_budget() {
+fn forwarded_and_exposed_connections_split_the_max_conns_budget() {
     netns();
     let dir = TempDir::new("x-budget");
     let _fwd = Service::start(8080, echo);
     let _svc = Service::start(8000, echo);
     let d = devd(&dir, &["--route", "0:0000.0000.0004=127.0.0.1"]);
     let gw = Gw::new(&dir, &d.socket);
-    // The expose side may take the whole budget here (its own share and
-    // the per-peer cap are tested below): this is the shared budget.
+    // Every exposed connection comes from one peer here: no per-peer cap
+    // below the expose side's share (the cap is tested below).
     let args = [
         "--ports",
         "8080",
         "--max-conns",
         "1000",
         "--max-exposed",
-        "1000",
+        "500",
         "--max-per-peer",
-        "1000",
+        "500",
         "--expose",
         "80=8000",
         A4,
@@ -538,14 +543,17 @@ fn forwarded_and_exposed_connections_share_the_max_conns_budget() {
     );
     let st = gw.data(&["status"]);
     let cap = num(&st, "max_conns");
-    assert!((3..1000).contains(&cap), "{st}");
-    // The exposure's daemon session holds one slot of the budget.
+    let exposed = num(&st, "max_exposed");
+    assert!((4..1000).contains(&cap), "{st}");
+    assert_eq!(exposed, cap / 2, "--max-exposed keeps its proportion: {st}");
+    assert_eq!(num(&st, "max_per_peer"), exposed, "{st}");
+    // The exposure's daemon session holds one slot of the expose side.
     assert_eq!(num(&st, "conns_in_use"), 1, "{st}");
-    assert!(gw.ok(&["status"]).contains("shared with exposed ports"));
-    // Fill the budget with both kinds.
-    let forwarded = (cap - 1) / 2;
-    let mut held: Vec<TcpStream> = (0..forwarded).map(|_| live("10.4.0.1:8080")).collect();
-    held.extend((forwarded..cap - 1).map(|_| live(IN80)));
+    assert!(gw.ok(&["status"]).contains("split with exposed ports"));
+    // Fill both shares.
+    let forwarded = cap - exposed;
+    let mut locals: Vec<TcpStream> = (0..forwarded).map(|_| live("10.4.0.1:8080")).collect();
+    let mut peers: Vec<TcpStream> = (1..exposed).map(|_| live(IN80)).collect();
     let st = gw.data(&["status"]);
     assert_eq!(
         (num(&st, "conns_in_use"), num(&st, "active")),
@@ -564,23 +572,41 @@ fn forwarded_and_exposed_connections_share_the_max_conns_budget() {
     let row = exposure(&gw, 80);
     assert_eq!(
         (num(&row, "active"), num(&row, "over_limit")),
-        (cap - 1 - forwarded, 1),
+        (exposed - 1, 1),
         "{row}"
     );
-    assert_eq!(num(&gw.data(&["status"]), "refused"), 2);
-    // A slot freed by either kind serves the other.
-    drop(held.pop());
+    let st = gw.data(&["status"]);
+    assert_eq!(
+        (num(&st, "refused"), num(&st, "refused_max_exposed")),
+        (1, 1),
+        "{st}"
+    );
+    // A slot a peer frees does not serve a local client (their share is
+    // in use), only another exposed connection.
+    drop(peers.pop());
     assert!(wait_until(Duration::from_secs(10), || num(
         &gw.data(&["status"]),
         "conns_in_use"
     ) < cap));
     assert!(
+        reset_soon("10.4.0.1:8080", Duration::from_secs(5)),
+        "local clients keep to their share"
+    );
+    peers.push(live(IN80));
+    // And a slot a local client frees serves local clients only.
+    drop(locals.pop());
+    assert!(wait_until(Duration::from_secs(10), || num(
+        &gw.data(&["status"]),
+        "conns_in_use"
+    ) < cap));
+    assert!(refused_at_once(IN80), "peers keep to theirs");
+    assert!(
         short_exchange("10.4.0.1:8080"),
-        "a freed exposed slot serves a forwarded client"
+        "a freed forwarded slot serves a forwarded client"
     );
     p.signal(libc::SIGTERM);
     assert!(p.wait_exit(Duration::from_secs(15)).is_some());
-    drop(held);
+    drop((locals, peers));
 }
 
 #[test]
