@@ -410,3 +410,65 @@ fn the_users_process_limit_lowers_max_conns() {
     assert_eq!(n(&st, "spawn_failures"), 0, "{st}");
     gw.ok(&["stop"]);
 }
+
+/// The shipped unit's two steps (issue 18: its exposure ≤ 2.5 needs a
+/// bounding set without CAP_CHOWN): `ExecStartPre=+` with
+/// PILOT_GATEWAY_PREPARE_STATE_DIR=1 gives the root-owned state directory
+/// (systemd's RuntimeDirectory) to the daemon's user, and the gateway,
+/// which cannot chown, then starts as that user in it. Without the first
+/// step the start fails and says what to do.
+#[test]
+fn a_gateway_without_cap_chown_starts_in_the_directory_the_unit_gave() {
+    netns();
+    let dir = TempDir::new("nochown");
+    let (socket, _devd) = devd_as_nobody(&dir, &ROUTE_A4);
+    let _svc = Service::start(8080, http);
+    let gw = Gw::new(&dir, &socket);
+    std::fs::create_dir(&gw.state).unwrap();
+    std::fs::set_permissions(&gw.state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let no_chown = |args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .arg("--bounding-set=-chown")
+            .arg(GATEWAY)
+            .arg("--state-dir")
+            .arg(&gw.state)
+            .arg("--socket")
+            .arg(&gw.socket)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let start = ["--json", "start", "--foreground", "--ports", "8080", A4];
+    let out = no_chown(&start);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("PILOT_GATEWAY_PREPARE_STATE_DIR=1"), "{err}");
+    assert!(!has_alias("10.4.0.1"), "nothing left behind");
+    // ExecStartPre=+: full root, gives the directory and exits.
+    let given = gw
+        .cmd()
+        .env("PILOT_GATEWAY_PREPARE_STATE_DIR", "1")
+        .args(start)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&given.stdout);
+    assert!(given.status.success(), "{text}{}", String::from_utf8_lossy(&given.stderr));
+    assert_eq!(ok_data(&text).get("given_to").and_then(Value::as_u64), Some(65534), "{text}");
+    let meta = std::fs::metadata(&gw.state).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 65534);
+    assert!(!has_alias("10.4.0.1"), "the preparation touched no network");
+    assert!(std::fs::read_dir(&gw.state).unwrap().next().is_none(), "nor any file");
+    // ExecStart: the gateway, with no CAP_CHOWN to use.
+    let setpriv = std::path::Path::new("/usr/bin/setpriv");
+    let _p = gw.foreground_via(
+        &dir,
+        &[setpriv, std::path::Path::new("--bounding-set=-chown"), std::path::Path::new(GATEWAY)],
+        &["--ports", "8080", A4],
+    );
+    let st = proc_status(gw.pid());
+    assert!(field(&st, "Uid:").starts_with("65534"), "{st}");
+    assert_eq!(field(&st, "CapBnd:"), "0000000000001400", "{st}");
+    assert!(http_get("10.4.0.1:8080", "/nochown").contains("GET /nochown"));
+    assert!(gw.ok(&["stop"]).contains("stopped"));
+}

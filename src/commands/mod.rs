@@ -133,6 +133,20 @@ fn start(
     raw: &[OsString],
 ) -> Result<()> {
     let cfg = start_config(args, &targets)?;
+    if gateway::prepare_only() {
+        let given = gateway::give_state_dir(&cfg)?;
+        let dir = cfg.state_dir.display();
+        let text = match &given {
+            Some(u) => format!("state directory {dir} given to {} (uid {})\n", u.name, u.uid),
+            None => format!("state directory {dir}: nothing to give\n"),
+        };
+        let data = Value::obj([
+            ("state_dir", Value::from(dir.to_string())),
+            ("given_to", given.map(|u| u64::from(u.uid.0)).into()),
+        ]);
+        out.ok(data, &text);
+        return Ok(());
+    }
     if background::is_detached() {
         return background::run_detached(cfg, targets);
     }

@@ -57,7 +57,7 @@ pub use drain::{NOTE as DRAINING_NOTE, NOTE_MAX as DRAINING_NOTE_MAX};
 /// (`limits.rs`): `{nproc_limit, nproc_others, max_conns_nproc_fit}`.
 pub const LIMITS_NOTE: &str = "limits.json";
 
-pub use start::prepare_state_dir;
+pub use start::{give_state_dir, prepare_only, prepare_state_dir, PREPARE_ENV};
 use start::{
     clean_up_after_dead_gateway, conn_settings, open_access_log, open_state_dir_as_user, plan_exposures,
     plan_mappings,

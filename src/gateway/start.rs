@@ -60,6 +60,38 @@ pub fn prepare_state_dir(cfg: &Config) -> Result<(StateDir, Option<sys::user::Us
     Ok((dir, user, daemon))
 }
 
+/// Set to `1` by the systemd unit's `ExecStartPre=+` line: `start` then
+/// only gives the state directory to the user the gateway will run as
+/// ([`give_state_dir`]) and exits, so the gateway itself can run with no
+/// CAP_CHOWN in its bounding set. Only the operator who starts the
+/// gateway sets it.
+pub const PREPARE_ENV: &str = "PILOT_GATEWAY_PREPARE_STATE_DIR";
+
+/// Whether this `start` is only the state directory's hand-over
+/// ([`PREPARE_ENV`]).
+pub fn prepare_only() -> bool {
+    matches!(std::env::var_os(PREPARE_ENV), Some(v) if v == "1")
+}
+
+/// The one step of a root start that needs CAP_CHOWN, on its own: the
+/// same checks as a start ([`prepare_state_dir`]: the daemon's uid from
+/// its socket's peer credentials, whom the gateway will run as, the
+/// directory's owner), then the directory given to that user. Nothing in
+/// the directory is read or opened (the chown of leftover files is by
+/// name, never through a link, in a directory still root's); no thread,
+/// no network. Returns whom it was given to (`None`: the gateway stays
+/// uid 0, or runs as the user that already owns it, or we are not root).
+pub fn give_state_dir(cfg: &Config) -> Result<Option<sys::user::User>> {
+    let (mut dir, user, _) = prepare_state_dir(cfg)?;
+    match user {
+        Some(u) if sys::user::euid().is_root() && dir.owner().0 != u.uid => {
+            dir.chown(u.uid, u.gid)?;
+            Ok(Some(u))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// The budget of a start's exchanges with the daemon.
 pub(super) fn connect_budget(cfg: &Config) -> Duration {
     cfg.dial_timeout.max(Duration::from_secs(2))
@@ -75,8 +107,14 @@ pub(super) fn open_state_dir_as_user(cfg: &Config) -> Result<(StateDir, Option<S
     if !sys::user::euid().is_root() {
         return Ok((dir, None, daemon));
     }
-    if let Some(user) = &user {
-        dir.chown(user.uid, user.gid)?;
+    // Already the user's: given by the unit's ExecStartPre=+ step
+    // (`give_state_dir`), so this process needs no CAP_CHOWN.
+    if let Some(user) = user.as_ref().filter(|u| dir.owner().0 != u.uid) {
+        dir.chown(user.uid, user.gid).map_err(|e| {
+            e.hint(format!(
+                "without CAP_CHOWN (a systemd unit whose bounding set lacks it), give the directory to the gateway's user first: {PREPARE_ENV}=1 pilot-gateway start … (the shipped unit's ExecStartPre=+ line)"
+            ))
+        })?;
     }
     let switched = privilege::restrict(user.as_ref())?;
     // The start report and `status` say it too; a root gateway that only
