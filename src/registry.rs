@@ -3,8 +3,9 @@
 //! gateway's mappings — 127.x gateways included, which add no labelled
 //! alias (`alias.rs`) that would give them away.
 //!
-//! How: every running gateway holds one Linux *abstract* Unix socket (no
-//! file anywhere, nothing in /run to create, clean or trust) named
+//! How: every running gateway listens on one Linux *abstract* Unix stream
+//! socket (no file anywhere, nothing in /run to create, clean or trust)
+//! named
 //!
 //! ```text
 //! pilot-gateway/1/PID/SUBNET/NONCE     e.g. pilot-gateway/1/4242/127.77.0.0_16/9f3c…
@@ -17,15 +18,28 @@
 //! gateway's listeners can be reached. Anyone lists them in
 //! `/proc/net/unix` (no privilege needed, whatever user the gateways run as).
 //!
-//! Trust: any local user may bind such a name. An entry counts only while
-//! its PID is alive and is a process named `pilot-gateway` or `pilotctl`
-//! (`/proc/PID/comm`, readable by everyone), and outside 127.0.0.0/8 only
-//! for addresses on loopback (see [`is_gateway_listener`]); a forged one
-//! can therefore only make exposures into a loopback subnet, or onto
-//! loopback addresses, be refused — what any local user may cause anyway
-//! by running a real gateway on a 127.x subnet (a refusal, never a relay)
-//! — and cannot hide a real gateway (which holds its own name). Not Linux: no abstract names; only the checks of `expose.rs`
-//! apply there.
+//! Trust: any local user may bind such a name. An entry counts only when
+//! (see [`is_live_gateway`]):
+//!
+//! - a stream socket listens under it, and the kernel says (SO_PEERCRED of
+//!   a connection to it) that the process that listens is the PID the
+//!   name claims — or its backlog is full, so it cannot be asked;
+//! - that PID exists (kill(PID, 0));
+//! - where `/proc` shows the process, it is named `pilot-gateway` or
+//!   `pilotctl` (`/proc/PID/comm`).
+//!
+//! None of this needs another user's `/proc/PID`: under hidepid (the
+//! unit's `ProtectProc=invisible`), where other users' processes are
+//! hidden, a gateway still sees every other gateway, counted on the
+//! kernel's word for its pid (its name cannot be read there). Outside
+//! 127.0.0.0/8 an entry counts only for addresses on loopback (see
+//! [`is_gateway_listener`]); a forged one can therefore only make
+//! exposures into a loopback subnet, or onto loopback addresses, be
+//! refused — what any local user may cause anyway by running a real
+//! gateway on a 127.x subnet (a refusal, never a relay) — and cannot hide
+//! a real gateway (which holds its own name). Doubt counts an entry (a
+//! refusal), never drops it. Not Linux: no abstract names; only the
+//! checks of `expose.rs` apply there.
 //!
 //! API (also meant for a subnet-clash check at start):
 //! - [`register`]: the gateway's own entry, held for its lifetime;
@@ -49,12 +63,37 @@ pub struct Entry {
     pub subnet: Ipv4Network,
 }
 
-/// Our own entry: the bound abstract socket (its name goes with it).
+/// Our own entry: the listening abstract socket (its name goes with it).
 #[derive(Debug)]
 pub struct Registration {
     #[cfg(target_os = "linux")]
-    _socket: std::os::unix::net::UnixDatagram,
+    socket: std::os::unix::net::UnixListener,
 }
+
+impl Registration {
+    /// Accepts and closes the connections others made to learn our pid
+    /// ([`is_live_gateway`]), so the backlog does not fill; non-blocking,
+    /// at most a backlog's worth per call. The gateway's main loop calls
+    /// it on every turn.
+    pub fn answer(&self) {
+        #[cfg(target_os = "linux")]
+        for _ in 0..ANSWER_MAX {
+            if self.socket.accept().is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// The registration's backlog: room for the checks of many exposures
+/// between two turns of the main loop; past it a check cannot ask, and
+/// counts the entry. Bounds the kernel memory others can make us hold.
+#[cfg(target_os = "linux")]
+const BACKLOG: i32 = 64;
+/// Connections [`Registration::answer`] takes per call: a few backlogs'
+/// worth (more arrive while it runs).
+#[cfg(target_os = "linux")]
+const ANSWER_MAX: usize = 4 * BACKLOG as usize;
 
 /// Registers this process as a gateway on `subnet` (see the module docs).
 #[cfg(target_os = "linux")]
@@ -72,8 +111,10 @@ pub fn register(subnet: Ipv4Network) -> std::io::Result<Registration> {
         subnet.prefix()
     );
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-    let socket = std::os::unix::net::UnixDatagram::bind_addr(&addr)?;
-    Ok(Registration { _socket: socket })
+    let socket = std::os::unix::net::UnixListener::bind_addr(&addr)?;
+    socket.set_nonblocking(true)?;
+    crate::sys::net::set_backlog(&socket, BACKLOG)?;
+    Ok(Registration { socket })
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -93,9 +134,10 @@ pub fn running() -> Vec<Entry> {
     };
     let mut out: Vec<Entry> = table
         .lines()
-        .filter_map(|line| line.split_whitespace().nth(7))
-        .filter_map(|path| parse_name(path.strip_prefix('@')?))
-        .filter(|e| is_gateway_process(e.pid))
+        .filter_map(|line| line.split_whitespace().nth(7)?.strip_prefix('@'))
+        .filter_map(|name| Some((parse_name(name)?, name)))
+        .filter(|(e, name)| is_live_gateway(e.pid, name))
+        .map(|(e, _)| e)
         .collect();
     out.sort_by_key(|e| (e.pid, e.subnet));
     out.dedup();
@@ -112,12 +154,39 @@ fn parse_name(name: &str) -> Option<Entry> {
     (nonce.len() == 16 && parts.next().is_none()).then_some(Entry { pid, subnet })
 }
 
-/// Whether `pid` is alive and runs this program: named `pilot-gateway`,
-/// or `pilotctl` (the name of the compatibility link, which the kernel
-/// takes for the process name when it is what was run).
-fn is_gateway_process(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .is_ok_and(|c| matches!(c.trim_end(), "pilot-gateway" | "pilotctl"))
+/// Whether the entry `name` (claiming `pid`) is a live gateway's, by the
+/// rules of the module docs. Nothing here reads another process's /proc
+/// entry unless /proc shows it: under hidepid the pid comes from the
+/// kernel (SO_PEERCRED) and its existence from kill(pid, 0).
+///
+/// The name check: `pilot-gateway`, or `pilotctl` (the name of the
+/// compatibility link, which the kernel takes for the process name when
+/// it is what was run).
+#[cfg(target_os = "linux")]
+fn is_live_gateway(pid: u32, name: &str) -> bool {
+    match crate::sys::net::abstract_listener_pid(name.as_bytes()) {
+        Ok(p) if p == pid => {}
+        // The name claims another process's pid.
+        Ok(_) => return false,
+        // Its backlog is full: cannot ask; counted (a refusal at most).
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        // No stream socket listens there: not a registration.
+        Err(_) => return false,
+    }
+    if !crate::sys::proc::exists(pid) {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Ok(comm) => matches!(comm.trim_end(), "pilot-gateway" | "pilotctl"),
+        // Hidden from us (hidepid): alive by the kernel's word, its name
+        // unreadable; counted.
+        Err(_) => true,
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn is_live_gateway(_pid: u32, _name: &str) -> bool {
+    false
 }
 
 /// The running gateway `addr` would lead into: one whose subnet holds it
@@ -201,5 +270,42 @@ mod tests {
         assert!(listed());
         drop(r);
         assert!(!listed());
+    }
+
+    /// What [`is_live_gateway`] asks the kernel instead of /proc: the pid
+    /// that listens under a name (SO_PEERCRED), which a forged claim
+    /// cannot change; a name bound by a socket that does not listen is
+    /// not a registration; a full backlog says so (and `answer` empties
+    /// it).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_kernel_names_the_pid_behind_a_registration() {
+        use crate::sys::net::abstract_listener_pid;
+        use std::os::linux::net::SocketAddrExt;
+        let net: Ipv4Network = "127.98.0.0/16".parse().unwrap();
+        let r = register(net).unwrap();
+        let addr = r.socket.local_addr().unwrap();
+        let name = addr.as_abstract_name().unwrap().to_vec();
+        assert_eq!(abstract_listener_pid(&name).unwrap(), std::process::id());
+        let mut full = false;
+        for _ in 0..1024 {
+            match abstract_listener_pid(&name) {
+                Ok(_) => {}
+                Err(e) => {
+                    assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+                    full = true;
+                    break;
+                }
+            }
+        }
+        assert!(full, "the backlog never filled");
+        r.answer();
+        assert_eq!(abstract_listener_pid(&name).unwrap(), std::process::id());
+        let dgram = b"pilot-gateway/1/1/127.97.0.0_16/0123456789abcdef";
+        let a = std::os::unix::net::SocketAddr::from_abstract_name(dgram).unwrap();
+        let _d = std::os::unix::net::UnixDatagram::bind_addr(&a).unwrap();
+        assert!(abstract_listener_pid(dgram).is_err());
+        assert!(!is_live_gateway(1, std::str::from_utf8(dgram).unwrap()));
+        assert!(abstract_listener_pid(b"pilot-gateway/none").is_err());
     }
 }

@@ -453,17 +453,32 @@ fn a_gateway_without_cap_chown_starts_in_the_directory_the_unit_gave() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&given.stdout);
-    assert!(given.status.success(), "{text}{}", String::from_utf8_lossy(&given.stderr));
-    assert_eq!(ok_data(&text).get("given_to").and_then(Value::as_u64), Some(65534), "{text}");
+    assert!(
+        given.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&given.stderr)
+    );
+    assert_eq!(
+        ok_data(&text).get("given_to").and_then(Value::as_u64),
+        Some(65534),
+        "{text}"
+    );
     let meta = std::fs::metadata(&gw.state).unwrap();
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 65534);
     assert!(!has_alias("10.4.0.1"), "the preparation touched no network");
-    assert!(std::fs::read_dir(&gw.state).unwrap().next().is_none(), "nor any file");
+    assert!(
+        std::fs::read_dir(&gw.state).unwrap().next().is_none(),
+        "nor any file"
+    );
     // ExecStart: the gateway, with no CAP_CHOWN to use.
     let setpriv = std::path::Path::new("/usr/bin/setpriv");
     let _p = gw.foreground_via(
         &dir,
-        &[setpriv, std::path::Path::new("--bounding-set=-chown"), std::path::Path::new(GATEWAY)],
+        &[
+            setpriv,
+            std::path::Path::new("--bounding-set=-chown"),
+            std::path::Path::new(GATEWAY),
+        ],
         &["--ports", "8080", A4],
     );
     let st = proc_status(gw.pid());

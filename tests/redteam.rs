@@ -740,25 +740,99 @@ echo "done"
     assert!(t.contains("accepted-after-b-stopped"), "no stale entry: {t}");
 }
 
+/// Hole (issue 18): under the unit's `ProtectProc=invisible` (hidepid),
+/// a gateway's own re-check of `state.json` saw only its own user's
+/// processes in /proc, so another user's 127.x gateway counted as dead
+/// and an exposure into its mapping passed the re-check (the `expose`
+/// command, run outside the unit, saw it).
+///
+/// Safe outcome: gateway A runs as nobody; gateway B as uid 1234, in a
+/// mount namespace of its own whose /proc is a fresh instance mounted
+/// with hidepid=invisible (what systemd does for ProtectProc), where A is
+/// hidden from B's user; B's own re-check of a hand-edited `state.json`
+/// refuses A's mapping (the registry asks the kernel, not /proc), and so
+/// does the `expose` command.
+#[test]
+fn a_gateway_under_hidepid_still_sees_other_users_gateways() {
+    netns();
+    let script = format!(
+        r#"
+ip link set lo up
+U="setpriv --reuid=1234 --regid=1234 --clear-groups"
+mkdir -p /tmp/nb /tmp/u && chown 65534:65534 /tmp/nb && chown 1234:1234 /tmp/u
+$NB $DEVD --socket /tmp/nb/devd.sock --route {a5}=127.0.0.1 2>/dev/null &
+$U $DEVD --socket /tmp/u/devd.sock 2>/dev/null &
+waitsock /tmp/nb/devd.sock; waitsock /tmp/u/devd.sock
+a() {{ timeout -s KILL 30 $GW --socket /tmp/nb/devd.sock --state-dir /run/pgw-a "$@"; }}
+b() {{ timeout -s KILL 30 $GW --socket /tmp/u/devd.sock --state-dir /run/pgw-b "$@"; }}
+a start --subnet 127.77.0.0/16 --ports 9090 {a5} >/dev/null 2>&1; echo "a-rc=$?"
+apid=$(a --json status 2>/dev/null | grep -o '"pid": *[0-9]*' | head -1 | grep -o '[0-9]*$')
+echo "apid=$apid"
+# B as the unit runs it: its own /proc, hidepid=invisible.
+unshare --mount --propagation private bash -c '
+  mount -t proc -o hidepid=invisible proc /proc || exit 92
+  grep -q " /proc .*hidepid=\(invisible\|2\)" /proc/self/mountinfo && echo "hidepid-on" >>/tmp/b.notes
+  $0 test -e /proc/$1 || echo "a-hidden-from-b" >>/tmp/b.notes
+  exec "$2" --socket /tmp/u/devd.sock --state-dir /run/pgw-b start --foreground --subnet 127.88.0.0/16 --ports 9191
+' "$U" "$apid" "$GW" >/tmp/b.log 2>&1 &
+i=0; while ! grep -q "gateway running" /tmp/b.log && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+cat /tmp/b.notes
+bpid=$(b --json status 2>/dev/null | grep -o '"pid": *[0-9]*' | head -1 | grep -o '[0-9]*$')
+echo "bpid=$bpid"
+b --json expose 80 127.77.0.1:9090 2>&1 | grep -q bad_target && echo "refused-expose"
+b expose 81 127.0.0.1:22 >/dev/null 2>&1 && echo "accepted-81"
+# B's user edits the state file (as it may) and B re-reads it on SIGHUP.
+sed -i 's/127\.0\.0\.1:22/127.77.0.1:9090/' /run/pgw-b/state.json
+grep -q '127.77.0.1:9090' /run/pgw-b/state.json && echo "edited"
+kill -HUP $bpid
+i=0; while ! grep -q 'refusing exposure from the state file.*127.77.0.0/16' /tmp/b.log && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
+grep -q 'refusing exposure from the state file.*127.77.0.0/16' /tmp/b.log && echo "refused-reload"
+b stop >/dev/null 2>&1
+a stop >/dev/null 2>&1
+i=0; while grep -q "^" /proc/$bpid/stat 2>/dev/null && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
+echo "done"
+"#,
+        a5 = A5
+    );
+    let t = in_private_namespaces(&script);
+    assert!(
+        t.contains("done") && t.contains("a-rc=0") && t.contains("hidepid-on"),
+        "{t}"
+    );
+    assert!(t.contains("a-hidden-from-b"), "/proc hides A from B's user: {t}");
+    assert!(t.contains("accepted-81") && t.contains("edited"), "{t}");
+    assert!(t.contains("refused-expose"), "the expose command: {t}");
+    assert!(t.contains("refused-reload"), "the gateway's own re-check: {t}");
+}
+
 /// A forged registry entry (any local user may bind an abstract name) by
 /// a process that is not a gateway counts for nothing; one that claims a
-/// gateway's pid of a dead process neither.
+/// gateway's pid of a dead process, or of a live process that does not
+/// listen under it, neither; nor a name bound by a socket that does not
+/// listen (a registration is a listening stream socket).
 #[test]
 fn a_forged_registry_entry_counts_for_nothing() {
     netns();
     use std::os::linux::net::SocketAddrExt;
-    let name = format!(
-        "pilot-gateway/1/{}/127.66.0.0_16/0123456789abcdef",
-        std::process::id()
-    );
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
-    let _forged = std::os::unix::net::UnixDatagram::bind_addr(&addr).unwrap();
-    let dead = "pilot-gateway/1/999999/127.65.0.0_16/0123456789abcdef";
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(dead.as_bytes()).unwrap();
-    let _dead = std::os::unix::net::UnixDatagram::bind_addr(&addr).unwrap();
+    use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener};
+    let listen = |name: &str| {
+        UnixListener::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap()
+    };
+    let me = std::process::id();
+    let _forged = listen(&format!("pilot-gateway/1/{me}/127.66.0.0_16/0123456789abcdef"));
+    let _dead = listen("pilot-gateway/1/999999/127.65.0.0_16/0123456789abcdef");
+    // pid 1 (this namespace's init, alive) does not listen there: we do.
+    let _other = listen("pilot-gateway/1/1/127.64.0.0_16/0123456789abcdef");
+    let dgram = format!("pilot-gateway/1/{me}/127.63.0.0_16/0123456789abcdef");
+    let _dgram = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(dgram.as_bytes()).unwrap()).unwrap();
     // This thread's namespace is the test's own: only the forged names.
     assert!(pilot_gateway::registry::running().is_empty());
-    assert!(pilot_gateway::registry::is_gateway_listener("127.66.0.1:80".parse().unwrap()).is_none());
+    for ip in ["127.66.0.1:80", "127.65.0.1:80", "127.64.0.1:80", "127.63.0.1:80"] {
+        assert!(
+            pilot_gateway::registry::is_gateway_listener(ip.parse().unwrap()).is_none(),
+            "{ip}"
+        );
+    }
 }
 
 /// Attack (red-team pass of issue 18): a local user binds a registry name
@@ -780,8 +854,9 @@ waitsock /tmp/nb/devd.sock
 ln -s "$(readlink -f /usr/bin/python3)" /tmp/fake/pilot-gateway
 $NB /tmp/fake/pilot-gateway -c '
 import socket, os, time
-s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.bind("\0pilot-gateway/1/%d/0.0.0.0_0/0123456789abcdef" % os.getpid())
+s.listen(64)
 open("/tmp/nb/ready", "w").close()
 time.sleep(60)' &
 i=0; while [ ! -e /tmp/nb/ready ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done

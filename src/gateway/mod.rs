@@ -57,11 +57,11 @@ pub use drain::{NOTE as DRAINING_NOTE, NOTE_MAX as DRAINING_NOTE_MAX};
 /// (`limits.rs`): `{nproc_limit, nproc_others, max_conns_nproc_fit}`.
 pub const LIMITS_NOTE: &str = "limits.json";
 
-pub use start::{give_state_dir, prepare_only, prepare_state_dir, PREPARE_ENV};
 use start::{
     clean_up_after_dead_gateway, conn_settings, open_access_log, open_state_dir_as_user, plan_exposures,
     plan_mappings,
 };
+pub use start::{give_state_dir, prepare_only, prepare_state_dir, PREPARE_ENV};
 
 /// Everything `start` needs, validated.
 pub struct Config {
@@ -238,7 +238,7 @@ struct Gateway {
     /// Mappings and exposures draining in the background (`drain.rs`).
     draining: drain::Draining,
     /// Our entry in the registry of running gateways, held until we exit.
-    _registration: crate::registry::Registration,
+    registration: crate::registry::Registration,
     /// A dead predecessor's aliases left because a process held a socket
     /// on them: tried again on every SIGHUP and every idle tick.
     stale_aliases: Vec<Ipv4Addr>,
@@ -330,7 +330,7 @@ pub fn run(cfg: Config, targets: Vec<Target>, ready: &mut dyn FnMut(&Report)) ->
         listener_room,
         notify,
         draining: drain::Draining::default(),
-        _registration: registration,
+        registration,
         stale_aliases,
         stale_tried: Instant::now(),
     };
@@ -482,6 +482,8 @@ impl Gateway {
             }
             // How many lines the rate limiter kept back lately, per kind.
             engine::flush_suppressed();
+            // Other processes asking the registry who we are (`registry`).
+            self.registration.answer();
             last_seen = finished;
             self.tell_systemd();
             let watchdog = self.notify.as_ref().and_then(Notifier::watchdog_period);

@@ -202,6 +202,60 @@ pub fn unix_connect(s: &std::os::unix::net::UnixStream, path: &std::path::Path) 
     .map(drop)
 }
 
+/// The pid of the process listening on the Linux abstract Unix stream
+/// name `name` (without the leading NUL), as the kernel recorded it at
+/// listen(2): SO_PEERCRED of a connection made to it, which needs no
+/// /proc (hidepid, systemd's ProtectProc, hides other users' processes
+/// there). Non-blocking: `WouldBlock` when its backlog is full, another
+/// error (ECONNREFUSED, EPROTOTYPE) when no stream socket listens under
+/// the name. 0 when that process is outside our pid namespace. The
+/// connection is closed at once (`registry::Registration::answer` drops
+/// it on the other side).
+#[cfg(target_os = "linux")]
+pub fn abstract_listener_pid(name: &[u8]) -> io::Result<u32> {
+    let s = unix_socket()?;
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    if name.is_empty() || name.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "abstract name too long or empty",
+        ));
+    }
+    // An abstract address: a NUL, then the name (no terminator; the
+    // length says where it ends).
+    for (d, &b) in addr.sun_path[1..].iter_mut().zip(name) {
+        *d = b as libc::c_char;
+    }
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + 1 + name.len();
+    // SAFETY: a valid fd (borrowed) and a sockaddr_un of at least `len` bytes.
+    cerr_retry(|| unsafe {
+        libc::connect(
+            s.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len as libc::socklen_t,
+        )
+    })?;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut clen = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `clen` bytes into a ucred of that size.
+    cerr(unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut clen,
+        )
+    })?;
+    Ok(cred.pid.max(0) as u32)
+}
+
 /// Sets a listening socket's backlog (listen(2) again on a socket that
 /// listens already only changes the backlog). pilot-devd uses it to let
 /// its backlog fill at once, as a stalled daemon's does.

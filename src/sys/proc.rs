@@ -52,6 +52,21 @@ impl ProcId {
     }
 }
 
+/// Whether a process `pid` exists (a zombie counts): kill(pid, 0), where
+/// EPERM (another user's) still means it does. Unlike /proc, which hidepid
+/// (systemd's ProtectProc=invisible) empties of other users' processes,
+/// this sees every process of our pid namespace.
+pub fn exists(pid: u32) -> bool {
+    if pid == 0 || pid > i32::MAX as u32 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks for existence and permission.
+    match cerr(unsafe { libc::kill(pid as libc::pid_t, 0) }) {
+        Ok(_) => true,
+        Err(e) => e.raw_os_error() == Some(libc::EPERM),
+    }
+}
+
 /// Whether `/proc` answers for this process (Linux). Without it every
 /// liveness check (`ProcId::is_alive`) would answer "dead", and a second
 /// `start` would take a live gateway's state for a dead one's and remove
