@@ -787,6 +787,14 @@ grep -q '127.77.0.1:9090' /run/pgw-b/state.json && echo "edited"
 kill -HUP $bpid
 i=0; while ! grep -q 'refusing exposure from the state file.*127.77.0.0/16' /tmp/b.log && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
 grep -q 'refusing exposure from the state file.*127.77.0.0/16' /tmp/b.log && echo "refused-reload"
+# A second start on B's directory, under hidepid too: B (its own user's,
+# but undumpable since its switch) is hidden, yet it is no dead gateway.
+unshare --mount --propagation private bash -c '
+  mount -t proc -o hidepid=invisible proc /proc || exit 92
+  exec "$0" --socket /tmp/u/devd.sock --state-dir /run/pgw-b start --foreground --subnet 127.88.0.0/16 --ports 9192
+' "$GW" >/tmp/b2.log 2>&1
+grep -q "already running (pid $bpid)" /tmp/b2.log && echo "second-start-refused"
+[ -e /run/pgw-b/state.json ] && echo "b-state-kept"
 b stop >/dev/null 2>&1
 a stop >/dev/null 2>&1
 i=0; while grep -q "^" /proc/$bpid/stat 2>/dev/null && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
@@ -803,6 +811,10 @@ echo "done"
     assert!(t.contains("accepted-81") && t.contains("edited"), "{t}");
     assert!(t.contains("refused-expose"), "the expose command: {t}");
     assert!(t.contains("refused-reload"), "the gateway's own re-check: {t}");
+    assert!(
+        t.contains("second-start-refused") && t.contains("b-state-kept"),
+        "a hidden live gateway is not taken for dead: {t}"
+    );
 }
 
 /// A forged registry entry (any local user may bind an abstract name) by

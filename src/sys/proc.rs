@@ -33,7 +33,25 @@ impl ProcId {
             return false;
         }
         if cfg!(target_os = "linux") {
-            return start_time(self.pid) == Some(self.start_time);
+            return match std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) {
+                Ok(stat) => parse_stat_start_time(&stat) == Some(self.start_time),
+                // Not in /proc: gone, or hidden from us (/proc mounted with
+                // hidepid, the unit's ProtectProc=invisible: another user's
+                // process, or our own user's after a uid switch made it
+                // undumpable). kill(pid, 0) tells which. A hidden one
+                // cannot be told from a new process under the same pid, so
+                // it is taken for alive: a refusal ("already running"),
+                // never a live gateway's state removed.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
+                    ) =>
+                {
+                    exists(self.pid)
+                }
+                Err(_) => false,
+            };
         }
         // SAFETY: signal 0 only checks for existence and permission.
         match cerr(unsafe { libc::kill(self.pid as libc::pid_t, 0) }) {
