@@ -11,10 +11,10 @@
 # process killed. The distinct lines of src/ (the library and
 # pilot-gateway; not src/bin/pilot-devd) with a count above zero are the
 # lines root ran. The switch's own lines (restrict, become_owner) come on
-# top. A background `start` (no --foreground) stays root for its whole run
-# (it spawns the gateway, which must start as root, and waits for it):
-# there it is every line the parent ran, joined with the gateway's lines
-# up to its switch (the foreground measurement).
+# top. A background `start` (no --foreground) is root until it has spawned
+# the gateway (which must start as root) and becomes the gateway's user
+# (privilege::become_owner) to wait for it: its lines up to there, joined
+# with the gateway's up to its switch (the foreground measurement).
 #
 # Usage: bash scripts/root-lines.sh   (as root; prints one line per command
 # and, with ROOT_LINES_FILES=1, the lines per file of each).
@@ -138,12 +138,22 @@ PY
 }
 
 measure start-foreground pilot_gateway::privilege::restrict start --foreground --ports 8080 "$A4"
-# A background start, for real (the gateway it spawns runs on): the
-# parent's whole run is root's.
-LLVM_PROFILE_FILE="$w/prof/background-%p.profraw" "$GW" "${common[@]}" \
-    start --ports 8080 "$A4" >"$w/start.out" 2>&1 &
-parent=$!
-wait $parent || { echo "root-lines: start failed" >&2; cat "$w/start.out" >&2; exit 1; }
+# A background start, for real: measured up to its switch, while the
+# gateway it spawned (which writes its own profile only when it exits)
+# runs on for the commands below.
+mkdir -p "$w/bg"
+chmod 1777 "$w/bg"
+LLVM_PROFILE_FILE="$w/bg/%p.profraw" timeout -s KILL 120 gdb -q -batch -nx \
+    -ex 'set breakpoint pending on' -ex "break pilot_gateway::privilege::become_owner" -ex run \
+    -ex 'set language c' -ex 'call (int)__llvm_profile_write_file()' -ex bt -ex kill \
+    --args "$GW" "${common[@]}" start --ports 8080 "$A4" >"$w/start-background.gdb" 2>&1 || true
+grep -q "Breakpoint 1, " "$w/start-background.gdb" || {
+    echo "root-lines: the background start never reached become_owner (see $w/start-background.gdb)" >&2
+    exit 1
+}
+mv "$w/bg/"*.profraw "$w/prof/start-background.profraw"
+i=0
+while ! "$GW" "${common[@]}" status >/dev/null 2>&1 && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
 for c in "map $A5" "unmap 10.4.0.1" "expose 9001 127.0.0.1:8000" "unexpose 9001" list status stop; do
     read -r -a args <<<"$c"
     measure "${args[0]}" pilot_gateway::privilege::become_owner "${args[@]}"
@@ -154,7 +164,7 @@ echo "Lines run as full root before the switch (scripts/root-lines.sh, $(git des
 printf '%-26s ' "start --foreground:"
 count "$w/prof/start-foreground.profraw:$w/start-foreground.gdb"
 printf '%-26s ' "start (background):"
-count "$w/prof/background-$parent.profraw" "$w/prof/start-foreground.profraw:$w/start-foreground.gdb"
+count "$w/prof/start-background.profraw:$w/start-background.gdb" "$w/prof/start-foreground.profraw:$w/start-foreground.gdb"
 for c in map unmap expose unexpose list status stop; do
     printf '%-26s ' "$c:"
     count "$w/prof/$c.profraw:$w/$c.gdb"

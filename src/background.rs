@@ -72,8 +72,11 @@ pub fn spawn(cfg: &Config, argv0: &str, raw: &[OsString]) -> Result<Value> {
     // it has become that user. In our own (root's) directory we read the
     // state through the checked descriptor and create gateway.log fresh
     // (see StateDir::create_log, never through a planted name). We signal
-    // nothing; the reader thread below holds no privilege worth taking.
-    let (dir, _, _) = gateway::prepare_state_dir(cfg)?;
+    // nothing. Once the gateway is spawned, root's part is over: when the
+    // gateway runs as another user, we become that user before reading a
+    // byte of what it says (its readiness line, its log), so root never
+    // parses what that user's process wrote.
+    let (dir, user, _) = gateway::prepare_state_dir(cfg)?;
     let ours = dir.owner().0 == sys::user::euid();
     if ours {
         if let Some(st) = dir.read()? {
@@ -89,6 +92,14 @@ pub fn spawn(cfg: &Config, argv0: &str, raw: &[OsString]) -> Result<Value> {
     let log_path = dir.log_file();
     let log = if ours { Some(dir.create_log()?) } else { None };
     let mut child = spawn_child(argv0, raw, log)?;
+    if let Some(u) = &user {
+        // Before the reader thread: the switch needs a single thread.
+        if let Err(e) = crate::privilege::become_owner(u.uid, u.gid) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+    }
     let stdout = child
         .stdout
         .take()
@@ -101,8 +112,11 @@ pub fn spawn(cfg: &Config, argv0: &str, raw: &[OsString]) -> Result<Value> {
     });
     let see_log = format!("see {}", log_path.display());
     let Ok(line) = rx.recv_timeout(READY_WAIT) else {
-        let _ = child.kill();
-        let _ = child.wait();
+        // As the gateway's user we may signal it only once it has switched
+        // too; one still root after a minute is left to its own bounds.
+        if child.kill().is_ok() {
+            let _ = child.wait();
+        }
         return Err(Error::new(
             Code::Timeout,
             format!("the gateway did not become ready within {READY_WAIT:?}"),
