@@ -301,11 +301,13 @@ mod tests {
         assert!(full, "the backlog never filled");
         r.answer();
         assert_eq!(abstract_listener_pid(&name).unwrap(), std::process::id());
-        let dgram = b"pilot-gateway/1/1/127.97.0.0_16/0123456789abcdef";
-        let a = std::os::unix::net::SocketAddr::from_abstract_name(dgram).unwrap();
+        // Names of our own pid: other test processes share this namespace.
+        let me = std::process::id();
+        let dgram = format!("pilot-gateway/1/{me}/127.97.0.0_16/0123456789abcdef");
+        let a = std::os::unix::net::SocketAddr::from_abstract_name(dgram.as_bytes()).unwrap();
         let _d = std::os::unix::net::UnixDatagram::bind_addr(&a).unwrap();
-        assert!(abstract_listener_pid(dgram).is_err());
-        assert!(!is_live_gateway(1, std::str::from_utf8(dgram).unwrap()));
-        assert!(abstract_listener_pid(b"pilot-gateway/none").is_err());
+        assert!(abstract_listener_pid(dgram.as_bytes()).is_err());
+        assert!(!is_live_gateway(me, &dgram));
+        assert!(abstract_listener_pid(format!("pilot-gateway/none/{me}").as_bytes()).is_err());
     }
 }
