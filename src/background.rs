@@ -76,9 +76,11 @@ pub fn spawn(cfg: &Config, argv0: &str, raw: &[OsString]) -> Result<Value> {
     // gateway runs as another user, we become that user before reading a
     // byte of what it says (its readiness line, its log), so root never
     // parses what that user's process wrote.
-    let (dir, user, _) = gateway::prepare_state_dir(cfg)?;
-    let ours = dir.owner().0 == sys::user::euid();
-    if ours {
+    // A daemon uid only presumed (root without CAP_DAC_OVERRIDE) is
+    // checked by the gateway once it runs as that user.
+    let (dir, user, _, _) = gateway::prepare_state_dir(cfg)?;
+    let ours = dir.as_ref().filter(|d| d.owner().0 == sys::user::euid());
+    if let Some(dir) = ours {
         if let Some(st) = dir.read()? {
             if st.gateway.is_alive() {
                 return Err(Error::new(
@@ -89,8 +91,11 @@ pub fn spawn(cfg: &Config, argv0: &str, raw: &[OsString]) -> Result<Value> {
             }
         }
     }
-    let log_path = dir.log_file();
-    let log = if ours { Some(dir.create_log()?) } else { None };
+    let log_path = cfg.state_dir.join("gateway.log");
+    let log = match ours {
+        Some(dir) => Some(dir.create_log()?),
+        None => None,
+    };
     let mut child = spawn_child(argv0, raw, log)?;
     if let Some(u) = &user {
         // Before the reader thread: the switch needs a single thread.
@@ -123,7 +128,7 @@ pub fn spawn(cfg: &Config, argv0: &str, raw: &[OsString]) -> Result<Value> {
         )
         .hint(see_log));
     };
-    readiness(&line, &mut child, ours.then_some(&dir), &log_path)
+    readiness(&line, &mut child, ours, &log_path)
 }
 
 /// Runs our own executable again, as `argv0 raw…`, detached, its stderr

@@ -426,9 +426,24 @@ fn a_gateway_without_cap_chown_starts_in_the_directory_the_unit_gave() {
     let gw = Gw::new(&dir, &socket);
     std::fs::create_dir(&gw.state).unwrap();
     std::fs::set_permissions(&gw.state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    // The unit's bounding set, as the unit names it, and its
+    // NoNewPrivileges=yes.
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/pilot-gateway.service"),
+    )
+    .unwrap();
+    let caps: Vec<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .unwrap()
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    assert!(!caps.contains(&"+chown".to_string()), "{caps:?}");
+    let bounding = format!("--bounding-set=-all,{}", caps.join(","));
     let no_chown = |args: &[&str]| {
         std::process::Command::new("setpriv")
-            .arg("--bounding-set=-chown")
+            .args([bounding.as_str(), "--no-new-privs"])
             .arg(GATEWAY)
             .arg("--state-dir")
             .arg(&gw.state)
@@ -476,7 +491,8 @@ fn a_gateway_without_cap_chown_starts_in_the_directory_the_unit_gave() {
         &dir,
         &[
             setpriv,
-            std::path::Path::new("--bounding-set=-chown"),
+            std::path::Path::new(&bounding),
+            std::path::Path::new("--no-new-privs"),
             std::path::Path::new(GATEWAY),
         ],
         &["--ports", "8080", A4],
@@ -486,4 +502,35 @@ fn a_gateway_without_cap_chown_starts_in_the_directory_the_unit_gave() {
     assert_eq!(field(&st, "CapBnd:"), "0000000000001400", "{st}");
     assert!(http_get("10.4.0.1:8080", "/nochown").contains("GET /nochown"));
     assert!(gw.ok(&["stop"]).contains("stopped"));
+    // Without CAP_DAC_OVERRIDE the gateway could not open nobody's socket
+    // (mode 0600) as root: it took the directory's owner for the daemon's
+    // user and checked it once it was nobody. A daemon of another user
+    // behind the socket is refused there, before anything is touched.
+    let other = dir.path("u1234");
+    std::fs::create_dir(&other).unwrap();
+    std::os::unix::fs::chown(&other, Some(1234), Some(1234)).unwrap();
+    let sock = other.join("devd.sock");
+    let mut c = std::process::Command::new("setpriv");
+    c.args(["--reuid=1234", "--regid=1234", "--clear-groups", DEVD, "--socket"])
+        .arg(&sock);
+    let _devd1234 = Proc::spawn(&mut c, dir.path("devd1234.log"));
+    assert!(wait_until(Duration::from_secs(10), || sock.exists()));
+    let out = std::process::Command::new("setpriv")
+        .args([bounding.as_str(), "--no-new-privs"])
+        .arg(GATEWAY)
+        .arg("--state-dir")
+        .arg(&gw.state)
+        .arg("--socket")
+        .arg(&sock)
+        .args(start)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("permission_denied") && err.contains("devd.sock"),
+        "{err}"
+    );
+    assert!(!has_alias("10.4.0.1"), "nothing touched");
 }

@@ -31,9 +31,12 @@ use super::Config;
 /// anything: a daemon that is not one we may use (`privilege::target_user`),
 /// and for a root start a directory owned by a user who is neither root
 /// nor the gateway's user (that user's gateway, or a directory planted
-/// for us).
-pub fn prepare_state_dir(cfg: &Config) -> Result<(StateDir, Option<sys::user::User>, Peer)> {
-    let daemon = daemon::identify(&cfg.socket, &cfg.socket_source, connect_budget(cfg))?;
+/// for us). The last value: whether the daemon's uid is only presumed
+/// (see [`identify_daemon`]); then the directory is not opened (`None`):
+/// root without CAP_DAC_OVERRIDE cannot open it, its owner can, once the
+/// gateway has become that user ([`open_state_dir_as_user`]).
+pub fn prepare_state_dir(cfg: &Config) -> Result<(Option<StateDir>, Option<sys::user::User>, Peer, bool)> {
+    let (daemon, presumed) = identify_daemon(cfg)?;
     let user = privilege::target_user(
         cfg.user.as_deref(),
         cfg.no_user_switch,
@@ -41,6 +44,9 @@ pub fn prepare_state_dir(cfg: &Config) -> Result<(StateDir, Option<sys::user::Us
         cfg.socket_searched,
         daemon,
     )?;
+    if presumed {
+        return Ok((None, user, daemon, true));
+    }
     let dir = StateDir::open(&cfg.state_dir, true)?;
     let owner = dir.owner().0;
     if owner != sys::user::euid() && !owner.is_root() && user.as_ref().map(|u| u.uid) != Some(owner) {
@@ -57,7 +63,46 @@ pub fn prepare_state_dir(cfg: &Config) -> Result<(StateDir, Option<sys::user::Us
             cfg.state_dir.display()
         )));
     }
-    Ok((dir, user, daemon))
+    Ok((Some(dir), user, daemon, false))
+}
+
+/// Who serves the daemon socket: its peer credentials. A root start
+/// without CAP_DAC_OVERRIDE (the systemd unit's bounding set) cannot
+/// connect to the socket of a daemon of another user (mode 0600), nor
+/// open that user's state directory. Then, if the state directory is a
+/// directory of a user other than root, mode 0700 — given by root: the
+/// unit's `ExecStartPre=+` step ([`give_state_dir`]), which reached the
+/// daemon as full root, or an earlier root start — that user is
+/// *presumed* to be the daemon's (`true`). Nothing rests on the
+/// presumption: the gateway becomes that user, then opens the directory
+/// (walked and checked as for any start of that user: it must be theirs)
+/// and makes sure through the daemon's peer credentials that the daemon
+/// is theirs, before anything else ([`open_state_dir_as_user`]).
+fn identify_daemon(cfg: &Config) -> Result<(Peer, bool)> {
+    let err = match daemon::identify(&cfg.socket, &cfg.socket_source, connect_budget(cfg)) {
+        Ok(peer) => return Ok((peer, false)),
+        Err(e) => e,
+    };
+    if !sys::user::euid().is_root() || err.code != Code::PermissionDenied {
+        return Err(err);
+    }
+    use std::os::unix::fs::MetadataExt;
+    // lstat: a link is nobody's directory. Only whom to become rests on it.
+    let owner = std::fs::symlink_metadata(&cfg.state_dir)
+        .ok()
+        .filter(|m| m.is_dir() && m.mode() & 0o077 == 0 && m.uid() != 0);
+    match owner {
+        Some(m) => Ok((
+            Peer {
+                uid: Uid(m.uid()),
+                gid: sys::user::Gid(m.gid()),
+            },
+            true,
+        )),
+        None => Err(err.hint(format!(
+            "root without CAP_DAC_OVERRIDE (as in the systemd unit) cannot open another user's daemon socket: give the state directory to the daemon's user first ({PREPARE_ENV}=1 pilot-gateway start …, the shipped unit's ExecStartPre=+ line), then start"
+        ))),
+    }
 }
 
 /// Set to `1` by the systemd unit's `ExecStartPre=+` line: `start` then
@@ -82,9 +127,9 @@ pub fn prepare_only() -> bool {
 /// no network. Returns whom it was given to (`None`: the gateway stays
 /// uid 0, or runs as the user that already owns it, or we are not root).
 pub fn give_state_dir(cfg: &Config) -> Result<Option<sys::user::User>> {
-    let (mut dir, user, _) = prepare_state_dir(cfg)?;
-    match user {
-        Some(u) if sys::user::euid().is_root() && dir.owner().0 != u.uid => {
+    let (dir, user, _, _) = prepare_state_dir(cfg)?;
+    match (dir, user) {
+        (Some(mut dir), Some(u)) if sys::user::euid().is_root() && dir.owner().0 != u.uid => {
             dir.chown(u.uid, u.gid)?;
             Ok(Some(u))
         }
@@ -103,13 +148,19 @@ pub(super) fn connect_budget(cfg: &Config) -> Duration {
 /// `--no-user-switch`): root keeps nothing else either way. No thread
 /// exists yet, which this needs (capabilities are per thread).
 pub(super) fn open_state_dir_as_user(cfg: &Config) -> Result<(StateDir, Option<Switched>, Peer)> {
-    let (mut dir, user, daemon) = prepare_state_dir(cfg)?;
-    if !sys::user::euid().is_root() {
-        return Ok((dir, None, daemon));
-    }
+    let (dir, user, daemon, presumed) = prepare_state_dir(cfg)?;
+    let root = sys::user::euid().is_root();
+    let mut dir = match dir {
+        Some(d) if !root => return Ok((d, None, daemon)),
+        other => other,
+    };
     // Already the user's: given by the unit's ExecStartPre=+ step
     // (`give_state_dir`), so this process needs no CAP_CHOWN.
-    if let Some(user) = user.as_ref().filter(|u| dir.owner().0 != u.uid) {
+    if let Some((dir, user)) = dir
+        .as_mut()
+        .zip(user.as_ref())
+        .filter(|(d, u)| d.owner().0 != u.uid)
+    {
         dir.chown(user.uid, user.gid).map_err(|e| {
             e.hint(format!(
                 "without CAP_CHOWN (a systemd unit whose bounding set lacks it), give the directory to the gateway's user first: {PREPARE_ENV}=1 pilot-gateway start … (the shipped unit's ExecStartPre=+ line)"
@@ -117,6 +168,31 @@ pub(super) fn open_state_dir_as_user(cfg: &Config) -> Result<(StateDir, Option<S
         })?;
     }
     let switched = privilege::restrict(user.as_ref())?;
+    if presumed {
+        // Now the presumed user, we may open the socket: it must be served
+        // by that user (a socket of anyone else's is refused here or
+        // cannot be opened at all).
+        let seen = daemon::identify(&cfg.socket, &cfg.socket_source, connect_budget(cfg))?;
+        if seen.uid != daemon.uid {
+            return Err(Error::new(
+                Code::PermissionDenied,
+                format!(
+                    "the daemon at {} runs as uid {}, not as uid {}, who owns the state directory {}",
+                    cfg.socket.display(),
+                    seen.uid,
+                    daemon.uid,
+                    cfg.state_dir.display()
+                ),
+            )
+            .hint("give the state directory to the daemon's user (the unit's ExecStartPre=+ line does), or pass --state-dir DIR"));
+        }
+    }
+    // Opened only now, as its owner: StateDir::open refuses one that is
+    // not ours.
+    let dir = match dir {
+        Some(d) => d,
+        None => StateDir::open(&cfg.state_dir, true)?,
+    };
     // The start report and `status` say it too; a root gateway that only
     // dropped capabilities logs it at debug level, as before.
     let level = if user.is_some() {
