@@ -14,7 +14,10 @@
 # top. A background `start` (no --foreground) is root until it has spawned
 # the gateway (which must start as root) and becomes the gateway's user
 # (privilege::become_owner) to wait for it: its lines up to there, joined
-# with the gateway's up to its switch (the foreground measurement).
+# with the gateway's up to its switch (the foreground measurement). Under
+# the shipped unit the gateway (root, but only the unit's bounding set) is
+# measured up to its switch, and the ExecStartPre=+ step (full root, no
+# sandbox) for its whole run.
 #
 # Usage: bash scripts/root-lines.sh   (as root; prints one line per command
 # and, with ROOT_LINES_FILES=1, the lines per file of each).
@@ -59,11 +62,14 @@ while [ ! -S "$w/sock/devd.sock" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)
 common=(--state-dir "$w/state" --socket "$w/sock/devd.sock")
 
 # measure NAME FUNCTION ARGS…: runs ARGS as root until FUNCTION, writes
-# the profile there and kills the process.
+# the profile there and kills the process. $WRAP (words) runs gdb itself,
+# e.g. under setpriv.
+WRAP=""
 measure() {
     local name=$1 fn=$2
     shift 2
-    LLVM_PROFILE_FILE="$w/prof/$name.profraw" timeout -s KILL 120 gdb -q -batch -nx \
+    # shellcheck disable=SC2086
+    LLVM_PROFILE_FILE="$w/prof/$name.profraw" timeout -s KILL 120 $WRAP gdb -q -batch -nx \
         -ex 'set breakpoint pending on' -ex "break $fn" -ex run \
         -ex 'set language c' -ex 'call (int)__llvm_profile_write_file()' -ex bt -ex kill \
         --args "$GW" "${common[@]}" "$@" >"$w/$name.gdb" 2>&1 || true
@@ -160,9 +166,24 @@ for c in "map $A5" "unmap 10.4.0.1" "expose 9001 127.0.0.1:8000" "unexpose 9001"
 done
 LLVM_PROFILE_FILE="$w/other/stop-%p.profraw" "$GW" "${common[@]}" stop >/dev/null 2>&1
 
+# As the shipped unit starts it: ExecStartPre=+ gives a fresh directory
+# (root's, as systemd's RuntimeDirectory) to the daemon's user; then the
+# gateway, under the unit's bounding set and NoNewPrivileges, is measured.
+mkdir -m 0700 "$w/unit-state"
+caps=$(sed -n 's/^CapabilityBoundingSet=//p' dist/pilot-gateway.service | tr 'A-Z' 'a-z' | sed 's/cap_/+/g; s/ /,/g')
+LLVM_PROFILE_FILE="$w/prof/unit-prepare.profraw" PILOT_GATEWAY_PREPARE_STATE_DIR=1 "$GW" \
+    --state-dir "$w/unit-state" --socket "$w/sock/devd.sock" start --foreground --ports 8080 "$A4" >/dev/null
+common=(--state-dir "$w/unit-state" --socket "$w/sock/devd.sock")
+WRAP="setpriv --bounding-set=-all,$caps --no-new-privs"
+measure start-unit pilot_gateway::privilege::restrict start --foreground --ports 8080 "$A4"
+
 echo "Lines run as full root before the switch (scripts/root-lines.sh, $(git describe --always --dirty 2>/dev/null || echo unknown)):"
 printf '%-26s ' "start --foreground:"
 count "$w/prof/start-foreground.profraw:$w/start-foreground.gdb"
+printf '%-26s ' "unit's ExecStartPre=+:"
+count "$w/prof/unit-prepare.profraw"
+printf '%-26s ' "unit's ExecStart:"
+count "$w/prof/start-unit.profraw:$w/start-unit.gdb"
 printf '%-26s ' "start (background):"
 count "$w/prof/start-background.profraw:$w/start-background.gdb" "$w/prof/start-foreground.profraw:$w/start-foreground.gdb"
 for c in map unmap expose unexpose list status stop; do
