@@ -375,6 +375,22 @@ fn proc_status(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system, seconds) one process has used, its ended
+/// threads included (/proc/PID/stat fields 14 and 15, in clock ticks of
+/// 1/100 s: `sysconf(_SC_CLK_TCK)` is 100 on Linux).
+fn proc_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // "pid (comm) state ppid …": comm may hold spaces; fields count after it.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<u64>() as f64 / 100.0
+}
+
 fn proc_fds(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
 }
@@ -450,6 +466,12 @@ fn concurrency(env: &Env, pids: (u32, u32), levels: &[u64]) -> Concurrency {
 /// agent stays silent: (replies per second, refusals, attempts). A refusal
 /// is a connection that ended (reset or EOF) or failed before the reply.
 fn client_churn(env: &Env, route: Route, secs: f64) -> (f64, u64, u64) {
+    let (ok, refused, took) = churn_turn(env, route, secs);
+    (ok as f64 / took, refused, ok + refused)
+}
+
+/// One run of [`client_churn`]: (replies, refusals, seconds taken).
+fn churn_turn(env: &Env, route: Route, secs: f64) -> (u64, u64, f64) {
     let msg = [3u8; 16];
     let t = Instant::now();
     let (mut ok, mut refused) = (0u64, 0u64);
@@ -465,7 +487,38 @@ fn client_churn(env: &Env, route: Route, secs: f64) -> (f64, u64, u64) {
             Err(_) => refused += 1,
         }
     }
-    (ok as f64 / t.elapsed().as_secs_f64(), refused, ok + refused)
+    (ok, refused, t.elapsed().as_secs_f64())
+}
+
+/// The churn gateway with a confirmed close and its twin with an immediate
+/// one, measured in turns (A B B A, a quarter of `secs` each: the load of
+/// a shared machine drifts within a run, and what one turn leaves
+/// lingering weighs on the next as much one way as the other): for each,
+/// the figures of [`client_churn`] over `secs`, and the CPU time its
+/// gateway and daemon (`pids`) used per reply, in µs — a figure that the
+/// machine's other load hardly moves, unlike the rate.
+fn churn_pair(envs: [&Env; 2], pids: [[u32; 2]; 2], secs: f64) -> [((f64, u64, u64), f64); 2] {
+    let cpu = |i: usize| pids[i].iter().map(|&p| proc_cpu(p)).sum::<f64>();
+    let cpu_before = [cpu(0), cpu(1)];
+    // Per path: (replies, refusals, seconds).
+    let mut sums = [(0u64, 0u64, 0.0f64); 2];
+    for i in [0, 1, 1, 0] {
+        let (ok, refused, took) = churn_turn(envs[i], Route::Gateway, secs / 4.0);
+        sums[i] = (sums[i].0 + ok, sums[i].1 + refused, sums[i].2 + took);
+    }
+    // What the last turns left lingering (the confirmed closes) is done
+    // within the close poller's few rounds.
+    thread::sleep(Duration::from_millis(500));
+    if std::env::var_os("XDBG").is_some() {
+        for i in 0..2 {
+            eprintln!("XDBG path {i}: gw {:.3}s devd {:.3}s ok {}", proc_cpu(pids[i][0]), proc_cpu(pids[i][1]), sums[i].0);
+        }
+    }
+    [0, 1].map(|i| {
+        let (ok, refused, took) = sums[i];
+        let per_reply = (cpu(i) - cpu_before[i]) * 1e6 / ok.max(1) as f64;
+        ((ok as f64 / took.max(1e-9), refused, ok + refused), per_reply)
+    })
 }
 
 /// RSS (KiB) and threads of one process.
@@ -579,6 +632,15 @@ fn raise_fd_limit() {
     }
 }
 
+/// `a ÷ b` for the ratio column ("-" when `b` was not measured).
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "-".into()
+    }
+}
+
 fn fmt(v: f64) -> String {
     if !v.is_finite() {
         "-".into() // not applicable to this route
@@ -601,14 +663,12 @@ impl Table {
     /// figure does not apply. Ratios are the gateway's over each other.
     fn row(&mut self, name: &str, unit: &str, vals: [f64; 4], higher_better: bool) {
         let g = vals[2];
-        let ratio = |r: f64| {
-            if r > 0.0 {
-                format!("{:.2}", g / r)
-            } else {
-                "-".into()
-            }
-        };
-        let ratios = format!("{} / {} / {}", ratio(vals[1]), ratio(vals[0]), ratio(vals[3]));
+        let ratios = [1, 0, 3].map(|i| ratio(g, vals[i])).join(" / ");
+        self.row_with(name, unit, vals, higher_better, ratios);
+    }
+
+    /// A row with its own text in the ratio column.
+    fn row_with(&mut self, name: &str, unit: &str, vals: [f64; 4], higher_better: bool, ratios: String) {
         self.rows
             .push((format!("{name} ({unit})"), vals.map(fmt), ratios));
         self.results.push((
@@ -672,7 +732,7 @@ impl Config {
             conns: env_num("BENCH_CONNS", 5000),
             levels: [env_num("BENCH_LEVEL1", 1000), env_num("BENCH_LEVEL2", 5000)],
             secs: 3.0,
-            churn_secs: 2.0,
+            churn_secs: env_num("BENCH_CHURN_SECS", 2) as f64,
             only: std::env::var("BENCH_ONLY").unwrap_or_default(),
             static_bin: std::env::var_os("BENCH_STATIC_BIN")
                 .map(PathBuf::from)
@@ -692,6 +752,11 @@ struct Rig {
     env: Arc<Env>,
     /// The client-churn row's paths, each capped at CHURN_CAP connections.
     churn_env: Env,
+    /// The churn gateway's twin whose daemon has no `conn_list`: every
+    /// Close at once (gateway route only).
+    churn_immediate_env: Env,
+    /// (gateway, daemon) pids of the confirmed and the immediate path.
+    churn_pids: [[u32; 2]; 2],
     gw_pid: u32,
     devd_pid: u32,
     /// socat's listener for HOLD, whose children are the idle relays.
@@ -700,12 +765,13 @@ struct Rig {
     musl: Option<(u32, Env)>,
 }
 
-fn start_devd(cfg: &Config, socket: &Path, max_clients: u64) -> Child {
+fn start_devd(cfg: &Config, socket: &Path, max_clients: u64, extra: &[&str]) -> Child {
     let child = Command::new(cfg.bin.join("pilot-devd"))
         .arg("--socket")
         .arg(socket)
         .args(["--route", &format!("{AGENT}=127.0.0.1")])
         .args(["--max-clients", &max_clients.to_string()])
+        .args(extra)
         .stderr(Stdio::null())
         .spawn()
         .expect("pilot-devd");
@@ -727,13 +793,28 @@ fn gateway(cfg: &Config, work: &Path, state: &str, args: &[&str]) -> std::proces
     run_gateway(&cfg.bin.join("pilot-gateway"), work, state, args)
 }
 
+/// The daemon socket of the gateway whose state directory is `state`: the
+/// churn row's two gateways each have a pilot-devd of their own (their
+/// `conn_list` holds only their own connections), every other gateway
+/// shares the main one.
+fn devd_socket(state: &str) -> &'static str {
+    match state {
+        CHURN_STATE => "devd-churn-confirmed.sock",
+        CHURN_IMMEDIATE_STATE => "devd-churn-immediate.sock",
+        _ => "devd.sock",
+    }
+}
+
+const CHURN_STATE: &str = "state-churn";
+const CHURN_IMMEDIATE_STATE: &str = "state-churn-immediate";
+
 /// Runs the pilot-gateway binary `bin` with a state directory under `work`.
 fn run_gateway(bin: &Path, work: &Path, state: &str, args: &[&str]) -> std::process::Output {
     Command::new(bin)
         .arg("--state-dir")
         .arg(work.join(state))
         .arg("--socket")
-        .arg(work.join("devd.sock"))
+        .arg(work.join(devd_socket(state)))
         .args(args)
         .output()
         .expect("pilot-gateway")
@@ -765,10 +846,22 @@ fn set_up(cfg: &Config) -> Rig {
     }
     let mut procs = Procs(Vec::new());
     let socket = work.join("devd.sock");
-    procs.0.push(start_devd(cfg, &socket, 100_000));
+    procs.0.push(start_devd(cfg, &socket, 100_000, &[]));
     let devd_pid = procs.0[0].id();
     let churn_socket = work.join("devd-churn.sock");
-    procs.0.push(start_devd(cfg, &churn_socket, CHURN_CAP));
+    procs.0.push(start_devd(cfg, &churn_socket, CHURN_CAP, &[]));
+    // The churn gateways' daemons: one as the Feb-2026 daemon (conn_list:
+    // the gateway confirms delivery before each Close), one as a daemon
+    // without conn_list (the gateway closes at once, as before issue 19).
+    let mut churn_pids = [[0; 2]; 2];
+    for (i, (state, extra)) in [(CHURN_STATE, &[][..]), (CHURN_IMMEDIATE_STATE, &["--no-conn-list"][..])]
+        .into_iter()
+        .enumerate()
+    {
+        let devd = start_devd(cfg, &work.join(devd_socket(state)), 100_000, extra);
+        churn_pids[i][1] = devd.id();
+        procs.0.push(devd);
+    }
     let mut socat_hold_pid = 0;
     for p in PORTS {
         let c = start_socat("127.0.0.2", p, "");
@@ -790,16 +883,13 @@ fn set_up(cfg: &Config) -> Rig {
         &["--ports", &ports.join(","), "--max-conns", "20000", AGENT],
     );
     let (churn_ports, cap) = (CHURN.to_string(), CHURN_CAP.to_string());
-    let churn_args = [
-        "--subnet",
-        "10.5.0.0/16",
-        "--ports",
-        &churn_ports,
-        "--max-conns",
-        &cap,
-        AGENT,
-    ];
-    start_gateway(&cfg.bin.join("pilot-gateway"), &work, "state-churn", &churn_args);
+    for (i, (state, subnet)) in [(CHURN_STATE, "10.5.0.0/16"), (CHURN_IMMEDIATE_STATE, "10.7.0.0/16")]
+        .into_iter()
+        .enumerate()
+    {
+        let args = ["--subnet", subnet, "--ports", &churn_ports, "--max-conns", &cap, AGENT];
+        churn_pids[i][0] = start_gateway(&cfg.bin.join("pilot-gateway"), &work, state, &args);
+    }
     let musl = start_musl(cfg, &work, &socket);
     wait_for("socat", || TcpStream::connect(("127.0.0.2", TICK)).is_ok());
     wait_for("socat", || TcpStream::connect(("127.0.0.3", CHURN)).is_ok());
@@ -813,11 +903,18 @@ fn set_up(cfg: &Config) -> Rig {
         gateway_ip: "10.5.0.1",
         socat_ip: "127.0.0.3",
     };
+    let churn_immediate_env = Env {
+        socket: PathBuf::new(),
+        gateway_ip: "10.7.0.1",
+        socat_ip: "127.0.0.3",
+    };
     Rig {
         work,
         procs,
         env,
         churn_env,
+        churn_immediate_env,
+        churn_pids,
         gw_pid,
         devd_pid,
         socat_hold_pid,
@@ -857,6 +954,12 @@ struct Figures {
     acc: Vec<(f64, u64)>,
     /// Per route: (replies per second, refusals, attempts).
     churn: Vec<(f64, u64, u64)>,
+    /// The same for the gateway whose daemon has no `conn_list` (every
+    /// Close at once): the reference for the gateway's confirmed close.
+    churn_immediate: (f64, u64, u64),
+    /// CPU per reply (µs) of the churn gateway and its daemon: confirmed
+    /// close, immediate close.
+    churn_cpu: [f64; 2],
     base: Level,
     levels: Vec<Level>,
     after: Level,
@@ -909,16 +1012,23 @@ fn measure(cfg: &Config, rig: &Rig) -> Figures {
     } else {
         vec![(0.0, 0); 4]
     };
-    let churn = if cfg.on("churn") {
-        ROUTES
+    let (churn, churn_immediate, churn_cpu) = if cfg.on("churn") {
+        let mut rows: Vec<_> = ROUTES
             .iter()
+            .filter(|&&r| r != Route::Gateway)
             .map(|&r| client_churn(&rig.churn_env, r, cfg.churn_secs))
-            .collect()
+            .collect();
+        let envs = [&rig.churn_env, &rig.churn_immediate_env];
+        let [(confirmed, cpu_c), (immediate, cpu_i)] = churn_pair(envs, rig.churn_pids, cfg.churn_secs);
+        rows.insert(2, confirmed);
+        (rows, immediate, [cpu_c, cpu_i])
     } else {
-        vec![(0.0, 0, 0); 4]
+        (vec![(0.0, 0, 0); 4], (0.0, 0, 0), [0.0; 2])
     };
-    // The churn gateway's held connections must not weigh on what follows.
-    let _ = gateway(cfg, &rig.work, "state-churn", &["stop"]);
+    // The churn gateways' held connections must not weigh on what follows.
+    for state in [CHURN_STATE, CHURN_IMMEDIATE_STATE] {
+        let _ = gateway(cfg, &rig.work, state, &["stop"]);
+    }
     let levels: &[u64] = if cfg.on("concurrency") { &cfg.levels } else { &[] };
     if !levels.is_empty() {
         wait_idle(cfg, &rig.work);
@@ -933,6 +1043,8 @@ fn measure(cfg: &Config, rig: &Rig) -> Figures {
         rps,
         acc,
         churn,
+        churn_immediate,
+        churn_cpu,
         base,
         levels: levels_out,
         after,
@@ -1006,6 +1118,25 @@ fn churn_and_idle_rows(t: &mut Table, f: &Figures) {
         true,
     );
     t.row("client churn refused", "%", [0, 1, 2, 3].map(refused), false);
+    // The reference of the confirmed close: the same gateway on a daemon
+    // without conn_list, which closes at once (gateway column only; the
+    // ratio is the row above's gateway over this one).
+    let imm = f.churn_immediate;
+    t.row_with(
+        "client churn, immediate close",
+        "conn/s",
+        [f64::NAN, f64::NAN, imm.0, f64::NAN],
+        true,
+        format!("confirmed ÷ immediate {}", ratio(c[2].0, imm.0)),
+    );
+    let [cpu_c, cpu_i] = f.churn_cpu;
+    t.row_with(
+        "client churn, gateway+daemon CPU",
+        "µs/conn",
+        [f64::NAN, f64::NAN, cpu_c, f64::NAN],
+        false,
+        format!("immediate {} ({} ÷ immediate)", fmt(cpu_i), ratio(cpu_c, cpu_i)),
+    );
     idle_rows(t, f, (&f.base, &f.levels), "", true);
 }
 
@@ -1147,6 +1278,10 @@ fn checks(f: &Figures) -> Vec<(&'static str, Option<bool>)> {
             "2 threads per connection",
             lv.iter()
                 .all(|l| l.threads.saturating_sub(base.threads) == 2 * l.conns),
+        ),
+        (
+            "churn with confirmed close ≥ 0.9 × immediate close",
+            f.churn[2].0 >= 0.9 * f.churn_immediate.0,
         ),
         (
             "zero errors at every level",

@@ -81,6 +81,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub use crate::conn_list::{Entry, Seen, Snapshot};
+use crate::conn_list::scan;
 use crate::ipc::Session;
 use crate::json::Value;
 use crate::sys::user::Uid;
@@ -154,27 +156,6 @@ pub enum Settled {
     PeerGone,
 }
 
-/// The fields of one `conn_list` entry that the decision reads.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
-    pub state: String,
-    pub in_flight: u64,
-    pub unacked: u64,
-    pub bytes_sent: Option<u64>,
-    pub bytes_recv: Option<u64>,
-}
-
-/// What one Info reply says about the connections asked for.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Snapshot {
-    /// No `conn_list`: this daemon cannot tell.
-    Blind,
-    /// `conn_list`, with the entries of the ids asked for (`None`: an entry
-    /// without `state`, `in_flight` or `unacked`); an id absent here is
-    /// not listed.
-    Listed(HashMap<u32, Option<Entry>>),
-}
-
 impl Snapshot {
     /// The mode this reply shows, if it shows one.
     fn mode(&self) -> Mode {
@@ -182,69 +163,6 @@ impl Snapshot {
             Snapshot::Blind => Mode::Immediate,
             Snapshot::Listed(m) if m.values().any(Option::is_none) => Mode::Immediate,
             Snapshot::Listed(_) => Mode::Confirmed,
-        }
-    }
-}
-
-/// Reads an Info reply: the `conn_list` entries whose id is in `wanted`.
-/// Go writes an empty list as `[]` (a nil one as `null`: no entries).
-pub fn parse_info(v: &Value, wanted: &HashSet<u32>) -> Snapshot {
-    let list = match v.get("conn_list") {
-        Some(Value::Arr(a)) => a.as_slice(),
-        Some(Value::Null) => &[],
-        _ => return Snapshot::Blind,
-    };
-    let mut out = HashMap::new();
-    for e in list {
-        let Some(id) = e
-            .get("id")
-            .and_then(Value::as_u64)
-            .and_then(|n| u32::try_from(n).ok())
-        else {
-            continue;
-        };
-        if !wanted.contains(&id) {
-            continue;
-        }
-        let n = |k: &str| e.get(k).and_then(Value::as_u64);
-        let entry = match (
-            e.get("state").and_then(Value::as_str),
-            n("in_flight"),
-            n("unacked"),
-        ) {
-            (Some(state), Some(in_flight), Some(unacked)) => Some(Entry {
-                state: state.to_string(),
-                in_flight,
-                unacked,
-                bytes_sent: n("bytes_sent"),
-                bytes_recv: n("bytes_recv"),
-            }),
-            _ => None,
-        };
-        out.insert(id, entry);
-    }
-    Snapshot::Listed(out)
-}
-
-/// What a snapshot says about one connection.
-#[derive(Clone, Copy, Debug)]
-pub enum Seen<'a> {
-    /// The daemon cannot tell (no `conn_list`, or an entry without the fields).
-    Blind,
-    /// Not listed.
-    Missing,
-    Entry(&'a Entry),
-}
-
-impl Snapshot {
-    pub fn seen(&self, conn: u32) -> Seen<'_> {
-        match self {
-            Snapshot::Blind => Seen::Blind,
-            Snapshot::Listed(m) => match m.get(&conn) {
-                None => Seen::Missing,
-                Some(None) => Seen::Blind,
-                Some(Some(e)) => Seen::Entry(e),
-            },
         }
     }
 }
@@ -393,6 +311,10 @@ struct Slot {
     done: Option<Done>,
     /// A deferred close: no thread waits, the poller runs this.
     then: Option<Then>,
+    /// The thread waiting for the verdict, woken (alone) when it comes:
+    /// a condition variable shared by all would wake every waiting
+    /// connection at every round (hundreds under churn).
+    waiter: Option<thread::Thread>,
 }
 
 impl Slot {
@@ -413,6 +335,9 @@ struct Shared {
     stopped: bool,
     /// Info exchanges made.
     exchanges: u64,
+    /// The poller has work and sleeps only until its next round, which
+    /// takes in any slot registered meanwhile: no need to wake it.
+    busy: bool,
 }
 
 /// Opens the poller's session to the daemon.
@@ -424,8 +349,6 @@ struct Inner {
     shared: Mutex<Shared>,
     /// Wakes the poller: something to ask about, or stop.
     poller: Condvar,
-    /// Wakes the waiting connection threads: an answer came.
-    waiters: Condvar,
     unconfirmed: AtomicU64,
     /// This node's own address (Info's `address`), from the first answer.
     local: Option<crate::address::PilotAddr>,
@@ -465,9 +388,14 @@ impl Closer {
 
     /// [`start`](Closer::start) with another way to reach the daemon (tests).
     pub fn with_connect(connect: Connect, linger: Duration) -> io::Result<Closer> {
-        let (mode, checked, local) = match exchange(&connect, &mut None) {
-            Ok(v) => (
-                parse_info(&v, &HashSet::new()).mode(),
+        // The first answer, once, as a tree: the node's address too.
+        let first = exchange(&connect, &mut None).and_then(|raw| {
+            let v = crate::json::parse_bytes(&raw).map_err(|e| bad_reply(&e))?;
+            Ok((scan(&raw, &HashSet::new()).map_err(|e| bad_reply(&e))?, v))
+        });
+        let (mode, checked, local) = match first {
+            Ok((snap, v)) => (
+                snap.mode(),
                 Some(Instant::now()),
                 v.get("address")
                     .and_then(Value::as_str)
@@ -485,9 +413,9 @@ impl Closer {
                 checked,
                 stopped: false,
                 exchanges: 1,
+                busy: false,
             }),
             poller: Condvar::new(),
-            waiters: Condvar::new(),
             unconfirmed: AtomicU64::new(0),
             local,
         });
@@ -596,8 +524,10 @@ impl Closer {
                 },
                 done: None,
                 then: Some(close),
+                waiter: None,
             },
         );
+        // Always: its deadline may come before the poller's next wake-up.
         self.inner.poller.notify_one();
     }
 
@@ -615,9 +545,12 @@ impl Closer {
                 kind,
                 done: None,
                 then: None,
+                waiter: Some(thread::current()),
             },
         );
-        inner.poller.notify_one();
+        if !sh.busy {
+            inner.poller.notify_one();
+        }
         loop {
             let stopped = sh.stopped;
             let slot = sh.slots.get(&ticket)?;
@@ -629,10 +562,11 @@ impl Closer {
             if now >= deadline {
                 break;
             }
-            sh = inner
-                .waiters
-                .wait_timeout(sh, deadline - now)
-                .map_or_else(|p| p.into_inner().0, |(g, _)| g);
+            // The poller unparks this thread when the verdict is in (or it
+            // stops); a wake-up for any other reason just looks again.
+            drop(sh);
+            thread::park_timeout(deadline - now);
+            sh = inner.lock();
         }
         let slot = sh.slots.remove(&ticket)?;
         Some(match (slot.done, slot.kind) {
@@ -645,9 +579,11 @@ impl Closer {
 
 impl Drop for Closer {
     fn drop(&mut self) {
-        self.inner.lock().stopped = true;
+        let mut sh = self.inner.lock();
+        sh.stopped = true;
+        sh.slots.values().filter_map(|s| s.waiter.as_ref()).for_each(thread::Thread::unpark);
+        drop(sh);
         self.inner.poller.notify_all();
-        self.inner.waiters.notify_all();
     }
 }
 
@@ -706,6 +642,7 @@ fn poll(inner: &Inner) {
                     .filter(|s| s.then.is_some())
                     .map(Slot::deadline)
                     .min();
+                sh.busy = work;
                 let nap = if work { next_at - now } else { IDLE_KEEP };
                 let nap = earliest.map_or(nap, |e| nap.min(e.saturating_duration_since(now)));
                 let (g, timeout) = inner.poller.wait_timeout(sh, nap).map_or_else(
@@ -730,7 +667,10 @@ fn poll(inner: &Inner) {
                 .collect::<HashSet<u32>>();
             (wanted, Instant::now())
         };
-        let answer = exchange(&inner.connect, &mut session).map(|v| parse_info(&v, &wanted));
+        // Only the entries asked for are read out of the reply (`conn_list`
+        // module notes: the daemon lists every connection it holds).
+        let answer = exchange(&inner.connect, &mut session)
+            .and_then(|raw| scan(&raw, &wanted).map_err(|e| bad_reply(&e)));
         let took = asked.elapsed();
         next_at = Instant::now() + MIN_INTERVAL.max(took * 3);
         let mut sh = inner.lock();
@@ -742,6 +682,7 @@ fn poll(inner: &Inner) {
             }
             Err(_) => session = None,
         }
+        let mut wake = Vec::new();
         for slot in sh.slots.values_mut() {
             if slot.done.is_some() || slot.since > asked {
                 continue;
@@ -754,20 +695,32 @@ fn poll(inner: &Inner) {
                 )))),
                 (Err(_), Kind::Settle { .. }) => None,
             };
+            if slot.done.is_some() {
+                wake.extend(slot.waiter.clone());
+            }
         }
-        inner.waiters.notify_all();
+        drop(sh);
+        for t in wake {
+            t.unpark();
+        }
     }
 }
 
-/// One Info exchange on the poller's session (opened if needed).
-fn exchange(connect: &Connect, session: &mut Option<Session>) -> crate::error::Result<Value> {
+/// One Info exchange on the poller's session (opened if needed): the
+/// InfoOK payload, unparsed.
+fn exchange(connect: &Connect, session: &mut Option<Session>) -> crate::error::Result<Vec<u8>> {
     use crate::error::{Code, Error};
     let s = match session {
         Some(s) => s,
         None => session.insert(connect().map_err(|e| Error::io("connecting to the daemon", &e))?),
     };
-    s.info()
+    s.info_raw()
         .map_err(|e| Error::new(Code::DaemonUnreachable, e.to_string()))
+}
+
+/// An Info reply that is not JSON, as the error a broken exchange gives.
+fn bad_reply(e: &dyn std::fmt::Display) -> crate::error::Error {
+    crate::error::Error::new(crate::error::Code::DaemonUnreachable, format!("InfoOK: {e}"))
 }
 
 #[cfg(test)]
@@ -791,14 +744,12 @@ mod tests {
     #[test]
     fn parses_conn_list_as_the_real_daemon_writes_it() {
         // The real entry from PROTOCOL.md, and one that lacks the fields.
-        let v = crate::json::parse(
-            r#"{"node_id":1,"conn_list":[{"id":40,"state":"ESTABLISHED","local_port":9000,
+        let v = br#"{"node_id":1,"conn_list":[{"id":40,"state":"ESTABLISHED","local_port":9000,
             "remote_addr":"0:0000.0000.0001","remote_port":49181,"bytes_sent":503808,
             "bytes_recv":8,"in_flight":225280,"unacked":55,"cong_win":90112},
-            {"id":41,"state":"ESTABLISHED"},{"id":42,"state":"TIME_WAIT","in_flight":0,"unacked":0}]}"#,
-        )
-        .unwrap();
-        let snap = parse_info(&v, &[40, 41, 43].into());
+            {"id":41,"state":"ESTABLISHED"},{"id":42,"state":"TIME_WAIT","in_flight":0,"unacked":0}]}"#;
+        let parse_info = |v: &[u8], wanted: &[u32]| scan(v, &wanted.iter().copied().collect()).unwrap();
+        let snap = parse_info(v, &[40, 41, 43]);
         let Snapshot::Listed(m) = &snap else { panic!() };
         assert_eq!(
             m[&40],
@@ -815,11 +766,11 @@ mod tests {
         assert!(matches!(snap.seen(43), Seen::Missing));
         assert!(matches!(snap.seen(41), Seen::Blind));
         assert_eq!(snap.mode(), Mode::Immediate, "an entry without the fields");
-        assert_eq!(parse_info(&v, &[40].into()).mode(), Mode::Confirmed);
-        let old = crate::json::parse(r#"{"node_id":1,"connections":0}"#).unwrap();
-        assert_eq!(parse_info(&old, &[40].into()), Snapshot::Blind);
-        let null = crate::json::parse(r#"{"conn_list":null}"#).unwrap();
-        assert_eq!(parse_info(&null, &[1].into()), Snapshot::Listed(HashMap::new()));
+        assert_eq!(parse_info(v, &[40]).mode(), Mode::Confirmed);
+        let old = br#"{"node_id":1,"connections":0}"#;
+        assert_eq!(parse_info(old, &[40]), Snapshot::Blind);
+        let null = br#"{"conn_list":null}"#;
+        assert_eq!(parse_info(null, &[1]), Snapshot::Listed(HashMap::new()));
     }
 
     #[test]

@@ -608,6 +608,12 @@ impl Session {
         self.request_json(cmd::INFO, &[], cmd::INFO_OK, "InfoOK")
     }
 
+    /// Info's reply unparsed, for a reader that wants a few fields of a
+    /// large reply (`conn_list::scan`).
+    pub fn info_raw(&mut self) -> Result<Vec<u8>, IpcError> {
+        self.request(cmd::INFO, &[], cmd::INFO_OK, "InfoOK")
+    }
+
     pub fn health(&mut self) -> Result<json::Value, IpcError> {
         self.request_json(cmd::HEALTH, &[], cmd::HEALTH_OK, "HealthOK")
     }

@@ -36,6 +36,7 @@ pub mod stats;
 // Leaves: formats, state, the local system.
 pub mod address;
 pub mod alias;
+pub mod conn_list;
 pub mod error;
 pub mod escape;
 pub mod ipc;

@@ -21,7 +21,13 @@
 //!   (`DialConnection`), and an accepted connection is ESTABLISHED before
 //!   its Accept is written (`handleStreamPacket` sets it when it answers
 //!   the SYN). A connection closed by either side stays listed in
-//!   TIME_WAIT until `idleSweepLoop` reaps it (`TimeWaitDuration`, 10 s).
+//!   TIME_WAIT until `idleSweepLoop` (daemon.go) reaps it: that loop runs
+//!   every `DefaultIdleSweepInterval` (15 s, a ticker from daemon start)
+//!   and drops, through `StaleConnections` (ports.go), the TIME_WAIT
+//!   connections closed more than `TimeWaitDuration` (10 s) before the
+//!   tick — so a closed connection is listed for 10 to 25 s, however many
+//!   there are (nothing caps them). A reset (RST) drops one at once.
+//!   Keys come sorted: `handleInfo` marshals one Go map per connection.
 //! - Send (`SendData` → `nagleFlush` → `sendSegment`) runs inline on the
 //!   client's session and blocks while the window is full, so a client's
 //!   later frames wait unread in its socket.
@@ -66,15 +72,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use pilot_gateway::address::PilotAddr;
-use pilot_gateway::json::Value;
 
 /// Upstream's segment size (`MaxSegmentSize`): `unacked` counts these.
 const MSS: usize = 4096;
 /// Upstream's largest receive window (`MaxRecvWin`, 512 segments): a Send
 /// waits while this much is in flight, as `sendSegment` waits for window.
 const WINDOW: usize = 512 * MSS;
-/// How long a closed connection stays listed (upstream `TimeWaitDuration`).
-const TIME_WAIT: Duration = Duration::from_secs(10);
+/// How long a closed connection stays listed at least (upstream
+/// `TimeWaitDuration`); see `Daemon::sweep` for when it goes.
+pub const TIME_WAIT: Duration = Duration::from_secs(10);
 /// A dialer whose Close was lost waits this long, then gives up (the
 /// dial timeout the issue measured through a gateway: 10 s).
 pub const LOST_DIAL_WAIT: Duration = Duration::from_secs(10);
@@ -132,15 +138,7 @@ impl Conn {
         Arc::new(Conn {
             id,
             tcp,
-            track: Arc::new(Track {
-                id,
-                local_port,
-                remote,
-                remote_port,
-                accepted: accepted.then(Instant::now),
-                st: Mutex::new(St::default()),
-                cv: Condvar::new(),
-            }),
+            track: Arc::new(Track::new(id, (local_port, remote, remote_port), accepted)),
         })
     }
 
@@ -267,6 +265,18 @@ impl Conn {
 }
 
 impl Track {
+    fn new(id: u32, (local_port, remote, remote_port): (u16, PilotAddr, u16), accepted: bool) -> Track {
+        Track {
+            id,
+            local_port,
+            remote,
+            remote_port,
+            accepted: accepted.then(Instant::now),
+            st: Mutex::new(St::default()),
+            cv: Condvar::new(),
+        }
+    }
+
     fn st(&self) -> MutexGuard<'_, St> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -296,10 +306,11 @@ impl Track {
         was_open
     }
 
-    /// Whether it has been in TIME_WAIT long enough to be reaped.
-    pub fn reaped(&self, now: Instant) -> bool {
-        self.closed_at()
-            .is_some_and(|t| now.saturating_duration_since(t) >= TIME_WAIT)
+    /// Whether a sweep at `tick` drops it: in TIME_WAIT for more than
+    /// [`TIME_WAIT`] then (upstream `StaleConnections`: `now.Sub(la) >
+    /// timeWaitDur`).
+    pub fn stale_at(&self, tick: Instant) -> bool {
+        stale(self.closed_at(), tick)
     }
 
     /// When it went to TIME_WAIT (`None`: ESTABLISHED).
@@ -307,39 +318,93 @@ impl Track {
         self.st().closed_at
     }
 
-    /// The connection's `conn_list` entry, in the real daemon's shape.
-    pub fn entry(&self) -> Value {
+    /// Appends the connection's `conn_list` entry to `out`, in the real
+    /// daemon's shape: `handleInfo` marshals a Go map per connection, so
+    /// the keys come sorted (`encoding/json` sorts map keys). Written
+    /// straight as text: Info lists every connection, thousands under
+    /// churn, up to 40 times a second while the gateway's close poller
+    /// waits on some.
+    pub fn write_entry(&self, out: &mut String) {
+        use std::fmt::Write as _;
         let st = self.st();
         let state = if st.closed_at.is_some() {
             "TIME_WAIT"
         } else {
             "ESTABLISHED"
         };
-        Value::obj([
-            ("id", Value::from(self.id)),
-            ("local_port", self.local_port.into()),
-            ("remote_addr", self.remote.to_string().into()),
-            ("remote_port", self.remote_port.into()),
-            ("state", state.into()),
-            ("cong_win", (WINDOW as u64).into()),
-            ("ssthresh", (WINDOW as u64).into()),
-            ("in_flight", st.in_flight.into()),
-            ("srtt_ms", 0u64.into()),
-            ("rttvar_ms", 0u64.into()),
-            ("unacked", st.unacked.into()),
-            ("ooo_buf", 0u64.into()),
-            ("peer_recv_win", (WINDOW as u64).into()),
-            ("recv_win", (WINDOW as u64).into()),
-            ("in_recovery", false.into()),
-            ("bytes_sent", st.bytes_sent.into()),
-            ("bytes_recv", st.bytes_recv.into()),
-            ("segs_sent", st.segs_sent.into()),
-            ("segs_recv", st.segs_recv.into()),
-            ("retransmits", 0u64.into()),
-            ("fast_retx", 0u64.into()),
-            ("sack_recv", 0u64.into()),
-            ("sack_sent", 0u64.into()),
-            ("dup_acks", 0u64.into()),
-        ])
+        let win = WINDOW as u64;
+        let _ = write!(
+            out,
+            "{{\"bytes_recv\":{},\"bytes_sent\":{},\"cong_win\":{win},\"dup_acks\":0,\"fast_retx\":0,\
+             \"id\":{},\"in_flight\":{},\"in_recovery\":false,\"local_port\":{},\"ooo_buf\":0,\
+             \"peer_recv_win\":{win},\"recv_win\":{win},\"remote_addr\":",
+            st.bytes_recv, st.bytes_sent, self.id, st.in_flight, self.local_port,
+        );
+        let _ = pilot_gateway::json::write_str(out, &self.remote.to_string());
+        let _ = write!(
+            out,
+            ",\"remote_port\":{},\"retransmits\":0,\"rttvar_ms\":0,\"sack_recv\":0,\"sack_sent\":0,\
+             \"segs_recv\":{},\"segs_sent\":{},\"srtt_ms\":0,\"ssthresh\":{win},\"state\":\"{state}\",\
+             \"unacked\":{}}}",
+            self.remote_port, st.segs_recv, st.segs_sent, st.unacked,
+        );
+    }
+}
+
+/// Whether a connection closed at `closed_at` (`None`: open) is dropped by
+/// a sweep at `tick` (upstream `StaleConnections`).
+fn stale(closed_at: Option<Instant>, tick: Instant) -> bool {
+    closed_at.is_some_and(|t| tick.saturating_duration_since(t) > TIME_WAIT)
+}
+
+/// The latest tick, at or before `now`, of a ticker of `every` started at
+/// `started` (upstream's `idleSweepLoop` ticker).
+pub fn last_tick(started: Instant, now: Instant, every: Duration) -> Instant {
+    let ticks = now.saturating_duration_since(started).as_nanos() / every.as_nanos().max(1);
+    started + every * u32::try_from(ticks).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_connection_is_listed_10_to_25_s_as_upstream_sweeps() {
+        let t0 = Instant::now();
+        let s = |n: u64| t0 + Duration::from_secs(n);
+        let every = Duration::from_secs(15);
+        assert_eq!(last_tick(t0, s(14), every), t0);
+        assert_eq!(last_tick(t0, s(15), every), s(15));
+        assert_eq!(last_tick(t0, s(44), every), s(30));
+        // Closed 1 s after start: the 15 s tick drops it (14 s > 10 s).
+        assert!(!stale(Some(s(1)), t0));
+        assert!(stale(Some(s(1)), s(15)));
+        // Closed at 6 s: 9 s at the first tick, so listed until the second.
+        assert!(!stale(Some(s(6)), s(15)));
+        assert!(stale(Some(s(6)), s(30)));
+        // Exactly 10 s is not more than 10 s; open ones stay.
+        assert!(!stale(Some(s(5)), s(15)));
+        assert!(!stale(None, s(1000)));
+    }
+
+    #[test]
+    fn the_entry_is_the_real_daemons_with_its_keys_sorted() {
+        let t = Track::new(7, (49152, PilotAddr::new(0, 4), 80), false);
+        let mut out = String::new();
+        t.write_entry(&mut out);
+        let v = pilot_gateway::json::parse(&out).unwrap();
+        let pilot_gateway::json::Value::Obj(pairs) = &v else { panic!("{out}") };
+        let keys: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        assert_eq!(keys, sorted);
+        assert_eq!(keys.len(), 24);
+        assert_eq!(v.get("id").and_then(|v| v.as_u64()), Some(7));
+        assert_eq!(v.get("state").and_then(|v| v.as_str()), Some("ESTABLISHED"));
+        assert_eq!(v.get("remote_addr").and_then(|v| v.as_str()), Some("0:0000.0000.0004"));
+        t.end();
+        out.clear();
+        t.write_entry(&mut out);
+        assert!(out.contains(r#""state":"TIME_WAIT""#), "{out}");
     }
 }

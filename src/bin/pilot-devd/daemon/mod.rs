@@ -73,8 +73,9 @@ const STACK: usize = 128 * 1024;
 const SERVICE_PORTS: [u16; 3] = [7, 1001, 1002];
 /// How long a connection the client closed keeps draining its TCP peer.
 const CLOSED_DRAIN: Duration = Duration::from_secs(2);
-/// Closed connections listed in TIME_WAIT at most (see `Daemon::reap`).
-const MAX_TIME_WAIT: usize = 1024;
+/// How often closed connections are swept out of `conn_list` (upstream
+/// `DefaultIdleSweepInterval`; see `Daemon::sweep`).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(15);
 /// First remote port of inbound connections (the ephemeral range).
 const EPHEMERAL_START: u16 = 49152;
 
@@ -267,8 +268,8 @@ struct Daemon {
     /// Every connection, of every client, for Info's `conn_list`; closed
     /// ones stay (TIME_WAIT) until reaped.
     all: Mutex<HashMap<u32, Arc<Track>>>,
-    /// When `all` was last reaped.
-    reaped_at: Mutex<Instant>,
+    /// The sweep tick `all` was last swept at.
+    swept_at: Mutex<Instant>,
     started: Instant,
     euid: sys::user::Uid,
 }
@@ -296,7 +297,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         next_remote_port: AtomicU16::new(EPHEMERAL_START),
         next_local_port: AtomicU16::new(EPHEMERAL_START),
         all: Mutex::new(HashMap::new()),
-        reaped_at: Mutex::new(Instant::now()),
+        swept_at: Mutex::new(Instant::now()),
         started: Instant::now(),
         euid: sys::user::euid(),
     });
@@ -435,7 +436,9 @@ fn dispatch(d: &Arc<Daemon>, c: &Arc<Client>, command: u8, payload: &[u8]) {
         cmd::CLOSE => close(d, c, payload),
         cmd::BIND => bind(d, c, payload),
         cmd::UNBIND if d.cfg.unbind => unbind(d, c, payload),
-        cmd::INFO => c.reply_json(cmd::INFO_OK, &info(d, c)),
+        cmd::INFO => {
+            c.send(&ipc::encode(cmd::INFO_OK, &[info_reply(d, c).as_bytes()]));
+        }
         cmd::HEALTH => c.reply_json(
             cmd::HEALTH_OK,
             &Value::obj([
@@ -528,48 +531,63 @@ impl Daemon {
     /// Lists a new connection in `conn_list`.
     fn register(&self, conn: &Conn) {
         let mut all = self.all.lock().unwrap_or_else(|p| p.into_inner());
-        self.reap(&mut all);
+        self.sweep(&mut all);
         all.insert(conn.id, conn.track.clone());
     }
 
-    /// Drops the closed connections whose TIME_WAIT has passed, at most
-    /// once a second. Unlike the real daemon, which cannot open more than
-    /// about ten connections a second per peer, devd serves benchmarks
-    /// that open thousands: it lists at most [`MAX_TIME_WAIT`] closed
-    /// ones (the oldest go first), so Info stays small.
-    fn reap(&self, all: &mut HashMap<u32, Arc<Track>>) {
-        let now = Instant::now();
-        let mut last = self.reaped_at.lock().unwrap_or_else(|p| p.into_inner());
-        if now.saturating_duration_since(*last) < Duration::from_secs(1) {
+    /// Drops closed connections as upstream's `idleSweepLoop` does: on
+    /// each tick of a 15 s ticker started with the daemon, every one that
+    /// had been in TIME_WAIT for more than 10 s (`conns.rs` notes). Run
+    /// lazily, whenever the list is read or grows, for the ticks passed
+    /// since the last sweep (the latest tick decides: an earlier one drops
+    /// a subset of what it drops), so Info shows what the real daemon
+    /// would list at that moment. No cap: a devd that serves thousands of
+    /// short connections a second lists tens of thousands, as the real
+    /// daemon would at that rate.
+    fn sweep(&self, all: &mut HashMap<u32, Arc<Track>>) {
+        let tick = crate::conns::last_tick(self.started, Instant::now(), SWEEP_INTERVAL);
+        let mut last = self.swept_at.lock().unwrap_or_else(|p| p.into_inner());
+        if tick <= *last {
             return;
         }
-        *last = now;
-        all.retain(|_, c| !c.reaped(now));
-        let mut closed: Vec<(Instant, u32)> = all
-            .values()
-            .filter_map(|c| c.closed_at().map(|t| (t, c.id)))
-            .collect();
-        if closed.len() > MAX_TIME_WAIT {
-            closed.sort_unstable();
-            for (_, id) in &closed[..closed.len() - MAX_TIME_WAIT] {
-                all.remove(id);
-            }
-        }
+        *last = tick;
+        all.retain(|_, c| !c.stale_at(tick));
     }
 
-    /// Info's `conn_list`: every connection, by id.
-    fn conn_list(&self) -> Value {
+    /// Info's `conn_list`, as JSON text: every connection, by id.
+    fn conn_list(&self) -> String {
         let mut all = self.all.lock().unwrap_or_else(|p| p.into_inner());
-        self.reap(&mut all);
+        self.sweep(&mut all);
         let mut list: Vec<&Arc<Track>> = all.values().collect();
-        list.sort_by_key(|c| c.id);
-        Value::Arr(list.iter().map(|c| c.entry()).collect())
+        list.sort_unstable_by_key(|c| c.id);
+        let mut out = String::with_capacity(2 + list.len() * 480);
+        out.push('[');
+        for (i, c) in list.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            c.write_entry(&mut out);
+        }
+        out.push(']');
+        out
     }
+}
+
+/// Info's reply: the fields below and, unless `--no-conn-list`, `conn_list`.
+fn info_reply(d: &Daemon, c: &Client) -> String {
+    let mut text = info(d, c).to_string();
+    if !d.cfg.no_conn_list && text.ends_with('}') {
+        text.pop();
+        text.push_str(",\"conn_list\":");
+        text.push_str(&d.conn_list());
+        text.push('}');
+    }
+    text
 }
 
 fn info(d: &Daemon, c: &Client) -> Value {
     let addr = PilotAddr::new(0, d.cfg.node_id);
-    let mut v = vec![
+    let v = vec![
         ("node_id", Value::from(d.cfg.node_id)),
         ("address", addr.to_string().into()),
         ("hostname", d.cfg.hostname.clone().into()),
@@ -589,9 +607,6 @@ fn info(d: &Daemon, c: &Client) -> Value {
         ("endpoint", d.cfg.socket.display().to_string().into()),
         ("features", Value::Arr(vec!["dgram_confirm".into()])),
     ];
-    if !d.cfg.no_conn_list {
-        v.push(("conn_list", d.conn_list()));
-    }
     Value::obj(v)
 }
 
