@@ -380,6 +380,9 @@ impl Closer {
                 let mut s = Session::connect_within(&socket, EXCHANGE_DEADLINE, Some(daemon_uid))?;
                 s.set_timeout(Some(EXCHANGE_DEADLINE))?;
                 s.set_max_reply(MAX_INFO);
+                // The session lives only while something is closing, and
+                // its Info replies are all about the same size.
+                s.keep_buffer(MAX_INFO);
                 Ok(s)
             }),
             linger,
@@ -388,11 +391,12 @@ impl Closer {
 
     /// [`start`](Closer::start) with another way to reach the daemon (tests).
     pub fn with_connect(connect: Connect, linger: Duration) -> io::Result<Closer> {
-        // The first answer, once, as a tree: the node's address too.
-        let first = exchange(&connect, &mut None).and_then(|raw| {
-            let v = crate::json::parse_bytes(&raw).map_err(|e| bad_reply(&e))?;
-            Ok((scan(&raw, &HashSet::new()).map_err(|e| bad_reply(&e))?, v))
-        });
+        // The first answer, once, as a tree too: the node's address.
+        let first = exchange(&connect, &mut None, |raw| {
+            let v = crate::json::parse_bytes(raw).map_err(|e| bad_reply(&e))?;
+            Ok((scan(raw, &HashSet::new()).map_err(|e| bad_reply(&e))?, v))
+        })
+        .and_then(|r| r);
         let (mode, checked, local) = match first {
             Ok((snap, v)) => (
                 snap.mode(),
@@ -669,8 +673,8 @@ fn poll(inner: &Inner) {
         };
         // Only the entries asked for are read out of the reply (`conn_list`
         // module notes: the daemon lists every connection it holds).
-        let answer = exchange(&inner.connect, &mut session)
-            .and_then(|raw| scan(&raw, &wanted).map_err(|e| bad_reply(&e)));
+        let answer = exchange(&inner.connect, &mut session, |raw| scan(raw, &wanted))
+            .and_then(|r| r.map_err(|e| bad_reply(&e)));
         let took = asked.elapsed();
         next_at = Instant::now() + MIN_INTERVAL.max(took * 3);
         let mut sh = inner.lock();
@@ -706,15 +710,19 @@ fn poll(inner: &Inner) {
     }
 }
 
-/// One Info exchange on the poller's session (opened if needed): the
-/// InfoOK payload, unparsed.
-fn exchange(connect: &Connect, session: &mut Option<Session>) -> crate::error::Result<Vec<u8>> {
+/// One Info exchange on the poller's session (opened if needed): `read`
+/// gets the InfoOK payload, unparsed, in the session's buffer.
+fn exchange<T>(
+    connect: &Connect,
+    session: &mut Option<Session>,
+    read: impl FnOnce(&[u8]) -> T,
+) -> crate::error::Result<T> {
     use crate::error::{Code, Error};
     let s = match session {
         Some(s) => s,
         None => session.insert(connect().map_err(|e| Error::io("connecting to the daemon", &e))?),
     };
-    s.info_raw()
+    s.info_with(read)
         .map_err(|e| Error::new(Code::DaemonUnreachable, e.to_string()))
 }
 

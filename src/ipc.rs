@@ -266,6 +266,13 @@ impl<R: Read> FrameReader<R> {
         self.max = max.max(MAX_MESSAGE);
     }
 
+    /// Lets the buffer stay at up to `keep` bytes once a large frame is
+    /// consumed, instead of shrinking back to its limit (and growing, and
+    /// zeroing, again for the next one).
+    pub fn set_keep(&mut self, keep: usize) {
+        self.limit = self.limit.max(keep);
+    }
+
     /// Gives the buffer back when no partial frame is pending in it, so an
     /// idle session holds no memory; the next [`fill`](FrameReader::fill)
     /// allocates half the size it had grown to (at least the initial
@@ -528,6 +535,13 @@ impl Session {
         self.reader.set_max_message(max);
     }
 
+    /// Keeps a read buffer of up to `keep` bytes between replies (see
+    /// [`FrameReader::set_keep`]), for a session that asks for large replies
+    /// again and again (the close poller's Info rounds).
+    pub fn keep_buffer(&mut self, keep: usize) {
+        self.reader.set_keep(keep);
+    }
+
     /// Who serves the daemon socket, as read when connecting.
     pub fn peer(&self) -> Option<Peer> {
         self.peer
@@ -608,10 +622,18 @@ impl Session {
         self.request_json(cmd::INFO, &[], cmd::INFO_OK, "InfoOK")
     }
 
-    /// Info's reply unparsed, for a reader that wants a few fields of a
-    /// large reply (`conn_list::scan`).
-    pub fn info_raw(&mut self) -> Result<Vec<u8>, IpcError> {
-        self.request(cmd::INFO, &[], cmd::INFO_OK, "InfoOK")
+    /// Info's reply, unparsed, handed to `read` in the session's buffer
+    /// (no copy): for a reader that wants a few fields of a large reply
+    /// (`conn_list::scan`).
+    pub fn info_with<T>(&mut self, read: impl FnOnce(&[u8]) -> T) -> Result<T, IpcError> {
+        self.send(cmd::INFO, &[])?;
+        let (got, range) = self.read_reply()?;
+        let payload = &self.reader.buffer()[range];
+        match got {
+            cmd::INFO_OK => Ok(read(payload)),
+            cmd::ERROR => Err(IpcError::Daemon(error_text(payload))),
+            c => Err(IpcError::Unexpected { cmd: c, wanted: "InfoOK" }),
+        }
     }
 
     pub fn health(&mut self) -> Result<json::Value, IpcError> {

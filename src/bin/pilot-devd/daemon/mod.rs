@@ -436,9 +436,7 @@ fn dispatch(d: &Arc<Daemon>, c: &Arc<Client>, command: u8, payload: &[u8]) {
         cmd::CLOSE => close(d, c, payload),
         cmd::BIND => bind(d, c, payload),
         cmd::UNBIND if d.cfg.unbind => unbind(d, c, payload),
-        cmd::INFO => {
-            c.send(&ipc::encode(cmd::INFO_OK, &[info_reply(d, c).as_bytes()]));
-        }
+        cmd::INFO => reply_info(d, c),
         cmd::HEALTH => c.reply_json(
             cmd::HEALTH_OK,
             &Value::obj([
@@ -554,35 +552,56 @@ impl Daemon {
         all.retain(|_, c| !c.stale_at(tick));
     }
 
-    /// Info's `conn_list`, as JSON text: every connection, by id.
-    fn conn_list(&self) -> String {
-        let mut all = self.all.lock().unwrap_or_else(|p| p.into_inner());
-        self.sweep(&mut all);
-        let mut list: Vec<&Arc<Track>> = all.values().collect();
+    /// Appends Info's `conn_list` to `out`: every connection, by id.
+    fn write_conn_list(&self, out: &mut Vec<u8>) {
+        // Written outside the lock: every Dial and Accept registers under
+        // it, and a long list takes a millisecond or more to write.
+        let mut list: Vec<Arc<Track>> = {
+            let mut all = self.all.lock().unwrap_or_else(|p| p.into_inner());
+            self.sweep(&mut all);
+            all.values().cloned().collect()
+        };
         list.sort_unstable_by_key(|c| c.id);
-        let mut out = String::with_capacity(2 + list.len() * 480);
-        out.push('[');
+        out.push(b'[');
         for (i, c) in list.iter().enumerate() {
             if i > 0 {
-                out.push(',');
+                out.push(b',');
             }
-            c.write_entry(&mut out);
+            c.write_entry(out);
         }
-        out.push(']');
-        out
+        out.push(b']');
     }
 }
 
-/// Info's reply: the fields below and, unless `--no-conn-list`, `conn_list`.
-fn info_reply(d: &Daemon, c: &Client) -> String {
-    let mut text = info(d, c).to_string();
-    if !d.cfg.no_conn_list && text.ends_with('}') {
-        text.pop();
-        text.push_str(",\"conn_list\":");
-        text.push_str(&d.conn_list());
-        text.push('}');
-    }
-    text
+thread_local! {
+    /// The Info reply being written, kept by the client's thread between
+    /// Infos: a poller asks for megabytes tens of times a second, and a
+    /// fresh buffer each time costs more in page faults than the writing.
+    static INFO_FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Answers Info: the fields of [`info`] and, unless `--no-conn-list`,
+/// `conn_list`.
+fn reply_info(d: &Daemon, c: &Client) {
+    let fields = info(d, c).to_string();
+    INFO_FRAME.with_borrow_mut(|frame| {
+        frame.clear();
+        frame.extend_from_slice(&[0, 0, 0, 0, cmd::INFO_OK]);
+        frame.extend_from_slice(fields.as_bytes());
+        if !d.cfg.no_conn_list && frame.last() == Some(&b'}') {
+            frame.pop();
+            frame.extend_from_slice(b",\"conn_list\":");
+            d.write_conn_list(frame);
+            frame.push(b'}');
+        }
+        let len = u32::try_from(frame.len() - 4).unwrap_or(u32::MAX);
+        frame[..4].copy_from_slice(&len.to_be_bytes());
+        c.send(frame);
+        // A burst of thousands of connections is not kept for good.
+        if frame.capacity() > 16 << 20 {
+            *frame = Vec::new();
+        }
+    });
 }
 
 fn info(d: &Daemon, c: &Client) -> Value {
