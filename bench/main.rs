@@ -509,11 +509,6 @@ fn churn_pair(envs: [&Env; 2], pids: [[u32; 2]; 2], secs: f64) -> [((f64, u64, u
     // What the last turns left lingering (the confirmed closes) is done
     // within the close poller's few rounds.
     thread::sleep(Duration::from_millis(500));
-    if std::env::var_os("XDBG").is_some() {
-        for i in 0..2 {
-            eprintln!("XDBG path {i}: gw {:.3}s devd {:.3}s ok {}", proc_cpu(pids[i][0]), proc_cpu(pids[i][1]), sums[i].0);
-        }
-    }
     [0, 1].map(|i| {
         let (ok, refused, took) = sums[i];
         let per_reply = (cpu(i) - cpu_before[i]) * 1e6 / ok.max(1) as f64;
@@ -854,9 +849,12 @@ fn set_up(cfg: &Config) -> Rig {
     // the gateway confirms delivery before each Close), one as a daemon
     // without conn_list (the gateway closes at once, as before issue 19).
     let mut churn_pids = [[0; 2]; 2];
-    for (i, (state, extra)) in [(CHURN_STATE, &[][..]), (CHURN_IMMEDIATE_STATE, &["--no-conn-list"][..])]
-        .into_iter()
-        .enumerate()
+    for (i, (state, extra)) in [
+        (CHURN_STATE, &[][..]),
+        (CHURN_IMMEDIATE_STATE, &["--no-conn-list"][..]),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let devd = start_devd(cfg, &work.join(devd_socket(state)), 100_000, extra);
         churn_pids[i][1] = devd.id();
@@ -883,11 +881,22 @@ fn set_up(cfg: &Config) -> Rig {
         &["--ports", &ports.join(","), "--max-conns", "20000", AGENT],
     );
     let (churn_ports, cap) = (CHURN.to_string(), CHURN_CAP.to_string());
-    for (i, (state, subnet)) in [(CHURN_STATE, "10.5.0.0/16"), (CHURN_IMMEDIATE_STATE, "10.7.0.0/16")]
-        .into_iter()
-        .enumerate()
+    for (i, (state, subnet)) in [
+        (CHURN_STATE, "10.5.0.0/16"),
+        (CHURN_IMMEDIATE_STATE, "10.7.0.0/16"),
+    ]
+    .into_iter()
+    .enumerate()
     {
-        let args = ["--subnet", subnet, "--ports", &churn_ports, "--max-conns", &cap, AGENT];
+        let args = [
+            "--subnet",
+            subnet,
+            "--ports",
+            &churn_ports,
+            "--max-conns",
+            &cap,
+            AGENT,
+        ];
         churn_pids[i][0] = start_gateway(&cfg.bin.join("pilot-gateway"), &work, state, &args);
     }
     let musl = start_musl(cfg, &work, &socket);

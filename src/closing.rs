@@ -63,7 +63,12 @@
 //!   interval whatever the number of closing connections, each with an
 //!   overall deadline, no sooner than [`MIN_INTERVAL`] (or three times the
 //!   last exchange's duration: a daemon with thousands of connections
-//!   answers with megabytes) after the previous one.
+//!   answers with megabytes) after the previous one. The reply is read in
+//!   the session's buffer by `conn_list::scan`, which takes out only the
+//!   entries of the connections asked about (the daemon lists all it
+//!   holds, TIME_WAIT ones for 10 to 25 s: see `conn_list`'s notes). Each
+//!   waiting thread is woken alone once its verdict is in, and a new close
+//!   wakes the poller only when it has no round planned.
 //! - Close mode, shown by `status`: `confirmed` once an Info reply had a
 //!   `conn_list` with these fields; `immediate` for a daemon whose Info has
 //!   no `conn_list` (daemons before Feb-2026) or whose entries lack
@@ -81,8 +86,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-pub use crate::conn_list::{Entry, Seen, Snapshot};
 use crate::conn_list::scan;
+pub use crate::conn_list::{Entry, Seen, Snapshot};
 use crate::ipc::Session;
 use crate::json::Value;
 use crate::sys::user::Uid;
@@ -585,7 +590,10 @@ impl Drop for Closer {
     fn drop(&mut self) {
         let mut sh = self.inner.lock();
         sh.stopped = true;
-        sh.slots.values().filter_map(|s| s.waiter.as_ref()).for_each(thread::Thread::unpark);
+        sh.slots
+            .values()
+            .filter_map(|s| s.waiter.as_ref())
+            .for_each(thread::Thread::unpark);
         drop(sh);
         self.inner.poller.notify_all();
     }

@@ -161,7 +161,10 @@ struct Scanner<'a> {
 
 impl<'a> Scanner<'a> {
     fn err(&self, reason: &'static str) -> ScanError {
-        ScanError { offset: self.i, reason }
+        ScanError {
+            offset: self.i,
+            reason,
+        }
     }
 
     fn ws(&mut self) {
@@ -387,7 +390,7 @@ impl<'a> Scanner<'a> {
             let n = rest
                 .iter()
                 .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
-                .ok_or_else(|| ScanError {
+                .ok_or(ScanError {
                     offset: self.s.len(),
                     reason: "unterminated string",
                 })?;
@@ -464,14 +467,22 @@ mod tests {
         };
         let mut out = HashMap::new();
         for e in list {
-            let Some(id) = e.get("id").and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok()) else {
+            let Some(id) = e
+                .get("id")
+                .and_then(Value::as_u64)
+                .and_then(|n| u32::try_from(n).ok())
+            else {
                 continue;
             };
             if !wanted.contains(&id) {
                 continue;
             }
             let n = |k: &str| e.get(k).and_then(Value::as_u64);
-            let entry = match (e.get("state").and_then(Value::as_str), n("in_flight"), n("unacked")) {
+            let entry = match (
+                e.get("state").and_then(Value::as_str),
+                n("in_flight"),
+                n("unacked"),
+            ) {
                 (Some(state), Some(in_flight), Some(unacked)) => Some(Entry {
                     state: state.to_string(),
                     in_flight,
@@ -504,7 +515,15 @@ mod tests {
     #[test]
     fn reads_the_wanted_entries_of_a_real_reply() {
         let list: Vec<String> = (1..=50)
-            .map(|id| go_entry(id, if id % 2 == 0 { "TIME_WAIT" } else { "ESTABLISHED" }, 225280, 55, 503808))
+            .map(|id| {
+                go_entry(
+                    id,
+                    if id % 2 == 0 { "TIME_WAIT" } else { "ESTABLISHED" },
+                    225280,
+                    55,
+                    503808,
+                )
+            })
             .collect();
         let reply = format!(
             r#"{{"address":"0:0000.0000.0001","bytes_recv":1,"conn_list":[{}],"connections":3,"encrypt":true,"hostname":"lab-a","node_id":1,"peer_list":[{{"authenticated":true,"encrypted":true,"endpoint":"1.2.3.4:4000","node_id":2}}],"uptime_secs":12.5}}"#,
@@ -526,7 +545,10 @@ mod tests {
         assert_eq!(m[&8].as_ref().map(|e| e.state.as_str()), Some("TIME_WAIT"));
         assert!(matches!(snap.seen(99), Seen::Missing));
         // Pretty-printed, as `pilotctl --json info` shows it.
-        let pretty = reply.replace(",\"", ",\n  \"").replace('{', "{ ").replace(']', " ]");
+        let pretty = reply
+            .replace(",\"", ",\n  \"")
+            .replace('{', "{ ")
+            .replace(']', " ]");
         same(&pretty, &[7, 8, 99]).unwrap();
     }
 
@@ -571,15 +593,22 @@ b"}]}"#,
         }
         let deep = format!(r#"{{"a":{}1{}}}"#, "[".repeat(70), "]".repeat(70));
         same(&deep, &[5]);
-        assert!(scan(b"{\"conn_list\":[\"\xff\"]}", &HashSet::new()).is_err(), "invalid UTF-8");
+        assert!(
+            scan(b"{\"conn_list\":[\"\xff\"]}", &HashSet::new()).is_err(),
+            "invalid UTF-8"
+        );
     }
 
     #[test]
     fn scans_a_large_reply_without_trouble() {
-        let list: Vec<String> = (0..20_000).map(|id| go_entry(id, "TIME_WAIT", 0, 0, 16)).collect();
+        let list: Vec<String> = (0..20_000)
+            .map(|id| go_entry(id, "TIME_WAIT", 0, 0, 16))
+            .collect();
         let reply = format!(r#"{{"conn_list":[{}],"node_id":1}}"#, list.join(","));
         let wanted: HashSet<u32> = [3, 19_999].into();
-        let Snapshot::Listed(m) = scan(reply.as_bytes(), &wanted).unwrap() else { panic!() };
+        let Snapshot::Listed(m) = scan(reply.as_bytes(), &wanted).unwrap() else {
+            panic!()
+        };
         assert_eq!(m.len(), 2);
     }
 }

@@ -632,7 +632,10 @@ impl Session {
         match got {
             cmd::INFO_OK => Ok(read(payload)),
             cmd::ERROR => Err(IpcError::Daemon(error_text(payload))),
-            c => Err(IpcError::Unexpected { cmd: c, wanted: "InfoOK" }),
+            c => Err(IpcError::Unexpected {
+                cmd: c,
+                wanted: "InfoOK",
+            }),
         }
     }
 

@@ -399,7 +399,9 @@ mod tests {
         t.write_entry(&mut out);
         let out = String::from_utf8(out).unwrap();
         let v = pilot_gateway::json::parse(&out).unwrap();
-        let pilot_gateway::json::Value::Obj(pairs) = &v else { panic!("{out}") };
+        let pilot_gateway::json::Value::Obj(pairs) = &v else {
+            panic!("{out}")
+        };
         let keys: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
         let mut sorted = keys.clone();
         sorted.sort_unstable();
@@ -407,7 +409,10 @@ mod tests {
         assert_eq!(keys.len(), 24);
         assert_eq!(v.get("id").and_then(|v| v.as_u64()), Some(7));
         assert_eq!(v.get("state").and_then(|v| v.as_str()), Some("ESTABLISHED"));
-        assert_eq!(v.get("remote_addr").and_then(|v| v.as_str()), Some("0:0000.0000.0004"));
+        assert_eq!(
+            v.get("remote_addr").and_then(|v| v.as_str()),
+            Some("0:0000.0000.0004")
+        );
         t.end();
         let mut out = Vec::new();
         t.write_entry(&mut out);
