@@ -412,8 +412,12 @@ fn client(d: &Arc<Daemon>, stream: UnixStream) {
     if d.cfg.verbose {
         say!("client connected");
     }
-    // Large enough for a client's 64 KiB Send frames, several per read.
-    let mut reader = FrameReader::new(ClientRead(c.clone()), 256 * 1024);
+    // Up to 256 KiB: a client's 64 KiB Send frames, several per read. It
+    // starts small and doubles while reads fill it: most clients send a few
+    // small frames, and a quarter-MiB buffer zeroed for each of thousands of
+    // short sessions costs more than the sessions (page faults whenever
+    // they overlap, as when a gateway's Close waits for delivery).
+    let mut reader = FrameReader::growing(ClientRead(c.clone()), 4096, 256 * 1024);
     loop {
         let (command, range) = match reader.read_frame() {
             Ok(f) => f,
