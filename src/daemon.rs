@@ -28,7 +28,13 @@ pub fn probe(
     s.set_timeout(Some(timeout)).map_err(|e| unreachable(&e))?;
     let answer = match s.health() {
         Ok(v) => Ok(v),
-        Err(IpcError::Daemon(_)) | Err(IpcError::Unexpected { .. }) => s.info(),
+        Err(IpcError::Daemon(_)) | Err(IpcError::Unexpected { .. }) => {
+            // Info lists every connection the daemon holds, closed ones
+            // for 10 to 25 s (`conn_list`'s notes): megabytes on a busy
+            // daemon, beyond the 1 MiB a frame may otherwise have.
+            s.set_max_reply(crate::closing::MAX_INFO);
+            s.info()
+        }
         Err(e) => Err(e),
     };
     match answer {
@@ -291,5 +297,43 @@ impl Health {
             pairs.push(("checked_secs_ago".into(), t.elapsed().as_secs().into()));
         }
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipc::{cmd, encode};
+    use crate::testkit::{read_frame, scratch};
+    use std::io::Write;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn an_old_daemon_answering_with_a_large_info_is_reached() {
+        // A Feb-2026 daemon: no Health (an Error frame), and an Info that
+        // lists thousands of connections (2 MiB).
+        let dir = scratch();
+        let sock = dir.join("daemon.sock");
+        let l = UnixListener::bind(&sock).unwrap();
+        let daemon = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let (h, _) = read_frame(&mut c).unwrap();
+            assert_eq!(h, cmd::HEALTH);
+            c.write_all(&encode(
+                cmd::ERROR,
+                &[&1u16.to_be_bytes(), b"unknown command: 0x40"],
+            ))
+            .unwrap();
+            let (i, _) = read_frame(&mut c).unwrap();
+            assert_eq!(i, cmd::INFO);
+            let entry = r#"{"id":1,"state":"TIME_WAIT","in_flight":0,"unacked":0}"#;
+            let list = vec![entry; (2 << 20) / entry.len()].join(",");
+            let json = format!(r#"{{"node_id":7,"conn_list":[{list}]}}"#);
+            c.write_all(&encode(cmd::INFO_OK, &[json.as_bytes()])).unwrap();
+        });
+        let (_, v) = probe(&sock, "test", Duration::from_secs(5), None).unwrap();
+        assert_eq!(v.get("node_id").and_then(Value::as_u64), Some(7));
+        daemon.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
