@@ -397,11 +397,15 @@ impl Closer {
     /// [`start`](Closer::start) with another way to reach the daemon (tests).
     pub fn with_connect(connect: Connect, linger: Duration) -> io::Result<Closer> {
         // The first answer, once, as a tree too: the node's address.
-        let first = exchange(&connect, &mut None, |raw| {
-            let v = crate::json::parse_bytes(raw).map_err(|e| bad_reply(&e))?;
-            Ok((scan(raw, &HashSet::new()).map_err(|e| bad_reply(&e))?, v))
+        let mut first = None;
+        let first = exchange(&connect, &mut None, &mut |raw| {
+            first = Some(
+                crate::json::parse_bytes(raw)
+                    .map_err(|e| bad_reply(&e))
+                    .and_then(|v| Ok((scan(raw, &HashSet::new()).map_err(|e| bad_reply(&e))?, v))),
+            );
         })
-        .and_then(|r| r);
+        .and_then(|()| first.unwrap_or_else(|| Err(bad_reply(&"no reply"))));
         let (mode, checked, local) = match first {
             Ok((snap, v)) => (
                 snap.mode(),
@@ -681,8 +685,14 @@ fn poll(inner: &Inner) {
         };
         // Only the entries asked for are read out of the reply (`conn_list`
         // module notes: the daemon lists every connection it holds).
-        let answer = exchange(&inner.connect, &mut session, |raw| scan(raw, &wanted))
-            .and_then(|r| r.map_err(|e| bad_reply(&e)));
+        let mut snap = None;
+        let answer = exchange(&inner.connect, &mut session, &mut |raw| {
+            snap = Some(scan(raw, &wanted))
+        })
+        .and_then(|()| match snap.take() {
+            Some(r) => r.map_err(|e| bad_reply(&e)),
+            None => Err(bad_reply(&"no reply")),
+        });
         let took = asked.elapsed();
         next_at = Instant::now() + MIN_INTERVAL.max(took * 3);
         let mut sh = inner.lock();
@@ -720,11 +730,11 @@ fn poll(inner: &Inner) {
 
 /// One Info exchange on the poller's session (opened if needed): `read`
 /// gets the InfoOK payload, unparsed, in the session's buffer.
-fn exchange<T>(
+fn exchange(
     connect: &Connect,
     session: &mut Option<Session>,
-    read: impl FnOnce(&[u8]) -> T,
-) -> crate::error::Result<T> {
+    read: &mut dyn FnMut(&[u8]),
+) -> crate::error::Result<()> {
     use crate::error::{Code, Error};
     let s = match session {
         Some(s) => s,

@@ -119,7 +119,7 @@ pub fn scan(reply: &[u8], wanted: &HashSet<u32>) -> Res<Snapshot> {
             Err(s.err("unexpected data after the JSON value"))
         };
     }
-    s.object(0, |s, key| {
+    s.object(0, &mut |s, key| {
         if key != b"conn_list" || seen_list {
             return s.skip(1);
         }
@@ -188,7 +188,7 @@ impl<'a> Scanner<'a> {
 
     /// An object at `depth` (the cursor on its `{`): calls `field` with the
     /// cursor on each value, which must consume it.
-    fn object(&mut self, depth: usize, mut field: impl FnMut(&mut Self, &[u8]) -> Res<()>) -> Res<()> {
+    fn object(&mut self, depth: usize, field: &mut dyn FnMut(&mut Self, &[u8]) -> Res<()>) -> Res<()> {
         if depth > MAX_DEPTH {
             return Err(self.err("nesting too deep"));
         }
@@ -243,7 +243,7 @@ impl<'a> Scanner<'a> {
             self.ws();
             if self.peek() == Some(b'{') {
                 let mut f = Fields::default();
-                self.object(2, |s, key| s.field(&mut f, key))?;
+                self.object(2, &mut |s, key| s.field(&mut f, key))?;
                 if let Some((id, entry)) = f.into_entry(wanted) {
                     out.insert(id, entry);
                 }
@@ -312,7 +312,7 @@ impl<'a> Scanner<'a> {
             Some(b'f') => self.literal(b"false"),
             Some(b'"') => self.string().map(|_| ()),
             Some(b'-' | b'0'..=b'9') => self.number().map(|_| ()),
-            Some(b'{') => self.object(depth, |s, _| s.skip(depth + 1)),
+            Some(b'{') => self.object(depth, &mut |s, _| s.skip(depth + 1)),
             Some(b'[') => {
                 self.i += 1;
                 self.ws();

@@ -625,12 +625,15 @@ impl Session {
     /// Info's reply, unparsed, handed to `read` in the session's buffer
     /// (no copy): for a reader that wants a few fields of a large reply
     /// (`conn_list::scan`).
-    pub fn info_with<T>(&mut self, read: impl FnOnce(&[u8]) -> T) -> Result<T, IpcError> {
+    pub fn info_with(&mut self, read: &mut dyn FnMut(&[u8])) -> Result<(), IpcError> {
         self.send(cmd::INFO, &[])?;
         let (got, range) = self.read_reply()?;
         let payload = &self.reader.buffer()[range];
         match got {
-            cmd::INFO_OK => Ok(read(payload)),
+            cmd::INFO_OK => {
+                read(payload);
+                Ok(())
+            }
             cmd::ERROR => Err(IpcError::Daemon(error_text(payload))),
             c => Err(IpcError::Unexpected {
                 cmd: c,
