@@ -78,7 +78,7 @@
 //!   Immediate mode closes at once (today's behaviour) and is checked again
 //!   every [`REDETECT`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -166,7 +166,7 @@ impl Snapshot {
     fn mode(&self) -> Mode {
         match self {
             Snapshot::Blind => Mode::Immediate,
-            Snapshot::Listed(m) if m.values().any(Option::is_none) => Mode::Immediate,
+            Snapshot::Listed(m) if m.iter().any(|(_, e)| e.is_none()) => Mode::Immediate,
             Snapshot::Listed(_) => Mode::Confirmed,
         }
     }
@@ -385,9 +385,6 @@ impl Closer {
                 let mut s = Session::connect_within(&socket, EXCHANGE_DEADLINE, Some(daemon_uid))?;
                 s.set_timeout(Some(EXCHANGE_DEADLINE))?;
                 s.set_max_reply(MAX_INFO);
-                // The session lives only while something is closing, and
-                // its Info replies are all about the same size.
-                s.keep_buffer(MAX_INFO);
                 Ok(s)
             }),
             linger,
@@ -396,25 +393,25 @@ impl Closer {
 
     /// [`start`](Closer::start) with another way to reach the daemon (tests).
     pub fn with_connect(connect: Connect, linger: Duration) -> io::Result<Closer> {
-        // The first answer, once, as a tree too: the node's address.
-        let mut first = None;
+        // The first answer, once, as a tree: the node's address, and the
+        // mode (a `conn_list`, even empty, says `confirmed`).
+        let mut tree = None;
         let first = exchange(&connect, &mut None, &mut |raw| {
-            first = Some(
-                crate::json::parse_bytes(raw)
-                    .map_err(|e| bad_reply(&e))
-                    .and_then(|v| Ok((scan(raw, &HashSet::new()).map_err(|e| bad_reply(&e))?, v))),
-            );
-        })
-        .and_then(|()| first.unwrap_or_else(|| Err(bad_reply(&"no reply"))));
-        let (mode, checked, local) = match first {
-            Ok((snap, v)) => (
-                snap.mode(),
+            tree = crate::json::parse_bytes(raw).ok()
+        });
+        let (mode, checked, local) = match (first, tree) {
+            (Ok(()), Some(v)) => (
+                if matches!(v.get("conn_list"), Some(Value::Arr(_) | Value::Null)) {
+                    Mode::Confirmed
+                } else {
+                    Mode::Immediate
+                },
                 Some(Instant::now()),
                 v.get("address")
                     .and_then(Value::as_str)
                     .and_then(|a| a.parse().ok()),
             ),
-            Err(_) => (Mode::Unknown, None, None),
+            _ => (Mode::Unknown, None, None),
         };
         let inner = Arc::new(Inner {
             connect,
@@ -680,19 +677,14 @@ fn poll(inner: &Inner) {
                 .values()
                 .filter(|s| s.done.is_none())
                 .map(|s| s.conn)
-                .collect::<HashSet<u32>>();
+                .collect::<Vec<u32>>();
             (wanted, Instant::now())
         };
         // Only the entries asked for are read out of the reply (`conn_list`
         // module notes: the daemon lists every connection it holds).
-        let mut snap = None;
-        let answer = exchange(&inner.connect, &mut session, &mut |raw| {
-            snap = Some(scan(raw, &wanted))
-        })
-        .and_then(|()| match snap.take() {
-            Some(r) => r.map_err(|e| bad_reply(&e)),
-            None => Err(bad_reply(&"no reply")),
-        });
+        let mut snap = Ok(Snapshot::Blind);
+        let answer = exchange(&inner.connect, &mut session, &mut |raw| snap = scan(raw, &wanted))
+            .and_then(|()| snap.map_err(|e| bad_reply(&e)));
         let took = asked.elapsed();
         next_at = Instant::now() + MIN_INTERVAL.max(took * 3);
         let mut sh = inner.lock();
@@ -704,7 +696,6 @@ fn poll(inner: &Inner) {
             }
             Err(_) => session = None,
         }
-        let mut wake = Vec::new();
         for slot in sh.slots.values_mut() {
             if slot.done.is_some() || slot.since > asked {
                 continue;
@@ -717,13 +708,9 @@ fn poll(inner: &Inner) {
                 )))),
                 (Err(_), Kind::Settle { .. }) => None,
             };
-            if slot.done.is_some() {
-                wake.extend(slot.waiter.clone());
+            if let (Some(_), Some(t)) = (&slot.done, &slot.waiter) {
+                t.unpark();
             }
-        }
-        drop(sh);
-        for t in wake {
-            t.unpark();
         }
     }
 }
@@ -774,9 +761,10 @@ mod tests {
             "remote_addr":"0:0000.0000.0001","remote_port":49181,"bytes_sent":503808,
             "bytes_recv":8,"in_flight":225280,"unacked":55,"cong_win":90112},
             {"id":41,"state":"ESTABLISHED"},{"id":42,"state":"TIME_WAIT","in_flight":0,"unacked":0}]}"#;
-        let parse_info = |v: &[u8], wanted: &[u32]| scan(v, &wanted.iter().copied().collect()).unwrap();
+        let parse_info = |v: &[u8], wanted: &[u32]| scan(v, wanted).unwrap();
         let snap = parse_info(v, &[40, 41, 43]);
         let Snapshot::Listed(m) = &snap else { panic!() };
+        let m: HashMap<u32, Option<Entry>> = m.iter().cloned().collect();
         assert_eq!(
             m[&40],
             Some(Entry {
@@ -796,7 +784,7 @@ mod tests {
         let old = br#"{"node_id":1,"connections":0}"#;
         assert_eq!(parse_info(old, &[40]), Snapshot::Blind);
         let null = br#"{"conn_list":null}"#;
-        assert_eq!(parse_info(null, &[1]), Snapshot::Listed(HashMap::new()));
+        assert_eq!(parse_info(null, &[1]), Snapshot::Listed(Vec::new()));
     }
 
     #[test]

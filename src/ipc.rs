@@ -266,13 +266,6 @@ impl<R: Read> FrameReader<R> {
         self.max = max.max(MAX_MESSAGE);
     }
 
-    /// Lets the buffer stay at up to `keep` bytes once a large frame is
-    /// consumed, instead of shrinking back to its limit (and growing, and
-    /// zeroing, again for the next one).
-    pub fn set_keep(&mut self, keep: usize) {
-        self.limit = self.limit.max(keep);
-    }
-
     /// Gives the buffer back when no partial frame is pending in it, so an
     /// idle session holds no memory; the next [`fill`](FrameReader::fill)
     /// allocates half the size it had grown to (at least the initial
@@ -535,13 +528,6 @@ impl Session {
         self.reader.set_max_message(max);
     }
 
-    /// Keeps a read buffer of up to `keep` bytes between replies (see
-    /// [`FrameReader::set_keep`]), for a session that asks for large replies
-    /// again and again (the close poller's Info rounds).
-    pub fn keep_buffer(&mut self, keep: usize) {
-        self.reader.set_keep(keep);
-    }
-
     /// Who serves the daemon socket, as read when connecting.
     pub fn peer(&self) -> Option<Peer> {
         self.peer
@@ -597,11 +583,28 @@ impl Session {
         want: u8,
         name: &'static str,
     ) -> Result<Vec<u8>, IpcError> {
+        let mut out = Vec::new();
+        self.request_with(command, parts, (want, name), &mut |p| out = p.to_vec())?;
+        Ok(out)
+    }
+
+    /// [`request`](Session::request), handing the reply's payload to
+    /// `read` in the session's buffer.
+    fn request_with(
+        &mut self,
+        command: u8,
+        parts: &[&[u8]],
+        (want, name): (u8, &'static str),
+        read: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), IpcError> {
         self.send(command, parts)?;
         let (got, range) = self.read_reply()?;
         let payload = &self.reader.buffer()[range];
         match got {
-            c if c == want => Ok(payload.to_vec()),
+            c if c == want => {
+                read(payload);
+                Ok(())
+            }
             cmd::ERROR => Err(IpcError::Daemon(error_text(payload))),
             c => Err(IpcError::Unexpected { cmd: c, wanted: name }),
         }
@@ -626,20 +629,7 @@ impl Session {
     /// (no copy): for a reader that wants a few fields of a large reply
     /// (`conn_list::scan`).
     pub fn info_with(&mut self, read: &mut dyn FnMut(&[u8])) -> Result<(), IpcError> {
-        self.send(cmd::INFO, &[])?;
-        let (got, range) = self.read_reply()?;
-        let payload = &self.reader.buffer()[range];
-        match got {
-            cmd::INFO_OK => {
-                read(payload);
-                Ok(())
-            }
-            cmd::ERROR => Err(IpcError::Daemon(error_text(payload))),
-            c => Err(IpcError::Unexpected {
-                cmd: c,
-                wanted: "InfoOK",
-            }),
-        }
+        self.request_with(cmd::INFO, &[], (cmd::INFO_OK, "InfoOK"), read)
     }
 
     pub fn health(&mut self) -> Result<json::Value, IpcError> {
