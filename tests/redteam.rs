@@ -939,3 +939,71 @@ fn echo_service(mut c: TcpStream) {
         }
     }
 }
+
+/// Hole (red-team pass of issue 18, the graceful close): `engine::finish`
+/// gave a connection's `--max-conns` slot back *before* its Close, which
+/// waits up to `--close-linger` (12 times that while data still moves)
+/// for the daemon to report the connection's bytes delivered, holding
+/// its thread, its client socket and its daemon session meanwhile,
+/// counted nowhere. A local client that sends a little and closes, again
+/// and again, while the daemon has not delivered it yet (devd
+/// `--lossy-close`: 3 s; on the overlay, an agent that is slow or does
+/// not acknowledge) piled such closes up without bound: with the
+/// open-file limit at 64 (cap 15), 120 of them in about a second left the
+/// gateway out of descriptors, every client refused "out of file
+/// descriptors" with no connection active and `status` failing ("did not
+/// report its counters"); with a high limit, 1,500 gave 930 threads and
+/// 1,870 descriptors under `--max-conns 10`, and as many daemon sessions.
+///
+/// Safe outcome: a close that waits keeps its room in `--max-conns`
+/// (not in the forwarded or per-peer share); a connection that finds
+/// every slot taken takes the room of the longest-waiting close, whose
+/// Close then goes out at once (counted `close_unconfirmed`). Threads and
+/// descriptors stay within the budget, clients are served, `status`
+/// answers.
+#[test]
+fn closes_waiting_for_delivery_stay_within_max_conns() {
+    use std::io::Read;
+    use std::time::Duration;
+    netns();
+    let dir = TempDir::new("rt-linger");
+    let _agent = Service::start(8080, echo_service);
+    let devd = Devd::start(&dir, &["--route", "0:0000.0000.0004=127.0.0.1", "--lossy-close", "3000"]);
+    let gw = Gw::new(&dir, &devd.socket);
+    let p = gw.foreground_with(&dir, &["--ports", "8080", "--max-conns", "1000", A4], |c| {
+        nofile(c, 64)
+    });
+    let cap = n(&status(&gw), "max_conns");
+    assert!((2..20).contains(&cap), "the limit lowers the cap: {cap}");
+    let base = settled_threads(p.pid());
+    let mut peak = 0;
+    for _ in 0..120 {
+        if let Ok(mut s) = TcpStream::connect("10.4.0.1:8080") {
+            let _ = s.write_all(&[7u8; 100]);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        peak = peak.max(proc_field(p.pid(), "Threads:"));
+    }
+    // Two threads per connection within the cap (a waiting close has one).
+    let bound = base + 2 * cap + 2;
+    // A client arriving now is served: its echo comes back once the
+    // daemon delivered its bytes (3 s).
+    let mut c = connect("10.4.0.1:8080");
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"hello").unwrap();
+    let mut got = [0u8; 5];
+    let served = c.read_exact(&mut got).is_ok() && &got == b"hello";
+    let st = gw.run(&["status"]);
+    let log = p.stderr();
+    assert!(
+        peak <= bound,
+        "{peak} threads after closes that wait (baseline {base}, cap {cap}): closes outside the budget"
+    );
+    assert!(!log.contains("out of file descriptors"), "the gateway ran out of descriptors: {log}");
+    assert!(served, "a client was not served after the closes: {log}");
+    assert!(
+        st.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+}
