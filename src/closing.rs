@@ -541,6 +541,25 @@ impl Closer {
         self.inner.poller.notify_one();
     }
 
+    /// Ends the longest-waiting [`wait_delivered`](Closer::wait_delivered)
+    /// now, unconfirmed: a new connection took its room in `--max-conns`
+    /// (`relay::DataPath`'s lingering closes). `false` when none waits.
+    pub fn cut_oldest(&self) -> bool {
+        let mut sh = self.inner.lock();
+        let oldest = sh
+            .slots
+            .iter_mut()
+            .filter(|(_, s)| s.done.is_none() && matches!(s.kind, Kind::Delivery(_)))
+            .min_by_key(|(&t, _)| t);
+        let Some((_, slot)) = oldest else { return false };
+        slot.done = Some(Done::Closed(Outcome::Unconfirmed(
+            "cut short: every --max-conns slot was needed".into(),
+        )));
+        drop(sh);
+        self.inner.waiters.notify_all();
+        true
+    }
+
     /// Registers a slot and waits for its verdict or its deadline.
     fn wait(&self, conn: u32, kind: Kind) -> Option<Done> {
         let inner = &self.inner;

@@ -536,6 +536,15 @@ pub trait Slots: Send + Sync {
     fn try_acquire(&self) -> bool;
     /// Gives back a slot `try_acquire` took.
     fn release(&self);
+    /// Gives back a slot's share (the forwarded side's, a peer's) but
+    /// keeps its room in the whole budget for a Close that waits (see
+    /// [`finish`]), until [`end_linger`](Slots::end_linger). By default
+    /// the slot is simply released.
+    fn linger(&self) {
+        self.release();
+    }
+    /// Gives back the room [`linger`](Slots::linger) kept.
+    fn end_linger(&self) {}
 }
 
 /// Why a budget refused a connection: the kind its warning is
@@ -547,24 +556,44 @@ pub struct Refusal {
 }
 
 /// One slot taken from a [`Slots`]; given back when dropped.
-pub struct Slot(std::sync::Arc<dyn Slots>);
+pub struct Slot(Option<std::sync::Arc<dyn Slots>>);
+
+/// The room a closing connection keeps in the budget while its Close
+/// waits ([`Slots::linger`]); given back when dropped.
+pub struct Lingering(std::sync::Arc<dyn Slots>);
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        self.0.end_linger();
+    }
+}
 
 impl Slot {
     /// Takes a slot of `slots`, or `None` when none is free.
     pub fn take(slots: &std::sync::Arc<dyn Slots>) -> Option<Slot> {
-        slots.try_acquire().then(|| Slot(slots.clone()))
+        slots.try_acquire().then(|| Slot(Some(slots.clone())))
     }
 
     /// A slot `try_acquire` already took (the listener takes it before
     /// it accepts the rest of the work).
     pub fn adopt(slots: std::sync::Arc<dyn Slots>) -> Slot {
-        Slot(slots)
+        Slot(Some(slots))
+    }
+
+    /// Turns the slot into the room its Close waits in ([`Slots::linger`]).
+    pub fn linger(mut self) -> Option<Lingering> {
+        self.0.take().map(|s| {
+            s.linger();
+            Lingering(s)
+        })
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.release();
+        if let Some(s) = self.0.take() {
+            s.release();
+        }
     }
 }
 
@@ -575,13 +604,25 @@ impl Drop for Slot {
 /// and its access-log record.
 pub fn finish(b: &dyn Bridge, what: fmt::Arguments<'_>, source: &str) -> Ending {
     let c = b.core();
-    // The `--max-conns` slot goes back before the Close, which may wait
-    // for the daemon to confirm delivery (up to `--close-linger`): a client
-    // that closed must free its slot at once (lifecycle tests; the churn
-    // row of `make bench`), as it did before the close waited. The
-    // waiting connection still holds its two descriptors meanwhile.
-    drop(c.slot.lock().unwrap_or_else(|p| p.into_inner()).take());
+    // The connection's share goes back before the Close, which may wait
+    // for the daemon to confirm delivery (up to `--close-linger`, longer
+    // while data moves): a client that closed frees its forwarded (or its
+    // peer's) share at once (lifecycle tests; the churn row of `make
+    // bench`). Its room in the whole `--max-conns` stays taken until the
+    // Close, since the waiting connection still holds a thread and its
+    // descriptors (and, forwarded, a daemon session): otherwise closes
+    // that never confirm pile up outside every budget (tests/redteam.rs
+    // `closes_waiting_for_delivery_stay_within_max_conns`). A connection
+    // that finds no room takes the longest-waiting close's, which is cut
+    // short (`relay::DataPath`, `Closer::cut_oldest`).
+    let lingering = c
+        .slot
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .and_then(Slot::linger);
     c.close_once(b);
+    drop(lingering);
     let ending = c.ending.get().cloned().unwrap_or(Ending::Ok);
     let (to, from) = (c.to_pilot.load(Relaxed), c.from_pilot.load(Relaxed));
     report(

@@ -100,6 +100,9 @@ pub struct DataPath {
     pub active: AtomicUsize,
     /// Of those, the forwarded (map side) connections'.
     forwarded: AtomicUsize,
+    /// Closes waiting for delivery that keep their room in `active`
+    /// (`engine::finish`, [`Slots::linger`]).
+    lingering: Mutex<Lingering>,
     /// Connections refused because of `--max-conns`.
     pub refused: AtomicU64,
     /// What the expose side holds (see [`ConnSettings::max_exposed`]).
@@ -124,6 +127,7 @@ impl DataPath {
             settings,
             active: AtomicUsize::new(0),
             forwarded: AtomicUsize::new(0),
+            lingering: Mutex::new(Lingering::default()),
             refused: AtomicU64::new(0),
             exposed: Mutex::new(ExposedUse::default()),
             refused_max_exposed: AtomicU64::new(0),
@@ -164,13 +168,49 @@ impl DataPath {
         }
     }
 
-    /// Takes a slot of the whole `--max-conns`, or `false` when none is free.
+    /// Takes a slot of the whole `--max-conns`, or `false` when none is
+    /// free. With none free, a close still waiting for delivery gives its
+    /// room up: the slot passes to the caller as it is (`active` stays),
+    /// and the longest-waiting close is cut short, so its Close goes out
+    /// now (counted `close_unconfirmed`) and its thread and descriptors go.
     fn take_any(&self) -> bool {
-        self.active
+        let free = self
+            .active
             .fetch_update(Relaxed, Relaxed, |n| {
                 (n < self.settings.max_conns).then_some(n + 1)
             })
-            .is_ok()
+            .is_ok();
+        if free {
+            return true;
+        }
+        {
+            let mut l = self.lingering.lock().unwrap_or_else(|p| p.into_inner());
+            if l.held <= l.given {
+                return false;
+            }
+            l.given += 1;
+        }
+        if let Some(closer) = self.closer.get() {
+            closer.cut_oldest();
+        }
+        true
+    }
+
+    /// A closing connection keeps its room in `active` (see [`take_any`]).
+    fn begin_linger(&self) {
+        self.lingering.lock().unwrap_or_else(|p| p.into_inner()).held += 1;
+    }
+
+    /// Its Close went out: the room goes back, unless a new connection
+    /// took a lingering close's room meanwhile (then that was the slot).
+    pub fn end_linger(&self) {
+        let mut l = self.lingering.lock().unwrap_or_else(|p| p.into_inner());
+        l.held = l.held.saturating_sub(1);
+        if l.given > 0 {
+            l.given -= 1;
+        } else {
+            self.active.fetch_sub(1, Relaxed);
+        }
     }
 
     /// Takes a slot for the expose side: an exposure's daemon session
@@ -224,6 +264,20 @@ impl DataPath {
     /// Gives back what [`take_exposed`](DataPath::take_exposed) took for
     /// `peer` (a finished connection is counted as one, for trimming).
     pub fn release_exposed(&self, peer: Option<PilotAddr>) {
+        self.release_share(peer);
+        self.active.fetch_sub(1, Relaxed);
+    }
+
+    /// [`release_exposed`](DataPath::release_exposed) for a connection
+    /// whose Close waits: its room in `--max-conns` stays taken until
+    /// [`end_linger`](DataPath::end_linger).
+    pub fn linger_exposed(&self, peer: Option<PilotAddr>) {
+        self.release_share(peer);
+        self.begin_linger();
+    }
+
+    /// The expose side's share and the peer's of one slot.
+    fn release_share(&self, peer: Option<PilotAddr>) {
         {
             let mut used = self.exposed.lock().unwrap_or_else(|p| p.into_inner());
             used.taken = used.taken.saturating_sub(1);
@@ -236,7 +290,6 @@ impl DataPath {
                 }
             }
         }
-        self.active.fetch_sub(1, Relaxed);
         if peer.is_some() {
             self.finished.fetch_add(1, Relaxed);
         }
@@ -246,6 +299,15 @@ impl DataPath {
     pub fn exposed_in_use(&self) -> usize {
         self.exposed.lock().unwrap_or_else(|p| p.into_inner()).taken
     }
+}
+
+/// Closes that wait holding room in `active` (`held`), and how many of
+/// those rooms new connections took meanwhile (`given`, at most `held`):
+/// `active` counts live connections plus `held - given`.
+#[derive(Default)]
+struct Lingering {
+    held: usize,
+    given: usize,
 }
 
 /// The expose side's share of the slots: how many it holds, and how many
@@ -267,6 +329,16 @@ impl Slots for DataPath {
         self.forwarded.fetch_sub(1, Relaxed);
         self.active.fetch_sub(1, Relaxed);
         self.finished.fetch_add(1, Relaxed);
+    }
+
+    fn linger(&self) {
+        self.forwarded.fetch_sub(1, Relaxed);
+        self.finished.fetch_add(1, Relaxed);
+        self.begin_linger();
+    }
+
+    fn end_linger(&self) {
+        DataPath::end_linger(self);
     }
 }
 
@@ -949,6 +1021,37 @@ mod tests {
         // A session's refusal is not counted as a peer's.
         assert!(r.dp.take_exposed(None).is_err());
         assert_eq!(r.dp.refused_max_exposed.load(Relaxed), 1);
+    }
+
+    /// A close that waits keeps its room in `--max-conns` but not its
+    /// share; a connection that finds no room takes a waiting close's.
+    #[test]
+    fn a_waiting_close_keeps_its_room_until_a_new_connection_needs_it() {
+        let r = rig(1000, 1000);
+        let slots: Arc<dyn engine::Slots> = r.dp.clone();
+        let mut all: Vec<_> = (0..8)
+            .map(|_| engine::Slot::take(&slots).expect("a slot"))
+            .collect();
+        let waiting: Vec<_> = all.drain(..3).filter_map(engine::Slot::linger).collect();
+        assert_eq!(waiting.len(), 3);
+        assert_eq!(r.dp.active.load(Relaxed), 8, "their room stays taken");
+        // Three new connections take the three rooms; a fourth finds none.
+        let taken: Vec<_> = (0..3)
+            .map(|_| engine::Slot::take(&slots).expect("a waiting close's room"))
+            .collect();
+        assert!(!r.dp.try_acquire(), "no room left");
+        assert_eq!(r.dp.active.load(Relaxed), 8);
+        drop(waiting);
+        assert_eq!(r.dp.active.load(Relaxed), 8, "the rooms were given");
+        drop((all, taken));
+        assert_eq!(r.dp.active.load(Relaxed), 0);
+        // A peer's share goes at once; its room when its Close went.
+        let p = PilotAddr::new(0, 9);
+        r.dp.take_exposed(Some(p)).unwrap();
+        r.dp.linger_exposed(Some(p));
+        assert_eq!((r.dp.exposed_in_use(), r.dp.active.load(Relaxed)), (0, 1));
+        r.dp.end_linger();
+        assert_eq!(r.dp.active.load(Relaxed), 0);
     }
 
     /// Issue 18, the other way: local clients cannot take the expose

@@ -968,7 +968,10 @@ fn closes_waiting_for_delivery_stay_within_max_conns() {
     netns();
     let dir = TempDir::new("rt-linger");
     let _agent = Service::start(8080, echo_service);
-    let devd = Devd::start(&dir, &["--route", "0:0000.0000.0004=127.0.0.1", "--lossy-close", "3000"]);
+    let devd = Devd::start(
+        &dir,
+        &["--route", "0:0000.0000.0004=127.0.0.1", "--lossy-close", "3000"],
+    );
     let gw = Gw::new(&dir, &devd.socket);
     let p = gw.foreground_with(&dir, &["--ports", "8080", "--max-conns", "1000", A4], |c| {
         nofile(c, 64)
@@ -999,7 +1002,10 @@ fn closes_waiting_for_delivery_stay_within_max_conns() {
         peak <= bound,
         "{peak} threads after closes that wait (baseline {base}, cap {cap}): closes outside the budget"
     );
-    assert!(!log.contains("out of file descriptors"), "the gateway ran out of descriptors: {log}");
+    assert!(
+        !log.contains("out of file descriptors"),
+        "the gateway ran out of descriptors: {log}"
+    );
     assert!(served, "a client was not served after the closes: {log}");
     assert!(
         st.status.success(),

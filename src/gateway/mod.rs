@@ -168,6 +168,16 @@ impl engine::Slots for PeerSlot {
     fn release(&self) {
         self.0.release_exposed(Some(self.1));
     }
+
+    /// The peer's share goes back at once; the room in `--max-conns`
+    /// stays while the Close waits (`engine::finish`).
+    fn linger(&self) {
+        self.0.linger_exposed(Some(self.1));
+    }
+
+    fn end_linger(&self) {
+        self.0.end_linger();
+    }
 }
 
 /// The slot of an exposure's daemon session; given back when dropped.
