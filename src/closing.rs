@@ -234,7 +234,8 @@ impl Delivery {
                 Outcome::Unconfirmed(format!(
                     "the connection went {} with {} bytes unacknowledged",
                     e.state,
-                    e.in_flight + self.sent.saturating_sub(e.bytes_sent.unwrap_or(self.sent))
+                    e.in_flight
+                        .saturating_add(self.sent.saturating_sub(e.bytes_sent.unwrap_or(self.sent)))
                 ))
             });
         }
@@ -256,7 +257,8 @@ impl Delivery {
                 let dt = at.saturating_duration_since(then).as_secs_f64();
                 if acked > before && dt > 0.0 {
                     let rate = (acked - before) as f64 / dt;
-                    let left = e.in_flight + self.sent.saturating_sub(b);
+                    // Numbers from the daemon: any size, never an overflow.
+                    let left = e.in_flight.saturating_add(self.sent.saturating_sub(b));
                     let need = Duration::from_secs_f64((left as f64 / rate).min(1e6));
                     self.deadline = self.deadline.max((at + need + self.linger).min(self.cap));
                 }
@@ -879,6 +881,31 @@ mod tests {
             d.decide(Seen::Entry(&stuck), s(5)),
             Some(Outcome::Unconfirmed(w)) if w.contains("close linger (5s)") && w.contains("500 bytes")
         ));
+    }
+
+    /// Red-team pass of issue 18: absurd counts from the daemon (u64::MAX
+    /// in flight) neither overflow (a panic with overflow checks, a
+    /// wrong count without) nor move the deadline past the cap.
+    #[test]
+    fn absurd_counts_from_the_daemon_neither_overflow_nor_pass_the_cap() {
+        let t0 = Instant::now();
+        let s = |n| t0 + Duration::from_secs(n);
+        let mut d = Delivery::new(1000, t0, t0, Duration::from_secs(5));
+        let e = entry("TIME_WAIT", u64::MAX, u64::MAX, 10);
+        assert!(matches!(
+            d.decide(Seen::Entry(&e), s(1)),
+            Some(Outcome::Unconfirmed(w)) if w.contains(&format!("{} bytes", u64::MAX))
+        ));
+        let mut d = Delivery::new(u64::MAX, t0, t0, Duration::from_secs(5));
+        assert_eq!(
+            d.decide(Seen::Entry(&entry(ESTABLISHED, u64::MAX, 1, 0)), s(1)),
+            None
+        );
+        assert_eq!(
+            d.decide(Seen::Entry(&entry(ESTABLISHED, u64::MAX - 1, 1, u64::MAX)), s(2)),
+            None
+        );
+        assert!(d.deadline <= s(60), "within the cap");
     }
 
     #[test]
