@@ -557,8 +557,9 @@ impl Closer {
         slot.done = Some(Done::Closed(Outcome::Unconfirmed(
             "cut short: every --max-conns slot was needed".into(),
         )));
-        drop(sh);
-        self.inner.waiters.notify_all();
+        if let Some(t) = &slot.waiter {
+            t.unpark();
+        }
         true
     }
 
