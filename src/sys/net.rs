@@ -29,22 +29,7 @@ pub fn peer_uid(s: &std::os::unix::net::UnixStream) -> Option<Uid> {
 pub fn peer_ids(s: &std::os::unix::net::UnixStream) -> io::Result<Peer> {
     #[cfg(target_os = "linux")]
     {
-        let mut cred = libc::ucred {
-            pid: 0,
-            uid: 0,
-            gid: 0,
-        };
-        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into a ucred of that size.
-        cerr(unsafe {
-            libc::getsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                (&mut cred as *mut libc::ucred).cast(),
-                &mut len,
-            )
-        })?;
+        let cred = peer_cred(s.as_raw_fd())?;
         Ok(Peer {
             uid: Uid(cred.uid),
             gid: Gid(cred.gid),
@@ -237,23 +222,30 @@ pub fn abstract_listener_pid(name: &[u8]) -> io::Result<u32> {
             len as libc::socklen_t,
         )
     })?;
+    Ok(peer_cred(s.as_raw_fd())?.pid.max(0) as u32)
+}
+
+/// SO_PEERCRED of a connected Unix socket: the peer's pid, uid and gid as
+/// the kernel recorded them at connect(2) or listen(2).
+#[cfg(target_os = "linux")]
+fn peer_cred(fd: std::os::fd::RawFd) -> io::Result<libc::ucred> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
         gid: 0,
     };
-    let mut clen = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `clen` bytes into a ucred of that size.
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into a ucred of that size.
     cerr(unsafe {
         libc::getsockopt(
-            s.as_raw_fd(),
+            fd,
             libc::SOL_SOCKET,
             libc::SO_PEERCRED,
             (&mut cred as *mut libc::ucred).cast(),
-            &mut clen,
+            &mut len,
         )
     })?;
-    Ok(cred.pid.max(0) as u32)
+    Ok(cred)
 }
 
 /// Sets a listening socket's backlog (listen(2) again on a socket that
