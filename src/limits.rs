@@ -10,7 +10,7 @@ use crate::warn;
 /// listeners, counted one by one (issue 18: the sock_diag sockets and
 /// `ip`'s pipes were left out). This headroom is what keeps `stats.json`
 /// writable and `ip` runnable when every connection slot is taken.
-pub const FD_ITEMS: [(&str, u64); 15] = [
+pub const FD_ITEMS: [(&str, u64); 17] = [
     ("standard streams", 3),
     ("signal pipe", 2),
     ("state directory", 1),
@@ -32,7 +32,12 @@ pub const FD_ITEMS: [(&str, u64); 15] = [
     // while a connection thread reads too
     ("/proc and /etc reads", 2),
     ("a command's daemon session (resolve, trust) during an apply", 1),
-    ("slack", 3),
+    // closing::Closer's Info session, open while anything is closing
+    ("close poller's daemon session", 1),
+    // registry: a lookup's connection to another gateway's socket, or
+    // one accepted from another gateway's lookup (main thread)
+    ("registry lookup connection", 1),
+    ("slack", 1),
 ];
 
 /// The sum of [`FD_ITEMS`].
@@ -89,8 +94,9 @@ pub fn fit_max_conns(
 }
 
 /// Threads the gateway runs apart from connections and listeners: the
-/// main thread, the access-log writer, the daemon health thread, and slack
-/// for an exposure's session reader and short-lived helpers.
+/// main thread, the access-log writer, the daemon health thread, the close
+/// poller, and slack for an exposure's session reader and short-lived
+/// helpers.
 pub const THREAD_HEADROOM: u64 = 8;
 /// How many processes [`fit_threads`] looks at, at most.
 const PROC_SCAN: usize = 65_536;
@@ -207,6 +213,8 @@ mod tests {
             "sock_diag lookups",
             "ip child: pipes and /dev/null",
             "registry socket",
+            "registry lookup connection",
+            "close poller's daemon session",
             "access log",
         ] {
             assert!(names.contains(&kind), "{kind} is not counted");
