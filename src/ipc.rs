@@ -262,8 +262,14 @@ impl<R: Read> FrameReader<R> {
     /// Takes messages up to `max` bytes. The daemon's writer has no limit
     /// of its own (upstream `ipcutil.Write`), and an Info reply lists every
     /// connection it holds, so it can outgrow the 1 MiB a request may have.
+    /// The buffer grown for such a message is kept for the next one: a
+    /// session that takes them takes them again and again (the close
+    /// poller, an Info every few tens of milliseconds under churn), and
+    /// freeing it each time costs a fresh zeroed buffer and its page
+    /// faults per reply, more than reading the reply (PERFORMANCE.md).
     pub fn set_max_message(&mut self, max: usize) {
         self.max = max.max(MAX_MESSAGE);
+        self.limit = self.limit.max(self.max.saturating_add(4));
     }
 
     /// Gives the buffer back when no partial frame is pending in it, so an
@@ -883,6 +889,29 @@ mod tests {
         let mut idle = FrameReader::growing(&close[..], 1024, 16 * 1024);
         idle.read_frame().unwrap();
         assert_eq!(idle.buffer().len(), 1024, "a reader that never fills stays small");
+    }
+
+    #[test]
+    fn a_reader_of_large_replies_keeps_its_buffer_for_the_next() {
+        // The close poller's session: Info replies of megabytes, one after
+        // another. Freeing the buffer after each cost a fresh zeroed one
+        // and its page faults every round.
+        let big = vec![5u8; 3 << 20];
+        let input = frames(&[encode(cmd::INFO_OK, &[&big]), encode(cmd::INFO_OK, &[&big])]);
+        let mut r = FrameReader::new(&input[..], 64 * 1024);
+        r.set_max_message(8 << 20);
+        let (_, range) = r.read_frame().unwrap();
+        assert_eq!(range.len(), big.len());
+        let at = r.buffer().as_ptr();
+        let (_, range) = r.read_frame().unwrap();
+        assert!(r.buffer()[range].iter().all(|&b| b == 5));
+        assert_eq!(
+            r.buffer().as_ptr(),
+            at,
+            "the second reply reused the first one's buffer"
+        );
+        assert!(matches!(r.read_frame(), Err(IpcError::Closed)));
+        assert!(r.buffer().len() >= big.len(), "kept while the session lasts");
     }
 
     #[test]
