@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 
@@ -66,12 +66,30 @@ fetch() {{ timeout 5 bash -c "exec 3<>/dev/tcp/$1/$2; printf 'GET / HTTP/1.0\r\n
 }
 
 /// An HTTP service whose reply names who answered.
-fn real_agent(mut c: TcpStream) {
-    let _ = c.write_all(b"HTTP/1.0 200 OK\r\n\r\nAGENT-REAL\n");
+/// Reads the request's head before answering, as an HTTP server does: an
+/// agent that answered and closed at once raced the client's request,
+/// which then met a closed connection and was reset (as plain TCP does),
+/// taking the unread answer with it on a loaded machine.
+fn answer(mut c: TcpStream, body: &[u8]) {
+    let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let mut head = Vec::new();
+    let mut b = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+        match c.read(&mut b) {
+            Ok(n) if n > 0 => head.extend_from_slice(&b[..n]),
+            _ => break,
+        }
+    }
+    let _ = c.write_all(b"HTTP/1.0 200 OK\r\n\r\n");
+    let _ = c.write_all(body);
 }
 
-fn fake_agent(mut c: TcpStream) {
-    let _ = c.write_all(b"HTTP/1.0 200 OK\r\n\r\nAGENT-ATTACKER\n");
+fn real_agent(c: TcpStream) {
+    answer(c, b"AGENT-REAL\n");
+}
+
+fn fake_agent(c: TcpStream) {
+    answer(c, b"AGENT-ATTACKER\n");
 }
 
 /// Hole: a forged dead-gateway state makes the next root `start` delete
@@ -141,7 +159,8 @@ rootdevd=$!
 waitsock /tmp/pilot.sock
 g() {{ timeout -s KILL 30 $GW --state-dir /run/pgw "$@"; }}
 g start --ports 8080 {a4} >/dev/null 2>&1; echo "start-rc=$?"
-echo "before=$(fetch 10.4.0.1 8080)"
+before=$(fetch 10.4.0.1 8080); echo "before=$before"
+[ -n "$before" ] || {{ echo "gateway log:"; tail -20 /run/pgw/gateway.log; }}
 # root's daemon goes away for a moment (restart, upgrade, crash)
 kill $rootdevd; wait $rootdevd 2>/dev/null; rm -f /tmp/pilot.sock
 # nobody binds the default path first, routing the agent to its own service
@@ -711,7 +730,8 @@ waitsock /tmp/nb/devd.sock
 a() {{ timeout -s KILL 30 $GW --socket /tmp/nb/devd.sock --state-dir /run/pgw-a "$@"; }}
 b() {{ timeout -s KILL 30 $GW --socket /tmp/nb/devd.sock --state-dir /run/pgw-b "$@"; }}
 b start --subnet 127.77.0.0/16 --ports 9090 {a5} >/dev/null 2>&1; echo "b-rc=$?"
-echo "direct=$(fetch 127.77.0.1 9090)"
+direct=$(fetch 127.77.0.1 9090); echo "direct=$direct"
+[ -n "$direct" ] || {{ echo "gateway log:"; tail -20 /run/pgw-b/gateway.log; }}
 a start --subnet 127.88.0.0/16 --ports 9191 >/dev/null 2>&1; echo "a-rc=$?"
 a --json expose 80 127.77.0.1:9090 2>&1 | grep -q bad_target && echo "refused-expose"
 echo "bounce=$(fetch 127.0.0.1 7100)."
