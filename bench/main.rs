@@ -43,6 +43,13 @@ const CHURN: u16 = 9007; // 16 bytes in, 16 bytes out, then silent until the pee
 const PORTS: [u16; 7] = [SOURCE, SINK, ONCE, STREAM, HOLD, TICK, CHURN];
 /// A thread's kernel stack on x86-64 (THREAD_SIZE), not counted in RSS.
 const KERNEL_STACK_KIB: u64 = 16;
+/// The churn gateways' second agent, whose dials take as long as the real
+/// daemon's (PROTOCOL.md: ~11 ms of dial polling per new connection): the
+/// sequential-connections row, what issue 19 asked to keep within 10 %
+/// on the real daemon (40 sequential curls, 92 ms each there).
+const SLOW_AGENT: &str = "0:0000.0000.0005";
+const REAL_DIAL_MS: &str = "11";
+
 /// The connection cap of the client-churn row (gateway, devd, socat).
 const CHURN_CAP: u64 = 100;
 
@@ -516,6 +523,33 @@ fn churn_pair(envs: [&Env; 2], pids: [[u32; 2]; 2], secs: f64) -> [((f64, u64, u
     })
 }
 
+/// Sequential connections as a user's `curl`s make them, to an agent whose
+/// every dial takes the real daemon's time ([`REAL_DIAL_MS`]): each
+/// connects, sends a request, reads the answer and closes, and only then
+/// the next starts. Through the churn gateway (confirmed close) and its
+/// twin (immediate close), `n` each, in turns (A B B A): the mean
+/// milliseconds per connection of each, and the connections that failed.
+fn sequential_pair(envs: [&Env; 2], n: u64) -> ([f64; 2], u64) {
+    let msg = [3u8; 16];
+    let mut sums = [(0u64, 0.0f64); 2];
+    let mut failed = 0;
+    for i in [0, 1, 1, 0] {
+        for _ in 0..n.div_ceil(4) {
+            let t = Instant::now();
+            let reply = open(envs[i], Route::Gateway, CHURN).and_then(|mut c| {
+                c.write_all(&msg)?;
+                let mut b = [0u8; 16];
+                c.read_exact(&mut b)
+            });
+            match reply {
+                Ok(()) => sums[i] = (sums[i].0 + 1, sums[i].1 + t.elapsed().as_secs_f64()),
+                Err(_) => failed += 1,
+            }
+        }
+    }
+    (sums.map(|(k, secs)| secs * 1e3 / k.max(1) as f64), failed)
+}
+
 /// RSS (KiB) and threads of one process.
 fn footprint(pid: u32) -> (u64, u64) {
     (proc_status(pid, "VmRSS:"), proc_status(pid, "Threads:"))
@@ -712,6 +746,8 @@ struct Config {
     levels: [u64; 2],
     secs: f64,
     churn_secs: f64,
+    /// Connections per gateway of the sequential row.
+    sequential: u64,
     /// BENCH_ONLY=bulk,latency,rate,accept,churn,concurrency runs a subset
     /// (for quick comparisons while optimising); skipped figures read 0.
     only: String,
@@ -728,6 +764,7 @@ impl Config {
             levels: [env_num("BENCH_LEVEL1", 1000), env_num("BENCH_LEVEL2", 5000)],
             secs: 3.0,
             churn_secs: env_num("BENCH_CHURN_SECS", 2) as f64,
+            sequential: env_num("BENCH_SEQUENTIAL", 100),
             only: std::env::var("BENCH_ONLY").unwrap_or_default(),
             static_bin: std::env::var_os("BENCH_STATIC_BIN")
                 .map(PathBuf::from)
@@ -752,6 +789,8 @@ struct Rig {
     churn_immediate_env: Env,
     /// (gateway, daemon) pids of the confirmed and the immediate path.
     churn_pids: [[u32; 2]; 2],
+    /// The same two gateways' mappings of [`SLOW_AGENT`].
+    slow_envs: [Env; 2],
     gw_pid: u32,
     devd_pid: u32,
     /// socat's listener for HOLD, whose children are the idle relays.
@@ -849,6 +888,9 @@ fn set_up(cfg: &Config) -> Rig {
     // the gateway confirms delivery before each Close), one as a daemon
     // without conn_list (the gateway closes at once, as before issue 19).
     let mut churn_pids = [[0; 2]; 2];
+    let slow_route = format!("{SLOW_AGENT}=127.0.0.1");
+    let slow_dial = format!("{SLOW_AGENT}={REAL_DIAL_MS}");
+    let slow = ["--route", &slow_route, "--dial-delay", &slow_dial];
     for (i, (state, extra)) in [
         (CHURN_STATE, &[][..]),
         (CHURN_IMMEDIATE_STATE, &["--no-conn-list"][..]),
@@ -856,7 +898,8 @@ fn set_up(cfg: &Config) -> Rig {
     .into_iter()
     .enumerate()
     {
-        let devd = start_devd(cfg, &work.join(devd_socket(state)), 100_000, extra);
+        let extra = [&slow[..], extra].concat();
+        let devd = start_devd(cfg, &work.join(devd_socket(state)), 100_000, &extra);
         churn_pids[i][1] = devd.id();
         procs.0.push(devd);
     }
@@ -881,9 +924,9 @@ fn set_up(cfg: &Config) -> Rig {
         &["--ports", &ports.join(","), "--max-conns", "20000", AGENT],
     );
     let (churn_ports, cap) = (CHURN.to_string(), CHURN_CAP.to_string());
-    for (i, (state, subnet)) in [
-        (CHURN_STATE, "10.5.0.0/16"),
-        (CHURN_IMMEDIATE_STATE, "10.7.0.0/16"),
+    for (i, (state, subnet, ips)) in [
+        (CHURN_STATE, "10.5.0.0/16", ["10.5.0.1", "10.5.0.2"]),
+        (CHURN_IMMEDIATE_STATE, "10.7.0.0/16", ["10.7.0.1", "10.7.0.2"]),
     ]
     .into_iter()
     .enumerate()
@@ -896,6 +939,9 @@ fn set_up(cfg: &Config) -> Rig {
             "--max-conns",
             &cap,
             AGENT,
+            ips[0],
+            SLOW_AGENT,
+            ips[1],
         ];
         churn_pids[i][0] = start_gateway(&cfg.bin.join("pilot-gateway"), &work, state, &args);
     }
@@ -917,6 +963,11 @@ fn set_up(cfg: &Config) -> Rig {
         gateway_ip: "10.7.0.1",
         socat_ip: "127.0.0.3",
     };
+    let slow_envs = ["10.5.0.2", "10.7.0.2"].map(|gateway_ip| Env {
+        socket: PathBuf::new(),
+        gateway_ip,
+        socat_ip: "127.0.0.3",
+    });
     Rig {
         work,
         procs,
@@ -924,6 +975,7 @@ fn set_up(cfg: &Config) -> Rig {
         churn_env,
         churn_immediate_env,
         churn_pids,
+        slow_envs,
         gw_pid,
         devd_pid,
         socat_hold_pid,
@@ -969,6 +1021,9 @@ struct Figures {
     /// CPU per reply (µs) of the churn gateway and its daemon: confirmed
     /// close, immediate close.
     churn_cpu: [f64; 2],
+    /// [`sequential_pair`]: ms per connection (confirmed, immediate), and
+    /// the connections that failed.
+    sequential: ([f64; 2], u64),
     base: Level,
     levels: Vec<Level>,
     after: Level,
@@ -1034,6 +1089,12 @@ fn measure(cfg: &Config, rig: &Rig) -> Figures {
     } else {
         (vec![(0.0, 0, 0); 4], (0.0, 0, 0), [0.0; 2])
     };
+    let sequential = if cfg.on("churn") {
+        let [a, b] = &rig.slow_envs;
+        sequential_pair([a, b], cfg.sequential)
+    } else {
+        ([0.0; 2], 0)
+    };
     // The churn gateways' held connections must not weigh on what follows.
     for state in [CHURN_STATE, CHURN_IMMEDIATE_STATE] {
         let _ = gateway(cfg, &rig.work, state, &["stop"]);
@@ -1054,6 +1115,7 @@ fn measure(cfg: &Config, rig: &Rig) -> Figures {
         churn,
         churn_immediate,
         churn_cpu,
+        sequential,
         base,
         levels: levels_out,
         after,
@@ -1145,6 +1207,18 @@ fn churn_and_idle_rows(t: &mut Table, f: &Figures) {
         [f64::NAN, f64::NAN, cpu_c, f64::NAN],
         false,
         format!("immediate {} ({} ÷ immediate)", fmt(cpu_i), ratio(cpu_c, cpu_i)),
+    );
+    let ([seq_c, seq_i], failed) = f.sequential;
+    t.row_with(
+        &format!("sequential conns, {REAL_DIAL_MS} ms dial"),
+        "ms/conn",
+        [f64::NAN, f64::NAN, seq_c, f64::NAN],
+        false,
+        format!(
+            "immediate {} (confirmed ÷ immediate {}), {failed} failed",
+            fmt(seq_i),
+            ratio(seq_c, seq_i)
+        ),
     );
     idle_rows(t, f, (&f.base, &f.levels), "", true);
 }
@@ -1291,6 +1365,10 @@ fn checks(f: &Figures) -> Vec<(&'static str, Option<bool>)> {
         (
             "churn with confirmed close ≥ 0.9 × immediate close",
             f.churn[2].0 >= 0.9 * f.churn_immediate.0,
+        ),
+        (
+            "sequential conns at the real daemon's dial time: confirmed ≤ 1.1 × immediate",
+            f.sequential.0[0] <= 1.1 * f.sequential.0[1] && f.sequential.1 == 0,
         ),
         (
             "zero errors at every level",
