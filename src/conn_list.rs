@@ -384,9 +384,8 @@ impl<'a> Scanner<'a> {
 }
 
 impl Fields<'_> {
-    /// The entry, if its id is wanted: `None` inside when it lacks `state`,
-    /// `in_flight` or `unacked` (or they have the wrong type).
-    /// `wanted` is sorted.
+    /// The entry, if its id is in `wanted` (sorted): `None` inside when it
+    /// lacks `state`, `in_flight` or `unacked` (or they have the wrong type).
     fn into_entry(self, wanted: &[u32]) -> Option<(u32, Option<Entry>)> {
         let id = u32::try_from(self.id.flatten()?).ok()?;
         wanted.binary_search(&id).ok()?;
