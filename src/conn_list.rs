@@ -32,7 +32,7 @@
 //! written with one matches nothing), UTF-8 is not checked, and a reply
 //! that is not an object is an error.
 
-use crate::json::MAX_DEPTH;
+use crate::json::{ParseError, MAX_DEPTH};
 
 /// The fields of one `conn_list` entry that the close decision reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,20 +80,9 @@ impl Snapshot {
     }
 }
 
-/// Why a reply could not be read.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ScanError {
-    pub offset: usize,
-    pub reason: &'static str,
-}
-
-impl std::fmt::Display for ScanError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} at byte {}", self.reason, self.offset)
-    }
-}
-
-type Res<T> = Result<T, ScanError>;
+/// Why a reply could not be read: where, and what was wrong there (the
+/// error type of `json`, whose reader this one mirrors).
+type Res<T> = Result<T, ParseError>;
 
 /// Reads an Info reply (the InfoOK payload): the `conn_list` entries whose
 /// id is in `wanted`. A reply without `conn_list` (or with one that is not
@@ -149,8 +138,8 @@ struct Scanner<'a> {
 }
 
 impl<'a> Scanner<'a> {
-    fn err(&self, reason: &'static str) -> ScanError {
-        ScanError {
+    fn err(&self, reason: &'static str) -> ParseError {
+        ParseError {
             offset: self.i,
             reason,
         }
@@ -352,7 +341,7 @@ impl<'a> Scanner<'a> {
             let n = rest
                 .iter()
                 .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
-                .ok_or(ScanError {
+                .ok_or(ParseError {
                     offset: self.s.len(),
                     reason: "unterminated string",
                 })?;
