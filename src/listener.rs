@@ -44,9 +44,10 @@ impl Listener {
         conns: Arc<Connections>,
     ) -> io::Result<Listener> {
         let socket = TcpListener::bind((ip, port))?;
-        // Where accepts follow a poll, non-blocking: a client that left the
-        // queue meanwhile must not block the thread where no stop reaches it.
-        socket.set_nonblocking(POLL.is_some())?;
+        // Accepts follow a poll (see [`POLL`]), non-blocking: a client that
+        // left the queue meanwhile must not leave the thread blocked in
+        // accept(2), where it would hold a descriptor number.
+        socket.set_nonblocking(true)?;
         let socket = Arc::new(socket);
         let stopping = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -75,8 +76,8 @@ impl Listener {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
-    /// Stops accepting and waits for the accept thread: at once on Linux,
-    /// within the [`POLL`] interval elsewhere.
+    /// Stops accepting and waits for the accept thread: at once on Linux
+    /// (the shutdown wakes its poll), within the [`POLL`] interval elsewhere.
     pub fn stop(&mut self) {
         self.stopping.store(true, Relaxed);
         // On Linux, shutting the socket down wakes the thread's accept. The
@@ -106,10 +107,8 @@ fn accept_loop(
     let Ok(local) = socket.local_addr() else { return };
     let mut backoff = Duration::from_millis(5);
     loop {
-        if let Some(wake) = POLL {
-            if !wait_for_client(socket, stopping, wake) {
-                return;
-            }
+        if !wait_for_client(socket, stopping, POLL) {
+            return;
         }
         let accepted = socket.accept();
         if stopping.load(Relaxed) {
@@ -190,17 +189,20 @@ fn accept_loop(
     }
 }
 
-/// How an accept thread waits for clients so that `stop` can end it.
-/// Linux: blocked in accept(2), which `stop`'s shutdown(2) of the socket
-/// wakes at once (EINVAL); `None`. macOS and FreeBSD wake nothing on a
-/// listener's shutdown: there the thread waits in poll(2) on the
-/// (non-blocking) socket and looks at its stop flag every 100 ms, which
-/// bounds how long a `stop` takes, at the cost of ten wake-ups a second
-/// per idle listener.
-const POLL: Option<Duration> = if cfg!(target_os = "linux") {
-    None
+/// How long an accept thread waits in poll(2) before it looks at its stop
+/// flag. It waits for clients there, never in accept(2): Linux's accept
+/// claims a descriptor number before it waits, so an idle listener
+/// blocked in it held a number — out of descriptors, the very one another
+/// listener's [`shed_one`] had just freed to reset a client, whose reserve
+/// then could not be taken back (its clients hung in the backlog: seen in
+/// CI). On Linux `stop`'s shutdown(2) wakes the poll at once (POLLHUP), so
+/// the interval is only a fallback; macOS and FreeBSD wake nothing on a
+/// listener's shutdown, and there 100 ms bounds how long a `stop` takes,
+/// at the cost of ten wake-ups a second per idle listener.
+const POLL: Duration = if cfg!(target_os = "linux") {
+    Duration::from_secs(1)
 } else {
-    Some(Duration::from_millis(100))
+    Duration::from_millis(100)
 };
 
 /// Waits until a client may be waiting on `socket` (`true`), or until
@@ -262,15 +264,13 @@ fn shed_one(socket: &TcpListener, data_path: &DataPath) -> bool {
         Err(_) => return false,
     }
     let mut reserve = RESERVE.lock().unwrap_or_else(|p| p.into_inner());
-    // Non-blocking for this one accept: a client that left the queue
-    // since the poll must not leave us blocked with the lock held. Only
-    // this thread accepts on the socket, so no other accept sees the flag.
-    if reserve.is_none() || socket.set_nonblocking(true).is_err() {
+    if reserve.is_none() {
         return false;
     }
     *reserve = None; // frees the descriptor the accept needs
+                     // The socket is non-blocking: a client that left the queue since the
+                     // poll cannot leave us blocked here with the lock held.
     let accepted = socket.accept();
-    let _ = socket.set_nonblocking(POLL.is_some());
     if let Ok((tcp, client)) = accepted {
         let n = data_path.refused.fetch_add(1, Relaxed) + 1;
         warn_source!(
@@ -347,18 +347,27 @@ mod tests {
         assert!(waited < Duration::from_secs(5), "{waited:?}");
     }
 
-    /// What Linux's `stop` relies on: shutdown(2) wakes a thread blocked
-    /// in accept on the socket.
+    /// What Linux's `stop` relies on: shutdown(2) wakes a thread waiting
+    /// for clients at once, long before its poll interval.
     #[cfg(target_os = "linux")]
     #[test]
-    fn shutdown_wakes_a_blocked_accept_on_linux() {
+    fn shutdown_wakes_a_waiting_accept_thread_on_linux() {
         let socket = Arc::new(TcpListener::bind("127.0.0.1:0").unwrap());
-        let s = socket.clone();
+        socket.set_nonblocking(true).unwrap();
+        let (s, stopping) = (socket.clone(), Arc::new(AtomicBool::new(false)));
+        let f = stopping.clone();
         let (tx, rx) = std::sync::mpsc::channel();
-        thread::spawn(move || tx.send(s.accept().is_err()));
+        thread::spawn(move || {
+            let t = Instant::now();
+            let ready = wait_for_client(&s, &f, Duration::from_secs(60));
+            tx.send((ready, t.elapsed()))
+        });
         thread::sleep(Duration::from_millis(100));
+        stopping.store(true, Relaxed);
         sys::net::shutdown_listener(&socket);
-        // Bounded: an accept the shutdown did not end fails here, not hangs.
-        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(true));
+        // Bounded: a wait the shutdown did not end fails here, not hangs.
+        let (ready, waited) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(!ready, "stopping");
+        assert!(waited < Duration::from_secs(10), "{waited:?}");
     }
 }
