@@ -5,6 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
@@ -319,4 +320,34 @@ fn other_uids_are_refused_unless_any_uid() {
     let mut s = Session::connect_within(&sock, Duration::from_secs(10), None).unwrap();
     s.set_timeout(Some(Duration::from_secs(5))).unwrap();
     assert!(s.info().is_ok());
+}
+
+/// The socket path appears only once devd accepts on it: a client that
+/// waits for the path and connects at once is never refused. (`bind(2)`
+/// creates the file before `listen(2)`; a test caught in between failed
+/// with "Connection refused" in CI.) Tried over many starts, each watched
+/// by a tight loop, since the window was microseconds wide.
+#[test]
+fn the_socket_appears_only_once_it_accepts() {
+    let dir = TempDir::new("devd-appear");
+    for i in 0..100 {
+        let sock = dir.path(&format!("d{i}.sock"));
+        let mut c = Command::new(DEVD);
+        c.arg("--socket").arg(&sock);
+        let _p = Proc::spawn(&mut c, dir.path(&format!("d{i}.log")));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(std::time::Instant::now() < deadline, "devd {i} made no socket");
+            std::hint::spin_loop();
+        }
+        if let Err(e) = UnixStream::connect(&sock) {
+            panic!("start {i}: the socket existed but refused a client: {e}");
+        }
+    }
+    let stray: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| !n.ends_with(".sock") && !n.ends_with(".log"))
+        .collect();
+    assert!(stray.is_empty(), "temporary names left behind: {stray:?}");
 }

@@ -45,7 +45,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -274,6 +274,31 @@ struct Daemon {
     euid: sys::user::Uid,
 }
 
+/// A listening socket at `path`, mode 0600, that appears there only once
+/// it accepts: bound and set up under a temporary name beside it, then
+/// renamed into place. Whoever waits for the path to exist (the tests do)
+/// can connect at once; `bind(2)` alone creates the file before
+/// `listen(2)`, and a connect in between is refused. A path too long for
+/// the temporary name is bound in place.
+fn bind_listening(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let Ok(listener) = UnixListener::bind(&tmp) else {
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        return Ok(listener);
+    };
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
 /// Binds the socket (removing a stale one) and serves until the process ends.
 pub fn serve(cfg: Config) -> io::Result<()> {
     if let Ok(meta) = std::fs::symlink_metadata(&cfg.socket) {
@@ -282,8 +307,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
             std::fs::remove_file(&cfg.socket)?;
         }
     }
-    let listener = UnixListener::bind(&cfg.socket)?;
-    std::fs::set_permissions(&cfg.socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let listener = bind_listening(&cfg.socket)?;
     say!(
         "listening on {} ({} routes)",
         cfg.socket.display(),
