@@ -1343,54 +1343,82 @@ fn last_per_conn(base: &Level, levels: &[Level]) -> f64 {
 
 /// The targets of issues 4 and 12, informational; None: not measured
 /// (the static musl build was not built).
-fn checks(f: &Figures) -> Vec<(&'static str, Option<bool>)> {
+/// A target's verdict: `None` when its scenario was left out
+/// (`BENCH_ONLY`) or, for the musl row, when the static build is missing;
+/// the third field says which.
+fn checks(cfg: &Config, f: &Figures) -> Vec<(&'static str, Option<bool>, &'static str)> {
     let (base, lv, after, lat) = (&f.base, &f.levels, &f.after, &f.lat);
     let acc_errors: u64 = f.acc.iter().map(|a| a.1).sum();
     let last = last_per_conn(base, lv);
     let musl = (f.musl.as_ref()).map(|(b, levels, _, _)| last_per_conn(b, levels) <= 16.0);
-    let checks = vec![
-        ("download ≥ 0.8 × devd", f.down[2] >= 0.8 * f.down[1]),
-        ("upload ≥ 0.8 × devd", f.up[2] >= 0.8 * f.up[1]),
-        ("p50 ≤ devd p50 + 150 µs", lat[2].0 <= lat[1].0 + 150.0),
-        ("p99 ≤ 2 × devd p99", lat[2].1 <= 2.0 * lat[1].1),
+    let all = [
+        ("bulk", "download ≥ 0.8 × devd", f.down[2] >= 0.8 * f.down[1]),
+        ("bulk", "upload ≥ 0.8 × devd", f.up[2] >= 0.8 * f.up[1]),
+        ("latency", "p50 ≤ devd p50 + 150 µs", lat[2].0 <= lat[1].0 + 150.0),
+        ("latency", "p99 ≤ 2 × devd p99", lat[2].1 <= 2.0 * lat[1].1),
         (
+            "concurrency",
             "≤ 64 KiB RSS per idle connection (glibc release build)",
             last <= 64.0,
         ),
         (
+            "concurrency",
             "2 threads per connection",
             lv.iter()
                 .all(|l| l.threads.saturating_sub(base.threads) == 2 * l.conns),
         ),
         (
+            "churn",
             "churn with confirmed close ≥ 0.9 × immediate close",
             f.churn[2].0 >= 0.9 * f.churn_immediate.0,
         ),
         (
+            "churn",
             "sequential conns at the real daemon's dial time: confirmed ≤ 1.1 × immediate",
             f.sequential.0[0] <= 1.1 * f.sequential.0[1] && f.sequential.1 == 0,
         ),
         (
+            "accept,concurrency",
             "zero errors at every level",
             lv.iter().all(|l| l.errors == 0) && acc_errors == 0,
         ),
         (
+            "concurrency",
             "threads and fds back to baseline",
             after.threads == base.threads && f.fds_left == 0,
         ),
         (
+            "concurrency",
             "RSS back within 16 MiB of baseline",
             after.rss_kib <= base.rss_kib + 16 * 1024,
         ),
     ];
-    let mut checks: Vec<_> = checks.into_iter().map(|(n, ok)| (n, Some(ok))).collect();
-    checks.insert(5, ("≤ 16 KiB RSS per idle connection (static musl build)", musl));
+    let mut checks: Vec<_> = all
+        .into_iter()
+        .map(|(scenario, name, ok)| {
+            let run = scenario.split(',').any(|s| cfg.on(s));
+            (name, run.then_some(ok), "not run")
+        })
+        .collect();
+    let musl = if cfg.on("concurrency") {
+        (musl, "not built")
+    } else {
+        (None, "not run")
+    };
+    checks.insert(
+        5,
+        (
+            "≤ 16 KiB RSS per idle connection (static musl build)",
+            musl.0,
+            musl.1,
+        ),
+    );
     checks
 }
 
 fn write_json(cfg: &Config, f: &Figures, table: Table, concurrency: [Value; 2], elapsed: f64) {
     let [concurrency, musl] = concurrency;
-    let checks = checks(f);
+    let checks = checks(cfg, f);
     let json = Value::obj([
         ("machine", Value::from(machine())),
         (
@@ -1412,7 +1440,7 @@ fn write_json(cfg: &Config, f: &Figures, table: Table, concurrency: [Value; 2], 
             Value::Obj(
                 checks
                     .iter()
-                    .map(|(n, ok)| (n.to_string(), Value::from(*ok)))
+                    .map(|(n, ok, _)| (n.to_string(), Value::from(*ok)))
                     .collect(),
             ),
         ),
@@ -1462,8 +1490,8 @@ fn main() {
         }),
     ];
     println!("\ntargets:");
-    for (name, ok) in checks(&f) {
-        let mark = ok.map_or("not built", |ok| if ok { "ok" } else { "MISSED" });
+    for (name, ok, why) in checks(&cfg, &f) {
+        let mark = ok.map_or(why, |ok| if ok { "ok" } else { "MISSED" });
         println!("  [{mark}] {name}");
     }
     let elapsed = started.elapsed().as_secs_f64();
