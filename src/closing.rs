@@ -61,11 +61,11 @@
 //!   (opened through `ipc::connect_by`, with the daemon's uid seen at
 //!   start, only while something is closing), one Info exchange per
 //!   interval whatever the number of closing connections, each with an
-//!   overall deadline, no sooner than [`MIN_INTERVAL`] (or three times the
-//!   last exchange's duration: a daemon with thousands of connections
-//!   answers with megabytes) after the previous one. The reply is read in
-//!   the session's buffer by `conn_list::scan`, which takes out only the
-//!   entries of the connections asked about (the daemon lists all it
+//!   overall deadline, no sooner than [`MIN_INTERVAL`] (or
+//!   [`ROUND_SHARE`] times the last exchange's duration: a daemon with
+//!   thousands of connections answers with megabytes) after the previous
+//!   one. The reply is read in the session's buffer by `conn_list::scan`,
+//!   which takes out only the entries of the connections asked about (the daemon lists all it
 //!   holds, TIME_WAIT ones for 10 to 25 s: see `conn_list`'s notes). Each
 //!   waiting thread is woken alone once its verdict is in, and a new close
 //!   wakes the poller only when it has no round planned.
@@ -108,6 +108,15 @@ pub const LINGER_CAP: u32 = 12;
 /// Nagle interval, where one quiet answer is enough: two rounds settle
 /// any close whose bytes are delivered, as with closer rounds.
 pub const MIN_INTERVAL: Duration = NAGLE;
+/// Rounds are at least this many times the last exchange's duration
+/// apart, so Info takes at most about a tenth of the daemon's time (and
+/// of the poller's) however long its list: a daemon listing 5,000
+/// connections answers with 4 MB (15 ms from pilot-devd), and at three
+/// times, as before, every new connection's p99 latency through the
+/// gateway grew fivefold under churn (`make bench`, docs/PERFORMANCE.md).
+/// Closes then wait a few rounds of that length; short lists are
+/// unaffected ([`MIN_INTERVAL`] is longer).
+pub const ROUND_SHARE: u32 = 10;
 /// Overall deadline of one exchange (connect included).
 pub const EXCHANGE_DEADLINE: Duration = Duration::from_secs(2);
 /// How long after an Accept a Close reliably reaches the dialer (measured
@@ -714,7 +723,7 @@ fn poll(inner: &Inner) {
         let answer = exchange(&inner.connect, &mut session, &mut |raw| snap = scan(raw, &wanted))
             .and_then(|()| snap.map_err(|e| bad_reply(&e)));
         let took = asked.elapsed();
-        next_at = Instant::now() + MIN_INTERVAL.max(took * 3);
+        next_at = Instant::now() + MIN_INTERVAL.max(took * ROUND_SHARE);
         let mut sh = inner.lock();
         sh.exchanges += 1;
         match &answer {
@@ -1078,6 +1087,31 @@ mod tests {
         let bound = 2 + took.as_millis() as u64 / MIN_INTERVAL.as_millis() as u64;
         assert!(exchanges <= bound, "{exchanges} exchanges in {took:?}");
         assert!(exchanges < 100, "{exchanges} exchanges for 1000 closes");
+    }
+
+    #[test]
+    fn a_slow_info_spaces_the_rounds_by_its_share() {
+        // Each answer takes 25 ms, as a daemon listing thousands does: the
+        // next round comes no sooner than ROUND_SHARE times that.
+        const SLOW: Duration = Duration::from_millis(25);
+        let at = Arc::new(Mutex::new(Vec::new()));
+        let at2 = at.clone();
+        let (connect, _asked) = scripted(move |_| {
+            at2.lock().unwrap().push(Instant::now());
+            thread::sleep(SLOW);
+            listing(7..8, 4096, 5000)
+        });
+        let c = Closer::with_connect(connect, Duration::from_millis(1500)).unwrap();
+        wait_mode(&c, Mode::Confirmed);
+        let out = c.wait_delivered(7, 5000, Instant::now());
+        assert!(matches!(out, Outcome::Unconfirmed(_)), "{out:?}");
+        drop(c);
+        // The first Info (the mode's detection, at start) is not a round.
+        let at = at.lock().unwrap()[1..].to_vec();
+        assert!(at.len() >= 3, "{} rounds", at.len());
+        for gap in at.windows(2).map(|w| w[1] - w[0]) {
+            assert!(gap >= SLOW * ROUND_SHARE, "rounds {gap:?} apart");
+        }
     }
 
     #[test]
