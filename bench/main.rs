@@ -398,8 +398,18 @@ fn proc_cpu(pid: u32) -> f64 {
     f.iter().sum::<u64>() as f64 / 100.0
 }
 
-fn proc_fds(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
+/// The open descriptors of `pid`: number → what it is (link target).
+fn proc_fds(pid: u32) -> std::collections::BTreeMap<String, String> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Default::default();
+    };
+    dir.filter_map(Result::ok)
+        .map(|e| {
+            let what =
+                std::fs::read_link(e.path()).map_or_else(|e| e.to_string(), |p| p.display().to_string());
+            (e.file_name().to_string_lossy().into_owned(), what)
+        })
+        .collect()
 }
 
 #[derive(Clone)]
@@ -464,8 +474,22 @@ fn concurrency(env: &Env, pids: (u32, u32), levels: &[u64]) -> Concurrency {
     while Instant::now() < deadline && proc_status(gw_pid, "VmRSS:") > base.rss_kib + 16 * 1024 {
         thread::sleep(Duration::from_millis(200));
     }
+    // The close poller keeps its daemon session (two descriptors) for 5 s
+    // after the last close it confirmed (`closing::IDLE_KEEP`).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && proc_fds(gw_pid).len() > fds_before.len() {
+        thread::sleep(Duration::from_millis(200));
+    }
     let after = snap(0, errors);
-    let fds_left = proc_fds(gw_pid).saturating_sub(fds_before);
+    let fds_after = proc_fds(gw_pid);
+    let left: Vec<_> = fds_after
+        .iter()
+        .filter(|(fd, _)| !fds_before.contains_key(*fd))
+        .collect();
+    if !left.is_empty() {
+        eprintln!("concurrency: descriptors left over in the gateway: {left:?}");
+    }
+    let fds_left = (fds_after.len() as u64).saturating_sub(fds_before.len() as u64);
     (base, out, after, fds_left)
 }
 
