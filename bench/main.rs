@@ -1034,6 +1034,9 @@ fn start_musl(cfg: &Config, work: &Path, socket: &Path) -> Option<(u32, Env)> {
 struct Figures {
     down: [f64; 4],
     up: [f64; 4],
+    /// CPU per GiB moved (ms) of the daemon on the devd route and of
+    /// gateway + daemon on the gateway route: download, upload.
+    bulk_cpu: [[f64; 2]; 2],
     lat: Vec<(f64, f64, f64)>,
     rps: [f64; 4],
     acc: Vec<(f64, u64)>,
@@ -1069,15 +1072,34 @@ fn measure(cfg: &Config, rig: &Rig) -> Figures {
     };
     let zero = [0.0; 4];
     let bulk = cfg.on("bulk");
-    let down = if bulk {
-        per(&|r| download(env, r, cfg.bulk))
-    } else {
-        zero
+    // The CPU the daemon (and the gateway) used for each route's transfer:
+    // a figure the machine's other load hardly moves, unlike the rates.
+    let gib = cfg.bulk as f64 / f64::from(1u32 << 30);
+    let with_cpu = |f: &dyn Fn(Route) -> io::Result<f64>| {
+        let mut cpu = [f64::NAN; 2];
+        let rates = ROUTES.map(|r| {
+            let before = proc_cpu(rig.devd_pid) + proc_cpu(rig.gw_pid);
+            let rate = f(r).unwrap_or_else(|e| panic!("{}: {e}", r.name()));
+            let used = proc_cpu(rig.devd_pid) + proc_cpu(rig.gw_pid) - before;
+            match r {
+                Route::Devd => cpu[0] = used * 1000.0 / gib,
+                Route::Gateway => cpu[1] = used * 1000.0 / gib,
+                _ => {}
+            }
+            rate
+        });
+        (rates, cpu)
     };
-    let up = if bulk {
-        per(&|r| upload(env, r, cfg.bulk))
+    let no_cpu = [f64::NAN; 2];
+    let (down, down_cpu) = if bulk {
+        with_cpu(&|r| download(env, r, cfg.bulk))
     } else {
-        zero
+        (zero, no_cpu)
+    };
+    let (up, up_cpu) = if bulk {
+        with_cpu(&|r| upload(env, r, cfg.bulk))
+    } else {
+        (zero, no_cpu)
     };
     let lat = if cfg.on("latency") {
         ROUTES
@@ -1133,6 +1155,7 @@ fn measure(cfg: &Config, rig: &Rig) -> Figures {
     Figures {
         down,
         up,
+        bulk_cpu: [down_cpu, up_cpu],
         lat,
         rps,
         acc,
@@ -1174,6 +1197,15 @@ fn speed_rows(t: &mut Table, f: &Figures) {
     let acc = &f.acc;
     t.row("download 1 conn", "MB/s", f.down, true);
     t.row("upload 1 conn", "MB/s", f.up, true);
+    for (name, [devd, gw]) in ["download", "upload"].iter().zip(f.bulk_cpu) {
+        t.row_with(
+            &format!("{name}, daemon (+gateway) CPU"),
+            "ms/GiB",
+            [f64::NAN, devd, gw, f64::NAN],
+            false,
+            format!("gateway+daemon ÷ daemon alone {}", ratio(gw, devd)),
+        );
+    }
     t.row(
         "new conn p50",
         "µs",

@@ -89,11 +89,26 @@ pub const THREAD_STACK: usize = 64 * 1024;
 
 /// Buffers exist only while data moves: a thread waits for its socket in
 /// poll(2) without one, allocates it when the socket is readable, and
-/// gives it back once a read has drained the socket, so an idle connection
-/// holds none. They start small and double (up to the limit) whenever one
+/// gives it back once the socket has stayed drained for [`KEEP_WARM`], so
+/// an idle connection holds none. They start small and double (up to the limit) whenever one
 /// read fills them, so a busy connection soon moves data in large gulps
 /// with few syscalls. Sizes chosen with `make bench` (see docs/PERFORMANCE.md).
 pub const BUFFER_START: usize = 16 * 1024;
+
+/// How long a drained socket may stay quiet before its buffer is given
+/// back. A busy stream drains for a moment between reads (its sender has
+/// not caught up yet): giving the buffer back then and allocating it
+/// zeroed again a moment later cost the download thread a third of its
+/// CPU in memset (perf, `make bench`). An idle connection still holds
+/// none: only for this long after its last read.
+pub const KEEP_WARM: Duration = Duration::from_millis(10);
+
+/// Whether `fd` becomes readable within [`KEEP_WARM`]: `false` means the
+/// caller's buffer may go back (an error counts as readable: the next
+/// read reports it).
+pub fn readable_soon(fd: &impl AsRawFd) -> bool {
+    sys::net::wait_readable(fd, KEEP_WARM).unwrap_or(true)
+}
 
 /// How long the TCP side may keep its socket open after the pilot side
 /// has closed (CloseOK), to finish reading what it was sent.
@@ -428,9 +443,9 @@ pub fn copy_to_pilot(b: &dyn Bridge, idle: Duration, max: usize, drop_late: bool
                 if ipc::DATA_HEADER + n == buf.len() && n < max {
                     size = (size * 2).min(max);
                     buf.resize(ipc::DATA_HEADER + size, 0);
-                } else if !sys::net::readable_now(tcp) {
-                    // Drained: give the buffer back; a busy stream grows
-                    // it again within a few reads.
+                } else if !readable_soon(tcp) {
+                    // Drained and quiet: give the buffer back; a busy
+                    // stream grows it again within a few reads.
                     size = (size / 2).max(BUFFER_START.min(max));
                     buf = Vec::new();
                 }
@@ -791,6 +806,20 @@ mod tests {
     use crate::testkit::tcp_pair;
     use std::os::unix::net::UnixStream;
     use std::sync::Arc;
+
+    #[test]
+    fn a_buffer_is_given_back_only_after_a_quiet_keep_warm() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(b"more").unwrap();
+        assert!(readable_soon(&a), "data waiting: keep the buffer");
+        let mut got = [0u8; 4];
+        (&a).read_exact(&mut got).unwrap();
+        // Drained: the buffer goes back once KEEP_WARM passed quietly, not
+        // before (a sender that catches up meanwhile finds it still there).
+        let t = Instant::now();
+        assert!(!readable_soon(&a));
+        assert!(t.elapsed() >= KEEP_WARM);
+    }
 
     /// A bridge whose pilot side is one end of a socket pair, read by the
     /// test as the daemon would.

@@ -870,15 +870,16 @@ fn agent_to_client(c: &Conn, mut reader: FrameReader<IpcRead>, idle: Duration) {
 }
 
 /// Waits for more from the daemon, giving the read buffer and `ranges`
-/// back first if the session is drained. `false` once the connection is
-/// over: torn down elsewhere, idle past its limit, or the session broke.
+/// back first if the session stays drained ([`engine::KEEP_WARM`]).
+/// `false` once the connection is over: torn down elsewhere, idle past
+/// its limit, or the session broke.
 fn fill_or_end(
     c: &Conn,
     reader: &mut FrameReader<IpcRead>,
     ranges: &mut Vec<Range<usize>>,
     idle: Duration,
 ) -> bool {
-    if !sys::net::readable_now(&c.ipc) {
+    if !engine::readable_soon(&c.ipc) {
         reader.release();
         *ranges = Vec::new();
     }

@@ -277,12 +277,6 @@ pub fn wait_readable(fd: &impl AsRawFd, timeout: Duration) -> io::Result<bool> {
     }
 }
 
-/// Whether a read on `fd` would return at once (data, EOF or an error);
-/// when it cannot tell, it says yes, so a caller keeps its buffer.
-pub fn readable_now(fd: &impl AsRawFd) -> bool {
-    wait_readable(fd, Duration::ZERO).unwrap_or(true)
-}
-
 /// One IPv4 address of a network interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InterfaceAddr {
