@@ -343,7 +343,23 @@ fn the_socket_appears_only_once_it_accepts() {
         if let Err(e) = UnixStream::connect(&sock) {
             panic!("start {i}: the socket existed but refused a client: {e}");
         }
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::symlink_metadata(&sock).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600, "start {i}");
     }
+    // A path that something else holds is left alone, as bind(2) would.
+    let taken = dir.path("taken.sock");
+    std::fs::write(&taken, "not a socket").unwrap();
+    let mut c = Command::new(DEVD);
+    c.arg("--socket").arg(&taken);
+    let mut p = Proc::spawn(&mut c, dir.path("taken.log"));
+    assert!(wait_until(Duration::from_secs(10), || p
+        .child
+        .try_wait()
+        .unwrap()
+        .is_some()));
+    assert!(!p.child.wait().unwrap().success());
+    assert_eq!(std::fs::read_to_string(&taken).unwrap(), "not a socket");
     let stray: Vec<_> = std::fs::read_dir(&dir.0)
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())

@@ -20,6 +20,16 @@ impl FileLock {
     }
 }
 
+/// Sets the process's file mode creation mask; returns the one before.
+/// It is the process's, not the thread's: call it only while no other
+/// thread creates files (pilot-devd, at start, to bind its socket 0600).
+pub fn set_umask(mask: u32) -> u32 {
+    // SAFETY: umask(2) takes a mode, cannot fail and touches no memory.
+    let before = unsafe { libc::umask(mask as libc::mode_t) };
+    // mode_t is u32 on Linux, u16 on macOS and FreeBSD.
+    before as u32
+}
+
 /// Whether we may write `path` (access(2) with W_OK, real ids).
 pub fn can_write(path: &std::path::Path) -> bool {
     use std::os::unix::ffi::OsStrExt;

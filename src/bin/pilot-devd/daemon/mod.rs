@@ -275,26 +275,31 @@ struct Daemon {
 }
 
 /// A listening socket at `path`, mode 0600, that appears there only once
-/// it accepts: bound and set up under a temporary name beside it, then
-/// renamed into place. Whoever waits for the path to exist (the tests do)
-/// can connect at once; `bind(2)` alone creates the file before
-/// `listen(2)`, and a connect in between is refused. A path too long for
-/// the temporary name is bound in place.
+/// it accepts: bound under a temporary name beside it, then linked into
+/// place. Whoever waits for the path to exist (the tests do) can connect
+/// at once; `bind(2)` alone creates the file before `listen(2)`, and a
+/// connect in between is refused. The mode comes from the umask as the
+/// socket is created, never from a chmod by path (which follows a link
+/// swapped in meanwhile); link(2), unlike rename(2), replaces nothing
+/// that holds `path` already, as bind(2) would not. Where the temporary
+/// name cannot be bound (too long for a socket address) `path` is bound
+/// directly. Called while no other devd thread creates files (the umask
+/// is the process's; the signal thread only removes the socket).
 fn bind_listening(path: &Path) -> io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
-    let Ok(listener) = UnixListener::bind(&tmp) else {
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        return Ok(listener);
+    let before = sys::fs::set_umask(0o177);
+    let bound = match UnixListener::bind(&tmp) {
+        Ok(l) => Ok((l, true)),
+        Err(_) => UnixListener::bind(path).map(|l| (l, false)),
     };
-    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = placed {
+    sys::fs::set_umask(before);
+    let (listener, temporary) = bound?;
+    if temporary {
+        let placed = std::fs::hard_link(&tmp, path);
         let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+        placed?;
     }
     Ok(listener)
 }
