@@ -65,8 +65,9 @@
 //!   [`ROUND_SHARE`] times the last exchange's duration: a daemon with
 //!   thousands of connections answers with megabytes) after the previous
 //!   one. The reply is read in the session's buffer by `conn_list::scan`,
-//!   which takes out only the entries of the connections asked about (the daemon lists all it
-//!   holds, TIME_WAIT ones for 10 to 25 s: see `conn_list`'s notes). Each
+//!   which takes out only the entries of the connections asked about (the
+//!   daemon lists all it holds, TIME_WAIT ones for 10 to 25 s: see
+//!   `conn_list`'s notes). Each
 //!   waiting thread is woken alone once its verdict is in, and a new close
 //!   wakes the poller only when it has no round planned.
 //! - Close mode, shown by `status`: `confirmed` once an Info reply had a

@@ -90,9 +90,10 @@ pub const THREAD_STACK: usize = 64 * 1024;
 /// Buffers exist only while data moves: a thread waits for its socket in
 /// poll(2) without one, allocates it when the socket is readable, and
 /// gives it back once the socket has stayed drained for [`KEEP_WARM`], so
-/// an idle connection holds none. They start small and double (up to the limit) whenever one
-/// read fills them, so a busy connection soon moves data in large gulps
-/// with few syscalls. Sizes chosen with `make bench` (see docs/PERFORMANCE.md).
+/// an idle connection holds none. They start small and double (up to the
+/// limit) whenever one read fills them, so a busy connection soon moves
+/// data in large gulps with few syscalls. Sizes chosen with `make bench`
+/// (see docs/PERFORMANCE.md).
 pub const BUFFER_START: usize = 16 * 1024;
 
 /// How long a drained socket may stay quiet before its buffer is given
