@@ -67,9 +67,9 @@
 //!   one. The reply is read in the session's buffer by `conn_list::scan`,
 //!   which takes out only the entries of the connections asked about (the
 //!   daemon lists all it holds, TIME_WAIT ones for 10 to 25 s: see
-//!   `conn_list`'s notes). Each
-//!   waiting thread is woken alone once its verdict is in, and a new close
-//!   wakes the poller only when it has no round planned.
+//!   `conn_list`'s notes). Each waiting thread is woken alone once its
+//!   verdict is in, and a new close wakes the poller only when it has no
+//!   round planned.
 //! - Close mode, shown by `status`: `confirmed` once an Info reply had a
 //!   `conn_list` with these fields; `immediate` for a daemon whose Info has
 //!   no `conn_list` (daemons before Feb-2026) or whose entries lack
