@@ -367,3 +367,45 @@ fn the_socket_appears_only_once_it_accepts() {
         .collect();
     assert!(stray.is_empty(), "temporary names left behind: {stray:?}");
 }
+
+/// Someone who can write the socket's directory plants a link at the
+/// temporary name devd binds first (`SOCKET.PID`): devd follows nothing,
+/// binds the socket in place instead, 0600, and the link's target is
+/// untouched.
+#[test]
+fn a_planted_temporary_name_is_neither_followed_nor_fatal() {
+    let dir = TempDir::new("devd-plant");
+    let target = dir.path("target");
+    std::fs::write(&target, "keep").unwrap();
+    let sock = dir.path("d.sock");
+    // The shell's pid is devd's after exec: the link is at SOCKET.PID.
+    let script = format!(
+        "ln -s '{}' '{}'.$$ && exec '{DEVD}' --socket '{}'",
+        target.display(),
+        sock.display(),
+        sock.display()
+    );
+    let mut c = Command::new("bash");
+    c.args(["-c", &script]);
+    let p = Proc::spawn(&mut c, dir.path("d.log"));
+    assert!(
+        wait_until(Duration::from_secs(10), || sock.exists()),
+        "{}",
+        p.stderr()
+    );
+    UnixStream::connect(&sock).unwrap();
+    let meta = std::fs::symlink_metadata(&sock).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()));
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600
+    );
+    let tmeta = std::fs::metadata(&target).unwrap();
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+    assert!(tmeta.is_file());
+    let planted = dir.path(&format!("d.sock.{}", p.pid()));
+    assert!(std::fs::symlink_metadata(&planted)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
