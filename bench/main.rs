@@ -1397,11 +1397,10 @@ fn last_per_conn(base: &Level, levels: &[Level]) -> f64 {
     })
 }
 
-/// The targets of issues 4 and 12, informational; None: not measured
-/// (the static musl build was not built).
-/// A target's verdict: `None` when its scenario was left out
-/// (`BENCH_ONLY`) or, for the musl row, when the static build is missing;
-/// the third field says which.
+/// The targets of issues 4 and 12 (and later ones), informational. A
+/// verdict is `None` when its scenario was left out (`BENCH_ONLY`) or, for
+/// the musl row, when the static build is missing; the third field says
+/// which.
 fn checks(cfg: &Config, f: &Figures) -> Vec<(&'static str, Option<bool>, &'static str)> {
     let (base, lv, after, lat) = (&f.base, &f.levels, &f.after, &f.lat);
     let acc_errors: u64 = f.acc.iter().map(|a| a.1).sum();
@@ -1456,18 +1455,14 @@ fn checks(cfg: &Config, f: &Figures) -> Vec<(&'static str, Option<bool>, &'stati
             (name, run.then_some(ok), "not run")
         })
         .collect();
-    let musl = if cfg.on("concurrency") {
+    let (musl, why) = if cfg.on("concurrency") {
         (musl, "not built")
     } else {
         (None, "not run")
     };
     checks.insert(
         5,
-        (
-            "≤ 16 KiB RSS per idle connection (static musl build)",
-            musl.0,
-            musl.1,
-        ),
+        ("≤ 16 KiB RSS per idle connection (static musl build)", musl, why),
     );
     checks
 }
